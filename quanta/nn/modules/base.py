@@ -1,0 +1,157 @@
+"""The mixin every quantized module shares: its quantizers, `from_float`, and the weight swap."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterator
+
+import torch
+from torch import nn
+
+from ...core import compact_shape
+from ..descriptor import QUANT_DESC_8BIT_PER_TENSOR, QUANT_DESC_8BIT_WEIGHT_PER_CHANNEL, QuantDescriptor
+from ..tensor_quantizer import TensorQuantizer
+
+_DEFAULT: Any = object()
+
+
+@dataclass(frozen=True)
+class LayerQuantConfig:
+    """Descriptors of one layer's quantizers; ``None`` leaves that tensor in float."""
+
+    input: QuantDescriptor | None = QUANT_DESC_8BIT_PER_TENSOR
+    weight: QuantDescriptor | None = QUANT_DESC_8BIT_WEIGHT_PER_CHANNEL
+    output: QuantDescriptor | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("input", "weight", "output"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, QuantDescriptor):
+                raise TypeError(f"LayerQuantConfig.{name} must be a QuantDescriptor or None, got {type(v).__name__}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (None if getattr(self, k) is None else getattr(self, k).to_dict())
+                for k in ("input", "weight", "output")}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LayerQuantConfig":
+        unknown = sorted(set(data) - {"input", "weight", "output"})
+        if unknown:
+            raise ValueError(f"LayerQuantConfig.from_dict: unknown field(s) {unknown}")
+        return cls(**{k: (None if v is None else QuantDescriptor.from_dict(v)) for k, v in data.items()})
+
+
+_DYNAMIC_CLASSES: dict[tuple[type, type], type] = {}
+
+
+class QuantModule:
+    """Mixin placed before a float module class in the MRO.
+
+    The float class's own ``forward`` runs unchanged (torch's or a user subclass's): inputs are
+    quantized on the way in, and while it runs the instance attribute ``weight`` is shadowed
+    by the fake-quantized weight (gradients flow to the real parameter). So a user's
+    ``nn.Conv2d`` subclass that pads in its ``forward`` keeps doing so.
+    """
+
+    float_type: ClassVar[type]  # the torch.nn class this quantizes
+    weight_channel_axis: ClassVar[int | None] = 0  # output-channel axis of `weight`
+    weight_reduce_axis: ClassVar[int] = 1  # axis that per-group granularity splits
+    quantize_input: ClassVar[bool] = True
+    weight_names: ClassVar[tuple[str, ...]] = ("weight",)
+
+    input_quantizer: TensorQuantizer | None
+    weight_quantizer: TensorQuantizer | None
+    output_quantizer: TensorQuantizer | None
+
+    def __init__(self, *args: Any, quant_desc_input: Any = _DEFAULT, quant_desc_weight: Any = _DEFAULT,
+                 quant_desc_output: QuantDescriptor | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        defaults = LayerQuantConfig()
+        self.init_quantizers(LayerQuantConfig(
+            input=defaults.input if quant_desc_input is _DEFAULT else quant_desc_input,
+            weight=defaults.weight if quant_desc_weight is _DEFAULT else quant_desc_weight,
+            output=quant_desc_output,
+        ))
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def quant_class_for(cls, float_cls: type) -> type:
+        """``cls`` for the exact float type; for a user subclass, a class that keeps its forward."""
+        if float_cls is cls.float_type:
+            return cls
+        key = (cls, float_cls)
+        if key not in _DYNAMIC_CLASSES:
+            _DYNAMIC_CLASSES[key] = type(f"Quant{float_cls.__name__}", (cls, float_cls),
+                                         {"__module__": float_cls.__module__, "__doc__": float_cls.__doc__})
+        return _DYNAMIC_CLASSES[key]
+
+    @classmethod
+    def from_float(cls, module: nn.Module, config: LayerQuantConfig | None = None) -> nn.Module:
+        """A quantized module sharing ``module``'s parameters, buffers, submodules and hooks."""
+        if not isinstance(module, cls.float_type):
+            raise TypeError(f"{cls.__name__}.from_float expects a {cls.float_type.__name__}, "
+                            f"got {type(module).__name__}")
+        qcls = cls.quant_class_for(type(module))
+        new = qcls.__new__(qcls)
+        new.__dict__.update({k: (v.copy() if isinstance(v, dict) else v) for k, v in module.__dict__.items()})
+        new.init_quantizers(LayerQuantConfig() if config is None else config)
+        return new
+
+    def init_quantizers(self, config: LayerQuantConfig) -> None:
+        self.quant_config = config
+        mod: Any = self
+        has_weight = bool(self.weight_names) and getattr(self, self.weight_names[0], None) is not None
+        mod.input_quantizer = (TensorQuantizer(config.input)
+                               if config.input is not None and self.quantize_input else None)
+        mod.weight_quantizer = (
+            TensorQuantizer(config.weight, axis=self.weight_channel_axis, group_axis=self.weight_reduce_axis,
+                            track_tensor=True)
+            if config.weight is not None and has_weight else None)
+        mod.output_quantizer = TensorQuantizer(config.output) if config.output is not None else None
+        if self.weight_quantizer is not None:  # fail now, not mid-forward, if the layout cannot fit
+            for name in self.weight_names:
+                w = self._parameters.get(name)  # type: ignore[attr-defined]
+                if w is not None:
+                    compact_shape(tuple(w.shape), self.weight_quantizer.spec)
+        if self.weight_quantizer is not None and config.weight is not None and config.weight.learn_amax:
+            self.weight_quantizer.init_from_tensor(self._parameters[self.weight_names[0]])  # type: ignore[attr-defined]
+
+    # ------------------------------------------------------------------ forward pieces
+    def quantizers(self) -> Iterator[tuple[str, TensorQuantizer]]:
+        for kind in ("input", "weight", "output"):
+            q = getattr(self, f"{kind}_quantizer", None)
+            if q is not None:
+                yield kind, q
+
+    def any_quantizer_active(self) -> bool:
+        return any(q.is_enabled and (q._if_quant or q._if_calib) for _, q in self.quantizers())
+
+    @contextlib.contextmanager
+    def quantized_weights(self) -> Iterator[None]:
+        """Shadow each weight by its fake-quantized value for the duration of a call."""
+        wq = self.weight_quantizer
+        if wq is None or not wq.is_enabled:
+            yield
+            return
+        shadowed = []
+        try:
+            for name in self.weight_names:
+                w = self._parameters.get(name)  # type: ignore[attr-defined]
+                if w is not None:
+                    self.__dict__[name] = wq(w)
+                    shadowed.append(name)
+            yield
+        finally:
+            for name in shadowed:
+                del self.__dict__[name]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if args and self.input_quantizer is not None and isinstance(args[0], torch.Tensor) \
+                and args[0].is_floating_point():
+            args = (self.input_quantizer(args[0]),) + args[1:]
+        with self.quantized_weights():
+            out = super().forward(*args, **kwargs)  # type: ignore[misc]
+        if self.output_quantizer is not None:
+            out = self.output_quantizer(out)
+        return out

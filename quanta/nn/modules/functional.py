@@ -1,0 +1,79 @@
+"""Modules for operations models perform outside modules: matmul, bmm, add, cat.
+
+Put them where a model calls ``torch.matmul`` / ``+`` / ``torch.cat`` so those operands are
+quantized too (attention scores, attention × values, residual additions).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from ..descriptor import QUANT_DESC_8BIT_PER_TENSOR, QuantDescriptor
+from ..tensor_quantizer import TensorQuantizer
+
+
+class QuantOp(nn.Module):
+    """Base of functional-op modules: named input quantizers, no parameters."""
+
+    operand_names: tuple[str, ...] = ("input", "other")
+
+    def __init__(self, quant_desc_input: QuantDescriptor | None = QUANT_DESC_8BIT_PER_TENSOR,
+                 quant_desc_other: QuantDescriptor | None | Any = "same") -> None:
+        super().__init__()
+        other = quant_desc_input if quant_desc_other == "same" else quant_desc_other
+        descs = (quant_desc_input, other)
+        for name, desc in zip(self.operand_names, descs):
+            setattr(self, f"{name}_quantizer", None if desc is None else TensorQuantizer(desc))
+
+    def quantizers(self) -> Iterator[tuple[str, TensorQuantizer]]:
+        for name in self.operand_names:
+            q = getattr(self, f"{name}_quantizer", None)
+            if q is not None:
+                yield name, q
+
+    def any_quantizer_active(self) -> bool:
+        return any(q.is_enabled and (q._if_quant or q._if_calib) for _, q in self.quantizers())
+
+    def _q(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        q = getattr(self, f"{name}_quantizer", None)
+        return t if q is None else q(t)
+
+
+class QuantMatMul(QuantOp):
+    """``torch.matmul(quant(a), quant(b))``."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(self._q("input", a), self._q("other", b))
+
+
+class QuantBMM(QuantOp):
+    """``torch.bmm(quant(a), quant(b))`` for 3-D batches."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(self._q("input", a), self._q("other", b))
+
+
+class QuantAdd(QuantOp):
+    """``quant(a) + quant(b)``: a residual connection."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self._q("input", a) + self._q("other", b)
+
+
+class QuantCat(QuantOp):
+    """``torch.cat`` with one quantizer shared by all inputs (one grid for the result)."""
+
+    operand_names = ("input",)
+
+    def __init__(self, dim: int = 0, quant_desc_input: QuantDescriptor | None = QUANT_DESC_8BIT_PER_TENSOR) -> None:
+        super().__init__(quant_desc_input, None)
+        self.dim = dim
+
+    def forward(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([self._q("input", t) for t in tensors], dim=self.dim)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"

@@ -1,0 +1,138 @@
+"""`QuantConfig`: what `prepare` quantizes and how (defaults, per-type, per-name rules, exclusions)."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from torch import nn
+
+from ..nn.modules.base import LayerQuantConfig
+
+
+def _type_key(key: Any, where: str) -> str:
+    if isinstance(key, type):
+        return key.__name__
+    if isinstance(key, str):
+        return key
+    raise TypeError(f"QuantConfig.{where} keys must be class names or classes, got {type(key).__name__}")
+
+
+def _check_layer(value: Any, where: str) -> None:
+    if value is not None and not isinstance(value, LayerQuantConfig):
+        raise TypeError(f"QuantConfig.{where} must be a LayerQuantConfig or None, got {type(value).__name__}")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What `prepare` does with one module, and why."""
+
+    config: LayerQuantConfig | None
+    reason: str  # "default", "type:Conv2d", "rule:'encoder.*'", "exclude:'head'"
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How `quanta.prepare` treats a model.
+
+    Precedence for a module named ``n``: ``exclude`` patterns, then ``rules`` (first match
+    wins), then ``module_types`` (closest class in the module's MRO), then ``default``. A
+    pattern (exact name or glob like ``encoder.layer.*.attention.*``) that matches a module
+    also applies to everything inside it unless something more specific matches. A rule or
+    type mapped to ``None`` leaves those modules in float.
+    """
+
+    default: LayerQuantConfig = field(default_factory=LayerQuantConfig)
+    module_types: Mapping[Any, LayerQuantConfig | None] = field(default_factory=dict)
+    rules: Mapping[str, LayerQuantConfig | None] = field(default_factory=dict)
+    exclude: tuple[str, ...] = ()
+    fold_bn: bool = False
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        _check_layer(self.default, "default")
+        if self.default is None:
+            raise TypeError("QuantConfig.default must be a LayerQuantConfig")
+        if not isinstance(self.module_types, Mapping):
+            raise TypeError(f"QuantConfig.module_types must be a mapping, got {type(self.module_types).__name__}")
+        if not isinstance(self.rules, Mapping):
+            raise TypeError(f"QuantConfig.rules must be a mapping, got {type(self.rules).__name__}")
+        types = {}
+        for k, v in self.module_types.items():
+            name = _type_key(k, "module_types")
+            _check_layer(v, f"module_types[{name!r}]")
+            types[name] = v
+        object.__setattr__(self, "module_types", types)
+        for k, v in self.rules.items():
+            if not isinstance(k, str):
+                raise TypeError(f"QuantConfig.rules keys must be module names or globs, got {type(k).__name__}")
+            _check_layer(v, f"rules[{k!r}]")
+        object.__setattr__(self, "rules", dict(self.rules))
+        if isinstance(self.exclude, str):
+            object.__setattr__(self, "exclude", (self.exclude,))
+        if not isinstance(self.exclude, (tuple, list)) or not all(isinstance(p, str) for p in self.exclude):
+            raise TypeError("QuantConfig.exclude must be a tuple of module names or globs")
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        if not isinstance(self.fold_bn, bool):
+            raise TypeError(f"QuantConfig.fold_bn must be a bool, got {type(self.fold_bn).__name__}")
+        if isinstance(self.version, bool) or not isinstance(self.version, int):
+            raise TypeError("QuantConfig.version must be an int")
+        if self.version > 1:
+            raise ValueError(f"QuantConfig.version {self.version} is newer than supported (1)")
+
+    # ------------------------------------------------------------------ resolution
+    def patterns(self) -> tuple[str, ...]:
+        return tuple(self.exclude) + tuple(self.rules)
+
+    def decide(self, name: str, module: nn.Module) -> Decision:
+        scopes = _scopes(name)
+        for scope in scopes:  # most specific (the module itself) first
+            for pat in self.exclude:
+                if _matches(pat, scope):
+                    return Decision(None, f"exclude:{pat!r}")
+            for pat, cfg in self.rules.items():
+                if _matches(pat, scope):
+                    return Decision(cfg, f"rule:{pat!r}")
+        for base in type(module).__mro__:
+            if base.__name__ in self.module_types:
+                return Decision(self.module_types[base.__name__], f"type:{base.__name__}")
+        return Decision(self.default, "default")
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        layer = lambda c: None if c is None else c.to_dict()  # noqa: E731
+        return {
+            "default": self.default.to_dict(),
+            "module_types": {k: layer(v) for k, v in self.module_types.items()},
+            "rules": {k: layer(v) for k, v in self.rules.items()},
+            "exclude": list(self.exclude),
+            "fold_bn": self.fold_bn,
+            "version": self.version,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "QuantConfig":
+        known = {"default", "module_types", "rules", "exclude", "fold_bn", "version"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"QuantConfig.from_dict: unknown field(s) {unknown}")
+        layer = lambda d: None if d is None else LayerQuantConfig.from_dict(d)  # noqa: E731
+        return cls(
+            default=LayerQuantConfig.from_dict(data.get("default", {})) if "default" in data else LayerQuantConfig(),
+            module_types={k: layer(v) for k, v in data.get("module_types", {}).items()},
+            rules={k: layer(v) for k, v in data.get("rules", {}).items()},
+            exclude=tuple(data.get("exclude", ())),
+            fold_bn=data.get("fold_bn", False),
+            version=data.get("version", 1),
+        )
+
+
+def _scopes(name: str) -> list[str]:
+    """``a.b.c`` → ``["a.b.c", "a.b", "a"]``."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+
+
+def _matches(pattern: str, name: str) -> bool:
+    return pattern == name or fnmatch.fnmatchcase(name, pattern)

@@ -1,0 +1,74 @@
+"""`coverage`: which modules of a prepared model are quantized, excluded, or float."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..nn.modules.base import QuantModule
+from ..nn.modules.functional import QuantOp
+from ..nn.tensor_quantizer import TensorQuantizer
+from .prepare import DECISIONS_ATTR
+
+
+@dataclass(frozen=True)
+class CoverageEntry:
+    name: str
+    type: str
+    status: str  # "quantized" | "excluded" | "float"
+    detail: str
+
+
+@dataclass(frozen=True)
+class CoverageReport:
+    entries: tuple[CoverageEntry, ...]
+
+    def by_status(self, status: str) -> list[CoverageEntry]:
+        return [e for e in self.entries if e.status == status]
+
+    @property
+    def counts(self) -> dict[str, int]:
+        c = Counter(e.status for e in self.entries)
+        return {k: c.get(k, 0) for k in ("quantized", "excluded", "float")}
+
+    def __str__(self) -> str:
+        w = max([len(e.name) for e in self.entries] + [6])
+        t = max([len(e.type) for e in self.entries] + [4])
+        lines = [f"{'module':<{w}}  {'type':<{t}}  {'status':<9}  detail", "-" * (w + t + 30)]
+        lines += [f"{e.name:<{w}}  {e.type:<{t}}  {e.status:<9}  {e.detail}" for e in self.entries]
+        c = self.counts
+        floats = Counter(e.type for e in self.by_status("float"))
+        kinds = ", ".join(f"{k}×{v}" for k, v in floats.most_common())
+        lines.append(f"{c['quantized']} quantized, {c['excluded']} excluded by rule, "
+                     f"{c['float']} float (no quantized version{': ' + kinds if kinds else ''})")
+        return "\n".join(lines)
+
+
+def _describe(mod: nn.Module) -> str:
+    parts = []
+    for kind, q in mod.quantizers():  # type: ignore[attr-defined]
+        state = str(q.spec) if q.is_enabled else "off"
+        parts.append(f"{kind}: {state}")
+    return "; ".join(parts) if parts else "no quantizers"
+
+
+def coverage(model: nn.Module) -> CoverageReport:
+    """List every module: quantized (with its quantizers), excluded by a rule, or float
+    because nothing quantizes its type. Unsupported modules are never an error."""
+    decisions: dict[str, str] = getattr(model, DECISIONS_ATTR, {})
+    entries: list[CoverageEntry] = []
+    skip: list[str] = []
+    for name, mod in model.named_modules():
+        if not name or isinstance(mod, TensorQuantizer) or any(name.startswith(s + ".") for s in skip):
+            continue
+        tname = type(mod).__name__
+        if isinstance(mod, (QuantModule, QuantOp)):
+            entries.append(CoverageEntry(name, tname, "quantized", _describe(mod)))
+        elif name in decisions and decisions[name].startswith(("exclude", "rule", "type")):
+            entries.append(CoverageEntry(name, tname, "excluded", decisions[name]))
+            skip.append(name)
+        elif not any(True for _ in mod.children()):
+            entries.append(CoverageEntry(name, tname, "float", f"no quantized {tname}"))
+    return CoverageReport(tuple(entries))

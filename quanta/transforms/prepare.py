@@ -1,0 +1,88 @@
+"""`prepare`: a float model → a simulated (fake-quantized) model, by module swap."""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import warnings
+
+from torch import nn
+
+from ..nn.registry import lookup
+from ..nn.tensor_quantizer import TensorQuantizer
+from .config import QuantConfig, _matches, _scopes
+from .fold_bn import fold_batchnorm
+
+#: attribute of a prepared model's root: the applied config and the per-module decisions
+CONFIG_ATTR = "_quanta_config"
+DECISIONS_ATTR = "_quanta_decisions"
+
+
+def prepare(model: nn.Module, config: QuantConfig | None = None, inplace: bool = False,
+            verbose: bool = False) -> nn.Module:
+    """Return a simulated copy of ``model`` (or ``model`` itself with ``inplace=True``).
+
+    Every module whose class (or closest base class) is registered is swapped for its
+    quantized version, sharing parameters; other modules run in float and are counted by
+    `quanta.coverage`. The float model is never modified unless ``inplace=True``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"prepare expects an nn.Module, got {type(model).__name__}")
+    config = QuantConfig() if config is None else config
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
+    if config.fold_bn and model.training:
+        raise ValueError("QuantConfig.fold_bn needs the model in eval mode (BatchNorm running "
+                         "statistics): call model.eval() first")
+    target = model if inplace else copy.deepcopy(model)
+    if config.fold_bn:
+        fold_batchnorm(target)
+    decisions: dict[str, str] = {}
+    root_cls = lookup(target)
+    if root_cls is not None:  # the model itself is a quantizable layer
+        decision = config.decide("", target)
+        if decision.config is not None:
+            target = root_cls.from_float(target, decision.config)
+    _swap(target, "", config, decisions)
+    for mod in target.modules():
+        if isinstance(mod, nn.TransformerEncoder):
+            # its nested-tensor fast path would hand the quantized layers nested tensors
+            mod.use_nested_tensor = False
+    _warn_unmatched(target, config)
+    setattr(target, CONFIG_ATTR, config)
+    setattr(target, DECISIONS_ATTR, decisions)
+    if verbose:
+        from .coverage import coverage
+
+        print(coverage(target))
+    return target
+
+
+def _swap(module: nn.Module, prefix: str, config: QuantConfig, decisions: dict[str, str]) -> None:
+    for name, child in list(module.named_children()):
+        if isinstance(child, TensorQuantizer):
+            continue
+        full = f"{prefix}.{name}" if prefix else name
+        decision = config.decide(full, child)
+        if decision.config is None:  # excluded: this module and everything inside stay float
+            decisions[full] = decision.reason
+            continue
+        qcls = lookup(child)
+        if qcls is not None:
+            try:
+                child = qcls.from_float(child, decision.config)
+            except (ValueError, TypeError) as e:
+                raise type(e)(f"cannot quantize module {full!r} ({type(child).__name__}): {e}") from e
+            setattr(module, name, child)
+            decisions[full] = decision.reason
+        _swap(child, full, config, decisions)
+
+
+def _warn_unmatched(model: nn.Module, config: QuantConfig) -> None:
+    names = [n for n, m in model.named_modules() if n and not isinstance(m, TensorQuantizer)]
+    for pattern in config.patterns():
+        if not any(_matches(pattern, n) for n in names):
+            close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.5)
+            hint = f"; closest module names: {', '.join(close)}" if close else ""
+            warnings.warn(f"quanta: rule {pattern!r} matches no module of {type(model).__name__}{hint}",
+                          UserWarning, stacklevel=3)
