@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -49,7 +50,7 @@ class TensorQuantizer(nn.Module):
         self._if_quant = True
         self._disabled = False
         self._cache: tuple[Any, tuple[torch.Tensor, torch.Tensor]] | None = None
-        self._tensor_cache: dict[int, tuple[Any, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._tensor_cache: dict[int, tuple[Any, Any, tuple[torch.Tensor, torch.Tensor]]] = {}
         if desc.amax is not None:
             self.set_range(torch.tensor(-desc.amax if self.spec.signed else 0.0), torch.tensor(float(desc.amax)))
 
@@ -190,10 +191,10 @@ class TensorQuantizer(nn.Module):
         if self.amax is None and self.track_tensor and x is not None:
             key = (x._version, tuple(x.shape), x.device)
             hit = self._tensor_cache.get(id(x))
-            if hit is None or hit[0] != key:
+            if hit is None or hit[0]() is not x or hit[1] != key:  # weakref guards id reuse
                 lo, hi = self.range_of(x)
-                hit = self._tensor_cache[id(x)] = (key, choose_qparams(lo, hi, self.spec))
-            return hit[1]
+                hit = self._tensor_cache[id(x)] = (weakref.ref(x), key, choose_qparams(lo, hi, self.spec))
+            return hit[2]
         if self.amax is None:
             raise RuntimeError(f"{self._label()} has no range: calibrate the model (quanta.calibrate) "
                                "or give the descriptor a fixed amax")

@@ -94,7 +94,7 @@ class QuantModule:
                             f"got {type(module).__name__}")
         qcls = cls.quant_class_for(type(module))
         new = qcls.__new__(qcls)
-        new.__dict__.update({k: (v.copy() if isinstance(v, dict) else v) for k, v in module.__dict__.items()})
+        new.__dict__.update({k: (v.copy() if isinstance(v, (dict, list)) else v) for k, v in module.__dict__.items()})
         new.init_quantizers(LayerQuantConfig() if config is None else config)
         return new
 

@@ -37,6 +37,7 @@ from .rnn_cells import (
 
 __all__ = ["QuantGRU", "QuantGRUCell", "QuantLSTM", "QuantLSTMCell", "QuantRNN", "QuantRNNCell"]
 
+
 def _run_direction(step: Step, gi: Sequence[torch.Tensor], state0: State, batch_sizes: Sequence[int],
                    reverse: bool) -> tuple[list[torch.Tensor], State]:
     """Run ``step`` over time; step ``t`` sees the first ``batch_sizes[t]`` sequences (packed
@@ -66,8 +67,8 @@ def _run_direction(step: Step, gi: Sequence[torch.Tensor], state0: State, batch_
 
 
 class _SeqKernel:
-    """Float forward when nothing is quantized (or ``force_unrolled`` is False and no quantizer
-    is active), else the unrolled quantized implementation."""
+    """The float class's forward when no quantizer is active (and ``force_unrolled`` is off),
+    else the unrolled quantized implementation."""
 
     force_unrolled: bool = False  # run the Python implementation even with quantizers inactive
 

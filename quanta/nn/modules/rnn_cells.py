@@ -4,7 +4,10 @@ A recurrent module has two matmul inputs per step: the input ``x_t`` (against ``
 the previous hidden state ``h_{t-1}`` (against ``W_hh``). Both are fake-quantized by
 activation quantizers built from ``LayerQuantConfig.input``; all weight tensors share one
 ``weight_quantizer`` (per output row by default: ``axis=0``, the gate units), which keeps a
-range per tensor. Biases, gate activations and the LSTM cell state ``c`` stay in float.
+range per tensor. Only matmul inputs are quantized: biases, gate activations, the LSTM cell
+state ``c`` and the ``h_{t-1}`` in GRU's blend ``(1 - z) n + z h`` stay in float. Cells and
+sequence modules share one step function (`make_step`), so a loop of quantized cells equals
+the one-layer quantized module.
 
 Class layout (here for ``QuantLSTMCell``; the sequence modules in ``rnn.py`` are alike)::
 
@@ -15,7 +18,8 @@ next ``forward`` after the mixin: a user subclass's own ``forward`` when there i
 the kernel. For a user subclass ``MyCell(nn.LSTMCell)`` the quantized class is
 ``(QuantLSTMCell, MyCell, _CellKernel)``, whose MRO puts ``MyCell`` *before* the kernel, so
 the user's ``forward`` runs and its ``super().forward`` reaches the quantized kernel.
-When no quantizer is active the kernel calls the float class's ``forward`` unchanged.
+When no quantizer is active the kernel calls the float class's ``forward`` unchanged (torch's
+kernels, bit-identical to float); otherwise it runs `make_step` on the shadowed weights.
 """
 
 from __future__ import annotations
@@ -53,15 +57,6 @@ class _QuantRecurrent(QuantModule):
                 f"Quant{float_cls.__name__}", (cls, float_cls, cls._kernel),
                 {"__module__": float_cls.__module__, "__doc__": float_cls.__doc__})
         return _RECURRENT_CLASSES[key]
-
-    @classmethod
-    def from_float(cls, module: nn.Module, config: LayerQuantConfig | None = None) -> nn.Module:
-        new = super().from_float(module, config)
-        # RNNBase keeps its weights in lists too; do not share the float module's list objects.
-        for name in ("_flat_weights", "_flat_weight_refs"):
-            if isinstance(new.__dict__.get(name), list):
-                new.__dict__[name] = list(new.__dict__[name])
-        return new
 
     def _init_learned_weight_range(self) -> None:
         """``weight_quantizer`` is shared by all weight tensors: a learned range starts at the
