@@ -163,7 +163,7 @@ class HistogramCalibrator(Calibrator):
         return lo, hi
 
     def _percentile(self, amax_bins: float, percentile: float) -> float:
-        return hr.percentile_bins(self._state["hist"], percentile)
+        return hr.percentile_bins(self._state["hist"].cpu(), percentile)
 
     def _mse(self, amax_bins: float, start_bin: int | None, stride: int) -> float:
         start = 1 if start_bin is None else start_bin

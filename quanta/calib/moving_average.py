@@ -13,9 +13,9 @@ class MovingAverageCalibrator(Calibrator):
     """Range = an average over batches of each batch's ``(min, max)``.
 
     - ``momentum=None``: the arithmetic mean over all batches. State: ``min_sum``,
-      ``max_sum`` (float64) and the batch count ``num_batches``; merge adds them, so it is
-      exact and order-independent as long as the float64 sums are (always for float32
-      batch extremes within ~2^29 of each other in magnitude, i.e. in practice).
+      ``max_sum`` (float64) and the batch count ``num_batches``; merge adds them. Float64
+      sums of float32 extremes are exact (so merging is exact and order-independent) unless
+      the extremes span more than about ``2^29 / num_batches`` in magnitude.
     - ``momentum=m`` in ``(0, 1]``: an exponential moving average,
       ``avg = avg + m * (batch - avg)`` starting from the first batch, exactly like
       ``torch.ao.quantization.MovingAverageMinMaxObserver(averaging_constant=m)``. State:

@@ -149,3 +149,25 @@ def test_factory_passes_method_parameters():
 def test_factory_histogram_takes_a_method():
     cal = make_calibrator("histogram", method="entropy", num_bins=512)
     assert cal.method == "entropy" and cal.num_bins == 512
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@every_config
+def test_cuda_matches_cpu_and_merges_across_devices(build):
+    batches = [torch.randn(64, 5, generator=torch.Generator().manual_seed(i)) * (i + 1) for i in range(4)]
+    cpu, gpu, mixed = build(), build(), build()
+    for b in batches:
+        cpu.collect(b)
+        gpu.collect(b.cuda())
+    for b in batches[:2]:
+        mixed.collect(b.cuda())
+    rest = build()
+    for b in batches[2:]:
+        rest.collect(b)
+    mixed.merge(rest)  # CPU state into a CUDA calibrator
+    for (c_lo, c_hi), (g_lo, g_hi), (m_lo, m_hi) in zip(_ranges(cpu), _ranges(gpu), _ranges(mixed)):
+        assert g_hi.device.type == "cuda"
+        torch.testing.assert_close(g_lo.cpu(), c_lo, rtol=0, atol=0)
+        torch.testing.assert_close(g_hi.cpu(), c_hi, rtol=0, atol=0)
+        if not (isinstance(cpu, MovingAverageCalibrator) and cpu.momentum is not None):  # EMA merge approximates
+            torch.testing.assert_close(m_hi.cpu(), c_hi, rtol=0, atol=0)
