@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import assume, given
+from hypothesis import given
 from hypothesis import strategies as st
 
 from quanta.core import QuantSpec, choose_qparams, compute_range, dequantize, quantize
@@ -56,7 +56,7 @@ def test_per_channel_ranges_give_per_channel_params():
     lo0, hi0 = lo.clone(), hi.clone()
     scale, zp = choose_qparams(lo, hi, spec)
     assert scale.shape == (4,) and zp.shape == (4,)
-    expected = torch.stack([torch.tensor(4.0) / 255, torch.tensor(2.0) / 255, torch.tensor(4.0) / 255, torch.tensor(1.0)])
+    expected = torch.tensor([4.0, 2.0, 4.0, 255.0]) / 255  # an all-zero channel gets scale 1
     assert torch.equal(scale, expected)
     assert zp.tolist() == [64, 0, 255, 0]
     assert torch.equal(lo, lo0) and torch.equal(hi, hi0)  # inputs untouched

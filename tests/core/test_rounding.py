@@ -20,7 +20,8 @@ EXPECTED_TIES = {
     "half_away": [-4, -3, -2, -1, 1, 2, 3, 4],
     "floor": [-4, -3, -2, -1, 0, 1, 2, 3],
 }
-BELOW_HALF = float(np.nextafter(np.float32(0.5), np.float32(0)))  # the float32 just below 0.5: a naive floor(v + 0.5) rounds it to 1
+# the float32 just below 0.5: a naive floor(v + 0.5) rounds it to 1
+BELOW_HALF = float(np.nextafter(np.float32(0.5), np.float32(0)))
 HARD = [BELOW_HALF, -BELOW_HALF, -0.75, 0.75, -1.25, 2.0**22 + 0.5, -(2.0**22 + 0.5), 2.0**23 - 0.5, -(2.0**23 - 0.5)]
 EXPECTED_HARD = {
     "half_even": [0, 0, -1, 1, -1, 2.0**22, -(2.0**22), 2.0**23, -(2.0**23)],

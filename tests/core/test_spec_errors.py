@@ -73,8 +73,9 @@ def test_invalid_specs_raise_value_error_naming_the_field(kwargs, match):
         QuantSpec(**kwargs)
 
 
-@pytest.mark.parametrize("field,value,choice", [("format", "int3", "'fp8_e4m3'"), ("rounding", "nearest", "'half_even'"),
-                                                ("granularity", "per_row", "'per_token'")])
+@pytest.mark.parametrize("field,value,choice", [
+    ("format", "int3", "'fp8_e4m3'"), ("rounding", "nearest", "'half_even'"), ("granularity", "per_row", "'per_token'"),
+])
 def test_unknown_names_list_the_choices(field, value, choice):
     with pytest.raises(ValueError, match=f"{field}.*{value}.*choose one of.*{choice}"):
         QuantSpec(**{field: value})
@@ -127,7 +128,8 @@ def test_non_floating_inputs_raise_type_error():
     (QuantSpec(), torch.ones(2), 0, "do not fit"),
     (QuantSpec(granularity="per_group", group_size=2), torch.ones(3, 4), 0, "do not fit"),  # transposed [4, 3]
     (QuantSpec(granularity="per_token"), torch.ones(6, 1), 0, "do not fit"),
-    (QuantSpec(granularity="per_channel", axis=0), torch.ones(4), torch.zeros(3, dtype=torch.int32), "zero_point shape"),
+    (QuantSpec(granularity="per_channel", axis=0), torch.ones(4), torch.zeros(3, dtype=torch.int32),
+     "zero_point shape"),
     (QuantSpec(), 1.0, 0.5, "integers"),
     (QuantSpec(), 0.0, 0, "positive"), (QuantSpec(), -1.0, 0, "positive"), (QuantSpec(), float("nan"), 0, "finite"),
     (QuantSpec(), float("inf"), 0, "finite"),
@@ -181,5 +183,6 @@ def test_inputs_are_never_modified_in_place(spec):
     s = scale.clone().requires_grad_()
     fake_quantize(xr, s, zp, spec).sum().backward()
     quantize_tensor(x, spec)
-    for a, b in ((x, x0), (lo, lo0), (hi, hi0), (scale, scale0), (zp, zp0), (q, q0), (xr.detach(), x0), (s.detach(), scale0)):
+    pairs = ((x, x0), (lo, lo0), (hi, hi0), (scale, scale0), (zp, zp0), (q, q0), (xr.detach(), x0), (s.detach(), scale0))
+    for a, b in pairs:
         assert torch.equal(a, b) and a.dtype == b.dtype
