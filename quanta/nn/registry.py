@@ -6,22 +6,25 @@ from typing import Any
 
 from torch import nn
 
-from .modules import attention, functional, pooling, rnn, weighted
+from .modules import attention, pooling, rnn, weighted
 
 _REGISTRY: dict[type, type] = {}
 
 
+#: the quantized classes quanta ships, in one place (the registry and the patch both use it)
+BUILTIN_QUANT_CLASSES: tuple[type, ...] = (
+    weighted.QuantLinear, weighted.QuantConv1d, weighted.QuantConv2d, weighted.QuantConv3d,
+    weighted.QuantConvTranspose1d, weighted.QuantConvTranspose2d, weighted.QuantConvTranspose3d,
+    weighted.QuantEmbedding,
+    pooling.QuantAvgPool1d, pooling.QuantAvgPool2d, pooling.QuantAvgPool3d,
+    pooling.QuantAdaptiveAvgPool1d, pooling.QuantAdaptiveAvgPool2d, pooling.QuantAdaptiveAvgPool3d,
+    rnn.QuantLSTM, rnn.QuantLSTMCell, rnn.QuantGRU, rnn.QuantGRUCell, rnn.QuantRNN, rnn.QuantRNNCell,
+    attention.QuantMultiheadAttention, attention.QuantTransformerEncoderLayer,
+)
+
+
 def _builtin() -> dict[type, type]:
-    classes = [
-        weighted.QuantLinear, weighted.QuantConv1d, weighted.QuantConv2d, weighted.QuantConv3d,
-        weighted.QuantConvTranspose1d, weighted.QuantConvTranspose2d, weighted.QuantConvTranspose3d,
-        weighted.QuantEmbedding,
-        pooling.QuantAvgPool1d, pooling.QuantAvgPool2d, pooling.QuantAvgPool3d,
-        pooling.QuantAdaptiveAvgPool1d, pooling.QuantAdaptiveAvgPool2d, pooling.QuantAdaptiveAvgPool3d,
-        rnn.QuantLSTM, rnn.QuantLSTMCell, rnn.QuantGRU, rnn.QuantGRUCell, rnn.QuantRNN, rnn.QuantRNNCell,
-        attention.QuantMultiheadAttention, attention.QuantTransformerEncoderLayer,
-    ]
-    return {c.float_type: c for c in classes}
+    return {c.float_type: c for c in BUILTIN_QUANT_CLASSES}
 
 
 _REGISTRY.update(_builtin())

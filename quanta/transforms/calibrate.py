@@ -87,11 +87,11 @@ def calibrate(model: nn.Module, data: Iterable[Any], method: str | None = None, 
                    leave=False)
         with torch.no_grad(), bar:
             for batch in data:
-                if num_batches is not None and seen >= num_batches:
-                    break
                 forward(model, batch)
                 seen += 1
                 bar.update(1)
+                if num_batches is not None and seen >= num_batches:
+                    break  # before pulling another batch from the iterator
         if seen == 0:
             raise ValueError("calibration data is empty: no batch was produced")
         unseen = []

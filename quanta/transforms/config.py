@@ -39,8 +39,10 @@ class QuantConfig:
     Precedence for a module named ``n``: ``exclude`` patterns, then ``rules`` (first match
     wins), then ``module_types`` (closest class in the module's MRO), then ``default``. A
     pattern (exact name or glob like ``encoder.layer.*.attention.*``) that matches a module
-    also applies to everything inside it unless something more specific matches. A rule or
-    type mapped to ``None`` leaves those modules in float.
+    also applies to everything inside it unless something more specific matches (so
+    ``rules={"features.3": cfg, "*": None}`` quantizes only ``features.3``). A rule or
+    type mapped to ``None`` leaves those modules in float; a type mapped to ``None`` also
+    everything inside them.
     """
 
     default: LayerQuantConfig = field(default_factory=LayerQuantConfig)

@@ -12,6 +12,8 @@ from ..nn.modules.functional import QuantOp
 from ..nn.tensor_quantizer import TensorQuantizer
 from .prepare import DECISIONS_ATTR
 
+_CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
+
 
 @dataclass(frozen=True)
 class CoverageEntry:
@@ -37,7 +39,7 @@ class CoverageReport:
         w = max([len(e.name) for e in self.entries] + [6])
         t = max([len(e.type) for e in self.entries] + [4])
         lines = [f"{'module':<{w}}  {'type':<{t}}  {'status':<9}  detail", "-" * (w + t + 30)]
-        lines += [f"{e.name:<{w}}  {e.type:<{t}}  {e.status:<9}  {e.detail}" for e in self.entries]
+        lines += [f"{e.name or '(root)':<{w}}  {e.type:<{t}}  {e.status:<9}  {e.detail}" for e in self.entries]
         c = self.counts
         floats = Counter(e.type for e in self.by_status("float"))
         kinds = ", ".join(f"{k}×{v}" for k, v in floats.most_common())
@@ -61,14 +63,18 @@ def coverage(model: nn.Module) -> CoverageReport:
     entries: list[CoverageEntry] = []
     skip: list[str] = []
     for name, mod in model.named_modules():
-        if not name or isinstance(mod, TensorQuantizer) or any(name.startswith(s + ".") for s in skip):
-            continue
+        quantized = isinstance(mod, (QuantModule, QuantOp))
+        if (not name and not quantized) or isinstance(mod, TensorQuantizer):
+            continue  # the root is listed only when it is itself a quantized layer (name "")
+        if not quantized and any(name.startswith(s + ".") for s in skip):
+            continue  # inside an excluded module (but a more specific rule may quantize some)
         tname = type(mod).__name__
-        if isinstance(mod, (QuantModule, QuantOp)):
+        if quantized:
             entries.append(CoverageEntry(name, tname, "quantized", _describe(mod)))
         elif name in decisions and decisions[name].startswith(("exclude", "rule", "type")):
             entries.append(CoverageEntry(name, tname, "excluded", decisions[name]))
             skip.append(name)
-        elif not any(True for _ in mod.children()):
+        elif not any(True for _ in mod.children()) and not isinstance(mod, _CONTAINERS):
+            # (an empty container, e.g. a quantized LSTM's unused proj_quantizers, is no layer)
             entries.append(CoverageEntry(name, tname, "float", f"no quantized {tname}"))
     return CoverageReport(tuple(entries))

@@ -44,10 +44,18 @@ def prepare(model: nn.Module, config: QuantConfig | None = None, inplace: bool =
         if decision.config is not None:
             target = root_cls.from_float(target, decision.config)
     _swap(target, "", config, decisions)
-    for mod in target.modules():
+    for name, mod in target.named_modules():
         if isinstance(mod, nn.TransformerEncoder):
             # its nested-tensor fast path would hand the quantized layers nested tensors
             mod.use_nested_tensor = False
+        elif type(mod) is nn.TransformerEncoderLayer and any(isinstance(m, TensorQuantizer) for m in mod.modules()):
+            warnings.warn(f"quanta: {name or type(mod).__name__!r} is a float TransformerEncoderLayer holding "
+                          "quantized submodules; in eval mode under no_grad torch's fused fast path skips "
+                          "them (quantize the layer itself, or exclude its submodules instead)",
+                          UserWarning, stacklevel=2)
+    for name, mod in target.named_modules():
+        if isinstance(mod, TensorQuantizer):
+            mod.name = name  # so that its messages (e.g. "has no range") say which one
     _warn_unmatched(target, config)
     setattr(target, CONFIG_ATTR, config)
     setattr(target, DECISIONS_ATTR, decisions)
@@ -64,11 +72,14 @@ def _swap(module: nn.Module, prefix: str, config: QuantConfig, decisions: dict[s
             continue
         full = f"{prefix}.{name}" if prefix else name
         decision = config.decide(full, child)
-        if decision.config is None:  # excluded: this module and everything inside stay float
-            decisions[full] = decision.reason
-            continue
         qcls = lookup(child)
-        if qcls is not None:
+        if decision.config is None:  # excluded: it stays float
+            decisions[full] = decision.reason
+            if decision.reason.startswith("type:"):
+                continue  # and so does everything inside it
+            # excluded by a pattern: modules inside stay float too (their scopes match it)
+            # unless a more specific pattern quantizes them, as QuantConfig documents
+        elif qcls is not None:
             try:
                 child = qcls.from_float(child, decision.config)
             except (ValueError, TypeError) as e:

@@ -15,19 +15,13 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import torch.nn
 
-from ..nn.modules import pooling, rnn, weighted
-from ..nn.modules.attention import QuantMultiheadAttention
+from ..nn.registry import BUILTIN_QUANT_CLASSES
 
+# Every built-in quantized class but the encoder layer (whose own submodules torch builds from
+# names captured at import time, so patching it alone would give a half-quantized layer).
 _DEFAULT_MODULES: tuple[tuple[Any, str, type], ...] = tuple(
-    (torch.nn, cls.float_type.__name__, cls) for cls in (
-        weighted.QuantLinear, weighted.QuantConv1d, weighted.QuantConv2d, weighted.QuantConv3d,
-        weighted.QuantConvTranspose1d, weighted.QuantConvTranspose2d, weighted.QuantConvTranspose3d,
-        weighted.QuantEmbedding,
-        pooling.QuantAvgPool1d, pooling.QuantAvgPool2d, pooling.QuantAvgPool3d,
-        pooling.QuantAdaptiveAvgPool1d, pooling.QuantAdaptiveAvgPool2d, pooling.QuantAdaptiveAvgPool3d,
-        rnn.QuantLSTM, rnn.QuantLSTMCell, rnn.QuantGRU, rnn.QuantGRUCell, rnn.QuantRNN, rnn.QuantRNNCell,
-        QuantMultiheadAttention,
-    ))
+    (torch.nn, cls.float_type.__name__, cls) for cls in BUILTIN_QUANT_CLASSES
+    if cls.float_type is not torch.nn.TransformerEncoderLayer)
 
 _saved: list[tuple[Any, str, Any]] = []
 
@@ -46,17 +40,22 @@ def initialize(float_module_list: Iterable[str] | None = None,
     """
     if _saved:
         raise RuntimeError("quant_modules is already initialized; call deactivate() first")
+    custom = list(custom_quant_modules or ())
+    for entry in custom:  # validated before use, so a malformed entry gets a clear message
+        if not (isinstance(entry, tuple) and len(entry) == 3 and isinstance(entry[1], str)):
+            raise TypeError("custom_quant_modules entries must be (module, name, replacement) triples, "
+                            f"got {entry!r}")
+        if not hasattr(entry[0], entry[1]):
+            raise ValueError(f"custom_quant_modules: {entry[0]!r} has no attribute {entry[1]!r}")
+    if isinstance(float_module_list, str):
+        float_module_list = [float_module_list]
     skip = set(float_module_list or ())
     known = {name for _, name, _ in _DEFAULT_MODULES}
-    unknown = sorted(skip - known - {name for _, name, _ in (custom_quant_modules or ())})
+    unknown = sorted(skip - known - {name for _, name, _ in custom})
     if unknown:
         raise ValueError(f"float_module_list names unknown module(s) {unknown}; known: {sorted(known)}")
     entries = [e for e in _DEFAULT_MODULES if e[1] not in skip]
-    for entry in custom_quant_modules or ():
-        if not (isinstance(entry, tuple) and len(entry) == 3 and isinstance(entry[1], str)):
-            raise TypeError("custom_quant_modules entries must be (module, name, replacement) triples")
-        if not hasattr(entry[0], entry[1]):
-            raise ValueError(f"custom_quant_modules: {entry[0]!r} has no attribute {entry[1]!r}")
+    for entry in custom:
         entries = [e for e in entries if not (e[0] is entry[0] and e[1] == entry[1])] + [entry]
     try:
         for owner, name, replacement in entries:
