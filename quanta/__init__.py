@@ -2,11 +2,16 @@
 
 from .core import QuantSpec
 from .nn import LayerQuantConfig, QuantDescriptor, TensorQuantizer
-from .transforms import CoverageReport, QuantConfig, calibrate, coverage, fold_batchnorm, prepare, quant_modules
+from .integer import storage_bytes
+from .transforms import (
+    PRESETS, CoverageReport, QuantConfig, calibrate, conversion_report, convert, coverage, fold_batchnorm,
+    preset, prepare, quant_modules, quantize,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CoverageReport", "LayerQuantConfig", "QuantConfig", "QuantDescriptor", "QuantSpec",
-    "TensorQuantizer", "calibrate", "coverage", "fold_batchnorm", "prepare", "quant_modules",
+    "PRESETS", "TensorQuantizer", "calibrate", "conversion_report", "convert", "coverage", "fold_batchnorm",
+    "prepare", "preset", "quant_modules", "quantize", "storage_bytes",
 ]

@@ -3,9 +3,12 @@
 from . import quant_modules
 from .calibrate import calibrate
 from .config import QuantConfig
+from .convert import conversion_report, convert
 from .coverage import CoverageReport, coverage
 from .fold_bn import fold_batchnorm
 from .prepare import prepare
+from .presets import PRESETS, preset
+from .quantize import quantize
 
-__all__ = ["CoverageReport", "QuantConfig", "calibrate", "coverage", "fold_batchnorm", "prepare",
-           "quant_modules"]
+__all__ = ["CoverageReport", "PRESETS", "QuantConfig", "calibrate", "conversion_report", "convert", "coverage",
+           "fold_batchnorm", "prepare", "preset", "quant_modules", "quantize"]

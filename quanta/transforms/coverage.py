@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..integer.base import IntegerModule
 from ..nn.modules.base import QuantModule
 from ..nn.modules.functional import QuantOp
 from ..nn.tensor_quantizer import TensorQuantizer
@@ -19,7 +20,7 @@ _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
 class CoverageEntry:
     name: str
     type: str
-    status: str  # "quantized" | "excluded" | "float"
+    status: str  # "integer" | "quantized" (simulated) | "excluded" | "float"
     detail: str
 
 
@@ -33,7 +34,7 @@ class CoverageReport:
     @property
     def counts(self) -> dict[str, int]:
         c = Counter(e.status for e in self.entries)
-        return {k: c.get(k, 0) for k in ("quantized", "excluded", "float")}
+        return {k: c.get(k, 0) for k in ("integer", "quantized", "excluded", "float")}
 
     def __str__(self) -> str:
         w = max([len(e.name) for e in self.entries] + [6])
@@ -43,7 +44,8 @@ class CoverageReport:
         c = self.counts
         floats = Counter(e.type for e in self.by_status("float"))
         kinds = ", ".join(f"{k}×{v}" for k, v in floats.most_common())
-        lines.append(f"{c['quantized']} quantized, {c['excluded']} excluded by rule, "
+        head = f"{c['integer']} integer, " if c["integer"] else ""
+        lines.append(f"{head}{c['quantized']} quantized, {c['excluded']} excluded by rule, "
                      f"{c['float']} float (no quantized version{': ' + kinds if kinds else ''})")
         return "\n".join(lines)
 
@@ -63,13 +65,16 @@ def coverage(model: nn.Module) -> CoverageReport:
     entries: list[CoverageEntry] = []
     skip: list[str] = []
     for name, mod in model.named_modules():
-        quantized = isinstance(mod, (QuantModule, QuantOp))
+        quantized = isinstance(mod, (QuantModule, QuantOp, IntegerModule))
         if (not name and not quantized) or isinstance(mod, TensorQuantizer):
             continue  # the root is listed only when it is itself a quantized layer (name "")
         if not quantized and any(name.startswith(s + ".") for s in skip):
             continue  # inside an excluded module (but a more specific rule may quantize some)
         tname = type(mod).__name__
-        if quantized:
+        if isinstance(mod, IntegerModule):
+            ran = ", ".join(f"{k}×{v}" for k, v in mod.kernel_counts.most_common()) or "not run yet"
+            entries.append(CoverageEntry(name or "(root)", tname, "integer", f"{mod.extra_repr()}; kernels: {ran}"))
+        elif quantized:
             entries.append(CoverageEntry(name, tname, "quantized", _describe(mod)))
         elif name in decisions and decisions[name].startswith(("exclude", "rule", "type")):
             entries.append(CoverageEntry(name, tname, "excluded", decisions[name]))

@@ -21,8 +21,11 @@ from .functional import QuantAdd, QuantMatMul
 
 
 def _active(module: nn.Module) -> bool:
-    return any(isinstance(m, TensorQuantizer) and m.is_enabled and (m._if_quant or m._if_calib)
-               for m in module.modules())
+    """True when torch's own (possibly fused) forward would not compute what this module
+    should: a quantizer inside is active, or a child was lowered to an integer module
+    (``is_integer_module``; torch's fast path would read float weights it does not have)."""
+    return any((isinstance(m, TensorQuantizer) and m.is_enabled and (m._if_quant or m._if_calib))
+               or getattr(m, "is_integer_module", False) for m in module.modules())
 
 
 class QuantMultiheadAttention(QuantModule, nn.MultiheadAttention):

@@ -1,0 +1,24 @@
+"""Integer execution modules: integer weights, integer kernels (see `IntegerModule`)."""
+
+from __future__ import annotations
+
+from .base import IntegerModule, storage_bytes
+
+
+def lowering_classes() -> list[type]:
+    """Integer classes `convert` tries, most specific first (each has ``accepts``/``from_simulated``)."""
+    from . import conv, embedding, linear, recurrent
+
+    classes: list[type] = []
+    for mod, names in (
+        (linear, ("Int8Linear", "Int4WeightOnlyLinear", "Int8WeightOnlyLinear", "HalfLinear")),
+        (conv, ("Int8Conv1d", "Int8Conv2d", "Int8Conv3d")),
+        (recurrent, ("DynamicInt8LSTM", "DynamicInt8GRU", "DynamicInt8RNN", "DynamicInt8LSTMCell",
+                     "DynamicInt8GRUCell", "DynamicInt8RNNCell")),
+        (embedding, ("Int8Embedding", "Int4Embedding")),
+    ):
+        classes += [getattr(mod, n) for n in names if hasattr(mod, n)]
+    return classes
+
+
+__all__ = ["IntegerModule", "lowering_classes", "storage_bytes"]

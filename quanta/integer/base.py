@@ -1,0 +1,57 @@
+"""What every integer-execution module shares: canonical storage, packing, kernel accounting."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class IntegerModule(nn.Module):
+    """Base of modules that hold integer weights and call integer kernels.
+
+    *Save canonical, run packed*: persistent buffers hold kernel-independent tensors (int8
+    codes, int4 codes packed two per byte, float scales, zero points, bias); ``pack()`` builds
+    whatever the chosen kernel needs (prepacked weights, layouts) as non-persistent state, and
+    runs after construction and after ``load_state_dict``. ``kernel_counts`` counts which
+    implementation ran per call, so tests and reports can say which kernel actually ran.
+    """
+
+    #: preferred implementation: "auto" (guards decide), "reference", or a kernel name
+    impl: str = "auto"
+    #: marker read by simulated containers (which must not take torch's fused float paths)
+    is_integer_module = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kernel_counts: Counter[str] = Counter()
+        self.register_load_state_dict_post_hook(lambda module, incompatible: module.pack())
+
+    def pack(self) -> None:
+        """Rebuild the runtime (packed) form from the canonical buffers."""
+
+    def record(self, impl: str) -> str:
+        self.kernel_counts[impl] += 1
+        return impl
+
+    def storage_bytes(self) -> int:
+        """Bytes of the canonical state (what a saved file holds for this module)."""
+        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
+
+    def check_input(self, x: Any, dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{type(self).__name__} expects a tensor, got {type(x).__name__}")
+        if x.dtype not in dtypes:
+            raise TypeError(f"{type(self).__name__} expects an input of dtype {' / '.join(map(str, dtypes))}, "
+                            f"got {x.dtype}")
+        dev = next((b.device for b in self.buffers()), x.device)
+        if x.device != dev:
+            raise ValueError(f"{type(self).__name__} holds its weights on {dev} but got an input on {x.device}")
+
+
+def storage_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and persistent buffer of ``model``: what a saved file holds
+    (integer modules count their canonical codes, not their packed runtime copies)."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())

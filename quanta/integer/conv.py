@@ -1,0 +1,384 @@
+"""Integer convolutions: ``Int8Conv1d``, ``Int8Conv2d``, ``Int8Conv3d``.
+
+Each holds int8 weight codes (one scale per output channel) and the input's per-tensor grid,
+and runs ``quanta::int8_conv`` (oneDNN on x86, else the exact reference).
+
+Interfaces::
+
+    m = Int8Conv2d.from_simulated(sim)        # sim: a calibrated quanta QuantConv2d
+    y = m(x_float)                            # float32 [N, O, H', W'] (channels-last strides)
+    m.set_output("uint8", *nxt.input_code_qparams(), post_op="relu")
+    codes = m(x_float)                        # uint8 codes on nxt's input grid, ReLU fused
+    y2 = nxt(codes)                           # uint8 input: taken as codes on nxt's own grid
+
+Activation codes travel as **uint8** ("kernel codes"): for an unsigned input spec these are the
+spec's own codes; for a signed 8-bit spec they are ``code + 128`` with zero point ``zp + 128``
+(oneDNN's convolution takes only unsigned sources). `input_code_qparams` says which grid a
+module expects; an int8 tensor is also accepted by a module whose input spec is signed.
+
+Float inputs are quantized with the input qparams in place on one float32 buffer:
+``clamp(round_half_even(x · (1/scale)) + zp, qmin, qmax)`` with the reciprocal taken in float32,
+the same numbers as `quanta.core.quantize` (tests check equality).
+
+Outputs come back in oneDNN's channels-last strides (logical shape ``[N, O, *spatial]``): a
+following integer conv wants exactly that, and a copy to contiguous NCHW would cost about half
+the time of the int8 convolution itself. Call ``.contiguous()`` where a contiguous tensor is needed.
+
+Canonical state (``state_dict``): ``weight`` (int8 ``[O, C/groups, *k]``), ``weight_scale``
+(float32 ``[O]``), ``bias`` (float32 ``[O]``, if any), ``input_scale`` / ``input_zero_point``
+(the spec's own codes), ``output_scale`` / ``output_zero_point`` (the simulated output
+quantizer's, used in float-output mode when ``output_spec`` is given), ``emit_scale`` /
+``emit_zero_point`` (the uint8 grid of ``set_output("uint8", ...)``). ``pack()`` builds the
+oneDNN prepacked weight and Python-number copies of the qparams.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Sequence
+
+import torch
+from torch import nn
+
+from ..core import Format, Granularity, QuantSpec, Rounding, fake_quantize, quantize
+from ..kernels.conv import POST_OPS, int8_conv, prepack
+from ..nn.modules.weighted import QuantConv1d, QuantConv2d, QuantConv3d
+from .base import IntegerModule
+
+#: default grids: unsigned asymmetric activations, symmetric narrow-range per-channel weights
+DEFAULT_INPUT_SPEC = QuantSpec(bits=8, signed=False, symmetric=False)
+DEFAULT_WEIGHT_SPEC = QuantSpec(bits=8, signed=True, symmetric=True, narrow_range=True,
+                                granularity=Granularity.PER_CHANNEL, axis=0)
+OUTPUT_KINDS = ("float", "uint8")
+
+
+def _input_spec_problem(spec: QuantSpec) -> str | None:
+    if spec.format is not Format.INT or spec.bits != 8:
+        return f"input spec {spec} is not an 8-bit integer grid"
+    if spec.granularity is not Granularity.PER_TENSOR:
+        return f"input spec {spec} is not per-tensor (the integer conv takes one activation scale)"
+    if spec.dynamic:
+        return f"input spec {spec} is dynamic (needs a calibrated, static range)"
+    if spec.rounding is not Rounding.HALF_EVEN:
+        return f"input spec {spec} rounds {spec.rounding.value}; oneDNN requantizes half-to-even"
+    return None
+
+
+def _weight_spec_problem(spec: QuantSpec) -> str | None:
+    if spec.format is not Format.INT or spec.bits != 8 or not spec.signed or not spec.symmetric:
+        return f"weight spec {spec} is not 8-bit signed symmetric"
+    if spec.dynamic:
+        return f"weight spec {spec} is dynamic"
+    if spec.granularity is Granularity.PER_TENSOR:
+        return None
+    if spec.granularity is Granularity.PER_CHANNEL and spec.axis == 0:
+        return None
+    return f"weight spec {spec} is neither per-tensor nor per output channel (axis 0)"
+
+
+def _output_spec_problem(spec: QuantSpec) -> str | None:
+    if spec.dynamic or spec.granularity is not Granularity.PER_TENSOR:
+        return f"output spec {spec} is not static per-tensor"
+    return None
+
+
+def _tuple(v: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return (v,) * n
+    t = tuple(int(i) for i in v)
+    if len(t) != n:
+        raise ValueError(f"{name} needs {n} values, got {v!r}")
+    return t
+
+
+def _padding_of(sim: nn.Module, n: int) -> tuple[int, ...] | str:
+    """Numeric padding of a torch conv, or the reason it has none (asymmetric 'same')."""
+    pad = sim.padding
+    if pad == "valid":
+        return (0,) * n
+    if pad == "same":
+        out = []
+        for d, k in zip(sim.dilation, sim.kernel_size):
+            total = d * (k - 1)
+            if total % 2:
+                return f"padding='same' with kernel {tuple(sim.kernel_size)} pads asymmetrically"
+            out.append(total // 2)
+        return tuple(out)
+    return tuple(int(p) for p in pad)
+
+
+class _Int8ConvNd(IntegerModule):
+    dims: ClassVar[int]
+    simulated_type: ClassVar[type]
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | Sequence[int],
+                 stride: int | Sequence[int] = 1, padding: int | Sequence[int] = 0,
+                 dilation: int | Sequence[int] = 1, groups: int = 1, bias: bool = True, *,
+                 input_spec: QuantSpec = DEFAULT_INPUT_SPEC, weight_spec: QuantSpec = DEFAULT_WEIGHT_SPEC,
+                 output_spec: QuantSpec | None = None, output: str = "float", post_op: str = "none") -> None:
+        super().__init__()
+        n = self.dims
+        name = type(self).__name__
+        for arg, v in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: {arg} must be a positive int, got {v!r}")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"{name}: in_channels {in_channels} and out_channels {out_channels} must be "
+                             f"divisible by groups={groups}")
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size = _tuple(kernel_size, n, "kernel_size")
+        self.stride = _tuple(stride, n, "stride")
+        self.padding = _tuple(padding, n, "padding")
+        self.dilation = _tuple(dilation, n, "dilation")
+        for arg, spec, check in (("input_spec", input_spec, _input_spec_problem),
+                                 ("weight_spec", weight_spec, _weight_spec_problem)):
+            if not isinstance(spec, QuantSpec):
+                raise TypeError(f"{name}: {arg} must be a QuantSpec, got {type(spec).__name__}")
+            problem = check(spec)
+            if problem:
+                raise ValueError(f"{name}: {arg}: {problem}")
+        if output_spec is not None:
+            if not isinstance(output_spec, QuantSpec):
+                raise TypeError(f"{name}: output_spec must be a QuantSpec or None, got {type(output_spec).__name__}")
+            problem = _output_spec_problem(output_spec)
+            if problem:
+                raise ValueError(f"{name}: output_spec: {problem}")
+        self.input_spec, self.weight_spec, self.output_spec = input_spec, weight_spec, output_spec
+        self.register_buffer("weight", torch.zeros(out_channels, in_channels // groups, *self.kernel_size,
+                                                   dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_channels))
+        self.register_buffer("bias", torch.zeros(out_channels) if bias else None)
+        self.register_buffer("input_scale", torch.tensor(1.0))
+        self.register_buffer("input_zero_point", torch.tensor(0, dtype=torch.int32))
+        self.register_buffer("output_scale", torch.tensor(1.0))
+        self.register_buffer("output_zero_point", torch.tensor(0, dtype=torch.int32))
+        self.register_buffer("emit_scale", torch.tensor(1.0))
+        self.register_buffer("emit_zero_point", torch.tensor(0, dtype=torch.int32))
+        self.output_kind = "float"
+        self.post_op = "none"
+        self._packed: torch.Tensor | None = None
+        self._set_output_mode(output, post_op)
+        self.pack()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def accepts(cls, sim: nn.Module) -> str | None:
+        """None if ``sim`` can be lowered to this class, else why not."""
+        if not isinstance(sim, cls.simulated_type):
+            return f"{type(sim).__name__} is not a {cls.simulated_type.__name__}"
+        if type(sim) is not cls.simulated_type:
+            return (f"{type(sim).__name__} subclasses {cls.simulated_type.__name__} (a user forward the "
+                    "integer module would not reproduce)")
+        if sim.padding_mode != "zeros":
+            return f"padding_mode={sim.padding_mode!r} (only 'zeros' is supported)"
+        pad = _padding_of(sim, cls.dims)
+        if isinstance(pad, str):
+            return pad
+        iq, wq, oq = sim.input_quantizer, sim.weight_quantizer, sim.output_quantizer
+        if iq is None or not iq.is_enabled or not iq._if_quant:
+            return "its input quantizer is off: there is no activation grid to compute on"
+        problem = _input_spec_problem(iq.spec)
+        if problem:
+            return problem
+        if iq.amax is None:
+            return "its input quantizer has no range: calibrate first"
+        if wq is None or not wq.is_enabled or not wq._if_quant:
+            return "its weight quantizer is off (float weights)"
+        problem = _weight_spec_problem(wq.spec)
+        if problem:
+            return problem
+        if oq is not None and oq.is_enabled and oq._if_quant:
+            problem = _output_spec_problem(oq.spec)
+            if problem:
+                return problem
+            if oq.amax is None:
+                return "its output quantizer has no range: calibrate first"
+        return None
+
+    @classmethod
+    def from_simulated(cls, sim: nn.Module) -> "_Int8ConvNd":
+        """The integer module computing what the calibrated simulated conv ``sim`` computes."""
+        reason = cls.accepts(sim)
+        if reason is not None:
+            raise ValueError(f"{cls.__name__}.from_simulated: cannot lower {type(sim).__name__}: {reason}")
+        oq = sim.output_quantizer
+        out_on = oq is not None and oq.is_enabled and oq._if_quant
+        pad = _padding_of(sim, cls.dims)
+        assert not isinstance(pad, str)
+        mod = cls(sim.in_channels, sim.out_channels, sim.kernel_size, sim.stride, pad, sim.dilation, sim.groups,
+                  bias=sim.bias is not None, input_spec=sim.input_quantizer.spec,
+                  weight_spec=sim.weight_quantizer.spec, output_spec=oq.spec if out_on else None)
+        with torch.no_grad():
+            w = sim.weight.detach().float()
+            ws, wzp = sim.weight_quantizer.qparams(sim.weight)
+            mod.weight.copy_(quantize(w, ws, wzp, sim.weight_quantizer.spec))
+            mod.weight_scale.copy_(ws.float().expand(sim.out_channels))
+            if sim.bias is not None:
+                mod.bias.copy_(sim.bias.detach().float())
+            xs, xzp = sim.input_quantizer.qparams()
+            mod.input_scale.copy_(xs.reshape(()))
+            mod.input_zero_point.copy_(xzp.reshape(()))
+            if out_on:
+                os_, ozp = oq.qparams()
+                mod.output_scale.copy_(os_.reshape(()))
+                mod.output_zero_point.copy_(ozp.reshape(()))
+        mod.to(sim.weight.device)
+        mod.pack()
+        return mod
+
+    def config(self) -> dict[str, Any]:
+        """The constructor's arguments (specs as dicts): enough to rebuild an empty module that
+        ``load_state_dict`` then fills."""
+        return {
+            "in_channels": self.in_channels, "out_channels": self.out_channels,
+            "kernel_size": list(self.kernel_size), "stride": list(self.stride), "padding": list(self.padding),
+            "dilation": list(self.dilation), "groups": self.groups, "bias": self.bias is not None,
+            "input_spec": self.input_spec.to_dict(), "weight_spec": self.weight_spec.to_dict(),
+            "output_spec": None if self.output_spec is None else self.output_spec.to_dict(),
+            "output": self.output_kind, "post_op": self.post_op,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "_Int8ConvNd":
+        kw = dict(config)
+        for key in ("input_spec", "weight_spec", "output_spec"):
+            if kw.get(key) is not None:
+                kw[key] = QuantSpec.from_dict(kw[key])
+        return cls(**kw)
+
+    # ------------------------------------------------------------------ runtime state
+    def pack(self) -> None:
+        """Python-number qparams and the oneDNN prepacked weight, from the canonical buffers."""
+        offset = 128 if self.input_spec.signed else 0  # kernel codes are uint8: signed codes + 128
+        self._x_scale = float(self.input_scale)
+        self._x_inv = float(1.0 / self.input_scale.float())  # float32 reciprocal, as quanta.core does
+        self._x_zp = int(self.input_zero_point) + offset
+        self._x_lo, self._x_hi = self.input_spec.qmin + offset, self.input_spec.qmax + offset
+        self._emit = (float(self.emit_scale), int(self.emit_zero_point))
+        self._packed = None
+        if self.weight.device.type == "cpu" and "onednn" in int8_conv.available_impls() and self.impl != "reference":
+            self._packed = prepack(self.weight, self.weight_scale, self._x_scale, self._x_zp, self.stride,
+                                   self.padding, self.dilation, self.groups)
+
+    def input_code_qparams(self) -> tuple[float, int]:
+        """``(scale, zero_point)`` of the uint8 codes this module takes as input: what a previous
+        module's ``set_output("uint8", scale, zero_point)`` should emit."""
+        return self._x_scale, self._x_zp
+
+    def set_output(self, kind: str = "float", scale: float | torch.Tensor | None = None,
+                   zero_point: int | torch.Tensor | None = None, post_op: str = "none") -> "_Int8ConvNd":
+        """Choose what forward returns: ``"float"`` (float32; the simulated output quantizer, if
+        any, applied) or ``"uint8"`` codes ``clamp(round(y / scale) + zero_point, 0, 255)``; and
+        a fused ``post_op`` (``"none"``, ``"relu"``, ``"relu6"``) applied to ``y`` first.
+
+        In uint8 mode the module's own output quantizer is not applied: ``y`` is rounded once,
+        onto the given grid (normally the next module's `input_code_qparams`)."""
+        if kind == "uint8":
+            if scale is None or zero_point is None:
+                raise ValueError(f"{type(self).__name__}.set_output('uint8') needs scale and zero_point")
+            s, z = float(scale), int(zero_point)
+            if not (s > 0 and s < float("inf")):
+                raise ValueError(f"{type(self).__name__}.set_output: scale must be positive and finite, got {s}")
+            if not 0 <= z <= 255 or float(zero_point) != z:
+                raise ValueError(f"{type(self).__name__}.set_output: uint8 zero_point must be an int in "
+                                 f"[0, 255], got {zero_point}")
+            self.emit_scale.fill_(s)
+            self.emit_zero_point.fill_(z)
+        elif kind == "float":
+            if scale is not None or zero_point is not None:
+                raise ValueError(f"{type(self).__name__}.set_output('float') takes no scale / zero_point")
+        self._set_output_mode(kind, post_op)
+        self._emit = (float(self.emit_scale), int(self.emit_zero_point))
+        return self
+
+    def _set_output_mode(self, kind: str, post_op: str) -> None:
+        if kind not in OUTPUT_KINDS:
+            raise ValueError(f"{type(self).__name__}: output kind must be one of {OUTPUT_KINDS}, got {kind!r}")
+        if post_op not in POST_OPS:
+            raise ValueError(f"{type(self).__name__}: post_op must be one of {POST_OPS}, got {post_op!r}")
+        self.output_kind, self.post_op = kind, post_op
+
+    # ------------------------------------------------------------------ forward
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 kernel codes of a float input (same numbers as `quanta.core.quantize`)."""
+        q = torch.mul(x if x.dtype == torch.float32 else x.float(), self._x_inv)
+        q.round_()
+        if self._x_zp:
+            q.add_(self._x_zp)
+        return q.clamp_(self._x_lo, self._x_hi).to(torch.uint8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        name = type(self).__name__
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} expects a tensor, got {type(x).__name__}")
+        if x.dim() != self.dims + 2 or x.shape[1] != self.in_channels:
+            layout = ["N", "C", "L"] if self.dims == 1 else ["N", "C", "H", "W"] if self.dims == 2 else \
+                ["N", "C", "D", "H", "W"]
+            raise ValueError(f"{name} expects [{', '.join(layout)}] with C={self.in_channels}, got shape "
+                             f"{tuple(x.shape)}")
+        if x.dtype == torch.uint8:
+            codes, zp = x, self._x_zp
+        elif x.dtype == torch.int8:
+            if not self.input_spec.signed:
+                raise TypeError(f"{name} has an unsigned input grid: pass uint8 codes or a float tensor, "
+                                "not int8")
+            codes, zp = x, self._x_zp - 128
+        elif x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+            codes, zp = self.quantize_input(x), self._x_zp
+        else:
+            raise TypeError(f"{name} expects a float tensor or uint8 activation codes"
+                            f"{' (or int8)' if self.input_spec.signed else ''}, got {x.dtype}")
+        if x.device != self.weight.device:
+            raise ValueError(f"{name} holds its weights on {self.weight.device} but got an input on {x.device}")
+        out_scale, out_zp = self._emit if self.output_kind == "uint8" else (None, 0)
+        args = (codes, self._x_scale, zp, self.weight, self.weight_scale, self.bias, self.stride, self.padding,
+                self.dilation, self.groups, self.post_op, out_scale, out_zp, self._packed)
+        impl = int8_conv.choose(*args) if self.impl == "auto" else self.impl
+        y = int8_conv(*args, impl=self.record(impl))
+        if self.output_kind == "float" and self.output_spec is not None:
+            y = fake_quantize(y, self.output_scale, self.output_zero_point, self.output_spec)
+        return y
+
+    def extra_repr(self) -> str:
+        parts = [f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}",
+                 f"stride={self.stride}"]
+        if any(self.padding):
+            parts.append(f"padding={self.padding}")
+        if any(d != 1 for d in self.dilation):
+            parts.append(f"dilation={self.dilation}")
+        if self.groups != 1:
+            parts.append(f"groups={self.groups}")
+        if self.bias is None:
+            parts.append("bias=False")
+        parts.append(f"input={self.input_spec} scale={self._x_scale:.4g} zp={int(self.input_zero_point)}")
+        parts.append(f"weight={self.weight_spec}")
+        if self.output_kind == "uint8":
+            parts.append(f"output=uint8 scale={self._emit[0]:.4g} zp={self._emit[1]}")
+        elif self.output_spec is not None:
+            parts.append(f"output=float fake-quantized {self.output_spec} scale={float(self.output_scale):.4g}")
+        if self.post_op != "none":
+            parts.append(f"post_op={self.post_op}")
+        return ", ".join(parts)
+
+
+class Int8Conv1d(_Int8ConvNd):
+    """Integer `torch.nn.Conv1d` (see the module docstring)."""
+
+    dims = 1
+    simulated_type = QuantConv1d
+
+
+class Int8Conv2d(_Int8ConvNd):
+    """Integer `torch.nn.Conv2d` (see the module docstring)."""
+
+    dims = 2
+    simulated_type = QuantConv2d
+
+
+class Int8Conv3d(_Int8ConvNd):
+    """Integer `torch.nn.Conv3d` (see the module docstring)."""
+
+    dims = 3
+    simulated_type = QuantConv3d
+
+
+__all__ = ["DEFAULT_INPUT_SPEC", "DEFAULT_WEIGHT_SPEC", "Int8Conv1d", "Int8Conv2d", "Int8Conv3d", "OUTPUT_KINDS"]

@@ -1,0 +1,268 @@
+"""``int8_conv``: convolution (1d / 2d / 3d) of 8-bit activation codes with int8 weights.
+
+One op for every spatial rank (the rank is the input's: ``[N, C, L]``, ``[N, C, H, W]``,
+``[N, C, D, H, W]``)::
+
+    quanta::int8_conv(Tensor x, float x_scale, int x_zero_point,
+                      Tensor weight, Tensor w_scale, Tensor? bias,
+                      int[] stride, int[] padding, int[] dilation, int groups,
+                      str post_op, float? out_scale, int out_zero_point,
+                      Tensor? packed, str impl) -> Tensor
+
+- ``x``: activation codes, ``uint8`` (asymmetric, any zero point in 0..255) or ``int8``
+  (any zero point in -128..127, usually 0); ``x_hat = (x - x_zero_point) * x_scale``.
+- ``weight``: int8 codes ``[O, C / groups, *kernel]``, symmetric, one scale per output channel
+  (``w_scale``, float32 ``[O]``); ``bias``: float32 ``[O]`` or None (added in float).
+- ``post_op``: ``"none"``, ``"relu"`` or ``"relu6"`` (``clamp(y, 0, 6)``), applied to the float
+  result before any requantization.
+- output: ``out_scale=None`` gives float32 ``y``; a float gives uint8 codes
+  ``clamp(round_half_even(y / out_scale) + out_zero_point, 0, 255)`` (`quanta.core.quantize`),
+  so consecutive integer convolutions pass uint8 activations with no float tensor between.
+- ``packed``: the weight prepacked for oneDNN by :func:`prepack` (with the *same* stride,
+  padding, dilation and groups); None prepacks per call (slow) or is ignored by the reference.
+
+Reference (readable, exact): the integer accumulation ``acc = Σ (x - zp) · w`` is a float64
+convolution of integer-valued tensors, exact because every partial sum is an integer of
+magnitude ≤ K · 255 · 128 < 2^53 (K = C/groups · prod(kernel)); then ``y = acc · x_scale ·
+w_scale[o] + bias`` in float64, rounded once to float32; post-op; optional requantization.
+
+Fast path ``onednn``: ``torch.ops.onednn.qconv_pointwise`` (x86 oneDNN, u8 × s8 → s32 with
+VNNI). Integer accumulation is exact (int32); the float rescale is done in float32 by oneDNN,
+so float outputs differ from the reference by a few float32 ulps of ``|acc · x_scale ·
+w_scale| + |bias|``, and uint8 outputs differ by one code where ``y / out_scale`` lies within
+those ulps of a rounding tie (measured ~1e-6 of the codes, see the tests). Activations are
+given to oneDNN channels-last (``x.contiguous(memory_format=channels_last)``: free when they
+already are); the output comes back channels-last (NLC / NHWC / NDHWC strides with the usual
+logical ``[N, O, *spatial]`` shape). A 1d convolution runs as a 2d one of unit height (oneDNN's
+1d entry fuses no relu6); oneDNN's 3d convolution fuses no post-op, so there the post-op is a
+clamp of the output (exact on uint8 codes: quantization is monotone). int8 activations are shifted to uint8 exactly
+(``x ^ 0x80``, zero point + 128): oneDNN's conv takes only uint8 sources.
+
+The fast path requires VNNI (or AMX): without it oneDNN computes u8 × s8 pairs with
+``vpmaddubsw``, which saturates to int16, and the accumulation would not be exact.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..core import QuantSpec, quantize
+from .library import Impl, KernelOp
+
+#: the grid of uint8 outputs (and of uint8 activations): unsigned asymmetric 8-bit
+UINT8_SPEC = QuantSpec(bits=8, signed=False, symmetric=False)
+POST_OPS = ("none", "relu", "relu6")
+
+_CONV = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+#: largest |x - zp| · |w| of one product: 255 · 128 (int8 weights may hold -128)
+_MAX_PRODUCT = 255 * 128
+
+SCHEMA = ("(Tensor x, float x_scale, int x_zero_point, Tensor weight, Tensor w_scale, Tensor? bias, "
+          "int[] stride, int[] padding, int[] dilation, int groups, str post_op, float? out_scale, "
+          "int out_zero_point, Tensor? packed, str impl) -> Tensor")
+
+
+# ---------------------------------------------------------------------------- argument checks
+def conv_output_shape(x_shape: Sequence[int], weight_shape: Sequence[int], stride: Sequence[int],
+                      padding: Sequence[int], dilation: Sequence[int]) -> list[int]:
+    """``[N, O, *spatial]`` of a convolution (the usual floor formula)."""
+    spatial = [(s + 2 * p - d * (k - 1) - 1) // st + 1
+               for s, k, st, p, d in zip(x_shape[2:], weight_shape[2:], stride, padding, dilation)]
+    return [x_shape[0], weight_shape[0], *spatial]
+
+
+def check_args(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: torch.Tensor, w_scale: torch.Tensor,
+               bias: torch.Tensor | None, stride: Sequence[int], padding: Sequence[int],
+               dilation: Sequence[int], groups: int, post_op: str, out_scale: float | None,
+               out_zero_point: int) -> None:
+    """Raise a clear error for inputs no implementation can run (shared by every impl)."""
+    where = "quanta::int8_conv"
+    if x.dim() not in _CONV:
+        raise ValueError(f"{where}: x must be [N, C, L], [N, C, H, W] or [N, C, D, H, W], got shape {tuple(x.shape)}")
+    d = x.dim() - 2
+    if x.dtype not in (torch.uint8, torch.int8):
+        raise TypeError(f"{where}: x must hold uint8 or int8 activation codes, got {x.dtype}")
+    lo, hi = (0, 255) if x.dtype == torch.uint8 else (-128, 127)
+    if not lo <= x_zero_point <= hi:
+        raise ValueError(f"{where}: x_zero_point {x_zero_point} is outside the {x.dtype} range [{lo}, {hi}]")
+    if not (x_scale > 0 and x_scale < float("inf")):
+        raise ValueError(f"{where}: x_scale must be positive and finite, got {x_scale}")
+    if weight.dtype != torch.int8 or weight.dim() != x.dim():
+        raise TypeError(f"{where}: weight must be int8 codes [O, C / groups, *kernel] with {d} kernel dims, "
+                        f"got {weight.dtype} {tuple(weight.shape)}")
+    out_ch = weight.shape[0]
+    if groups < 1 or x.shape[1] % groups or out_ch % groups or weight.shape[1] * groups != x.shape[1]:
+        raise ValueError(f"{where}: input channels {x.shape[1]} do not fit weight {tuple(weight.shape)} "
+                         f"with groups={groups}")
+    if w_scale.dtype != torch.float32 or tuple(w_scale.shape) != (out_ch,):
+        raise ValueError(f"{where}: w_scale must be float32 [{out_ch}] (one per output channel), got "
+                         f"{w_scale.dtype} {tuple(w_scale.shape)}")
+    if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (out_ch,)):
+        raise ValueError(f"{where}: bias must be float32 [{out_ch}] or None, got {bias.dtype} {tuple(bias.shape)}")
+    for name, v in (("stride", stride), ("padding", padding), ("dilation", dilation)):
+        if len(v) != d:
+            raise ValueError(f"{where}: {name} needs {d} values for a {d}d convolution, got {list(v)}")
+    if any(s < 1 for s in stride) or any(p < 0 for p in padding) or any(v < 1 for v in dilation):
+        raise ValueError(f"{where}: invalid stride {list(stride)} / padding {list(padding)} / "
+                         f"dilation {list(dilation)}")
+    if any(s <= 0 for s in conv_output_shape(x.shape, weight.shape, stride, padding, dilation)[2:]):
+        raise ValueError(f"{where}: input {tuple(x.shape)} is smaller than the (dilated) kernel "
+                         f"{tuple(weight.shape[2:])} with padding {list(padding)}")
+    if post_op not in POST_OPS:
+        raise ValueError(f"{where}: post_op must be one of {POST_OPS}, got {post_op!r}")
+    if out_scale is not None:
+        if not (out_scale > 0 and out_scale < float("inf")):
+            raise ValueError(f"{where}: out_scale must be positive and finite, got {out_scale}")
+        if not 0 <= out_zero_point <= 255:
+            raise ValueError(f"{where}: out_zero_point of uint8 codes must be in [0, 255], got {out_zero_point}")
+
+
+def apply_post_op(y: torch.Tensor, post_op: str) -> torch.Tensor:
+    if post_op == "relu":
+        return y.clamp_min(0.0)
+    if post_op == "relu6":
+        return y.clamp(0.0, 6.0)
+    return y
+
+
+# ---------------------------------------------------------------------------- reference
+def accumulate(x: torch.Tensor, x_zero_point: int, weight: torch.Tensor, stride: Sequence[int],
+               padding: Sequence[int], dilation: Sequence[int], groups: int) -> torch.Tensor:
+    """``acc[n, o, ...] = Σ (x - zp) · w`` as a float64 tensor holding exact integers.
+
+    Zero padding pads ``x - zp`` with 0, i.e. the codes with ``zp`` (the real value 0.0)."""
+    return _CONV[x.dim()](x.double() - x_zero_point, weight.double(), None, list(stride), list(padding),
+                          list(dilation), groups)
+
+
+def reference(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: torch.Tensor, w_scale: torch.Tensor,
+              bias: torch.Tensor | None, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+              groups: int, post_op: str, out_scale: float | None, out_zero_point: int,
+              packed: torch.Tensor | None) -> torch.Tensor:
+    check_args(x, x_scale, x_zero_point, weight, w_scale, bias, stride, padding, dilation, groups, post_op,
+               out_scale, out_zero_point)
+    acc = accumulate(x, x_zero_point, weight, stride, padding, dilation, groups)
+    bshape = (1, -1) + (1,) * (x.dim() - 2)
+    y = acc * (x_scale * w_scale.double()).view(bshape)
+    if bias is not None:
+        y = y + bias.double().view(bshape)
+    y = apply_post_op(y.float(), post_op)
+    if out_scale is None:
+        return y
+    return quantize(y, out_scale, out_zero_point, UINT8_SPEC)
+
+
+def _fake(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: torch.Tensor, w_scale: torch.Tensor,
+          bias: torch.Tensor | None, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+          groups: int, post_op: str, out_scale: float | None, out_zero_point: int,
+          packed: torch.Tensor | None, impl: str = "auto") -> torch.Tensor:
+    shape = conv_output_shape(x.shape, weight.shape, stride, padding, dilation)
+    return x.new_empty(shape, dtype=torch.float32 if out_scale is None else torch.uint8)
+
+
+# ---------------------------------------------------------------------------- oneDNN
+def _onednn_available() -> bool:
+    try:
+        return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qconv_pointwise")
+                and bool(torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported()))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _as_2d(x_or_w: torch.Tensor, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]):
+    """A 1d convolution as a 2d one with a unit height (oneDNN fuses more post-ops in 2d)."""
+    return x_or_w.unsqueeze(2), [1, *stride], [0, *padding], [1, *dilation]
+
+
+def prepack(weight: torch.Tensor, w_scale: torch.Tensor, x_scale: float, x_zero_point: int,
+            stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int) -> torch.Tensor:
+    """oneDNN's blocked form of the int8 ``weight`` (an opaque mkldnn tensor) for these conv
+    parameters (a 1d weight is packed as a 2d one of unit height). The activation qparams only
+    steer oneDNN's choice of layout: any x_scale and zero point may be used at run time."""
+    if weight.dim() == 3:
+        weight, stride, padding, dilation = _as_2d(weight, stride, padding, dilation)
+    return torch.ops.onednn.qconv_prepack(weight.contiguous(), w_scale.float().contiguous(), float(x_scale),
+                                          int(x_zero_point), list(stride), list(padding), list(dilation),
+                                          int(groups), None)
+
+
+_ZERO_POINTS: dict[int, torch.Tensor] = {}
+_ATTRS = {"none": ("none", [], ""), "relu": ("relu", [], ""), "relu6": ("hardtanh", [0.0, 6.0], "")}
+
+
+def _onednn_guard(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: torch.Tensor, w_scale: torch.Tensor,
+                  bias: torch.Tensor | None, stride: Sequence[int], padding: Sequence[int],
+                  dilation: Sequence[int], groups: int, post_op: str, out_scale: float | None,
+                  out_zero_point: int, packed: torch.Tensor | None) -> str | None:
+    if x.dtype not in (torch.uint8, torch.int8) or weight.dtype != torch.int8:
+        return f"needs uint8/int8 activations and int8 weights, got {x.dtype} / {weight.dtype}"
+    if x.dim() not in _CONV:
+        return f"needs a 3d, 4d or 5d input, got {x.dim()}d"
+    if x.numel() == 0:
+        return "empty input"
+    reduction = weight[0].numel() if weight.dim() else 0
+    if reduction * _MAX_PRODUCT >= 2**31:
+        return f"a reduction of {reduction} products may overflow oneDNN's int32 accumulator"
+    if packed is not None and not packed.is_mkldnn:
+        return "packed must be the mkldnn tensor made by quanta.kernels.conv.prepack"
+    if post_op not in _ATTRS:
+        return f"post_op {post_op!r} is not supported"
+    return None
+
+
+def _onednn(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: torch.Tensor, w_scale: torch.Tensor,
+            bias: torch.Tensor | None, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+            groups: int, post_op: str, out_scale: float | None, out_zero_point: int,
+            packed: torch.Tensor | None) -> torch.Tensor:
+    check_args(x, x_scale, x_zero_point, weight, w_scale, bias, stride, padding, dilation, groups, post_op,
+               out_scale, out_zero_point)
+    if x.dtype == torch.int8:  # oneDNN takes uint8 sources: x + 128 exactly, as a bit flip
+        x = torch.bitwise_xor(x.view(torch.uint8), 128)
+        x_zero_point += 128
+    if packed is None:
+        packed = prepack(weight, w_scale, x_scale, x_zero_point, stride, padding, dilation, groups)
+    one_d = x.dim() == 3
+    if one_d:
+        x, stride, padding, dilation = _as_2d(x, stride, padding, dilation)
+    x = x.contiguous(memory_format=_CHANNELS_LAST[x.dim()])
+    out_ch = weight.shape[0]
+    w_zp = _ZERO_POINTS.get(out_ch)
+    if w_zp is None:
+        w_zp = _ZERO_POINTS[out_ch] = torch.zeros(out_ch, dtype=torch.int32)
+    fused = post_op if x.dim() == 4 else "none"  # oneDNN's 3d conv fuses no post-op
+    attr, scalars, algorithm = _ATTRS[fused]
+    if out_scale is None:
+        o_scale, o_zp, o_dtype = 1.0, 0, torch.float32
+    else:
+        o_scale, o_zp, o_dtype = float(out_scale), int(out_zero_point), None  # None: uint8 codes
+    y = torch.ops.onednn.qconv_pointwise(
+        x, float(x_scale), int(x_zero_point), packed, w_scale, w_zp, bias, list(stride), list(padding),
+        list(dilation), int(groups), o_scale, o_zp, o_dtype, attr, scalars, algorithm)
+    if fused != post_op:
+        y = _post_op_after(y, post_op, out_scale, out_zero_point)
+    return y.squeeze(2) if one_d else y
+
+
+def _post_op_after(y: torch.Tensor, post_op: str, out_scale: float | None, out_zero_point: int) -> torch.Tensor:
+    """The post-op on the output, in place. On uint8 codes this is exact: quantization is monotone,
+    so ``quantize(clamp(y, a, b)) = clamp(quantize(y), quantize(a), quantize(b))``."""
+    if out_scale is None:
+        return y.clamp_(0.0, 6.0 if post_op == "relu6" else None)
+    lo = int(quantize(torch.zeros(()), out_scale, out_zero_point, UINT8_SPEC))
+    hi = int(quantize(torch.full((), 6.0), out_scale, out_zero_point, UINT8_SPEC)) if post_op == "relu6" else 255
+    return y.clamp_(lo, hi)
+
+
+int8_conv = KernelOp(
+    "int8_conv", SCHEMA, reference,
+    impls=[Impl("onednn", _onednn, _onednn_guard, available=_onednn_available)],
+    fake=_fake,
+)
+
+__all__ = ["POST_OPS", "UINT8_SPEC", "accumulate", "apply_post_op", "check_args", "conv_output_shape",
+           "int8_conv", "prepack", "reference"]
+

@@ -1,0 +1,106 @@
+"""How every integer op is defined: once with ``torch.library``, a readable reference
+implementation, and fast implementations chosen by explicit guards.
+
+An op is called with an ``impl`` argument: ``"auto"`` picks the first fast implementation
+whose guards accept the inputs (else the reference), ``"reference"`` forces the reference,
+and a named implementation is used if its guards accept the inputs or raises saying why not.
+Falling back to the reference because a guard refused is logged once per reason; integer
+modules count which implementation ran (see `quanta.integer.base.IntegerModule`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+LOG = logging.getLogger("quanta.kernels")
+
+#: the ``quanta`` op namespace (``torch.ops.quanta.<name>``)
+LIB = torch.library.Library("quanta", "DEF")
+
+Guard = Callable[..., "str | None"]  # returns why the inputs are not supported, or None
+
+
+@dataclass
+class Impl:
+    """A fast implementation: ``available()`` checks the machine (built once), ``guard(*args)``
+    checks the inputs (per call) and returns a reason string when they are not supported."""
+
+    name: str
+    fn: Callable[..., torch.Tensor]
+    guard: Guard
+    available: Callable[[], bool] = lambda: True
+    devices: tuple[str, ...] = ("cpu",)
+
+
+@dataclass
+class KernelOp:
+    name: str
+    schema: str  # without the name, e.g. "(Tensor x, ..., str impl) -> Tensor"
+    reference: Callable[..., torch.Tensor]
+    impls: list[Impl] = field(default_factory=list)
+    fake: Callable[..., torch.Tensor] | None = None
+    _logged: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        LIB.define(self.name + self.schema)
+        # MkldnnCPU: a prepacked oneDNN weight is an mkldnn tensor, which routes the call there
+        for device in ("CPU", "CUDA", "MkldnnCPU"):
+            LIB.impl(self.name, self._dispatch, device)
+        if self.fake is not None:
+            torch.library.register_fake(f"quanta::{self.name}", self.fake, lib=LIB)
+
+    @property
+    def op(self) -> Any:
+        return getattr(torch.ops.quanta, self.name)
+
+    def available_impls(self) -> list[str]:
+        return [i.name for i in self.impls if i.available()] + ["reference"]
+
+    def choose(self, *args: Any) -> str:
+        """The implementation ``impl="auto"`` runs for these inputs."""
+        device = _device_of(args)
+        for impl in self.impls:
+            if device not in impl.devices or not impl.available():
+                continue
+            reason = impl.guard(*args)
+            if reason is None:
+                return impl.name
+            self._log_once(f"{impl.name}: {reason}")
+        return "reference"
+
+    def _log_once(self, message: str) -> None:
+        if message not in self._logged:
+            self._logged.add(message)
+            LOG.info("quanta::%s falls back from %s", self.name, message)
+
+    def _dispatch(self, *args: Any) -> torch.Tensor:
+        *inputs, impl = args
+        if impl == "auto":
+            impl = self.choose(*inputs)
+        if impl == "reference":
+            return self.reference(*inputs)
+        for cand in self.impls:
+            if cand.name == impl:
+                if not cand.available():
+                    raise RuntimeError(f"quanta::{self.name}: implementation {impl!r} is not available on "
+                                       "this machine")
+                reason = cand.guard(*inputs)
+                if reason is not None:
+                    raise ValueError(f"quanta::{self.name}: implementation {impl!r} cannot run these inputs: {reason}")
+                return cand.fn(*inputs)
+        raise ValueError(f"quanta::{self.name}: unknown implementation {impl!r}; "
+                         f"choose 'auto', 'reference' or one of {[i.name for i in self.impls]}")
+
+    def __call__(self, *args: Any, impl: str = "auto") -> torch.Tensor:
+        return self.op(*args, impl)
+
+
+def _device_of(args: tuple[Any, ...]) -> str:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device.type
+    return "cpu"

@@ -1,0 +1,459 @@
+"""Integer linear kernels: int8 x int8 (static or dynamic activations), weight-only int8 / int4,
+and fp8 (CUDA), each defined once with a readable reference and guarded fast implementations.
+
+Shapes (``x`` is always 2-D here; modules flatten the leading dims into ``M``)::
+
+    quantize_activation  x [M, K] float                      -> codes [M, K] int8/uint8,
+                                                               scale [] or [M, 1], zero_point (same)
+    int8_linear          x [M, K] int8/uint8, w [N, K] int8  -> y [M, N] float32
+    int8_weight_only_linear x [M, K] float, w [N, K] int8     -> y [M, N] (x's dtype)
+    int4_weight_only_linear x [M, K] float, w [N, K/2] uint8 (two int4 codes a byte,
+                                        quanta.core.pack_bits order), scales [N, K/g]
+                                                             -> y [M, N] (x's dtype)
+    fp8_linear           x [M, K] fp8, w [N, K] fp8          -> y [M, N] float32
+
+Numerics of ``int8_linear``: ``acc[m, n] = Σ_k (x[m, k] - x_zp[m]) · w[n, k]`` exactly (int64 in
+the reference, int32 in the fast paths, exact under the guard on K), then the ONE rescale
+``y = float32(acc) · x_scale[m] · w_scale[n] + bias[n]``, evaluated left to right in float32
+(`_rescale`), shared by the reference and the ``int_mm`` paths, which are therefore bit-identical.
+onednn's ``qlinear_pointwise`` applies the scales inside the kernel: same int32 sums, float
+result within a few ulps (see ``ONEDNN_ULP_BOUND``).
+
+torch 2.13 CPU quirks found while probing (each is a guard below, with a test):
+- ``torch._int_mm`` returns garbage when K == 1 (any M), and when ``x`` is [1, K] with strides
+  (1, 1) (which ``is_contiguous()`` accepts); the fast path requires K >= 2 and passes ``x`` with
+  strides exactly (K, 1).
+- ``onednn::qlinear_pointwise`` with int8 (signed) activations takes a path ~100-1000x slower
+  than fp32 ``F.linear``; int8 codes are shifted to uint8 (``x ^ 0x80``, zero point + 128) first.
+- ``_weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu`` need ``x`` contiguous and scales in
+  ``x``'s dtype; the int4 kernel needs N % 16 == 0 and group sizes 32, 64, 128 or 256.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..core import QuantSpec, dequantize, quantize, quantize_tensor, unpack_bits
+from ..core.qparams import check_finite
+from .library import LIB, Impl, KernelOp
+
+_TINY = torch.finfo(torch.float32).tiny
+#: largest K for which every int32 partial sum of int8 (or uint8 - zp) x int8 products is exact
+INT32_EXACT_MAX_K = (2**31 - 1) // (255 * 128)
+#: measured: onednn's in-kernel rescale differs from `_rescale` by at most this many ulps of |y|
+#: (plus the same in ulps of |bias|); 0 for the int_mm paths
+ONEDNN_ULP_BOUND = 4
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# ===================================================================== activation quantization
+def _act_spec(bits: int, signed: bool, symmetric: bool, narrow_range: bool, per_token: bool,
+              rounding: str) -> QuantSpec:
+    return QuantSpec(bits=bits, signed=signed, symmetric=symmetric, narrow_range=narrow_range,
+                     granularity="per_token" if per_token else "per_tensor", rounding=rounding,
+                     dynamic=per_token)
+
+
+def _quantize_activation_ref(x, scale, zero_point, bits, signed, symmetric, narrow_range, per_token,
+                             rounding):
+    """quanta.core itself: `quantize` with the given (static) qparams, or `quantize_tensor`."""
+    spec = _act_spec(bits, signed, symmetric, narrow_range, per_token, rounding)
+    if scale is not None:
+        zp = torch.zeros((), dtype=torch.int32, device=x.device) if zero_point is None else zero_point
+        return quantize(x, scale, zp, spec), scale.clone(), zp.clone()
+    q = quantize_tensor(x, spec)
+    return q.q, q.scale, q.zero_point
+
+
+def _quantize_activation_fused(x, scale, zero_point, bits, signed, symmetric, narrow_range, per_token,
+                               rounding):
+    """The same arithmetic as quanta.core (``choose_qparams`` then ``round(x * (1/s)) + zp``,
+    clamp), written as a few tensor ops without its per-call validation and layout machinery."""
+    spec = _act_spec(bits, signed, symmetric, narrow_range, per_token, rounding)
+    qmin, qmax = spec.qmin, spec.qmax
+    xf = x.float()
+    if scale is not None:
+        s = scale.float()
+        z = zero_point
+    elif symmetric:
+        amax = xf.abs().amax(dim=-1, keepdim=True) if per_token else xf.abs().amax()
+        if not bool(torch.isfinite(amax).all()):
+            check_finite(x)
+        s = torch.where(amax > 0, (amax / float(qmax)).clamp_min(_TINY), torch.ones_like(amax))
+        z = None
+    else:
+        lo = (xf.amin(dim=-1, keepdim=True) if per_token else xf.amin()).clamp_max(0.0)
+        hi = (xf.amax(dim=-1, keepdim=True) if per_token else xf.amax()).clamp_min(0.0)
+        width = hi - lo
+        if not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+            check_finite(x)
+        steps = float(qmax - qmin)
+        raw = torch.where(torch.isinf(width), hi / steps - lo / steps, width / steps)
+        s = torch.where(width > 0, raw.clamp_min(_TINY), torch.ones_like(raw))
+        z = (qmin - torch.round(lo / s)).clamp(qmin, qmax).to(torch.int32)
+    q = torch.round(xf * (1.0 / s))
+    if z is not None:
+        q = q + z.float()
+    codes = q.clamp_(qmin, qmax).to(torch.int8 if signed else torch.uint8)
+    if z is None:
+        z = torch.zeros(s.shape, dtype=torch.int32, device=x.device)
+    return codes, (s.clone() if scale is not None else s), (z.clone() if scale is not None else z)
+
+
+def _guard_quantize_activation(x, scale, zero_point, bits, signed, symmetric, narrow_range, per_token,
+                               rounding):
+    if rounding != "half_even":
+        return f"rounding {rounding!r} (fused path rounds half to even)"
+    if not 2 <= bits <= 8:
+        return f"{bits} bits (fused path: 2..8)"
+    if scale is not None and per_token:
+        return "static per-token qparams"
+    return None
+
+
+def _quantize_activation_fake(x, scale, zero_point, bits, signed, symmetric, narrow_range, per_token,
+                              rounding):
+    shape = (*x.shape[:-1], 1) if per_token else ()
+    return (x.new_empty(x.shape, dtype=torch.int8 if signed else torch.uint8),
+            x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.int32))
+
+
+quantize_activation = KernelOp(
+    "quantize_activation",
+    "(Tensor x, Tensor? scale, Tensor? zero_point, int bits, bool signed, bool symmetric, "
+    "bool narrow_range, bool per_token, str rounding, str impl) -> (Tensor, Tensor, Tensor)",
+    reference=_quantize_activation_ref,
+    impls=[Impl("fused", _quantize_activation_fused, _guard_quantize_activation, devices=("cpu", "cuda"))],
+    fake=_quantize_activation_fake,
+)
+
+
+def quantize_activation_spec(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None = None,
+                             zero_point: torch.Tensor | None = None, impl: str = "auto"):
+    """`quantize_activation` for a `QuantSpec` (per_tensor or per_token INT)."""
+    return quantize_activation(x, scale, zero_point, spec.bits, spec.signed, spec.symmetric,
+                               spec.narrow_range, spec.granularity.value == "per_token",
+                               spec.rounding.value, impl=impl)
+
+
+# ===================================================================== int8 x int8
+def _check_int8_linear(x, x_scale, x_zp, weight, w_scale, bias):
+    if x.dtype not in (torch.int8, torch.uint8) or x.dim() != 2:
+        raise TypeError(f"int8_linear: x must be 2-D int8/uint8 codes, got {x.dtype} {tuple(x.shape)}")
+    if weight.dtype != torch.int8 or weight.dim() != 2:
+        raise TypeError(f"int8_linear: weight must be 2-D int8 [N, K], got {weight.dtype} {tuple(weight.shape)}")
+    M, K = x.shape
+    N = weight.shape[0]
+    if weight.shape[1] != K:
+        raise ValueError(f"int8_linear: x has K={K} but weight is {tuple(weight.shape)}")
+    if x_scale.numel() not in (1, M) or x_zp.numel() not in (1, M):
+        raise ValueError(f"int8_linear: x_scale / x_zero_point need 1 or M={M} values, got "
+                         f"{x_scale.numel()} / {x_zp.numel()}")
+    if w_scale.numel() != N:
+        raise ValueError(f"int8_linear: w_scale needs N={N} values, got {w_scale.numel()}")
+    if bias is not None and bias.numel() != N:
+        raise ValueError(f"int8_linear: bias needs N={N} values, got {bias.numel()}")
+
+
+def _rescale(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
+             bias: torch.Tensor | None) -> torch.Tensor:
+    """``float32(acc) · x_scale[m] · w_scale[n] (+ bias[n])``, left to right, in float32."""
+    y = acc.to(torch.float32)
+    y.mul_(x_scale.reshape(-1, 1).float()).mul_(w_scale.reshape(1, -1).float())
+    if bias is not None:
+        y.add_(bias.float())
+    return y
+
+
+def _int8_linear_ref(x, x_scale, x_zp, weight, w_scale, bias, w_sum, packed):
+    """``Σ_k (x - x_zp) · w`` in int64, then `_rescale`."""
+    _check_int8_linear(x, x_scale, x_zp, weight, w_scale, bias)
+    centered = x.to(torch.int64) - x_zp.reshape(-1, 1).to(torch.int64)
+    acc = centered @ weight.to(torch.int64).t()
+    return _rescale(acc, x_scale, w_scale, bias)
+
+
+def weight_sum(weight: torch.Tensor) -> torch.Tensor:
+    """``Σ_k w[n, k]`` as int32 [N] (the zero-point correction term)."""
+    return weight.sum(dim=1, dtype=torch.int32)
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """Row-major with exactly the strides ``(cols, 1)``: ``contiguous()`` keeps a [1, K] tensor of
+    strides (1, 1) as is, which torch 2.13's CPU ``_int_mm`` then reads wrongly."""
+    return t if t.stride() == (t.shape[1], 1) else t.clone(memory_format=torch.contiguous_format)
+
+
+def _int_mm_acc(x, x_zp, weight, w_sum) -> torch.Tensor:
+    """Exact int32 ``Σ_k (x - zp) w`` with ``torch._int_mm`` (int8 x int8 only): uint8 codes are
+    shifted by -128 (``x ^ 0x80`` read as int8), the zero point is applied as ``zp' · Σ_k w``."""
+    zp = x_zp.reshape(-1, 1).to(torch.int32)
+    if x.dtype == torch.uint8:
+        x = torch.bitwise_xor(x, 128).view(torch.int8)
+        zp = zp - 128
+    acc = torch._int_mm(_dense(x), _dense(weight).t())
+    if x.device.type != "cpu" or bool(zp.any()):
+        ws = weight_sum(weight) if w_sum is None else w_sum.to(torch.int32)
+        acc -= zp * ws.reshape(1, -1)
+    return acc
+
+
+def _int8_linear_int_mm(x, x_scale, x_zp, weight, w_scale, bias, w_sum, packed):
+    return _rescale(_int_mm_acc(x, x_zp, weight, w_sum), x_scale, w_scale, bias)
+
+
+def _guard_int8_common(x, x_scale, x_zp, weight, w_scale, bias) -> str | None:
+    try:
+        _check_int8_linear(x, x_scale, x_zp, weight, w_scale, bias)
+    except (TypeError, ValueError) as e:
+        return str(e)
+    if x.shape[1] > INT32_EXACT_MAX_K:
+        return f"K={x.shape[1]} > {INT32_EXACT_MAX_K}: int32 sums could overflow"
+    return None
+
+
+def _guard_int_mm_cpu(x, x_scale, x_zp, weight, w_scale, bias, w_sum, packed):
+    reason = _guard_int8_common(x, x_scale, x_zp, weight, w_scale, bias)
+    if reason is None and x.shape[1] < 2:
+        return "K=1 (torch 2.13 CPU _int_mm returns wrong sums for K == 1)"
+    return reason
+
+
+def _guard_int_mm_cuda(x, x_scale, x_zp, weight, w_scale, bias, w_sum, packed):
+    reason = _guard_int8_common(x, x_scale, x_zp, weight, w_scale, bias)
+    if reason is not None:
+        return reason
+    M, K = x.shape
+    N = weight.shape[0]
+    if M <= 16 or K % 8 or N % 8:
+        return f"cuBLAS int8 needs M > 16, K % 8 == 0, N % 8 == 0; got M={M} K={K} N={N}"
+    return None
+
+
+def _cuda_capability_at_least(major: int, minor: int) -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (major, minor)
+
+
+def onednn_prepack(weight: torch.Tensor) -> torch.Tensor:
+    """onednn's packed form of an int8 [N, K] weight (for the ``onednn`` implementation)."""
+    return torch.ops.onednn.qlinear_prepack(weight.contiguous(), None)
+
+
+def _onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
+
+
+def _guard_onednn(x, x_scale, x_zp, weight, w_scale, bias, w_sum, packed):
+    reason = _guard_int8_common(x, x_scale, x_zp, weight, w_scale, bias)
+    if reason is not None:
+        return reason
+    if packed is None:
+        return "no prepacked weight (build it with onednn_prepack in the module's pack())"
+    if x_scale.numel() != 1 or x_zp.numel() != 1:
+        return "per-token activation scales (onednn qlinear takes one activation scale)"
+    return None
+
+
+def _int8_linear_onednn(x, x_scale, x_zp, weight, w_scale, bias, w_sum, packed):
+    zp = int(x_zp.reshape(()).item())
+    if x.dtype == torch.int8:  # onednn's s8-activation path is very slow: shift to uint8
+        x, zp = torch.bitwise_xor(x, -128).view(torch.uint8), zp + 128
+    N = weight.shape[0]
+    return torch.ops.onednn.qlinear_pointwise(
+        x.contiguous(), float(x_scale.reshape(()).item()), zp, packed, w_scale.float().contiguous(),
+        torch.zeros(N, dtype=torch.int32), None if bias is None else bias.float(), 1.0, 0, torch.float32,
+        "none", [], "")
+
+
+def _int8_linear_fake(x, x_scale, x_zp, weight, w_scale, bias, w_sum, packed):
+    return x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.float32)
+
+
+int8_linear = KernelOp(
+    "int8_linear",
+    "(Tensor x, Tensor x_scale, Tensor x_zero_point, Tensor weight, Tensor w_scale, Tensor? bias, "
+    "Tensor? w_sum, Tensor? packed, str impl) -> Tensor",
+    reference=_int8_linear_ref,
+    impls=[
+        Impl("int_mm", _int8_linear_int_mm, _guard_int_mm_cpu, available=lambda: hasattr(torch, "_int_mm")),
+        Impl("onednn", _int8_linear_onednn, _guard_onednn, available=_onednn_available),
+        Impl("cuda_int_mm", _int8_linear_int_mm, _guard_int_mm_cuda,
+             available=lambda: _cuda_capability_at_least(8, 0), devices=("cuda",)),
+    ],
+    fake=_int8_linear_fake,
+)
+# onednn's prepacked weight is an MkldnnCPU tensor, which makes the dispatcher look for that key.
+with warnings.catch_warnings():  # torch warns that this overrides its default for the key
+    warnings.simplefilter("ignore", UserWarning)
+    LIB.impl("int8_linear", int8_linear._dispatch, "MkldnnCPU")
+
+
+# ===================================================================== weight-only int8
+def _check_wo(x, weight, what):
+    if not x.is_floating_point() or x.dim() != 2:
+        raise TypeError(f"{what}: x must be a 2-D float tensor, got {x.dtype} {tuple(x.shape)}")
+
+
+def _int8_wo_ref(x, weight, w_scale, bias):
+    """Dequantize with quanta.core, then a float32 matmul."""
+    _check_wo(x, weight, "int8_weight_only_linear")
+    spec = QuantSpec(bits=8, granularity="per_channel", axis=0)
+    w = dequantize(weight, w_scale.reshape(-1), 0, spec)
+    return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
+
+
+#: torch 2.13's CPU weight-only kernels are fast for bfloat16 activations only; with float32 they
+#: run a slow path (measured, 1 thread: [128,768]x[768,3072] int8 430 ms, int4 790 ms vs 17 / 25 ms
+#: for the dequantize-and-matmul reference; at M=1 they still beat the reference).
+WEIGHT_ONLY_FP32_MAX_ROWS = 8
+
+
+def _fp32_rows_reason(x):
+    if x.dtype == torch.float32 and x.shape[0] > WEIGHT_ONLY_FP32_MAX_ROWS:
+        return (f"float32 x with M={x.shape[0]} > {WEIGHT_ONLY_FP32_MAX_ROWS} rows (torch's float32 "
+                "weight-only path is slower than the reference there; bfloat16 x is fast)")
+    return None
+
+
+def _guard_int8pack(x, weight, w_scale, bias):
+    if x.dtype not in (torch.float32, torch.bfloat16) or x.dim() != 2:
+        return f"x {x.dtype} {x.dim()}-D (needs 2-D float32 / bfloat16)"
+    if weight.dtype != torch.int8 or weight.dim() != 2 or weight.shape[1] != x.shape[1]:
+        return f"weight {weight.dtype} {tuple(weight.shape)} does not fit x {tuple(x.shape)}"
+    if w_scale.numel() != weight.shape[0]:
+        return "w_scale needs one value per output channel"
+    if x.dtype == torch.bfloat16 and x.shape[1] % 16:
+        return f"bfloat16 x with K={x.shape[1]} not a multiple of 16 (torch 2.13 crashes or returns NaN)"
+    return _fp32_rows_reason(x)
+
+
+def _int8_wo_int8pack(x, weight, w_scale, bias):
+    y = torch._weight_int8pack_mm(x.contiguous(), weight.contiguous(), w_scale.reshape(-1).to(x.dtype))
+    return y if bias is None else y + bias.to(x.dtype)
+
+
+def _wo_fake(x, weight, *rest):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+int8_weight_only_linear = KernelOp(
+    "int8_weight_only_linear",
+    "(Tensor x, Tensor weight, Tensor w_scale, Tensor? bias, str impl) -> Tensor",
+    reference=_int8_wo_ref,
+    impls=[Impl("int8pack_mm", _int8_wo_int8pack, _guard_int8pack,
+                available=lambda: hasattr(torch, "_weight_int8pack_mm"))],
+    fake=_wo_fake,
+)
+
+
+# ===================================================================== weight-only int4
+def int4_spec(group_size: int, symmetric: bool, signed: bool) -> QuantSpec:
+    return QuantSpec(bits=4, signed=signed, symmetric=symmetric, granularity="per_group",
+                     group_size=group_size, group_axis=-1)
+
+
+def int4pack_for_cpu(weight: torch.Tensor, w_scale: torch.Tensor, w_zero_point: torch.Tensor | None,
+                     group_size: int, signed: bool, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(packed, scales_and_zeros)`` for ``torch._weight_int4pack_mm_for_cpu`` from canonical storage.
+
+    The kernel computes ``ŵ = (u - 8) · s + zero`` with ``u`` in 0..15; quanta's ``ŵ = (c - zp) · s``
+    maps to ``u = c + off`` (``off`` = 8 for signed codes, 0 for unsigned) and
+    ``zero = (8 - off - zp) · s`` (exactly 0 for symmetric signed weights).
+    """
+    codes = unpack_bits(weight, 4, signed, length=in_features).to(torch.int32)
+    off = 8 if signed else 0
+    packed = torch._convert_weight_to_int4pack_for_cpu((codes + off).contiguous(), 1)
+    s = w_scale.float()
+    zp = torch.zeros_like(s) if w_zero_point is None else w_zero_point.float()
+    zero = (8 - off - zp) * s
+    return packed, torch.stack([s.t(), zero.t()], dim=-1).contiguous()
+
+
+def _int4_wo_ref(x, weight, w_scale, w_zero_point, group_size, signed, bias, packed, scales_zeros):
+    """Unpack and dequantize with quanta.core, then a float32 matmul."""
+    _check_wo(x, weight, "int4_weight_only_linear")
+    K = x.shape[1]
+    codes = unpack_bits(weight, 4, signed, length=K)
+    spec = int4_spec(group_size, w_zero_point is None, signed)
+    w = dequantize(codes, w_scale, w_zero_point, spec)
+    return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
+
+
+def _guard_int4pack(x, weight, w_scale, w_zero_point, group_size, signed, bias, packed, scales_zeros):
+    if x.dtype not in (torch.float32, torch.bfloat16) or x.dim() != 2:
+        return f"x {x.dtype} {x.dim()}-D (needs 2-D float32 / bfloat16)"
+    if packed is None or scales_zeros is None:
+        return "no prepacked weight (build it with int4pack_for_cpu in the module's pack())"
+    N, K = weight.shape[0], x.shape[1]
+    if group_size not in INT4_GROUP_SIZES or K % group_size:
+        return f"group_size {group_size} (needs one of {INT4_GROUP_SIZES} dividing K={K})"
+    if N % 16:
+        return f"N={N} is not a multiple of 16"
+    return _fp32_rows_reason(x)
+
+
+def _int4_wo_int4pack(x, weight, w_scale, w_zero_point, group_size, signed, bias, packed, scales_zeros):
+    y = torch._weight_int4pack_mm_for_cpu(x.contiguous(), packed, group_size, scales_zeros.to(x.dtype))
+    return y if bias is None else y + bias.to(x.dtype)
+
+
+int4_weight_only_linear = KernelOp(
+    "int4_weight_only_linear",
+    "(Tensor x, Tensor weight, Tensor w_scale, Tensor? w_zero_point, int group_size, bool signed, "
+    "Tensor? bias, Tensor? packed, Tensor? scales_zeros, str impl) -> Tensor",
+    reference=_int4_wo_ref,
+    impls=[Impl("int4pack_mm", _int4_wo_int4pack, _guard_int4pack,
+                available=lambda: hasattr(torch, "_weight_int4pack_mm_for_cpu"))],
+    fake=_wo_fake,
+)
+
+
+# ===================================================================== fp8 (CUDA)
+def _fp8_ref(x, x_scale, weight, w_scale, bias):
+    """Dequantize both (``code · scale``) and matmul in float32."""
+    xs = x.float() * x_scale.float().reshape(-1, 1)
+    ws = weight.float() * w_scale.float().reshape(-1, 1)
+    return F.linear(xs, ws, None if bias is None else bias.float())
+
+
+def _guard_scaled_mm(x, x_scale, weight, w_scale, bias):
+    fp8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+    if x.dtype not in fp8 or weight.dtype not in fp8 or x.dim() != 2 or weight.dim() != 2:
+        return "x and weight must be 2-D float8"
+    if x_scale.numel() != 1 or w_scale.numel() != 1:
+        return "per-tensor scales only (rowwise scaling needs bfloat16 output)"
+    K, N = x.shape[1], weight.shape[0]
+    if K % 16 or N % 16:
+        return f"_scaled_mm needs K % 16 == 0 and N % 16 == 0; got K={K} N={N}"
+    return None
+
+
+def _fp8_scaled_mm(x, x_scale, weight, w_scale, bias):
+    y = torch._scaled_mm(x.contiguous(), weight.contiguous().t(), scale_a=x_scale.float().reshape(()),
+                         scale_b=w_scale.float().reshape(()), out_dtype=torch.float32)
+    return y if bias is None else y + bias.float()
+
+
+def _fp8_fake(x, x_scale, weight, w_scale, bias):
+    return x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.float32)
+
+
+fp8_linear = KernelOp(
+    "fp8_linear",
+    "(Tensor x, Tensor x_scale, Tensor weight, Tensor w_scale, Tensor? bias, str impl) -> Tensor",
+    reference=_fp8_ref,
+    impls=[Impl("scaled_mm", _fp8_scaled_mm, _guard_scaled_mm,
+                available=lambda: _cuda_capability_at_least(8, 9), devices=("cuda",))],
+    fake=_fp8_fake,
+)
+
+__all__: list[Any] = [
+    "INT32_EXACT_MAX_K", "INT4_GROUP_SIZES", "ONEDNN_ULP_BOUND", "fp8_linear", "int4_spec",
+    "int4_weight_only_linear", "int4pack_for_cpu", "int8_linear", "int8_weight_only_linear",
+    "onednn_prepack", "quantize_activation", "quantize_activation_spec", "weight_sum",
+]

@@ -1,0 +1,380 @@
+"""Dynamic int8 recurrent ops: LSTM / GRU / RNN sequences and single cells.
+
+Weights are int8 codes with one float32 scale per row (symmetric, zero point 0); activations
+(every matmul input: the layer input, the hidden state before ``W_hh``) are quantized per call,
+per tensor, on the grid ``act`` describes; every gate matmul is an integer matmul with int32
+accumulation, rescaled in float32::
+
+    q_x, s_x, z_x = quantize_dynamic(x)                        (quanta.core, the simulation's numerics)
+    acc           = (q_x - z_x) @ W_codes^T                     (exact integers, int32)
+    y             = acc * (s_x * s_w) + b                       (float32)
+
+Which tensors are quantized together is the simulation's (`quanta.nn.QuantLSTM` with dynamic
+activation quantizers): the input of each layer once for the whole sequence ``[T, B, I]``
+(both directions read the same codes), the hidden state once per step ``[B, H]``. The gate
+math is torch's, in float32 (see `_step`).
+
+Ops (``torch.ops.quanta.*``; the last argument is ``impl``)::
+
+    dynamic_int8_rnn(str mode, Tensor input, Tensor[] hx, Tensor[] weights, int num_layers,
+                     bool bidirectional, bool batch_first, int act_bits, bool act_signed,
+                     bool act_symmetric, bool act_narrow, str impl) -> Tensor[]
+        mode: "LSTM" | "GRU" | "RNN_TANH" | "RNN_RELU"; input [T, B, I] (batch_first: [B, T, I]);
+        hx: [h0] or [h0, c0], each [L * D, B, H]; weights: per layer and direction (l0, l0_reverse,
+        l1, ...) six tensors (w_ih int8 [G*H, I], s_ih f32 [G*H], b_ih f32 [G*H], w_hh int8
+        [G*H, H], s_hh, b_hh); returns [output, h_n] or [output, h_n, c_n].
+    dynamic_int8_rnn_cell(str mode, Tensor input, Tensor[] hx, Tensor[] weights, int act_bits,
+                          bool act_signed, bool act_symmetric, bool act_narrow, str impl) -> Tensor[]
+        input [B, I]; hx [h] or [h, c], each [B, H]; weights: the six tensors; returns [h'] or [h', c'].
+
+Implementations:
+- ``reference``: the unrolled loop below; integer matmuls in float64 (exact for these sizes).
+- ``int_mm``: the same loop with ``torch._int_mm`` (int8 x int8 -> int32) for signed symmetric
+  activations (zero point 0): bit-identical to the reference (same codes, same integer sums,
+  same float ops).
+- ``fbgemm``: torch's own dynamic quantized kernels, the ones ``torch.ao.nn.quantized.dynamic``
+  runs: ``torch.quantized_lstm`` / ``torch.quantized_gru`` (C++ time loop) with
+  ``quantized::linear_prepack`` weights, and ``quantized::linear_dynamic`` per step for RNN
+  sequences and all cells. FBGEMM quantizes each activation itself, always on the *unsigned
+  asymmetric* grid: range ``[min(x, 0), max(x, 0)]`` over 255 steps (``reduce_range``: 127),
+  zero point ``round(-min / scale)``; the same tensors as the simulation (whole sequence for
+  the layer input on CPU, ``h`` per step). So it is accepted only when the activation grid is
+  ``act_bits=8`` (or 7 = reduce_range), unsigned, asymmetric; it then agrees with the reference
+  to float rounding (scale and zero point are computed in double there, float32 here; rounding
+  is ``nearbyint(x / s + z)`` there, ``round(x * (1 / s)) + z`` here: a code can differ by one
+  on an exact tie). The default simulated grid (signed symmetric int8) runs ``int_mm``.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..core import QuantSpec, choose_qparams, compute_range, quantize
+from .library import Impl, KernelOp
+
+MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
+GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+_PER = 6  # tensors per layer and direction in ``weights``
+
+Matmul = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (q, zp, w_codes) -> int32
+
+
+def act_spec(bits: int, signed: bool, symmetric: bool, narrow: bool) -> QuantSpec:
+    """The activation grid of the ops: dynamic, per tensor."""
+    return QuantSpec(bits=bits, signed=signed, symmetric=symmetric, narrow_range=narrow, dynamic=True)
+
+
+# ---------------------------------------------------------------------------- integer matmuls
+def exact_matmul(q: torch.Tensor, zp: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``(q - zp) @ w^T`` exactly (float64 holds every int32 sum), as int32."""
+    return ((q.double() - zp.double()) @ w.double().t()).to(torch.int32)
+
+
+def int_mm_matmul(q: torch.Tensor, zp: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``q @ w^T`` with ``torch._int_mm`` (int8 x int8 -> int32); zero point 0 only.
+
+    torch 2.13's CPU ``_int_mm`` returns wrong sums when the reduction length is 1 (found by
+    the module tests: an LSTM with ``input_size=1``), so a length-1 reduction is padded with
+    a zero column (exact)."""
+    q2 = q.reshape(-1, q.shape[-1])
+    if q2.shape[1] == 1:
+        q2, w = torch.nn.functional.pad(q2, (0, 1)), torch.nn.functional.pad(w, (0, 1))
+    return torch._int_mm(q2, w.t()).reshape(*q.shape[:-1], w.shape[0])
+
+
+def qlinear(x: torch.Tensor, w: torch.Tensor, s_w: torch.Tensor, b: torch.Tensor, spec: QuantSpec,
+            matmul: Matmul = exact_matmul) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``x`` dynamically (one range for the whole tensor), integer matmul, rescale.
+    Returns ``(y, acc)``: the float32 output and the int32 sums."""
+    lo, hi = compute_range(x, spec)
+    s_x, z_x = choose_qparams(lo, hi, spec)
+    q = quantize(x, s_x, z_x, spec)
+    acc = matmul(q, z_x, w)
+    return acc.float() * (s_x * s_w) + b, acc
+
+
+# ---------------------------------------------------------------------------- gate math
+def _step(mode: str, gi: torch.Tensor, gh: torch.Tensor, state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """torch's equations; ``gi = x W_ih^T + b_ih``, ``gh = h W_hh^T + b_hh`` (the same
+    operation order as the simulation's ``make_step``)."""
+    if mode == "LSTM":
+        c = state[1]
+        i, f, g, o = (gh + gi).chunk(4, -1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+    if mode == "GRU":
+        h = state[0]
+        h_r, h_z, h_n = gh.chunk(3, -1)
+        i_r, i_z, i_n = gi.chunk(3, -1)
+        r = torch.sigmoid(i_r + h_r)
+        z = torch.sigmoid(i_z + h_z)
+        n = torch.tanh(i_n + r * h_n)
+        return ((h - n) * z + n,)
+    act = torch.tanh if mode == "RNN_TANH" else torch.relu
+    return (act(gh + gi),)
+
+
+# ---------------------------------------------------------------------------- checks
+def _check(mode: str, input: torch.Tensor, hx: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
+           n_cells: int, act_bits: int) -> None:
+    if mode not in MODES:
+        raise ValueError(f"unknown recurrent mode {mode!r}; choose one of {MODES}")
+    n_states = 2 if mode == "LSTM" else 1
+    if len(hx) != n_states:
+        raise ValueError(f"{mode} needs {n_states} state tensor(s), got {len(hx)}")
+    if len(weights) != _PER * n_cells:
+        raise ValueError(f"expected {_PER * n_cells} weight tensors (6 per layer and direction), got {len(weights)}")
+    if input.dtype != torch.float32:
+        raise TypeError(f"dynamic int8 recurrent ops take float32 input, got {input.dtype}")
+    if not 2 <= act_bits <= 8:
+        raise ValueError(f"act_bits must be in 2..8, got {act_bits}")
+    for k in range(n_cells):
+        w_ih, s_ih, b_ih, w_hh, s_hh, b_hh = weights[_PER * k:_PER * (k + 1)]
+        if w_ih.dtype != torch.int8 or w_hh.dtype != torch.int8:
+            raise TypeError(f"weights must be int8 codes, got {w_ih.dtype} / {w_hh.dtype}")
+        if s_ih.shape != (w_ih.shape[0],) or s_hh.shape != (w_hh.shape[0],):
+            raise ValueError("weight scales must have one value per weight row")
+
+
+# ---------------------------------------------------------------------------- reference loop
+def _sequence(mode: str, input: torch.Tensor, hx: list[torch.Tensor], weights: list[torch.Tensor], num_layers: int,
+              bidirectional: bool, batch_first: bool, spec: QuantSpec, matmul: Matmul) -> list[torch.Tensor]:
+    n_dirs = 2 if bidirectional else 1
+    _check(mode, input, hx, weights, num_layers * n_dirs, spec.bits)
+    x = input.transpose(0, 1) if batch_first else input  # [T, B, I]
+    finals: list[tuple[torch.Tensor, ...]] = []
+    for layer in range(num_layers):
+        outs = []
+        for d in range(n_dirs):
+            k = layer * n_dirs + d
+            w_ih, s_ih, b_ih, w_hh, s_hh, b_hh = weights[_PER * k:_PER * (k + 1)]
+            # The layer input: one range for the whole sequence (the simulation's layer quantizer).
+            gi, _ = qlinear(x, w_ih, s_ih, b_ih, spec, matmul)
+            state = tuple(s[k] for s in hx)
+            steps: list[Any] = [None] * x.shape[0]
+            for t in (reversed(range(x.shape[0])) if d else range(x.shape[0])):
+                gh, _ = qlinear(state[0], w_hh, s_hh, b_hh, spec, matmul)  # h: one range per step
+                state = _step(mode, gi[t], gh, state)
+                steps[t] = state[0]
+            outs.append(torch.stack(steps, 0) if steps else x.new_zeros(0, x.shape[1], w_hh.shape[1]))
+            finals.append(state)
+        x = outs[0] if n_dirs == 1 else torch.cat(outs, -1)
+    output = x.transpose(0, 1) if batch_first else x
+    return [output.contiguous()] + [torch.stack([f[j] for f in finals], 0) for j in range(len(hx))]
+
+
+def _cell(mode: str, input: torch.Tensor, hx: list[torch.Tensor], weights: list[torch.Tensor], spec: QuantSpec,
+          matmul: Matmul) -> list[torch.Tensor]:
+    _check(mode, input, hx, weights, 1, spec.bits)
+    w_ih, s_ih, b_ih, w_hh, s_hh, b_hh = weights
+    gi, _ = qlinear(input, w_ih, s_ih, b_ih, spec, matmul)
+    gh, _ = qlinear(hx[0], w_hh, s_hh, b_hh, spec, matmul)
+    return list(_step(mode, gi, gh, tuple(hx)))
+
+
+def rnn_reference(mode, input, hx, weights, num_layers, bidirectional, batch_first, act_bits, act_signed,
+                  act_symmetric, act_narrow):
+    spec = act_spec(act_bits, act_signed, act_symmetric, act_narrow)
+    return _sequence(mode, input, list(hx), list(weights), num_layers, bidirectional, batch_first, spec, exact_matmul)
+
+
+def cell_reference(mode, input, hx, weights, act_bits, act_signed, act_symmetric, act_narrow):
+    spec = act_spec(act_bits, act_signed, act_symmetric, act_narrow)
+    return _cell(mode, input, list(hx), list(weights), spec, exact_matmul)
+
+
+# ---------------------------------------------------------------------------- int_mm
+def _int_mm_available() -> bool:
+    try:
+        a = torch.ones(1, 8, dtype=torch.int8)
+        return int(torch._int_mm(a, a.t())[0, 0]) == 8
+    except Exception:  # noqa: BLE001 - any failure means "not on this build"
+        return False
+
+
+_INT_MM_OK: list[bool] = []
+
+
+def int_mm_available() -> bool:
+    if not _INT_MM_OK:
+        _INT_MM_OK.append(_int_mm_available())
+    return _INT_MM_OK[0]
+
+
+def _int_mm_guard_act(act_bits: int, act_signed: bool, act_symmetric: bool) -> str | None:
+    if not (act_signed and act_symmetric):
+        return "int_mm needs signed symmetric activations (zero point 0)"
+    if act_bits > 8:
+        return "int_mm needs activations of at most 8 bits"
+    return None
+
+
+def rnn_int_mm(mode, input, hx, weights, num_layers, bidirectional, batch_first, act_bits, act_signed,
+               act_symmetric, act_narrow):
+    spec = act_spec(act_bits, act_signed, act_symmetric, act_narrow)
+    return _sequence(mode, input, list(hx), list(weights), num_layers, bidirectional, batch_first, spec, int_mm_matmul)
+
+
+def cell_int_mm(mode, input, hx, weights, act_bits, act_signed, act_symmetric, act_narrow):
+    spec = act_spec(act_bits, act_signed, act_symmetric, act_narrow)
+    return _cell(mode, input, list(hx), list(weights), spec, int_mm_matmul)
+
+
+# ---------------------------------------------------------------------------- fbgemm
+def fbgemm_available() -> bool:
+    return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+def _fbgemm_guard_act(act_bits: int, act_signed: bool, act_symmetric: bool, act_narrow: bool) -> str | None:
+    if act_signed or act_symmetric or act_narrow or act_bits not in (7, 8):
+        return ("fbgemm quantizes activations on the unsigned asymmetric 8-bit grid (7-bit with "
+                f"reduce_range); got {act_spec(act_bits, act_signed, act_symmetric, act_narrow)}")
+    if torch.backends.quantized.engine not in ("fbgemm", "x86"):
+        return f"the quantized engine is {torch.backends.quantized.engine!r}, not fbgemm/x86"
+    return None
+
+
+#: packed fbgemm weights, keyed by the weight tensors' identities and versions
+_PACKED: dict[tuple, tuple[list[weakref.ref], Any]] = {}
+
+
+def _per_channel(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch._make_per_channel_quantized_tensor(
+            codes, scales.double(), torch.zeros(codes.shape[0], dtype=torch.long), 0)
+
+
+def prepack(weights: Sequence[torch.Tensor], mode: str, reduce_range: bool) -> list[Any]:
+    """fbgemm's packed form of ``weights`` (6 per layer and direction), cached by tensor
+    identity and version: a ``CellParamsBase`` per cell for LSTM/GRU sequences, else a pair of
+    ``LinearPackedParamsBase`` per cell. Integer modules call it in ``pack()``."""
+    seq_cells = mode in ("LSTM", "GRU")
+    key = (mode, reduce_range) + tuple((id(t), t._version) for t in weights)
+    hit = _PACKED.get(key)
+    if hit is not None and all(r() is t for r, t in zip(hit[0], weights)):
+        return hit[1]
+    for k in [k for k, v in _PACKED.items() if any(r() is None for r in v[0])]:
+        del _PACKED[k]
+    packed = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for k in range(len(weights) // _PER):
+            w_ih, s_ih, b_ih, w_hh, s_hh, b_hh = weights[_PER * k:_PER * (k + 1)]
+            p_ih = torch.ops.quantized.linear_prepack(_per_channel(w_ih, s_ih), b_ih)
+            p_hh = torch.ops.quantized.linear_prepack(_per_channel(w_hh, s_hh), b_hh)
+            if seq_cells:
+                packed.append(torch.ops.quantized.make_quantized_cell_params_dynamic(
+                    p_ih, p_hh, b_ih, b_hh, reduce_range))
+            else:
+                packed.append((p_ih, p_hh))
+    _PACKED[key] = ([weakref.ref(t) for t in weights], packed)
+    return packed
+
+
+def _fb_step(mode: str, x: torch.Tensor, state: tuple[torch.Tensor, ...], p_ih: Any, p_hh: Any, rr: bool,
+             gi: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    if gi is None:
+        gi = torch.ops.quantized.linear_dynamic(x, p_ih, rr)
+    gh = torch.ops.quantized.linear_dynamic(state[0], p_hh, rr)
+    return _step(mode, gi, gh, state)
+
+
+def rnn_fbgemm(mode, input, hx, weights, num_layers, bidirectional, batch_first, act_bits, act_signed,
+               act_symmetric, act_narrow):
+    n_dirs = 2 if bidirectional else 1
+    _check(mode, input, hx, weights, num_layers * n_dirs, act_bits)
+    rr = act_bits == 7
+    packed = prepack(weights, mode, rr)
+    if mode == "LSTM":
+        out, h, c = torch.quantized_lstm(input, list(hx), packed, True, num_layers, 0.0, False, bidirectional,
+                                         batch_first, dtype=torch.qint8, use_dynamic=True)
+        return [out, h, c]
+    if mode == "GRU":
+        out, h = torch.quantized_gru(input, hx[0], packed, True, num_layers, 0.0, False, bidirectional, batch_first)
+        return [out, h]
+    # RNN_TANH / RNN_RELU: the input projection for the whole sequence, h per step.
+    x = input.transpose(0, 1) if batch_first else input
+    finals = []
+    for layer in range(num_layers):
+        outs = []
+        for d in range(n_dirs):
+            k = layer * n_dirs + d
+            p_ih, p_hh = packed[k]
+            gi = torch.ops.quantized.linear_dynamic(x, p_ih, rr)
+            state: tuple[torch.Tensor, ...] = (hx[0][k],)
+            steps: list[Any] = [None] * x.shape[0]
+            for t in (reversed(range(x.shape[0])) if d else range(x.shape[0])):
+                state = _fb_step(mode, x[t], state, p_ih, p_hh, rr, gi[t])
+                steps[t] = state[0]
+            outs.append(torch.stack(steps, 0))
+            finals.append(state[0])
+        x = outs[0] if n_dirs == 1 else torch.cat(outs, -1)
+    output = x.transpose(0, 1) if batch_first else x
+    return [output.contiguous(), torch.stack(finals, 0)]
+
+
+def cell_fbgemm(mode, input, hx, weights, act_bits, act_signed, act_symmetric, act_narrow):
+    _check(mode, input, hx, weights, 1, act_bits)
+    rr = act_bits == 7
+    p_ih, p_hh = prepack(weights, "cell", rr)[0]
+    return list(_fb_step(mode, input, tuple(hx), p_ih, p_hh, rr))
+
+
+# ---------------------------------------------------------------------------- guards, fakes, ops
+def _rnn_guard_fbgemm(mode, input, hx, weights, num_layers, bidirectional, batch_first, act_bits, act_signed,
+                      act_symmetric, act_narrow):
+    return _fbgemm_guard_act(act_bits, act_signed, act_symmetric, act_narrow)
+
+
+def _cell_guard_fbgemm(mode, input, hx, weights, act_bits, act_signed, act_symmetric, act_narrow):
+    return _fbgemm_guard_act(act_bits, act_signed, act_symmetric, act_narrow)
+
+
+def _rnn_guard_int_mm(mode, input, hx, weights, num_layers, bidirectional, batch_first, act_bits, act_signed,
+                      act_symmetric, act_narrow):
+    return _int_mm_guard_act(act_bits, act_signed, act_symmetric)
+
+
+def _cell_guard_int_mm(mode, input, hx, weights, act_bits, act_signed, act_symmetric, act_narrow):
+    return _int_mm_guard_act(act_bits, act_signed, act_symmetric)
+
+
+def _rnn_fake(mode, input, hx, weights, num_layers, bidirectional, batch_first, act_bits, act_signed,
+              act_symmetric, act_narrow):
+    n_dirs = 2 if bidirectional else 1
+    t_dim, b_dim = (1, 0) if batch_first else (0, 1)
+    h = hx[0].shape[-1]
+    shape = [0, 0, h * n_dirs]
+    shape[t_dim], shape[b_dim] = input.shape[t_dim], input.shape[b_dim]
+    return [input.new_empty(shape)] + [s.new_empty(s.shape) for s in hx]
+
+
+def _cell_fake(mode, input, hx, weights, act_bits, act_signed, act_symmetric, act_narrow):
+    return [s.new_empty(s.shape) for s in hx]
+
+
+_ACT = "int act_bits, bool act_signed, bool act_symmetric, bool act_narrow"
+
+dynamic_int8_rnn = KernelOp(
+    "dynamic_int8_rnn",
+    f"(str mode, Tensor input, Tensor[] hx, Tensor[] weights, int num_layers, bool bidirectional, "
+    f"bool batch_first, {_ACT}, str impl) -> Tensor[]",
+    rnn_reference,
+    impls=[Impl("fbgemm", rnn_fbgemm, _rnn_guard_fbgemm, fbgemm_available),
+           Impl("int_mm", rnn_int_mm, _rnn_guard_int_mm, int_mm_available)],
+    fake=_rnn_fake,
+)
+
+dynamic_int8_rnn_cell = KernelOp(
+    "dynamic_int8_rnn_cell",
+    f"(str mode, Tensor input, Tensor[] hx, Tensor[] weights, {_ACT}, str impl) -> Tensor[]",
+    cell_reference,
+    impls=[Impl("fbgemm", cell_fbgemm, _cell_guard_fbgemm, fbgemm_available),
+           Impl("int_mm", cell_int_mm, _cell_guard_int_mm, int_mm_available)],
+    fake=_cell_fake,
+)

@@ -1,0 +1,118 @@
+"""Fuse ReLU/ReLU6 into integer convolutions and keep uint8 activations between them.
+
+The model is traced with ``torch.fx`` (integer and simulated modules are leaves) only to
+*read* its data flow; the model itself stays the user's eager module. For an integer conv
+``P`` whose output reaches, through ops that act on uint8 codes as they do on values
+(ReLU, ReLU6 once fused, max pooling, Identity, Dropout in eval), only integer convs that
+share one input grid, ``P`` is set to emit uint8 codes on that grid with the activation fused
+in its kernel; the consumers take those codes as they are. Anything else keeps float
+interfaces (always correct). A model that cannot be traced keeps float interfaces everywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ..integer.base import IntegerModule
+from ..nn.modules.base import QuantModule
+from ..nn.modules.functional import QuantOp
+from ..nn.tensor_quantizer import TensorQuantizer
+
+LOG = logging.getLogger("quanta.transforms")
+
+_RELU_FUNCS = {torch.relu, F.relu, torch.relu_, "relu", "relu_"}
+_POOL_FUNCS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, torch.max_pool1d, torch.max_pool2d, torch.max_pool3d}
+_POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+
+
+class _LeafTracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, (IntegerModule, QuantModule, QuantOp, TensorQuantizer)):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def _is_conv(mod: Any) -> bool:
+    return isinstance(mod, IntegerModule) and hasattr(mod, "set_output") and hasattr(mod, "input_code_qparams")
+
+
+def _classify(node: fx.Node, mods: dict[str, nn.Module], calls: dict[str, int]) -> str | None:
+    """'relu', 'relu6', 'pool', 'identity', or None when the node is not transparent."""
+    if node.op == "call_module":
+        m = mods.get(str(node.target))
+        if isinstance(m, nn.ReLU):
+            return "relu"
+        if isinstance(m, nn.ReLU6) or (isinstance(m, nn.Hardtanh) and m.min_val == 0.0 and m.max_val == 6.0):
+            return "relu6" if calls[str(node.target)] == 1 else None
+        if isinstance(m, _POOL_MODULES):
+            return "pool"
+        if isinstance(m, nn.Identity) or (isinstance(m, nn.Dropout) and not m.training):
+            return "identity"
+        return None
+    if node.op in ("call_function", "call_method") and node.target in _RELU_FUNCS:
+        return "relu"
+    if node.op == "call_function" and node.target in _POOL_FUNCS:
+        return "pool"
+    return None
+
+
+def fuse_activations(model: nn.Module) -> list[tuple[str, str, str]]:
+    """Apply the fusions; returns ``(producer, activation, output)`` triples, output being
+    ``"uint8"`` or ``"float"``."""
+    try:
+        graph = _LeafTracer().trace(model)
+    except Exception as e:  # data-dependent control flow, unsupported constructs
+        LOG.info("quanta: activation fusion skipped, the model cannot be traced by torch.fx: %s", e)
+        return []
+    mods = dict(model.named_modules())
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    done = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not _is_conv(mods.get(str(node.target))) or calls[str(node.target)] != 1:
+            continue
+        producer = mods[str(node.target)]
+        act, cur, relu6_nodes = "none", node, []
+        while len(cur.users) == 1:
+            nxt = next(iter(cur.users))
+            kind = _classify(nxt, mods, calls)
+            if kind is None:
+                break
+            if kind in ("relu", "relu6"):
+                act = "relu6" if kind == "relu6" or act == "relu6" else "relu"
+                if kind == "relu6":
+                    relu6_nodes.append(nxt)
+            cur = nxt
+        consumers = [mods.get(str(u.target)) if u.op == "call_module" else None for u in cur.users]
+        grids = {_grid(c) for c in consumers} if consumers else {None}
+        if consumers and all(_is_conv(c) for c in consumers) and len(grids) == 1 and None not in grids:
+            scale, zp = next(iter(grids))  # type: ignore[misc]
+            producer.set_output("uint8", scale=scale, zero_point=zp, post_op=act)
+            for r in relu6_nodes:  # ReLU6 on codes would clamp codes at 6: already fused
+                _replace(model, str(r.target), nn.Identity())
+            done.append((str(node.target), act, "uint8"))
+        elif act != "none":
+            producer.set_output("float", post_op=act)  # relu/relu6 are idempotent on float output
+            done.append((str(node.target), act, "float"))
+    return done
+
+
+def _grid(mod: Any) -> tuple[float, int] | None:
+    qp = mod.input_code_qparams() if mod is not None and hasattr(mod, "input_code_qparams") else None
+    if qp is None:
+        return None
+    scale, zp = qp
+    return float(scale), int(zp)
+
+
+def _replace(model: nn.Module, target: str, new: nn.Module) -> None:
+    parent, _, leaf = target.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+

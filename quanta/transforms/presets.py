@@ -1,0 +1,98 @@
+"""Named quantization recipes for `quanta.quantize`."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from ..nn import LayerQuantConfig, QuantDescriptor
+from .config import QuantConfig
+
+#: weights: int8 symmetric narrow range, one scale per output channel (what the kernels use)
+W8 = QuantDescriptor(per_channel=True, narrow_range=True)
+#: activations after ReLU etc.: affine uint8 per tensor, calibrated (what oneDNN/x86 int8 uses)
+A8_STATIC = QuantDescriptor(unsigned=True, symmetric=False, calib_method="percentile", percentile=99.999)
+A8_DYNAMIC_TOKEN = QuantDescriptor(per_token=True, symmetric=False, unsigned=True)
+A8_DYNAMIC = QuantDescriptor(dynamic=True, symmetric=False, unsigned=True)
+
+_RNN = ("LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell")
+_FLOAT_ELSEWHERE = ("Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
+                    "Embedding", "AvgPool1d", "AvgPool2d", "AvgPool3d", "AdaptiveAvgPool1d",
+                    "AdaptiveAvgPool2d", "AdaptiveAvgPool3d", "MultiheadAttention")
+#: an encoder layer is swapped without quantizers of its own, so that its Linear layers are
+#: quantized and torch's fused fast path (which would read their float weights) stays off
+_ENCODER_LAYER = LayerQuantConfig(input=None, weight=None)
+
+
+def _only_linear_and_rnn(linear: LayerQuantConfig, rnn: LayerQuantConfig | None) -> QuantConfig:
+    types: dict[str, LayerQuantConfig | None] = {name: None for name in _FLOAT_ELSEWHERE}
+    types["TransformerEncoderLayer"] = _ENCODER_LAYER
+    for name in _RNN:
+        types[name] = rnn
+    return QuantConfig(default=linear, module_types=types, fold_bn=True)
+
+
+def dynamic_int8(**_: object) -> QuantConfig:
+    """Linear: int8 per-channel weights × int8 activations quantized per token at each call;
+    LSTM/GRU/RNN: int8 weights, dynamic per-tensor activations. The rest stays float."""
+    return _only_linear_and_rnn(LayerQuantConfig(input=A8_DYNAMIC_TOKEN, weight=W8),
+                                LayerQuantConfig(input=A8_DYNAMIC, weight=W8))
+
+
+def static_int8(**_: object) -> QuantConfig:
+    """Conv and Linear: int8 per-channel weights × uint8 activations calibrated per tensor;
+    BatchNorm folded; pools, attention and embeddings stay float; RNNs dynamic."""
+    float_types: dict[str, LayerQuantConfig | None] = {
+        name: None for name in ("Embedding", "AvgPool1d", "AvgPool2d", "AvgPool3d", "AdaptiveAvgPool1d",
+                                "AdaptiveAvgPool2d", "AdaptiveAvgPool3d", "MultiheadAttention",
+                                "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d")}
+    float_types["TransformerEncoderLayer"] = _ENCODER_LAYER
+    for name in _RNN:
+        float_types[name] = LayerQuantConfig(input=A8_DYNAMIC, weight=W8)
+    return QuantConfig(default=LayerQuantConfig(input=A8_STATIC, weight=W8), module_types=float_types,
+                       fold_bn=True)
+
+
+def weight_only_int8(**_: object) -> QuantConfig:
+    """Linear weights int8 per channel; activations stay float (memory-bound decoding)."""
+    return _only_linear_and_rnn(LayerQuantConfig(input=None, weight=W8), None)
+
+
+def weight_only_int4(group_size: int = 128, **_: object) -> QuantConfig:
+    """Linear weights int4, asymmetric, one scale and zero point per ``group_size`` inputs."""
+    if group_size not in (32, 64, 128, 256):
+        raise ValueError(f"group_size must be one of 32, 64, 128, 256, got {group_size}")
+    w4 = QuantDescriptor(num_bits=4, group_size=group_size, symmetric=False)
+    return _only_linear_and_rnn(LayerQuantConfig(input=None, weight=w4), None)
+
+
+def w4a8(**_: object) -> QuantConfig:
+    """Linear weights int4 per channel (symmetric) × int8 activations per token, dynamic."""
+    w4 = QuantDescriptor(num_bits=4, per_channel=True, narrow_range=True)
+    return _only_linear_and_rnn(LayerQuantConfig(input=A8_DYNAMIC_TOKEN, weight=w4), None)
+
+
+def _half(fmt: str) -> Callable[..., QuantConfig]:
+    def build(**_: object) -> QuantConfig:
+        return _only_linear_and_rnn(LayerQuantConfig(input=None, weight=QuantDescriptor(format=fmt, num_bits=16)),
+                                    None)
+
+    build.__doc__ = f"Linear weights stored as {fmt}; activations float."
+    return build
+
+
+PRESETS: dict[str, Callable[..., QuantConfig]] = {
+    "dynamic_int8": dynamic_int8,
+    "static_int8": static_int8,
+    "weight_only_int8": weight_only_int8,
+    "weight_only_int4": weight_only_int4,
+    "w4a8": w4a8,
+    "fp16": _half("fp16"),
+    "bf16": _half("bf16"),
+}
+
+
+def preset(name: str, **options: object) -> QuantConfig:
+    """The `QuantConfig` of a named preset (``group_size=`` for ``weight_only_int4``)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name](**options)

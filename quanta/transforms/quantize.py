@@ -1,0 +1,45 @@
+"""`quantize`: prepare → calibrate → convert in one call."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Iterable
+
+from torch import nn
+
+from .calibrate import calibrate, calibration_targets
+from .config import QuantConfig
+from .convert import convert
+from .presets import preset
+from .prepare import prepare
+
+
+def quantize(model: nn.Module, config: QuantConfig | str = "dynamic_int8", calib_data: Iterable[Any] | None = None,
+             *, backend: str = "auto", group_size: int | None = None, method: str | None = None,
+             num_batches: int | None = None, forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+             progress: bool = True) -> nn.Module:
+    """Return an integer copy of ``model`` (the float model is not modified).
+
+    ``config``: a `QuantConfig` or a preset name: ``dynamic_int8``, ``static_int8``,
+    ``weight_only_int8``, ``weight_only_int4`` (``group_size`` 32/64/128/256), ``w4a8``,
+    ``fp16``, ``bf16``. Static activations need ``calib_data`` (see `quanta.calibrate`).
+    """
+    if isinstance(config, str):
+        config = preset(config, **({} if group_size is None else {"group_size": group_size}))
+    elif group_size is not None:
+        raise ValueError("group_size applies to the 'weight_only_int4' preset, not to a QuantConfig")
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a QuantConfig or a preset name, got {type(config).__name__}")
+    was_training = model.training
+    if config.fold_bn and was_training:
+        config = QuantConfig(default=config.default, module_types=config.module_types, rules=config.rules,
+                             exclude=config.exclude, fold_bn=False)
+        warnings.warn("quanta.quantize: the model is in training mode, so BatchNorm is not folded; "
+                      "call model.eval() first for an inference model", UserWarning, stacklevel=2)
+    sim = prepare(model, config)
+    if calibration_targets(sim):
+        if calib_data is None:
+            raise ValueError("this configuration quantizes activations statically: pass calib_data "
+                             "(a DataLoader or a list of batches) to calibrate their ranges")
+        calibrate(sim, calib_data, method, num_batches=num_batches, forward_fn=forward_fn, progress=progress)
+    return convert(sim, backend=backend, inplace=True)

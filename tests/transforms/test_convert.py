@@ -1,0 +1,143 @@
+"""convert / quantize: structure (which module and kernel ran), accuracy on trained models,
+integer vs simulated agreement, presets, activation fusion, and bad input."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import quanta
+from quanta.demo import accuracy
+from quanta.integer.conv import Int8Conv2d
+from quanta.integer.linear import Int8Linear, Int4WeightOnlyLinear, Int8WeightOnlyLinear
+from quanta.integer.recurrent import DynamicInt8LSTM
+
+
+def _kernels(model: nn.Module) -> dict[str, dict[str, int]]:
+    return {n: dict(m.kernel_counts) for n, m in model.named_modules() if isinstance(m, quanta.integer.IntegerModule)}
+
+
+@pytest.fixture(scope="module")
+def cnn_int8(trained_cnn, digits_data):
+    return quanta.quantize(trained_cnn, "static_int8", digits_data.calib_batches(8), progress=False)
+
+
+def test_static_int8_cnn_structure_and_kernels(cnn_int8, digits_data):
+    convs = [m for m in cnn_int8.modules() if isinstance(m, Int8Conv2d)]
+    assert len(convs) == 3 and isinstance(cnn_int8.head, Int8Linear)
+    assert not any(isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) for m in cnn_int8.modules())
+    with torch.no_grad():
+        cnn_int8(digits_data.x_test[:16])
+    ran = _kernels(cnn_int8)
+    for name in ("features.0", "features.3", "features.7"):
+        assert ran[name] == {"onednn": 1}, ran  # the oneDNN int8 conv ran, not the reference
+    # conv -> (BN folded) -> ReLU -> conv: the first conv hands uint8 codes to the second
+    assert cnn_int8.features[0].output_kind == "uint8"
+    report = quanta.coverage(cnn_int8)
+    assert report.counts["integer"] == 4
+    assert "kernels: onednn" in str(report)
+
+
+def test_static_int8_cnn_accuracy(cnn_int8, trained_cnn, digits_data):
+    base = accuracy(trained_cnn, digits_data.x_test, digits_data.y_test)
+    acc = accuracy(cnn_int8, digits_data.x_test, digits_data.y_test)
+    assert acc >= base - 1.0, (base, acc)
+
+
+def test_integer_cnn_matches_simulation(trained_cnn, digits_data):
+    cfg = quanta.preset("static_int8")
+    sim = quanta.calibrate(quanta.prepare(trained_cnn, cfg), digits_data.calib_batches(8), progress=False)
+    integer = quanta.convert(sim)
+    x = digits_data.x_test[:128]
+    with torch.no_grad():
+        ys, yi = sim(x), integer(x)
+    # The head's input grid: one code of difference there moves a logit by at most
+    # step * max_row |W|; the integer path may flip a code only at rounding ties.
+    head_in = sim.head.input_quantizer.qparams()[0]
+    bound = float(head_in) * float(sim.head.weight.detach().abs().sum(1).max())
+    assert (yi - ys).abs().max() <= bound
+    assert (yi.argmax(1) == ys.argmax(1)).float().mean() >= 0.99
+
+
+def test_reference_backend_equals_fast_within_ties(trained_cnn, digits_data):
+    sim = quanta.calibrate(quanta.prepare(trained_cnn, quanta.preset("static_int8")),
+                           digits_data.calib_batches(4), progress=False)
+    fast, ref = quanta.convert(sim), quanta.convert(sim, backend="reference")
+    x = digits_data.x_test[:64]
+    with torch.no_grad():
+        yf, yr = fast(x), ref(x)
+    assert set(k for v in _kernels(ref).values() for k in v) == {"reference"}
+    assert torch.allclose(yf, yr, atol=float(sim.head.input_quantizer.qparams()[0]) * 5)
+
+
+def test_dynamic_int8_lstm_and_transformer(trained_lstm, sequence_data, trained_transformer, token_data):
+    q_lstm = quanta.quantize(trained_lstm, "dynamic_int8")
+    assert isinstance(q_lstm.lstm, DynamicInt8LSTM) and isinstance(q_lstm.head, Int8Linear)
+    base = accuracy(trained_lstm, sequence_data.x_test, sequence_data.y_test)
+    assert accuracy(q_lstm, sequence_data.x_test, sequence_data.y_test) >= base - 1.0
+    q_tf = quanta.quantize(trained_transformer, "dynamic_int8")
+    enc = q_tf.encoder
+    assert isinstance(enc.linear1, Int8Linear) and isinstance(enc.linear2, Int8Linear)
+    assert type(enc.self_attn) is nn.MultiheadAttention  # attention stays float in this preset
+    base = accuracy(trained_transformer, token_data.x_test, token_data.y_test)
+    with torch.no_grad():  # eval + no_grad is where torch's fused path would have been taken
+        assert accuracy(q_tf, token_data.x_test, token_data.y_test) >= base - 1.0
+    assert enc.linear1.kernel_counts.total() > 0
+
+
+@pytest.mark.parametrize("preset,cls,max_ratio", [
+    ("weight_only_int8", Int8WeightOnlyLinear, 0.27), ("weight_only_int4", Int4WeightOnlyLinear, 0.15)])
+def test_weight_only_sizes_and_accuracy(preset, cls, max_ratio):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 1024), nn.GELU(), nn.Linear(1024, 512)).eval()
+    q = quanta.quantize(model, preset, group_size=128 if preset.endswith("int4") else None)
+    assert all(isinstance(q[i], cls) for i in (0, 2))
+    assert quanta.storage_bytes(q) <= max_ratio * quanta.storage_bytes(model)
+    x = torch.randn(4, 512)
+    with torch.no_grad():
+        y, yq = model(x), q(x)
+    sqnr = 10 * torch.log10(y.pow(2).sum() / (y - yq).pow(2).sum())
+    assert sqnr > (30 if preset.endswith("int8") else 15)
+
+
+def test_float_model_untouched_by_quantize(trained_cnn, digits_data):
+    before = copy.deepcopy(trained_cnn.state_dict())
+    quanta.quantize(trained_cnn, "static_int8", digits_data.calib_batches(2), progress=False)
+    after = trained_cnn.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert isinstance(trained_cnn.features[0], nn.Conv2d)
+
+
+def test_convert_uncalibrated_names_the_quantizer(trained_cnn):
+    sim = quanta.prepare(trained_cnn, quanta.preset("static_int8"))
+    with pytest.raises(ValueError, match=r"features\.0\.input_quantizer.*calibrate"):
+        quanta.convert(sim)
+
+
+def test_static_preset_without_data_raises(trained_cnn):
+    with pytest.raises(ValueError, match="calib_data"):
+        quanta.quantize(trained_cnn, "static_int8")
+
+
+def test_bad_presets_and_backends(trained_cnn, digits_data):
+    with pytest.raises(ValueError, match="unknown preset"):
+        quanta.quantize(trained_cnn, "int3_magic")
+    with pytest.raises(ValueError, match="group_size"):
+        quanta.quantize(trained_cnn, "weight_only_int4", group_size=48)
+    sim = quanta.calibrate(quanta.prepare(trained_cnn, quanta.preset("static_int8")),
+                           digits_data.calib_batches(1), progress=False)
+    with pytest.raises(ValueError, match="backend"):
+        quanta.convert(sim, backend="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA"):
+            quanta.convert(sim, backend="cuda")
+    with pytest.raises(ValueError, match="no quantized modules"):
+        quanta.convert(trained_cnn)
+
+
+def test_integer_module_rejects_wrong_inputs(cnn_int8):
+    with pytest.raises(TypeError):
+        cnn_int8.head(torch.ones(2, 32, dtype=torch.int64))
