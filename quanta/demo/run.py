@@ -1,95 +1,110 @@
-"""`quanta demo`: train small real models offline, quantize them several ways, print a table."""
+"""`quanta demo`: train small real models offline, quantize them with each preset, and print
+one table of accuracy, size, latency and speedup measured on this machine."""
 
 from __future__ import annotations
 
+import statistics
 import sys
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from ..nn import LayerQuantConfig, QuantDescriptor
-from ..transforms import QuantConfig, calibrate, coverage, prepare
-from .data import digits, sine_sequences
-from .models import DigitsCNN, SequenceLSTM
+from ..integer import storage_bytes
+from ..transforms import quantize
+from .data import digits, majority_tokens, sine_sequences
+from .models import DigitsCNN, SequenceLSTM, TinyTransformer
 from .train import accuracy, train_classifier
 
 
 @dataclass(frozen=True)
 class DemoRow:
     model: str
-    scheme: str
+    preset: str
     accuracy: float
     delta: float
-    weight_bits: int
-    seconds: float
+    size_bytes: int
+    size_ratio: float
+    latency_ms: float
+    speedup: float
 
 
-def schemes() -> dict[str, QuantConfig | None]:
-    """The quantization schemes the demo compares (None = the float model)."""
-    w8 = QuantDescriptor(per_channel=True, narrow_range=True)
+#: (model name, presets) the demo runs; "fp32" is the float baseline
+PLAN: dict[str, tuple[str, ...]] = {
+    "DigitsCNN": ("fp32", "static_int8"),
+    "SequenceLSTM": ("fp32", "dynamic_int8"),
+    "TinyTransformer": ("fp32", "dynamic_int8", "weight_only_int8", "weight_only_int4", "w4a8", "fp16", "bf16"),
+}
+
+
+def _latency_ms(model: nn.Module, x: torch.Tensor, repeats: int) -> float:
+    with torch.inference_mode():
+        model(x)
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - t)
+    return 1000 * statistics.median(times)
+
+
+def _tasks(quick: bool) -> dict[str, tuple[nn.Module, list[torch.Tensor], torch.Tensor, torch.Tensor]]:
+    torch.manual_seed(0)
+    xtr, ytr, xte, yte = digits()
+    cnn = train_classifier(DigitsCNN(), xtr, ytr, epochs=4 if quick else 8)
+    xs, ys = sine_sequences(n=2000)
+    lstm = train_classifier(SequenceLSTM(), xs[:1500], ys[:1500], epochs=6)
+    xt, yt = majority_tokens(n=2000)
+    torch.manual_seed(0)
+    tf = train_classifier(TinyTransformer(), xt[:1500], yt[:1500], epochs=4 if quick else 8)
     return {
-        "fp32": None,
-        "int8 static (w per-channel, a per-tensor)": QuantConfig(fold_bn=True),
-        "int8 w / int8 a, percentile calib": QuantConfig(
-            fold_bn=True, default=LayerQuantConfig(input=QuantDescriptor(calib_method="percentile"), weight=w8)),
-        "int4 w per-channel / int8 a": QuantConfig(
-            fold_bn=True, default=LayerQuantConfig(weight=QuantDescriptor(num_bits=4, per_channel=True))),
-        "int8 w / dynamic per-tensor a": QuantConfig(
-            fold_bn=True, default=LayerQuantConfig(input=QuantDescriptor(dynamic=True), weight=w8)),
-        "int4 w+a per-tensor (too coarse)": QuantConfig(
-            fold_bn=True, default=LayerQuantConfig(input=QuantDescriptor(num_bits=4), weight=QuantDescriptor(num_bits=4))),
+        "DigitsCNN": (cnn, list(xtr[:512].split(64)), xte, yte),
+        "SequenceLSTM": (lstm, list(xs[:256].split(64)), xs[1500:], ys[1500:]),
+        "TinyTransformer": (tf, list(xt[:256].split(64)), xt[1500:], yt[1500:]),
     }
 
 
-def _weight_bits(cfg: QuantConfig | None) -> int:
-    if cfg is None or cfg.default.weight is None:
-        return 32
-    return cfg.default.weight.num_bits
-
-
-def _evaluate(name: str, model: nn.Module, calib: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-              log: Callable[[str], None], progress: bool) -> list[DemoRow]:
-    rows: list[DemoRow] = []
-    base = accuracy(model, x, y)
-    for scheme, cfg in schemes().items():
-        start = time.perf_counter()
-        if cfg is None:
-            acc = base
-        else:
-            sim = prepare(model, cfg)
-            with warnings.catch_warnings():  # the dynamic scheme has nothing to calibrate
-                warnings.simplefilter("ignore")
-                calibrate(sim, calib, progress=progress)
-            acc = accuracy(sim, x, y)
-        rows.append(DemoRow(name, scheme, acc, acc - base, _weight_bits(cfg), time.perf_counter() - start))
-        log(f"  {name:<12} {scheme:<44} {acc:6.2f}%  ({acc - base:+.2f})")
-    return rows
-
-
 def run_demo(quick: bool = False, log: Callable[[str], None] = print, progress: bool | None = None) -> list[DemoRow]:
-    """Train a CNN on scikit-learn's digits and an LSTM on a generated task, then compare
-    quantization schemes in simulation. ``quick`` trains shorter (for CI)."""
+    """Train a CNN on scikit-learn's digits, an LSTM on generated sine sequences and a small
+    transformer on a generated token task, then quantize each with the presets in `PLAN`."""
     progress = sys.stderr.isatty() if progress is None else progress
-    torch.manual_seed(0)
-    xtr, ytr, xte, yte = digits()
-    log(f"training DigitsCNN on scikit-learn digits ({len(ytr)} train / {len(yte)} test images)")
-    cnn = train_classifier(DigitsCNN(), xtr, ytr, epochs=3 if quick else 8)
-    rows = _evaluate("DigitsCNN", cnn, list(xtr[:512].split(64)), xte, yte, log, progress)
-    log("\ncoverage of the int8 static CNN:")
-    log(str(coverage(prepare(cnn, QuantConfig(fold_bn=True)))))
-    xs, ys = sine_sequences(n=2000)
-    split = int(0.75 * len(ys))
-    log(f"\ntraining SequenceLSTM on generated sine sequences ({split} train)")
-    lstm = train_classifier(SequenceLSTM(), xs[:split], ys[:split], epochs=6)
-    rows += _evaluate("SequenceLSTM", lstm, list(xs[:256].split(64)), xs[split:], ys[split:], log, progress)
+    threads = torch.get_num_threads()
+    log(f"training 3 small models offline (torch threads: {threads})")
+    tasks = _tasks(quick)
+    repeats = 5 if quick else 20
+    rows: list[DemoRow] = []
+    steps = sum(len(p) for p in PLAN.values())
+    with tqdm(total=steps, desc="quantizing", unit="preset", disable=not progress, leave=False) as bar:
+        for name, presets in PLAN.items():
+            model, calib, x, y = tasks[name]
+            base_acc, base_size = accuracy(model, x, y), storage_bytes(model)
+            base_ms = _latency_ms(model, x, repeats)
+            for preset in presets:
+                q = model if preset == "fp32" else _quantize(model, preset, calib)
+                acc = base_acc if preset == "fp32" else accuracy(q, x, y)
+                ms = base_ms if preset == "fp32" else _latency_ms(q, x, repeats)
+                size = storage_bytes(q)
+                rows.append(DemoRow(name, preset, acc, acc - base_acc, size, size / base_size, ms, base_ms / ms))
+                bar.update(1)
+                log(f"  {name:<16} {preset:<17} acc {acc:6.2f}% ({acc - base_acc:+.2f})  "
+                    f"size {size / 1024:7.1f} KiB ({size / base_size:.2f}x)  {ms:7.2f} ms ({base_ms / ms:.2f}x)")
     return rows
+
+
+def _quantize(model: nn.Module, preset: str, calib: list[torch.Tensor]) -> Any:
+    options = {"group_size": 32} if preset == "weight_only_int4" else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return quantize(model, preset, calib, progress=False, **options)
 
 
 def format_table(rows: list[DemoRow]) -> str:
-    lines = ["| model | scheme | weight bits | accuracy % | Δ vs fp32 |", "|---|---|---|---|---|"]
-    lines += [f"| {r.model} | {r.scheme} | {r.weight_bits} | {r.accuracy:.2f} | {r.delta:+.2f} |" for r in rows]
+    lines = ["| model | preset | accuracy % | Δ vs fp32 | size KiB | size vs fp32 | latency ms | speedup |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r.model} | {r.preset} | {r.accuracy:.2f} | {r.delta:+.2f} | {r.size_bytes / 1024:.1f} | "
+              f"{r.size_ratio:.2f}x | {r.latency_ms:.2f} | {r.speedup:.2f}x |" for r in rows]
     return "\n".join(lines)

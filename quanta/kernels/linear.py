@@ -31,7 +31,6 @@ torch 2.13 CPU quirks found while probing (each is a guard below, with a test):
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -39,7 +38,7 @@ import torch.nn.functional as F
 
 from ..core import QuantSpec, dequantize, quantize, quantize_tensor, unpack_bits
 from ..core.qparams import check_finite
-from .library import LIB, Impl, KernelOp
+from .library import Impl, KernelOp
 
 _TINY = torch.finfo(torch.float32).tiny
 #: largest K for which every int32 partial sum of int8 (or uint8 - zp) x int8 products is exact
@@ -287,10 +286,6 @@ int8_linear = KernelOp(
     ],
     fake=_int8_linear_fake,
 )
-# onednn's prepacked weight is an MkldnnCPU tensor, which makes the dispatcher look for that key.
-with warnings.catch_warnings():  # torch warns that this overrides its default for the key
-    warnings.simplefilter("ignore", UserWarning)
-    LIB.impl("int8_linear", int8_linear._dispatch, "MkldnnCPU")
 
 
 # ===================================================================== weight-only int8

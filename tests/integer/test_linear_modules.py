@@ -78,7 +78,7 @@ def test_lowered_matches_simulation(mlp, name):
     layer = sim[0]
     assert cls.accepts(layer) is None
     mod = cls.from_simulated(layer)
-    x = torch.randn(3, 5, K)
+    x = torch.randn(2, 3, K)  # 6 rows: torch's float32 weight-only kernels are fast only for M <= 8
     with torch.no_grad():
         y_sim = layer(x)
         y = mod(x)
@@ -87,7 +87,7 @@ def test_lowered_matches_simulation(mlp, name):
     if cls is Int4WeightOnlyLinear:
         assert float(d.max()) <= 1e-4 * float(y_sim.abs().max())
     else:
-        assert bool((d <= _bound(layer, x.reshape(-1, K), y_sim.reshape(-1, N)).reshape(d.shape)).all())
+        assert bool((d <= _bound(layer, x.reshape(-1, K), y_sim.reshape(-1, layer.out_features)).reshape(d.shape)).all())
     assert set(mod.kernel_counts) == {FAST[cls]}, mod.kernel_counts
     assert "kernel=" in repr(mod)
     # a fresh module built from the constructor + load_state_dict reproduces the outputs exactly
@@ -137,7 +137,7 @@ def test_bad_inputs_raise():
         mod(torch.zeros(2, 16, dtype=torch.int64))
     with pytest.raises(ValueError, match=r"\[\.\.\., 16\]"):
         mod(torch.zeros(2, 15))
-    with pytest.raises(ValueError, match="device"):
+    with pytest.raises(ValueError, match="weights on cpu"):
         mod(torch.zeros(2, 16, device="meta"))
     with pytest.raises(TypeError, match="tensor"):
         mod([1.0] * 16)

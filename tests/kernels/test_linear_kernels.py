@@ -1,0 +1,238 @@
+"""Tier 1: every fast linear kernel equals its reference on fresh random integer inputs."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from quanta.core import QuantSpec, pack_bits, quantize_tensor
+from quanta.kernels import linear as L
+
+SHAPES = [(1, 7, 33), (7, 33, 1), (33, 64, 7), (64, 2, 64), (1, 768, 48), (5, 130, 16)]
+
+
+def _ids(v):
+    return "x".join(map(str, v)) if isinstance(v, tuple) else str(v)
+
+
+def _x_codes(M, K, dtype, g, transposed=False):
+    lo, hi = (-128, 128) if dtype == torch.int8 else (0, 256)
+    if transposed:  # non-contiguous (column-major) codes
+        return torch.randint(lo, hi, (K, M), dtype=dtype, generator=g).t()
+    return torch.randint(lo, hi, (M, K), dtype=dtype, generator=g)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+@pytest.mark.parametrize("xdtype", [torch.int8, torch.uint8], ids=["s8", "u8"])
+@pytest.mark.parametrize("per_token", [False, True], ids=["tensor", "token"])
+@pytest.mark.parametrize("noncontig", [False, True], ids=["contig", "transposed"])
+def test_int8_linear_int_mm_equals_reference_bitwise(shape, xdtype, per_token, noncontig):
+    g = torch.Generator().manual_seed(hash((shape, str(xdtype), per_token, noncontig)) % 2**31)
+    M, K, N = shape
+    x = _x_codes(M, K, xdtype, g, noncontig)
+    w = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=g)  # incl. -128 (wide range)
+    n = M if per_token else 1
+    xs = torch.rand(n, generator=g) * 0.1 + 1e-3
+    lo, hi = (-20, 20) if xdtype == torch.int8 else (0, 256)
+    zp = torch.randint(lo, hi, (n,), dtype=torch.int32, generator=g)
+    if not per_token:
+        xs, zp = xs.reshape(()), zp.reshape(())
+    ws = torch.rand(N, generator=g) * 0.01 + 1e-4
+    b = torch.randn(N, generator=g)
+    args = (x, xs, zp, w, ws, b, None, None)
+    ref = L.int8_linear(*args, impl="reference")
+    fast = L.int8_linear(*args, impl="int_mm")
+    assert L.int8_linear.choose(*args) == ("int_mm" if K >= 2 else "reference")
+    torch.testing.assert_close(fast, ref, atol=0, rtol=0)  # same int32 sums, same rescale ops
+    # the integer sums themselves (scales 1, no bias) are exact even past 2^24 in the reference
+    acc_ref = (x.long() - zp.reshape(-1, 1).long()) @ w.long().t()
+    acc = L._int_mm_acc(x, zp, w, None)
+    assert torch.equal(acc.long(), acc_ref)
+
+
+def test_int_mm_sums_exact_at_the_extremes():
+    K = 4096
+    x = torch.full((3, K), -128, dtype=torch.int8)
+    w = torch.full((5, K), -128, dtype=torch.int8)
+    assert torch.equal(L._int_mm_acc(x, torch.zeros((), dtype=torch.int32), w, None).long(),
+                       torch.full((3, 5), K * 128 * 128, dtype=torch.long))
+    xu = torch.full((2, K), 255, dtype=torch.uint8)
+    acc = L._int_mm_acc(xu, torch.zeros((), dtype=torch.int32), torch.full((4, K), 127, dtype=torch.int8), None)
+    assert torch.equal(acc.long(), torch.full((2, 4), K * 255 * 127, dtype=torch.long))
+
+
+@pytest.mark.parametrize("shape", [(1, 7, 33), (7, 33, 5), (33, 64, 64), (64, 768, 7), (3, 1, 4)], ids=_ids)
+@pytest.mark.parametrize("xdtype", [torch.int8, torch.uint8], ids=["s8", "u8"])
+def test_int8_linear_onednn_matches_reference(shape, xdtype):
+    g = torch.Generator().manual_seed(7)
+    M, K, N = shape
+    x = _x_codes(M, K, xdtype, g)
+    w = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g)
+    xs = torch.tensor(0.037)
+    zp = torch.tensor(0 if xdtype == torch.int8 else 131, dtype=torch.int32)
+    ws = torch.rand(N, generator=g) * 0.01 + 1e-4
+    b = torch.randn(N, generator=g)
+    packed = L.onednn_prepack(w)
+    args = (x, xs, zp, w, ws, b, None, packed)
+    ref = L.int8_linear(*args, impl="reference")
+    out = L.int8_linear(*args, impl="onednn")
+    # integer sums exact: with unit scales and no bias the float output is the sum itself
+    ones = L.int8_linear(x, torch.tensor(1.0), zp, w, torch.ones(N), None, None, packed, impl="onednn")
+    assert torch.equal(ones.double(), ((x.long() - zp.long()) @ w.long().t()).double())
+    ulp = torch.finfo(torch.float32).eps
+    bound = L.ONEDNN_ULP_BOUND * ulp * (ref.abs() + b.abs())
+    assert bool(((out - ref).abs() <= bound).all())
+    if K >= 2:
+        assert L.int8_linear.choose(*args) == "int_mm"
+    else:
+        assert L.int8_linear.choose(*args) == "onednn"
+
+
+def test_int8_linear_guards_raise_and_fall_back():
+    x = torch.randint(-128, 128, (3, 1), dtype=torch.int8)
+    w = torch.randint(-127, 128, (4, 1), dtype=torch.int8)
+    args = (x, torch.tensor(0.1), torch.tensor(0, dtype=torch.int32), w, torch.ones(4), None, None, None)
+    assert L.int8_linear.choose(*args) == "reference"  # K == 1: torch's CPU _int_mm is wrong there
+    with pytest.raises(ValueError, match="K=1"):
+        L.int8_linear(*args, impl="int_mm")
+    with pytest.raises(ValueError, match="prepacked"):
+        L.int8_linear(*args, impl="onednn")
+    with pytest.raises(ValueError, match="unknown implementation"):
+        L.int8_linear(*args, impl="nope")
+    with pytest.raises(TypeError, match="int8/uint8"):
+        L.int8_linear(x.float(), *args[1:], impl="reference")
+
+
+@pytest.mark.parametrize("spec", [
+    QuantSpec(granularity="per_token"),
+    QuantSpec(granularity="per_token", symmetric=False),
+    QuantSpec(granularity="per_token", symmetric=False, signed=False),
+    QuantSpec(dynamic=True),
+    QuantSpec(dynamic=True, symmetric=False, signed=False),
+    QuantSpec(granularity="per_token", bits=4, narrow_range=True),
+], ids=str)
+def test_fused_activation_quantization_equals_core(spec):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(257, 1024, generator=g) * torch.rand(257, 1, generator=g) * 4
+    # exact ties: values that land on k + 0.5 in scale units
+    x[0, :16] = torch.arange(16) - 7.5
+    x[0, 16] = 127.0
+    ref = quantize_tensor(x, spec)
+    codes, s, z = L.quantize_activation_spec(x, spec, impl="fused")
+    assert L.quantize_activation_spec.__module__ == L.__name__
+    assert torch.equal(codes, ref.q) and codes.dtype == ref.q.dtype
+    assert torch.equal(s, ref.scale) and torch.equal(z, ref.zero_point)
+    static = L.quantize_activation_spec(x, spec.replace(dynamic=False) if spec.granularity.value == "per_tensor"
+                                        else spec, ref.scale if spec.granularity.value == "per_tensor" else None,
+                                        ref.zero_point if spec.granularity.value == "per_tensor" else None)
+    assert torch.equal(static[0], ref.q)
+
+
+def test_fused_activation_quantization_raises_on_nan():
+    x = torch.randn(4, 8)
+    x[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        L.quantize_activation_spec(x, QuantSpec(granularity="per_token"), impl="fused")
+
+
+@pytest.mark.parametrize("shape", [(1, 7, 33), (7, 64, 5), (8, 33, 64), (5, 256, 48)], ids=_ids)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_int8_weight_only_matches_reference(shape, dtype):
+    g = torch.Generator().manual_seed(11)
+    M, K, N = shape
+    x = torch.randn(K, M, generator=g).t().to(dtype)  # non-contiguous
+    w = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=g)
+    s = torch.rand(N, generator=g) * 0.02 + 1e-3
+    b = torch.randn(N, generator=g)
+    args = (x, w, s, b)
+    bad_bf16 = dtype == torch.bfloat16 and K % 16  # torch's bf16 kernel crashes there
+    assert L.int8_weight_only_linear.choose(*args) == ("reference" if bad_bf16 else "int8pack_mm")
+    if bad_bf16:
+        return
+    ref = L.int8_weight_only_linear(*args, impl="reference")
+    out = L.int8_weight_only_linear(*args, impl="int8pack_mm")
+    assert out.dtype == dtype
+    # float accumulation in another order: bounded by K ulps of the sum of |terms| (+ bf16 rounding)
+    eps = torch.finfo(dtype).eps
+    mag = x.float().abs() @ (w.float().abs() * s[:, None]).t() + b.abs()
+    assert bool(((out.float() - ref.float()).abs() <= 4 * eps * mag + K * 2**-23 * mag).all())
+
+
+def test_weight_only_fp32_guard_many_rows():
+    x = torch.randn(64, 32)
+    args = (x, torch.zeros(16, 32, dtype=torch.int8), torch.ones(16), None)
+    assert L.int8_weight_only_linear.choose(*args) == "reference"
+    assert L.int8_weight_only_linear.choose(x.bfloat16(), *args[1:]) == "int8pack_mm"
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("kind", ["sym", "asym_signed", "asym_unsigned"])
+@pytest.mark.parametrize("M", [1, 7])
+def test_int4_weight_only_matches_reference(group_size, kind, M):
+    g = torch.Generator().manual_seed(group_size + M)
+    K, N = 256, 48
+    symmetric, signed = kind == "sym", kind != "asym_unsigned"
+    spec = L.int4_spec(group_size, symmetric, signed)
+    w = torch.randn(N, K, generator=g)
+    q = quantize_tensor(w, spec)
+    wp = pack_bits(q.q, 4, signed)
+    zp = None if symmetric else q.zero_point.to(torch.int8)
+    packed, sz = L.int4pack_for_cpu(wp, q.scale, zp, group_size, signed, K)
+    x = torch.randn(M, K, generator=g)
+    b = torch.randn(N, generator=g)
+    args = (x, wp, q.scale, zp, group_size, signed, b, packed, sz)
+    assert L.int4_weight_only_linear.choose(*args) == "int4pack_mm"
+    ref = L.int4_weight_only_linear(*args, impl="reference")
+    out = L.int4_weight_only_linear(*args, impl="int4pack_mm")
+    mag = x.abs() @ q.dequantize().abs().t() + b.abs()
+    assert bool(((out - ref).abs() <= 4 * K * 2**-23 * mag).all())
+    # the reference is quanta.core's dequantize + matmul
+    torch.testing.assert_close(ref, torch.nn.functional.linear(x, q.dequantize(), b), atol=0, rtol=0)
+
+
+def test_int4_guards():
+    K, N = 64, 8  # N % 16 != 0
+    wp = torch.zeros(N, K // 2, dtype=torch.uint8)
+    args = (torch.randn(1, K), wp, torch.ones(N, 2), None, 32, True, None, None, None)
+    assert L.int4_weight_only_linear.choose(*args) == "reference"
+    with pytest.raises(ValueError, match="prepacked"):
+        L.int4_weight_only_linear(*args, impl="int4pack_mm")
+
+
+def test_fp8_reference_and_cpu_choice():
+    x = torch.randn(4, 32).to(torch.float8_e4m3fn)
+    w = torch.randn(16, 32).to(torch.float8_e4m3fn)
+    xs, ws = torch.tensor(0.5), torch.tensor(0.25)
+    y = L.fp8_linear(x, xs, w, ws, None)
+    torch.testing.assert_close(y, (x.float() * 0.5) @ (w.float() * 0.25).t(), atol=0, rtol=0)
+    assert L.fp8_linear.choose(x, xs, w, ws, None) == "reference"
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+def test_cuda_int_mm_matches_reference():
+    g = torch.Generator().manual_seed(0)
+    M, K, N = 64, 256, 128
+    x = torch.randint(0, 256, (M, K), dtype=torch.uint8, generator=g).cuda()
+    w = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g).cuda()
+    xs, zp = torch.rand(M).cuda() + 0.01, torch.randint(0, 256, (M,), dtype=torch.int32).cuda()
+    ws, b = torch.rand(N).cuda() * 0.01, torch.randn(N).cuda()
+    args = (x, xs, zp, w, ws, b, None, None)
+    assert L.int8_linear.choose(*args) == "cuda_int_mm"
+    torch.testing.assert_close(L.int8_linear(*args), L.int8_linear(*args, impl="reference"), atol=0, rtol=0)
+
+
+@cuda
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9),
+                    reason="fp8 needs capability >= 8.9")
+def test_cuda_fp8_scaled_mm_close_to_reference():
+    x = torch.randn(32, 64, device="cuda").to(torch.float8_e4m3fn)
+    w = torch.randn(32, 64, device="cuda").to(torch.float8_e4m3fn)
+    xs, ws = torch.tensor(0.5, device="cuda"), torch.tensor(0.25, device="cuda")
+    assert L.fp8_linear.choose(x, xs, w, ws, None) == "scaled_mm"
+    torch.testing.assert_close(L.fp8_linear(x, xs, w, ws, None),
+                               L.fp8_linear(x, xs, w, ws, None, impl="reference"), rtol=1e-5, atol=1e-5)
