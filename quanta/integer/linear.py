@@ -47,12 +47,32 @@ def _common_reason(sim: Any) -> str | None:
     for kind, q in sim.quantizers():
         if q.is_enabled and q.mode != "quantize":
             return f"{kind} quantizer is in mode {q.mode!r} (finish calibration first)"
-        if q.is_enabled and not q.spec.dynamic and not q.track_tensor and q.amax is None:
+        if q.needs_calibration:
             return f"{kind} quantizer has no range: calibrate the model first"
     oq = sim.output_quantizer
     if _active(oq) and oq.spec.granularity not in (Granularity.PER_TENSOR, Granularity.PER_TOKEN):
         return f"output quantizer granularity {oq.spec.granularity.value!r} (per_tensor / per_token only)"
     return None
+
+
+def _check_activation(activation: str) -> str:
+    if activation not in ("float32", "bfloat16"):
+        raise ValueError(f"activation must be 'float32' or 'bfloat16', got {activation!r}")
+    return activation
+
+
+def _weight_only_activation(sim: Any) -> tuple[str | None, str | None]:
+    """``(activation dtype name, None)`` for a weight-only lowering, or ``(None, reason)``.
+
+    Weight-only layers take float activations; a simulated input quantizer that is a plain
+    bfloat16 cast means the kernel runs on bfloat16 activations (torch's CPU weight-only kernels
+    are fast only there), which is then exactly what the simulation specifies."""
+    q = sim.input_quantizer
+    if not _active(q):
+        return "float32", None
+    if q.spec.format is Format.BF16:
+        return "bfloat16", None
+    return None, f"input quantizer {q.spec} (weight-only layers take float32 or bfloat16 activations)"
 
 
 def _int_weight_reason(spec: QuantSpec, max_bits: int = 8) -> str | None:
@@ -255,9 +275,10 @@ class Int8WeightOnlyLinear(_LinearBase):
     """Float activations x int8 weights (one scale per output channel)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
-                 output_spec: QuantSpec | None = None) -> None:
+                 output_spec: QuantSpec | None = None, activation: str = "float32") -> None:
         super().__init__()
         self._init_linear(in_features, out_features, bias)
+        self.activation = _check_activation(activation)
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_features))
         self._init_output(output_spec, out_features)
@@ -267,8 +288,9 @@ class Int8WeightOnlyLinear(_LinearBase):
         reason = _common_reason(sim)
         if reason:
             return reason
-        if _active(sim.input_quantizer):
-            return "input quantizer enabled: use Int8Linear"
+        act, why = _weight_only_activation(sim)
+        if act is None:
+            return f"{why}: use Int8Linear"
         if not _active(sim.weight_quantizer):
             return "weight quantizer disabled (keep the layer in float)"
         spec = sim.weight_quantizer.spec
@@ -281,7 +303,8 @@ class Int8WeightOnlyLinear(_LinearBase):
         reason = cls.accepts(sim)
         if reason:
             raise ValueError(f"Int8WeightOnlyLinear cannot lower this {type(sim).__name__}: {reason}")
-        mod = cls(sim.in_features, sim.out_features, sim.bias is not None, output_spec=_output_spec_of(sim))
+        mod = cls(sim.in_features, sim.out_features, sim.bias is not None, output_spec=_output_spec_of(sim),
+                  activation=_weight_only_activation(sim)[0] or "float32")
         codes, scale = _per_channel_weight(sim)
         mod.weight.copy_(codes)
         mod.weight_scale.copy_(scale)
@@ -292,12 +315,14 @@ class Int8WeightOnlyLinear(_LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = self._check(x)
+        if self.activation == "bfloat16":
+            x2 = x2.to(torch.bfloat16)
         y = self._run(int8_weight_only_linear, x2, self.weight, self.weight_scale, self.bias)
         return self._finish(y, x)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"weight=int8 per_channel, act=float, kernel=int8_weight_only_linear[{self.impl}]"
+                f"weight=int8 per_channel, act={self.activation}, kernel=int8_weight_only_linear[{self.impl}]"
                 f"{self._output_repr()}")
 
 
@@ -306,9 +331,11 @@ class Int4WeightOnlyLinear(_LinearBase):
     """Float activations x int4 weights, one scale (and zero point) per ``group_size`` inputs."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, group_size: int = 128,
-                 symmetric: bool = True, signed: bool = True, output_spec: QuantSpec | None = None) -> None:
+                 symmetric: bool = True, signed: bool = True, output_spec: QuantSpec | None = None,
+                 activation: str = "float32") -> None:
         super().__init__()
         self._init_linear(in_features, out_features, bias)
+        self.activation = _check_activation(activation)
         if group_size < 1 or in_features % group_size:
             raise ValueError(f"Int4WeightOnlyLinear: group_size {group_size} must divide in_features {in_features}")
         self.group_size, self.symmetric, self.signed = int(group_size), bool(symmetric), bool(signed)
@@ -327,8 +354,9 @@ class Int4WeightOnlyLinear(_LinearBase):
         reason = _common_reason(sim)
         if reason:
             return reason
-        if _active(sim.input_quantizer):
-            return "input quantizer enabled (Int4WeightOnlyLinear takes float activations)"
+        act, why = _weight_only_activation(sim)
+        if act is None:
+            return why
         if not _active(sim.weight_quantizer):
             return "weight quantizer disabled (keep the layer in float)"
         spec = sim.weight_quantizer.spec
@@ -346,7 +374,8 @@ class Int4WeightOnlyLinear(_LinearBase):
         wq = sim.weight_quantizer
         spec = wq.spec
         mod = cls(sim.in_features, sim.out_features, sim.bias is not None, group_size=spec.group_size,
-                  symmetric=spec.symmetric, signed=spec.signed, output_spec=_output_spec_of(sim))
+                  symmetric=spec.symmetric, signed=spec.signed, output_spec=_output_spec_of(sim),
+                  activation=_weight_only_activation(sim)[0] or "float32")
         w = sim.weight.detach()
         scale, zp = wq.qparams(w)
         codes = quantize(w, scale, zp, spec)
@@ -376,6 +405,8 @@ class Int4WeightOnlyLinear(_LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = self._check(x, (torch.float32, torch.bfloat16))
+        if self.activation == "bfloat16":
+            x2 = x2.to(torch.bfloat16)
         y = self._run(int4_weight_only_linear, x2, self.weight, self.weight_scale, self.weight_zero_point,
                       self.group_size, self.signed, self.bias, self._packed, self._scales_zeros)
         return self._finish(y, x)
@@ -383,7 +414,7 @@ class Int4WeightOnlyLinear(_LinearBase):
     def extra_repr(self) -> str:
         sym = "sym" if self.symmetric else "asym"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"weight=int4 {sym} per_group(g={self.group_size}), act=float, "
+                f"weight=int4 {sym} per_group(g={self.group_size}), act={self.activation}, "
                 f"kernel=int4_weight_only_linear[{self.impl}]{self._output_repr()}")
 
 

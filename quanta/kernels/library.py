@@ -42,7 +42,7 @@ class KernelOp:
     schema: str  # without the name, e.g. "(Tensor x, ..., str impl) -> Tensor"
     reference: Callable[..., torch.Tensor]
     impls: list[Impl] = field(default_factory=list)
-    fake: Callable[..., torch.Tensor] | None = None
+    fake: Callable[..., Any] | None = None  # output shapes/dtypes from the inputs (no ``impl``)
     _logged: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
@@ -51,7 +51,8 @@ class KernelOp:
         for device in ("CPU", "CUDA", "MkldnnCPU"):
             LIB.impl(self.name, self._dispatch, device)
         if self.fake is not None:
-            torch.library.register_fake(f"quanta::{self.name}", self.fake, lib=LIB)
+            fake = self.fake  # shapes only: it takes the op's inputs without ``impl``
+            torch.library.register_fake(f"quanta::{self.name}", lambda *args: fake(*args[:-1]), lib=LIB)
 
     @property
     def op(self) -> Any:

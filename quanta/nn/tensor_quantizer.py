@@ -99,7 +99,8 @@ class TensorQuantizer(nn.Module):
     @property
     def needs_calibration(self) -> bool:
         """Static, enabled, and without a range yet."""
-        return not self._disabled and not self.spec.dynamic and not self.track_tensor and self.amax is None
+        return (not self._disabled and self.spec.has_scale and not self.spec.dynamic and not self.track_tensor
+                and self.amax is None)
 
     @property
     def calibrator(self) -> Any:
@@ -183,6 +184,8 @@ class TensorQuantizer(nn.Module):
     # ------------------------------------------------------------------ forward
     def qparams(self, x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale and zero point for ``x`` (needed only for dynamic quantizers)."""
+        if not self.spec.has_scale:  # fp16 / bf16: a plain cast, no range
+            return choose_qparams(torch.zeros(()), torch.zeros(()), self.spec)
         if self.spec.dynamic:
             if x is None:
                 raise ValueError(f"{self._label()} is dynamic: qparams need the tensor")

@@ -16,7 +16,7 @@ from ..nn.tensor_quantizer import TensorQuantizer
 def calibration_targets(model: nn.Module) -> list[tuple[str, TensorQuantizer]]:
     """Enabled static quantizers whose range comes from data (not dynamic, not weights)."""
     return [(n, m) for n, m in model.named_modules()
-            if isinstance(m, TensorQuantizer) and m.is_enabled and not m.spec.dynamic
+            if isinstance(m, TensorQuantizer) and m.is_enabled and m.spec.has_scale and not m.spec.dynamic
             and not m.track_tensor and m.desc.amax is None]
 
 

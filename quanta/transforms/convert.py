@@ -97,7 +97,8 @@ def _lower(module: nn.Module, classes: list[type], report: list[Lowering], name:
             report.append(Lowering(name or "(root)", type(module).__name__, type(new).__name__,
                                    new.extra_repr()))
             return new
-        if " is not a " not in reason:  # only the classes meant for this module type explain
+        wrong_type = " is not a " in reason or reason.endswith(f"got {type(module).__name__}")
+        if not wrong_type:  # only the classes meant for this module type explain
             reasons.append(f"{cls.__name__}: {reason}")
     report.append(Lowering(name or "(root)", type(module).__name__, "simulated",
                            "; ".join(reasons) or "no integer kernel for this module type"))

@@ -52,17 +52,23 @@ def static_int8(**_: object) -> QuantConfig:
                        fold_bn=True)
 
 
+#: weight-only layers run on bfloat16 activations and produce bfloat16 outputs (what torch's fast
+#: CPU weight-only kernels compute); the simulation casts the same way, so the two agree
+BF16 = QuantDescriptor(format="bf16", num_bits=16)
+
+
 def weight_only_int8(**_: object) -> QuantConfig:
-    """Linear weights int8 per channel; activations stay float (memory-bound decoding)."""
-    return _only_linear_and_rnn(LayerQuantConfig(input=None, weight=W8), None)
+    """Linear weights int8 per channel; activations and outputs bfloat16 (memory-bound decoding)."""
+    return _only_linear_and_rnn(LayerQuantConfig(input=BF16, weight=W8, output=BF16), None)
 
 
 def weight_only_int4(group_size: int = 128, **_: object) -> QuantConfig:
-    """Linear weights int4, asymmetric, one scale and zero point per ``group_size`` inputs."""
+    """Linear weights int4, asymmetric, one scale and zero point per ``group_size`` inputs;
+    activations and outputs bfloat16."""
     if group_size not in (32, 64, 128, 256):
         raise ValueError(f"group_size must be one of 32, 64, 128, 256, got {group_size}")
     w4 = QuantDescriptor(num_bits=4, group_size=group_size, symmetric=False)
-    return _only_linear_and_rnn(LayerQuantConfig(input=None, weight=w4), None)
+    return _only_linear_and_rnn(LayerQuantConfig(input=BF16, weight=w4, output=BF16), None)
 
 
 def w4a8(**_: object) -> QuantConfig:

@@ -141,3 +141,19 @@ def test_bad_presets_and_backends(trained_cnn, digits_data):
 def test_integer_module_rejects_wrong_inputs(cnn_int8):
     with pytest.raises(TypeError):
         cnn_int8.head(torch.ones(2, 32, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("preset,kernel", [("weight_only_int8", "int8pack_mm"), ("weight_only_int4", "int4pack_mm")])
+def test_weight_only_bf16_activations_match_simulation(preset, kernel):
+    """The weight-only presets simulate bfloat16 activations and outputs, which is what the
+    fast CPU kernels compute: integer vs simulated differs by bfloat16 rounding only."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256)).eval()
+    sim = quanta.prepare(model, quanta.preset(preset, **({"group_size": 64} if preset.endswith("int4") else {})))
+    q = quanta.convert(sim)
+    x = torch.randn(3, 256)
+    with torch.no_grad():
+        ys, yq = sim(x), q(x)
+    # two bfloat16 roundings can differ (the kernel rounds before adding the bias): 2 steps of 2^-8
+    assert ((yq - ys).abs() <= 2 * 2.0 ** -8 * ys.abs().clamp_min(1e-2)).all()
+    assert q[0].kernel_counts == {kernel: 1} and q[0].activation == "bfloat16"
