@@ -1,0 +1,173 @@
+"""What a benchmark row is, how sizes are counted, and the fp32 and quanta rows.
+
+A `Method` is one row: a runner ``fn(x)`` taking an input already prepared by ``prep`` (layout
+or numpy conversion happens outside the timed region) and ``post`` turning its output back
+into a float torch tensor for the SQNR column. A method that could not be built carries
+``error`` instead of ``fn`` and is reported as a row, never a crash.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+FP32, QUANTA, PEER = "fp32", "quanta", "peer"
+
+
+def _identity(t: Any) -> Any:
+    return t
+
+
+@dataclass
+class Method:
+    name: str
+    group: str  # FP32 | QUANTA | PEER
+    fn: Callable[[Any], Any] | None = None
+    size_bytes: int | None = None
+    error: str | None = None
+    prep: Callable[[torch.Tensor], Any] = _identity
+    post: Callable[[Any], torch.Tensor] = _identity
+    setup_s: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+class Skipped(Exception):
+    """A row deliberately not run (e.g. ``torch.compile`` rows in ``--quick``)."""
+
+
+COMPILE = {"enabled": True, "why": ""}
+
+
+def compile_model(fn: Callable) -> Callable:
+    """``torch.compile(fn)`` unless compile rows are switched off for this run."""
+    if not COMPILE["enabled"]:
+        raise Skipped(COMPILE["why"])
+    return torch.compile(fn)
+
+
+def guarded(name: str, group: str, build: Callable[[], Method], prefix: str = "failed") -> Method:
+    """Run a row's builder; turn any exception into a row that says why."""
+    t0 = time.perf_counter()
+    try:
+        m = build()
+    except Skipped as e:
+        return Method(name, group, error=f"skipped: {e}")
+    except Exception as e:
+        if os.environ.get("QUANTA_BENCH_DEBUG"):
+            traceback.print_exc()
+        return Method(name, group, error=f"{prefix}: {short_error(e)}")
+    m.setup_s = time.perf_counter() - t0
+    return m
+
+
+def short_error(e: BaseException, limit: int = 160) -> str:
+    msg = " ".join(str(e).split())
+    msg = f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+    return msg if len(msg) <= limit else msg[: limit - 3] + "..."
+
+
+# ---------------------------------------------------------------- sizes
+def _tensor_bytes(t: Any, seen: dict) -> int:
+    if isinstance(t, torch.Tensor):
+        if hasattr(t, "__tensor_flatten__") and type(t) is not torch.Tensor and not isinstance(t, nn.Parameter):
+            names, _ = t.__tensor_flatten__()
+            return sum(_tensor_bytes(getattr(t, n), seen) for n in names)
+        if isinstance(t, nn.Parameter) and type(t.data) is not torch.Tensor:
+            return _tensor_bytes(t.data, seen)
+        try:
+            key = (t.data_ptr(), t.numel(), t.dtype)
+        except Exception:
+            key = id(t)
+        if key in seen:
+            return 0
+        seen[key] = t  # hold a reference: unpacked temporaries must not free and reuse the address
+        n = t.numel() * t.element_size()
+        if t.is_quantized and t.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+            n += _tensor_bytes(t.q_per_channel_scales(), seen) + _tensor_bytes(t.q_per_channel_zero_points(), seen)
+        return n
+    if isinstance(t, (list, tuple)):
+        return sum(_tensor_bytes(v, seen) for v in t)
+    if isinstance(t, dict):
+        return sum(_tensor_bytes(v, seen) for v in t.values())
+    if isinstance(t, torch.ScriptObject) and hasattr(t, "__getstate__"):
+        return _tensor_bytes(t.__getstate__(), seen)
+    return 0
+
+
+def state_dict_bytes(model: nn.Module) -> int:
+    """Bytes of the tensors a model saves: ``state_dict`` tensors (quantized and subclass
+    tensors counted by their stored components, packed params unpacked), plus tensors an FX
+    graph reads through ``get_attr`` (where pt2e keeps its int8 weights), for an FX graph."""
+    seen: dict = {}
+    if not isinstance(model, torch.fx.GraphModule):
+        return _tensor_bytes(dict(model.state_dict()), seen)
+    total = 0  # a GraphModule may keep unused float originals: count what the graph reads
+    for node in model.graph.nodes:
+        if node.op == "get_attr":
+            obj = model
+            for part in str(node.target).split("."):
+                obj = getattr(obj, part)
+            total += _tensor_bytes(obj, seen)
+    return total
+
+
+# ---------------------------------------------------------------- fp32 rows
+def torch_fp32(model: nn.Module) -> Method:
+    return Method("torch fp32 eager", FP32, fn=model, size_bytes=state_dict_bytes(model))
+
+
+def torch_fp32_channels_last(model: nn.Module) -> Method:
+    m = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    return Method("torch fp32 eager, channels_last", FP32, fn=m, size_bytes=state_dict_bytes(m),
+                  prep=lambda x: x.contiguous(memory_format=torch.channels_last))
+
+
+# ---------------------------------------------------------------- quanta rows
+def quanta_rows(model: nn.Module, presets: list[tuple[str, dict]], calib: list[torch.Tensor]) -> list[Method]:
+    """One eager and one ``torch.compile`` row per preset, via quanta's public API."""
+    try:
+        import quanta
+        quantize = quanta.quantize
+    except Exception as e:
+        err = f"not available: {short_error(e)}"
+        return [Method(f"quanta {p}{tag}", QUANTA, error=err) for p, _ in presets for tag in ("", " + compile")]
+    rows = []
+    for preset, kwargs in presets:
+        label = f"quanta {preset}" + "".join(f" {k}={v}" for k, v in kwargs.items())
+
+        def build(preset=preset, kwargs=kwargs, label=label) -> Method:
+            q = quantize(copy.deepcopy(model), preset, calib_data=list(calib), **kwargs)
+            q.eval()
+            return Method(label, QUANTA, fn=q, size_bytes=quanta_size(q))
+
+        eager = guarded(label, QUANTA, build, prefix="not available")
+        rows.append(eager)
+        if eager.fn is None:
+            rows.append(Method(label + " + compile", QUANTA, error=eager.error))
+        else:
+            rows.append(guarded(label + " + compile", QUANTA, lambda e=eager: Method(
+                e.name + " + compile", QUANTA, fn=compile_model(e.fn), size_bytes=e.size_bytes)))
+    return rows
+
+
+def quanta_size(qmodel: nn.Module) -> int:
+    try:
+        from quanta.integer import storage_bytes
+    except Exception:
+        return state_dict_bytes(qmodel)
+    return int(storage_bytes(qmodel))
+
+
+def quanta_version() -> str:
+    try:
+        import quanta
+        return getattr(quanta, "__version__", "?")
+    except Exception as e:
+        return f"not importable ({type(e).__name__})"
