@@ -17,7 +17,7 @@ def lowering_classes() -> list[type]:
                      "DynamicInt8GRUCell", "DynamicInt8RNNCell")),
         (embedding, ("Int8Embedding", "Int4Embedding")),
     ):
-        classes += [getattr(mod, n) for n in names if hasattr(mod, n)]
+        classes += [getattr(mod, n) for n in names]
     return classes
 
 
