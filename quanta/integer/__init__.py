@@ -7,11 +7,12 @@ from .base import IntegerModule, storage_bytes
 
 def lowering_classes() -> list[type]:
     """Integer classes `convert` tries, most specific first (each has ``accepts``/``from_simulated``)."""
-    from . import conv, embedding, linear, recurrent
+    from . import conv, embedding, linear, recurrent, weight_only
 
     classes: list[type] = []
     for mod, names in (
-        (linear, ("Int8Linear", "Int4WeightOnlyLinear", "Int8WeightOnlyLinear", "HalfLinear")),
+        (linear, ("Int8Linear",)),
+        (weight_only, ("Int4WeightOnlyLinear", "Int8WeightOnlyLinear", "HalfLinear")),
         (conv, ("Int8Conv1d", "Int8Conv2d", "Int8Conv3d")),
         (recurrent, ("DynamicInt8LSTM", "DynamicInt8GRU", "DynamicInt8RNN", "DynamicInt8LSTMCell",
                      "DynamicInt8GRUCell", "DynamicInt8RNNCell")),

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..nn.registry import lookup
 from ..nn.tensor_quantizer import TensorQuantizer
-from .config import QuantConfig, _matches, _scopes
+from .config import QuantConfig, _matches
 from .fold_bn import fold_batchnorm
 
 #: attribute of a prepared model's root: the applied config and the per-module decisions

@@ -10,7 +10,8 @@ from torch import nn
 
 import quanta
 from quanta import LayerQuantConfig as LC, QuantConfig, QuantDescriptor as QD
-from quanta.integer.linear import HalfLinear, Int4WeightOnlyLinear, Int8Linear, Int8WeightOnlyLinear
+from quanta.integer.linear import Int8Linear
+from quanta.integer.weight_only import HalfLinear, Int4WeightOnlyLinear, Int8WeightOnlyLinear
 
 K, H, N = 64, 96, 48
 

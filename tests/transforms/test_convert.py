@@ -12,7 +12,8 @@ from torch import nn
 import quanta
 from quanta.demo import accuracy
 from quanta.integer.conv import Int8Conv2d
-from quanta.integer.linear import Int8Linear, Int4WeightOnlyLinear, Int8WeightOnlyLinear
+from quanta.integer.linear import Int8Linear
+from quanta.integer.weight_only import Int4WeightOnlyLinear, Int8WeightOnlyLinear
 from quanta.integer.recurrent import DynamicInt8LSTM
 
 

@@ -1,0 +1,147 @@
+"""Pieces every integer Linear module shares: lowering checks, output quantization, the base class.
+
+The module classes live in `linear` (int8 x int8) and `weight_only` (int8 / int4 weights,
+half-precision weights)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..core import Format, Granularity, QuantSpec, compute_range, choose_qparams, fake_quantize, quantize
+from ..nn.modules.weighted import QuantLinear
+from .base import IntegerModule
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# ----------------------------------------------------------------------------- shared pieces
+def _active(q: Any) -> bool:
+    return q is not None and q.is_enabled
+
+
+def _common_reason(sim: Any) -> str | None:
+    if not isinstance(sim, QuantLinear):
+        return f"expects a QuantLinear, got {type(sim).__name__}"
+    for kind, q in sim.quantizers():
+        if q.is_enabled and q.mode != "quantize":
+            return f"{kind} quantizer is in mode {q.mode!r} (finish calibration first)"
+        if q.needs_calibration:
+            return f"{kind} quantizer has no range: calibrate the model first"
+    oq = sim.output_quantizer
+    if _active(oq) and oq.spec.granularity not in (Granularity.PER_TENSOR, Granularity.PER_TOKEN):
+        return f"output quantizer granularity {oq.spec.granularity.value!r} (per_tensor / per_token only)"
+    return None
+
+
+def _check_activation(activation: str) -> str:
+    if activation not in ("float32", "bfloat16"):
+        raise ValueError(f"activation must be 'float32' or 'bfloat16', got {activation!r}")
+    return activation
+
+
+def _weight_only_activation(sim: Any) -> tuple[str | None, str | None]:
+    """``(activation dtype name, None)`` for a weight-only lowering, or ``(None, reason)``.
+
+    Weight-only layers take float activations; a simulated input quantizer that is a plain
+    bfloat16 cast means the kernel runs on bfloat16 activations (torch's CPU weight-only kernels
+    are fast only there), which is then exactly what the simulation specifies."""
+    q = sim.input_quantizer
+    if not _active(q):
+        return "float32", None
+    if q.spec.format is Format.BF16:
+        return "bfloat16", None
+    return None, f"input quantizer {q.spec} (weight-only layers take float32 or bfloat16 activations)"
+
+
+def _int_weight_reason(spec: QuantSpec, max_bits: int = 8) -> str | None:
+    if spec.format is not Format.INT or not spec.signed or not spec.symmetric:
+        return f"weights must be signed symmetric integers, got {spec}"
+    if spec.bits > max_bits:
+        return f"weights of {spec.bits} bits (at most {max_bits})"
+    if spec.granularity not in (Granularity.PER_TENSOR, Granularity.PER_CHANNEL) or \
+            (spec.granularity is Granularity.PER_CHANNEL and spec.axis not in (0, -2)):
+        return f"weight granularity {spec} (per output channel or per tensor only)"
+    return None
+
+
+def _per_channel_weight(sim: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes [N, K] and scales [N] of the simulated weight (quanta.core numerics)."""
+    wq = sim.weight_quantizer
+    w = sim.weight.detach()
+    scale, zp = wq.qparams(w)
+    codes = quantize(w, scale, zp, wq.spec).to(torch.int8)
+    return codes, scale.float().reshape(-1).expand(w.shape[0]).clone()
+
+
+class _OutputQuant:
+    """The simulated output quantizer, applied to the float output (static or dynamic)."""
+
+    def _init_output(self, spec: QuantSpec | None, out_features: int) -> None:
+        self.output_spec = spec
+        if spec is not None and not spec.dynamic:
+            self.register_buffer("output_scale", torch.ones(()))
+            self.register_buffer("output_zero_point", torch.zeros((), dtype=torch.int32))
+
+    def _copy_output(self, sim: Any) -> None:
+        if self.output_spec is not None and not self.output_spec.dynamic:
+            s, z = sim.output_quantizer.qparams()
+            self.output_scale.copy_(s.reshape(()))
+            self.output_zero_point.copy_(z.reshape(()))
+
+    def _apply_output(self, y: torch.Tensor) -> torch.Tensor:
+        spec = self.output_spec
+        if spec is None:
+            return y
+        if spec.dynamic:
+            s, z = choose_qparams(*compute_range(y, spec), spec)
+        else:
+            s, z = self.output_scale, self.output_zero_point
+        return fake_quantize(y, s, z, spec)
+
+    def _output_repr(self) -> str:
+        return "" if self.output_spec is None else f", output={self.output_spec}"
+
+
+def _output_spec_of(sim: Any) -> QuantSpec | None:
+    return sim.output_quantizer.spec if _active(sim.output_quantizer) else None
+
+
+def _bias_of(sim: Any) -> torch.Tensor | None:
+    return None if sim.bias is None else sim.bias.detach().float()
+
+
+class _LinearBase(_OutputQuant, IntegerModule):
+    in_features: int
+    out_features: int
+
+    def _init_linear(self, in_features: int, out_features: int, bias: bool) -> None:
+        if in_features < 1 or out_features < 1:
+            raise ValueError(f"in_features and out_features must be positive, got {in_features}, {out_features}")
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features))
+        else:
+            self.bias = None
+
+    def _check(self, x: Any, dtypes: tuple[torch.dtype, ...] = _FLOATS) -> torch.Tensor:
+        self.check_input(x, dtypes)
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"{type(self).__name__} expects inputs [..., {self.in_features}], "
+                             f"got shape {tuple(x.shape)}")
+        return x.reshape(-1, self.in_features)
+
+    def _run(self, op: Any, *args: Any) -> torch.Tensor:
+        impl = op.choose(*args) if self.impl == "auto" else self.impl
+        self.record(impl)
+        return op(*args, impl=impl)
+
+    def _finish(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        y = self._apply_output(y.float()).to(x.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def set_impl(self, impl: str) -> None:
+        """Prefer a kernel ("auto", "reference" or an implementation name) and repack for it."""
+        self.impl = impl
+        self.pack()
