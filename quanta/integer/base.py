@@ -33,7 +33,10 @@ class IntegerModule(nn.Module):
         """Rebuild the runtime (packed) form from the canonical buffers."""
 
     def record(self, impl: str) -> str:
-        self.kernel_counts[impl] += 1
+        # Not while torch.compile traces: mutating module state there would invalidate the
+        # compiled graph's guards and recompile on every call.
+        if not torch.compiler.is_compiling():
+            self.kernel_counts[impl] += 1
         return impl
 
     def storage_bytes(self) -> int:
