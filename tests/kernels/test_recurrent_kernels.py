@@ -2,10 +2,16 @@
 
 ``int_mm`` (signed symmetric activations) must be bit-identical to the reference; ``fbgemm``
 (unsigned asymmetric activations, fbgemm's own quantization) agrees to float rounding: the
-bound is 1e-5 in |diff| / (1 + |ref|) (measured: 4e-6), except where fbgemm and quanta round one hidden-state code differently (a tie or a last-ulp scale difference, seen in 1 of ~60 cases): then at most one activation step (max 0.05, mean 5e-3).
+bound is 1e-5 in |diff| / (1 + |ref|) (measured: 4e-6), except where fbgemm and quanta round one
+hidden-state code differently (a tie or a last-ulp scale difference) and the flip propagates
+through the following steps. Measured over 40 seeds x every case (960 outputs): 3% flip, worst
+max 0.115, worst mean 0.0055; the bound is max 0.2, mean 0.01 (a wrong kernel gives means of
+order 0.1-1). Seeds are deterministic (crc32 of the case), not Python's per-process hash().
 """
 
 from __future__ import annotations
+
+import zlib
 
 import pytest
 import torch
@@ -35,7 +41,7 @@ def _close(ref: list[torch.Tensor], fast: list[torch.Tensor], impl: str) -> None
         d = (f - r).abs() / (1 + r.abs())
         # float rounding only (<= 1e-5), or a rare one-code flip of a requantized h (fbgemm
         # rounds nearbyint(x / s + z) with a double scale): one step ~ 1/127 of h's range.
-        assert float(d.max()) <= FBGEMM_ATOL or (float(d.max()) <= 0.05 and float(d.mean()) <= 5e-3), \
+        assert float(d.max()) <= FBGEMM_ATOL or (float(d.max()) <= 0.2 and float(d.mean()) <= 1e-2), \
             (float(d.max()), float(d.mean()))
 
 
@@ -56,7 +62,7 @@ def test_sequence_fast_matches_reference(case, act, batch_first):
     mode, i, h, layers, bi, b, t = case
     if act == "u7asym" and mode.startswith("RNN"):
         pytest.skip("covered by u8asym (a 7-bit tie flip in the tanh case makes a bound meaningless)")
-    gen = torch.Generator().manual_seed(hash(case) % 1000)
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()) % 1000)
     dirs = 2 if bi else 1
     w = _weights(mode, i, h, layers, dirs, gen)
     x = torch.randn((b, t, i) if batch_first else (t, b, i), generator=gen)
