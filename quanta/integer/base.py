@@ -29,6 +29,14 @@ class IntegerModule(nn.Module):
         self.kernel_counts: Counter[str] = Counter()
         self.register_load_state_dict_post_hook(lambda module, incompatible: module.pack())
 
+    @classmethod
+    def check_lowerable(cls, sim: nn.Module) -> None:
+        """Raise, saying why, unless the subclass's ``accepts(sim)`` (None, or why not) takes ``sim``:
+        the start of every ``from_simulated``."""
+        reason = cls.accepts(sim)  # type: ignore[attr-defined]
+        if reason is not None:
+            raise ValueError(f"{cls.__name__} cannot lower this {type(sim).__name__}: {reason}")
+
     def pack(self) -> None:
         """Rebuild the runtime (packed) form from the canonical buffers."""
 

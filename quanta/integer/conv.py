@@ -197,9 +197,7 @@ class _Int8ConvNd(IntegerModule):
     @classmethod
     def from_simulated(cls, sim: nn.Module) -> "_Int8ConvNd":
         """The integer module computing what the calibrated simulated conv ``sim`` computes."""
-        reason = cls.accepts(sim)
-        if reason is not None:
-            raise ValueError(f"{cls.__name__}.from_simulated: cannot lower {type(sim).__name__}: {reason}")
+        cls.check_lowerable(sim)
         oq = sim.output_quantizer
         out_on = oq is not None and oq.is_enabled and oq._if_quant
         pad = _padding_of(sim, cls.dims)

@@ -95,9 +95,7 @@ class Int8Embedding(_IntEmbedding):
 
     @classmethod
     def from_simulated(cls, sim: Any) -> "Int8Embedding":
-        problem = cls.accepts(sim)
-        if problem:
-            raise ValueError(f"Int8Embedding cannot lower this {type(sim).__name__}: {problem}")
+        cls.check_lowerable(sim)
         wq, w = sim.weight_quantizer, sim.weight.detach()
         scale, zp = wq.qparams(w)
         new = cls(sim.num_embeddings, sim.embedding_dim, sim.padding_idx, symmetric=wq.spec.symmetric).to(w.device)
@@ -154,9 +152,7 @@ class Int4Embedding(_IntEmbedding):
 
     @classmethod
     def from_simulated(cls, sim: Any) -> "Int4Embedding":
-        problem = cls.accepts(sim)
-        if problem:
-            raise ValueError(f"Int4Embedding cannot lower this {type(sim).__name__}: {problem}")
+        cls.check_lowerable(sim)
         wq, w = sim.weight_quantizer, sim.weight.detach()
         s = wq.spec
         scale, zp = wq.qparams(w)

@@ -89,9 +89,7 @@ class Int8Linear(_LinearBase):
 
     @classmethod
     def from_simulated(cls, sim: Any) -> "Int8Linear":
-        reason = cls.accepts(sim)
-        if reason:
-            raise ValueError(f"Int8Linear cannot lower this {type(sim).__name__}: {reason}")
+        cls.check_lowerable(sim)
         mod = cls(sim.in_features, sim.out_features, sim.bias is not None, act_spec=sim.input_quantizer.spec,
                   weight_bits=max(sim.weight_quantizer.spec.bits, 2), output_spec=_output_spec_of(sim))
         codes, scale = _per_channel_weight(sim)

@@ -203,9 +203,7 @@ class _DynamicInt8RNNBase(_Recurrent):
 
     @classmethod
     def from_simulated(cls, sim: Any) -> "_DynamicInt8RNNBase":
-        problem = cls.accepts(sim)
-        if problem:
-            raise ValueError(f"{cls.__name__} cannot lower this {type(sim).__name__}: {problem}")
+        cls.check_lowerable(sim)
         spec = _act_problem(list(sim.layer_input_quantizers) + list(sim.hidden_quantizers))[1]
         new = cls(sim.input_size, sim.hidden_size, sim.num_layers, sim.bias, sim.batch_first, sim.bidirectional,
                   act_spec=spec, **cls._extra_kwargs(sim))
@@ -311,9 +309,7 @@ class _DynamicInt8CellBase(_Recurrent):
 
     @classmethod
     def from_simulated(cls, sim: Any) -> "_DynamicInt8CellBase":
-        problem = cls.accepts(sim)
-        if problem:
-            raise ValueError(f"{cls.__name__} cannot lower this {type(sim).__name__}: {problem}")
+        cls.check_lowerable(sim)
         spec = _act_problem([sim.input_quantizer, sim.hidden_quantizer])[1]
         new = cls(sim.input_size, sim.hidden_size, sim.bias, act_spec=spec, **cls._extra_kwargs(sim))
         new.to(next(sim.parameters()).device)

@@ -47,9 +47,7 @@ class Int8WeightOnlyLinear(_LinearBase):
 
     @classmethod
     def from_simulated(cls, sim: Any) -> "Int8WeightOnlyLinear":
-        reason = cls.accepts(sim)
-        if reason:
-            raise ValueError(f"Int8WeightOnlyLinear cannot lower this {type(sim).__name__}: {reason}")
+        cls.check_lowerable(sim)
         mod = cls(sim.in_features, sim.out_features, sim.bias is not None, output_spec=_output_spec_of(sim),
                   activation=_weight_only_activation(sim)[0] or "float32")
         codes, scale = _per_channel_weight(sim)
@@ -115,9 +113,7 @@ class Int4WeightOnlyLinear(_LinearBase):
 
     @classmethod
     def from_simulated(cls, sim: Any) -> "Int4WeightOnlyLinear":
-        reason = cls.accepts(sim)
-        if reason:
-            raise ValueError(f"Int4WeightOnlyLinear cannot lower this {type(sim).__name__}: {reason}")
+        cls.check_lowerable(sim)
         wq = sim.weight_quantizer
         spec = wq.spec
         mod = cls(sim.in_features, sim.out_features, sim.bias is not None, group_size=spec.group_size,
@@ -206,9 +202,7 @@ class HalfLinear(_LinearBase):
 
     @classmethod
     def from_simulated(cls, sim: Any) -> "HalfLinear":
-        reason = cls.accepts(sim)
-        if reason:
-            raise ValueError(f"HalfLinear cannot lower this {type(sim).__name__}: {reason}")
+        cls.check_lowerable(sim)
         dt = cls._dtype_of(sim.weight_quantizer.spec)
         iq = sim.input_quantizer
         mod = cls(sim.in_features, sim.out_features, sim.bias is not None, dtype=dt,
