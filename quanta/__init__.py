@@ -3,6 +3,7 @@
 from .core import QuantSpec
 from .nn import LayerQuantConfig, QuantDescriptor, TensorQuantizer
 from .integer import storage_bytes
+from .io import compare_onnx, export_onnx, inspect, load, save
 from .transforms import (
     PRESETS, CoverageReport, QuantConfig, calibrate, conversion_report, convert, coverage, fold_batchnorm,
     preset, prepare, quant_modules, quantize,
@@ -11,7 +12,7 @@ from .transforms import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "CoverageReport", "LayerQuantConfig", "QuantConfig", "QuantDescriptor", "QuantSpec",
+    "CoverageReport", "LayerQuantConfig", "compare_onnx", "export_onnx", "inspect", "load", "save", "QuantConfig", "QuantDescriptor", "QuantSpec",
     "PRESETS", "TensorQuantizer", "calibrate", "conversion_report", "convert", "coverage", "fold_batchnorm",
     "prepare", "preset", "quant_modules", "quantize", "storage_bytes",
 ]

@@ -14,12 +14,36 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from .io import QuantaFileError, inspect
+    from .io.safe_file import read
+
+    try:
+        report = inspect(args.path, show=False)
+        if args.verify:
+            read(args.path)  # every tensor's dtype, shape and checksum
+    except (OSError, QuantaFileError) as e:
+        print(f"quanta inspect: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report)
+    if args.verify and not args.json:
+        print("verified: every tensor matches its recorded dtype, shape and SHA-256")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quanta", description="Quantize trained PyTorch models.")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train small models offline and compare quantization schemes")
     demo.add_argument("--quick", action="store_true", help="shorter training (for CI)")
     demo.set_defaults(func=_demo)
+    insp = sub.add_parser("inspect", help="show what a file written by quanta.save holds")
+    insp.add_argument("path", help="a .safetensors file written by quanta.save")
+    insp.add_argument("--json", action="store_true", help="print the report as JSON")
+    insp.add_argument("--verify", action="store_true", help="also read every tensor and check its checksum")
+    insp.set_defaults(func=_inspect)
     return parser
 
 

@@ -1,8 +1,20 @@
-"""Small real models and offline data shared by `quanta demo` and the tests."""
+"""Small real models and offline data shared by `quanta demo` and the tests.
 
-from .data import digits, majority_tokens, sine_sequences
-from .models import DigitsCNN, SequenceLSTM, TinyTransformer
-from .train import accuracy, train_classifier
+Names are imported on first use, so that ``quanta.demo.models`` (what a saved demo model
+needs to load) does not import the training code or scikit-learn."""
 
-__all__ = ["DigitsCNN", "SequenceLSTM", "TinyTransformer", "accuracy", "digits", "majority_tokens",
-           "sine_sequences", "train_classifier"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {"digits": "data", "majority_tokens": "data", "sine_sequences": "data", "DigitsCNN": "models",
+          "SequenceLSTM": "models", "TinyTransformer": "models", "accuracy": "train", "train_classifier": "train"}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'quanta.demo' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)

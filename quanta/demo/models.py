@@ -11,6 +11,7 @@ class DigitsCNN(nn.Module):
 
     def __init__(self, width: int = 16):
         super().__init__()
+        self.width = width  # constructor arguments kept: quanta.save records them
         self.features = nn.Sequential(
             nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
             nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
@@ -29,6 +30,7 @@ class SequenceLSTM(nn.Module):
 
     def __init__(self, features: int = 1, hidden: int = 32, classes: int = 4):
         super().__init__()
+        self.features, self.hidden, self.classes = features, hidden, classes
         self.lstm = nn.LSTM(features, hidden, num_layers=2, batch_first=True)
         self.head = nn.Linear(hidden, classes)
 
@@ -42,6 +44,7 @@ class TinyTransformer(nn.Module):
 
     def __init__(self, vocab: int = 12, dim: int = 32, heads: int = 4, classes: int = 4, length: int = 16):
         super().__init__()
+        self.vocab, self.dim, self.heads, self.classes, self.length = vocab, dim, heads, classes, length
         self.embed = nn.Embedding(vocab, dim)
         self.pos = nn.Parameter(torch.randn(1, length, dim) * 0.02)
         self.encoder = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, batch_first=True)

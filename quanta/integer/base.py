@@ -9,6 +9,13 @@ import torch
 from torch import nn
 
 
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def dtype_name(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
 class IntegerModule(nn.Module):
     """Base of modules that hold integer weights and call integer kernels.
 
@@ -39,6 +46,33 @@ class IntegerModule(nn.Module):
 
     def pack(self) -> None:
         """Rebuild the runtime (packed) form from the canonical buffers."""
+
+    def config(self) -> dict[str, Any]:
+        """The constructor's arguments as JSON values (specs as dicts, dtypes by name): enough
+        for `from_config` to rebuild an empty module that ``load_state_dict`` then fills."""
+        raise TypeError(f"{type(self).__name__} does not describe its constructor: implement config() "
+                        "to save it with quanta.save")
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "IntegerModule":
+        """An empty module (zeros) from `config`'s output; ``load_state_dict`` fills it."""
+        from ..core import QuantSpec
+
+        kwargs: dict[str, Any] = {}
+        for key, value in config.items():
+            if key.endswith("_spec") and value is not None:
+                value = QuantSpec.from_dict(value)
+            elif key.endswith("dtype") and value is not None:
+                if value not in _DTYPES:
+                    raise ValueError(f"{cls.__name__}.from_config: unknown dtype {value!r} for {key}")
+                value = _DTYPES[value]
+            elif isinstance(value, list):
+                value = tuple(value)
+            kwargs[key] = value
+        try:
+            return cls(**kwargs)
+        except TypeError as e:
+            raise ValueError(f"{cls.__name__}.from_config: {e}") from e
 
     def record(self, impl: str) -> str:
         # Not while torch.compile traces: mutating module state there would invalidate the

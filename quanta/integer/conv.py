@@ -235,14 +235,6 @@ class _Int8ConvNd(IntegerModule):
             "output": self.output_kind, "post_op": self.post_op,
         }
 
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "_Int8ConvNd":
-        kw = dict(config)
-        for key in ("input_spec", "weight_spec", "output_spec"):
-            if kw.get(key) is not None:
-                kw[key] = QuantSpec.from_dict(kw[key])
-        return cls(**kw)
-
     # ------------------------------------------------------------------ runtime state
     def pack(self) -> None:
         """Python-number qparams and the oneDNN prepacked weight, from the canonical buffers."""

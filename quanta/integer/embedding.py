@@ -107,6 +107,10 @@ class Int8Embedding(_IntEmbedding):
                 new.weight_zero_point.copy_(zp.to(torch.int32).reshape(-1).expand(rows))
         return new
 
+    def config(self) -> dict[str, Any]:
+        return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,
+                "padding_idx": self.padding_idx, "symmetric": self.symmetric}
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._lookup_check(input)
         return self._run(K.int8_embedding, input, self.weight, self.weight_scale, self.weight_zero_point)
@@ -169,6 +173,10 @@ class Int4Embedding(_IntEmbedding):
                 new.weight_zero_point.copy_(z.reshape(-1, 1).expand(rows, groups) if z.numel() != rows * groups
                                             else z.reshape(rows, groups))
         return new
+
+    def config(self) -> dict[str, Any]:
+        return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,
+                "group_size": self.group_size, "padding_idx": self.padding_idx, "symmetric": self.symmetric}
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._lookup_check(input)

@@ -106,6 +106,9 @@ class Int8Linear(_LinearBase):
         mod.pack()
         return mod
 
+    def config(self) -> dict[str, Any]:
+        return self._linear_config(act_spec=self.act_spec.to_dict(), weight_bits=self.weight_bits)
+
     def pack(self) -> None:
         w = self.weight
         self._w8 = unpack_bits(w, 4, True, self.in_features) if self.weight_bits <= 4 else w.contiguous()

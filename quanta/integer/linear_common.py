@@ -141,6 +141,11 @@ class _LinearBase(_OutputQuant, IntegerModule):
         y = self._apply_output(y.float()).to(x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 
+    def _linear_config(self, **extra: Any) -> dict[str, Any]:
+        spec = self.output_spec
+        return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,
+                "output_spec": None if spec is None else spec.to_dict(), **extra}
+
     def set_impl(self, impl: str) -> None:
         """Prefer a kernel ("auto", "reference" or an implementation name) and repack for it."""
         self.impl = impl

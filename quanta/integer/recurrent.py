@@ -201,6 +201,11 @@ class _DynamicInt8RNNBase(_Recurrent):
     def _extra_kwargs(cls, sim: Any) -> dict[str, Any]:
         return {}
 
+    def config(self) -> dict[str, Any]:
+        return {"input_size": self.input_size, "hidden_size": self.hidden_size, "num_layers": self.num_layers,
+                "bias": self.bias, "batch_first": self.batch_first, "bidirectional": self.bidirectional,
+                "act_spec": self.act_spec.to_dict(), **self._extra_kwargs(self)}
+
     @classmethod
     def from_simulated(cls, sim: Any) -> "_DynamicInt8RNNBase":
         cls.check_lowerable(sim)
@@ -306,6 +311,10 @@ class _DynamicInt8CellBase(_Recurrent):
     @classmethod
     def _extra_kwargs(cls, sim: Any) -> dict[str, Any]:
         return {}
+
+    def config(self) -> dict[str, Any]:
+        return {"input_size": self.input_size, "hidden_size": self.hidden_size, "bias": self.bias,
+                "act_spec": self.act_spec.to_dict(), **self._extra_kwargs(self)}
 
     @classmethod
     def from_simulated(cls, sim: Any) -> "_DynamicInt8CellBase":

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from ..core import Format, Granularity, QuantSpec, pack_bits, quantize
 from ..kernels.linear import int4_weight_only_linear, int4pack_for_cpu, int8_weight_only_linear
+from .base import dtype_name
 from .linear_common import (
     _LinearBase, _active, _bias_of, _check_activation, _common_reason, _int_weight_reason, _output_spec_of,
     _per_channel_weight, _weight_only_activation,
@@ -57,6 +58,9 @@ class Int8WeightOnlyLinear(_LinearBase):
             mod.bias.copy_(_bias_of(sim))
         mod._copy_output(sim)
         return mod.to(sim.weight.device)
+
+    def config(self) -> dict[str, Any]:
+        return self._linear_config(activation=self.activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = self._check(x)
@@ -133,6 +137,10 @@ class Int4WeightOnlyLinear(_LinearBase):
         mod.pack()
         return mod
 
+    def config(self) -> dict[str, Any]:
+        return self._linear_config(group_size=self.group_size, symmetric=self.symmetric, signed=self.signed,
+                                   activation=self.activation)
+
     def pack(self) -> None:
         self._packed = self._scales_zeros = None
         if self.weight.device.type == "cpu" and self.impl in ("auto", "int4pack_mm") and \
@@ -172,12 +180,16 @@ class HalfLinear(_LinearBase):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  dtype: torch.dtype = torch.bfloat16, cast_input: bool = False,
-                 output_spec: QuantSpec | None = None) -> None:
+                 output_spec: QuantSpec | None = None, input_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self._init_linear(in_features, out_features, bias)
         if dtype not in (torch.float16, torch.bfloat16):
             raise ValueError(f"HalfLinear: dtype must be float16 or bfloat16, got {dtype}")
+        if input_dtype not in (None, torch.float16, torch.bfloat16):
+            raise ValueError(f"HalfLinear: input_dtype must be float16, bfloat16 or None, got {input_dtype}")
         self.half_dtype, self.cast_input = dtype, bool(cast_input)
+        #: the format inputs are cast through (defaults to the weight's)
+        self.input_dtype = dtype if input_dtype is None else input_dtype
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=dtype))
         self._init_output(output_spec, out_features)
 
@@ -206,9 +218,8 @@ class HalfLinear(_LinearBase):
         dt = cls._dtype_of(sim.weight_quantizer.spec)
         iq = sim.input_quantizer
         mod = cls(sim.in_features, sim.out_features, sim.bias is not None, dtype=dt,
-                  cast_input=_active(iq), output_spec=_output_spec_of(sim))
-        if _active(iq) and cls._dtype_of(iq.spec) != dt:
-            mod.input_dtype = cls._dtype_of(iq.spec)
+                  cast_input=_active(iq), output_spec=_output_spec_of(sim),
+                  input_dtype=cls._dtype_of(iq.spec) if _active(iq) else None)
         m = torch.finfo(dt).max
         mod.weight.copy_(sim.weight.detach().float().clamp(-m, m).to(dt))
         if sim.bias is not None:
@@ -216,11 +227,15 @@ class HalfLinear(_LinearBase):
         mod._copy_output(sim)
         return mod.to(sim.weight.device)
 
+    def config(self) -> dict[str, Any]:
+        return self._linear_config(dtype=dtype_name(self.half_dtype), cast_input=self.cast_input,
+                                   input_dtype=dtype_name(self.input_dtype))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = self._check(x)
         xf = x2.float()
         if self.cast_input:  # the simulated cast: saturate to the format's max, round, back
-            dt = getattr(self, "input_dtype", self.half_dtype)
+            dt = self.input_dtype
             m = torch.finfo(dt).max
             xf = xf.clamp(-m, m).to(dt).float()
         self.record("float32_upcast")

@@ -94,6 +94,7 @@ def _lower(module: nn.Module, classes: list[type], report: list[Lowering], name:
         reason = cls.accepts(module)
         if reason is None:
             new = cls.from_simulated(module)
+            new.train(module.training)
             report.append(Lowering(name or "(root)", type(module).__name__, type(new).__name__,
                                    new.extra_repr()))
             return new
