@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..integer import storage_bytes
-from ..transforms import quantize
+from ..transforms import conversion_report, quantize
 from .data import digits, majority_tokens, sine_sequences
 from .models import DigitsCNN, SequenceLSTM, TinyTransformer
 from .train import accuracy, train_classifier
@@ -31,13 +31,19 @@ class DemoRow:
     size_ratio: float
     latency_ms: float
     speedup: float
+    integer_layers: str = ""  # "integer / lowerable" layers; the rest stayed float (slower in int8)
 
 
-#: (model name, presets) the demo runs; "fp32" is the float baseline
+#: suffix of a plan entry that keeps every layer integer (no speed check)
+ALL_INTEGER = " (all integer)"
+#: (model name, presets) the demo runs; "fp32" is the float baseline. A preset runs with the
+#: speed check (layers whose int8 kernel is slower than float on the test batch stay float);
+#: ``ALL_INTEGER`` rows force every layer integer, to show what int8 itself costs and saves.
 PLAN: dict[str, tuple[str, ...]] = {
-    "DigitsCNN": ("fp32", "static_int8"),
-    "SequenceLSTM": ("fp32", "dynamic_int8"),
-    "TinyTransformer": ("fp32", "dynamic_int8", "weight_only_int8", "weight_only_int4", "w4a8", "fp16", "bf16"),
+    "DigitsCNN": ("fp32", "static_int8", "static_int8" + ALL_INTEGER),
+    "SequenceLSTM": ("fp32", "dynamic_int8", "dynamic_int8" + ALL_INTEGER),
+    "TinyTransformer": ("fp32", "dynamic_int8", "dynamic_int8" + ALL_INTEGER, "weight_only_int8", "weight_only_int4",
+                        "w4a8", "fp16", "bf16"),
 }
 
 
@@ -84,27 +90,41 @@ def run_demo(quick: bool = False, log: Callable[[str], None] = print, progress: 
             base_acc, base_size = accuracy(model, x, y), storage_bytes(model)
             base_ms = _latency_ms(model, x, repeats)
             for preset in presets:
-                q = model if preset == "fp32" else _quantize(model, preset, calib)
+                # the speed check times layers on the evaluation batch: what this demo then runs
+                q = model if preset == "fp32" else _quantize(model, preset, calib, x)
                 acc = base_acc if preset == "fp32" else accuracy(q, x, y)
                 ms = base_ms if preset == "fp32" else _latency_ms(q, x, repeats)
                 size = storage_bytes(q)
-                rows.append(DemoRow(name, preset, acc, acc - base_acc, size, size / base_size, ms, base_ms / ms))
+                layers = "" if preset == "fp32" else _integer_layers(q)
+                rows.append(DemoRow(name, preset, acc, acc - base_acc, size, size / base_size, ms, base_ms / ms,
+                                    layers))
                 bar.update(1)
-                log(f"  {name:<16} {preset:<17} acc {acc:6.2f}% ({acc - base_acc:+.2f})  "
-                    f"size {size / 1024:7.1f} KiB ({size / base_size:.2f}x)  {ms:7.2f} ms ({base_ms / ms:.2f}x)")
+                log(f"  {name:<16} {preset:<31} acc {acc:6.2f}% ({acc - base_acc:+.2f})  "
+                    f"size {size / 1024:7.1f} KiB ({size / base_size:.2f}x)  {ms:7.2f} ms ({base_ms / ms:.2f}x)"
+                    + (f"  integer layers {layers}" if layers else ""))
     return rows
 
 
-def _quantize(model: nn.Module, preset: str, calib: list[torch.Tensor]) -> Any:
+def _quantize(model: nn.Module, preset: str, calib: list[torch.Tensor], x: torch.Tensor) -> Any:
+    all_integer = preset.endswith(ALL_INTEGER)
+    preset = preset.removesuffix(ALL_INTEGER)
     options = {"group_size": 32} if preset == "weight_only_int4" else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return quantize(model, preset, calib, progress=False, **options)
+        return quantize(model, preset, calib, progress=False, example=x, speed_check=not all_integer, **options)
+
+
+def _integer_layers(model: nn.Module) -> str:
+    report = conversion_report(model)
+    lowered = [r for r in report if r.result != "simulated"]
+    return f"{sum(r.result != 'float' for r in lowered)}/{len(lowered)}"
 
 
 def format_table(rows: list[DemoRow]) -> str:
-    lines = ["| model | preset | accuracy % | Δ vs fp32 | size KiB | size vs fp32 | latency ms | speedup |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | preset | accuracy % | Δ vs fp32 | size KiB | size vs fp32 | latency ms | speedup "
+             "| integer layers |",
+             "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r.model} | {r.preset} | {r.accuracy:.2f} | {r.delta:+.2f} | {r.size_bytes / 1024:.1f} | "
-              f"{r.size_ratio:.2f}x | {r.latency_ms:.2f} | {r.speedup:.2f}x |" for r in rows]
+              f"{r.size_ratio:.2f}x | {r.latency_ms:.2f} | {r.speedup:.2f}x | {r.integer_layers or '—'} |"
+              for r in rows]
     return "\n".join(lines)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..integer.base import IntegerModule
-from ..nn.modules.base import QuantModule
+from ..nn.modules.base import QuantModule, float_class_of as float_class
 
 #: import paths loading may always import (prefixes end with a dot or name a whole module)
 ALLOWED_MODULES = ("torch.nn", "quanta")
@@ -31,15 +31,6 @@ class ArchitectureError(ValueError):
 
 def class_path(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
-
-
-def float_class(module: nn.Module) -> type:
-    """The class a module was built as before quanta swapped it: for a simulated module (or a
-    user subclass quanta wrapped) the first non-quantized ``nn.Module`` class of its MRO."""
-    for klass in type(module).__mro__:
-        if issubclass(klass, nn.Module) and not issubclass(klass, QuantModule):
-            return klass
-    return type(module)
 
 
 def _jsonable(value: Any) -> bool:

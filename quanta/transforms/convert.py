@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -22,6 +22,7 @@ from ..nn.modules.base import QuantModule
 from ..nn.modules.functional import QuantOp
 from ..nn.tensor_quantizer import TensorQuantizer
 from .fuse import fuse_activations
+from .speed_check import SpeedChoice, keep_faster
 
 REPORT_ATTR = "_quanta_convert_report"
 BACKENDS = ("auto", "cpu", "cuda", "reference")
@@ -31,7 +32,7 @@ BACKENDS = ("auto", "cpu", "cuda", "reference")
 class Lowering:
     name: str
     simulated: str
-    result: str  # integer class name, or "simulated"
+    result: str  # integer class name, "simulated", or "float" (the integer kernel was slower)
     detail: str
 
 
@@ -45,13 +46,20 @@ def _first_uncalibrated(model: nn.Module) -> str | None:
     return None
 
 
-def convert(model: nn.Module, backend: str = "auto", inplace: bool = False,
-            fuse: bool = True) -> nn.Module:
+def convert(model: nn.Module, backend: str = "auto", inplace: bool = False, fuse: bool = True, *,
+            example: Any = None, forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+            speed_check: bool = True) -> nn.Module:
     """Lower a calibrated simulated model to integer modules (a copy unless ``inplace``).
 
     ``backend``: ``"auto"`` (fast kernels where their guards accept, reference otherwise),
     ``"cpu"`` / ``"cuda"`` (require that device; the model's weights must be there),
     ``"reference"`` (the readable integer reference kernels only).
+
+    ``example``: one batch of real inputs (a tensor, a tuple whose first item is the input, a
+    dict of keyword arguments, or anything ``forward_fn(model, batch)`` takes). With it (and
+    ``speed_check``), each integer layer is timed against its float twin on the input it gets,
+    and layers whose integer kernel is slower stay float (see `speed_check.keep_faster`); the
+    report says which and by how much.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert expects an nn.Module, got {type(model).__name__}")
@@ -69,12 +77,13 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False,
                          "before converting")
     target = model if inplace else copy.deepcopy(model)
     report: list[Lowering] = []
+    twins: dict[str, nn.Module] = {}
     classes = lowering_classes()
-    root = _lower(target, classes, report, "")
+    root = _lower(target, classes, report, "", twins)
     if root is not None:
         target = root
     else:
-        _walk(target, "", classes, report)
+        _walk(target, "", classes, report, twins)
     impl = "reference" if backend == "reference" else "auto"
     for m in target.modules():
         if isinstance(m, IntegerModule):
@@ -82,11 +91,24 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False,
             m.pack()
     if fuse:
         fuse_activations(target)
+    if example is not None and speed_check and backend != "reference" and twins:
+        choices = {c.name: c for c in keep_faster(target, twins, example, forward_fn=forward_fn)}
+        report = [_with_choice(r, choices.get(r.name)) for r in report]
     setattr(target, REPORT_ATTR, report)
     return target
 
 
-def _lower(module: nn.Module, classes: list[type], report: list[Lowering], name: str) -> nn.Module | None:
+def _with_choice(lowering: Lowering, choice: SpeedChoice | None) -> Lowering:
+    if choice is None:
+        return lowering
+    if choice.picked == "float":
+        return Lowering(lowering.name, lowering.simulated, "float", f"integer kernel slower: {choice.describe()}")
+    return Lowering(lowering.name, lowering.simulated, lowering.result,
+                    f"{lowering.detail} ({choice.integer_ms:.3f} ms vs float {choice.float_ms:.3f} ms)")
+
+
+def _lower(module: nn.Module, classes: list[type], report: list[Lowering], name: str,
+           twins: dict[str, nn.Module]) -> nn.Module | None:
     if not isinstance(module, QuantModule):
         return None
     reasons = []
@@ -95,6 +117,8 @@ def _lower(module: nn.Module, classes: list[type], report: list[Lowering], name:
         if reason is None:
             new = cls.from_simulated(module)
             new.train(module.training)
+            if name:  # the float twin a speed check may put back (sharing the float weights)
+                twins[name] = module.to_float()
             report.append(Lowering(name or "(root)", type(module).__name__, type(new).__name__,
                                    new.extra_repr()))
             return new
@@ -106,16 +130,17 @@ def _lower(module: nn.Module, classes: list[type], report: list[Lowering], name:
     return None
 
 
-def _walk(module: nn.Module, prefix: str, classes: list[type], report: list[Lowering]) -> None:
+def _walk(module: nn.Module, prefix: str, classes: list[type], report: list[Lowering],
+          twins: dict[str, nn.Module]) -> None:
     for child_name, child in list(module.named_children()):
         if isinstance(child, (TensorQuantizer, IntegerModule)):
             continue
         full = f"{prefix}.{child_name}" if prefix else child_name
-        new = _lower(child, classes, report, full)
+        new = _lower(child, classes, report, full, twins)
         if new is not None:
             setattr(module, child_name, new)
             continue
-        _walk(child, full, classes, report)
+        _walk(child, full, classes, report, twins)
 
 
 def conversion_report(model: nn.Module) -> list[Any]:

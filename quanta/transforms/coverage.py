@@ -11,6 +11,7 @@ from ..integer.base import IntegerModule
 from ..nn.modules.base import QuantModule
 from ..nn.modules.functional import QuantOp
 from ..nn.tensor_quantizer import TensorQuantizer
+from .convert import REPORT_ATTR
 from .prepare import DECISIONS_ATTR
 
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
@@ -45,8 +46,10 @@ class CoverageReport:
         floats = Counter(e.type for e in self.by_status("float"))
         kinds = ", ".join(f"{k}×{v}" for k, v in floats.most_common())
         head = f"{c['integer']} integer, " if c["integer"] else ""
+        slower = sum(1 for e in self.by_status("float") if e.detail.startswith("integer kernel slower"))
+        why = "no quantized version" + (f" or slower in integer ({slower})" if slower else "")
         lines.append(f"{head}{c['quantized']} quantized, {c['excluded']} excluded by rule, "
-                     f"{c['float']} float (no quantized version{': ' + kinds if kinds else ''})")
+                     f"{c['float']} float ({why}{': ' + kinds if kinds else ''})")
         return "\n".join(lines)
 
 
@@ -62,6 +65,7 @@ def coverage(model: nn.Module) -> CoverageReport:
     """List every module: quantized (with its quantizers), excluded by a rule, or float
     because nothing quantizes its type. Unsupported modules are never an error."""
     decisions: dict[str, str] = getattr(model, DECISIONS_ATTR, {})
+    kept_float = {r.name: r.detail for r in getattr(model, REPORT_ATTR, []) if r.result == "float"}
     entries: list[CoverageEntry] = []
     skip: list[str] = []
     for name, mod in model.named_modules():
@@ -76,6 +80,8 @@ def coverage(model: nn.Module) -> CoverageReport:
             entries.append(CoverageEntry(name or "(root)", tname, "integer", f"{mod.extra_repr()}; kernels: {ran}"))
         elif quantized:
             entries.append(CoverageEntry(name, tname, "quantized", _describe(mod)))
+        elif name in kept_float:
+            entries.append(CoverageEntry(name, tname, "float", kept_float[name]))
         elif name in decisions and decisions[name].startswith(("exclude", "rule", "type")):
             entries.append(CoverageEntry(name, tname, "excluded", decisions[name]))
             skip.append(name)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from typing import Any, Callable, Iterable
 
+import torch
 from torch import nn
 
 from .calibrate import calibrate, calibration_targets
@@ -17,12 +19,17 @@ from .prepare import prepare
 def quantize(model: nn.Module, config: QuantConfig | str = "dynamic_int8", calib_data: Iterable[Any] | None = None,
              *, backend: str = "auto", group_size: int | None = None, method: str | None = None,
              num_batches: int | None = None, forward_fn: Callable[[nn.Module, Any], Any] | None = None,
-             progress: bool = True) -> nn.Module:
+             progress: bool = True, speed_check: bool = True, example: Any = None) -> nn.Module:
     """Return an integer copy of ``model`` (the float model is not modified).
 
     ``config``: a `QuantConfig` or a preset name: ``dynamic_int8``, ``static_int8``,
     ``weight_only_int8``, ``weight_only_int4`` (``group_size`` 32/64/128/256), ``w4a8``,
     ``fp16``, ``bf16``. Static activations need ``calib_data`` (see `quanta.calibrate`).
+
+    Speed check (see `quanta.convert`): layers whose integer kernel is slower than float on
+    ``example`` (one batch of real inputs; default: the first batch of ``calib_data``, for any
+    preset) stay float, and `quanta.conversion_report` says so. Without either, or with
+    ``speed_check=False``, every lowerable layer becomes integer.
     """
     if isinstance(config, str):
         config = preset(config, **({} if group_size is None else {"group_size": group_size}))
@@ -37,9 +44,20 @@ def quantize(model: nn.Module, config: QuantConfig | str = "dynamic_int8", calib
         warnings.warn("quanta.quantize: the model is in training mode, so BatchNorm is not folded; "
                       "call model.eval() first for an inference model", UserWarning, stacklevel=2)
     sim = prepare(model, config)
+    first = None
+    if calib_data is not None:
+        if isinstance(calib_data, torch.Tensor):
+            raise TypeError("calib_data must be an iterable of batches (a DataLoader, a list of tensors); "
+                            "wrap a single tensor as [tensor]")
+        batches = iter(calib_data)
+        first = next(batches, None)
+        if first is None:
+            raise ValueError("calib_data is empty: no batch was produced")
+        calib_data = itertools.chain([first], batches)  # one pass, even over a one-shot iterator
     if calibration_targets(sim):
         if calib_data is None:
             raise ValueError("this configuration quantizes activations statically: pass calib_data "
                              "(a DataLoader or a list of batches) to calibrate their ranges")
         calibrate(sim, calib_data, method, num_batches=num_batches, forward_fn=forward_fn, progress=progress)
-    return convert(sim, backend=backend, inplace=True)
+    return convert(sim, backend=backend, inplace=True, example=first if example is None else example,
+                   forward_fn=forward_fn, speed_check=speed_check)

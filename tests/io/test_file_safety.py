@@ -15,7 +15,7 @@ from quanta.io import ArchitectureError, QuantaFileError
 
 
 def _file(tmp_path, digits_data, trained_cnn) -> str:
-    q = quanta.quantize(trained_cnn, "static_int8", digits_data.calib_batches(1), progress=False)
+    q = quanta.quantize(trained_cnn, "static_int8", digits_data.calib_batches(1), progress=False, speed_check=False)
     return str(quanta.save(q, tmp_path / "m.safetensors"))
 
 

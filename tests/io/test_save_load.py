@@ -28,7 +28,7 @@ def _make(kind: str, model: nn.Module, calib: list[torch.Tensor]) -> nn.Module:
     if kind == "simulated":
         return _simulated(model, calib)
     options = {"group_size": 32} if kind == "weight_only_int4" else {}
-    return quanta.quantize(model, kind, calib, progress=False, **options)
+    return quanta.quantize(model, kind, calib, progress=False, speed_check=False, **options)
 
 
 CASES = [(model, kind) for model in ("cnn", "lstm", "transformer")
@@ -64,7 +64,7 @@ def test_round_trip_is_exact(name, kind, trained, tmp_path):
 
 
 def test_loaded_model_keeps_config_and_report(trained_cnn, digits_data, tmp_path):
-    q = quanta.quantize(trained_cnn, "static_int8", digits_data.calib_batches(2), progress=False)
+    q = quanta.quantize(trained_cnn, "static_int8", digits_data.calib_batches(2), progress=False, speed_check=False)
     quanta.save(q, tmp_path / "m.safetensors")
     back = quanta.load(tmp_path / "m.safetensors")
     assert quanta.conversion_report(back) == quanta.conversion_report(q)
@@ -72,7 +72,7 @@ def test_loaded_model_keeps_config_and_report(trained_cnn, digits_data, tmp_path
 
 
 def test_load_does_not_touch_the_given_float_model(trained_cnn, digits_data, tmp_path):
-    q = quanta.quantize(trained_cnn, "static_int8", digits_data.calib_batches(2), progress=False)
+    q = quanta.quantize(trained_cnn, "static_int8", digits_data.calib_batches(2), progress=False, speed_check=False)
     quanta.save(q, tmp_path / "m.safetensors")
     fresh = demo.DigitsCNN().eval()
     before = {k: v.clone() for k, v in fresh.state_dict().items()}
@@ -90,7 +90,7 @@ def test_bias_created_by_batchnorm_folding_round_trips(tmp_path):
         model(torch.randn(16, 3, 8, 8))
     model.eval()
     x = torch.randn(4, 3, 8, 8)
-    for q in (quanta.quantize(model, "static_int8", [x], progress=False), _simulated(model, [x])):
+    for q in (quanta.quantize(model, "static_int8", [x], progress=False, speed_check=False), _simulated(model, [x])):
         assert q[0].bias is not None  # created by folding
         quanta.save(q, tmp_path / "m.safetensors")
         with torch.no_grad():
@@ -154,13 +154,13 @@ def test_int8_cnn_file_size(tmp_path):
                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10)).eval()
     x = torch.randn(2, 3, 16, 16)
     fp32 = os.path.getsize(quanta.save(cnn, tmp_path / "fp32.safetensors"))
-    q = quanta.quantize(cnn, "static_int8", [x], progress=False)
+    q = quanta.quantize(cnn, "static_int8", [x], progress=False, speed_check=False)
     assert os.path.getsize(quanta.save(q, tmp_path / "q.safetensors")) <= 0.27 * fp32
 
 
 # ----------------------------------------------------------------------------- fresh interpreter
 def test_loads_in_a_fresh_interpreter(trained_cnn, digits_data, tmp_path):
-    q = quanta.quantize(trained_cnn, "static_int8", digits_data.calib_batches(2), progress=False)
+    q = quanta.quantize(trained_cnn, "static_int8", digits_data.calib_batches(2), progress=False, speed_check=False)
     quanta.save(q, tmp_path / "m.safetensors")
     x = digits_data.x_test[:32]
     from safetensors.torch import save_file
@@ -187,7 +187,7 @@ print("ok", type(m).__name__)
 
 # ----------------------------------------------------------------------------- bad input
 def test_loading_into_a_different_architecture_names_the_module(trained_cnn, digits_data, tmp_path):
-    q = quanta.quantize(trained_cnn, "static_int8", digits_data.calib_batches(2), progress=False)
+    q = quanta.quantize(trained_cnn, "static_int8", digits_data.calib_batches(2), progress=False, speed_check=False)
     quanta.save(q, tmp_path / "m.safetensors")
     with pytest.raises(ArchitectureError, match=r"'features.0' has out_channels=8 in the model.*out_channels=16"):
         quanta.load(tmp_path / "m.safetensors", model=demo.DigitsCNN(width=8))

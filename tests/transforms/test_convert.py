@@ -23,7 +23,7 @@ def _kernels(model: nn.Module) -> dict[str, dict[str, int]]:
 
 @pytest.fixture(scope="module")
 def cnn_int8(trained_cnn, digits_data):
-    return quanta.quantize(trained_cnn, "static_int8", digits_data.calib_batches(8), progress=False)
+    return quanta.quantize(trained_cnn, "static_int8", digits_data.calib_batches(8), progress=False, speed_check=False)
 
 
 def test_static_int8_cnn_structure_and_kernels(cnn_int8, digits_data):

@@ -45,6 +45,27 @@ class LayerQuantConfig:
 _DYNAMIC_CLASSES: dict[tuple[type, type], type] = {}
 
 
+def float_class_of(module: nn.Module) -> type:
+    """The class a module was built as before quanta swapped it: for a quantized module (or the
+    wrapper quanta made for a user's float subclass) the first non-quantized ``nn.Module``
+    class of its MRO; for anything else its own class."""
+    for klass in type(module).__mro__:
+        if issubclass(klass, nn.Module) and not issubclass(klass, QuantModule):
+            return klass
+    return type(module)
+
+
+def _only_quantizers(module: nn.Module) -> bool:
+    """A TensorQuantizer, a quantized functional op, or a container of nothing else."""
+    from .functional import QuantOp
+
+    if isinstance(module, (TensorQuantizer, QuantOp)):
+        return True
+    if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+        return all(_only_quantizers(m) for m in module.children())
+    return False
+
+
 class QuantModule:
     """Mixin placed before a float module class in the MRO.
 
@@ -97,6 +118,18 @@ class QuantModule:
         new.__dict__.update({k: (v.copy() if isinstance(v, (dict, list)) else v) for k, v in module.__dict__.items()})
         new.init_quantizers(LayerQuantConfig() if config is None else config)
         return new
+
+    def to_float(self) -> nn.Module:
+        """The float module this one wraps (its float class, sharing parameters, buffers and
+        hooks), without quantizers: the inverse of `from_float`."""
+        cls = float_class_of(self)  # type: ignore[arg-type]
+        twin = cls.__new__(cls)
+        twin.__dict__.update({k: (v.copy() if isinstance(v, (dict, list)) else v) for k, v in self.__dict__.items()
+                              if k != "quant_config"})
+        for name, child in list(twin._modules.items()):
+            if child is not None and _only_quantizers(child):
+                del twin._modules[name]
+        return twin
 
     def init_quantizers(self, config: LayerQuantConfig) -> None:
         self.quant_config = config
