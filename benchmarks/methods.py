@@ -130,8 +130,12 @@ def torch_fp32_channels_last(model: nn.Module) -> Method:
 
 
 # ---------------------------------------------------------------- quanta rows
-def quanta_rows(model: nn.Module, presets: list[tuple[str, dict]], calib: list[torch.Tensor]) -> list[Method]:
-    """One eager and one ``torch.compile`` row per preset, via quanta's public API."""
+def quanta_rows(model: nn.Module, presets: list[tuple[str, dict]], calib: list[torch.Tensor],
+                example: torch.Tensor | None = None) -> list[Method]:
+    """One eager and one ``torch.compile`` row per preset, via quanta's public API.
+
+    ``example`` (a benchmark input) drives quanta's speed check: layers whose integer kernel
+    is slower than float on it stay float; the row's notes count them."""
     try:
         import quanta
         quantize = quanta.quantize
@@ -143,9 +147,12 @@ def quanta_rows(model: nn.Module, presets: list[tuple[str, dict]], calib: list[t
         label = f"quanta {preset}" + "".join(f" {k}={v}" for k, v in kwargs.items())
 
         def build(preset=preset, kwargs=kwargs, label=label) -> Method:
-            q = quantize(copy.deepcopy(model), preset, calib_data=list(calib), **kwargs)
+            q = quantize(copy.deepcopy(model), preset, calib_data=list(calib), example=example, **kwargs)
             q.eval()
-            return Method(label, QUANTA, fn=q, size_bytes=quanta_size(q))
+            kept = [r.name for r in quanta.conversion_report(q) if r.result == "float"]
+            notes = [f"speed check kept {len(kept)} layer(s) float: {', '.join(kept[:4])}"
+                     f"{' …' if len(kept) > 4 else ''}"] if kept else []
+            return Method(label, QUANTA, fn=q, size_bytes=quanta_size(q), notes=notes)
 
         eager = guarded(label, QUANTA, build, prefix="not available")
         rows.append(eager)

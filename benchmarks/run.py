@@ -55,7 +55,7 @@ def build_methods(wl: W.Workload, model: torch.nn.Module, threads: int, workdir:
     calib = wl.calib_data()
     steps = [
         ("fp32", lambda: [torch_fp32(model)] + ([torch_fp32_channels_last(model)] if wl.kind == "cnn" else [])),
-        ("quanta", lambda: quanta_rows(model, QUANTA_PRESETS[wl.kind], calib)),
+        ("quanta", lambda: quanta_rows(model, QUANTA_PRESETS[wl.kind], calib, wl.input(min(wl.batches)))),
         ("torch.ao", lambda: peers.torch_ao(wl, model, calib)),
         ("torchao", lambda: peers.torchao_rows(wl, model)),
         ("pt2e", lambda: peers.pt2e_x86(wl, model, calib)),
@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
             for b in wl.batches:
                 print(f"[{time.perf_counter() - t_start:6.1f} s] {name} batch {b}: timing", flush=True)
                 rows = bench_batch(wl, model, built, b, budget)
-                t = report.table(f"{name}, batch {b}", wl.notes, rows)
+                notes = wl.notes + "".join(f"; {m.name}: {n}" for m in built for n in m.notes)
+                t = report.table(f"{name}, batch {b}", notes, rows)
                 print("\n" + t, flush=True)
                 tables.append(t)
             del built, model
