@@ -86,8 +86,8 @@ def _quantize_activation_fused(x, scale, zero_point, bits, signed, symmetric, na
         s = torch.where(amax > 0, (amax / float(qmax)).clamp_min(_TINY), torch.ones_like(amax))
         z = None
     else:
-        lo = (xf.amin(dim=-1, keepdim=True) if per_token else xf.amin()).clamp_max(0.0)
-        hi = (xf.amax(dim=-1, keepdim=True) if per_token else xf.amax()).clamp_min(0.0)
+        lo, hi = torch.aminmax(xf, dim=-1, keepdim=True) if per_token else torch.aminmax(xf)  # one pass
+        lo, hi = lo.clamp_max(0.0), hi.clamp_min(0.0)
         width = hi - lo
         if not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):
             check_finite(x)
@@ -95,9 +95,9 @@ def _quantize_activation_fused(x, scale, zero_point, bits, signed, symmetric, na
         raw = torch.where(torch.isinf(width), hi / steps - lo / steps, width / steps)
         s = torch.where(width > 0, raw.clamp_min(_TINY), torch.ones_like(raw))
         z = (qmin - torch.round(lo / s)).clamp(qmin, qmax).to(torch.int32)
-    q = torch.round(xf * (1.0 / s))
+    q = torch.mul(xf, 1.0 / s).round_()  # in place from here: one M x K buffer in all
     if z is not None:
-        q = q + z.float()
+        q.add_(z)
     codes = q.clamp_(qmin, qmax).to(torch.int8 if signed else torch.uint8)
     if z is None:
         z = torch.zeros(s.shape, dtype=torch.int32, device=x.device)
@@ -198,7 +198,10 @@ def _int_mm_acc(x, x_zp, weight, w_sum) -> torch.Tensor:
     acc = torch._int_mm(_dense(x), _dense(weight).t())
     if x.device.type != "cpu" or bool(zp.any()):
         ws = weight_sum(weight) if w_sum is None else w_sum.to(torch.int32)
-        acc -= zp * ws.reshape(1, -1)
+        if zp.numel() == 1:
+            acc.sub_(zp.reshape(()) * ws)
+        else:  # acc -= zp ⊗ Σw, in place (exact int32, no M x N temporary)
+            acc.addr_(zp.reshape(-1), ws, alpha=-1)
     return acc
 
 
