@@ -245,9 +245,24 @@ class _Int8ConvNd(IntegerModule):
         self._x_lo, self._x_hi = self.input_spec.qmin + offset, self.input_spec.qmax + offset
         self._emit = (float(self.emit_scale), int(self.emit_zero_point))
         self._packed = None
+        self._packed_for: dict[tuple[int, ...], torch.Tensor] = {}  # per input spatial size (oneDNN's hint)
         if self.weight.device.type == "cpu" and "onednn" in int8_conv.available_impls() and self.impl != "reference":
             self._packed = prepack(self.weight, self.weight_scale, self._x_scale, self._x_zp, self.stride,
                                    self.padding, self.dilation, self.groups)
+
+    def _packed_weight(self, spatial: tuple[int, ...]) -> torch.Tensor | None:
+        """The prepacked weight laid out for inputs of this spatial size (packed on first use;
+        the size-agnostic one while torch.compile traces)."""
+        if self._packed is None or torch.compiler.is_compiling():
+            return self._packed
+        packed = self._packed_for.get(spatial)
+        if packed is None:
+            if len(self._packed_for) >= 8:  # many sizes seen: keep memory bounded
+                return self._packed
+            packed = self._packed_for[spatial] = prepack(
+                self.weight, self.weight_scale, self._x_scale, self._x_zp, self.stride, self.padding,
+                self.dilation, self.groups, spatial)
+        return packed
 
     def input_code_qparams(self) -> tuple[float, int]:
         """``(scale, zero_point)`` of the uint8 codes this module takes as input: what a previous
@@ -321,9 +336,10 @@ class _Int8ConvNd(IntegerModule):
             raise ValueError(f"{name} holds its weights on {self.weight.device} but got an input on {x.device}")
         out_scale, out_zp = self._emit if self.output_kind == "uint8" else (None, 0)
         args = (codes, self._x_scale, zp, self.weight, self.weight_scale, self.bias, self.stride, self.padding,
-                self.dilation, self.groups, self.post_op, out_scale, out_zp, self._packed)
+                self.dilation, self.groups, self.post_op, out_scale, out_zp,
+                self._packed_weight(tuple(codes.shape[2:])))
         impl = int8_conv.choose(*args) if self.impl == "auto" else self.impl
-        y = int8_conv(*args, impl=self.record(impl))
+        y = int8_conv(*args, impl=self.record(impl), checked=self.impl == "auto")
         if self.output_kind == "float" and self.output_spec is not None:
             y = fake_quantize(y, self.output_scale, self.output_zero_point, self.output_spec)
         return y

@@ -64,7 +64,7 @@ class _IntEmbedding(IntegerModule):
 
     def _run(self, op: K.KernelOp, *args: Any) -> torch.Tensor:
         impl = op.choose(*args) if self.impl == "auto" else self.impl
-        out = op(*args, impl=impl)
+        out = op(*args, impl=impl, checked=self.impl == "auto")
         self.record(impl)
         return out
 

@@ -135,7 +135,7 @@ class _LinearBase(_OutputQuant, IntegerModule):
     def _run(self, op: Any, *args: Any) -> torch.Tensor:
         impl = op.choose(*args) if self.impl == "auto" else self.impl
         self.record(impl)
-        return op(*args, impl=impl)
+        return op(*args, impl=impl, checked=self.impl == "auto")
 
     def _finish(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         y = self._apply_output(y.float()).to(x.dtype)

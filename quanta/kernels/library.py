@@ -46,6 +46,7 @@ class KernelOp:
     _logged: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
+        self._by_name = {i.name: i for i in self.impls}
         LIB.define(self.name + self.schema)
         # MkldnnCPU: a prepacked oneDNN weight is an mkldnn tensor, which routes the call there
         for device in ("CPU", "CUDA", "MkldnnCPU"):
@@ -96,8 +97,17 @@ class KernelOp:
         raise ValueError(f"quanta::{self.name}: unknown implementation {impl!r}; "
                          f"choose 'auto', 'reference' or one of {[i.name for i in self.impls]}")
 
-    def __call__(self, *args: Any, impl: str = "auto") -> torch.Tensor:
-        return self.op(*args, impl)
+    def __call__(self, *args: Any, impl: str = "auto", checked: bool = False) -> torch.Tensor:
+        """Run the op. In eager mode the Python implementation is called directly (the torch
+        dispatcher's boxing costs ~10-30 µs a call, much of a small layer's time); under
+        ``torch.compile`` / export the registered op is called, so graphs see ``quanta::<name>``.
+        ``checked=True``: ``impl`` is what `choose` just returned for these arguments, so its
+        guard is not run a second time."""
+        if torch.compiler.is_compiling():
+            return self.op(*args, impl)
+        if checked and impl != "reference":
+            return self._by_name[impl].fn(*args)
+        return self._dispatch(*args, impl)
 
 
 def _device_of(args: tuple[Any, ...]) -> str:
