@@ -164,8 +164,16 @@ def _check_int8_linear(x, x_scale, x_zp, weight, w_scale, bias):
 
 def _rescale(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
              bias: torch.Tensor | None) -> torch.Tensor:
-    """``float32(acc) · x_scale[m] · w_scale[n] (+ bias[n])``, left to right, in float32."""
-    y = acc.to(torch.float32)
+    """``float32(acc) · x_scale[m] · w_scale[n] (+ bias[n])``, left to right, in float32.
+
+    A contiguous int32 ``acc`` (the fast paths') is converted in its own memory: a fresh
+    [M, N] float32 buffer costs page faults that, at BERT batch 8 ([1024, 3072]), take ~0.6 ms
+    of a ~8 ms linear. Same values either way (an element-wise cast)."""
+    if acc.dtype == torch.int32 and acc.is_contiguous():
+        y = acc.view(torch.float32)
+        y.copy_(acc)
+    else:
+        y = acc.to(torch.float32)
     y.mul_(x_scale.reshape(-1, 1).float()).mul_(w_scale.reshape(1, -1).float())
     if bias is not None:
         y.add_(bias.float())
