@@ -186,6 +186,10 @@ def ort_rows(wl: W.Workload, model: nn.Module, calib: list[torch.Tensor], thread
     def session(path: str, name: str) -> Method:
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
+        # ORT's pool spins after each run by default, stealing the cores from whichever method the
+        # interleaved round-robin times next (measured: quanta's linear-stack row 5 ms alone,
+        # 17 ms right after an ORT row). Every method gets the cores to itself this way.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         s = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
