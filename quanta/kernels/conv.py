@@ -151,9 +151,26 @@ def reference(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: torch.
     if bias is not None:
         y = y + bias.double().view(bshape)
     y = apply_post_op(y.float(), post_op)
-    if out_scale is None:
-        return y
-    return quantize(y, out_scale, out_zero_point, UINT8_SPEC)
+    if out_scale is not None:
+        y = quantize(y, out_scale, out_zero_point, UINT8_SPEC)
+    out = torch.empty_strided(y.shape, kernel_strides(y.shape), dtype=y.dtype, device=y.device)
+    return out.copy_(y)
+
+
+def kernel_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    """Strides of the outputs every implementation returns: channels-last, the layout oneDNN
+    produces and the next oneDNN conv wants (a 1d output is the squeezed 2d one: ``(C·L, 1, C)``).
+    One layout for all, so that torch.compile's fake kernel can state it."""
+    n_spatial = len(shape) - 2
+    c = shape[1]
+    strides = [0] * len(shape)
+    strides[1] = 1
+    step = c
+    for i in range(len(shape) - 1, 1, -1):
+        strides[i] = step
+        step *= shape[i]
+    strides[0] = step if n_spatial else c
+    return tuple(strides)
 
 
 def _fake(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: torch.Tensor, w_scale: torch.Tensor,
@@ -161,7 +178,7 @@ def _fake(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: torch.Tens
           groups: int, post_op: str, out_scale: float | None, out_zero_point: int,
           packed: torch.Tensor | None, impl: str = "auto") -> torch.Tensor:
     shape = conv_output_shape(x.shape, weight.shape, stride, padding, dilation)
-    return x.new_empty(shape, dtype=torch.float32 if out_scale is None else torch.uint8)
+    return x.new_empty_strided(shape, kernel_strides(shape), dtype=torch.float32 if out_scale is None else torch.uint8)
 
 
 # ---------------------------------------------------------------------------- oneDNN
@@ -214,7 +231,8 @@ def _onednn_guard(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: to
     reduction = weight[0].numel() if weight.dim() else 0
     if reduction * _MAX_PRODUCT >= 2**31:
         return f"a reduction of {reduction} products may overflow oneDNN's int32 accumulator"
-    if packed is not None and not packed.is_mkldnn:
+    # (while torch.compile traces, ``packed`` is a fake tensor that does not report its layout)
+    if packed is not None and not packed.is_mkldnn and not torch.compiler.is_compiling():
         return "packed must be the mkldnn tensor made by quanta.kernels.conv.prepack"
     if post_op not in _ATTRS:
         return f"post_op {post_op!r} is not supported"

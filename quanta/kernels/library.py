@@ -34,6 +34,14 @@ class Impl:
     guard: Guard
     available: Callable[[], bool] = lambda: True
     devices: tuple[str, ...] = ("cpu",)
+    _available: bool | None = field(default=None, repr=False)
+
+    def is_available(self) -> bool:
+        """``available()``, asked once (the machine does not change; and under torch.compile a
+        call into ``torch.backends`` would break the graph at every integer module)."""
+        if self._available is None:
+            self._available = bool(self.available())
+        return self._available
 
 
 @dataclass
@@ -47,6 +55,9 @@ class KernelOp:
 
     def __post_init__(self) -> None:
         self._by_name = {i.name: i for i in self.impls}
+        if not torch.cuda.is_available():  # CPU-only: settle availability now, outside any tracing
+            for impl in self.impls:
+                impl.is_available()
         LIB.define(self.name + self.schema)
         # MkldnnCPU: a prepacked oneDNN weight is an mkldnn tensor, which routes the call there
         for device in ("CPU", "CUDA", "MkldnnCPU"):
@@ -60,13 +71,13 @@ class KernelOp:
         return getattr(torch.ops.quanta, self.name)
 
     def available_impls(self) -> list[str]:
-        return [i.name for i in self.impls if i.available()] + ["reference"]
+        return [i.name for i in self.impls if i.is_available()] + ["reference"]
 
     def choose(self, *args: Any) -> str:
         """The implementation ``impl="auto"`` runs for these inputs."""
         device = _device_of(args)
         for impl in self.impls:
-            if device not in impl.devices or not impl.available():
+            if device not in impl.devices or not impl.is_available():
                 continue
             reason = impl.guard(*args)
             if reason is None:
@@ -75,6 +86,8 @@ class KernelOp:
         return "reference"
 
     def _log_once(self, message: str) -> None:
+        if torch.compiler.is_compiling():  # (logged by the eager calls; logging breaks graphs)
+            return
         if message not in self._logged:
             self._logged.add(message)
             LOG.info("quanta::%s falls back from %s", self.name, message)
@@ -87,7 +100,7 @@ class KernelOp:
             return self.reference(*inputs)
         for cand in self.impls:
             if cand.name == impl:
-                if not cand.available():
+                if not cand.is_available():
                     raise RuntimeError(f"quanta::{self.name}: implementation {impl!r} is not available on "
                                        "this machine")
                 reason = cand.guard(*inputs)

@@ -1,0 +1,85 @@
+"""Integer models under torch.compile: no graph breaks, fake kernels that state the real layout,
+the fast kernels (not the reference) inside the compiled graph, and eager's numbers."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+import quanta
+from quanta.integer.base import IntegerModule
+from quanta.kernels.conv import int8_conv, kernel_strides
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("impl", ["onednn", "reference"])
+@pytest.mark.parametrize("uint8_out", [False, True], ids=["float_out", "uint8_out"])
+def test_int8_conv_fake_kernel_matches_every_implementation(dims, impl, uint8_out):
+    if impl not in int8_conv.available_impls():
+        pytest.skip(f"{impl} not available here")
+    g = torch.Generator().manual_seed(dims)
+    x = torch.randint(0, 256, (2, 8) + (6,) * dims, dtype=torch.uint8, generator=g)
+    w = torch.randint(-127, 128, (4, 8) + (3,) * dims, dtype=torch.int8, generator=g)
+    one = [1] * dims
+    args = (x, 0.1, 3, w, torch.rand(4, generator=g), torch.rand(4, generator=g), one, one, one, 1, "relu",
+            0.05 if uint8_out else None, 7 if uint8_out else 0, None, impl)
+    result = torch.library.opcheck(torch.ops.quanta.int8_conv.default, args,
+                                   test_utils=("test_schema", "test_faketensor"))
+    assert set(result.values()) == {"SUCCESS"}
+    y = torch.ops.quanta.int8_conv.default(*args)
+    assert y.stride() == kernel_strides(y.shape)  # channels-last, whatever the implementation
+
+
+@pytest.fixture(scope="module")
+def cnn_int8(trained_cnn, digits_data):
+    return quanta.quantize(trained_cnn, "static_int8", digits_data.calib_batches(2), progress=False,
+                           speed_check=False)
+
+
+def test_converted_cnn_traces_without_graph_breaks(cnn_int8, digits_data):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        explained = torch._dynamo.explain(cnn_int8)(digits_data.x_test[:4])
+    assert explained.graph_break_count == 0, [b.reason[:200] for b in explained.break_reasons]
+    assert explained.graph_count == 1
+
+
+def test_converted_mlp_traces_without_graph_breaks():
+    import torch._dynamo
+
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 16)).eval()
+    q = quanta.quantize(mlp, "dynamic_int8", progress=False)
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        explained = torch._dynamo.explain(q)(torch.randn(8, 64))
+    assert explained.graph_break_count == 0, [b.reason[:200] for b in explained.break_reasons]
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="inductor needs a C++ compiler")
+def test_compiled_cnn_runs_the_onednn_kernels_with_eager_numbers(cnn_int8, digits_data):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    x = digits_data.x_test[:16]
+    compiled = torch.compile(cnn_int8)
+    with torch.inference_mode():
+        expected = cnn_int8(x)
+        counts = {n: dict(m.kernel_counts) for n, m in cnn_int8.named_modules() if isinstance(m, IntegerModule)}
+        got = compiled(x)
+        with torch.profiler.profile() as prof:
+            compiled(x)
+    ops = {e.name for e in prof.events()}
+    assert "onednn::qconv_pointwise" in ops  # the fast kernel, not the reference, inside the graph
+    assert "aten::_slow_conv2d_forward" not in ops and "aten::convolution" not in ops
+    # the same integer sums; oneDNN may order the float rescale differently for another layout
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert (got.argmax(1) == expected.argmax(1)).all()
+    after = {n: dict(m.kernel_counts) for n, m in cnn_int8.named_modules() if isinstance(m, IntegerModule)}
+    assert after == counts  # compiled calls do not mutate module state (that would recompile)
