@@ -251,10 +251,13 @@ class _Int8ConvNd(IntegerModule):
                                    self.padding, self.dilation, self.groups)
 
     def _packed_weight(self, spatial: tuple[int, ...]) -> torch.Tensor | None:
-        """The prepacked weight laid out for inputs of this spatial size (packed on first use;
-        the size-agnostic one while torch.compile traces)."""
-        if self._packed is None or torch.compiler.is_compiling():
-            return self._packed
+        """The prepacked weight laid out for inputs of this spatial size (packed on the first
+        eager call; torch.compile uses it when an eager call has made it, else the size-agnostic
+        one)."""
+        if self._packed is None:
+            return None
+        if torch.compiler.is_compiling():  # read, never insert, while tracing
+            return self._packed_for.get(spatial, self._packed)
         packed = self._packed_for.get(spatial)
         if packed is None:
             if len(self._packed_for) >= 8:  # many sizes seen: keep memory bounded
