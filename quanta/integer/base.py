@@ -74,6 +74,21 @@ class IntegerModule(nn.Module):
         except TypeError as e:
             raise ValueError(f"{cls.__name__}.from_config: {e}") from e
 
+    def choose_impl(self, op: Any, key: tuple[Any, ...], *args: Any) -> tuple[str, bool]:
+        """``(implementation, chosen_by_guards)`` for a call of ``op`` with ``args``. With
+        ``impl="auto"`` the guards' choice is remembered per ``key``, which must hold everything
+        about ``args`` that can change between calls and that the guards read (dtype, rank,
+        emptiness...); ``pack()`` forgets it."""
+        if self.impl != "auto":
+            return self.impl, False
+        cache = self.__dict__.setdefault("_impl_cache", {})
+        impl = cache.get(key)
+        if impl is None:
+            impl = op.choose(*args)
+            if not torch.compiler.is_compiling():
+                cache[key] = impl
+        return impl, True
+
     def record(self, impl: str) -> str:
         # Not while torch.compile traces: mutating module state there would invalidate the
         # compiled graph's guards and recompile on every call.

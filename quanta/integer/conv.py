@@ -245,6 +245,7 @@ class _Int8ConvNd(IntegerModule):
         self._x_lo, self._x_hi = self.input_spec.qmin + offset, self.input_spec.qmax + offset
         self._emit = (float(self.emit_scale), int(self.emit_zero_point))
         self._packed = None
+        self._impl_cache = {}
         self._packed_for: dict[tuple[int, ...], torch.Tensor] = {}  # per input spatial size (oneDNN's hint)
         if self.weight.device.type == "cpu" and "onednn" in int8_conv.available_impls() and self.impl != "reference":
             self._packed = prepack(self.weight, self.weight_scale, self._x_scale, self._x_zp, self.stride,
@@ -341,8 +342,9 @@ class _Int8ConvNd(IntegerModule):
         args = (codes, self._x_scale, zp, self.weight, self.weight_scale, self.bias, self.stride, self.padding,
                 self.dilation, self.groups, self.post_op, out_scale, out_zp,
                 self._packed_weight(tuple(codes.shape[2:])))
-        impl = int8_conv.choose(*args) if self.impl == "auto" else self.impl
-        y = int8_conv(*args, impl=self.record(impl), checked=self.impl == "auto")
+        key = (codes.dtype, codes.device, codes.numel() == 0, args[-1] is None, self.post_op, out_scale is None)
+        impl, checked = self.choose_impl(int8_conv, key, *args)
+        y = int8_conv(*args, impl=self.record(impl), checked=checked)
         if self.output_kind == "float" and self.output_spec is not None:
             y = fake_quantize(y, self.output_scale, self.output_zero_point, self.output_spec)
         return y

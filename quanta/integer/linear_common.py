@@ -133,9 +133,14 @@ class _LinearBase(_OutputQuant, IntegerModule):
         return x.reshape(-1, self.in_features)
 
     def _run(self, op: Any, *args: Any) -> torch.Tensor:
-        impl = op.choose(*args) if self.impl == "auto" else self.impl
+        x = args[0]
+        rows = x.shape[0]
+        # what the linear guards read that can change per call: dtype, device, the row count
+        # thresholds (1, 8, 16), which optional tensors (bias, packed weights...) are given
+        key = (x.dtype, x.device, rows if rows <= 16 else 17, tuple(a is None for a in args))
+        impl, checked = self.choose_impl(op, key, *args)
         self.record(impl)
-        return op(*args, impl=impl, checked=self.impl == "auto")
+        return op(*args, impl=impl, checked=checked)
 
     def _finish(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         y = self._apply_output(y.float()).to(x.dtype)
@@ -149,4 +154,5 @@ class _LinearBase(_OutputQuant, IntegerModule):
     def set_impl(self, impl: str) -> None:
         """Prefer a kernel ("auto", "reference" or an implementation name) and repack for it."""
         self.impl = impl
+        self.__dict__.pop("_impl_cache", None)
         self.pack()

@@ -245,6 +245,15 @@ def _onednn(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: torch.Te
             packed: torch.Tensor | None) -> torch.Tensor:
     check_args(x, x_scale, x_zero_point, weight, w_scale, bias, stride, padding, dilation, groups, post_op,
                out_scale, out_zero_point)
+    return _onednn_run(x, x_scale, x_zero_point, weight, w_scale, bias, stride, padding, dilation, groups, post_op,
+                       out_scale, out_zero_point, packed)
+
+
+def _onednn_run(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: torch.Tensor, w_scale: torch.Tensor,
+                bias: torch.Tensor | None, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+                groups: int, post_op: str, out_scale: float | None, out_zero_point: int,
+                packed: torch.Tensor | None) -> torch.Tensor:
+    """`_onednn` without re-validating arguments an integer module built itself (guards passed)."""
     if x.dtype == torch.int8:  # oneDNN takes uint8 sources: x + 128 exactly, as a bit flip
         x = torch.bitwise_xor(x.view(torch.uint8), 128)
         x_zero_point += 128
@@ -284,7 +293,7 @@ def _post_op_after(y: torch.Tensor, post_op: str, out_scale: float | None, out_z
 
 int8_conv = KernelOp(
     "int8_conv", SCHEMA, reference,
-    impls=[Impl("onednn", _onednn, _onednn_guard, available=_onednn_available)],
+    impls=[Impl("onednn", _onednn, _onednn_guard, available=_onednn_available, unchecked=_onednn_run)],
     fake=_fake,
 )
 

@@ -34,6 +34,9 @@ class Impl:
     guard: Guard
     available: Callable[[], bool] = lambda: True
     devices: tuple[str, ...] = ("cpu",)
+    #: ``fn`` without its argument validation, for callers whose arguments passed ``guard`` and
+    #: are built consistently (integer modules); ``None``: ``fn`` itself
+    unchecked: Callable[..., torch.Tensor] | None = None
     _available: bool | None = field(default=None, repr=False)
 
     def is_available(self) -> bool:
@@ -119,7 +122,8 @@ class KernelOp:
         if torch.compiler.is_compiling():
             return self.op(*args, impl)
         if checked and impl != "reference":
-            return self._by_name[impl].fn(*args)
+            chosen = self._by_name[impl]
+            return (chosen.unchecked or chosen.fn)(*args)
         return self._dispatch(*args, impl)
 
 
