@@ -270,3 +270,27 @@ def test_manifest_records_the_modules(trained_transformer, token_data, tmp_path)
     assert manifest["architecture"]["rebuildable"] is True
     assert by_path["encoder.linear1"]["config"]["act_spec"]["granularity"] == "per_token"
     assert "encoder.linear1.input_quantizer" not in by_path  # the integer module holds its qparams itself
+
+
+def test_trained_learnable_ranges_round_trip(tmp_path):
+    """QAT state: learned ranges (nn.Parameter amax) come back as parameters with their values."""
+    from quanta import LayerQuantConfig, QuantConfig, QuantDescriptor
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    cfg = QuantConfig(default=LayerQuantConfig(input=QuantDescriptor(learn_amax=True, amax=3.0),
+                                               weight=QuantDescriptor(per_channel=True, learn_amax=True)))
+    sim = quanta.prepare(model, cfg)
+    x = torch.randn(8, 16)
+    opt = torch.optim.SGD(sim.parameters(), lr=0.1)
+    sim.train()
+    sim(x).pow(2).mean().backward()
+    opt.step()
+    sim.eval()
+    assert float(sim[0].input_quantizer.amax) != 3.0  # the range was trained
+    quanta.save(sim, tmp_path / "qat.safetensors")
+    back = quanta.load(tmp_path / "qat.safetensors")
+    assert isinstance(back[0].input_quantizer.amax, nn.Parameter)
+    assert torch.equal(back[0].input_quantizer.amax, sim[0].input_quantizer.amax)
+    with torch.no_grad():
+        assert torch.equal(back(x), sim(x))
