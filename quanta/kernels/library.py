@@ -54,6 +54,9 @@ class KernelOp:
     reference: Callable[..., torch.Tensor]
     impls: list[Impl] = field(default_factory=list)
     fake: Callable[..., Any] | None = None  # output shapes/dtypes from the inputs (no ``impl``)
+    #: under torch.compile, trace into the implementation (its elementwise ops fuse with their
+    #: neighbours) instead of calling the opaque ``quanta::<name>`` op
+    traceable: bool = False
     _logged: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
@@ -120,6 +123,8 @@ class KernelOp:
         ``checked=True``: ``impl`` is what `choose` just returned for these arguments, so its
         guard is not run a second time."""
         if torch.compiler.is_compiling():
+            if self.traceable:  # let the compiler see (and fuse) the implementation's own ops
+                return self._dispatch(*args, impl)
             return self.op(*args, impl)
         if checked and impl != "reference":
             chosen = self._by_name[impl]

@@ -81,7 +81,7 @@ def _quantize_activation_fused(x, scale, zero_point, bits, signed, symmetric, na
         z = zero_point
     elif symmetric:
         amax = xf.abs().amax(dim=-1, keepdim=True) if per_token else xf.abs().amax()
-        if not bool(torch.isfinite(amax).all()):
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(amax).all()):
             check_finite(x)
         s = torch.where(amax > 0, (amax / float(qmax)).clamp_min(_TINY), torch.ones_like(amax))
         z = None
@@ -91,7 +91,9 @@ def _quantize_activation_fused(x, scale, zero_point, bits, signed, symmetric, na
         hi = (xf.amax(dim=-1, keepdim=True) if per_token else xf.amax()).clamp_min_(0.0)
         width = hi - lo
         steps = float(qmax - qmin)
-        if bool(torch.isfinite(width).all()):  # the usual case, one check
+        if torch.compiler.is_compiling():  # no data-dependent branch in a graph (no NaN check)
+            raw = torch.where(torch.isinf(width), hi / steps - lo / steps, width / steps)
+        elif bool(torch.isfinite(width).all()):  # the usual case, one check
             raw = width / steps
         else:  # NaN / inf input (raises), or a finite range whose width overflows float32
             check_finite(x)
@@ -132,6 +134,7 @@ quantize_activation = KernelOp(
     reference=_quantize_activation_ref,
     impls=[Impl("fused", _quantize_activation_fused, _guard_quantize_activation, devices=("cpu", "cuda"))],
     fake=_quantize_activation_fake,
+    traceable=True,
 )
 
 
@@ -207,7 +210,7 @@ def _int_mm_acc(x, x_zp, weight, w_sum) -> torch.Tensor:
         x = torch.bitwise_xor(x, 128).view(torch.int8)
         zp = zp - 128
     acc = torch._int_mm(_dense(x), _dense(weight).t())
-    if x.device.type != "cpu" or bool(zp.any()):
+    if x.device.type != "cpu" or torch.compiler.is_compiling() or bool(zp.any()):
         ws = weight_sum(weight) if w_sum is None else w_sum.to(torch.int32)
         if zp.numel() == 1:
             acc.sub_(zp.reshape(()) * ws)
@@ -299,6 +302,7 @@ int8_linear = KernelOp(
              available=lambda: _cuda_capability_at_least(8, 0), devices=("cuda",)),
     ],
     fake=_int8_linear_fake,
+    traceable=True,
 )
 
 

@@ -83,3 +83,23 @@ def test_compiled_cnn_runs_the_onednn_kernels_with_eager_numbers(cnn_int8, digit
     assert (got.argmax(1) == expected.argmax(1)).all()
     after = {n: dict(m.kernel_counts) for n, m in cnn_int8.named_modules() if isinstance(m, IntegerModule)}
     assert after == counts  # compiled calls do not mutate module state (that would recompile)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="inductor needs a C++ compiler")
+def test_compiled_dynamic_int8_linear_fuses_and_keeps_the_numbers():
+    """Linear kernels are traced into (inductor fuses their elementwise work): the activation
+    codes stay exact, the float epilogue may differ by float rounding only."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 128)).eval()
+    q = quanta.quantize(mlp, "dynamic_int8", progress=False)
+    x = torch.randn(64, 256)
+    with torch.inference_mode():
+        expected = q(x)
+        counts = {n: dict(m.kernel_counts) for n, m in q.named_modules() if isinstance(m, IntegerModule)}
+        got = torch.compile(q)(x)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    assert {n: dict(m.kernel_counts) for n, m in q.named_modules() if isinstance(m, IntegerModule)} == counts
