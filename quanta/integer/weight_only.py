@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core import Format, Granularity, QuantSpec, pack_bits, quantize
-from ..kernels.linear import int4_weight_only_linear, int4pack_for_cpu, int8_weight_only_linear
+from ..kernels.weight_only import int4_weight_only_linear, int4pack_for_cpu, int8_weight_only_linear
 from .base import dtype_name
 from .linear_common import (
     _LinearBase, _active, _bias_of, _check_activation, _common_reason, _int_weight_reason, _output_spec_of,

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import zlib
 
-import itertools
 
 import pytest
 import torch
 
 from quanta.core import QuantSpec, pack_bits, quantize_tensor
 from quanta.kernels import linear as L
+from quanta.kernels import weight_only as WO
 
 SHAPES = [(1, 7, 33), (7, 33, 1), (33, 64, 7), (64, 2, 64), (1, 768, 48), (5, 130, 16)]
 
@@ -150,11 +150,11 @@ def test_int8_weight_only_matches_reference(shape, dtype):
     b = torch.randn(N, generator=g)
     args = (x, w, s, b)
     bad_bf16 = dtype == torch.bfloat16 and K % 16  # torch's bf16 kernel crashes there
-    assert L.int8_weight_only_linear.choose(*args) == ("reference" if bad_bf16 else "int8pack_mm")
+    assert WO.int8_weight_only_linear.choose(*args) == ("reference" if bad_bf16 else "int8pack_mm")
     if bad_bf16:
         return
-    ref = L.int8_weight_only_linear(*args, impl="reference")
-    out = L.int8_weight_only_linear(*args, impl="int8pack_mm")
+    ref = WO.int8_weight_only_linear(*args, impl="reference")
+    out = WO.int8_weight_only_linear(*args, impl="int8pack_mm")
     assert out.dtype == dtype
     # float accumulation in another order: bounded by K ulps of the sum of |terms| (+ bf16 rounding)
     eps = torch.finfo(dtype).eps
@@ -165,8 +165,8 @@ def test_int8_weight_only_matches_reference(shape, dtype):
 def test_weight_only_fp32_guard_many_rows():
     x = torch.randn(64, 32)
     args = (x, torch.zeros(16, 32, dtype=torch.int8), torch.ones(16), None)
-    assert L.int8_weight_only_linear.choose(*args) == "reference"
-    assert L.int8_weight_only_linear.choose(x.bfloat16(), *args[1:]) == "int8pack_mm"
+    assert WO.int8_weight_only_linear.choose(*args) == "reference"
+    assert WO.int8_weight_only_linear.choose(x.bfloat16(), *args[1:]) == "int8pack_mm"
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])
@@ -176,18 +176,18 @@ def test_int4_weight_only_matches_reference(group_size, kind, M):
     g = torch.Generator().manual_seed(group_size + M)
     K, N = 256, 48
     symmetric, signed = kind == "sym", kind != "asym_unsigned"
-    spec = L.int4_spec(group_size, symmetric, signed)
+    spec = WO.int4_spec(group_size, symmetric, signed)
     w = torch.randn(N, K, generator=g)
     q = quantize_tensor(w, spec)
     wp = pack_bits(q.q, 4, signed)
     zp = None if symmetric else q.zero_point.to(torch.int8)
-    packed, sz = L.int4pack_for_cpu(wp, q.scale, zp, group_size, signed, K)
+    packed, sz = WO.int4pack_for_cpu(wp, q.scale, zp, group_size, signed, K)
     x = torch.randn(M, K, generator=g)
     b = torch.randn(N, generator=g)
     args = (x, wp, q.scale, zp, group_size, signed, b, packed, sz)
-    assert L.int4_weight_only_linear.choose(*args) == "int4pack_mm"
-    ref = L.int4_weight_only_linear(*args, impl="reference")
-    out = L.int4_weight_only_linear(*args, impl="int4pack_mm")
+    assert WO.int4_weight_only_linear.choose(*args) == "int4pack_mm"
+    ref = WO.int4_weight_only_linear(*args, impl="reference")
+    out = WO.int4_weight_only_linear(*args, impl="int4pack_mm")
     mag = x.abs() @ q.dequantize().abs().t() + b.abs()
     assert bool(((out - ref).abs() <= 4 * K * 2**-23 * mag).all())
     # the reference is quanta.core's dequantize + matmul
@@ -198,9 +198,9 @@ def test_int4_guards():
     K, N = 64, 8  # N % 16 != 0
     wp = torch.zeros(N, K // 2, dtype=torch.uint8)
     args = (torch.randn(1, K), wp, torch.ones(N, 2), None, 32, True, None, None, None)
-    assert L.int4_weight_only_linear.choose(*args) == "reference"
+    assert WO.int4_weight_only_linear.choose(*args) == "reference"
     with pytest.raises(ValueError, match="prepacked"):
-        L.int4_weight_only_linear(*args, impl="int4pack_mm")
+        WO.int4_weight_only_linear(*args, impl="int4pack_mm")
 
 
 def test_fp8_reference_and_cpu_choice():
