@@ -143,7 +143,11 @@ class _LinearBase(_OutputQuant, IntegerModule):
         return op(*args, impl=impl, checked=checked)
 
     def _finish(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        y = self._apply_output(y.float()).to(x.dtype)
+        if y.dtype != torch.float32:
+            y = y.float()
+        y = self._apply_output(y)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def _linear_config(self, **extra: Any) -> dict[str, Any]:

@@ -69,9 +69,9 @@ def _quantize_activation_fused(x, scale, zero_point, bits, signed, symmetric, na
     clamp), written as a few tensor ops without its per-call validation and layout machinery."""
     spec = _act_spec(bits, signed, symmetric, narrow_range, per_token, rounding)
     qmin, qmax = spec.qmin, spec.qmax
-    xf = x.float()
+    xf = _f32(x)
     if scale is not None:
-        s = scale.float()
+        s = _f32(scale)
         z = zero_point
     elif symmetric:
         amax = xf.abs().amax(dim=-1, keepdim=True) if per_token else xf.abs().amax()
@@ -171,10 +171,17 @@ def _rescale(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
         y.copy_(acc)
     else:
         y = acc.to(torch.float32)
-    y.mul_(x_scale.reshape(-1, 1).float()).mul_(w_scale.reshape(1, -1).float())
+    y.mul_(_f32(x_scale if x_scale.dim() == 2 or x_scale.numel() == 1 else x_scale.reshape(-1, 1)))
+    y.mul_(_f32(w_scale if w_scale.dim() == 1 else w_scale.reshape(-1)))
     if bias is not None:
-        y.add_(bias.float())
+        y.add_(_f32(bias))
     return y
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """``t.float()`` without a dispatched no-op call when it is float32 already (a small
+    layer's call is mostly such per-op overhead)."""
+    return t if t.dtype == torch.float32 else t.float()
 
 
 def _int8_linear_ref(x, x_scale, x_zp, weight, w_scale, bias, w_sum, packed):
@@ -199,17 +206,22 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
 def _int_mm_acc(x, x_zp, weight, w_sum) -> torch.Tensor:
     """Exact int32 ``Σ_k (x - zp) w`` with ``torch._int_mm`` (int8 x int8 only): uint8 codes are
     shifted by -128 (``x ^ 0x80`` read as int8), the zero point is applied as ``zp' · Σ_k w``."""
-    zp = x_zp.reshape(-1, 1).to(torch.int32)
+    zp = x_zp.reshape(-1)
+    if zp.dtype != torch.int32:
+        zp = zp.to(torch.int32)
     if x.dtype == torch.uint8:
         x = torch.bitwise_xor(x, 128).view(torch.int8)
         zp = zp - 128
     acc = torch._int_mm(_dense(x), _dense(weight).t())
-    if x.device.type != "cpu" or torch.compiler.is_compiling() or bool(zp.any()):
-        ws = weight_sum(weight) if w_sum is None else w_sum.to(torch.int32)
+    # (per-token zero points are practically never all 0: correct without asking)
+    if x.device.type != "cpu" or torch.compiler.is_compiling() or zp.numel() > 1 or bool(zp.any()):
+        ws = weight_sum(weight) if w_sum is None else w_sum
+        if ws.dtype != torch.int32:
+            ws = ws.to(torch.int32)
         if zp.numel() == 1:
             acc.sub_(zp.reshape(()) * ws)
         else:  # acc -= zp ⊗ Σw, in place (exact int32, no M x N temporary)
-            acc.addr_(zp.reshape(-1), ws, alpha=-1)
+            acc.addr_(zp, ws, alpha=-1)
     return acc
 
 
