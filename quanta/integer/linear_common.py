@@ -136,8 +136,8 @@ class _LinearBase(_OutputQuant, IntegerModule):
         x = args[0]
         rows = x.shape[0]
         # what the linear guards read that can change per call: dtype, device, the row count
-        # thresholds (1, 8, 16), which optional tensors (bias, packed weights...) are given
-        key = (x.dtype, x.device, rows if rows <= 16 else 17, tuple(a is None for a in args))
+        # thresholds (1, 8, 16, 32), which optional tensors (bias, packed weights...) are given
+        key = (x.dtype, x.device, rows if rows <= 32 else 33, tuple(a is None for a in args))
         impl, checked = self.choose_impl(op, key, *args)
         self.record(impl)
         return op(*args, impl=impl, checked=checked)

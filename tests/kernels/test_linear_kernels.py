@@ -54,6 +54,30 @@ def test_int8_linear_int_mm_equals_reference_bitwise(shape, xdtype, per_token, n
     assert torch.equal(acc.long(), acc_ref)
 
 
+@pytest.mark.parametrize("M", [2, 7, 32])
+@pytest.mark.parametrize("xdtype", [torch.int8, torch.uint8], ids=["s8", "u8"])
+@pytest.mark.parametrize("per_token", [False, True], ids=["tensor", "token"])
+def test_swapped_int_mm_equals_reference_bitwise(M, xdtype, per_token):
+    """(W · Xᵀ)ᵀ for a few rows and a large weight: chosen by the guards, same numbers exactly."""
+    g = torch.Generator().manual_seed(zlib.crc32(repr((M, str(xdtype), per_token)).encode()) % 2**31)
+    K, N = 2048, 2049  # N * K >= 2^22; odd N
+    x = _x_codes(M, K, xdtype, g, False)
+    w = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=g)
+    n = M if per_token else 1
+    xs = torch.rand(n, generator=g) * 0.1 + 1e-3
+    lo, hi = (-20, 20) if xdtype == torch.int8 else (0, 256)
+    zp = torch.randint(lo, hi, (n,), dtype=torch.int32, generator=g)
+    if not per_token:
+        xs, zp = xs.reshape(()), zp.reshape(())
+    args = (x, xs, zp, w, torch.rand(N, generator=g) * 0.01 + 1e-4, torch.randn(N, generator=g), None, None)
+    assert L.int8_linear.choose(*args) == "int_mm_swapped"
+    fast = L.int8_linear(*args, impl="int_mm_swapped")
+    assert fast.is_contiguous()
+    torch.testing.assert_close(fast, L.int8_linear(*args, impl="reference"), atol=0, rtol=0)
+    assert L.int8_linear.choose(x[:1], xs if not per_token else xs[:1], zp if not per_token else zp[:1],
+                                *args[3:]) == "int_mm"  # one row: the usual order is as fast
+
+
 def test_int_mm_sums_exact_at_the_extremes():
     K = 4096
     x = torch.full((3, K), -128, dtype=torch.int8)
