@@ -54,6 +54,15 @@ def _perf_counter(kind: str, fn: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
+def _cuda_perf_counter(kind: str, fn: Callable[[], Any]) -> float:
+    """Wall time of ``fn`` including its queued CUDA work."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def _in_uint8_chain(mod: nn.Module, args: tuple[Any, ...]) -> bool:
     """Emits uint8 codes to, or takes them from, another integer conv (`fuse_activations`)."""
     takes = bool(args) and isinstance(args[0], torch.Tensor) and args[0].dtype == torch.uint8
@@ -90,7 +99,8 @@ def keep_faster(model: nn.Module, twins: dict[str, nn.Module], example: Any, *,
     module is slower. Modules not called by ``example`` stay integer."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    measure = measure or _perf_counter
+    on_cuda = any(b.is_cuda for b in model.buffers()) or any(p.is_cuda for p in model.parameters())
+    measure = measure or (_cuda_perf_counter if on_cuda else _perf_counter)
     modules = {n: m for n, m in model.named_modules() if n in twins and isinstance(m, IntegerModule)}
     counts = {m: m.kernel_counts.copy() for m in model.modules() if isinstance(m, IntegerModule)}
     try:

@@ -140,3 +140,15 @@ def test_convs_of_a_uint8_chain_are_not_timed_alone(trained_cnn, digits_data):
     with torch.no_grad():  # two layers now float: close to the all-integer model, and it still runs
         after = model(x)
     assert (after.argmax(1) == before.argmax(1)).float().mean() >= 0.95
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_speed_check_on_cuda_times_queued_work():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256)).eval().cuda()
+    x = torch.randn(64, 256, device="cuda")
+    q = quanta.quantize(mlp, "dynamic_int8", [x], progress=False)
+    report = quanta.conversion_report(q)
+    assert all("ms" in r.detail for r in report)
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), mlp(x), atol=0.1, rtol=0.1)
