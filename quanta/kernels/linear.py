@@ -93,10 +93,15 @@ def _quantize_activation_fused(x, scale, zero_point, bits, signed, symmetric, na
             check_finite(x)
             raw = torch.where(torch.isinf(width), hi / steps - lo / steps, width / steps)
         s = raw.clamp_min_(_TINY).masked_fill_(width <= 0, 1.0)
-        z = torch.round(lo / s).neg_().add_(qmin).clamp_(qmin, qmax).to(torch.int32)
+        zf = torch.round(lo / s).neg_()  # qmin - round(lo / s), kept in float for the add below
+        if qmin:
+            zf.add_(qmin)
+        z = zf.clamp_(qmin, qmax)
     q = torch.mul(xf, torch.reciprocal(s)).round_()  # in place from here: one M x K buffer in all
     if z is not None:
-        q.add_(z)
+        q.add_(z)  # (float + float: no per-element int32 promotion)
+        if z.dtype != torch.int32:
+            z = z.to(torch.int32)
     codes = q.clamp_(qmin, qmax).to(torch.int8 if signed else torch.uint8)
     if z is None:
         z = torch.zeros(s.shape, dtype=torch.int32, device=x.device)
