@@ -86,7 +86,8 @@ def _config_summary(config: dict[str, Any]) -> dict[str, Any]:
     def short(layer: Any) -> Any:
         if layer is None:
             return None
-        return {k: (None if v is None else f"{v.get('format', 'int')}{v.get('num_bits', '')}")
+        # (the manifest stores descriptors without default fields: format "int", 8 bits)
+        return {k: (None if v is None else f"{v.get('format', 'int')}{v.get('num_bits', 8)}")
                 for k, v in layer.items()}
     return {"default": short(config.get("default")),
             "module_types": {k: short(v) for k, v in config.get("module_types", {}).items()},

@@ -24,7 +24,7 @@ def test_inspect_reports_layers_and_totals(trained_transformer, tmp_path, capsys
     assert report.tensor_bytes == quanta.storage_bytes(q)
     assert report.file_bytes == os.path.getsize(path)
     for text in ("encoder.linear1", "Int8Linear", "total:", "quanta file format 1", "TinyTransformer",
-                 "rebuildable from the file"):
+                 "rebuildable from the file", '"weight": "int8"'):
         assert text in printed
     assert str(report) in printed
 
