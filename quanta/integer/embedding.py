@@ -57,6 +57,14 @@ class _IntEmbedding(IntegerModule):
         self.padding_idx = padding_idx  # kept for the repr / parity; lookups are inference only
         self.symmetric = bool(symmetric)
 
+    def _register_table(self, codes: torch.Tensor, qparam_shape: tuple[int, ...], zp_dtype: torch.dtype) -> None:
+        """The canonical buffers: ``weight`` codes, float32 ``weight_scale`` and (asymmetric only)
+        ``weight_zero_point`` of ``qparam_shape``."""
+        self.register_buffer("weight", codes)
+        self.register_buffer("weight_scale", torch.ones(qparam_shape))
+        self.register_buffer("weight_zero_point",
+                             None if self.symmetric else torch.zeros(qparam_shape, dtype=zp_dtype))
+
     def _lookup_check(self, input: Any) -> None:
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"{type(self).__name__} expects a tensor of indices, got {type(input).__name__}")
@@ -76,10 +84,8 @@ class Int8Embedding(_IntEmbedding):
                  symmetric: bool = True) -> None:
         super().__init__()
         self._init_common(num_embeddings, embedding_dim, padding_idx, symmetric)
-        self.register_buffer("weight", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8))
-        self.register_buffer("weight_scale", torch.ones(num_embeddings))
-        self.register_buffer("weight_zero_point",
-                             None if symmetric else torch.zeros(num_embeddings, dtype=torch.int32))
+        self._register_table(torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8), (num_embeddings,),
+                             torch.int32)
 
     @classmethod
     def accepts(cls, sim: Any) -> str | None:
@@ -135,10 +141,8 @@ class Int4Embedding(_IntEmbedding):
             raise ValueError(f"Int4Embedding: group_size {group_size} does not divide embedding_dim {embedding_dim}")
         self.group_size = group_size
         groups = embedding_dim // group_size
-        self.register_buffer("weight", torch.zeros(num_embeddings, (embedding_dim + 1) // 2, dtype=torch.uint8))
-        self.register_buffer("weight_scale", torch.ones(num_embeddings, groups))
-        self.register_buffer("weight_zero_point",
-                             None if symmetric else torch.zeros(num_embeddings, groups, dtype=torch.int8))
+        self._register_table(torch.zeros(num_embeddings, (embedding_dim + 1) // 2, dtype=torch.uint8),
+                             (num_embeddings, groups), torch.int8)
 
     @classmethod
     def accepts(cls, sim: Any) -> str | None:

@@ -70,8 +70,6 @@ class Int8Linear(_LinearBase):
         reason = _common_reason(sim)
         if reason:
             return reason
-        if not _active(sim.weight_quantizer):
-            return "weight quantizer disabled (keep the layer in float)"
         reason = _int_weight_reason(sim.weight_quantizer.spec)
         if reason:
             return reason

@@ -29,6 +29,8 @@ def _common_reason(sim: Any) -> str | None:
             return f"{kind} quantizer is in mode {q.mode!r} (finish calibration first)"
         if q.needs_calibration:
             return f"{kind} quantizer has no range: calibrate the model first"
+    if not _active(sim.weight_quantizer):
+        return "weight quantizer disabled (keep the layer in float)"
     oq = sim.output_quantizer
     if _active(oq) and oq.spec.granularity not in (Granularity.PER_TENSOR, Granularity.PER_TOKEN):
         return f"output quantizer granularity {oq.spec.granularity.value!r} (per_tensor / per_token only)"
@@ -53,6 +55,16 @@ def _weight_only_activation(sim: Any) -> tuple[str | None, str | None]:
     if q.spec.format is Format.BF16:
         return "bfloat16", None
     return None, f"input quantizer {q.spec} (weight-only layers take float32 or bfloat16 activations)"
+
+
+def _weight_only_reason(sim: Any, hint: str = "") -> str | None:
+    """`_common_reason`, then whether the activations suit a weight-only layer (``hint`` is
+    appended to that refusal)."""
+    reason = _common_reason(sim)
+    if reason:
+        return reason
+    act, why = _weight_only_activation(sim)
+    return None if act is not None else f"{why}{hint}"
 
 
 def _int_weight_reason(spec: QuantSpec, max_bits: int = 8) -> str | None:

@@ -14,7 +14,7 @@ from ..kernels.weight_only import int4_weight_only_linear, int4pack_for_cpu, int
 from .base import dtype_name
 from .linear_common import (
     _LinearBase, _active, _bias_of, _check_activation, _common_reason, _int_weight_reason, _output_spec_of,
-    _per_channel_weight, _weight_only_activation,
+    _per_channel_weight, _weight_only_activation, _weight_only_reason,
 )
 
 
@@ -33,14 +33,9 @@ class Int8WeightOnlyLinear(_LinearBase):
 
     @classmethod
     def accepts(cls, sim: Any) -> str | None:
-        reason = _common_reason(sim)
+        reason = _weight_only_reason(sim, ": use Int8Linear")
         if reason:
             return reason
-        act, why = _weight_only_activation(sim)
-        if act is None:
-            return f"{why}: use Int8Linear"
-        if not _active(sim.weight_quantizer):
-            return "weight quantizer disabled (keep the layer in float)"
         spec = sim.weight_quantizer.spec
         if spec.bits <= 4 and spec.granularity is Granularity.PER_GROUP:
             return "per-group 4-bit weights: use Int4WeightOnlyLinear"
@@ -100,14 +95,9 @@ class Int4WeightOnlyLinear(_LinearBase):
 
     @classmethod
     def accepts(cls, sim: Any) -> str | None:
-        reason = _common_reason(sim)
+        reason = _weight_only_reason(sim)
         if reason:
             return reason
-        act, why = _weight_only_activation(sim)
-        if act is None:
-            return why
-        if not _active(sim.weight_quantizer):
-            return "weight quantizer disabled (keep the layer in float)"
         spec = sim.weight_quantizer.spec
         if spec.format is not Format.INT or spec.bits > 4 or spec.bits < 2:
             return f"weights {spec} (Int4WeightOnlyLinear needs 2..4-bit integers)"
@@ -202,8 +192,6 @@ class HalfLinear(_LinearBase):
         reason = _common_reason(sim)
         if reason:
             return reason
-        if not _active(sim.weight_quantizer):
-            return "weight quantizer disabled (keep the layer in float)"
         dt = cls._dtype_of(sim.weight_quantizer.spec)
         if dt is None:
             return f"weights {sim.weight_quantizer.spec} (HalfLinear needs fp16 / bf16)"

@@ -176,15 +176,24 @@ def _cell(mode: str, input: torch.Tensor, hx: list[torch.Tensor], weights: list[
     return list(_step(mode, gi, gh, tuple(hx)))
 
 
-def rnn_reference(mode, input, hx, weights, num_layers, bidirectional, batch_first, act_bits, act_signed,
-                  act_symmetric, act_narrow):
-    spec = act_spec(act_bits, act_signed, act_symmetric, act_narrow)
-    return _sequence(mode, input, list(hx), list(weights), num_layers, bidirectional, batch_first, spec, exact_matmul)
+def _sequence_op(matmul):
+    """The op-schema form of `_sequence` with one way of multiplying (exact or ``_int_mm``)."""
+    def run(mode, input, hx, weights, num_layers, bidirectional, batch_first, act_bits, act_signed,
+            act_symmetric, act_narrow):
+        spec = act_spec(act_bits, act_signed, act_symmetric, act_narrow)
+        return _sequence(mode, input, list(hx), list(weights), num_layers, bidirectional, batch_first, spec, matmul)
+    return run
 
 
-def cell_reference(mode, input, hx, weights, act_bits, act_signed, act_symmetric, act_narrow):
-    spec = act_spec(act_bits, act_signed, act_symmetric, act_narrow)
-    return _cell(mode, input, list(hx), list(weights), spec, exact_matmul)
+def _cell_op(matmul):
+    """The op-schema form of `_cell` with one way of multiplying."""
+    def run(mode, input, hx, weights, act_bits, act_signed, act_symmetric, act_narrow):
+        return _cell(mode, input, list(hx), list(weights), act_spec(act_bits, act_signed, act_symmetric, act_narrow),
+                     matmul)
+    return run
+
+
+rnn_reference, cell_reference = _sequence_op(exact_matmul), _cell_op(exact_matmul)
 
 
 # ---------------------------------------------------------------------------- int_mm
@@ -213,15 +222,7 @@ def _int_mm_guard_act(act_bits: int, act_signed: bool, act_symmetric: bool) -> s
     return None
 
 
-def rnn_int_mm(mode, input, hx, weights, num_layers, bidirectional, batch_first, act_bits, act_signed,
-               act_symmetric, act_narrow):
-    spec = act_spec(act_bits, act_signed, act_symmetric, act_narrow)
-    return _sequence(mode, input, list(hx), list(weights), num_layers, bidirectional, batch_first, spec, int_mm_matmul)
-
-
-def cell_int_mm(mode, input, hx, weights, act_bits, act_signed, act_symmetric, act_narrow):
-    spec = act_spec(act_bits, act_signed, act_symmetric, act_narrow)
-    return _cell(mode, input, list(hx), list(weights), spec, int_mm_matmul)
+rnn_int_mm, cell_int_mm = _sequence_op(int_mm_matmul), _cell_op(int_mm_matmul)
 
 
 # ---------------------------------------------------------------------------- fbgemm

@@ -45,6 +45,13 @@ def _edit_manifest(path: str, edit) -> None:
     _write(path, header, body)
 
 
+def _edit_record(path: str, select, **fields) -> None:
+    """Set ``fields`` on the first module record for which ``select(record)`` holds."""
+    def edit(m):
+        next(r for r in m["modules"] if select(r)).update(fields)
+    _edit_manifest(path, edit)
+
+
 def test_an_untouched_rewrite_still_loads(saved):
     _edit_manifest(saved, lambda m: None)  # the helpers above keep a valid file valid
     quanta.load(saved)
@@ -88,20 +95,13 @@ def test_edited_shape_is_refused(saved):
 
 
 def test_unknown_module_kind_is_refused(saved):
-    def kind(m):
-        m["modules"][1]["kind"] = "hologram"
-
-    _edit_manifest(saved, kind)
+    _edit_record(saved, lambda r: r["path"] == "features.0", kind="hologram")
     with pytest.raises(QuantaFileError, match="unknown kind 'hologram'.*newer quanta"):
         quanta.load(saved)
 
 
 def test_unknown_integer_class_is_refused(saved):
-    def cls(m):
-        rec = next(r for r in m["modules"] if r["kind"] == "integer")
-        rec["cls"] = "Int3Teleporter"
-
-    _edit_manifest(saved, cls)
+    _edit_record(saved, lambda r: r["kind"] == "integer", cls="Int3Teleporter")
     with pytest.raises(QuantaFileError, match="unknown integer module kind 'Int3Teleporter'"):
         quanta.load(saved)
 
@@ -169,11 +169,7 @@ def test_a_manifest_naming_a_callable_as_architecture_is_refused(saved, tmp_path
 
 
 def test_a_manifest_naming_another_class_in_a_submodule_is_refused(saved):
-    def sub(m):
-        rec = next(r for r in m["modules"] if r["path"] == "features.1")
-        rec["cls"] = "subprocess:Popen"
-
-    _edit_manifest(saved, sub)
+    _edit_record(saved, lambda r: r["path"] == "features.1", cls="subprocess:Popen")
     with pytest.raises(ArchitectureError, match="refusing to import 'subprocess:Popen'"):
         quanta.load(saved)
 

@@ -26,6 +26,20 @@ def _x_codes(M, K, dtype, g, transposed=False):
     return torch.randint(lo, hi, (M, K), dtype=dtype, generator=g)
 
 
+def _int8_linear_args(M, K, N, xdtype, per_token, noncontig, g):
+    """Random int8_linear arguments: codes, activation qparams (per token or per tensor), a
+    wide-range int8 weight (incl. -128), weight scales, bias; no w_sum / packed weight."""
+    x = _x_codes(M, K, xdtype, g, noncontig)
+    w = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=g)
+    n = M if per_token else 1
+    xs = torch.rand(n, generator=g) * 0.1 + 1e-3
+    lo, hi = (-20, 20) if xdtype == torch.int8 else (0, 256)
+    zp = torch.randint(lo, hi, (n,), dtype=torch.int32, generator=g)
+    if not per_token:
+        xs, zp = xs.reshape(()), zp.reshape(())
+    return (x, xs, zp, w, torch.rand(N, generator=g) * 0.01 + 1e-4, torch.randn(N, generator=g), None, None)
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids)
 @pytest.mark.parametrize("xdtype", [torch.int8, torch.uint8], ids=["s8", "u8"])
 @pytest.mark.parametrize("per_token", [False, True], ids=["tensor", "token"])
@@ -33,17 +47,8 @@ def _x_codes(M, K, dtype, g, transposed=False):
 def test_int8_linear_int_mm_equals_reference_bitwise(shape, xdtype, per_token, noncontig):
     g = torch.Generator().manual_seed(zlib.crc32(repr((shape, str(xdtype), per_token, noncontig)).encode()) % 2**31)
     M, K, N = shape
-    x = _x_codes(M, K, xdtype, g, noncontig)
-    w = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=g)  # incl. -128 (wide range)
-    n = M if per_token else 1
-    xs = torch.rand(n, generator=g) * 0.1 + 1e-3
-    lo, hi = (-20, 20) if xdtype == torch.int8 else (0, 256)
-    zp = torch.randint(lo, hi, (n,), dtype=torch.int32, generator=g)
-    if not per_token:
-        xs, zp = xs.reshape(()), zp.reshape(())
-    ws = torch.rand(N, generator=g) * 0.01 + 1e-4
-    b = torch.randn(N, generator=g)
-    args = (x, xs, zp, w, ws, b, None, None)
+    args = _int8_linear_args(M, K, N, xdtype, per_token, noncontig, g)
+    x, xs, zp, w = args[:4]
     ref = L.int8_linear(*args, impl="reference")
     fast = L.int8_linear(*args, impl="int_mm")
     assert L.int8_linear.choose(*args) == ("int_mm" if K >= 2 else "reference")
@@ -61,15 +66,8 @@ def test_swapped_int_mm_equals_reference_bitwise(M, xdtype, per_token):
     """(W · Xᵀ)ᵀ for a few rows and a large weight: chosen by the guards, same numbers exactly."""
     g = torch.Generator().manual_seed(zlib.crc32(repr((M, str(xdtype), per_token)).encode()) % 2**31)
     K, N = 2048, 2049  # N * K >= 2^22; odd N
-    x = _x_codes(M, K, xdtype, g, False)
-    w = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=g)
-    n = M if per_token else 1
-    xs = torch.rand(n, generator=g) * 0.1 + 1e-3
-    lo, hi = (-20, 20) if xdtype == torch.int8 else (0, 256)
-    zp = torch.randint(lo, hi, (n,), dtype=torch.int32, generator=g)
-    if not per_token:
-        xs, zp = xs.reshape(()), zp.reshape(())
-    args = (x, xs, zp, w, torch.rand(N, generator=g) * 0.01 + 1e-4, torch.randn(N, generator=g), None, None)
+    args = _int8_linear_args(M, K, N, xdtype, per_token, False, g)
+    x, xs, zp = args[:3]
     assert L.int8_linear.choose(*args) == "int_mm_swapped"
     fast = L.int8_linear(*args, impl="int_mm_swapped")
     assert fast.is_contiguous()
