@@ -19,6 +19,11 @@ from hypothesis import settings
 
 
 from quanta import demo
+from quanta.kernels import native
+
+# Load (building once per machine) the native CPU kernels before any test chooses kernels, so
+# that every test sees the same implementations whichever test happens to run first.
+native.ensure()
 
 # One intra-op thread for the whole session: the tests run tiny models and tensors, for which a
 # second thread costs more than it gives. Measured on 2 shared cores: prepared-LSTM inference

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..kernels import native
+
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -33,6 +35,7 @@ class IntegerModule(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
+        native.ensure()  # the fused CPU kernels: built once per machine, loaded once per process
         self.kernel_counts: Counter[str] = Counter()
         self.register_load_state_dict_post_hook(lambda module, incompatible: module.pack())
 

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from ..core import Format, Granularity, QuantSpec, Rounding, fake_quantize, quantize
+from ..kernels import native
 from ..kernels.conv import POST_OPS, int8_conv, prepack
 from ..nn.modules.weighted import QuantConv1d, QuantConv2d, QuantConv3d
 from .base import IntegerModule
@@ -79,6 +80,14 @@ def _output_spec_problem(spec: QuantSpec) -> str | None:
     if spec.dynamic or spec.granularity is not Granularity.PER_TENSOR:
         return f"output spec {spec} is not static per-tensor"
     return None
+
+
+def _dense(x: torch.Tensor) -> bool:
+    """Contiguous, or channels-last: the layouts a one-pass quantization walks in memory order."""
+    if x.is_contiguous():
+        return True
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    return fmt is not None and x.is_contiguous(memory_format=fmt)
 
 
 def _tuple(v: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:
@@ -308,7 +317,12 @@ class _Int8ConvNd(IntegerModule):
 
     # ------------------------------------------------------------------ forward
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 kernel codes of a float input (same numbers as `quanta.core.quantize`)."""
+        """uint8 kernel codes of a float input (same numbers as `quanta.core.quantize`): one pass
+        in the native kernels where they are loaded (codes in the input's memory order), else
+        a few in-place tensor ops."""
+        if x.dtype == torch.float32 and x.device.type == "cpu" and native.ready() and \
+                not torch.compiler.is_compiling() and _dense(x):
+            return native.module().quantize_static(x, self._x_inv, self._x_zp, self._x_lo, self._x_hi, False)
         q = torch.mul(x if x.dtype == torch.float32 else x.float(), self._x_inv)
         q.round_()
         if self._x_zp:

@@ -37,11 +37,18 @@ class Impl:
     #: ``fn`` without its argument validation, for callers whose arguments passed ``guard`` and
     #: are built consistently (integer modules); ``None``: ``fn`` itself
     unchecked: Callable[..., torch.Tensor] | None = None
+    #: ``False``: a compiled library that torch.compile cannot trace into; never chosen while
+    #: compiling, and ``available()`` (cheap) is asked at every call because it can turn true
+    #: later in the process (the native library is built on first use)
+    traceable: bool = True
     _available: bool | None = field(default=None, repr=False)
 
     def is_available(self) -> bool:
-        """``available()``, asked once (the machine does not change; and under torch.compile a
-        call into ``torch.backends`` would break the graph at every integer module)."""
+        """``available()``, asked once for traceable implementations (the machine does not
+        change; and under torch.compile a call into ``torch.backends`` would break the graph at
+        every integer module)."""
+        if not self.traceable:
+            return not torch.compiler.is_compiling() and bool(self.available())
         if self._available is None:
             self._available = bool(self.available())
         return self._available
@@ -63,7 +70,8 @@ class KernelOp:
         self._by_name = {i.name: i for i in self.impls}
         if not torch.cuda.is_available():  # CPU-only: settle availability now, outside any tracing
             for impl in self.impls:
-                impl.is_available()
+                if impl.traceable:
+                    impl.is_available()
         LIB.define(self.name + self.schema)
         # MkldnnCPU: a prepacked oneDNN weight is an mkldnn tensor, which routes the call there
         for device in ("CPU", "CUDA", "MkldnnCPU"):
@@ -124,6 +132,8 @@ class KernelOp:
         guard is not run a second time."""
         if torch.compiler.is_compiling():
             if self.traceable:  # let the compiler see (and fuse) the implementation's own ops
+                if impl in self._by_name and not self._by_name[impl].traceable:
+                    impl = "auto"  # an eager choice of a compiled library: choose among traceable ones
                 return self._dispatch(*args, impl)
             return self.op(*args, impl)
         if checked and impl != "reference":

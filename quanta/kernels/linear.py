@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from ..core import QuantSpec, quantize, quantize_tensor
 from ..core.qparams import check_finite
+from . import native
 from .library import Impl, KernelOp
 
 _TINY = torch.finfo(torch.float32).tiny
@@ -108,6 +109,38 @@ def _quantize_activation_fused(x, scale, zero_point, bits, signed, symmetric, na
     return codes, (s.clone() if scale is not None else s), (z.clone() if scale is not None else z)
 
 
+def _quantize_activation_native(x, scale, zero_point, bits, signed, symmetric, narrow_range, per_token,
+                                rounding):
+    """`_quantize_activation_fused` in one pass per row (``quanta.kernels.native``); rows with
+    NaN / inf (or a range overflowing float32) go to the fused path, which raises or copes."""
+    spec = _act_spec(bits, signed, symmetric, narrow_range, per_token, rounding)
+    lib = native.module()
+    if scale is None:
+        out = lib.quantize_rows(x, spec.qmin, spec.qmax, symmetric, signed)
+        if out:
+            return out[0], out[1], out[2]
+        return _quantize_activation_fused(x, scale, zero_point, bits, signed, symmetric, narrow_range, per_token,
+                                          rounding)
+    zp = torch.zeros((), dtype=torch.int32) if zero_point is None else zero_point
+    codes = lib.quantize_static(x, float(torch.reciprocal(_f32(scale)).reshape(())), int(zp.reshape(())),
+                                spec.qmin, spec.qmax, signed)
+    return codes, scale.clone(), zp.clone()
+
+
+def _guard_quantize_native(x, scale, zero_point, bits, signed, symmetric, narrow_range, per_token, rounding):
+    reason = _guard_quantize_activation(x, scale, zero_point, bits, signed, symmetric, narrow_range, per_token,
+                                        rounding)
+    if reason is not None:
+        return reason
+    if x.dtype != torch.float32 or x.dim() != 2 or x.stride() != (x.shape[1], 1):
+        return f"x {x.dtype} of strides {tuple(x.stride())} (native path: row-major float32 [M, K])"
+    if scale is None and not per_token:
+        return "dynamic per-tensor (native path: per token, or static)"
+    if scale is not None and (scale.numel() != 1 or (zero_point is not None and zero_point.numel() != 1)):
+        return "static qparams that are not one scale / zero point"
+    return None
+
+
 def _guard_quantize_activation(x, scale, zero_point, bits, signed, symmetric, narrow_range, per_token,
                                rounding):
     if rounding != "half_even":
@@ -131,7 +164,9 @@ quantize_activation = KernelOp(
     "(Tensor x, Tensor? scale, Tensor? zero_point, int bits, bool signed, bool symmetric, "
     "bool narrow_range, bool per_token, str rounding, str impl) -> (Tensor, Tensor, Tensor)",
     reference=_quantize_activation_ref,
-    impls=[Impl("fused", _quantize_activation_fused, _guard_quantize_activation, devices=("cpu", "cuda"))],
+    impls=[Impl("native", _quantize_activation_native, _guard_quantize_native, available=native.ready,
+                traceable=False),
+           Impl("fused", _quantize_activation_fused, _guard_quantize_activation, devices=("cpu", "cuda"))],
     fake=_quantize_activation_fake,
     traceable=True,
 )
@@ -232,6 +267,26 @@ def _int_mm_acc(x, x_zp, weight, w_sum, swapped: bool = False) -> torch.Tensor:
         else:  # acc -= zp ⊗ Σw, in place (exact int32, no M x N temporary)
             acc.addr_(zp, ws, alpha=-1)
     return acc
+
+
+def _int8_linear_int_mm_native(x, x_scale, x_zp, weight, w_scale, bias, w_sum, packed):
+    """``torch._int_mm``, then the zero-point correction and `_rescale` in one pass
+    (``quanta.kernels.native``): the same int32 sums and float32 operations as ``int_mm``."""
+    zp = x_zp.reshape(-1)
+    if zp.dtype != torch.int32:
+        zp = zp.to(torch.int32)
+    if x.dtype == torch.uint8:
+        x = torch.bitwise_xor(x, 128).view(torch.int8)
+        zp = zp - 128
+    acc = torch._int_mm(_dense(x), _dense(weight).t())
+    ws = weight_sum(weight) if w_sum is None else w_sum
+    return native.module().rescale_rows(acc, zp.contiguous(), ws.to(torch.int32).contiguous(),
+                                        _f32(x_scale).reshape(-1).contiguous(), _f32(w_scale).reshape(-1).contiguous(),
+                                        None if bias is None else _f32(bias).contiguous())
+
+
+def _guard_int_mm_native(x, x_scale, x_zp, weight, w_scale, bias, w_sum, packed):
+    return _guard_int_mm_cpu(x, x_scale, x_zp, weight, w_scale, bias, w_sum, packed)
 
 
 def _int8_linear_int_mm(x, x_scale, x_zp, weight, w_scale, bias, w_sum, packed):
@@ -335,6 +390,8 @@ int8_linear = KernelOp(
     impls=[
         Impl("int_mm_swapped", _int8_linear_int_mm_swapped, _guard_int_mm_swapped,
              available=lambda: hasattr(torch, "_int_mm")),
+        Impl("int_mm_native", _int8_linear_int_mm_native, _guard_int_mm_native,
+             available=lambda: native.ready() and hasattr(torch, "_int_mm"), traceable=False),
         Impl("int_mm", _int8_linear_int_mm, _guard_int_mm_cpu, available=lambda: hasattr(torch, "_int_mm")),
         Impl("onednn", _int8_linear_onednn, _guard_onednn, available=_onednn_available),
         Impl("cuda_int_mm", _int8_linear_int_mm, _guard_int_mm_cuda,

@@ -12,6 +12,7 @@ import quanta
 from quanta import LayerQuantConfig as LC, QuantConfig, QuantDescriptor as QD
 from quanta.integer.linear import Int8Linear
 from quanta.integer.weight_only import HalfLinear, Int4WeightOnlyLinear, Int8WeightOnlyLinear
+from quanta.kernels import native
 
 K, H, N = 64, 96, 48
 
@@ -31,7 +32,7 @@ CONFIGS = {
     "bf16": (LC(input=QD(format="bf16", num_bits=16), weight=QD(format="bf16", num_bits=16)), HalfLinear),
     "fp16": (LC(input=QD(format="fp16", num_bits=16), weight=QD(format="fp16", num_bits=16)), HalfLinear),
 }
-FAST = {Int8Linear: "int_mm", Int8WeightOnlyLinear: "int8pack_mm", Int4WeightOnlyLinear: "int4pack_mm",
+FAST = {Int8Linear: "int_mm_native" if native.ready() else "int_mm", Int8WeightOnlyLinear: "int8pack_mm", Int4WeightOnlyLinear: "int4pack_mm",
         HalfLinear: "float32_upcast"}
 
 
