@@ -173,8 +173,11 @@ def quanta_size(qmodel: nn.Module) -> int:
 
 
 def quanta_version() -> str:
+    """quanta's version and whether its native CPU kernels are in use (built here if needed)."""
     try:
         import quanta
-        return getattr(quanta, "__version__", "?")
+        from quanta.kernels import native
+        native.ensure()
+        return f"{getattr(quanta, '__version__', '?')} (native CPU kernels: {native.status()})"
     except Exception as e:
         return f"not importable ({type(e).__name__})"

@@ -79,6 +79,11 @@ def run_demo(quick: bool = False, log: Callable[[str], None] = print, progress: 
     transformer on a generated token task, then quantize each with the presets in `PLAN`."""
     progress = sys.stderr.isatty() if progress is None else progress
     threads = torch.get_num_threads()
+    from ..kernels import native
+    if not native.ready():
+        log("loading quanta's native CPU kernels (compiled once per machine: about 30 s the first time)")
+    native.ensure()
+    log(f"native CPU kernels: {native.status()}")
     log(f"training 3 small models offline (torch threads: {threads})")
     tasks = _tasks(quick)
     repeats = 5 if quick else 20

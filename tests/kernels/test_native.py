@@ -1,0 +1,177 @@
+"""Tier 1 for the native fused kernels: bit-identical to quanta.core and to the PyTorch paths.
+
+conftest loads the library; on a Linux machine with a C++ compiler it must be there (a build
+that silently fails would otherwise leave these tests skipped and the speed gone)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from quanta.core import QuantSpec, quantize, quantize_tensor
+from quanta.kernels import linear as L
+from quanta.kernels import native
+
+BUILDABLE = (platform.system() == "Linux" and shutil.which(os.environ.get("CXX", "c++")) is not None
+             and os.environ.get(native.ENV_SWITCH, "1") not in ("0", "off", "false", "no"))
+needs_native = pytest.mark.skipif(not native.ready(), reason=f"native kernels not loaded: {native.status()}")
+
+
+def test_native_kernels_load_where_a_compiler_is():
+    if not BUILDABLE:
+        pytest.skip("no C++ compiler, not Linux, or disabled: the PyTorch implementations run")
+    assert native.ready(), native.status()
+    assert native.status() == "loaded"
+
+
+def _rows(seed: int, M: int, K: int, scale_exp: int, positive: bool) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g) * torch.rand(M, 1, generator=g) * 10.0 ** scale_exp
+    if positive:
+        x = x.abs()
+    if M > 1:
+        x[-1] = 0.0  # an all-zero row: scale 1, zero point at qmin / 0
+    if K >= 4:  # exact ties in scale units somewhere
+        x[0, :4] = torch.tensor([-2.5, 0.5, 1.5, 3.5]) * (x[0].abs().max() / 127 + 1e-3)
+    return x
+
+
+@needs_native
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), M=st.integers(1, 40), K=st.integers(1, 300), scale_exp=st.integers(-4, 3),
+       positive=st.booleans(), bits=st.integers(2, 8), signed=st.booleans(), symmetric=st.booleans(),
+       narrow=st.booleans())
+def test_native_per_token_quantization_equals_core(seed, M, K, scale_exp, positive, bits, signed, symmetric, narrow):
+    if symmetric and not signed:
+        signed = True
+    spec = QuantSpec(bits=bits, signed=signed, symmetric=symmetric, narrow_range=narrow and signed,
+                     granularity="per_token")
+    x = _rows(seed, M, K, scale_exp, positive)
+    ref = quantize_tensor(x, spec)
+    assert L.quantize_activation.choose(x, None, None, bits, signed, symmetric, spec.narrow_range, True,
+                                        "half_even") == "native"
+    codes, s, z = L.quantize_activation_spec(x, spec, impl="native")
+    assert codes.dtype == ref.q.dtype and torch.equal(codes, ref.q)
+    assert torch.equal(s, ref.scale) and torch.equal(z, ref.zero_point)
+
+
+@needs_native
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), shape=st.sampled_from([(1, 1), (3, 17), (2, 5, 7, 9), (1, 3, 4, 4, 2)]),
+       channels_last=st.booleans(), signed=st.booleans(), scale=st.floats(1e-4, 10.0), zp=st.integers(-20, 20))
+def test_native_static_quantization_equals_core(seed, shape, channels_last, signed, scale, zp):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * 3
+    if channels_last and x.dim() in (4, 5):
+        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    spec = QuantSpec(bits=8, signed=signed, symmetric=False)
+    s = torch.tensor(scale, dtype=torch.float32)
+    z = torch.tensor(zp + (0 if signed else 128), dtype=torch.int32)
+    ref = quantize(x, s, z, spec)
+    inv = float(torch.reciprocal(s))
+    codes = native.module().quantize_static(x, inv, int(z), spec.qmin, spec.qmax, signed)
+    assert codes.stride() == x.stride()  # memory order kept
+    assert torch.equal(codes, ref)
+
+
+@needs_native
+def test_native_static_path_of_the_op_equals_fused():
+    x = torch.randn(33, 70) * 5
+    spec = QuantSpec(bits=8, signed=False, symmetric=False)
+    s, z = torch.tensor(0.04), torch.tensor(131, dtype=torch.int32)
+    assert L.quantize_activation.choose(x, s, z, 8, False, False, False, False, "half_even") == "native"
+    out = L.quantize_activation_spec(x, spec, s, z, impl="native")
+    ref = L.quantize_activation_spec(x, spec, s, z, impl="fused")
+    assert all(torch.equal(a, b) for a, b in zip(out, ref))
+
+
+@needs_native
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_native_quantization_raises_on_non_finite(bad):
+    x = torch.randn(5, 64)
+    x[3, 17] = bad
+    with pytest.raises(ValueError, match="NaN|inf"):
+        L.quantize_activation_spec(x, QuantSpec(granularity="per_token", symmetric=False), impl="native")
+
+
+@needs_native
+def test_native_quantization_copes_with_a_range_overflowing_float32():
+    x = torch.tensor([[-3e38, 3e38, 1.0, 0.0]])  # width overflows to inf, the values are finite
+    spec = QuantSpec(granularity="per_token", symmetric=False, signed=False)
+    codes, s, z = L.quantize_activation_spec(x, spec, impl="native")
+    ref = quantize_tensor(x, spec)
+    assert torch.equal(codes, ref.q) and torch.equal(s, ref.scale) and torch.equal(z, ref.zero_point)
+
+
+@needs_native
+def test_native_guard_refusals_fall_back_to_fused():
+    choose = L.quantize_activation.choose
+    x = torch.randn(16, 8)
+    args = (None, None, 8, True, False, False, True, "half_even")
+    assert choose(x.t().contiguous().t(), *args) == "fused"  # column-major
+    assert choose(x.to(torch.bfloat16), *args) == "fused"
+    assert choose(x, None, None, 8, True, False, False, False, "half_even") == "fused"  # dynamic per-tensor
+    assert choose(x, None, None, 8, True, False, False, True, "stochastic") == "reference"
+    with pytest.raises(ValueError, match="row-major"):
+        L.quantize_activation(x.t(), *args, impl="native")
+
+
+@needs_native
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), M=st.integers(1, 20), N=st.integers(1, 70), per_token=st.booleans(),
+       with_bias=st.booleans())
+def test_native_rescale_equals_python_rescale(seed, M, N, per_token, with_bias):
+    g = torch.Generator().manual_seed(seed)
+    acc = torch.randint(-2**24, 2**24, (M, N), dtype=torch.int32, generator=g)
+    n = M if per_token else 1
+    zp = torch.randint(-128, 128, (n,), dtype=torch.int32, generator=g)
+    w_sum = torch.randint(-2**15, 2**15, (N,), dtype=torch.int32, generator=g)
+    xs = torch.rand(n, generator=g) * 0.1 + 1e-4
+    ws = torch.rand(N, generator=g) * 0.01 + 1e-5
+    bias = torch.randn(N, generator=g) if with_bias else None
+    expected = L._rescale(acc - zp.reshape(-1, 1) * w_sum, xs, ws, bias)
+    got = native.module().rescale_rows(acc.clone(), zp, w_sum, xs, ws, bias)
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+
+
+@needs_native
+def test_native_rescale_rejects_bad_arguments():
+    acc = torch.zeros(2, 3, dtype=torch.int32)
+    ok = (torch.zeros(1, dtype=torch.int32), torch.zeros(3, dtype=torch.int32), torch.ones(1), torch.ones(3), None)
+    with pytest.raises(RuntimeError, match="acc"):
+        native.module().rescale_rows(acc.float(), *ok)
+    with pytest.raises(RuntimeError, match="w_scale"):
+        native.module().rescale_rows(acc, ok[0], ok[1], ok[2], torch.ones(4), None)
+
+
+@needs_native
+def test_dynamic_model_runs_the_native_kernels_and_matches_without_them(tmp_path):
+    """Structure: a dynamic int8 model records ``int_mm_native``; a process with
+    ``QUANTA_NATIVE=0`` runs the PyTorch kernels and produces the same bits."""
+    import quanta
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.GELU(), torch.nn.Linear(96, 10)).eval()
+    q = quanta.quantize(model, "dynamic_int8", speed_check=False)
+    x = torch.randn(9, 64)
+    y = q(x)
+    assert {k for m in q.modules() for k in getattr(m, "kernel_counts", {})} == {"int_mm_native"}
+    path = tmp_path / "m.quanta"
+    quanta.save(q, path)
+    torch.save(x, tmp_path / "x.pt")
+    code = ("import torch, quanta; from quanta.kernels import native; "
+            f"m = quanta.load({str(path)!r}); x = torch.load({str(tmp_path / 'x.pt')!r}); "
+            f"torch.save(m(x), {str(tmp_path / 'y.pt')!r}); "
+            "print(native.status(), sorted({k for s in m.modules() for k in getattr(s, 'kernel_counts', {})}))")
+    env = dict(os.environ, QUANTA_NATIVE="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "disabled by QUANTA_NATIVE=0" in out.stdout and "'int_mm'" in out.stdout
+    assert torch.equal(torch.load(tmp_path / "y.pt"), y)
