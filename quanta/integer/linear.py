@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..core import Format, Granularity, QuantSpec, pack_bits, unpack_bits
-from ..kernels.linear import int8_linear, onednn_prepack, quantize_activation_spec, weight_sum
+from ..kernels.linear import int8_linear, onednn_prepack, quantize_activation, weight_sum
 from .linear_common import (
     _LinearBase, _active, _bias_of, _common_reason, _int_weight_reason, _output_spec_of, _per_channel_weight,
 )
@@ -117,7 +117,10 @@ class Int8Linear(_LinearBase):
         # torch._int_mm then needs no shift (onednn, which wants uint8, keeps the unsigned codes)
         spec = self.act_spec
         twin = spec.bits == 8 and not spec.signed and not spec.symmetric and self.impl != "onednn"
-        self._codes_spec = spec.replace(signed=True) if twin else spec
+        self._codes_spec = cs = spec.replace(signed=True) if twin else spec
+        # quantize_activation's arguments after (x, scale, zero_point), read once here
+        self._q_args = (cs.bits, cs.signed, cs.symmetric, cs.narrow_range, cs.granularity is Granularity.PER_TOKEN,
+                        cs.rounding.value)
         self._codes_zp = None
         if not spec.dynamic:
             zp = self.input_zero_point
@@ -131,8 +134,13 @@ class Int8Linear(_LinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = self._check(x)
         static = not self.act_spec.dynamic
-        codes, s, z = quantize_activation_spec(x2, self._codes_spec, self.input_scale if static else None,
-                                               self._codes_zp if static else None)
+        s_in, z_in = (self.input_scale, self._codes_zp) if static else (None, None)
+        # the guards read the dtype, device and row-major layout (the rest is fixed per module)
+        impl, checked = "auto", False  # (a preferred int8_linear kernel says nothing about this op)
+        if self.impl == "auto":
+            key = ("quantize", x2.dtype, x2.device, x2.stride() == (self.in_features, 1))
+            impl, checked = self.choose_impl(quantize_activation, key, x2, s_in, z_in, *self._q_args)
+        codes, s, z = quantize_activation(x2, s_in, z_in, *self._q_args, impl=impl, checked=checked)
         y = self._run(int8_linear, codes, s, z, self._w8, self.weight_scale, self.bias, self._w_sum, self._packed)
         return self._finish(y, x)
 
