@@ -41,7 +41,7 @@ from torch import nn
 
 from ..core import Format, Granularity, QuantSpec, Rounding, fake_quantize, quantize
 from ..kernels import native
-from ..kernels.conv import POST_OPS, int8_conv, prepack
+from ..kernels.conv import POST_OPS, int8_conv, onednn_call, prepack
 from ..nn.modules.weighted import QuantConv1d, QuantConv2d, QuantConv3d
 from .base import IntegerModule
 
@@ -256,6 +256,9 @@ class _Int8ConvNd(IntegerModule):
         self._packed = None
         self._impl_cache = {}
         self._packed_for: dict[tuple[int, ...], torch.Tensor] = {}  # per input spatial size (oneDNN's hint)
+        #: settled kernel calls per input signature (dtype, device, [C, *spatial], impl), made
+        #: by the first eager call with that signature; forgotten by pack() / set_output()
+        self._calls: dict[tuple[Any, ...], Any] = {}
         if self.weight.device.type == "cpu" and "onednn" in int8_conv.available_impls() and self.impl != "reference":
             self._packed = prepack(self.weight, self.weight_scale, self._x_scale, self._x_zp, self.stride,
                                    self.padding, self.dilation, self.groups)
@@ -276,6 +279,20 @@ class _Int8ConvNd(IntegerModule):
                 self.weight, self.weight_scale, self._x_scale, self._x_zp, self.stride, self.padding,
                 self.dilation, self.groups, spatial)
         return packed
+
+    #: what ``pack()`` builds: not copied (oneDNN's packed weights cannot be; the settled calls
+    #: hold this module's tensors); a copy packs its own
+    _RUNTIME = ("_packed", "_packed_for", "_calls", "_impl_cache")
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(super().__getstate__())
+        for key in self._RUNTIME:
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.pack()
 
     def input_code_qparams(self) -> tuple[float, int]:
         """``(scale, zero_point)`` of the uint8 codes this module takes as input: what a previous
@@ -314,6 +331,7 @@ class _Int8ConvNd(IntegerModule):
         if post_op not in POST_OPS:
             raise ValueError(f"{type(self).__name__}: post_op must be one of {POST_OPS}, got {post_op!r}")
         self.output_kind, self.post_op = kind, post_op
+        self._calls = {}
 
     # ------------------------------------------------------------------ forward
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -330,6 +348,18 @@ class _Int8ConvNd(IntegerModule):
         return q.clamp_(self._x_lo, self._x_hi).to(torch.uint8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the common eager call, once a first call settled its kernel: one dict lookup, the kernel
+        if not torch.compiler.is_compiling() and self._calls and isinstance(x, torch.Tensor):
+            call = self._calls.get((x.dtype, x.device, x.shape[1:], self.impl))
+            if call is not None:
+                self.kernel_counts["onednn"] += 1
+                y = call(self.quantize_input(x) if x.is_floating_point() else x)
+                if self.output_kind == "float" and self.output_spec is not None:
+                    y = fake_quantize(y, self.output_scale, self.output_zero_point, self.output_spec)
+                return y
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         name = type(self).__name__
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} expects a tensor, got {type(x).__name__}")
@@ -359,6 +389,10 @@ class _Int8ConvNd(IntegerModule):
         key = (codes.dtype, codes.device, codes.numel() == 0, args[-1] is None, self.post_op, out_scale is None)
         impl, checked = self.choose_impl(int8_conv, key, *args)
         y = int8_conv(*args, impl=self.record(impl), checked=checked)
+        if impl == "onednn" and checked and codes.dtype == torch.uint8 and codes.dim() in (4, 5) and \
+                (codes.dim() == 4 or self.post_op == "none") and args[-1] is not None and \
+                not torch.compiler.is_compiling() and len(self._calls) < 8:
+            self._calls[(x.dtype, x.device, x.shape[1:], self.impl)] = onednn_call(codes.dim(), *args[1:])
         if self.output_kind == "float" and self.output_spec is not None:
             y = fake_quantize(y, self.output_scale, self.output_zero_point, self.output_spec)
         return y

@@ -44,7 +44,7 @@ The fast path requires VNNI (or AMX): without it oneDNN computes u8 × s8 pairs 
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -249,6 +249,32 @@ def _onednn(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: torch.Te
                        out_scale, out_zero_point, packed)
 
 
+def onednn_call(x_dim: int, x_scale: float, x_zero_point: int, weight: torch.Tensor, w_scale: torch.Tensor,
+                bias: torch.Tensor | None, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+                groups: int, post_op: str, out_scale: float | None, out_zero_point: int,
+                packed: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """oneDNN's int8 convolution with everything but the uint8 codes settled: ``run(x)`` for a
+    4d / 5d uint8 ``x`` (any layout; the kernel reads channels-last) and a ``post_op`` oneDNN
+    fuses at that rank. Integer modules keep one per input signature, so that a call costs the
+    kernel and little else; `_onednn_run` builds one per call."""
+    out_ch = weight.shape[0]
+    w_zp = _ZERO_POINTS.get(out_ch)
+    if w_zp is None:
+        w_zp = _ZERO_POINTS[out_ch] = torch.zeros(out_ch, dtype=torch.int32)
+    attr, scalars, algorithm = _ATTRS[post_op]
+    if out_scale is None:
+        o_scale, o_zp, o_dtype = 1.0, 0, torch.float32
+    else:
+        o_scale, o_zp, o_dtype = float(out_scale), int(out_zero_point), None  # None: uint8 codes
+    args = (float(x_scale), int(x_zero_point), packed, w_scale, w_zp, bias, list(stride), list(padding),
+            list(dilation), int(groups), o_scale, o_zp, o_dtype, attr, scalars, algorithm)
+    op, layout = torch.ops.onednn.qconv_pointwise.default, _CHANNELS_LAST[x_dim]
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return op(x.contiguous(memory_format=layout), *args)
+    return run
+
+
 def _onednn_run(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: torch.Tensor, w_scale: torch.Tensor,
                 bias: torch.Tensor | None, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
                 groups: int, post_op: str, out_scale: float | None, out_zero_point: int,
@@ -262,20 +288,9 @@ def _onednn_run(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: torc
     one_d = x.dim() == 3
     if one_d:
         x, stride, padding, dilation = _as_2d(x, stride, padding, dilation)
-    x = x.contiguous(memory_format=_CHANNELS_LAST[x.dim()])
-    out_ch = weight.shape[0]
-    w_zp = _ZERO_POINTS.get(out_ch)
-    if w_zp is None:
-        w_zp = _ZERO_POINTS[out_ch] = torch.zeros(out_ch, dtype=torch.int32)
     fused = post_op if x.dim() == 4 else "none"  # oneDNN's 3d conv fuses no post-op
-    attr, scalars, algorithm = _ATTRS[fused]
-    if out_scale is None:
-        o_scale, o_zp, o_dtype = 1.0, 0, torch.float32
-    else:
-        o_scale, o_zp, o_dtype = float(out_scale), int(out_zero_point), None  # None: uint8 codes
-    y = torch.ops.onednn.qconv_pointwise(
-        x, float(x_scale), int(x_zero_point), packed, w_scale, w_zp, bias, list(stride), list(padding),
-        list(dilation), int(groups), o_scale, o_zp, o_dtype, attr, scalars, algorithm)
+    y = onednn_call(x.dim(), x_scale, x_zero_point, weight, w_scale, bias, stride, padding, dilation, groups,
+                    fused, out_scale, out_zero_point, packed)(x)
     if fused != post_op:
         y = _post_op_after(y, post_op, out_scale, out_zero_point)
     return y.squeeze(2) if one_d else y
@@ -298,5 +313,5 @@ int8_conv = KernelOp(
 )
 
 __all__ = ["POST_OPS", "UINT8_SPEC", "accumulate", "apply_post_op", "check_args", "conv_output_shape",
-           "int8_conv", "prepack", "reference"]
+           "int8_conv", "onednn_call", "prepack", "reference"]
 

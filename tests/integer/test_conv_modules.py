@@ -245,3 +245,37 @@ def test_reference_impl_and_repr():
     assert float((fast - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
     text = repr(m)
     assert "Int8Conv2d(7, 6, kernel_size=(3, 3), stride=(2, 2), padding=(1, 1)" in text and "zp=9" in text
+
+
+def test_settled_calls_give_the_first_calls_numbers(lowered):
+    """After a first eager call, a conv keeps the settled oneDNN call per input signature; the
+    later calls give the same bits, and what invalidates it (set_output, pack, a copy, another
+    input signature, another preferred implementation) is honoured."""
+    import copy
+    conv = copy.deepcopy(lowered[1]["features.3"])
+    if "onednn" not in int8_conv.available_impls():
+        pytest.skip("no oneDNN on this machine")
+    x = torch.randn(2, 16, 8, 8)
+    conv.kernel_counts.clear()
+    with torch.no_grad():
+        first = conv(x)
+        assert len(conv._calls) == 1
+        assert torch.equal(conv(x), first) and conv.kernel_counts["onednn"] == 2
+        codes = conv.quantize_input(x)
+        assert torch.equal(conv(codes), first) and len(conv._calls) == 2  # uint8 codes: own signature
+        other = torch.randn(3, 16, 6, 6)  # another spatial size: its own packed weight and call
+        twin = copy.deepcopy(conv)
+        assert twin._calls == {}  # a copy settles its own calls (on its own tensors)
+        assert torch.equal(conv(other), twin(other)) and len(conv._calls) == 3
+        assert torch.equal(twin(x), first)
+        conv.set_output("uint8", 0.05, 3, post_op="relu")
+        assert conv._calls == {}
+        out = conv(x)
+        assert out.dtype == torch.uint8 and torch.equal(conv(x), out)
+        conv.impl = "reference"  # a preferred implementation is part of the signature
+        ref = conv(x)
+        assert conv.kernel_counts["reference"] == 1
+        assert (ref.int() - out.int()).abs().max() <= 1
+        conv.impl = "auto"
+        conv.pack()
+        assert conv._calls == {}
