@@ -33,6 +33,22 @@ class IntegerModule(nn.Module):
     #: marker read by simulated containers (which must not take torch's fused float paths)
     is_integer_module = True
 
+    #: attributes ``pack()`` builds that a copy (deepcopy, pickle) must not share or cannot
+    #: hold (oneDNN's packed weights; settled calls holding this module's tensors): dropped
+    #: from the state, and the copy packs its own
+    _RUNTIME: tuple[str, ...] = ()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(super().__getstate__())
+        for key in self._RUNTIME:
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if self._RUNTIME:
+            self.pack()
+
     def __init__(self) -> None:
         super().__init__()
         native.ensure()  # the fused CPU kernels: built once per machine, loaded once per process

@@ -280,19 +280,7 @@ class _Int8ConvNd(IntegerModule):
                 self.dilation, self.groups, spatial)
         return packed
 
-    #: what ``pack()`` builds: not copied (oneDNN's packed weights cannot be; the settled calls
-    #: hold this module's tensors); a copy packs its own
     _RUNTIME = ("_packed", "_packed_for", "_calls", "_impl_cache")
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(super().__getstate__())
-        for key in self._RUNTIME:
-            state.pop(key, None)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self.pack()
 
     def input_code_qparams(self) -> tuple[float, int]:
         """``(scale, zero_point)`` of the uint8 codes this module takes as input: what a previous

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..core import Format, Granularity, QuantSpec, pack_bits, unpack_bits
-from ..kernels.linear import int8_linear, onednn_prepack, quantize_activation, weight_sum
+from ..kernels.linear import int8_linear, native_linear_call, onednn_prepack, quantize_activation, weight_sum
 from .linear_common import (
     _LinearBase, _active, _bias_of, _common_reason, _int_weight_reason, _output_spec_of, _per_channel_weight,
 )
@@ -104,6 +104,8 @@ class Int8Linear(_LinearBase):
         mod.pack()
         return mod
 
+    _RUNTIME = ("_packed", "_calls", "_impl_cache")
+
     def config(self) -> dict[str, Any]:
         return self._linear_config(act_spec=self.act_spec.to_dict(), weight_bits=self.weight_bits)
 
@@ -122,6 +124,9 @@ class Int8Linear(_LinearBase):
         self._q_args = (cs.bits, cs.signed, cs.symmetric, cs.narrow_range, cs.granularity is Granularity.PER_TOKEN,
                         cs.rounding.value)
         self._codes_zp = None
+        #: settled native calls per input signature (dtype, device, row-major, row bucket), made
+        #: by the first eager call that ran the native kernels; forgotten by pack()
+        self._calls: dict[tuple[Any, ...], Any] = {}
         if not spec.dynamic:
             zp = self.input_zero_point
             self._codes_zp = zp - 128 if twin else zp
@@ -133,15 +138,28 @@ class Int8Linear(_LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = self._check(x)
+        rows = x2.shape[0]
+        # the guards read the dtype, device, row-major layout and row count (the rest is fixed
+        # per module): with those settled by a first call, a call is one lookup and the kernels
+        sig = (x2.dtype, x2.device, x2.stride() == (self.in_features, 1), rows if rows <= 32 else 33)
+        if not torch.compiler.is_compiling() and self._calls:
+            call = self._calls.get(sig)
+            if call is not None:
+                self.kernel_counts["int_mm_native"] += 1
+                return self._finish(call(x2), x)
         static = not self.act_spec.dynamic
         s_in, z_in = (self.input_scale, self._codes_zp) if static else (None, None)
-        # the guards read the dtype, device and row-major layout (the rest is fixed per module)
-        impl, checked = "auto", False  # (a preferred int8_linear kernel says nothing about this op)
+        q_impl, checked = "auto", False  # (a preferred int8_linear kernel says nothing about this op)
         if self.impl == "auto":
-            key = ("quantize", x2.dtype, x2.device, x2.stride() == (self.in_features, 1))
-            impl, checked = self.choose_impl(quantize_activation, key, x2, s_in, z_in, *self._q_args)
-        codes, s, z = quantize_activation(x2, s_in, z_in, *self._q_args, impl=impl, checked=checked)
-        y = self._run(int8_linear, codes, s, z, self._w8, self.weight_scale, self.bias, self._w_sum, self._packed)
+            q_impl, checked = self.choose_impl(quantize_activation, ("quantize",) + sig[:3], x2, s_in, z_in,
+                                               *self._q_args)
+        codes, s, z = quantize_activation(x2, s_in, z_in, *self._q_args, impl=q_impl, checked=checked)
+        args = (codes, s, z, self._w8, self.weight_scale, self.bias, self._w_sum, self._packed)
+        y = self._run(int8_linear, *args)
+        if q_impl == "native" and checked and not torch.compiler.is_compiling() and \
+                self.__dict__.get("_impl_cache", {}).get(self._run_key(*args)) == "int_mm_native":
+            self._calls[sig] = native_linear_call(self._w8, self.weight_scale, self.bias, self._w_sum, *self._q_args,
+                                                  s_in, z_in)
         return self._finish(y, x)
 
     def extra_repr(self) -> str:

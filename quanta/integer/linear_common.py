@@ -144,13 +144,16 @@ class _LinearBase(_OutputQuant, IntegerModule):
                              f"got shape {tuple(x.shape)}")
         return x.reshape(-1, self.in_features)
 
-    def _run(self, op: Any, *args: Any) -> torch.Tensor:
+    @staticmethod
+    def _run_key(*args: Any) -> tuple[Any, ...]:
+        """What the linear guards read that can change per call: dtype, device, the row count
+        thresholds (1, 8, 16, 32), which optional tensors (bias, packed weights...) are given."""
         x = args[0]
         rows = x.shape[0]
-        # what the linear guards read that can change per call: dtype, device, the row count
-        # thresholds (1, 8, 16, 32), which optional tensors (bias, packed weights...) are given
-        key = (x.dtype, x.device, rows if rows <= 32 else 33, tuple(a is None for a in args))
-        impl, checked = self.choose_impl(op, key, *args)
+        return (x.dtype, x.device, rows if rows <= 32 else 33, tuple(a is None for a in args))
+
+    def _run(self, op: Any, *args: Any) -> torch.Tensor:
+        impl, checked = self.choose_impl(op, self._run_key(*args), *args)
         self.record(impl)
         return op(*args, impl=impl, checked=checked)
 

@@ -269,20 +269,47 @@ def _int_mm_acc(x, x_zp, weight, w_sum, swapped: bool = False) -> torch.Tensor:
     return acc
 
 
-def _int8_linear_int_mm_native(x, x_scale, x_zp, weight, w_scale, bias, w_sum, packed):
-    """``torch._int_mm``, then the zero-point correction and `_rescale` in one pass
-    (``quanta.kernels.native``): the same int32 sums and float32 operations as ``int_mm``."""
+def _mm_rescale_native(x, x_zp, x_scale, w_t, w_sum, w_scale, bias):
+    """``torch._int_mm(x, w_t)``, then the zero-point correction and `_rescale` in one pass;
+    ``w_sum`` int32, ``w_scale`` / ``bias`` float32, all contiguous."""
     zp = x_zp.reshape(-1)
     if zp.dtype != torch.int32:
         zp = zp.to(torch.int32)
     if x.dtype == torch.uint8:
         x = torch.bitwise_xor(x, 128).view(torch.int8)
         zp = zp - 128
-    acc = torch._int_mm(_dense(x), _dense(weight).t())
-    ws = weight_sum(weight) if w_sum is None else w_sum
-    return native.module().rescale_rows(acc, zp.contiguous(), ws.to(torch.int32).contiguous(),
-                                        _f32(x_scale).reshape(-1).contiguous(), _f32(w_scale).reshape(-1).contiguous(),
-                                        None if bias is None else _f32(bias).contiguous())
+    acc = torch._int_mm(_dense(x), w_t)
+    return native.module().rescale_rows(acc, zp.contiguous(), w_sum, _f32(x_scale).reshape(-1).contiguous(),
+                                        w_scale, bias)
+
+
+def _native_weight_args(weight, w_scale, bias, w_sum):
+    """The weight-side arguments of `_mm_rescale_native`, in the layouts it takes."""
+    ws = (weight_sum(weight) if w_sum is None else w_sum).to(torch.int32).contiguous()
+    return (_dense(weight).t(), ws, _f32(w_scale).reshape(-1).contiguous(),
+            None if bias is None else _f32(bias).contiguous())
+
+
+def _int8_linear_int_mm_native(x, x_scale, x_zp, weight, w_scale, bias, w_sum, packed):
+    """``torch._int_mm``, then the zero-point correction and `_rescale` in one pass
+    (``quanta.kernels.native``): the same int32 sums and float32 operations as ``int_mm``."""
+    return _mm_rescale_native(x, x_zp, x_scale, *_native_weight_args(weight, w_scale, bias, w_sum))
+
+
+def native_linear_call(weight, w_scale, bias, w_sum, bits, signed, symmetric, narrow_range, per_token, rounding,
+                       scale=None, zero_point=None):
+    """`quantize_activation` (``native``) then `int8_linear` (``int_mm_native``) as one callable
+    with everything but the activations settled: ``run(x)`` for a row-major float32 ``[M, K]``.
+    For a caller whose guarded calls chose exactly these two implementations for such inputs
+    (integer modules keep one per input signature): the same functions, so the same numbers,
+    without re-deriving the weight-side arguments at every call."""
+    weight_args = _native_weight_args(weight, w_scale, bias, w_sum)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        codes, s, z = _quantize_activation_native(x, scale, zero_point, bits, signed, symmetric, narrow_range,
+                                                  per_token, rounding)
+        return _mm_rescale_native(codes, z, s, *weight_args)
+    return run
 
 
 def _guard_int_mm_native(x, x_scale, x_zp, weight, w_scale, bias, w_sum, packed):
@@ -442,6 +469,6 @@ fp8_linear = KernelOp(
 )
 
 __all__: list[Any] = [
-    "INT32_EXACT_MAX_K", "ONEDNN_ULP_BOUND", "fp8_linear", "int8_linear", "onednn_prepack",
+    "INT32_EXACT_MAX_K", "ONEDNN_ULP_BOUND", "fp8_linear", "int8_linear", "native_linear_call", "onednn_prepack",
     "quantize_activation", "quantize_activation_spec", "weight_sum",
 ]

@@ -175,3 +175,33 @@ def test_dynamic_model_runs_the_native_kernels_and_matches_without_them(tmp_path
     assert out.returncode == 0, out.stderr
     assert "disabled by QUANTA_NATIVE=0" in out.stdout and "'int_mm'" in out.stdout
     assert torch.equal(torch.load(tmp_path / "y.pt"), y)
+
+
+@needs_native
+@pytest.mark.parametrize("preset", ["dynamic_int8", "static_int8"])
+def test_int8_linear_settles_its_native_call_with_the_same_bits(preset):
+    """A first eager call settles quantization + GEMM + rescale per input signature; later calls
+    give the same bits as the guarded path, a copy or ``pack()`` starts afresh."""
+    import copy
+
+    import quanta
+    from quanta.integer.linear import Int8Linear
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(40, 24)).eval()
+    data = [torch.randn(16, 40) for _ in range(2)]
+    q = quanta.quantize(model, preset, calib_data=data if preset == "static_int8" else None, speed_check=False)
+    lin = q[0]
+    assert isinstance(lin, Int8Linear)
+    x, big = torch.randn(3, 5, 40), torch.randn(70, 40)
+    first = lin(x)
+    assert len(lin._calls) == 1
+    guarded = copy.deepcopy(lin)
+    assert guarded._calls == {}
+    for _ in range(2):
+        assert torch.equal(lin(x), first)
+        assert torch.equal(lin(big), guarded(big))  # another row bucket: its own settled call
+    assert len(lin._calls) == 2 and lin.kernel_counts["int_mm_native"] == 5
+    assert torch.equal(guarded(x), first)
+    assert torch.equal(lin(x.transpose(0, 1).contiguous().transpose(0, 1)), first)  # non-contiguous input
+    lin.pack()
+    assert lin._calls == {}
