@@ -55,7 +55,8 @@ def build_methods(wl: W.Workload, model: torch.nn.Module, threads: int, workdir:
     calib = wl.calib_data()
     steps = [
         ("fp32", lambda: [torch_fp32(model)] + ([torch_fp32_channels_last(model)] if wl.kind == "cnn" else [])),
-        ("quanta", lambda: quanta_rows(model, QUANTA_PRESETS[wl.kind], calib, wl.input(min(wl.batches)))),
+        ("quanta", lambda: quanta_rows(W.quanta_ready(model) if wl.kind == "cnn" else model, QUANTA_PRESETS[wl.kind],
+                                       calib, wl.input(min(wl.batches)))),
         ("torch.ao", lambda: peers.torch_ao(wl, model, calib)),
         ("torchao", lambda: peers.torchao_rows(wl, model)),
         ("pt2e", lambda: peers.pt2e_x86(wl, model, calib)),

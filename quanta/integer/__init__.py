@@ -7,7 +7,7 @@ from .base import IntegerModule, storage_bytes
 
 def lowering_classes() -> list[type]:
     """Integer classes `convert` tries, most specific first (each has ``accepts``/``from_simulated``)."""
-    from . import conv, embedding, linear, recurrent, weight_only
+    from . import add, conv, embedding, linear, recurrent, weight_only
 
     classes: list[type] = []
     for mod, names in (
@@ -17,6 +17,7 @@ def lowering_classes() -> list[type]:
         (recurrent, ("DynamicInt8LSTM", "DynamicInt8GRU", "DynamicInt8RNN", "DynamicInt8LSTMCell",
                      "DynamicInt8GRUCell", "DynamicInt8RNNCell")),
         (embedding, ("Int8Embedding", "Int4Embedding")),
+        (add, ("Int8Add",)),
     ):
         classes += [getattr(mod, n) for n in names]
     return classes

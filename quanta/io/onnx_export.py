@@ -200,6 +200,7 @@ def _out(mod: Any, path: str) -> Q.ExportQuantizer | None:
 
 def from_integer(mod: IntegerModule, path: str) -> Q._ExportPart:
     """The export form of an integer module, or a ValueError saying why there is none."""
+    from ..integer.add import Int8Add
     from ..integer.conv import _Int8ConvNd
     from ..integer.embedding import Int4Embedding, Int8Embedding
     from ..integer.linear import Int8Linear
@@ -235,6 +236,10 @@ def from_integer(mod: IntegerModule, path: str) -> Q._ExportPart:
         # the next conv's own QuantizeLinear re-creates them; in float mode the output quantizer applies
         out = _out(mod, path) if mod.output_kind == "float" else None
         return Q.ExportConv(mod.dims, vars(mod), w, mod.bias, inp, out, mod.post_op)
+    if isinstance(mod, Int8Add):
+        a, b = (Q.activation(getattr(mod, f"{n}_spec"), path, getattr(mod, f"{n}_scale"),
+                             getattr(mod, f"{n}_zero_point"), role=n) for n in mod.operand_names)
+        return Q.ExportAdd(a, b, mod.post_op)
     if isinstance(mod, Int8Embedding):
         spec = QuantSpec(granularity="per_channel", axis=0, symmetric=mod.symmetric)
         return Q.ExportEmbedding(Q.weight_codes(mod.weight, mod.weight_scale, mod.weight_zero_point, spec, path))

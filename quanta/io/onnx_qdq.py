@@ -261,6 +261,23 @@ class ExportConv(_ExportPart):
         return y if self.output_quantizer is None else self.output_quantizer(y)
 
 
+class ExportAdd(_ExportPart):
+    """An integer residual addition: each operand through its Q→DQ pair, the sum, the fused
+    activation; a uint8 hand-off is re-created by the consumers' own QuantizeLinear."""
+
+    def __init__(self, input_q: nn.Module, other_q: nn.Module, post_op: str = "none") -> None:
+        super().__init__()
+        self.input_quantizer, self.other_quantizer, self.post_op = input_q, other_q, post_op
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        y = self.input_quantizer(a) + self.other_quantizer(b)
+        if self.post_op == "relu":
+            y = torch.relu(y)
+        elif self.post_op == "relu6":
+            y = torch.clamp(y, 0.0, 6.0)
+        return y
+
+
 class ExportEmbedding(_ExportPart):
     def __init__(self, weight: ExportWeight) -> None:
         super().__init__()

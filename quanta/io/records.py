@@ -198,6 +198,7 @@ def rebuild(skeleton: nn.Module | None, records: list[dict[str, Any]], trusted: 
     """Redo ``records`` on ``skeleton`` (None: build every module from its record)."""
     integer, quant = integer_classes(), quant_classes()
     root = skeleton
+    constructed: set[str] = set()  # paths of modules built here from their records
     for rec in records:
         path, kind = rec["path"], rec["kind"]
         where = path or "(root)"
@@ -232,6 +233,11 @@ def rebuild(skeleton: nn.Module | None, records: list[dict[str, Any]], trusted: 
                 raise ArchitectureError(f"the file has a quantizer at {where!r}; the model has "
                                         f"{'nothing' if current is None else type(current).__name__} there")
             desc = QuantDescriptor.from_dict(rec["desc"])
+            if current.desc != desc and path.rpartition(".")[0] in constructed:
+                # its owner was built here from its class alone (e.g. a QuantAdd, whose descriptors
+                # are no constructor attributes): the file's descriptor is the one it had
+                root = _set(root, path, TensorQuantizer(desc))
+                current = _get(root, path)
             if current.desc != desc:
                 raise ArchitectureError(f"quantizer {where!r}: the model's descriptor {current.desc} differs from "
                                         f"the file's {desc}")
@@ -244,6 +250,7 @@ def rebuild(skeleton: nn.Module | None, records: list[dict[str, Any]], trusted: 
                                             f"file holds a {rec['cls'].split(':')[-1]}: is this the same architecture?")
                 root = _set(root, path, construct(rec["cls"], rec.get("kwargs"), where, trusted, rec.get("kwargs_missing", "")))
                 current = _get(root, path)
+                constructed.add(path)
             for name, value in rec.get("attrs", {}).items():
                 setattr(current, name, value)
         _get(root, path).train(bool(rec.get("training", False)))  # type: ignore[union-attr]
@@ -260,6 +267,13 @@ _SHAPE_ATTRS = ("in_features", "out_features", "in_channels", "out_channels", "k
 
 
 def _replaceable(current: nn.Module, recorded: str) -> bool:
+    from ..integer.pooling import CODES_POOL
+    from ..nn.modules.functional import Add, QuantAdd
+    if isinstance(current, Add) and recorded == class_path(QuantAdd):  # what prepare made of it
+        return True
+    twin = CODES_POOL.get(type(current))  # a max-pool on a uint8 path (quanta.transforms.fuse)
+    if twin is not None and recorded == class_path(twin):
+        return True
     return recorded in _TRANSFORM_RESULTS
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from .modules import attention, pooling, rnn, weighted
+from .modules import attention, functional, pooling, rnn, weighted
 
 _REGISTRY: dict[type, type] = {}
 
@@ -24,7 +24,7 @@ BUILTIN_QUANT_CLASSES: tuple[type, ...] = (
 
 
 def _builtin() -> dict[type, type]:
-    return {c.float_type: c for c in BUILTIN_QUANT_CLASSES}
+    return {**{c.float_type: c for c in BUILTIN_QUANT_CLASSES}, functional.Add: functional.QuantAdd}
 
 
 _REGISTRY.update(_builtin())

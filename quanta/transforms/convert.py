@@ -19,7 +19,7 @@ from torch import nn
 from ..integer import lowering_classes
 from ..integer.base import IntegerModule
 from ..nn.modules.base import QuantModule
-from ..nn.modules.functional import QuantOp
+from ..nn.modules.functional import QuantAdd, QuantOp
 from ..nn.tensor_quantizer import TensorQuantizer
 from .fuse import fuse_activations
 from .speed_check import SpeedChoice, keep_faster
@@ -109,7 +109,7 @@ def _with_choice(lowering: Lowering, choice: SpeedChoice | None) -> Lowering:
 
 def _lower(module: nn.Module, classes: list[type], report: list[Lowering], name: str,
            twins: dict[str, nn.Module]) -> nn.Module | None:
-    if not isinstance(module, QuantModule):
+    if not isinstance(module, (QuantModule, QuantAdd)):
         return None
     reasons = []
     for cls in classes:
@@ -117,8 +117,8 @@ def _lower(module: nn.Module, classes: list[type], report: list[Lowering], name:
         if reason is None:
             new = cls.from_simulated(module)
             new.train(module.training)
-            if name:  # the float twin a speed check may put back (sharing the float weights)
-                twins[name] = module.to_float()
+            if name and isinstance(module, QuantModule):  # the float twin a speed check may put back
+                twins[name] = module.to_float()            # (sharing the float weights)
             report.append(Lowering(name or "(root)", type(module).__name__, type(new).__name__,
                                    new.extra_repr()))
             return new

@@ -1,11 +1,13 @@
-"""Fuse ReLU/ReLU6 into integer convolutions and keep uint8 activations between them.
+"""Fuse ReLU/ReLU6 into integer convolutions and additions and keep uint8 activations between them.
 
 The model is traced with ``torch.fx`` (integer and simulated modules are leaves) only to
 *read* its data flow; the model itself stays the user's eager module. For an integer conv
 ``P`` whose output reaches, through ops that act on uint8 codes as they do on values
-(ReLU, ReLU6 once fused, max pooling, Identity, Dropout in eval), only integer convs that
-share one input grid, ``P`` is set to emit uint8 codes on that grid with the activation fused
-in its kernel; the consumers take those codes as they are. Anything else keeps float
+(ReLU, ReLU6 once fused, max pooling, Identity, Dropout in eval), only integer convs and integer
+additions (`quanta.integer.Int8Add`, as either operand) that share one input grid, ``P`` is set
+to emit uint8 codes on that grid with the activation fused in its kernel; the consumers take
+those codes as they are. An integer addition is a producer too (a residual block's sum, ReLU
+fused, handed to the next block's convs and addition). Anything else keeps float
 interfaces (always correct). A model that cannot be traced keeps float interfaces everywhere.
 """
 
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..integer.base import IntegerModule
+from ..integer.pooling import codes_pool
 from ..nn.modules.base import QuantModule
 from ..nn.modules.functional import QuantOp
 from ..nn.tensor_quantizer import TensorQuantizer
@@ -26,7 +29,6 @@ from ..nn.tensor_quantizer import TensorQuantizer
 LOG = logging.getLogger("quanta.transforms")
 
 _RELU_FUNCS = {torch.relu, F.relu, torch.relu_, "relu", "relu_"}
-_POOL_FUNCS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, torch.max_pool1d, torch.max_pool2d, torch.max_pool3d}
 _POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 
 
@@ -41,6 +43,27 @@ def _is_conv(mod: Any) -> bool:
     return isinstance(mod, IntegerModule) and hasattr(mod, "set_output") and hasattr(mod, "input_code_qparams")
 
 
+def _is_producer(mod: Any) -> bool:
+    """An integer conv or integer addition: it can emit uint8 codes with an activation fused."""
+    return _is_conv(mod) or (isinstance(mod, IntegerModule) and hasattr(mod, "set_output")
+                             and hasattr(mod, "operand_code_qparams"))
+
+
+def _consumer_grid(user: fx.Node, value: fx.Node, mods: dict[str, nn.Module]) -> tuple[float, int] | None:
+    """The uint8 grid on which ``user`` takes ``value``: an integer conv's input grid, or an
+    integer addition's grid for the operand(s) ``value`` is; None if it takes no codes there."""
+    if user.op != "call_module" or user.kwargs:
+        return None
+    mod = mods.get(str(user.target))
+    if _is_conv(mod):
+        return _grid(mod) if len(user.args) == 1 and user.args[0] is value else None
+    if mod is not None and _is_producer(mod) and len(user.args) == 2:
+        grids = {(float(s), int(z)) for i, a in enumerate(user.args) if a is value
+                 for s, z in [mod.operand_code_qparams(i)]}
+        return next(iter(grids)) if len(grids) == 1 else None
+    return None
+
+
 def _classify(node: fx.Node, mods: dict[str, nn.Module], calls: dict[str, int]) -> str | None:
     """'relu', 'relu6', 'pool', 'identity', or None when the node is not transparent."""
     if node.op == "call_module":
@@ -49,15 +72,15 @@ def _classify(node: fx.Node, mods: dict[str, nn.Module], calls: dict[str, int]) 
             return "relu"
         if isinstance(m, nn.ReLU6) or (isinstance(m, nn.Hardtanh) and m.min_val == 0.0 and m.max_val == 6.0):
             return "relu6" if calls[str(node.target)] == 1 else None
-        if isinstance(m, _POOL_MODULES):
+        if isinstance(m, _POOL_MODULES) and not m.return_indices:
             return "pool"
         if isinstance(m, nn.Identity) or (isinstance(m, nn.Dropout) and not m.training):
             return "identity"
         return None
     if node.op in ("call_function", "call_method") and node.target in _RELU_FUNCS:
         return "relu"
-    if node.op == "call_function" and node.target in _POOL_FUNCS:
-        return "pool"
+    # (a functional max-pool is not transparent: torch's CPU max-pool fails on channels-last
+    # uint8 codes past 255 positions, and a call cannot be swapped for `codes_pool` like a module)
     return None
 
 
@@ -76,10 +99,10 @@ def fuse_activations(model: nn.Module) -> list[tuple[str, str, str]]:
             calls[str(node.target)] = calls.get(str(node.target), 0) + 1
     done = []
     for node in graph.nodes:
-        if node.op != "call_module" or not _is_conv(mods.get(str(node.target))) or calls[str(node.target)] != 1:
+        if node.op != "call_module" or not _is_producer(mods.get(str(node.target))) or calls[str(node.target)] != 1:
             continue
         producer = mods[str(node.target)]
-        act, cur, relu6_nodes = "none", node, []
+        act, cur, relu6_nodes, pool_nodes = "none", node, [], []
         while len(cur.users) == 1:
             nxt = next(iter(cur.users))
             kind = _classify(nxt, mods, calls)
@@ -89,14 +112,17 @@ def fuse_activations(model: nn.Module) -> list[tuple[str, str, str]]:
                 act = "relu6" if kind == "relu6" or act == "relu6" else "relu"
                 if kind == "relu6":
                     relu6_nodes.append(nxt)
+            elif kind == "pool":
+                pool_nodes.append(nxt)
             cur = nxt
-        consumers = [mods.get(str(u.target)) if u.op == "call_module" else None for u in cur.users]
-        grids = {_grid(c) for c in consumers} if consumers else {None}
-        if consumers and all(_is_conv(c) for c in consumers) and len(grids) == 1 and None not in grids:
+        grids = {_consumer_grid(u, cur, mods) for u in cur.users} if cur.users else {None}
+        if len(grids) == 1 and None not in grids:
             scale, zp = next(iter(grids))  # type: ignore[misc]
             producer.set_output("uint8", scale=scale, zero_point=zp, post_op=act)
             for r in relu6_nodes:  # ReLU6 on codes would clamp codes at 6: already fused
                 _replace(model, str(r.target), nn.Identity())
+            for p in pool_nodes:  # pools channels-last codes where torch's own max-pool cannot
+                _replace(model, str(p.target), codes_pool(mods[str(p.target)]))
             done.append((str(node.target), act, "uint8"))
         elif act != "none":
             producer.set_output("float", post_op=act)  # relu/relu6 are idempotent on float output

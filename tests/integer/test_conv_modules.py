@@ -279,3 +279,24 @@ def test_settled_calls_give_the_first_calls_numbers(lowered):
         conv.impl = "auto"
         conv.pack()
         assert conv._calls == {}
+
+
+def test_uint8_codes_through_a_max_pool_past_255_positions(tmp_path):
+    """torch's CPU max-pool fails on channels-last uint8 once H * W > 255; on a uint8 path the
+    pool becomes a `CodesMaxPool2d` (same settings, pools int32-widened codes): same numbers,
+    and a saved model reloads onto the float architecture."""
+    from quanta.integer.pooling import CodesMaxPool2d
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2, 1),
+                          nn.Conv2d(8, 4, 3, padding=1)).eval()
+    data = [torch.randn(2, 3, 24, 24) for _ in range(2)]  # 576 positions before the pool
+    q = quanta.quantize(model, "static_int8", calib_data=data, speed_check=False)
+    assert isinstance(q[2], CodesMaxPool2d) and q[0].output_kind == "uint8"
+    sim = quanta.calibrate(quanta.prepare(model, quanta.preset("static_int8")), data, progress=False)
+    x = torch.randn(2, 3, 24, 24)
+    with torch.no_grad():
+        y, y_sim = q(x), sim(x)
+        assert float((y - y_sim).abs().max()) <= 0.05 * float(y_sim.abs().max())
+        path = tmp_path / "pool.quanta"
+        quanta.save(q, path)
+        assert torch.equal(quanta.load(path, model=model)(x), y)

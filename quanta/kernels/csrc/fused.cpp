@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -185,7 +186,70 @@ torch::Tensor rescale_rows(torch::Tensor acc, const torch::Tensor& x_zp, const t
   return acc.view(torch::kFloat32);
 }
 
+// One span of `add_codes`: y = (a - za) * sa + (b - zb) * sb, the post-op (0 none, 1 ReLU, 2 ReLU6),
+// then float32 y or uint8 codes clamp(round(y * inv) + zo, lo, hi).
+template <typename T, int POST>
+void add_span(const uint8_t* __restrict__ a, const uint8_t* __restrict__ b, T* __restrict__ out, int64_t n,
+              float sa, float za, float sb, float zb, float inv, float zo, float lo, float hi) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) {
+    float y = (static_cast<float>(a[k]) - za) * sa;
+    const float yb = (static_cast<float>(b[k]) - zb) * sb;
+    y = y + yb;
+    if (POST >= 1) y = y < 0.f ? 0.f : y;
+    if (POST == 2) y = y > 6.f ? 6.f : y;
+    if constexpr (std::is_same_v<T, uint8_t>) {
+      float q = round_half_even(y * inv) + zo;
+      q = q < lo ? lo : (q > hi ? hi : q);
+      out[k] = static_cast<uint8_t>(static_cast<int32_t>(q));
+    } else {
+      out[k] = y;
+    }
+  }
+}
+
+template <typename T, int POST>
+void add_all(const uint8_t* a, const uint8_t* b, T* out, int64_t n, float sa, float za, float sb, float zb,
+             float inv, float zo, float lo, float hi) {
+  at::parallel_for(0, n, 16384, [=](int64_t begin, int64_t end) {
+    add_span<T, POST>(a + begin, b + begin, out + begin, end - begin, sa, za, sb, zb, inv, zo, lo, hi);
+  });
+}
+
+template <typename T>
+void add_dispatch(int64_t post_op, const uint8_t* a, const uint8_t* b, T* out, int64_t n, float sa, float za,
+                  float sb, float zb, float inv, float zo, float lo, float hi) {
+  if (post_op == 1) add_all<T, 1>(a, b, out, n, sa, za, sb, zb, inv, zo, lo, hi);
+  else if (post_op == 2) add_all<T, 2>(a, b, out, n, sa, za, sb, zb, inv, zo, lo, hi);
+  else add_all<T, 0>(a, b, out, n, sa, za, sb, zb, inv, zo, lo, hi);
+}
+
+// Residual addition of two uint8 code tensors of the same shape and memory order (each on its
+// own grid): y = (float(a) - za) * sa + (float(b) - zb) * sb, then ReLU / ReLU6 if asked, then
+// float32 y, or uint8 codes clamp(round(y * out_inv) + out_zp, lo, hi) when out_inv > 0.
+torch::Tensor add_codes(const torch::Tensor& a, double sa, int64_t za, const torch::Tensor& b, double sb, int64_t zb,
+                        int64_t post_op, double out_inv, int64_t out_zp, int64_t lo, int64_t hi) {
+  TORCH_CHECK(a.scalar_type() == torch::kUInt8 && b.scalar_type() == torch::kUInt8, "add_codes: needs uint8 codes");
+  TORCH_CHECK(a.sizes() == b.sizes() && a.strides() == b.strides() && a.is_non_overlapping_and_dense(),
+              "add_codes: needs two dense tensors of the same shape and strides");
+  TORCH_CHECK(post_op >= 0 && post_op <= 2, "add_codes: post_op must be 0, 1 or 2");
+  const bool codes_out = out_inv > 0;
+  auto out = at::empty_like(a, a.options().dtype(codes_out ? torch::kUInt8 : torch::kFloat32));
+  TORCH_CHECK(out.strides() == a.strides(), "add_codes: could not keep the input's strides");
+  const float args[] = {static_cast<float>(sa), static_cast<float>(za), static_cast<float>(sb),
+                        static_cast<float>(zb), static_cast<float>(out_inv), static_cast<float>(out_zp),
+                        static_cast<float>(lo), static_cast<float>(hi)};
+  if (codes_out)
+    add_dispatch<uint8_t>(post_op, a.data_ptr<uint8_t>(), b.data_ptr<uint8_t>(), out.data_ptr<uint8_t>(), a.numel(),
+                          args[0], args[1], args[2], args[3], args[4], args[5], args[6], args[7]);
+  else
+    add_dispatch<float>(post_op, a.data_ptr<uint8_t>(), b.data_ptr<uint8_t>(), out.data_ptr<float>(), a.numel(),
+                        args[0], args[1], args[2], args[3], args[4], args[5], args[6], args[7]);
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("add_codes", &add_codes, "residual addition of uint8 codes");
   m.def("quantize_rows", &quantize_rows, "dynamic per-row quantization");
   m.def("quantize_static", &quantize_static, "static per-tensor quantization");
   m.def("rescale_rows", &rescale_rows, "int32 accumulator -> float32 output, in place");

@@ -2,7 +2,7 @@
 
 from .attention import QuantMultiheadAttention, QuantTransformerEncoderLayer
 from .base import LayerQuantConfig, QuantModule
-from .functional import QuantAdd, QuantBMM, QuantCat, QuantMatMul, QuantOp
+from .functional import Add, QuantAdd, QuantBMM, QuantCat, QuantMatMul, QuantOp
 from .pooling import (
     QuantAdaptiveAvgPool1d, QuantAdaptiveAvgPool2d, QuantAdaptiveAvgPool3d, QuantAvgPool1d,
     QuantAvgPool2d, QuantAvgPool3d,
@@ -15,7 +15,7 @@ from .weighted import (
 
 __all__ = [
     "LayerQuantConfig", "QuantAdaptiveAvgPool1d", "QuantAdaptiveAvgPool2d", "QuantAdaptiveAvgPool3d",
-    "QuantAdd", "QuantAvgPool1d", "QuantAvgPool2d", "QuantAvgPool3d", "QuantBMM", "QuantCat",
+    "Add", "QuantAdd", "QuantAvgPool1d", "QuantAvgPool2d", "QuantAvgPool3d", "QuantBMM", "QuantCat",
     "QuantConv1d", "QuantConv2d", "QuantConv3d", "QuantConvTranspose1d", "QuantConvTranspose2d",
     "QuantConvTranspose3d", "QuantEmbedding", "QuantGRU", "QuantGRUCell", "QuantLSTM", "QuantLSTMCell",
     "QuantLinear", "QuantMatMul", "QuantModule", "QuantMultiheadAttention", "QuantOp", "QuantRNN",

@@ -56,8 +56,29 @@ class QuantBMM(QuantOp):
         return torch.bmm(self._q("input", a), self._q("other", b))
 
 
+class Add(nn.Module):
+    """``a + b`` as a module (float). Put it where a model adds a residual (like torch.ao's
+    ``FloatFunctional``): `quanta.prepare` turns it into a `QuantAdd` on the config's activation
+    grid, and `quanta.convert` into an integer addition (`quanta.integer.Int8Add`) that keeps a
+    CNN's activations uint8 across the residual connection."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a + b
+
+
 class QuantAdd(QuantOp):
     """``quant(a) + quant(b)``: a residual connection."""
+
+    @classmethod
+    def from_float(cls, module: nn.Module, config: Any = None) -> "QuantAdd":
+        """From an `Add`: both operands quantized with ``config.input`` (a `LayerQuantConfig`)."""
+        if not isinstance(module, Add):
+            raise TypeError(f"QuantAdd.from_float expects a quanta.nn.Add, got {type(module).__name__}")
+        from .base import LayerQuantConfig
+        config = LayerQuantConfig() if config is None else config
+        new = cls(config.input)
+        new.train(module.training)
+        return new
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return self._q("input", a) + self._q("other", b)

@@ -1,0 +1,201 @@
+"""``Int8Add``: the integer form of a calibrated `quanta.nn.QuantAdd` (a residual addition).
+
+A residual addition between integer convolutions is where a CNN would otherwise leave uint8:
+the simulation computes ``fq_a(a) + fq_b(b)`` (each operand on its own calibrated per-tensor
+grid), and the next layers quantize the sum again. ``Int8Add`` takes each operand as uint8
+codes on its grid (what a producing integer conv emits after `quanta.transforms.fuse`) or as
+a float tensor (quantized here with that grid), and returns either the float sum or, once
+`fuse_activations` has set ``output="uint8"``, the sum's codes on its consumers' grid with a
+following ReLU / ReLU6 fused. Per element, in float32, the simulation's own operations::
+
+    y = (float(a) - za) · sa + (float(b) - zb) · sb      (fake-quantized operands, summed)
+    y = relu(y) / clamp(y, 0, 6)                          (post_op)
+    codes = clamp(round_half_even(y · (1 / s_out)) + z_out, 0, 255)    (uint8 output)
+
+so the float output equals the simulation exactly, and the uint8 output equals what the
+consumer's own quantizer would make of it. One pass in the native kernels
+(``quanta.kernels.native.add_codes``) when both operands are codes of the same shape and
+memory order; tensor operations with the same float32 arithmetic otherwise.
+
+Canonical state: ``input_scale`` / ``input_zero_point`` and ``other_scale`` /
+``other_zero_point`` (the operand grids, the specs' own codes), ``emit_scale`` /
+``emit_zero_point`` (the uint8 output grid of ``set_output("uint8", ...)``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..core import Format, Granularity, QuantSpec, Rounding
+from ..kernels import native
+from ..kernels.conv import POST_OPS
+from ..nn.modules.functional import QuantAdd
+from .base import IntegerModule
+
+OUTPUT_KINDS = ("float", "uint8")
+_POST = {"none": 0, "relu": 1, "relu6": 2}
+
+
+def _operand_problem(spec: QuantSpec) -> str | None:
+    if spec.format is not Format.INT or spec.bits != 8:
+        return f"operand spec {spec} is not an 8-bit integer grid"
+    if spec.granularity is not Granularity.PER_TENSOR or spec.dynamic:
+        return f"operand spec {spec} is not a static per-tensor grid"
+    if spec.rounding is not Rounding.HALF_EVEN:
+        return f"operand spec {spec} rounds {spec.rounding.value} (the integer add rounds half to even)"
+    return None
+
+
+class Int8Add(IntegerModule):
+    """``a + b`` on two per-tensor 8-bit grids; float or uint8 output (see the module doc)."""
+
+    operand_names = ("input", "other")
+
+    def __init__(self, *, input_spec: QuantSpec = QuantSpec(bits=8, signed=False, symmetric=False),
+                 other_spec: QuantSpec = QuantSpec(bits=8, signed=False, symmetric=False),
+                 output: str = "float", post_op: str = "none") -> None:
+        super().__init__()
+        for arg, spec in (("input_spec", input_spec), ("other_spec", other_spec)):
+            if not isinstance(spec, QuantSpec):
+                raise TypeError(f"Int8Add: {arg} must be a QuantSpec, got {type(spec).__name__}")
+            problem = _operand_problem(spec)
+            if problem:
+                raise ValueError(f"Int8Add: {arg}: {problem}")
+        self.input_spec, self.other_spec = input_spec, other_spec
+        for name in ("input", "other", "emit"):
+            self.register_buffer(f"{name}_scale", torch.tensor(1.0))
+            self.register_buffer(f"{name}_zero_point", torch.tensor(0, dtype=torch.int32))
+        self._set_output_mode(output, post_op)
+        self.pack()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def accepts(cls, sim: Any) -> str | None:
+        if not isinstance(sim, QuantAdd):
+            return f"expects a QuantAdd, got {type(sim).__name__}"
+        for name in cls.operand_names:
+            q = getattr(sim, f"{name}_quantizer", None)
+            if q is None or not q.is_enabled:
+                return f"its {name} quantizer is off (the sum stays float)"
+            if q.mode != "quantize":
+                return f"its {name} quantizer is in mode {q.mode!r} (finish calibration first)"
+            if q.needs_calibration:
+                return f"its {name} quantizer has no range: calibrate first"
+            problem = _operand_problem(q.spec)
+            if problem:
+                return problem
+        return None
+
+    @classmethod
+    def from_simulated(cls, sim: Any) -> "Int8Add":
+        cls.check_lowerable(sim)
+        mod = cls(input_spec=sim.input_quantizer.spec, other_spec=sim.other_quantizer.spec)
+        for name in cls.operand_names:
+            s, z = getattr(sim, f"{name}_quantizer").qparams()
+            getattr(mod, f"{name}_scale").copy_(s.reshape(()))
+            getattr(mod, f"{name}_zero_point").copy_(z.reshape(()))
+        mod.pack()
+        return mod
+
+    def config(self) -> dict[str, Any]:
+        return {"input_spec": self.input_spec.to_dict(), "other_spec": self.other_spec.to_dict(),
+                "output": self.output_kind, "post_op": self.post_op}
+
+    def pack(self) -> None:
+        """Python numbers of the grids: kernel codes are uint8 (signed codes + 128)."""
+        self._grids = []
+        for name, spec in zip(self.operand_names, (self.input_spec, self.other_spec)):
+            offset = 128 if spec.signed else 0
+            scale = getattr(self, f"{name}_scale")
+            self._grids.append((float(scale), float(1.0 / scale.float()),
+                                int(getattr(self, f"{name}_zero_point")) + offset,
+                                spec.qmin + offset, spec.qmax + offset))
+        self._emit = (float(self.emit_scale), float(1.0 / self.emit_scale.float()), int(self.emit_zero_point))
+
+    # ------------------------------------------------------------------ the uint8 hand-off
+    def operand_code_qparams(self, index: int) -> tuple[float, int]:
+        """``(scale, zero_point)`` of the uint8 codes operand ``index`` (0: ``a``, 1: ``b``) takes."""
+        scale, _, zp, _, _ = self._grids[index]
+        return scale, zp
+
+    def set_output(self, kind: str = "float", scale: float | torch.Tensor | None = None,
+                   zero_point: int | torch.Tensor | None = None, post_op: str = "none") -> "Int8Add":
+        """``"float"``: the sum (after ``post_op``); ``"uint8"``: its codes on the grid
+        ``(scale, zero_point)`` (the consumers' input grid), ``post_op`` fused."""
+        if kind == "uint8":
+            if scale is None or zero_point is None:
+                raise ValueError("Int8Add.set_output('uint8') needs the consumers' scale and zero_point")
+            if not 0 <= int(zero_point) <= 255 or not float(scale) > 0:
+                raise ValueError(f"Int8Add.set_output: uint8 grid needs scale > 0 and 0 <= zero_point <= 255, "
+                                 f"got {scale}, {zero_point}")
+            self.emit_scale.fill_(float(scale))
+            self.emit_zero_point.fill_(int(zero_point))
+        elif scale is not None or zero_point is not None:
+            raise ValueError("Int8Add.set_output('float') takes no scale / zero_point")
+        self._set_output_mode(kind, post_op)
+        self.pack()
+        return self
+
+    def _set_output_mode(self, kind: str, post_op: str) -> None:
+        if kind not in OUTPUT_KINDS:
+            raise ValueError(f"Int8Add: output kind must be one of {OUTPUT_KINDS}, got {kind!r}")
+        if post_op not in POST_OPS:
+            raise ValueError(f"Int8Add: post_op must be one of {POST_OPS}, got {post_op!r}")
+        self.output_kind, self.post_op = kind, post_op
+
+    # ------------------------------------------------------------------ forward
+    def _codes(self, t: Any, index: int) -> torch.Tensor:
+        name = self.operand_names[index]
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"Int8Add expects tensors, got {type(t).__name__} for {name!r}")
+        if t.dtype == torch.uint8:
+            return t
+        if not t.is_floating_point():
+            raise TypeError(f"Int8Add expects float tensors or uint8 codes, got {t.dtype} for {name!r}")
+        _, inv, zp, lo, hi = self._grids[index]
+        xf = t if t.dtype == torch.float32 else t.float()
+        if native.ready() and xf.device.type == "cpu" and not torch.compiler.is_compiling() and \
+                (xf.is_contiguous() or xf.is_contiguous(memory_format=torch.channels_last) and xf.dim() == 4):
+            return native.module().quantize_static(xf, inv, zp, lo, hi, False)
+        return torch.mul(xf, inv).round_().add_(zp).clamp_(lo, hi).to(torch.uint8)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        ca, cb = self._codes(a, 0), self._codes(b, 1)
+        if ca.device != self.input_scale.device or cb.device != self.input_scale.device:
+            raise ValueError(f"Int8Add holds its grids on {self.input_scale.device} but got inputs on "
+                             f"{ca.device} / {cb.device}")
+        (sa, _, za, _, _), (sb, _, zb, _, _) = self._grids
+        uint8_out = self.output_kind == "uint8"
+        _, inv, zo = self._emit
+        if native.ready() and ca.device.type == "cpu" and not torch.compiler.is_compiling() and \
+                ca.shape == cb.shape and ca.stride() == cb.stride() and _dense(ca):
+            self.record("native")
+            return native.module().add_codes(ca, sa, za, cb, sb, zb, _POST[self.post_op], inv if uint8_out else 0.0,
+                                             zo, 0, 255)
+        self.record("reference")
+        y = (ca.float() - za) * sa
+        y = y + (cb.float() - zb) * sb
+        if self.post_op != "none":
+            y = y.clamp_(0.0, 6.0 if self.post_op == "relu6" else None)
+        if not uint8_out:
+            return y
+        return y.mul_(inv).round_().add_(zo).clamp_(0, 255).to(torch.uint8)
+
+    def extra_repr(self) -> str:
+        (sa, _, za, _, _), (sb, _, zb, _, _) = self._grids
+        parts = [f"input={self.input_spec} scale={sa:.4g} zp={za}", f"other={self.other_spec} scale={sb:.4g} zp={zb}"]
+        if self.output_kind == "uint8":
+            parts.append(f"output=uint8 scale={self._emit[0]:.4g} zp={self._emit[2]}")
+        if self.post_op != "none":
+            parts.append(f"post_op={self.post_op}")
+        return ", ".join(parts)
+
+
+def _dense(t: torch.Tensor) -> bool:
+    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)) or \
+        (t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d))
+
+
+__all__ = ["Int8Add"]
