@@ -11,7 +11,6 @@ from torch import nn
 import quanta
 from quanta.core import QuantSpec
 from quanta.integer.add import Int8Add
-from quanta.integer.conv import Int8Conv2d
 from quanta.kernels import native
 from quanta.nn import Add, QuantAdd
 
