@@ -3,7 +3,8 @@
 The model is traced with ``torch.fx`` (integer and simulated modules are leaves) only to
 *read* its data flow; the model itself stays the user's eager module. For an integer conv
 ``P`` whose output reaches, through ops that act on uint8 codes as they do on values
-(ReLU, ReLU6 once fused, max pooling, Identity, Dropout in eval), only integer convs and integer
+(ReLU, ReLU6 once fused, max pooling, Identity, Dropout in eval; fused activation modules
+called once become ``Identity`` there), only integer convs and integer
 additions (`quanta.integer.Int8Add`, as either operand) that share one input grid, ``P`` is set
 to emit uint8 codes on that grid with the activation fused in its kernel; the consumers take
 those codes as they are. An integer addition is a producer too (a residual block's sum, ReLU
@@ -110,8 +111,8 @@ def fuse_activations(model: nn.Module) -> list[tuple[str, str, str]]:
                 break
             if kind in ("relu", "relu6"):
                 act = "relu6" if kind == "relu6" or act == "relu6" else "relu"
-                if kind == "relu6":
-                    relu6_nodes.append(nxt)
+                if kind == "relu6" or (nxt.op == "call_module" and calls[str(nxt.target)] == 1):
+                    relu6_nodes.append(nxt)  # (a ReLU module called once: dropped on a uint8 path)
             elif kind == "pool":
                 pool_nodes.append(nxt)
             cur = nxt
@@ -119,8 +120,8 @@ def fuse_activations(model: nn.Module) -> list[tuple[str, str, str]]:
         if len(grids) == 1 and None not in grids:
             scale, zp = next(iter(grids))  # type: ignore[misc]
             producer.set_output("uint8", scale=scale, zero_point=zp, post_op=act)
-            for r in relu6_nodes:  # ReLU6 on codes would clamp codes at 6: already fused
-                _replace(model, str(r.target), nn.Identity())
+            for r in relu6_nodes:  # fused into the producer; on codes ReLU6 would clamp at code 6
+                _replace(model, str(r.target), nn.Identity())  # and ReLU would cost a pass for nothing
             for p in pool_nodes:  # pools channels-last codes where torch's own max-pool cannot
                 _replace(model, str(p.target), codes_pool(mods[str(p.target)]))
             done.append((str(node.target), act, "uint8"))
