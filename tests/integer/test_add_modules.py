@@ -158,3 +158,13 @@ def test_onnx_export_matches(residual, tmp_path):
     assert report.within(steps=1, identical=0.0) and out.max_abs_diff <= 1e-5, report
     adds = [r for r in report.layers if r.name.endswith("add")]
     assert len(adds) == 2 and all(r.frac_identical == 1.0 for r in adds), report
+
+
+def test_compiles_to_one_graph_with_the_same_numbers(residual):
+    _, _, q, x = residual
+    import torch._dynamo as dynamo
+    with torch.inference_mode():
+        explained = dynamo.explain(q)(x)
+        assert explained.graph_count == 1 and explained.graph_break_count == 0
+        dynamo.reset()
+        assert torch.equal(torch.compile(q)(x), q(x))
