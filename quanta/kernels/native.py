@@ -7,7 +7,7 @@ cost more than the GEMM itself saves. ``csrc/fused.cpp`` does each in one pass, 
 float32 arithmetic of the Python implementations (the kernel tests check equality bit for bit).
 
 The library is compiled on first use with ``torch.utils.cpp_extension`` (the C++ compiler and
-ninja that PyTorch extensions need; about 30 s, once per machine and torch version; cached in
+Python headers that PyTorch extensions need, and ninja, a dependency of quanta; about 30 s, once per machine and torch version; cached in
 ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``). Where it cannot be built (no
 compiler, another OS) or ``QUANTA_NATIVE=0`` is set, the Python implementations run: same
 numbers, slower. `status()` says which and why; integer modules' ``kernel_counts`` name the
@@ -26,6 +26,7 @@ import hashlib
 import logging
 import os
 import platform
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -97,8 +98,25 @@ def _build() -> Any:
     key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + " ".join(flags).encode()
                          + _cpu_fingerprint().encode()).hexdigest()[:12]
     LOG.info("quanta: loading native CPU kernels (compiled once per machine, about 30 s the first time)")
+    _ninja_on_path()
     return cpp_extension.load(name=f"quanta_fused_{key}", sources=[str(SOURCE)], extra_cflags=flags,
                               extra_ldflags=["-fopenmp"], verbose=False)
+
+
+def _ninja_on_path() -> None:
+    """torch's extension builder runs ``ninja`` from PATH: add the ``ninja`` package's binary
+    (a dependency of quanta) and this interpreter's scripts directory, for a virtual
+    environment used without activating it."""
+    dirs = [os.path.dirname(sys.executable)]
+    try:
+        import ninja
+        dirs.insert(0, ninja.BIN_DIR)
+    except (ImportError, AttributeError):
+        pass
+    path = os.environ.get("PATH", "").split(os.pathsep)
+    missing = [d for d in dirs if d and d not in path]
+    if missing:
+        os.environ["PATH"] = os.pathsep.join(missing + path)
 
 
 def ready() -> bool:
