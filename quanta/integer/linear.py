@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from ..core import Format, Granularity, QuantSpec, pack_bits, unpack_bits
-from ..kernels.linear import int8_linear, native_linear_call, onednn_prepack, quantize_activation, weight_sum
+from ..kernels.activation import quantize_activation
+from ..kernels.linear import int8_linear, native_linear_call, onednn_prepack, weight_sum
 from .linear_common import (
     _LinearBase, _active, _bias_of, _common_reason, _int_weight_reason, _output_spec_of, _per_channel_weight,
 )

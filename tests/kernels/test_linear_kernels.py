@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from quanta.core import QuantSpec, pack_bits, quantize_tensor
+from quanta.kernels import activation as A
+from quanta.kernels import fp8 as F8
 from quanta.kernels import linear as L
 from quanta.kernels import native
 from quanta.kernels import weight_only as WO
@@ -151,11 +153,11 @@ def test_fused_activation_quantization_equals_core(spec):
     x[0, :16] = torch.arange(16) - 7.5
     x[0, 16] = 127.0
     ref = quantize_tensor(x, spec)
-    codes, s, z = L.quantize_activation_spec(x, spec, impl="fused")
-    assert L.quantize_activation_spec.__module__ == L.__name__
+    codes, s, z = A.quantize_activation_spec(x, spec, impl="fused")
+    assert A.quantize_activation_spec.__module__ == A.__name__
     assert torch.equal(codes, ref.q) and codes.dtype == ref.q.dtype
     assert torch.equal(s, ref.scale) and torch.equal(z, ref.zero_point)
-    static = L.quantize_activation_spec(x, spec.replace(dynamic=False) if spec.granularity.value == "per_tensor"
+    static = A.quantize_activation_spec(x, spec.replace(dynamic=False) if spec.granularity.value == "per_tensor"
                                         else spec, ref.scale if spec.granularity.value == "per_tensor" else None,
                                         ref.zero_point if spec.granularity.value == "per_tensor" else None)
     assert torch.equal(static[0], ref.q)
@@ -165,7 +167,7 @@ def test_fused_activation_quantization_raises_on_nan():
     x = torch.randn(4, 8)
     x[1, 2] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
-        L.quantize_activation_spec(x, QuantSpec(granularity="per_token"), impl="fused")
+        A.quantize_activation_spec(x, QuantSpec(granularity="per_token"), impl="fused")
 
 
 @pytest.mark.parametrize("shape", [(1, 7, 33), (7, 64, 5), (8, 33, 64), (5, 256, 48)], ids=_ids)
@@ -236,9 +238,9 @@ def test_fp8_reference_and_cpu_choice():
     x = torch.randn(4, 32).to(torch.float8_e4m3fn)
     w = torch.randn(16, 32).to(torch.float8_e4m3fn)
     xs, ws = torch.tensor(0.5), torch.tensor(0.25)
-    y = L.fp8_linear(x, xs, w, ws, None)
+    y = F8.fp8_linear(x, xs, w, ws, None)
     torch.testing.assert_close(y, (x.float() * 0.5) @ (w.float() * 0.25).t(), atol=0, rtol=0)
-    assert L.fp8_linear.choose(x, xs, w, ws, None) == "reference"
+    assert F8.fp8_linear.choose(x, xs, w, ws, None) == "reference"
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -264,6 +266,6 @@ def test_cuda_fp8_scaled_mm_close_to_reference():
     x = torch.randn(32, 64, device="cuda").to(torch.float8_e4m3fn)
     w = torch.randn(32, 64, device="cuda").to(torch.float8_e4m3fn)
     xs, ws = torch.tensor(0.5, device="cuda"), torch.tensor(0.25, device="cuda")
-    assert L.fp8_linear.choose(x, xs, w, ws, None) == "scaled_mm"
-    torch.testing.assert_close(L.fp8_linear(x, xs, w, ws, None),
-                               L.fp8_linear(x, xs, w, ws, None, impl="reference"), rtol=1e-5, atol=1e-5)
+    assert F8.fp8_linear.choose(x, xs, w, ws, None) == "scaled_mm"
+    torch.testing.assert_close(F8.fp8_linear(x, xs, w, ws, None),
+                               F8.fp8_linear(x, xs, w, ws, None, impl="reference"), rtol=1e-5, atol=1e-5)

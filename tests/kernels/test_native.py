@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from quanta.core import QuantSpec, quantize, quantize_tensor
+from quanta.kernels import activation as A
 from quanta.kernels import linear as L
 from quanta.kernels import native
 
@@ -56,9 +57,9 @@ def test_native_per_token_quantization_equals_core(seed, M, K, scale_exp, positi
                      granularity="per_token")
     x = _rows(seed, M, K, scale_exp, positive)
     ref = quantize_tensor(x, spec)
-    assert L.quantize_activation.choose(x, None, None, bits, signed, symmetric, spec.narrow_range, True,
+    assert A.quantize_activation.choose(x, None, None, bits, signed, symmetric, spec.narrow_range, True,
                                         "half_even") == "native"
-    codes, s, z = L.quantize_activation_spec(x, spec, impl="native")
+    codes, s, z = A.quantize_activation_spec(x, spec, impl="native")
     assert codes.dtype == ref.q.dtype and torch.equal(codes, ref.q)
     assert torch.equal(s, ref.scale) and torch.equal(z, ref.zero_point)
 
@@ -87,9 +88,9 @@ def test_native_static_path_of_the_op_equals_fused():
     x = torch.randn(33, 70) * 5
     spec = QuantSpec(bits=8, signed=False, symmetric=False)
     s, z = torch.tensor(0.04), torch.tensor(131, dtype=torch.int32)
-    assert L.quantize_activation.choose(x, s, z, 8, False, False, False, False, "half_even") == "native"
-    out = L.quantize_activation_spec(x, spec, s, z, impl="native")
-    ref = L.quantize_activation_spec(x, spec, s, z, impl="fused")
+    assert A.quantize_activation.choose(x, s, z, 8, False, False, False, False, "half_even") == "native"
+    out = A.quantize_activation_spec(x, spec, s, z, impl="native")
+    ref = A.quantize_activation_spec(x, spec, s, z, impl="fused")
     assert all(torch.equal(a, b) for a, b in zip(out, ref))
 
 
@@ -99,21 +100,21 @@ def test_native_quantization_raises_on_non_finite(bad):
     x = torch.randn(5, 64)
     x[3, 17] = bad
     with pytest.raises(ValueError, match="NaN|inf"):
-        L.quantize_activation_spec(x, QuantSpec(granularity="per_token", symmetric=False), impl="native")
+        A.quantize_activation_spec(x, QuantSpec(granularity="per_token", symmetric=False), impl="native")
 
 
 @needs_native
 def test_native_quantization_copes_with_a_range_overflowing_float32():
     x = torch.tensor([[-3e38, 3e38, 1.0, 0.0]])  # width overflows to inf, the values are finite
     spec = QuantSpec(granularity="per_token", symmetric=False, signed=False)
-    codes, s, z = L.quantize_activation_spec(x, spec, impl="native")
+    codes, s, z = A.quantize_activation_spec(x, spec, impl="native")
     ref = quantize_tensor(x, spec)
     assert torch.equal(codes, ref.q) and torch.equal(s, ref.scale) and torch.equal(z, ref.zero_point)
 
 
 @needs_native
 def test_native_guard_refusals_fall_back_to_fused():
-    choose = L.quantize_activation.choose
+    choose = A.quantize_activation.choose
     x = torch.randn(16, 8)
     args = (None, None, 8, True, False, False, True, "half_even")
     assert choose(x.t().contiguous().t(), *args) == "fused"  # column-major
@@ -121,7 +122,7 @@ def test_native_guard_refusals_fall_back_to_fused():
     assert choose(x, None, None, 8, True, False, False, False, "half_even") == "fused"  # dynamic per-tensor
     assert choose(x, None, None, 8, True, False, False, True, "stochastic") == "reference"
     with pytest.raises(ValueError, match="row-major"):
-        L.quantize_activation(x.t(), *args, impl="native")
+        A.quantize_activation(x.t(), *args, impl="native")
 
 
 @needs_native

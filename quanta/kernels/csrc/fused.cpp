@@ -1,5 +1,5 @@
 // quanta's fused CPU kernels: the element-wise work around an int8 GEMM done in one pass each,
-// with exactly the float32 arithmetic of the Python implementations in quanta/kernels/linear.py
+// with exactly the float32 arithmetic of the Python implementations in quanta/kernels/activation.py and linear.py
 // (compiled with -ffp-contract=off and without -ffast-math so that no operation is fused or
 // reordered). Built on first use by quanta/kernels/native.py; every function has a
 // pure-PyTorch twin that runs where this library cannot be built.
@@ -28,7 +28,7 @@ inline void quantize_span(const float* __restrict__ x, T* __restrict__ out, int6
   }
 }
 
-// One row's qparams, as quanta.kernels.linear._quantize_activation_fused computes them.
+// One row's qparams, as quanta.kernels.activation._quantize_activation_fused computes them.
 // Returns false when the row holds NaN / inf or its range overflows (the caller then takes the
 // Python path, which raises a named error or handles the overflow).
 inline bool row_qparams(const float* __restrict__ r, int64_t n, float qmin, float qmax, bool symmetric,
