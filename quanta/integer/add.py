@@ -156,8 +156,7 @@ class Int8Add(IntegerModule):
             raise TypeError(f"Int8Add expects float tensors or uint8 codes, got {t.dtype} for {name!r}")
         _, inv, zp, lo, hi = self._grids[index]
         xf = t if t.dtype == torch.float32 else t.float()
-        if native.ready() and xf.device.type == "cpu" and not torch.compiler.is_compiling() and \
-                (xf.is_contiguous() or xf.is_contiguous(memory_format=torch.channels_last) and xf.dim() == 4):
+        if native.ready() and xf.device.type == "cpu" and not torch.compiler.is_compiling() and _dense(xf):
             return native.module().quantize_static(xf, inv, zp, lo, hi, False)
         return torch.mul(xf, inv).round_().add_(zp).clamp_(lo, hi).to(torch.uint8)
 
