@@ -14,6 +14,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..kernels import native
+
+
+def _pair(v: int | tuple[int, ...]) -> list[int]:
+    return [int(v), int(v)] if isinstance(v, int) else [int(i) for i in v]
+
 
 def _pool_codes(pool: nn.Module, x: torch.Tensor, forward) -> torch.Tensor:
     if x.dtype in (torch.uint8, torch.int8) and not pool.return_indices:
@@ -32,6 +38,13 @@ class CodesMaxPool1d(nn.MaxPool1d):
 
 class CodesMaxPool2d(nn.MaxPool2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.uint8 and x.dim() == 4 and not self.ceil_mode and not self.return_indices and \
+                x.device.type == "cpu" and native.ready() and not torch.compiler.is_compiling() and \
+                x.is_contiguous(memory_format=torch.channels_last):
+            # one pass in the native kernels (channels-last uint8 codes: what integer convs emit)
+            k, s, p, d = (_pair(v) for v in (self.kernel_size, self.stride or self.kernel_size, self.padding,
+                                              self.dilation))
+            return native.module().max_pool2d_codes(x, k, s, p, d)
         return _pool_codes(self, x, super().forward)
 
 

@@ -6,8 +6,10 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -248,7 +250,47 @@ torch::Tensor add_codes(const torch::Tensor& a, double sa, int64_t za, const tor
   return out;
 }
 
+// 2d max pooling of channels-last uint8 codes [N, C, H, W] (memory order N, H, W, C), windows
+// without ceil mode; padding never wins (it is outside the window's valid taps).
+torch::Tensor max_pool2d_codes(const torch::Tensor& x, std::vector<int64_t> kernel, std::vector<int64_t> stride,
+                               std::vector<int64_t> padding, std::vector<int64_t> dilation) {
+  TORCH_CHECK(x.scalar_type() == torch::kUInt8 && x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "max_pool2d_codes: needs channels-last uint8 [N, C, H, W]");
+  TORCH_CHECK(kernel.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+              "max_pool2d_codes: 2 values per argument");
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t kh = kernel[0], kw = kernel[1], sh = stride[0], sw = stride[1];
+  const int64_t ph = padding[0], pw = padding[1], dh = dilation[0], dw = dilation[1];
+  const int64_t OH = (H + 2 * ph - dh * (kh - 1) - 1) / sh + 1, OW = (W + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
+  TORCH_CHECK(OH > 0 && OW > 0, "max_pool2d_codes: empty output");
+  auto out = torch::empty({N, C, OH, OW}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const uint8_t* src = x.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  at::parallel_for(0, N * OH, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = r / OH, oh = r % OH;
+      for (int64_t ow = 0; ow < OW; ++ow) {
+        uint8_t* __restrict__ o = dst + ((n * OH + oh) * OW + ow) * C;
+        std::memset(o, 0, C);  // codes are >= 0 and every window has a valid tap
+        for (int64_t i = 0; i < kh; ++i) {
+          const int64_t h = oh * sh - ph + i * dh;
+          if (h < 0 || h >= H) continue;
+          for (int64_t j = 0; j < kw; ++j) {
+            const int64_t w = ow * sw - pw + j * dw;
+            if (w < 0 || w >= W) continue;
+            const uint8_t* __restrict__ p = src + ((n * H + h) * W + w) * C;
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) o[c] = p[c] > o[c] ? p[c] : o[c];
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("max_pool2d_codes", &max_pool2d_codes, "2d max pooling of channels-last uint8 codes");
   m.def("add_codes", &add_codes, "residual addition of uint8 codes");
   m.def("quantize_rows", &quantize_rows, "dynamic per-row quantization");
   m.def("quantize_static", &quantize_static, "static per-tensor quantization");
