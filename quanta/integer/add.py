@@ -30,11 +30,10 @@ import torch
 
 from ..core import Format, Granularity, QuantSpec, Rounding
 from ..kernels import native
-from ..kernels.conv import POST_OPS
 from ..nn.modules.functional import QuantAdd
 from .base import IntegerModule
+from .conv import check_output_mode
 
-OUTPUT_KINDS = ("float", "uint8")
 _POST = {"none": 0, "relu": 1, "relu6": 2}
 
 
@@ -139,10 +138,7 @@ class Int8Add(IntegerModule):
         return self
 
     def _set_output_mode(self, kind: str, post_op: str) -> None:
-        if kind not in OUTPUT_KINDS:
-            raise ValueError(f"Int8Add: output kind must be one of {OUTPUT_KINDS}, got {kind!r}")
-        if post_op not in POST_OPS:
-            raise ValueError(f"Int8Add: post_op must be one of {POST_OPS}, got {post_op!r}")
+        check_output_mode(self, kind, post_op)
         self.output_kind, self.post_op = kind, post_op
 
     # ------------------------------------------------------------------ forward

@@ -90,6 +90,14 @@ def _dense(x: torch.Tensor) -> bool:
     return fmt is not None and x.is_contiguous(memory_format=fmt)
 
 
+def check_output_mode(owner: nn.Module, kind: str, post_op: str) -> None:
+    """What a uint8-emitting integer module (conv, addition) may be set to output."""
+    if kind not in OUTPUT_KINDS:
+        raise ValueError(f"{type(owner).__name__}: output kind must be one of {OUTPUT_KINDS}, got {kind!r}")
+    if post_op not in POST_OPS:
+        raise ValueError(f"{type(owner).__name__}: post_op must be one of {POST_OPS}, got {post_op!r}")
+
+
 def _tuple(v: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:
     if isinstance(v, int) and not isinstance(v, bool):
         return (v,) * n
@@ -314,10 +322,7 @@ class _Int8ConvNd(IntegerModule):
         return self
 
     def _set_output_mode(self, kind: str, post_op: str) -> None:
-        if kind not in OUTPUT_KINDS:
-            raise ValueError(f"{type(self).__name__}: output kind must be one of {OUTPUT_KINDS}, got {kind!r}")
-        if post_op not in POST_OPS:
-            raise ValueError(f"{type(self).__name__}: post_op must be one of {POST_OPS}, got {post_op!r}")
+        check_output_mode(self, kind, post_op)
         self.output_kind, self.post_op = kind, post_op
         self._calls = {}
 

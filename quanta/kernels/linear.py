@@ -99,16 +99,23 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride() == (t.shape[1], 1) else t.clone(memory_format=torch.contiguous_format)
 
 
-def _int_mm_acc(x, x_zp, weight, w_sum, swapped: bool = False) -> torch.Tensor:
-    """Exact int32 ``Σ_k (x - zp) w`` with ``torch._int_mm`` (int8 x int8 only): uint8 codes are
-    shifted by -128 (``x ^ 0x80`` read as int8), the zero point is applied as ``zp' · Σ_k w``.
-    ``swapped``: computed as ``(W · Xᵀ)ᵀ`` (same sums; see `SWAP_MAX_ROWS`)."""
+def _int8_operand(x: torch.Tensor, x_zp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_int_mm``'s int8 operand and its int32 zero points ``[1]`` / ``[M]``: uint8 codes
+    become ``x - 128`` (``x ^ 0x80`` read as int8) with zero points ``zp - 128``, the same sums."""
     zp = x_zp.reshape(-1)
     if zp.dtype != torch.int32:
         zp = zp.to(torch.int32)
     if x.dtype == torch.uint8:
         x = torch.bitwise_xor(x, 128).view(torch.int8)
         zp = zp - 128
+    return x, zp
+
+
+def _int_mm_acc(x, x_zp, weight, w_sum, swapped: bool = False) -> torch.Tensor:
+    """Exact int32 ``Σ_k (x - zp) w`` with ``torch._int_mm`` (int8 x int8 only): uint8 codes are
+    shifted by -128 (``x ^ 0x80`` read as int8), the zero point is applied as ``zp' · Σ_k w``.
+    ``swapped``: computed as ``(W · Xᵀ)ᵀ`` (same sums; see `SWAP_MAX_ROWS`)."""
+    x, zp = _int8_operand(x, x_zp)
     if swapped:
         acc = torch._int_mm(_dense(weight), _dense(x).t()).t().contiguous()
     else:
@@ -128,12 +135,7 @@ def _int_mm_acc(x, x_zp, weight, w_sum, swapped: bool = False) -> torch.Tensor:
 def _mm_rescale_native(x, x_zp, x_scale, w_t, w_sum, w_scale, bias):
     """``torch._int_mm(x, w_t)``, then the zero-point correction and `_rescale` in one pass;
     ``w_sum`` int32, ``w_scale`` / ``bias`` float32, all contiguous."""
-    zp = x_zp.reshape(-1)
-    if zp.dtype != torch.int32:
-        zp = zp.to(torch.int32)
-    if x.dtype == torch.uint8:
-        x = torch.bitwise_xor(x, 128).view(torch.int8)
-        zp = zp - 128
+    x, zp = _int8_operand(x, x_zp)
     acc = torch._int_mm(_dense(x), w_t)
     return native.module().rescale_rows(acc, zp.contiguous(), w_sum, _f32(x_scale).reshape(-1).contiguous(),
                                         w_scale, bias)
