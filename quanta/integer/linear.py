@@ -26,7 +26,7 @@ import torch
 
 from ..core import Format, Granularity, QuantSpec, pack_bits, unpack_bits
 from ..kernels.activation import quantize_activation
-from ..kernels.linear import int8_linear, native_linear_call, onednn_prepack, weight_sum
+from ..kernels.linear import NATIVE_LINEAR_IMPLS, int8_linear, native_linear_call, onednn_prepack, weight_sum
 from .linear_common import (
     _LinearBase, _active, _bias_of, _common_reason, _int_weight_reason, _output_spec_of, _per_channel_weight,
 )
@@ -144,10 +144,10 @@ class Int8Linear(_LinearBase):
         # per module): with those settled by a first call, a call is one lookup and the kernels
         sig = (x2.dtype, x2.device, x2.stride() == (self.in_features, 1), rows if rows <= 32 else 33)
         if not torch.compiler.is_compiling() and self._calls:
-            call = self._calls.get(sig)
-            if call is not None:
-                self.kernel_counts["int_mm_native"] += 1
-                return self._finish(call(x2), x)
+            settled = self._calls.get(sig)
+            if settled is not None:
+                self.kernel_counts[settled[0]] += 1
+                return self._finish(settled[1](x2), x)
         static = not self.act_spec.dynamic
         s_in, z_in = (self.input_scale, self._codes_zp) if static else (None, None)
         q_impl, checked = "auto", False  # (a preferred int8_linear kernel says nothing about this op)
@@ -157,10 +157,10 @@ class Int8Linear(_LinearBase):
         codes, s, z = quantize_activation(x2, s_in, z_in, *self._q_args, impl=q_impl, checked=checked)
         args = (codes, s, z, self._w8, self.weight_scale, self.bias, self._w_sum, self._packed)
         y = self._run(int8_linear, *args)
-        if q_impl == "native" and checked and not torch.compiler.is_compiling() and \
-                self.__dict__.get("_impl_cache", {}).get(self._run_key(*args)) == "int_mm_native":
-            self._calls[sig] = native_linear_call(self._w8, self.weight_scale, self.bias, self._w_sum, *self._q_args,
-                                                  s_in, z_in)
+        mm_impl = self.__dict__.get("_impl_cache", {}).get(self._run_key(*args)) if q_impl == "native" else None
+        if mm_impl in NATIVE_LINEAR_IMPLS and checked and not torch.compiler.is_compiling():
+            self._calls[sig] = (mm_impl, native_linear_call(mm_impl, self._w8, self.weight_scale, self.bias,
+                                                            self._w_sum, *self._q_args, s_in, z_in))
         return self._finish(y, x)
 
     def extra_repr(self) -> str:

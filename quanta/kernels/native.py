@@ -35,7 +35,10 @@ import torch
 
 LOG = logging.getLogger("quanta.kernels")
 
-SOURCE = Path(__file__).with_name("csrc") / "fused.cpp"
+CSRC = Path(__file__).with_name("csrc")
+#: compiled together into one library (fused.cpp holds the Python bindings); common.h is shared
+SOURCES = [CSRC / "fused.cpp", CSRC / "gemv.cpp", CSRC / "recurrent.cpp"]
+HEADERS = [CSRC / "common.h"]
 #: no -ffast-math, no FMA contraction: the kernels must round exactly like the PyTorch ops
 CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
 ENV_SWITCH = "QUANTA_NATIVE"
@@ -65,8 +68,9 @@ def _disabled_reason() -> str | None:
         return f"disabled by {ENV_SWITCH}={os.environ[ENV_SWITCH]}"
     if platform.system() != "Linux":
         return f"native kernels are built on Linux only (this is {platform.system()})"
-    if not SOURCE.exists():
-        return f"source {SOURCE} is missing from the installation"
+    missing = [p.name for p in SOURCES + HEADERS if not p.exists()]
+    if missing:
+        return f"sources {missing} are missing from the installation ({CSRC})"
     return None
 
 
@@ -95,11 +99,11 @@ def _build() -> Any:
     from torch.utils import cpp_extension
 
     flags = CFLAGS + _march()
-    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + " ".join(flags).encode()
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS) + torch.__version__.encode() + " ".join(flags).encode()
                          + _cpu_fingerprint().encode()).hexdigest()[:12]
     LOG.info("quanta: loading native CPU kernels (compiled once per machine, about 30 s the first time)")
     _ninja_on_path()
-    return cpp_extension.load(name=f"quanta_fused_{key}", sources=[str(SOURCE)], extra_cflags=flags,
+    return cpp_extension.load(name=f"quanta_fused_{key}", sources=[str(p) for p in SOURCES], extra_cflags=flags,
                               extra_ldflags=["-fopenmp"], verbose=False)
 
 

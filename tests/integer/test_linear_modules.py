@@ -32,7 +32,9 @@ CONFIGS = {
     "bf16": (LC(input=QD(format="bf16", num_bits=16), weight=QD(format="bf16", num_bits=16)), HalfLinear),
     "fp16": (LC(input=QD(format="fp16", num_bits=16), weight=QD(format="fp16", num_bits=16)), HalfLinear),
 }
-FAST = {Int8Linear: "int_mm_native" if native.ready() else "int_mm", Int8WeightOnlyLinear: "int8pack_mm", Int4WeightOnlyLinear: "int4pack_mm",
+#: for the 6-row inputs below: the native VNNI gemv (<= 8 rows), else torch._int_mm (+ the native rescale)
+_INT8_FAST = ("gemv_native" if native.module().gemv_has_vnni() else "int_mm_native") if native.ready() else "int_mm"
+FAST = {Int8Linear: _INT8_FAST, Int8WeightOnlyLinear: "int8pack_mm", Int4WeightOnlyLinear: "int4pack_mm",
         HalfLinear: "float32_upcast"}
 
 

@@ -20,10 +20,22 @@ from quanta.integer.recurrent import (
     DynamicInt8GRU, DynamicInt8GRUCell, DynamicInt8LSTM, DynamicInt8LSTMCell, DynamicInt8RNN, DynamicInt8RNNCell,
 )
 
-SYM = QuantDescriptor(dynamic=True)  # signed symmetric int8 -> the int_mm kernel
-ASYM = QuantDescriptor(dynamic=True, unsigned=True, symmetric=False)  # fbgemm's grid -> fbgemm
+SYM = QuantDescriptor(dynamic=True)  # signed symmetric int8 -> native, else the int_mm kernel
+ASYM = QuantDescriptor(dynamic=True, unsigned=True, symmetric=False)  # fbgemm's grid -> native, else fbgemm
 CFG = {"sym": QuantConfig(default=LayerQuantConfig(input=SYM)), "asym": QuantConfig(default=LayerQuantConfig(input=ASYM))}
-EXPECTED_IMPL = {"sym": "int_mm", "asym": "fbgemm"}
+_FALLBACK_IMPL = {"sym": "int_mm", "asym": "fbgemm"}
+
+
+class _Expected(dict):
+    """The kernel a module records: the C++ loop where it is available (any grid), else the
+    grid's fast PyTorch path."""
+
+    def __missing__(self, act: str) -> str:
+        from quanta.kernels.recurrent import dynamic_int8_rnn
+        return "native" if "native" in dynamic_int8_rnn.available_impls() else _FALLBACK_IMPL[act]
+
+
+EXPECTED_IMPL = _Expected()
 
 SEQ = [
     ("lstm", lambda: nn.LSTM(5, 7, num_layers=2, bidirectional=True, batch_first=True), DynamicInt8LSTM),

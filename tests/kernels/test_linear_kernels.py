@@ -20,6 +20,14 @@ from quanta.kernels import weight_only as WO
 INT_MM = "int_mm_native" if native.ready() else "int_mm"
 
 SHAPES = [(1, 7, 33), (7, 33, 1), (33, 64, 7), (64, 2, 64), (1, 768, 48), (5, 130, 16)]
+GEMV = native.ready() and bool(native.module().gemv_has_vnni())
+
+
+def _choice(M: int, K: int, N: int) -> str:
+    """What the guards pick for an int8 x int8 linear of these sizes on this machine."""
+    if GEMV and M <= (L.GEMV_MAX_ROWS_LARGE if N * K >= L.SWAP_MIN_WEIGHT else L.GEMV_MAX_ROWS):
+        return "gemv_native"
+    return INT_MM if K >= 2 else "reference"
 
 
 def _ids(v):
@@ -58,14 +66,37 @@ def test_int8_linear_int_mm_equals_reference_bitwise(shape, xdtype, per_token, n
     x, xs, zp, w = args[:4]
     ref = L.int8_linear(*args, impl="reference")
     fast = L.int8_linear(*args, impl="int_mm")
-    assert L.int8_linear.choose(*args) == (INT_MM if K >= 2 else "reference")
+    assert L.int8_linear.choose(*args) == _choice(M, K, N)
     torch.testing.assert_close(fast, ref, atol=0, rtol=0)  # same int32 sums, same rescale ops
+    if _choice(M, K, N) == "gemv_native":  # the VNNI streaming kernel for a few rows: same sums, same epilogue
+        torch.testing.assert_close(L.int8_linear(*args, impl="gemv_native"), ref, atol=0, rtol=0)
     if native.ready() and K >= 2:  # one fused pass for the zero point and the rescale: same numbers
         torch.testing.assert_close(L.int8_linear(*args, impl="int_mm_native"), ref, atol=0, rtol=0)
     # the integer sums themselves (scales 1, no bias) are exact even past 2^24 in the reference
     acc_ref = (x.long() - zp.reshape(-1, 1).long()) @ w.long().t()
     acc = L._int_mm_acc(x, zp, w, None)
     assert torch.equal(acc.long(), acc_ref)
+
+
+@pytest.mark.skipif(not GEMV, reason="needs the native kernels built with AVX-512 VNNI")
+@pytest.mark.parametrize("M", [1, 3, 4, 5, 8, 16])
+@pytest.mark.parametrize("K", [1, 63, 64, 65, 200])
+@pytest.mark.parametrize("N", [1, 5, 16, 37])
+def test_gemv_native_equals_reference_bitwise_at_every_tail(M, K, N):
+    """Register blocks of 4 weight rows and 4 activation rows, 64-byte chunks of K: every
+    remainder, int8 and uint8 codes, per-token and per-tensor zero points, extreme values (the
+    implementation is called directly: its guard also weighs speed, which refuses M = 16 here)."""
+    gemv = L._int8_linear_gemv_native
+    g = torch.Generator().manual_seed(zlib.crc32(repr((M, K, N)).encode()) % 2**31)
+    for xdtype in (torch.int8, torch.uint8):
+        for per_token in (False, True):
+            args = _int8_linear_args(M, K, N, xdtype, per_token, False, g)
+            ref = L.int8_linear(*args, impl="reference")
+            torch.testing.assert_close(gemv(*args), ref, atol=0, rtol=0)
+    lo = torch.full((M, K), -128, dtype=torch.int8)  # the largest |sums|
+    w = torch.full((N, K), -128, dtype=torch.int8)
+    out = gemv(lo, torch.tensor(1.0), torch.tensor(0, dtype=torch.int32), w, torch.ones(N), None, None, None)
+    assert torch.equal(out.double(), torch.full((M, N), K * 128.0 * 128.0, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("M", [2, 7, 32])
@@ -77,12 +108,12 @@ def test_swapped_int_mm_equals_reference_bitwise(M, xdtype, per_token):
     K, N = 2048, 2049  # N * K >= 2^22; odd N
     args = _int8_linear_args(M, K, N, xdtype, per_token, False, g)
     x, xs, zp = args[:3]
-    assert L.int8_linear.choose(*args) == "int_mm_swapped"
+    assert L.int8_linear.choose(*args) == ("int_mm_swapped" if _choice(M, K, N) != "gemv_native" else "gemv_native")
     fast = L.int8_linear(*args, impl="int_mm_swapped")
     assert fast.is_contiguous()
     torch.testing.assert_close(fast, L.int8_linear(*args, impl="reference"), atol=0, rtol=0)
     assert L.int8_linear.choose(x[:1], xs if not per_token else xs[:1], zp if not per_token else zp[:1],
-                                *args[3:]) == INT_MM  # one row: the usual order is as fast
+                                *args[3:]) == _choice(1, K, N)  # one row: the usual order is as fast
 
 
 def test_int_mm_sums_exact_at_the_extremes():
@@ -117,8 +148,8 @@ def test_int8_linear_onednn_matches_reference(shape, xdtype):
     ulp = torch.finfo(torch.float32).eps
     bound = L.ONEDNN_ULP_BOUND * ulp * (ref.abs() + b.abs())
     assert bool(((out - ref).abs() <= bound).all())
-    if K >= 2:
-        assert L.int8_linear.choose(*args) == INT_MM
+    if K >= 2 or _choice(M, K, N) == "gemv_native":
+        assert L.int8_linear.choose(*args) == _choice(M, K, N)
     else:
         assert L.int8_linear.choose(*args) == "onednn"
 
@@ -127,7 +158,8 @@ def test_int8_linear_guards_raise_and_fall_back():
     x = torch.randint(-128, 128, (3, 1), dtype=torch.int8)
     w = torch.randint(-127, 128, (4, 1), dtype=torch.int8)
     args = (x, torch.tensor(0.1), torch.tensor(0, dtype=torch.int32), w, torch.ones(4), None, None, None)
-    assert L.int8_linear.choose(*args) == "reference"  # K == 1: torch's CPU _int_mm is wrong there
+    assert L.int8_linear.choose(*args) == ("gemv_native" if GEMV else "reference")  # K == 1: torch's CPU
+    # _int_mm is wrong there (the native gemv is not: it reads K as it is)
     with pytest.raises(ValueError, match="K=1"):
         L.int8_linear(*args, impl="int_mm")
     with pytest.raises(ValueError, match="prepacked"):

@@ -203,6 +203,11 @@ def test_int8_linear_settles_its_native_call_with_the_same_bits(preset):
         assert torch.equal(lin(big), guarded(big))  # another row bucket: its own settled call
     assert len(lin._calls) == 2 and lin.kernel_counts["int_mm_native"] == 5
     assert torch.equal(guarded(x), first)
+    if native.module().gemv_has_vnni():  # a few rows: the VNNI gemv is settled, same bits as the guarded path
+        few = torch.randn(2, 40)
+        for _ in range(2):
+            assert torch.equal(lin(few), guarded(few))
+        assert lin.kernel_counts["gemv_native"] == 2 and len(lin._calls) == 3
     assert torch.equal(lin(x.transpose(0, 1).contiguous().transpose(0, 1)), first)  # non-contiguous input
     lin.pack()
     assert lin._calls == {}

@@ -3,8 +3,7 @@
 // (compiled with -ffp-contract=off and without -ffast-math so that no operation is fused or
 // reordered). Built on first use by quanta/kernels/native.py; every function has a
 // pure-PyTorch twin that runs where this library cannot be built.
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
+#include "common.h"
 
 #include <algorithm>
 #include <cmath>
@@ -14,88 +13,8 @@
 #include <type_traits>
 #include <vector>
 
-namespace {
+using namespace quanta_native;
 
-inline float round_half_even(float v) { return std::nearbyint(v); }  // default mode: to nearest even
-
-// clamp(round(x * inv) + z, lo, hi) written to `out`, n elements
-template <typename T>
-inline void quantize_span(const float* __restrict__ x, T* __restrict__ out, int64_t n, float inv, float z,
-                          float lo, float hi) {
-#pragma omp simd
-  for (int64_t k = 0; k < n; ++k) {
-    float q = round_half_even(x[k] * inv) + z;
-    q = q < lo ? lo : (q > hi ? hi : q);
-    out[k] = static_cast<T>(static_cast<int32_t>(q));
-  }
-}
-
-// One row's qparams, as quanta.kernels.activation._quantize_activation_fused computes them.
-// Returns false when the row holds NaN / inf or its range overflows (the caller then takes the
-// Python path, which raises a named error or handles the overflow).
-inline bool row_qparams(const float* __restrict__ r, int64_t n, float qmin, float qmax, bool symmetric,
-                        float* scale, float* zero) {
-  const float tiny = std::numeric_limits<float>::min();
-  int nan = 0;
-  if (symmetric) {
-    float amax = 0.f;
-#pragma omp simd reduction(max : amax) reduction(| : nan)
-    for (int64_t k = 0; k < n; ++k) {
-      const float a = std::fabs(r[k]);
-      amax = a > amax ? a : amax;
-      nan |= (r[k] != r[k]);
-    }
-    if (nan || !std::isfinite(amax)) return false;
-    float s = amax / qmax;
-    *scale = amax > 0.f ? (s < tiny ? tiny : s) : 1.f;
-    *zero = 0.f;
-    return true;
-  }
-  float lo = 0.f, hi = 0.f;  // the range always holds 0
-#pragma omp simd reduction(min : lo) reduction(max : hi) reduction(| : nan)
-  for (int64_t k = 0; k < n; ++k) {
-    lo = r[k] < lo ? r[k] : lo;
-    hi = r[k] > hi ? r[k] : hi;
-    nan |= (r[k] != r[k]);
-  }
-  const float width = hi - lo;
-  if (nan || !std::isfinite(width)) return false;
-  float s = width / (qmax - qmin);
-  s = s < tiny ? tiny : s;
-  if (width <= 0.f) s = 1.f;
-  float z = -round_half_even(lo / s) + qmin;
-  z = z < qmin ? qmin : (z > qmax ? qmax : z);
-  *scale = s;
-  *zero = z;
-  return true;
-}
-
-template <typename T>
-bool quantize_rows_impl(const float* x, T* out, float* scale, int32_t* zp, int64_t M, int64_t K, float qmin,
-                        float qmax, bool symmetric) {
-  std::vector<char> ok(M, 1);
-  at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m) {
-      float s, z;
-      if (!row_qparams(x + m * K, K, qmin, qmax, symmetric, &s, &z)) {
-        ok[m] = 0;
-        continue;
-      }
-      scale[m] = s;
-      zp[m] = static_cast<int32_t>(z);
-      quantize_span<T>(x + m * K, out + m * K, K, 1.f / s, z, qmin, qmax);
-    }
-  });
-  for (char v : ok)
-    if (!v) return false;
-  return true;
-}
-
-void check_float_input(const torch::Tensor& x, const char* what) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32, what, ": needs a float32 CPU tensor");
-}
-
-}  // namespace
 
 // Dynamic per-row (per-token) quantization of a row-major [M, K] float32 tensor:
 // [codes [M, K] int8 / uint8, scale [M, 1] float32, zero_point [M, 1] int32], or [] when a row
@@ -140,28 +59,8 @@ torch::Tensor quantize_static(const torch::Tensor& x, double inv, int64_t zero_p
   return codes;
 }
 
-// In place over a row-major int32 [M, N] accumulator: y = float32(acc - zp[m] * w_sum[n]) * x_scale[m]
-// * w_scale[n] (+ bias[n]), left to right in float32; returns acc's memory viewed as float32.
-torch::Tensor rescale_rows(torch::Tensor acc, const torch::Tensor& x_zp, const torch::Tensor& w_sum,
-                           const torch::Tensor& x_scale, const torch::Tensor& w_scale,
-                           const c10::optional<torch::Tensor>& bias) {
-  TORCH_CHECK(acc.scalar_type() == torch::kInt32 && acc.dim() == 2 && acc.is_contiguous(), "rescale_rows: acc must be contiguous int32 [M, N]");
-  const int64_t M = acc.size(0), N = acc.size(1);
-  TORCH_CHECK(x_zp.scalar_type() == torch::kInt32 && x_zp.is_contiguous() && (x_zp.numel() == 1 || x_zp.numel() == M), "rescale_rows: x_zp");
-  TORCH_CHECK(x_scale.scalar_type() == torch::kFloat32 && x_scale.is_contiguous() && (x_scale.numel() == 1 || x_scale.numel() == M), "rescale_rows: x_scale");
-  TORCH_CHECK(w_sum.scalar_type() == torch::kInt32 && w_sum.is_contiguous() && w_sum.numel() == N, "rescale_rows: w_sum");
-  TORCH_CHECK(w_scale.scalar_type() == torch::kFloat32 && w_scale.is_contiguous() && w_scale.numel() == N, "rescale_rows: w_scale");
-  const float* b = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->is_contiguous() && bias->numel() == N, "rescale_rows: bias");
-    b = bias->data_ptr<float>();
-  }
-  int32_t* a = acc.data_ptr<int32_t>();
-  const int32_t* zp = x_zp.data_ptr<int32_t>();
-  const int32_t* ws = w_sum.data_ptr<int32_t>();
-  const float* xs = x_scale.data_ptr<float>();
-  const float* wsc = w_scale.data_ptr<float>();
-  const bool zrow = x_zp.numel() > 1, srow = x_scale.numel() > 1;
+void quanta_native::rescale_rows_raw(int32_t* a, int64_t M, int64_t N, const int32_t* zp, bool zrow,
+                                     const int32_t* ws, const float* xs, bool srow, const float* wsc, const float* b) {
   at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
       const int32_t z = zp[zrow ? m : 0];
@@ -185,6 +84,26 @@ torch::Tensor rescale_rows(torch::Tensor acc, const torch::Tensor& x_zp, const t
       }
     }
   });
+}
+
+// In place over a row-major int32 [M, N] accumulator: y = float32(acc - zp[m] * w_sum[n]) * x_scale[m]
+// * w_scale[n] (+ bias[n]), left to right in float32; returns acc's memory viewed as float32.
+torch::Tensor rescale_rows(torch::Tensor acc, const torch::Tensor& x_zp, const torch::Tensor& w_sum,
+                           const torch::Tensor& x_scale, const torch::Tensor& w_scale,
+                           const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(acc.scalar_type() == torch::kInt32 && acc.dim() == 2 && acc.is_contiguous(), "rescale_rows: acc must be contiguous int32 [M, N]");
+  const int64_t M = acc.size(0), N = acc.size(1);
+  TORCH_CHECK(x_zp.scalar_type() == torch::kInt32 && x_zp.is_contiguous() && (x_zp.numel() == 1 || x_zp.numel() == M), "rescale_rows: x_zp");
+  TORCH_CHECK(x_scale.scalar_type() == torch::kFloat32 && x_scale.is_contiguous() && (x_scale.numel() == 1 || x_scale.numel() == M), "rescale_rows: x_scale");
+  TORCH_CHECK(w_sum.scalar_type() == torch::kInt32 && w_sum.is_contiguous() && w_sum.numel() == N, "rescale_rows: w_sum");
+  TORCH_CHECK(w_scale.scalar_type() == torch::kFloat32 && w_scale.is_contiguous() && w_scale.numel() == N, "rescale_rows: w_scale");
+  const float* b = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->is_contiguous() && bias->numel() == N, "rescale_rows: bias");
+    b = bias->data_ptr<float>();
+  }
+  rescale_rows_raw(acc.data_ptr<int32_t>(), M, N, x_zp.data_ptr<int32_t>(), x_zp.numel() > 1, w_sum.data_ptr<int32_t>(),
+                   x_scale.data_ptr<float>(), x_scale.numel() > 1, w_scale.data_ptr<float>(), b);
   return acc.view(torch::kFloat32);
 }
 
@@ -289,7 +208,24 @@ torch::Tensor max_pool2d_codes(const torch::Tensor& x, std::vector<int64_t> kern
   return out;
 }
 
+// gemv.cpp
+torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& x_zp, const torch::Tensor& w,
+                        const torch::Tensor& w_sum, const torch::Tensor& x_scale, const torch::Tensor& w_scale,
+                        const c10::optional<torch::Tensor>& bias);
+torch::Tensor int8_row_sums(const torch::Tensor& w);
+// recurrent.cpp
+bool rnn_layer_available();
+std::vector<torch::Tensor> rnn_layer(const std::string& mode, const torch::Tensor& gi, std::vector<torch::Tensor> state,
+                                     const torch::Tensor& w_hh, const torch::Tensor& s_hh,
+                                     const torch::Tensor& b_hh, int64_t qmin, int64_t qmax, bool symmetric,
+                                     bool is_signed, bool reverse);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("int8_gemv", &int8_gemv, "int8 x int8 linear for a few rows (AVX-512 VNNI), rescaled like rescale_rows");
+  m.def("int8_row_sums", &int8_row_sums, "sum over each row of an int8 matrix, int32");
+  m.def("gemv_has_vnni", &gemv_has_vnni, "whether int8_gemv was compiled with AVX-512 VNNI");
+  m.def("rnn_layer_available", &rnn_layer_available, "whether rnn_layer can run on this build");
+  m.def("rnn_layer", &rnn_layer, "one layer and direction of a dynamic int8 LSTM / GRU / RNN");
   m.def("max_pool2d_codes", &max_pool2d_codes, "2d max pooling of channels-last uint8 codes");
   m.def("add_codes", &add_codes, "residual addition of uint8 codes");
   m.def("quantize_rows", &quantize_rows, "dynamic per-row quantization");

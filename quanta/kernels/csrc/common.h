@@ -1,0 +1,110 @@
+// Shared helpers of quanta's native CPU kernels (fused.cpp, gemv.cpp, recurrent.cpp): the
+// float32 arithmetic of quanta.core's quantization, written so that the compiler neither fuses
+// nor reorders it (the library is built with -ffp-contract=off and without -ffast-math).
+#pragma once
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace quanta_native {
+
+
+inline float round_half_even(float v) { return std::nearbyint(v); }  // default mode: to nearest even
+
+// clamp(round(x * inv) + z, lo, hi) written to `out`, n elements
+template <typename T>
+inline void quantize_span(const float* __restrict__ x, T* __restrict__ out, int64_t n, float inv, float z,
+                          float lo, float hi) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) {
+    float q = round_half_even(x[k] * inv) + z;
+    q = q < lo ? lo : (q > hi ? hi : q);
+    out[k] = static_cast<T>(static_cast<int32_t>(q));
+  }
+}
+
+// One row's qparams, as quanta.kernels.activation._quantize_activation_fused computes them.
+// Returns false when the row holds NaN / inf or its range overflows (the caller then takes the
+// Python path, which raises a named error or handles the overflow).
+inline bool row_qparams(const float* __restrict__ r, int64_t n, float qmin, float qmax, bool symmetric,
+                        float* scale, float* zero) {
+  const float tiny = std::numeric_limits<float>::min();
+  int nan = 0;
+  if (symmetric) {
+    float amax = 0.f;
+#pragma omp simd reduction(max : amax) reduction(| : nan)
+    for (int64_t k = 0; k < n; ++k) {
+      const float a = std::fabs(r[k]);
+      amax = a > amax ? a : amax;
+      nan |= (r[k] != r[k]);
+    }
+    if (nan || !std::isfinite(amax)) return false;
+    float s = amax / qmax;
+    *scale = amax > 0.f ? (s < tiny ? tiny : s) : 1.f;
+    *zero = 0.f;
+    return true;
+  }
+  float lo = 0.f, hi = 0.f;  // the range always holds 0
+#pragma omp simd reduction(min : lo) reduction(max : hi) reduction(| : nan)
+  for (int64_t k = 0; k < n; ++k) {
+    lo = r[k] < lo ? r[k] : lo;
+    hi = r[k] > hi ? r[k] : hi;
+    nan |= (r[k] != r[k]);
+  }
+  const float width = hi - lo;
+  if (nan || !std::isfinite(width)) return false;
+  float s = width / (qmax - qmin);
+  s = s < tiny ? tiny : s;
+  if (width <= 0.f) s = 1.f;
+  float z = -round_half_even(lo / s) + qmin;
+  z = z < qmin ? qmin : (z > qmax ? qmax : z);
+  *scale = s;
+  *zero = z;
+  return true;
+}
+
+template <typename T>
+inline bool quantize_rows_impl(const float* x, T* out, float* scale, int32_t* zp, int64_t M, int64_t K, float qmin,
+                        float qmax, bool symmetric) {
+  std::vector<char> ok(M, 1);
+  at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      float s, z;
+      if (!row_qparams(x + m * K, K, qmin, qmax, symmetric, &s, &z)) {
+        ok[m] = 0;
+        continue;
+      }
+      scale[m] = s;
+      zp[m] = static_cast<int32_t>(z);
+      quantize_span<T>(x + m * K, out + m * K, K, 1.f / s, z, qmin, qmax);
+    }
+  });
+  for (char v : ok)
+    if (!v) return false;
+  return true;
+}
+
+inline void check_float_input(const torch::Tensor& x, const char* what) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32, what, ": needs a float32 CPU tensor");
+}
+
+
+// acc[m, n] = sum_k (x[m, k] ^ flip) * w[n, k] for uint8 activation bytes x [M, K] (row-major; flip 0x80
+// reads int8 codes as code + 128) and int8 weights w [N, K] (row-major), exact int32 (gemv.cpp).
+void gemv_u8s8(const uint8_t* x, int64_t M, int64_t K, const int8_t* w, int64_t N, int32_t* acc, uint8_t flip);
+
+// y = float32(acc - zp[m] * ws[n]) * xs[m] * wsc[n] (+ b[n]) in place over a row-major int32 [M, N]
+// (fused.cpp's rescale_rows); zrow / srow: zp / xs hold M values, else one.
+void rescale_rows_raw(int32_t* acc, int64_t M, int64_t N, const int32_t* zp, bool zrow, const int32_t* ws,
+                      const float* xs, bool srow, const float* wsc, const float* b);
+
+// Whether gemv_u8s8 was compiled with AVX-512 VNNI (else it is a plain loop).
+bool gemv_has_vnni();
+
+}  // namespace quanta_native

@@ -1,0 +1,142 @@
+// int8 x int8 products for a few activation rows (decoding, recurrent steps): exact int32 sums
+// with AVX-512 VNNI (vpdpbusd: four uint8 x int8 products added into each int32 lane, no
+// intermediate saturation). PyTorch's CPU `_int_mm` is tuned for GEMMs and, at one to a few
+// rows, reads the weight more slowly than this streaming loop (measured in kernels/linear.py).
+#include "common.h"
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define QUANTA_VNNI 1
+#else
+#define QUANTA_VNNI 0
+#endif
+
+namespace quanta_native {
+
+bool gemv_has_vnni() { return QUANTA_VNNI; }
+
+namespace {
+
+constexpr int64_t kRows = 4;    // weight rows per register block
+constexpr int64_t kBlock = 16;  // weight rows per parallel task unit
+
+// Plain sums of rows [n0, n1) for activation rows [0, MR): the tail of a block, and the whole
+// kernel on CPUs without VNNI.
+void sums_plain(const uint8_t* x, int64_t MR, int64_t K, const int8_t* w, int64_t N, int32_t* acc, uint8_t flip,
+                int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t m = 0; m < MR; ++m) {
+      int32_t s = 0;
+      const uint8_t* xr = x + m * K;
+      const int8_t* wr = w + n * K;
+      for (int64_t k = 0; k < K; ++k) s += static_cast<int32_t>(static_cast<uint8_t>(xr[k] ^ flip)) * wr[k];
+      acc[m * N + n] = s;
+    }
+}
+
+#if QUANTA_VNNI
+// Sums of weight rows [n0, n1) against MR (<= 4) activation rows: 4 weight rows at a time,
+// each 64-byte chunk of a weight row loaded once for all MR activation rows.
+template <int MR>
+void sums_vnni(const uint8_t* x, int64_t K, const int8_t* w, int64_t N, int32_t* acc, uint8_t flip, int64_t n0,
+               int64_t n1) {
+  const int64_t K64 = K / 64 * 64;
+  const __mmask64 tail = K64 < K ? (~0ULL >> (64 - (K - K64))) : 0;
+  const __m512i flipv = _mm512_set1_epi8(static_cast<char>(flip));
+  int64_t n = n0;
+  for (; n + kRows <= n1; n += kRows) {
+    __m512i a[MR][kRows];
+    for (int m = 0; m < MR; ++m)
+      for (int j = 0; j < kRows; ++j) a[m][j] = _mm512_setzero_si512();
+    const int8_t* wb = w + n * K;
+    for (int64_t k = 0; k < K64; k += 64) {
+      __m512i wv[kRows];
+      for (int j = 0; j < kRows; ++j) wv[j] = _mm512_loadu_si512(wb + j * K + k);
+      for (int m = 0; m < MR; ++m) {
+        const __m512i xv = _mm512_xor_si512(_mm512_loadu_si512(x + m * K + k), flipv);
+        for (int j = 0; j < kRows; ++j) a[m][j] = _mm512_dpbusd_epi32(a[m][j], xv, wv[j]);
+      }
+    }
+    if (tail) {  // masked loads read zeros past K: they add nothing
+      __m512i wv[kRows];
+      for (int j = 0; j < kRows; ++j) wv[j] = _mm512_maskz_loadu_epi8(tail, wb + j * K + K64);
+      for (int m = 0; m < MR; ++m) {
+        const __m512i xv = _mm512_maskz_mov_epi8(tail, _mm512_xor_si512(_mm512_maskz_loadu_epi8(tail, x + m * K + K64), flipv));
+        for (int j = 0; j < kRows; ++j) a[m][j] = _mm512_dpbusd_epi32(a[m][j], xv, wv[j]);
+      }
+    }
+    for (int m = 0; m < MR; ++m)
+      for (int j = 0; j < kRows; ++j) acc[m * N + n + j] = _mm512_reduce_add_epi32(a[m][j]);
+  }
+  sums_plain(x, MR, K, w, N, acc, flip, n, n1);
+}
+#endif
+
+void sums_rows(const uint8_t* x, int64_t MR, int64_t K, const int8_t* w, int64_t N, int32_t* acc, uint8_t flip,
+               int64_t n0, int64_t n1) {
+#if QUANTA_VNNI
+  switch (MR) {
+    case 1: return sums_vnni<1>(x, K, w, N, acc, flip, n0, n1);
+    case 2: return sums_vnni<2>(x, K, w, N, acc, flip, n0, n1);
+    case 3: return sums_vnni<3>(x, K, w, N, acc, flip, n0, n1);
+    default: return sums_vnni<4>(x, K, w, N, acc, flip, n0, n1);
+  }
+#else
+  sums_plain(x, MR, K, w, N, acc, flip, n0, n1);
+#endif
+}
+
+}  // namespace
+
+void gemv_u8s8(const uint8_t* x, int64_t M, int64_t K, const int8_t* w, int64_t N, int32_t* acc, uint8_t flip) {
+  const int64_t blocks = (N + kBlock - 1) / kBlock;
+  // a task reads at least ~64 KiB of weights: small layers run on one thread (no fork / join)
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, kBlock * K));
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    const int64_t n0 = b0 * kBlock, n1 = std::min(N, b1 * kBlock);
+    for (int64_t m = 0; m < M; m += kRows)
+      sums_rows(x + m * K, std::min(kRows, M - m), K, w, N, acc + m * N, flip, n0, n1);
+  });
+}
+
+}  // namespace quanta_native
+
+using namespace quanta_native;
+
+torch::Tensor rescale_rows(torch::Tensor acc, const torch::Tensor& x_zp, const torch::Tensor& w_sum,
+                           const torch::Tensor& x_scale, const torch::Tensor& w_scale,
+                           const c10::optional<torch::Tensor>& bias);  // fused.cpp
+
+// int8_linear for a few rows: y[m, n] = float32(sum_k (x[m, k] - x_zp[m]) * w[n, k]) * x_scale[m] * w_scale[n]
+// (+ bias[n]): the same int32 sums as torch._int_mm and the same float32 epilogue as rescale_rows.
+// x: row-major int8 / uint8 codes [M, K]; w: row-major int8 [N, K]; w_sum: int32 [N] (sum_k w[n, k]).
+torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& x_zp, const torch::Tensor& w,
+                        const torch::Tensor& w_sum, const torch::Tensor& x_scale, const torch::Tensor& w_scale,
+                        const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.stride(1) == 1 && x.stride(0) == x.size(1) &&
+              (x.scalar_type() == torch::kInt8 || x.scalar_type() == torch::kUInt8),
+              "int8_gemv: x must be row-major int8 / uint8 [M, K]");
+  TORCH_CHECK(w.scalar_type() == torch::kInt8 && w.dim() == 2 && w.is_contiguous() && w.size(1) == x.size(1),
+              "int8_gemv: w must be contiguous int8 [N, K] with x's K");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(x_zp.scalar_type() == torch::kInt32 && x_zp.is_contiguous() && (x_zp.numel() == 1 || x_zp.numel() == M), "int8_gemv: x_zp");
+  auto acc = torch::empty({M, N}, x.options().dtype(torch::kInt32));
+  const bool is_signed = x.scalar_type() == torch::kInt8;
+  gemv_u8s8(static_cast<const uint8_t*>(x.data_ptr()), M, K, w.data_ptr<int8_t>(), N, acc.data_ptr<int32_t>(),
+            is_signed ? 0x80 : 0);
+  if (!is_signed) return rescale_rows(acc, x_zp, w_sum, x_scale, w_scale, bias);
+  // int8 codes were read as code + 128: their zero point moves by 128 too (the same exact sums)
+  return rescale_rows(acc, x_zp + 128, w_sum, x_scale, w_scale, bias);
+}
+
+// sum_k w[n, k] as int32 [N] for a contiguous int8 [N, K] (the zero-point term of the sums above):
+// a row of ones times w, by the same kernel.
+torch::Tensor int8_row_sums(const torch::Tensor& w) {
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == torch::kInt8 && w.dim() == 2 && w.is_contiguous(),
+              "int8_row_sums: w must be contiguous int8 [N, K]");
+  const int64_t N = w.size(0), K = w.size(1);
+  auto out = torch::empty({N}, w.options().dtype(torch::kInt32));
+  const std::vector<uint8_t> ones(K, 1);
+  gemv_u8s8(ones.data(), 1, K, w.data_ptr<int8_t>(), N, out.data_ptr<int32_t>(), 0);
+  return out;
+}

@@ -1,0 +1,177 @@
+// The time loop of a dynamic int8 LSTM / GRU / RNN layer (one direction), the recurrent half of
+// quanta.kernels.recurrent_math's `_sequence`: per step the hidden state is quantized per tensor
+// (quanta.core's arithmetic, as in quantize_rows), multiplied by the int8 W_hh with exact int32
+// sums (gemv_u8s8), rescaled as `float32(acc) * (s_h * s_hh[n]) + b_hh[n]`, and the gate
+// equations of `_step` are evaluated in the same order with float32 operations, 16 lanes at a time
+// and with no ATen call in the loop. sigmoid is 1 / (1 + exp(0 - x)) and tanh is tanh, with
+// torch's own SLEEF routines (u10: within 1 ulp); ATen's sigmoid / tanh can round an ulp
+// differently, so the outputs agree with the Python reference to float rounding (and a rare
+// one-code flip of a requantized h). The input projection (one GEMM per layer) is the caller's.
+#include "common.h"
+
+#include <cstring>
+#include <string>
+
+using namespace quanta_native;
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+// SLEEF's vector functions, exported by libtorch_cpu (weak: a torch without them leaves these null
+// and rnn_layer unavailable instead of the whole library failing to load)
+extern "C" __m512 Sleef_expf16_u10(__m512) __attribute__((weak));
+extern "C" __m512 Sleef_tanhf16_u10(__m512) __attribute__((weak));
+#define QUANTA_GATES 1
+#else
+#define QUANTA_GATES 0
+#endif
+
+namespace {
+
+enum class Mode { LSTM, GRU, RNN_TANH, RNN_RELU };
+
+Mode parse_mode(const std::string& mode) {
+  if (mode == "LSTM") return Mode::LSTM;
+  if (mode == "GRU") return Mode::GRU;
+  if (mode == "RNN_TANH") return Mode::RNN_TANH;
+  TORCH_CHECK(mode == "RNN_RELU", "rnn_layer: unknown mode ", mode);
+  return Mode::RNN_RELU;
+}
+
+int64_t gate_count(Mode m) { return m == Mode::LSTM ? 4 : (m == Mode::GRU ? 3 : 1); }
+
+// gh = float32(sum_k (q(h) - z) * w_hh) * (s_h * s_hh) + b_hh for a contiguous float32 h [B, H]
+template <typename T>
+void hidden_projection(const torch::Tensor& h, T* codes, int32_t* acc, float* gh, const int8_t* w, const int32_t* w_sum,
+                       const float* s_w, const float* b, int64_t N, float qmin, float qmax, bool symmetric) {
+  const int64_t B = h.size(0), H = h.size(1), n_el = B * H;
+  const float* hp = h.data_ptr<float>();
+  float s = 1.f, z = 0.f;
+  TORCH_CHECK(row_qparams(hp, n_el, qmin, qmax, symmetric, &s, &z),
+              "dynamic int8 recurrent layer: the hidden state holds NaN or inf");
+  quantize_span<T>(hp, codes, n_el, 1.f / s, z, qmin, qmax);
+  constexpr bool is_signed = std::is_same_v<T, int8_t>;
+  gemv_u8s8(reinterpret_cast<const uint8_t*>(codes), B, H, w, N, acc, is_signed ? 0x80 : 0);
+  // int8 codes were read as code + 128: their zero point moves by 128 (the same exact sums)
+  const int32_t zu = static_cast<int32_t>(z) + (is_signed ? 128 : 0);
+  for (int64_t r = 0; r < B; ++r) {
+    const int32_t* a = acc + r * N;
+    float* o = gh + r * N;
+#pragma omp simd
+    for (int64_t n = 0; n < N; ++n) {
+      const float sw = s * s_w[n];
+      const float v = static_cast<float>(a[n] - zu * w_sum[n]) * sw;
+      o[n] = v + b[n];
+    }
+  }
+}
+
+#if QUANTA_GATES
+// sigmoid and tanh of 16 floats (SLEEF u10 inside)
+inline __m512 sigmoid16(__m512 x) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  __m512 a = _mm512_sub_ps(_mm512_setzero_ps(), x);
+  a = Sleef_expf16_u10(a);
+  a = _mm512_add_ps(a, one);
+  return _mm512_div_ps(one, a);
+}
+inline __m512 tanh16(__m512 x) { return Sleef_tanhf16_u10(x); }
+
+// One row of gate math, 16 lanes at a time (the last chunk masked). gh: the hidden projection [G*H],
+// gi: the input projection [G*H], h / c: the state [H], updated in place.
+void gates_row(Mode mode, const float* gh, const float* gi, float* h, float* c, int64_t H) {
+  for (int64_t j = 0; j < H; j += 16) {
+    const __mmask16 m = H - j >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (H - j)) - 1);
+    auto ld = [&](const float* p, int64_t gate) { return _mm512_maskz_loadu_ps(m, p + gate * H + j); };
+    auto pre = [&](int64_t gate) { return _mm512_add_ps(ld(gh, gate), ld(gi, gate)); };  // gh + gi
+    __m512 hv;
+    if (mode == Mode::LSTM) {  // i, f, g, o = (gh + gi).chunk(4); c = σ(f)·c + σ(i)·tanh(g); h = σ(o)·tanh(c)
+      const __m512 t1 = _mm512_mul_ps(sigmoid16(pre(1)), _mm512_maskz_loadu_ps(m, c + j));
+      const __m512 t2 = _mm512_mul_ps(sigmoid16(pre(0)), tanh16(pre(2)));
+      const __m512 cv = _mm512_add_ps(t1, t2);
+      _mm512_mask_storeu_ps(c + j, m, cv);
+      hv = _mm512_mul_ps(sigmoid16(pre(3)), tanh16(cv));
+    } else if (mode == Mode::GRU) {  // r = σ(i_r + h_r); z = σ(i_z + h_z); n = tanh(i_n + r·h_n); h = (h - n)·z + n
+      const __m512 r = sigmoid16(_mm512_add_ps(ld(gi, 0), ld(gh, 0)));
+      const __m512 z = sigmoid16(_mm512_add_ps(ld(gi, 1), ld(gh, 1)));
+      const __m512 n = tanh16(_mm512_add_ps(ld(gi, 2), _mm512_mul_ps(r, ld(gh, 2))));
+      hv = _mm512_add_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, h + j), n), z), n);
+    } else if (mode == Mode::RNN_TANH) {
+      hv = tanh16(pre(0));
+    } else {  // relu, as ATen's clamp_min(x, 0): NaN stays NaN
+      const __m512 x = pre(0);
+      hv = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ), x, _mm512_setzero_ps());
+    }
+    _mm512_mask_storeu_ps(h + j, m, hv);
+  }
+}
+#endif
+
+}  // namespace
+
+bool rnn_layer_available() {
+#if QUANTA_GATES
+  return Sleef_expf16_u10 != nullptr && Sleef_tanhf16_u10 != nullptr;
+#else
+  return false;
+#endif
+}
+
+// One layer and direction. gi: float32 [T, B, G*H] (x W_ih^T + b_ih for the whole sequence); state:
+// [h0] or [h0, c0], each [B, H]; w_hh: contiguous int8 [G*H, H];
+// s_hh, b_hh: float32 [G*H]; the activation grid qmin..qmax (signed: int8 codes, else uint8).
+// Returns [output [T, B, H], h_T] (LSTM: [output, h_T, c_T]).
+std::vector<torch::Tensor> rnn_layer(const std::string& mode_name, const torch::Tensor& gi, std::vector<torch::Tensor> state,
+                                     const torch::Tensor& w_hh, const torch::Tensor& s_hh,
+                                     const torch::Tensor& b_hh, int64_t qmin, int64_t qmax, bool symmetric,
+                                     bool is_signed, bool reverse) {
+  TORCH_CHECK(rnn_layer_available(), "rnn_layer: not available (needs AVX-512 and torch's SLEEF functions)");
+  const Mode mode = parse_mode(mode_name);
+  const int64_t G = gate_count(mode);
+  TORCH_CHECK(state.size() == (mode == Mode::LSTM ? 2u : 1u), "rnn_layer: wrong number of state tensors");
+  TORCH_CHECK(w_hh.scalar_type() == torch::kInt8 && w_hh.dim() == 2 && w_hh.is_contiguous(), "rnn_layer: w_hh must be contiguous int8 [G*H, H]");
+  const int64_t N = w_hh.size(0), H = w_hh.size(1);
+  TORCH_CHECK(N == G * H, "rnn_layer: w_hh has ", N, " rows, expected ", G * H);
+  check_float_input(gi, "rnn_layer gi");
+  TORCH_CHECK(gi.dim() == 3 && gi.is_contiguous() && gi.size(2) == N, "rnn_layer: gi must be contiguous [T, B, G*H]");
+  const int64_t T = gi.size(0), B = gi.size(1);
+  TORCH_CHECK(s_hh.scalar_type() == torch::kFloat32 && s_hh.is_contiguous() && s_hh.numel() == N, "rnn_layer: s_hh");
+  TORCH_CHECK(b_hh.scalar_type() == torch::kFloat32 && b_hh.is_contiguous() && b_hh.numel() == N, "rnn_layer: b_hh");
+  for (auto& s : state) {
+    check_float_input(s, "rnn_layer state");
+    TORCH_CHECK(s.dim() == 2 && s.size(0) == B && s.size(1) == H, "rnn_layer: state tensors must be [B, H]");
+  }
+  auto out = torch::empty({T, B, H}, gi.options());
+  auto codes = torch::empty({B, H}, gi.options().dtype(is_signed ? torch::kInt8 : torch::kUInt8));
+  auto acc = torch::empty({B, N}, gi.options().dtype(torch::kInt32));
+  auto gh = torch::empty({B, N}, gi.options());
+  // sum_k w_hh[n, k] (the zero-point term), by the same kernel: a row of ones times w_hh
+  auto w_sum = torch::empty({N}, gi.options().dtype(torch::kInt32));
+  const std::vector<uint8_t> ones(H, 1);
+  gemv_u8s8(ones.data(), 1, H, w_hh.data_ptr<int8_t>(), N, w_sum.data_ptr<int32_t>(), 0);
+  // own copies of the state: the loop updates them in place (the caller's tensors stay as they are)
+  torch::Tensor h = state[0].clone(at::MemoryFormat::Contiguous);
+  torch::Tensor c = mode == Mode::LSTM ? state[1].clone(at::MemoryFormat::Contiguous) : torch::Tensor();
+  float* hp = h.data_ptr<float>();
+  float* cp = mode == Mode::LSTM ? c.data_ptr<float>() : nullptr;
+  const float* gip = gi.data_ptr<float>();
+  float* outp = out.data_ptr<float>();
+  const float lo = static_cast<float>(qmin), hi = static_cast<float>(qmax);
+  for (int64_t i = 0; i < T; ++i) {
+    const int64_t t = reverse ? T - 1 - i : i;
+    if (is_signed)
+      hidden_projection<int8_t>(h, codes.data_ptr<int8_t>(), acc.data_ptr<int32_t>(), gh.data_ptr<float>(),
+                                w_hh.data_ptr<int8_t>(), w_sum.data_ptr<int32_t>(), s_hh.data_ptr<float>(),
+                                b_hh.data_ptr<float>(), N, lo, hi, symmetric);
+    else
+      hidden_projection<uint8_t>(h, codes.data_ptr<uint8_t>(), acc.data_ptr<int32_t>(), gh.data_ptr<float>(),
+                                 w_hh.data_ptr<int8_t>(), w_sum.data_ptr<int32_t>(), s_hh.data_ptr<float>(),
+                                 b_hh.data_ptr<float>(), N, lo, hi, symmetric);
+#if QUANTA_GATES
+    for (int64_t r = 0; r < B; ++r)
+      gates_row(mode, gh.data_ptr<float>() + r * N, gip + (t * B + r) * N, hp + r * H, cp ? cp + r * H : nullptr, H);
+#endif
+    std::memcpy(outp + t * B * H, hp, sizeof(float) * B * H);
+  }
+  if (mode == Mode::LSTM) return {out, h, c};
+  return {out, h};
+}
