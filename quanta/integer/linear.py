@@ -26,7 +26,9 @@ import torch
 
 from ..core import Format, Granularity, QuantSpec, pack_bits, unpack_bits
 from ..kernels.activation import quantize_activation
-from ..kernels.linear import NATIVE_LINEAR_IMPLS, int8_linear, native_linear_call, onednn_prepack, weight_sum
+from ..kernels.linear import (
+    NATIVE_LINEAR_IMPLS, int8_linear, native_linear_call, onednn_prepack, streaming_copy, weight_sum,
+)
 from .linear_common import (
     _LinearBase, _active, _bias_of, _common_reason, _int_weight_reason, _output_spec_of, _per_channel_weight,
 )
@@ -105,14 +107,20 @@ class Int8Linear(_LinearBase):
         mod.pack()
         return mod
 
-    _RUNTIME = ("_packed", "_calls", "_impl_cache")
+    _RUNTIME = ("_packed", "_calls", "_impl_cache", "_homed")
 
     def config(self) -> dict[str, Any]:
         return self._linear_config(act_spec=self.act_spec.to_dict(), weight_bits=self.weight_bits)
 
     def pack(self) -> None:
         w = self.weight
-        self._w8 = unpack_bits(w, 4, True, self.in_features) if self.weight_bits <= 4 else w.contiguous()
+        if self.weight_bits <= 4:
+            self._w8 = streaming_copy(unpack_bits(w, 4, True, self.in_features))
+        elif w.data_ptr() != self.__dict__.get("_homed"):  # the buffer itself is re-homed (same
+            self._w8 = self._buffers["weight"] = streaming_copy(w.contiguous())  # values, one copy in memory)
+            self._homed = self._w8.data_ptr()
+        else:
+            self._w8 = w
         self._w_sum = weight_sum(self._w8)
         self._packed = onednn_prepack(self._w8) if self.impl == "onednn" else None
         # uint8 asymmetric codes are computed as their signed twins (code - 128, zero point - 128):
@@ -137,17 +145,23 @@ class Int8Linear(_LinearBase):
         self.pack()
         return out
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = self._check(x)
+    def _signature(self, x2: torch.Tensor) -> tuple[Any, ...]:
+        """What the guards read (the rest is fixed per module): dtype, device, row-major layout,
+        row count. With those settled by a first call, a call is one lookup and the kernels."""
         rows = x2.shape[0]
-        # the guards read the dtype, device, row-major layout and row count (the rest is fixed
-        # per module): with those settled by a first call, a call is one lookup and the kernels
-        sig = (x2.dtype, x2.device, x2.stride() == (self.in_features, 1), rows if rows <= 32 else 33)
-        if not torch.compiler.is_compiling() and self._calls:
-            settled = self._calls.get(sig)
+        return (x2.dtype, x2.device, x2.stride() == (self.in_features, 1), rows if rows <= 32 else 33)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._calls and isinstance(x, torch.Tensor) and x.dim() and x.shape[-1] == self.in_features \
+                and not torch.compiler.is_compiling():
+            # (a settled signature has passed `_check`: its dtype and device are valid)
+            x2 = x.reshape(-1, self.in_features)
+            settled = self._calls.get(self._signature(x2))
             if settled is not None:
                 self.kernel_counts[settled[0]] += 1
                 return self._finish(settled[1](x2), x)
+        x2 = self._check(x)
+        sig = self._signature(x2)
         static = not self.act_spec.dynamic
         s_in, z_in = (self.input_scale, self._codes_zp) if static else (None, None)
         q_impl, checked = "auto", False  # (a preferred int8_linear kernel says nothing about this op)

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from . import native
-from .activation import _f32, _quantize_activation_native
+from .activation import _act_spec, _f32, _quantize_activation_native
 from .library import Impl, KernelOp
 
 #: largest K for which every int32 partial sum of int8 (or uint8 - zp) x int8 products is exact
@@ -154,6 +154,20 @@ def _int8_linear_int_mm_native(x, x_scale, x_zp, weight, w_scale, bias, w_sum, p
     return _mm_rescale_native(x, x_zp, x_scale, *_native_weight_args(weight, w_scale, bias, w_sum))
 
 
+#: weights of at least this many bytes are re-homed by `streaming_copy` (one huge page)
+HUGE_PAGE_BYTES = 2 << 20
+
+
+def streaming_copy(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` (CPU, >= 2 MiB) in memory advised for transparent huge pages (the native
+    ``huge_page_copy``): the same values; a weight streamed from DRAM at every call, as at
+    decoding shapes, then pays far fewer TLB misses (measured, 4 x 4096² int8 at one row:
+    2.8 -> 2.2 ms). Anything else, or without the native library: ``weight`` itself."""
+    if weight.device.type != "cpu" or weight.numel() * weight.element_size() < HUGE_PAGE_BYTES or not native.ready():
+        return weight
+    return native.module().huge_page_copy(weight)
+
+
 def _gemv_native(x, x_zp, x_scale, w, w_sum, w_scale, bias):
     """``int8_gemv`` (``quanta.kernels.native``, AVX-512 VNNI): the same int32 sums as
     ``torch._int_mm`` and the same epilogue as ``rescale_rows``; ``w`` row-major [N, K]."""
@@ -197,19 +211,37 @@ def native_linear_call(impl, weight, w_scale, bias, w_sum, bits, signed, symmetr
     ``run(x)`` for a row-major float32 ``[M, K]``. For a caller whose guarded calls chose exactly
     these two implementations for such inputs (integer modules keep one per input signature):
     the same functions, so the same numbers, without re-deriving the weight-side arguments at
-    every call."""
+    every call. The weight and the static qparams are read once, here: a module rebuilds its
+    settled calls in ``pack()`` (which ``load_state_dict`` runs) after they change."""
     if impl not in NATIVE_LINEAR_IMPLS:
         raise ValueError(f"native_linear_call: impl must be one of {NATIVE_LINEAR_IMPLS}, got {impl!r}")
-    w_t, *rest = _native_weight_args(weight, w_scale, bias, w_sum)
-    if impl == "gemv_native":
-        mm, weight_args = _gemv_native, (w_t.t(), *rest)
-    else:
-        mm, weight_args = _mm_rescale_native, (w_t, *rest)
+    w_t, w_sum32, w_scale32, bias32 = _native_weight_args(weight, w_scale, bias, w_sum)
+    lib = native.module()
+    spec = _act_spec(bits, signed, symmetric, narrow_range, per_token, rounding)
+    qmin, qmax = spec.qmin, spec.qmax
+    inv = None if scale is None else float(torch.reciprocal(_f32(scale)).reshape(()))
+    zp = torch.zeros((), dtype=torch.int32) if zero_point is None else zero_point
+    zp_int = int(zp.reshape(()))
+    s_static, z_static = (None, None) if scale is None else (_f32(scale).reshape(-1).contiguous(),
+                                                            zp.reshape(-1).to(torch.int32).contiguous())
+    gemv = impl == "gemv_native"
+    w_rows = w_t.t() if gemv else w_t
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        codes, s, z = _quantize_activation_native(x, scale, zero_point, bits, signed, symmetric, narrow_range,
-                                                  per_token, rounding)
-        return mm(codes, z, s, *weight_args)
+        # `_quantize_activation_native` then `_gemv_native` / `_mm_rescale_native`, their
+        # arguments resolved once: the same library calls with the same values
+        if inv is None:
+            out = lib.quantize_rows(x, qmin, qmax, symmetric, signed)
+            if not out:  # NaN / inf: the guarded path raises (or copes), as the first call did
+                codes, s, z = _quantize_activation_native(x, scale, zero_point, bits, signed, symmetric,
+                                                          narrow_range, per_token, rounding)
+            else:
+                codes, s, z = out[0], out[1].reshape(-1), out[2].reshape(-1)
+        else:
+            codes, s, z = lib.quantize_static(x, inv, zp_int, qmin, qmax, signed), s_static, z_static
+        if gemv:
+            return lib.int8_gemv(codes, z, w_rows, w_sum32, s, w_scale32, bias32)
+        return _mm_rescale_native(codes, z, s, w_rows, w_sum32, w_scale32, bias32)
     return run
 
 
@@ -329,5 +361,5 @@ int8_linear = KernelOp(
 
 
 __all__: list[Any] = [
-    "GEMV_MAX_ROWS", "INT32_EXACT_MAX_K", "NATIVE_LINEAR_IMPLS", "ONEDNN_ULP_BOUND", "int8_linear", "native_linear_call", "onednn_prepack", "weight_sum",
+    "GEMV_MAX_ROWS", "HUGE_PAGE_BYTES", "INT32_EXACT_MAX_K", "NATIVE_LINEAR_IMPLS", "ONEDNN_ULP_BOUND", "int8_linear", "native_linear_call", "onednn_prepack", "streaming_copy", "weight_sum",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -158,3 +159,36 @@ def test_bf16_input_weight_only_uses_fast_kernel():
     ref.load_state_dict(mod.state_dict())
     ref.set_impl("reference")
     torch.testing.assert_close(y.float(), ref(x.bfloat16()).float(), rtol=2e-2, atol=2e-2)
+
+
+def test_settled_fast_path_still_validates_inputs(mlp):
+    """After a first call settles the kernels, a call with the wrong width, dtype or a 0-d input
+    still gets the named error (never a silent reshape)."""
+    sim = _sim(mlp, CONFIGS["dyn_token_asym"][0])
+    mod = Int8Linear.from_simulated(sim[0])
+    x = torch.randn(2, K)
+    y = mod(x)
+    if not mod._calls:
+        pytest.skip("no settled native call on this machine")
+    assert torch.equal(mod(x), y)
+    with pytest.raises(ValueError, match=f"expects inputs \\[..., {K}\\]"):
+        mod(torch.randn(K, 2))  # same numel, wrong width
+    with pytest.raises(TypeError, match="dtype"):
+        mod(x.double())
+    with pytest.raises(ValueError):
+        mod(torch.tensor(1.0))
+
+
+def test_large_weights_live_in_one_streaming_copy():
+    """A >= 2 MiB int8 weight is re-homed for streaming (same values; the buffer and the kernel
+    operand are one tensor, not two copies) and survives state_dict round trips."""
+    torch.manual_seed(0)
+    lin = nn.Linear(2048, 1024, bias=False)
+    q = quanta.quantize(nn.Sequential(lin).eval(), "dynamic_int8", speed_check=False)[0]
+    assert q._w8.data_ptr() == q.weight.data_ptr()
+    x = torch.randn(1, 2048)
+    y = q(x)
+    fresh = Int8Linear(2048, 1024, bias=False, act_spec=q.act_spec)
+    fresh.load_state_dict(q.state_dict())
+    assert torch.equal(fresh.weight, q.weight) and torch.equal(fresh(x), y)
+    assert torch.equal(copy.deepcopy(q)(x), y)

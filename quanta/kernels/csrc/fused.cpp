@@ -213,6 +213,7 @@ torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& x_zp, const
                         const torch::Tensor& w_sum, const torch::Tensor& x_scale, const torch::Tensor& w_scale,
                         const c10::optional<torch::Tensor>& bias);
 torch::Tensor int8_row_sums(const torch::Tensor& w);
+torch::Tensor huge_page_copy(const torch::Tensor& t);
 // recurrent.cpp
 bool rnn_layer_available();
 std::vector<torch::Tensor> rnn_layer(const std::string& mode, const torch::Tensor& gi, std::vector<torch::Tensor> state,
@@ -222,6 +223,7 @@ std::vector<torch::Tensor> rnn_layer(const std::string& mode, const torch::Tenso
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_gemv", &int8_gemv, "int8 x int8 linear for a few rows (AVX-512 VNNI), rescaled like rescale_rows");
+  m.def("huge_page_copy", &huge_page_copy, "contiguous copy in memory advised for transparent huge pages");
   m.def("int8_row_sums", &int8_row_sums, "sum over each row of an int8 matrix, int32");
   m.def("gemv_has_vnni", &gemv_has_vnni, "whether int8_gemv was compiled with AVX-512 VNNI");
   m.def("rnn_layer_available", &rnn_layer_available, "whether rnn_layer can run on this build");

@@ -4,6 +4,11 @@
 // rows, reads the weight more slowly than this streaming loop (measured in kernels/linear.py).
 #include "common.h"
 
+#include <sys/mman.h>
+
+#include <cstdlib>
+#include <cstring>
+
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define QUANTA_VNNI 1
@@ -103,10 +108,6 @@ void gemv_u8s8(const uint8_t* x, int64_t M, int64_t K, const int8_t* w, int64_t 
 
 using namespace quanta_native;
 
-torch::Tensor rescale_rows(torch::Tensor acc, const torch::Tensor& x_zp, const torch::Tensor& w_sum,
-                           const torch::Tensor& x_scale, const torch::Tensor& w_scale,
-                           const c10::optional<torch::Tensor>& bias);  // fused.cpp
-
 // int8_linear for a few rows: y[m, n] = float32(sum_k (x[m, k] - x_zp[m]) * w[n, k]) * x_scale[m] * w_scale[n]
 // (+ bias[n]): the same int32 sums as torch._int_mm and the same float32 epilogue as rescale_rows.
 // x: row-major int8 / uint8 codes [M, K]; w: row-major int8 [N, K]; w_sum: int32 [N] (sum_k w[n, k]).
@@ -120,13 +121,25 @@ torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& x_zp, const
               "int8_gemv: w must be contiguous int8 [N, K] with x's K");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   TORCH_CHECK(x_zp.scalar_type() == torch::kInt32 && x_zp.is_contiguous() && (x_zp.numel() == 1 || x_zp.numel() == M), "int8_gemv: x_zp");
+  TORCH_CHECK(x_scale.scalar_type() == torch::kFloat32 && x_scale.is_contiguous() && (x_scale.numel() == 1 || x_scale.numel() == M), "int8_gemv: x_scale");
+  TORCH_CHECK(w_sum.scalar_type() == torch::kInt32 && w_sum.is_contiguous() && w_sum.numel() == N, "int8_gemv: w_sum");
+  TORCH_CHECK(w_scale.scalar_type() == torch::kFloat32 && w_scale.is_contiguous() && w_scale.numel() == N, "int8_gemv: w_scale");
+  const float* b = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->is_contiguous() && bias->numel() == N, "int8_gemv: bias");
+    b = bias->data_ptr<float>();
+  }
   auto acc = torch::empty({M, N}, x.options().dtype(torch::kInt32));
   const bool is_signed = x.scalar_type() == torch::kInt8;
   gemv_u8s8(static_cast<const uint8_t*>(x.data_ptr()), M, K, w.data_ptr<int8_t>(), N, acc.data_ptr<int32_t>(),
             is_signed ? 0x80 : 0);
-  if (!is_signed) return rescale_rows(acc, x_zp, w_sum, x_scale, w_scale, bias);
-  // int8 codes were read as code + 128: their zero point moves by 128 too (the same exact sums)
-  return rescale_rows(acc, x_zp + 128, w_sum, x_scale, w_scale, bias);
+  // int8 codes were read as code + 128: their zero points move by 128 too (the same exact sums)
+  std::vector<int32_t> zp(x_zp.data_ptr<int32_t>(), x_zp.data_ptr<int32_t>() + x_zp.numel());
+  if (is_signed)
+    for (auto& z : zp) z += 128;
+  rescale_rows_raw(acc.data_ptr<int32_t>(), M, N, zp.data(), zp.size() > 1, w_sum.data_ptr<int32_t>(),
+                   x_scale.data_ptr<float>(), x_scale.numel() > 1, w_scale.data_ptr<float>(), b);
+  return acc.view(torch::kFloat32);
 }
 
 // sum_k w[n, k] as int32 [N] for a contiguous int8 [N, K] (the zero-point term of the sums above):
@@ -139,4 +152,21 @@ torch::Tensor int8_row_sums(const torch::Tensor& w) {
   const std::vector<uint8_t> ones(K, 1);
   gemv_u8s8(ones.data(), 1, K, w.data_ptr<int8_t>(), N, out.data_ptr<int32_t>(), 0);
   return out;
+}
+
+// A contiguous copy of t in 2 MiB-aligned memory advised for transparent huge pages: a weight that
+// is streamed from DRAM at every call (decoding shapes) then costs ~500x fewer TLB misses (measured:
+// 4 x 4096^2 int8 gemv 2.8 -> 2.2 ms). Only a hint: without THP the copy behaves as before.
+torch::Tensor huge_page_copy(const torch::Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu(), "huge_page_copy: needs a CPU tensor");
+  const auto c = t.contiguous();
+  const size_t bytes = c.nbytes(), align = size_t(2) << 20;
+  const size_t size = std::max(align, (bytes + align - 1) / align * align);
+  void* p = std::aligned_alloc(align, size);
+  TORCH_CHECK(p != nullptr, "huge_page_copy: could not allocate ", size, " bytes");
+#ifdef MADV_HUGEPAGE
+  madvise(p, size, MADV_HUGEPAGE);
+#endif
+  std::memcpy(p, c.data_ptr(), bytes);
+  return torch::from_blob(p, c.sizes(), [](void* q) { std::free(q); }, c.options());
 }
