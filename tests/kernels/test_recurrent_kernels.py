@@ -127,6 +127,30 @@ def test_integer_gate_sums_exact(act):
             torch.testing.assert_close(y.double(), acc.double() * s_x.double() * s_w.double(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", R.MODES)
+@pytest.mark.parametrize("threads", [2, 3])
+def test_native_threads_split_the_hidden_units_with_the_same_bits(mode, threads):
+    """The C++ loop splits the hidden units between threads (slices of 16; the range of h is
+    merged exactly): any thread count gives the single-thread bits, for every remainder of H."""
+    if "native" not in R.dynamic_int8_rnn.available_impls():
+        pytest.skip("native is not available here")
+    before = torch.get_num_threads()
+    for h in (7, 17, 33, 50, 64):
+        gen = torch.Generator().manual_seed(h)
+        w = _weights(mode, 5, h, 2, 2, gen)
+        hx = [torch.randn(4, 3, h, generator=gen) * 0.5 for _ in range(2 if mode == "LSTM" else 1)]
+        args = (mode, torch.randn(6, 3, 5, generator=gen), hx, w, 2, True, False, 8, False, False, False)
+        try:
+            torch.set_num_threads(1)
+            one = R.dynamic_int8_rnn(*args, impl="native")
+            torch.set_num_threads(threads)
+            many = R.dynamic_int8_rnn(*args, impl="native")
+        finally:
+            torch.set_num_threads(before)
+        assert all(torch.equal(a, b) for a, b in zip(one, many)), (mode, threads, h)
+        _close(R.dynamic_int8_rnn(*args, impl="reference"), many, "native")
+
+
 def test_native_leaves_the_state_untouched():
     """The C++ loop updates its own copies of h / c, never the caller's tensors."""
     if "native" not in R.dynamic_int8_rnn.available_impls():

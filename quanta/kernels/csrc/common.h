@@ -29,12 +29,20 @@ inline void quantize_span(const float* __restrict__ x, T* __restrict__ out, int6
   }
 }
 
-// One row's qparams, as quanta.kernels.activation._quantize_activation_fused computes them.
-// Returns false when the row holds NaN / inf or its range overflows (the caller then takes the
-// Python path, which raises a named error or handles the overflow).
-inline bool row_qparams(const float* __restrict__ r, int64_t n, float qmin, float qmax, bool symmetric,
-                        float* scale, float* zero) {
-  const float tiny = std::numeric_limits<float>::min();
+// The range of n values: [lo, hi] holding 0 (symmetric: lo = 0, hi = max |x|) and whether any is NaN.
+// Ranges of parts combine exactly (min / max / or) into the range of the whole.
+struct Range {
+  float lo = 0.f, hi = 0.f;
+  int nan = 0;
+  void merge(const Range& o) {
+    lo = o.lo < lo ? o.lo : lo;
+    hi = o.hi > hi ? o.hi : hi;
+    nan |= o.nan;
+  }
+};
+
+inline Range value_range(const float* __restrict__ r, int64_t n, bool symmetric) {
+  Range out;
   int nan = 0;
   if (symmetric) {
     float amax = 0.f;
@@ -44,29 +52,51 @@ inline bool row_qparams(const float* __restrict__ r, int64_t n, float qmin, floa
       amax = a > amax ? a : amax;
       nan |= (r[k] != r[k]);
     }
-    if (nan || !std::isfinite(amax)) return false;
+    out.hi = amax;
+  } else {
+    float lo = 0.f, hi = 0.f;  // the range always holds 0
+#pragma omp simd reduction(min : lo) reduction(max : hi) reduction(| : nan)
+    for (int64_t k = 0; k < n; ++k) {
+      lo = r[k] < lo ? r[k] : lo;
+      hi = r[k] > hi ? r[k] : hi;
+      nan |= (r[k] != r[k]);
+    }
+    out.lo = lo;
+    out.hi = hi;
+  }
+  out.nan = nan;
+  return out;
+}
+
+// The qparams of a range, as quanta.kernels.activation._quantize_activation_fused computes them.
+// Returns false when the range holds NaN / inf or overflows (the caller then takes the Python
+// path, which raises a named error or handles the overflow).
+inline bool range_qparams(const Range& r, float qmin, float qmax, bool symmetric, float* scale, float* zero) {
+  const float tiny = std::numeric_limits<float>::min();
+  if (symmetric) {
+    const float amax = r.hi;
+    if (r.nan || !std::isfinite(amax)) return false;
     float s = amax / qmax;
     *scale = amax > 0.f ? (s < tiny ? tiny : s) : 1.f;
     *zero = 0.f;
     return true;
   }
-  float lo = 0.f, hi = 0.f;  // the range always holds 0
-#pragma omp simd reduction(min : lo) reduction(max : hi) reduction(| : nan)
-  for (int64_t k = 0; k < n; ++k) {
-    lo = r[k] < lo ? r[k] : lo;
-    hi = r[k] > hi ? r[k] : hi;
-    nan |= (r[k] != r[k]);
-  }
-  const float width = hi - lo;
-  if (nan || !std::isfinite(width)) return false;
+  const float width = r.hi - r.lo;
+  if (r.nan || !std::isfinite(width)) return false;
   float s = width / (qmax - qmin);
   s = s < tiny ? tiny : s;
   if (width <= 0.f) s = 1.f;
-  float z = -round_half_even(lo / s) + qmin;
+  float z = -round_half_even(r.lo / s) + qmin;
   z = z < qmin ? qmin : (z > qmax ? qmax : z);
   *scale = s;
   *zero = z;
   return true;
+}
+
+// One row's qparams (see range_qparams).
+inline bool row_qparams(const float* __restrict__ r, int64_t n, float qmin, float qmax, bool symmetric,
+                        float* scale, float* zero) {
+  return range_qparams(value_range(r, n, symmetric), qmin, qmax, symmetric, scale, zero);
 }
 
 template <typename T>
@@ -98,6 +128,11 @@ inline void check_float_input(const torch::Tensor& x, const char* what) {
 // acc[m, n] = sum_k (x[m, k] ^ flip) * w[n, k] for uint8 activation bytes x [M, K] (row-major; flip 0x80
 // reads int8 codes as code + 128) and int8 weights w [N, K] (row-major), exact int32 (gemv.cpp).
 void gemv_u8s8(const uint8_t* x, int64_t M, int64_t K, const int8_t* w, int64_t N, int32_t* acc, uint8_t flip);
+
+// The same sums for weight rows [n0, n1) only, on the calling thread (for callers that split
+// the rows between threads themselves).
+void gemv_u8s8_rows(const uint8_t* x, int64_t M, int64_t K, const int8_t* w, int64_t N, int32_t* acc, uint8_t flip,
+                    int64_t n0, int64_t n1);
 
 // y = float32(acc - zp[m] * ws[n]) * xs[m] * wsc[n] (+ b[n]) in place over a row-major int32 [M, N]
 // (fused.cpp's rescale_rows); zrow / srow: zp / xs hold M values, else one.

@@ -93,14 +93,17 @@ void sums_rows(const uint8_t* x, int64_t MR, int64_t K, const int8_t* w, int64_t
 
 }  // namespace
 
+void gemv_u8s8_rows(const uint8_t* x, int64_t M, int64_t K, const int8_t* w, int64_t N, int32_t* acc, uint8_t flip,
+                    int64_t n0, int64_t n1) {
+  for (int64_t m = 0; m < M; m += kRows) sums_rows(x + m * K, std::min(kRows, M - m), K, w, N, acc + m * N, flip, n0, n1);
+}
+
 void gemv_u8s8(const uint8_t* x, int64_t M, int64_t K, const int8_t* w, int64_t N, int32_t* acc, uint8_t flip) {
   const int64_t blocks = (N + kBlock - 1) / kBlock;
   // a task reads at least ~64 KiB of weights: small layers run on one thread (no fork / join)
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, kBlock * K));
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    const int64_t n0 = b0 * kBlock, n1 = std::min(N, b1 * kBlock);
-    for (int64_t m = 0; m < M; m += kRows)
-      sums_rows(x + m * K, std::min(kRows, M - m), K, w, N, acc + m * N, flip, n0, n1);
+    gemv_u8s8_rows(x, M, K, w, N, acc, flip, b0 * kBlock, std::min(N, b1 * kBlock));
   });
 }
 

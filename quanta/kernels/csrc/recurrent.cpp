@@ -9,6 +9,8 @@
 // one-code flip of a requantized h). The input projection (one GEMM per layer) is the caller's.
 #include "common.h"
 
+#include <omp.h>
+
 #include <cstring>
 #include <string>
 
@@ -39,32 +41,6 @@ Mode parse_mode(const std::string& mode) {
 
 int64_t gate_count(Mode m) { return m == Mode::LSTM ? 4 : (m == Mode::GRU ? 3 : 1); }
 
-// gh = float32(sum_k (q(h) - z) * w_hh) * (s_h * s_hh) + b_hh for a contiguous float32 h [B, H]
-template <typename T>
-void hidden_projection(const torch::Tensor& h, T* codes, int32_t* acc, float* gh, const int8_t* w, const int32_t* w_sum,
-                       const float* s_w, const float* b, int64_t N, float qmin, float qmax, bool symmetric) {
-  const int64_t B = h.size(0), H = h.size(1), n_el = B * H;
-  const float* hp = h.data_ptr<float>();
-  float s = 1.f, z = 0.f;
-  TORCH_CHECK(row_qparams(hp, n_el, qmin, qmax, symmetric, &s, &z),
-              "dynamic int8 recurrent layer: the hidden state holds NaN or inf");
-  quantize_span<T>(hp, codes, n_el, 1.f / s, z, qmin, qmax);
-  constexpr bool is_signed = std::is_same_v<T, int8_t>;
-  gemv_u8s8(reinterpret_cast<const uint8_t*>(codes), B, H, w, N, acc, is_signed ? 0x80 : 0);
-  // int8 codes were read as code + 128: their zero point moves by 128 (the same exact sums)
-  const int32_t zu = static_cast<int32_t>(z) + (is_signed ? 128 : 0);
-  for (int64_t r = 0; r < B; ++r) {
-    const int32_t* a = acc + r * N;
-    float* o = gh + r * N;
-#pragma omp simd
-    for (int64_t n = 0; n < N; ++n) {
-      const float sw = s * s_w[n];
-      const float v = static_cast<float>(a[n] - zu * w_sum[n]) * sw;
-      o[n] = v + b[n];
-    }
-  }
-}
-
 #if QUANTA_GATES
 // sigmoid and tanh of 16 floats (SLEEF u10 inside)
 inline __m512 sigmoid16(__m512 x) {
@@ -76,11 +52,11 @@ inline __m512 sigmoid16(__m512 x) {
 }
 inline __m512 tanh16(__m512 x) { return Sleef_tanhf16_u10(x); }
 
-// One row of gate math, 16 lanes at a time (the last chunk masked). gh: the hidden projection [G*H],
-// gi: the input projection [G*H], h / c: the state [H], updated in place.
-void gates_row(Mode mode, const float* gh, const float* gi, float* h, float* c, int64_t H) {
-  for (int64_t j = 0; j < H; j += 16) {
-    const __mmask16 m = H - j >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (H - j)) - 1);
+// One row of gate math for hidden units [j0, j1), 16 lanes at a time (the last chunk masked). gh: the
+// hidden projection [G*H], gi: the input projection [G*H], h / c: the state [H], updated in place.
+void gates_row(Mode mode, const float* gh, const float* gi, float* h, float* c, int64_t H, int64_t j0, int64_t j1) {
+  for (int64_t j = j0; j < j1; j += 16) {
+    const __mmask16 m = j1 - j >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (j1 - j)) - 1);
     auto ld = [&](const float* p, int64_t gate) { return _mm512_maskz_loadu_ps(m, p + gate * H + j); };
     auto pre = [&](int64_t gate) { return _mm512_add_ps(ld(gh, gate), ld(gi, gate)); };  // gh + gi
     __m512 hv;
@@ -105,6 +81,89 @@ void gates_row(Mode mode, const float* gh, const float* gi, float* h, float* c, 
   }
 }
 #endif
+
+
+// Everything one layer's time loop reads and writes (raw pointers into the tensors of rnn_layer).
+struct Loop {
+  Mode mode;
+  int64_t B, H, N, T;
+  bool reverse, is_signed, symmetric;
+  float qmin, qmax;
+  const float* gi;
+  const int8_t* w;
+  const int32_t* w_sum;
+  const float* s_w;
+  const float* b;
+  float* h;
+  float* c;
+  uint8_t* codes;
+  int32_t* acc;
+  float* gh;
+  float* out;
+  int64_t slice = 16;
+};
+
+// Thread `tid` of `threads` owns hidden units [j0, j1): per step it (1) takes the range of its part of
+// h, (2) after a barrier merges every part in thread order (each thread gets the same scale and zero
+// point: min / max merge exactly) and quantizes its part, (3) after a second barrier multiplies all of
+// the codes by the W_hh rows of its units (rows g*H + j of every gate g), rescales them, runs the
+// gates and writes its part of h, c and the output. The next step's (1) reads only its own part, so
+// two barriers a step suffice.
+void run_loop(const Loop& L, int64_t tid, int64_t threads, Range* partial, int* failed) {
+  const int64_t j0 = std::min(L.H, tid * L.slice), j1 = std::min(L.H, j0 + L.slice), G = L.N / L.H;
+  const uint8_t flip = L.is_signed ? 0x80 : 0;
+  for (int64_t i = 0; i < L.T; ++i) {
+    const int64_t t = L.reverse ? L.T - 1 - i : i;
+    Range mine;
+    for (int64_t r = 0; r < L.B && j1 > j0; ++r) mine.merge(value_range(L.h + r * L.H + j0, j1 - j0, L.symmetric));
+    partial[tid] = mine;
+    if (threads > 1) {
+#pragma omp barrier
+    }
+    Range all;
+    for (int64_t k = 0; k < threads; ++k) all.merge(partial[k]);
+    float s = 1.f, z = 0.f;
+    if (!range_qparams(all, L.qmin, L.qmax, L.symmetric, &s, &z)) {  // the same verdict in every thread
+      if (tid == 0) *failed = 1;
+      return;
+    }
+    const float inv = 1.f / s;
+    for (int64_t r = 0; r < L.B && j1 > j0; ++r) {
+      if (L.is_signed)
+        quantize_span<int8_t>(L.h + r * L.H + j0, reinterpret_cast<int8_t*>(L.codes) + r * L.H + j0, j1 - j0, inv, z,
+                              L.qmin, L.qmax);
+      else
+        quantize_span<uint8_t>(L.h + r * L.H + j0, L.codes + r * L.H + j0, j1 - j0, inv, z, L.qmin, L.qmax);
+    }
+    if (threads > 1) {
+#pragma omp barrier
+    }
+    if (j1 <= j0) continue;
+    // int8 codes are read as code + 128: their zero point moves by 128 (the same exact sums)
+    const int32_t zu = static_cast<int32_t>(z) + (L.is_signed ? 128 : 0);
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t n0 = g * L.H + j0, n1 = g * L.H + j1;
+      gemv_u8s8_rows(L.codes, L.B, L.H, L.w, L.N, L.acc, flip, n0, n1);
+      for (int64_t r = 0; r < L.B; ++r) {  // gh = float32(acc) * (s_h * s_hh) + b_hh
+        const int32_t* a = L.acc + r * L.N;
+        float* o = L.gh + r * L.N;
+#pragma omp simd
+        for (int64_t n = n0; n < n1; ++n) {
+          const float sw = s * L.s_w[n];
+          const float v = static_cast<float>(a[n] - zu * L.w_sum[n]) * sw;
+          o[n] = v + L.b[n];
+        }
+      }
+    }
+    for (int64_t r = 0; r < L.B; ++r) {
+#if QUANTA_GATES
+      gates_row(L.mode, L.gh + r * L.N, L.gi + (t * L.B + r) * L.N, L.h + r * L.H, L.c ? L.c + r * L.H : nullptr,
+                L.H, j0, j1);
+#endif
+      std::memcpy(L.out + (t * L.B + r) * L.H + j0, L.h + r * L.H + j0, sizeof(float) * (j1 - j0));
+    }
+  }
+}
 
 }  // namespace
 
@@ -141,7 +200,7 @@ std::vector<torch::Tensor> rnn_layer(const std::string& mode_name, const torch::
     TORCH_CHECK(s.dim() == 2 && s.size(0) == B && s.size(1) == H, "rnn_layer: state tensors must be [B, H]");
   }
   auto out = torch::empty({T, B, H}, gi.options());
-  auto codes = torch::empty({B, H}, gi.options().dtype(is_signed ? torch::kInt8 : torch::kUInt8));
+  auto codes = torch::empty({B, H}, gi.options().dtype(torch::kUInt8));
   auto acc = torch::empty({B, N}, gi.options().dtype(torch::kInt32));
   auto gh = torch::empty({B, N}, gi.options());
   // sum_k w_hh[n, k] (the zero-point term), by the same kernel: a row of ones times w_hh
@@ -151,27 +210,22 @@ std::vector<torch::Tensor> rnn_layer(const std::string& mode_name, const torch::
   // own copies of the state: the loop updates them in place (the caller's tensors stay as they are)
   torch::Tensor h = state[0].clone(at::MemoryFormat::Contiguous);
   torch::Tensor c = mode == Mode::LSTM ? state[1].clone(at::MemoryFormat::Contiguous) : torch::Tensor();
-  float* hp = h.data_ptr<float>();
-  float* cp = mode == Mode::LSTM ? c.data_ptr<float>() : nullptr;
-  const float* gip = gi.data_ptr<float>();
-  float* outp = out.data_ptr<float>();
-  const float lo = static_cast<float>(qmin), hi = static_cast<float>(qmax);
-  for (int64_t i = 0; i < T; ++i) {
-    const int64_t t = reverse ? T - 1 - i : i;
-    if (is_signed)
-      hidden_projection<int8_t>(h, codes.data_ptr<int8_t>(), acc.data_ptr<int32_t>(), gh.data_ptr<float>(),
-                                w_hh.data_ptr<int8_t>(), w_sum.data_ptr<int32_t>(), s_hh.data_ptr<float>(),
-                                b_hh.data_ptr<float>(), N, lo, hi, symmetric);
-    else
-      hidden_projection<uint8_t>(h, codes.data_ptr<uint8_t>(), acc.data_ptr<int32_t>(), gh.data_ptr<float>(),
-                                 w_hh.data_ptr<int8_t>(), w_sum.data_ptr<int32_t>(), s_hh.data_ptr<float>(),
-                                 b_hh.data_ptr<float>(), N, lo, hi, symmetric);
-#if QUANTA_GATES
-    for (int64_t r = 0; r < B; ++r)
-      gates_row(mode, gh.data_ptr<float>() + r * N, gip + (t * B + r) * N, hp + r * H, cp ? cp + r * H : nullptr, H);
-#endif
-    std::memcpy(outp + t * B * H, hp, sizeof(float) * B * H);
+  Loop L{mode, B, H, N, T, reverse, is_signed, symmetric, static_cast<float>(qmin), static_cast<float>(qmax),
+         gi.data_ptr<float>(), w_hh.data_ptr<int8_t>(), w_sum.data_ptr<int32_t>(), s_hh.data_ptr<float>(),
+         b_hh.data_ptr<float>(), h.data_ptr<float>(), mode == Mode::LSTM ? c.data_ptr<float>() : nullptr,
+         codes.data_ptr<uint8_t>(), acc.data_ptr<int32_t>(), gh.data_ptr<float>(), out.data_ptr<float>()};
+  // the hidden units are split between threads in slices of 16; one parallel region for all steps
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (H + 15) / 16));
+  L.slice = ((H + threads - 1) / threads + 15) / 16 * 16;  // ceil(H / threads), rounded up to 16
+  std::vector<Range> partial(threads);
+  int failed = 0;
+  if (threads == 1) {
+    run_loop(L, 0, 1, partial.data(), &failed);
+  } else {
+#pragma omp parallel num_threads(threads)
+    run_loop(L, omp_get_thread_num(), threads, partial.data(), &failed);
   }
+  TORCH_CHECK(!failed, "dynamic int8 recurrent layer: the hidden state holds NaN or inf");
   if (mode == Mode::LSTM) return {out, h, c};
   return {out, h};
 }
