@@ -205,11 +205,11 @@ def _cell_guard_fbgemm(mode, input, hx, weights, act_bits, act_signed, act_symme
 
 def _rnn_guard_native(mode, input, hx, weights, num_layers, bidirectional, batch_first, act_bits, act_signed,
                       act_symmetric, act_narrow):
-    return guard_native(input, weights, act_bits)
+    return guard_native(input, weights, act_bits, input.shape[0 if batch_first else 1] if input.dim() == 3 else 0)
 
 
 def _cell_guard_native(mode, input, hx, weights, act_bits, act_signed, act_symmetric, act_narrow):
-    return guard_native(input, weights, act_bits)
+    return guard_native(input, weights, act_bits, input.shape[0] if input.dim() == 2 else 0)
 
 
 def _rnn_guard_int_mm(mode, input, hx, weights, num_layers, bidirectional, batch_first, act_bits, act_signed,

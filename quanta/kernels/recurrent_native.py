@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from . import native
-from .linear import INT32_EXACT_MAX_K, _int_mm_acc
+from .linear import GEMV_MAX_ROWS, INT32_EXACT_MAX_K, _int_mm_acc
 from .recurrent_math import _PER, _check, act_spec, exact_matmul, qlinear
 
 
@@ -88,8 +88,13 @@ def cell_native(mode, input, hx, weights, act_bits, act_signed, act_symmetric, a
     return final
 
 
-def guard_native(input: torch.Tensor, weights: Any, act_bits: int) -> str | None:
-    """Shared by the sequence and cell ops: what the C++ loop needs beyond the op's own checks."""
+def guard_native(input: torch.Tensor, weights: Any, act_bits: int, batch: int) -> str | None:
+    """Shared by the sequence and cell ops: what the C++ loop needs beyond the op's own checks.
+    Up to `GEMV_MAX_ROWS` sequences: each step multiplies ``batch`` rows by ``W_hh`` with the
+    streaming gemv, which loses to fbgemm's GEMM beyond that (measured, LSTM 512: batch 8 3.1 vs
+    3.6 ms, batch 16 10.0 vs 6.1 ms; at hidden 32 the crossover is near batch 48)."""
+    if batch > GEMV_MAX_ROWS:
+        return f"batch {batch} > {GEMV_MAX_ROWS} (the native loop's gemv pays off for a few sequences)"
     if input.dtype != torch.float32 or input.device.type != "cpu":
         return f"input {input.dtype} on {input.device} (native path: float32 on CPU)"
     if input.numel() == 0:

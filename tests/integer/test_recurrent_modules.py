@@ -27,8 +27,8 @@ _FALLBACK_IMPL = {"sym": "int_mm", "asym": "fbgemm"}
 
 
 class _Expected(dict):
-    """The kernel a module records: the C++ loop where it is available (any grid), else the
-    grid's fast PyTorch path."""
+    """The kernel a module records for a few sequences: the C++ loop where it is available (any
+    grid), else the grid's fast PyTorch path."""
 
     def __missing__(self, act: str) -> str:
         from quanta.kernels.recurrent import dynamic_int8_rnn
@@ -159,4 +159,4 @@ def test_trained_lstm_keeps_accuracy(lstm_model, act):
     assert acc_float > 0.85
     assert acc_int >= acc_float - 0.01, (acc_float, acc_sim, acc_int)
     assert abs(acc_int - acc_sim) <= 0.004  # at most 2 of 500 predictions differ
-    assert lowered.lstm.kernel_counts[EXPECTED_IMPL[act]] == 1
+    assert lowered.lstm.kernel_counts[_FALLBACK_IMPL[act]] == 1  # 500 sequences: past the native loop's batch limit
