@@ -151,6 +151,15 @@ def test_native_rescale_rejects_bad_arguments():
         native.module().rescale_rows(acc.float(), *ok)
     with pytest.raises(RuntimeError, match="w_scale"):
         native.module().rescale_rows(acc, ok[0], ok[1], ok[2], torch.ones(4), None)
+    # int8_gemv shares the epilogue's checks: each argument named, with the size it needs
+    lib, x, w = native.module(), torch.zeros(2, 5, dtype=torch.uint8), torch.zeros(3, 5, dtype=torch.int8)
+    assert lib.int8_gemv(x, *ok[:1], w, *ok[1:]).shape == (2, 3)
+    with pytest.raises(RuntimeError, match="int8_gemv: x_zp .* 1 or 2 values"):
+        lib.int8_gemv(x, torch.zeros(3, dtype=torch.int32), w, *ok[1:])
+    with pytest.raises(RuntimeError, match="int8_gemv: bias .* 3 values"):
+        lib.int8_gemv(x, ok[0], w, ok[1], ok[2], ok[3], torch.ones(2))
+    with pytest.raises(RuntimeError, match="int8_gemv: w must be"):
+        lib.int8_gemv(x, ok[0], w.float(), *ok[1:])
 
 
 @needs_native

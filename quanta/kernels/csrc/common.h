@@ -139,6 +139,24 @@ void gemv_u8s8_rows(const uint8_t* x, int64_t M, int64_t K, const int8_t* w, int
 void rescale_rows_raw(int32_t* acc, int64_t M, int64_t N, const int32_t* zp, bool zrow, const int32_t* ws,
                       const float* xs, bool srow, const float* wsc, const float* b);
 
+// Checks the epilogue arguments of an [M, N] int32 accumulator (rescale_rows, int8_gemv): x_zp int32 and
+// x_scale float32 with 1 or M values, w_sum int32 and w_scale float32 with N, an optional float32 bias
+// with N (all contiguous); returns the bias pointer (or null). `what` names the caller in the errors.
+inline const float* check_epilogue(const char* what, int64_t M, int64_t N, const torch::Tensor& x_zp,
+                                   const torch::Tensor& w_sum, const torch::Tensor& x_scale,
+                                   const torch::Tensor& w_scale, const c10::optional<torch::Tensor>& bias) {
+  auto ok = [](const torch::Tensor& t, c10::ScalarType dtype, int64_t n, int64_t alt) {
+    return t.scalar_type() == dtype && t.is_contiguous() && (t.numel() == n || t.numel() == alt);
+  };
+  TORCH_CHECK(ok(x_zp, torch::kInt32, 1, M), what, ": x_zp must be contiguous int32 with 1 or ", M, " values");
+  TORCH_CHECK(ok(x_scale, torch::kFloat32, 1, M), what, ": x_scale must be contiguous float32 with 1 or ", M, " values");
+  TORCH_CHECK(ok(w_sum, torch::kInt32, N, N), what, ": w_sum must be contiguous int32 with ", N, " values");
+  TORCH_CHECK(ok(w_scale, torch::kFloat32, N, N), what, ": w_scale must be contiguous float32 with ", N, " values");
+  if (!bias.has_value()) return nullptr;
+  TORCH_CHECK(ok(*bias, torch::kFloat32, N, N), what, ": bias must be contiguous float32 with ", N, " values");
+  return bias->data_ptr<float>();
+}
+
 // Whether gemv_u8s8 was compiled with AVX-512 VNNI (else it is a plain loop).
 bool gemv_has_vnni();
 

@@ -93,15 +93,7 @@ torch::Tensor rescale_rows(torch::Tensor acc, const torch::Tensor& x_zp, const t
                            const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(acc.scalar_type() == torch::kInt32 && acc.dim() == 2 && acc.is_contiguous(), "rescale_rows: acc must be contiguous int32 [M, N]");
   const int64_t M = acc.size(0), N = acc.size(1);
-  TORCH_CHECK(x_zp.scalar_type() == torch::kInt32 && x_zp.is_contiguous() && (x_zp.numel() == 1 || x_zp.numel() == M), "rescale_rows: x_zp");
-  TORCH_CHECK(x_scale.scalar_type() == torch::kFloat32 && x_scale.is_contiguous() && (x_scale.numel() == 1 || x_scale.numel() == M), "rescale_rows: x_scale");
-  TORCH_CHECK(w_sum.scalar_type() == torch::kInt32 && w_sum.is_contiguous() && w_sum.numel() == N, "rescale_rows: w_sum");
-  TORCH_CHECK(w_scale.scalar_type() == torch::kFloat32 && w_scale.is_contiguous() && w_scale.numel() == N, "rescale_rows: w_scale");
-  const float* b = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->is_contiguous() && bias->numel() == N, "rescale_rows: bias");
-    b = bias->data_ptr<float>();
-  }
+  const float* b = check_epilogue("rescale_rows", M, N, x_zp, w_sum, x_scale, w_scale, bias);
   rescale_rows_raw(acc.data_ptr<int32_t>(), M, N, x_zp.data_ptr<int32_t>(), x_zp.numel() > 1, w_sum.data_ptr<int32_t>(),
                    x_scale.data_ptr<float>(), x_scale.numel() > 1, w_scale.data_ptr<float>(), b);
   return acc.view(torch::kFloat32);

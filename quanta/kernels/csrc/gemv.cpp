@@ -123,15 +123,7 @@ torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& x_zp, const
   TORCH_CHECK(w.scalar_type() == torch::kInt8 && w.dim() == 2 && w.is_contiguous() && w.size(1) == x.size(1),
               "int8_gemv: w must be contiguous int8 [N, K] with x's K");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  TORCH_CHECK(x_zp.scalar_type() == torch::kInt32 && x_zp.is_contiguous() && (x_zp.numel() == 1 || x_zp.numel() == M), "int8_gemv: x_zp");
-  TORCH_CHECK(x_scale.scalar_type() == torch::kFloat32 && x_scale.is_contiguous() && (x_scale.numel() == 1 || x_scale.numel() == M), "int8_gemv: x_scale");
-  TORCH_CHECK(w_sum.scalar_type() == torch::kInt32 && w_sum.is_contiguous() && w_sum.numel() == N, "int8_gemv: w_sum");
-  TORCH_CHECK(w_scale.scalar_type() == torch::kFloat32 && w_scale.is_contiguous() && w_scale.numel() == N, "int8_gemv: w_scale");
-  const float* b = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->is_contiguous() && bias->numel() == N, "int8_gemv: bias");
-    b = bias->data_ptr<float>();
-  }
+  const float* b = check_epilogue("int8_gemv", M, N, x_zp, w_sum, x_scale, w_scale, bias);
   auto acc = torch::empty({M, N}, x.options().dtype(torch::kInt32));
   const bool is_signed = x.scalar_type() == torch::kInt8;
   gemv_u8s8(static_cast<const uint8_t*>(x.data_ptr()), M, K, w.data_ptr<int8_t>(), N, acc.data_ptr<int32_t>(),
