@@ -42,6 +42,7 @@ from torch import nn
 from ..core import Format, Granularity, QuantSpec, Rounding, fake_quantize, quantize
 from ..kernels import native
 from ..kernels.conv import POST_OPS, int8_conv, onednn_call, prepack
+from ..kernels.conv_native import native_call
 from ..nn.modules.weighted import QuantConv1d, QuantConv2d, QuantConv3d
 from .base import IntegerModule
 
@@ -264,8 +265,8 @@ class _Int8ConvNd(IntegerModule):
         self._packed = None
         self._impl_cache = {}
         self._packed_for: dict[tuple[int, ...], torch.Tensor] = {}  # per input spatial size (oneDNN's hint)
-        #: settled kernel calls per input signature (dtype, device, [C, *spatial], impl), made
-        #: by the first eager call with that signature; forgotten by pack() / set_output()
+        #: settled (implementation, kernel call) per input signature (dtype, device, shape, impl),
+        #: made by the first eager call with that signature; forgotten by pack() / set_output()
         self._calls: dict[tuple[Any, ...], Any] = {}
         if self.weight.device.type == "cpu" and "onednn" in int8_conv.available_impls() and self.impl != "reference":
             self._packed = prepack(self.weight, self.weight_scale, self._x_scale, self._x_zp, self.stride,
@@ -343,10 +344,10 @@ class _Int8ConvNd(IntegerModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the common eager call, once a first call settled its kernel: one dict lookup, the kernel
         if not torch.compiler.is_compiling() and self._calls and isinstance(x, torch.Tensor):
-            call = self._calls.get((x.dtype, x.device, x.shape[1:], self.impl))
-            if call is not None:
-                self.kernel_counts["onednn"] += 1
-                y = call(self.quantize_input(x) if x.is_floating_point() else x)
+            settled = self._calls.get((x.dtype, x.device, x.shape, self.impl))
+            if settled is not None:
+                self.kernel_counts[settled[0]] += 1
+                y = settled[1](self.quantize_input(x) if x.is_floating_point() else x)
                 if self.output_kind == "float" and self.output_spec is not None:
                     y = fake_quantize(y, self.output_scale, self.output_zero_point, self.output_spec)
                 return y
@@ -379,13 +380,18 @@ class _Int8ConvNd(IntegerModule):
         args = (codes, self._x_scale, zp, self.weight, self.weight_scale, self.bias, self.stride, self.padding,
                 self.dilation, self.groups, self.post_op, out_scale, out_zp,
                 self._packed_weight(tuple(codes.shape[2:])))
-        key = (codes.dtype, codes.device, codes.numel() == 0, args[-1] is None, self.post_op, out_scale is None)
+        key = (codes.dtype, codes.device, codes.shape, args[-1] is None, self.post_op, out_scale is None)
         impl, checked = self.choose_impl(int8_conv, key, *args)
         y = int8_conv(*args, impl=self.record(impl), checked=checked)
-        if impl == "onednn" and checked and codes.dtype == torch.uint8 and codes.dim() in (4, 5) and \
-                (codes.dim() == 4 or self.post_op == "none") and args[-1] is not None and \
-                not torch.compiler.is_compiling() and len(self._calls) < 8:
-            self._calls[(x.dtype, x.device, x.shape[1:], self.impl)] = onednn_call(codes.dim(), *args[1:])
+        if checked and codes.dtype == torch.uint8 and not torch.compiler.is_compiling() and len(self._calls) < 8:
+            call = None  # settle the kernel for this input signature (the shape steers the choice)
+            if impl == "native":
+                call = native_call(codes.dim(), *args[1:])
+            elif impl == "onednn" and codes.dim() in (4, 5) and (codes.dim() == 4 or self.post_op == "none") and \
+                    args[-1] is not None:
+                call = onednn_call(codes.dim(), *args[1:])
+            if call is not None:
+                self._calls[(x.dtype, x.device, x.shape, self.impl)] = (impl, call)
         if self.output_kind == "float" and self.output_spec is not None:
             y = fake_quantize(y, self.output_scale, self.output_zero_point, self.output_spec)
         return y

@@ -23,8 +23,14 @@ One op for every spatial rank (the rank is the input's: ``[N, C, L]``, ``[N, C, 
 
 Reference (readable, exact): the integer accumulation ``acc = Σ (x - zp) · w`` is a float64
 convolution of integer-valued tensors, exact because every partial sum is an integer of
-magnitude ≤ K · 255 · 128 < 2^53 (K = C/groups · prod(kernel)); then ``y = acc · x_scale ·
-w_scale[o] + bias`` in float64, rounded once to float32; post-op; optional requantization.
+magnitude ≤ K · 255 · 128 < 2^53 (K = C/groups · prod(kernel)); then, in float32,
+``y = float32(acc) · m[o] + bias[o]`` with the per-channel multiplier ``m = float32(x_scale ·
+w_scale)``; post-op; optional requantization. The ``native`` implementation
+(`quanta.kernels.conv_native`) computes exactly this, bit for bit.
+
+Fast path ``native`` (first where its guards accept: 1d / 2d, groups = 1 with C % 4 = 0, or
+depthwise): quanta's direct convolution, `quanta.kernels.conv_native`, bit for bit the reference;
+``auto`` passes over it to oneDNN for large outputs of short sums (``conv_native.prefer_onednn``).
 
 Fast path ``onednn``: ``torch.ops.onednn.qconv_pointwise`` (x86 oneDNN, u8 × s8 → s32 with
 VNNI). Integer accumulation is exact (int32); the float rescale is done in float32 by oneDNN,
@@ -50,6 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core import QuantSpec, quantize
+from . import conv_native
 from .library import Impl, KernelOp
 
 #: the grid of uint8 outputs (and of uint8 activations): unsigned asymmetric 8-bit
@@ -147,10 +154,10 @@ def reference(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: torch.
                out_scale, out_zero_point)
     acc = accumulate(x, x_zero_point, weight, stride, padding, dilation, groups)
     bshape = (1, -1) + (1,) * (x.dim() - 2)
-    y = acc * (x_scale * w_scale.double()).view(bshape)
+    y = acc.float() * (x_scale * w_scale.double()).float().view(bshape)
     if bias is not None:
-        y = y + bias.double().view(bshape)
-    y = apply_post_op(y.float(), post_op)
+        y = y + bias.float().view(bshape)
+    y = apply_post_op(y, post_op)
     if out_scale is not None:
         y = quantize(y, out_scale, out_zero_point, UINT8_SPEC)
     out = torch.empty_strided(y.shape, kernel_strides(y.shape), dtype=y.dtype, device=y.device)
@@ -306,9 +313,21 @@ def _post_op_after(y: torch.Tensor, post_op: str, out_scale: float | None, out_z
     return y.clamp_(lo, hi)
 
 
+def _native(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: torch.Tensor, w_scale: torch.Tensor,
+            bias: torch.Tensor | None, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+            groups: int, post_op: str, out_scale: float | None, out_zero_point: int,
+            packed: torch.Tensor | None) -> torch.Tensor:
+    check_args(x, x_scale, x_zero_point, weight, w_scale, bias, stride, padding, dilation, groups, post_op,
+               out_scale, out_zero_point)
+    return conv_native.run_native(x, x_scale, x_zero_point, weight, w_scale, bias, stride, padding, dilation, groups,
+                                  post_op, out_scale, out_zero_point, packed)
+
+
 int8_conv = KernelOp(
     "int8_conv", SCHEMA, reference,
-    impls=[Impl("onednn", _onednn, _onednn_guard, available=_onednn_available, unchecked=_onednn_run)],
+    impls=[Impl("native", _native, conv_native.guard_native, available=conv_native.native_available,
+                unchecked=conv_native.run_native, traceable=False, prefer=conv_native.prefer_onednn),
+           Impl("onednn", _onednn, _onednn_guard, available=_onednn_available, unchecked=_onednn_run)],
     fake=_fake,
 )
 

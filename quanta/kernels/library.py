@@ -41,6 +41,10 @@ class Impl:
     #: compiling, and ``available()`` (cheap) is asked at every call because it can turn true
     #: later in the process (the native library is built on first use)
     traceable: bool = True
+    #: ``prefer(*args)``: why another implementation is faster for these (guard-accepted)
+    #: inputs, or None. ``impl="auto"`` then tries the next implementations and comes back to
+    #: this one only if none of them accepts; a named call ignores it.
+    prefer: Guard | None = None
     _available: bool | None = field(default=None, repr=False)
 
     def is_available(self) -> bool:
@@ -90,14 +94,18 @@ class KernelOp:
     def choose(self, *args: Any) -> str:
         """The implementation ``impl="auto"`` runs for these inputs."""
         device = _device_of(args)
+        slower = None  # the first implementation that accepts the inputs but prefers another
         for impl in self.impls:
             if device not in impl.devices or not impl.is_available():
                 continue
             reason = impl.guard(*args)
             if reason is None:
-                return impl.name
+                if impl.prefer is None or impl.prefer(*args) is None:
+                    return impl.name
+                slower = slower or impl.name
+                continue
             self._log_once(f"{impl.name}: {reason}")
-        return "reference"
+        return slower or "reference"
 
     def _log_once(self, message: str) -> None:
         if torch.compiler.is_compiling():  # (logged by the eager calls; logging breaks graphs)

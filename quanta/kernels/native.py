@@ -37,7 +37,7 @@ LOG = logging.getLogger("quanta.kernels")
 
 CSRC = Path(__file__).with_name("csrc")
 #: compiled together into one library (fused.cpp holds the Python bindings); common.h is shared
-SOURCES = [CSRC / "fused.cpp", CSRC / "gemv.cpp", CSRC / "recurrent.cpp"]
+SOURCES = [CSRC / "fused.cpp", CSRC / "gemv.cpp", CSRC / "recurrent.cpp", CSRC / "conv.cpp"]
 HEADERS = [CSRC / "common.h"]
 #: no -ffast-math, no FMA contraction: the kernels must round exactly like the PyTorch ops
 CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]

@@ -21,7 +21,14 @@ from quanta.nn.modules.weighted import QuantConv2d
 
 REL = 1e-5
 HAS_ONEDNN = "onednn" in int8_conv.available_impls()
-FAST = "onednn" if HAS_ONEDNN else "reference"
+#: the fast implementations this machine has (native where its guards accept, else oneDNN)
+FAST = tuple(i for i in int8_conv.available_impls() if i != "reference") or ("reference",)
+
+
+def fast_calls(m) -> int:
+    """How many calls of ``m`` ran a fast implementation; asserts no other one ran."""
+    assert set(m.kernel_counts) <= set(FAST) | {"reference"}, m.kernel_counts
+    return sum(m.kernel_counts[i] for i in FAST)
 U8 = LayerQuantConfig(input=QuantDescriptor(unsigned=True, symmetric=False))
 S8 = LayerQuantConfig(input=QuantDescriptor())
 SHIFT = 0.3  # calibration inputs x - 0.3: the first conv gets a non-zero input zero point
@@ -62,7 +69,7 @@ def test_lowered_convs_match_simulation(lowered):
         err = float((y - ysim).abs().max())
         assert err <= bound, f"{name}: {err:.3g} > {bound:.3g}"
         assert err <= float(sim.get_submodule(name).input_quantizer.qparams()[0])  # << one step anyway
-        assert conv.kernel_counts == {FAST: 1}
+        assert fast_calls(conv) == 1 and sum(conv.kernel_counts.values()) == 1
 
 
 def test_float_input_quantization_is_quanta_quantize():
@@ -95,7 +102,7 @@ def test_chain_with_uint8_activations_and_fused_relu(lowered):
         c3.kernel_counts.clear()
         y = c3(codes)
     assert codes.dtype == torch.uint8 and codes.shape == float_mid.shape
-    assert c0.kernel_counts[FAST] == 2 and c3.kernel_counts == {FAST: 1}
+    assert fast_calls(c0) == 2 and fast_calls(c3) == 1 and sum(c3.kernel_counts.values()) == 1
     diff = (codes.int() - codes_float.int()).abs()
     assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) <= 1e-3
     assert torch.equal(c3(codes_float), y_float)  # uint8 input = float input quantized
@@ -151,7 +158,7 @@ def test_state_dict_round_trip_through_the_constructor(lowered, mode):
         dst.load_state_dict(src.state_dict())
         with torch.no_grad():
             assert torch.equal(dst(xin), src(xin))
-        assert dst.kernel_counts == {FAST: 1}
+        assert fast_calls(dst) == 1 and sum(dst.kernel_counts.values()) == 1
 
 
 def test_bad_inputs_raise_clearly(lowered):
@@ -227,7 +234,7 @@ def test_conv1d_conv3d_chains(dims, act):
             assert torch.equal(ints[1](codes), ints[1]((codes.int() - 128).to(torch.int8)))
     step = ints[2].input_code_qparams()[0] * float(ints[2].weight_scale.max()) * 127 * 6
     assert float((fused - ysim).abs().max()) <= step  # one input step of the last conv, at most
-    assert all(m.kernel_counts[FAST] >= 1 for m in ints)
+    assert all(fast_calls(m) >= 1 for m in ints)
 
 
 def test_reference_impl_and_repr():
@@ -241,7 +248,7 @@ def test_reference_impl_and_repr():
     fast = m(x)
     m.impl = "reference"
     ref = m(x)
-    assert m.kernel_counts == {FAST: 1, "reference": 1}
+    assert fast_calls(m) == 1 and m.kernel_counts["reference"] == 1
     assert float((fast - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
     text = repr(m)
     assert "Int8Conv2d(7, 6, kernel_size=(3, 3), stride=(2, 2), padding=(1, 1)" in text and "zp=9" in text
@@ -260,7 +267,7 @@ def test_settled_calls_give_the_first_calls_numbers(lowered):
     with torch.no_grad():
         first = conv(x)
         assert len(conv._calls) == 1
-        assert torch.equal(conv(x), first) and conv.kernel_counts["onednn"] == 2
+        assert torch.equal(conv(x), first) and fast_calls(conv) == 2
         codes = conv.quantize_input(x)
         assert torch.equal(conv(codes), first) and len(conv._calls) == 2  # uint8 codes: own signature
         other = torch.randn(3, 16, 6, 6)  # another spatial size: its own packed weight and call

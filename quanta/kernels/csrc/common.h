@@ -12,6 +12,15 @@
 #include <type_traits>
 #include <vector>
 
+// AVX-512 VNNI (vpdpbusd: four uint8 x int8 products added into each int32 lane, exact): the int8
+// kernels' fast loops; without it they are plain loops (gemv) or not offered (conv, see conv.cpp).
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define QUANTA_VNNI 1
+#else
+#define QUANTA_VNNI 0
+#endif
+
 namespace quanta_native {
 
 
@@ -159,5 +168,8 @@ inline const float* check_epilogue(const char* what, int64_t M, int64_t N, const
 
 // Whether gemv_u8s8 was compiled with AVX-512 VNNI (else it is a plain loop).
 bool gemv_has_vnni();
+
+// Registers conv.cpp's ConvPlan with the Python module (called by fused.cpp's bindings).
+void bind_conv(pybind11::module& m);
 
 }  // namespace quanta_native

@@ -225,4 +225,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_rows", &quantize_rows, "dynamic per-row quantization");
   m.def("quantize_static", &quantize_static, "static per-tensor quantization");
   m.def("rescale_rows", &rescale_rows, "int32 accumulator -> float32 output, in place");
+  bind_conv(m);
 }

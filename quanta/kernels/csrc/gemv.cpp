@@ -9,12 +9,6 @@
 #include <cstdlib>
 #include <cstring>
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-#include <immintrin.h>
-#define QUANTA_VNNI 1
-#else
-#define QUANTA_VNNI 0
-#endif
 
 namespace quanta_native {
 

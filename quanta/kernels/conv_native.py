@@ -1,0 +1,164 @@
+"""``int8_conv``'s ``native`` implementation: quanta's own direct int8 convolution (``csrc/conv.cpp``).
+
+oneDNN's ``qconv_pointwise`` costs about 30 µs a call before any arithmetic (measured on a
+16-channel 1x1 convolution of one pixel), which is most of the time of a MobileNet-style
+network's small pointwise and depthwise layers at batch 1 (52 convolutions). The native kernel
+runs from a `ConvPlan` that holds everything but the input, so a call costs the kernel.
+
+Covered: 1d and 2d convolutions of uint8 / int8 codes, any kernel, stride, padding and
+dilation, with
+
+- ``groups == 1`` and a multiple of 4 input channels (*dense*: an output tile of 6 pixels × 64
+  channels accumulates with ``vpdpbusd``, 4 input channels per instruction), or
+- ``groups == C == O`` (*depthwise*: 16 channels per instruction, one tap at a time).
+
+Exact: the integer sums are the reference's, and the epilogue is the reference's own float32
+arithmetic (``float32(acc) · float32(x_scale · w_scale) + bias``, post-op, requantization), so
+outputs equal the reference bit for bit (oneDNN's rescale rounds differently, by a few ulps).
+Needs the native library built with
+AVX-512 VNNI; 3d convolutions and other groupings run on oneDNN.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from . import native
+
+_POST = {"none": 0, "relu": 1, "relu6": 2}
+#: largest |x - zp| · |w| of one product (as in conv.py): sums of up to 2^31 / this many fit int32
+_MAX_PRODUCT = 255 * 128
+
+
+def native_available() -> bool:
+    return native.ready() and bool(native.module().gemv_has_vnni())
+
+
+def _kind(x_channels: int, weight: torch.Tensor, groups: int) -> str | None:
+    """``"dense"``, ``"depthwise"``, or None when the native kernel has no loop for the grouping."""
+    if groups == 1 and x_channels % 4 == 0:
+        return "dense"
+    if groups == x_channels == weight.shape[0] and weight.shape[1] == 1:
+        return "depthwise"
+    return None
+
+
+def guard_native(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: torch.Tensor, w_scale: torch.Tensor,
+                 bias: torch.Tensor | None, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+                 groups: int, post_op: str, out_scale: float | None, out_zero_point: int,
+                 packed: torch.Tensor | None) -> str | None:
+    if x.device.type != "cpu":
+        return f"runs on CPU, got {x.device}"
+    if x.dtype not in (torch.uint8, torch.int8) or weight.dtype != torch.int8:
+        return f"needs uint8/int8 activations and int8 weights, got {x.dtype} / {weight.dtype}"
+    if x.dim() not in (3, 4):
+        return f"has 1d and 2d loops, got a {x.dim()}d input"
+    if x.numel() == 0:
+        return "empty input"
+    if weight.dim() != x.dim() or _kind(x.shape[1], weight, groups) is None:
+        return (f"needs groups=1 with a multiple of 4 input channels, or a depthwise conv; got groups={groups} "
+                f"with {x.shape[1]} input channels")
+    if weight[0].numel() * _MAX_PRODUCT >= 2**31:
+        return f"a reduction of {weight[0].numel()} products may overflow the int32 accumulator"
+    if post_op not in _POST:
+        return f"post_op {post_op!r} is not supported"
+    return None
+
+
+#: measured on a 2-core AVX-512 VNNI CPU (benchmarks of the MobileNetV2 / ResNet-18 layers,
+#: batch 1 and 16): oneDNN's JIT kernel is faster per output element and costs ~30 µs more per
+#: call, so it wins only on large outputs with short reductions (a 16-channel 1x1 conv onto 96
+#: channels at 112x112: 0.86x; a depthwise 3x3 at 112x112: 0.63x), where native loses ≥ 10%
+PREFER_ONEDNN_OUTPUTS = 256 * 1024
+PREFER_ONEDNN_REDUCTION = 64
+
+
+def prefer_onednn(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: torch.Tensor, w_scale: torch.Tensor,
+                  bias: torch.Tensor | None, stride: Sequence[int], padding: Sequence[int],
+                  dilation: Sequence[int], groups: int, post_op: str, out_scale: float | None,
+                  out_zero_point: int, packed: torch.Tensor | None) -> str | None:
+    """Why oneDNN is faster for these inputs (see `PREFER_ONEDNN_OUTPUTS`), or None."""
+    from .conv import conv_output_shape  # (conv.py registers this module's implementation)
+
+    reduction = weight[0].numel()
+    outputs = 1
+    for s in conv_output_shape(x.shape, weight.shape, stride, padding, dilation):
+        outputs *= s
+    if outputs > PREFER_ONEDNN_OUTPUTS and reduction < PREFER_ONEDNN_REDUCTION:
+        return f"{outputs} outputs of {reduction}-product sums: oneDNN's kernel is faster there"
+    return None
+
+
+def pack_weight(weight: torch.Tensor, kind: str) -> torch.Tensor:
+    """The int8 weight ``[O, C / groups, *kernel]`` in the layout `ConvPlan` reads: dense
+    ``[O/16, taps, C/4, 16, 4]`` (16 output channels × 4 input channels per 64 bytes), depthwise
+    ``[C/16, taps, 16, 4]`` (each int32 lane holds one weight and three zero bytes); output
+    channels padded to a multiple of 16 with zeros."""
+    out_ch, in_ch = weight.shape[0], weight.shape[1]
+    taps = weight[0, 0].numel()
+    o16 = -(-out_ch // 16) * 16
+    w = torch.zeros(o16, in_ch, taps, dtype=torch.int8)
+    w[:out_ch] = weight.reshape(out_ch, in_ch, taps)
+    if kind == "dense":  # [O16, C, T] -> [O16/16, 16, C/4, 4, T] -> [O16/16, T, C/4, 16, 4]
+        return w.view(o16 // 16, 16, in_ch // 4, 4, taps).permute(0, 4, 2, 1, 3).contiguous()
+    lanes = torch.zeros(o16 // 16, taps, 16, 4, dtype=torch.int8)
+    lanes[..., 0] = w.view(o16 // 16, 16, taps).permute(0, 2, 1)
+    return lanes
+
+
+def make_plan(weight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, x_scale: float,
+              x_zero_point: int, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+              groups: int, post_op: str, out_scale: float | None, out_zero_point: int) -> "object":
+    """A native ``ConvPlan`` for uint8 codes on ``(x_scale, x_zero_point)`` (a 1d convolution
+    as a 2d one of unit height)."""
+    if weight.dim() == 3:
+        weight, stride, padding, dilation = weight.unsqueeze(2), [1, *stride], [0, *padding], [1, *dilation]
+    in_ch = weight.shape[1] * groups
+    kind = _kind(in_ch, weight, groups)
+    assert kind is not None, "guard_native refuses this grouping"
+    w_sum = weight.reshape(weight.shape[0], -1).sum(1, dtype=torch.int32)
+    return native.module().ConvPlan(
+        pack_weight(weight, kind), w_sum, float(x_scale), int(x_zero_point), w_scale.float().contiguous(),
+        None if bias is None else bias.float().contiguous(), in_ch, weight.shape[0], list(weight.shape[2:]),
+        [int(s) for s in stride], [int(p) for p in padding], [int(d) for d in dilation], kind == "depthwise",
+        _POST[post_op], None if out_scale is None else float(out_scale), int(out_zero_point))
+
+
+def native_call(x_dim: int, x_scale: float, x_zero_point: int, weight: torch.Tensor, w_scale: torch.Tensor,
+                bias: torch.Tensor | None, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+                groups: int, post_op: str, out_scale: float | None, out_zero_point: int,
+                packed: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The native convolution with everything but the uint8 codes settled: ``run(x)`` for a
+    ``x_dim``-d uint8 ``x`` (any layout; the kernel reads channels-last). Integer modules keep one
+    per input signature (``packed``, oneDNN's weight, is not used)."""
+    plan = make_plan(weight, w_scale, bias, x_scale, x_zero_point, stride, padding, dilation, groups, post_op,
+                     out_scale, out_zero_point)
+    run_plan = plan.run  # type: ignore[attr-defined]
+    if x_dim == 3:
+        def run(x: torch.Tensor) -> torch.Tensor:
+            return run_plan(x.unsqueeze(2).contiguous(memory_format=torch.channels_last)).squeeze(2)
+        return run
+    layout = torch.channels_last
+
+    def run4(x: torch.Tensor) -> torch.Tensor:
+        return run_plan(x.contiguous(memory_format=layout))
+    return run4
+
+
+def run_native(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: torch.Tensor, w_scale: torch.Tensor,
+               bias: torch.Tensor | None, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+               groups: int, post_op: str, out_scale: float | None, out_zero_point: int,
+               packed: torch.Tensor | None) -> torch.Tensor:
+    """The op's ``native`` implementation, arguments already checked: plans per call (integer
+    modules keep their plan, see `native_call`)."""
+    if x.dtype == torch.int8:  # uint8 kernel codes: x + 128 exactly, as a bit flip
+        x = torch.bitwise_xor(x.view(torch.uint8), 128)
+        x_zero_point += 128
+    return native_call(x.dim(), x_scale, x_zero_point, weight, w_scale, bias, stride, padding, dilation, groups,
+                       post_op, out_scale, out_zero_point)(x)
+
+
+__all__ = ["PREFER_ONEDNN_OUTPUTS", "PREFER_ONEDNN_REDUCTION", "guard_native", "make_plan", "native_available",
+           "native_call", "pack_weight", "prefer_onednn", "run_native"]

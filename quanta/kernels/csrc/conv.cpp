@@ -1,0 +1,372 @@
+// Direct int8 convolutions of channels-last uint8 codes with AVX-512 VNNI, for the shapes where
+// oneDNN's per-call cost (about 30 us, measured on a 16-channel 1x1 conv) is most of the work:
+// MobileNet-style pointwise and depthwise layers at batch 1. A 2d convolution (a 1d one is a 2d one
+// of unit height, done by the caller), with
+//   dense:     groups = 1 and C % 4 == 0 (any kernel, stride, padding, dilation);
+//   depthwise: groups = C = O (one filter per channel).
+//
+// Arithmetic (bit for bit the reference of quanta/kernels/conv.py):
+//   acc[p, o] = sum (x - zp) * w  = sum x * w - zp * sum w   (exact int32; a padded tap reads a
+//               pixel of zp codes, i.e. the real value 0, as the reference pads x - zp with 0)
+//   y = float32(acc) * float32(x_scale * w_scale[o]) + bias[o]   (float32)
+//   y = relu(y) / clamp(y, 0, 6);  codes = clamp(round_half_even(y * (1 / out_scale)) + out_zp, 0, 255)
+//
+// A ConvPlan holds everything but the input (packed weights, per-channel constants, geometry), so
+// that a call costs the kernel and one output allocation.
+#include "common.h"
+
+#include <cstring>
+
+namespace quanta_native {
+namespace {
+
+struct Epilogue {
+  const int32_t* corr;  // x_zp * sum of the channel's weights
+  const float* mult;    // float32(x_scale * w_scale[o])
+  const float* bias;    // bias[o], 0 without bias (adding +0.0 changes no value here: y is never -0.0)
+  int post;             // 0 none, 1 relu, 2 relu6
+  bool codes;           // uint8 output, else float32
+  float inv, z;         // 1 / out_scale (float32), out_zp
+};
+
+struct Geometry {
+  int64_t N, C, H, W, O, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW;
+  int64_t pixels() const { return N * OH * OW; }
+  int64_t taps() const { return KH * KW; }
+  // Writes the input pixels that the taps of output pixel (n, oy, ox) read to ptr[t * step]
+  // (`pad`, a pixel of zero-point codes, outside the image); `off` holds each tap's offset from
+  // the first tap, used where all taps fall inside the image (most pixels).
+  void taps_of(const uint8_t* x, const uint8_t* pad, const int64_t* off, int64_t n, int64_t oy, int64_t ox,
+               const uint8_t** ptr, int64_t step) const {
+    const int64_t iy0 = oy * SH - PH, ix0 = ox * SW - PW, T = KH * KW;
+    if (iy0 >= 0 && iy0 + (KH - 1) * DH < H && ix0 >= 0 && ix0 + (KW - 1) * DW < W) {
+      const uint8_t* base = x + ((n * H + iy0) * W + ix0) * C;
+      for (int64_t t = 0; t < T; ++t) ptr[t * step] = base + off[t];
+      return;
+    }
+    for (int64_t ky = 0; ky < KH; ++ky)
+      for (int64_t kx = 0; kx < KW; ++kx) {
+        const int64_t iy = iy0 + ky * DH, ix = ix0 + kx * DW;
+        ptr[(ky * KW + kx) * step] = iy < 0 || iy >= H || ix < 0 || ix >= W ? pad : x + ((n * H + iy) * W + ix) * C;
+      }
+  }
+  std::vector<int64_t> tap_offsets() const {
+    std::vector<int64_t> off;
+    for (int64_t ky = 0; ky < KH; ++ky)
+      for (int64_t kx = 0; kx < KW; ++kx) off.push_back((ky * DH * W + kx * DW) * C);
+    return off;
+  }
+};
+
+#if QUANTA_VNNI
+inline __mmask16 lanes(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
+inline __mmask64 bytes(int64_t n) { return n >= 64 ? ~__mmask64(0) : ((__mmask64(1) << n) - 1); }
+
+// y of channels o .. o+15 from their int32 sums (before the correction), post-op applied
+inline __m512 values16(__m512i acc, int64_t o, const Epilogue& e) {
+  const __m512 a = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, _mm512_loadu_si512(e.corr + o)));
+  __m512 y = _mm512_add_ps(_mm512_mul_ps(a, _mm512_loadu_ps(e.mult + o)), _mm512_loadu_ps(e.bias + o));
+  if (e.post) y = _mm512_max_ps(y, _mm512_setzero_ps());
+  if (e.post == 2) y = _mm512_min_ps(y, _mm512_set1_ps(6.f));
+  return y;
+}
+
+// the uint8 codes of y as int32 lanes in [0, 255]
+inline __m512i codes16(__m512 y, const Epilogue& e) {
+  __m512 q = _mm512_roundscale_ps(_mm512_mul_ps(y, _mm512_set1_ps(e.inv)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  q = _mm512_add_ps(q, _mm512_set1_ps(e.z));
+  q = _mm512_min_ps(_mm512_max_ps(q, _mm512_setzero_ps()), _mm512_set1_ps(255.f));
+  return _mm512_cvttps_epi32(q);
+}
+
+// NB (<= 4) blocks of 16 consecutive channels of one pixel, from channel o of `out` (a pixel's
+// row of O values), stored up to channel O: uint8 codes packed into one 64-byte store, or floats.
+template <int NB>
+inline void store_blocks(const __m512i* acc, int64_t o, int64_t O, const Epilogue& e, char* out) {
+  if (!e.codes) {
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j)
+      if (o + j * 16 < O)
+        _mm512_mask_storeu_ps(reinterpret_cast<float*>(out) + o + j * 16, lanes(O - o - j * 16),
+                              values16(acc[j], o + j * 16, e));
+    return;
+  }
+  __m512i c[4];
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) c[j] = j < NB ? codes16(values16(acc[j], o + j * 16, e), e) : _mm512_setzero_si512();
+  // in-lane packs give, per 128-bit lane l, the l-th quarter of c0, c1, c2, c3: permute dwords back
+  const __m512i packed = _mm512_packus_epi16(_mm512_packus_epi32(c[0], c[1]), _mm512_packus_epi32(c[2], c[3]));
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  _mm512_mask_storeu_epi8(out + o, bytes(std::min<int64_t>(NB * 16, O - o)), _mm512_permutexvar_epi32(order, packed));
+}
+
+// ------------------------------------------------------------------------------------------ dense
+constexpr int kMR = 6;         // output pixels per register tile
+constexpr int kNB = 4;         // 16-channel blocks per register tile (64 output channels)
+constexpr int64_t kChunk = 8;  // register tiles per parallel task
+
+// MR pixels x NB*16 channels. ptr[t * kMR + m]: the input pixel of tap t for pixel m; w: the tile's
+// first 16-channel block of the packed weight [OB][T][C4][16][4], the next ones `wstride` bytes on.
+// out: the tile's first pixel (rows of O values of esize bytes).
+template <int MR, int NB>
+void dense_tile(const uint8_t* const* ptr, int64_t T, int64_t C4, const int8_t* w, int64_t wstride, int64_t o0,
+                int64_t O, const Epilogue& e, char* out, int64_t esize) {
+  __m512i acc[MR][NB];
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_setzero_si512();
+  for (int64_t t = 0; t < T; ++t) {
+    const uint8_t* p[MR];
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) p[m] = ptr[t * kMR + m];
+    const int8_t* wt = w + t * C4 * 64;
+    for (int64_t c = 0; c < C4; ++c) {
+      __m512i wv[NB];
+#pragma GCC unroll 4
+      for (int j = 0; j < NB; ++j) wv[j] = _mm512_loadu_si512(wt + j * wstride + c * 64);
+#pragma GCC unroll 8
+      for (int m = 0; m < MR; ++m) {
+        int32_t v;
+        std::memcpy(&v, p[m] + c * 4, 4);
+        const __m512i xv = _mm512_set1_epi32(v);
+#pragma GCC unroll 4
+        for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_dpbusd_epi32(acc[m][j], xv, wv[j]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m) store_blocks<NB>(acc[m], o0, O, e, out + m * O * esize);
+}
+
+using DenseTile = void (*)(const uint8_t* const*, int64_t, int64_t, const int8_t*, int64_t, int64_t, int64_t,
+                           const Epilogue&, char*, int64_t);
+
+template <int MR>
+DenseTile dense_tile_for(int nb) {
+  switch (nb) {
+    case 1: return dense_tile<MR, 1>;
+    case 2: return dense_tile<MR, 2>;
+    case 3: return dense_tile<MR, 3>;
+    default: return dense_tile<MR, 4>;
+  }
+}
+
+DenseTile dense_tile_for(int mr, int nb) {
+  switch (mr) {
+    case 1: return dense_tile_for<1>(nb);
+    case 2: return dense_tile_for<2>(nb);
+    case 3: return dense_tile_for<3>(nb);
+    case 4: return dense_tile_for<4>(nb);
+    case 5: return dense_tile_for<5>(nb);
+    default: return dense_tile_for<6>(nb);
+  }
+}
+
+void dense_conv(const uint8_t* x, const Geometry& g, const int8_t* wpack, const uint8_t* pad, const Epilogue& e,
+                char* out, int64_t esize) {
+  const int64_t T = g.taps(), C4 = g.C / 4, OB = (g.O + 15) / 16, P = g.pixels(), plane = g.OH * g.OW;
+  const int64_t wstride = T * C4 * 64;
+  const int64_t tiles = (P + kMR - 1) / kMR, chunks = (tiles + kChunk - 1) / kChunk, groups = (OB + kNB - 1) / kNB;
+  // tasks: 64 output channels x kChunk tiles of pixels, channel-block major (a thread keeps its weights)
+  // a 1x1 convolution with unit stride and no padding reads pixel p for output pixel p
+  const bool pointwise = T == 1 && g.SH == 1 && g.SW == 1 && g.PH == 0 && g.PW == 0;
+  const std::vector<int64_t> off = g.tap_offsets();
+  at::parallel_for(0, groups * chunks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<const uint8_t*> ptr(T * kMR);
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t ob = task / chunks * kNB, nb = std::min<int64_t>(kNB, OB - ob);
+      const int64_t first = task % chunks * kChunk * kMR, last = std::min(P, first + kChunk * kMR);
+      int64_t n = first / plane, oy = first % plane / g.OW, ox = first % g.OW;  // walks with the pixel
+      for (int64_t p0 = first; p0 < last; p0 += kMR) {
+        const int64_t mr = std::min<int64_t>(kMR, last - p0);
+        for (int64_t m = 0; m < mr; ++m) {
+          if (pointwise) {
+            ptr[m] = x + (p0 + m) * g.C;
+            continue;
+          }
+          g.taps_of(x, pad, off.data(), n, oy, ox, ptr.data() + m, kMR);
+          if (++ox == g.OW) {
+            ox = 0;
+            if (++oy == g.OH) oy = 0, ++n;
+          }
+        }
+        dense_tile_for(static_cast<int>(mr), static_cast<int>(nb))(
+            ptr.data(), T, C4, wpack + ob * wstride, wstride, ob * 16, g.O, e, out + p0 * g.O * esize, esize);
+      }
+    }
+  });
+}
+
+// -------------------------------------------------------------------------------------- depthwise
+// PX output pixels x NB 16-channel blocks from channel c0: each tap's 16 codes widened to int32
+// lanes [x, 0, 0, 0] times the packed weight lanes [w, 0, 0, 0] ([CB][T][16][4]).
+template <int PX, int NB>
+void depthwise_tile(const uint8_t* const* ptr /* [PX][T] */, int64_t T, int64_t c0, int64_t C, const int8_t* wpack,
+                    const Epilogue& e, char* const* out) {
+  __m512i acc[PX][NB];
+  __mmask16 mask[NB];
+#pragma GCC unroll 4
+  for (int j = 0; j < NB; ++j) mask[j] = lanes(C - (c0 + j * 16));
+#pragma GCC unroll 4
+  for (int px = 0; px < PX; ++px)
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) acc[px][j] = _mm512_setzero_si512();
+  const int8_t* w = wpack + (c0 / 16) * T * 64;
+  for (int64_t t = 0; t < T; ++t) {
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) {
+      const __m512i wv = _mm512_loadu_si512(w + (j * T + t) * 64);
+#pragma GCC unroll 4
+      for (int px = 0; px < PX; ++px) {
+        const __m512i xv = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask[j], ptr[px * T + t] + c0 + j * 16));
+        acc[px][j] = _mm512_dpbusd_epi32(acc[px][j], xv, wv);
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int px = 0; px < PX; ++px) store_blocks<NB>(acc[px], c0, C, e, out[px]);
+}
+
+using DepthwiseTile = void (*)(const uint8_t* const*, int64_t, int64_t, int64_t, const int8_t*, const Epilogue&,
+                               char* const*);
+
+template <int PX>
+DepthwiseTile depthwise_tile_for(int nb) {
+  switch (nb) {
+    case 1: return depthwise_tile<PX, 1>;
+    case 2: return depthwise_tile<PX, 2>;
+    case 3: return depthwise_tile<PX, 3>;
+    default: return depthwise_tile<PX, 4>;
+  }
+}
+
+void depthwise_conv(const uint8_t* x, const Geometry& g, const int8_t* wpack, const uint8_t* pad,
+                    const Epilogue& e, char* out, int64_t esize) {
+  constexpr int64_t kPX = 2, kCB = 4;  // pixels and 16-channel blocks per register tile
+  const int64_t T = g.taps(), CB = (g.C + 15) / 16, groups = (CB + kCB - 1) / kCB, rows = g.N * g.OH;
+  // tasks: an output row, split by 64 channels only where there are few rows (the taps' pointers
+  // are found once per pixel for all the channels of a task)
+  const int64_t splits = rows >= 4 * at::get_num_threads() ? 1 : groups, per = (groups + splits - 1) / splits;
+  const std::vector<int64_t> off = g.tap_offsets();
+  at::parallel_for(0, rows * splits, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<const uint8_t*> ptr(kPX * T);
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t row = task / splits, n = row / g.OH, oy = row % g.OH;
+      const int64_t gb = task % splits * per, ge = std::min(groups, gb + per);
+      for (int64_t ox = 0; ox < g.OW; ox += kPX) {
+        const int64_t px = std::min(kPX, g.OW - ox);
+        char* dst[kPX];
+        for (int64_t i = 0; i < px; ++i) {
+          dst[i] = out + ((row * g.OW) + ox + i) * g.O * esize;
+          g.taps_of(x, pad, off.data(), n, oy, ox + i, ptr.data() + i * T, 1);
+        }
+        for (int64_t gi = gb; gi < ge; ++gi) {
+          const int nb = static_cast<int>(std::min(kCB, CB - gi * kCB));
+          (px == 2 ? depthwise_tile_for<2>(nb) : depthwise_tile_for<1>(nb))(ptr.data(), T, gi * kCB * 16, g.C, wpack,
+                                                                           e, dst);
+        }
+      }
+    }
+  });
+}
+#endif  // QUANTA_VNNI
+
+// Everything of one convolution but its input (see the file comment).
+class ConvPlan {
+ public:
+  // wpack: dense int8 [OB, T, C / 4, 16, 4] / depthwise int8 [CB, T, 16, 4] (O and C padded to
+  // multiples of 16 with zeros); w_sum: int32 [O] (sum of each output channel's weights);
+  // w_scale: float32 [O]; bias: float32 [O] or None; post: 0 none / 1 relu / 2 relu6;
+  // out_scale None: float32 output, else uint8 codes on (out_scale, out_zp).
+  ConvPlan(torch::Tensor wpack, const torch::Tensor& w_sum, double x_scale, int64_t x_zp,
+           const torch::Tensor& w_scale, const c10::optional<torch::Tensor>& bias, int64_t C, int64_t O,
+           std::vector<int64_t> kernel, std::vector<int64_t> stride, std::vector<int64_t> padding,
+           std::vector<int64_t> dilation, bool depthwise, int64_t post, c10::optional<double> out_scale,
+           int64_t out_zp)
+      : wpack_(std::move(wpack)), depthwise_(depthwise), C_(C), O_(O), x_zp_(x_zp), post_(post),
+        codes_(out_scale.has_value()) {
+    TORCH_CHECK(QUANTA_VNNI, "ConvPlan: this build has no AVX-512 VNNI");
+    TORCH_CHECK(kernel.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+                "ConvPlan: kernel, stride, padding and dilation need 2 values each");
+    geo_ = {0, C, 0, 0, O, 0, 0, kernel[0], kernel[1], stride[0], stride[1], padding[0], padding[1], dilation[0],
+            dilation[1]};
+    const int64_t T = geo_.taps(), O16 = (O + 15) / 16 * 16;
+    TORCH_CHECK(T > 0 && geo_.SH > 0 && geo_.SW > 0 && geo_.PH >= 0 && geo_.PW >= 0 && geo_.DH > 0 && geo_.DW > 0,
+                "ConvPlan: invalid kernel / stride / padding / dilation");
+    TORCH_CHECK(0 <= x_zp && x_zp <= 255 && post >= 0 && post <= 2 && 0 <= out_zp && out_zp <= 255,
+                "ConvPlan: zero points must be uint8 codes and post 0, 1 or 2");
+    TORCH_CHECK(!depthwise || C == O, "ConvPlan: a depthwise conv has as many outputs as inputs");
+    TORCH_CHECK(depthwise || C % 4 == 0, "ConvPlan: a dense conv needs a multiple of 4 input channels");
+    const std::vector<int64_t> shape = depthwise ? std::vector<int64_t>{O16 / 16, T, 16, 4}
+                                                 : std::vector<int64_t>{O16 / 16, T, C / 4, 16, 4};
+    TORCH_CHECK(wpack_.scalar_type() == torch::kInt8 && wpack_.is_contiguous() && wpack_.sizes().vec() == shape,
+                "ConvPlan: wpack must be contiguous int8 ", c10::IntArrayRef(shape), ", got ", wpack_.sizes());
+    const float* b = check_epilogue("ConvPlan", 1, O, torch::zeros({1}, torch::kInt32), w_sum,
+                                    torch::ones({1}, torch::kFloat32), w_scale, bias);
+    corr_.assign(O16, 0);
+    mult_.assign(O16, 0.f);
+    bias_.assign(O16, 0.f);
+    for (int64_t o = 0; o < O; ++o) {
+      corr_[o] = static_cast<int32_t>(x_zp * w_sum.data_ptr<int32_t>()[o]);
+      mult_[o] = static_cast<float>(x_scale * static_cast<double>(w_scale.data_ptr<float>()[o]));
+      bias_[o] = b ? b[o] : 0.f;
+    }
+    pad_.assign((C + 63) / 64 * 64 + 64, static_cast<uint8_t>(x_zp));
+    inv_ = codes_ ? 1.f / static_cast<float>(*out_scale) : 1.f;
+    z_ = static_cast<float>(out_zp);
+  }
+
+  // x: uint8 [N, C, H, W] in channels-last memory order -> [N, O, OH, OW] channels-last.
+  torch::Tensor run(const torch::Tensor& x) const {
+    TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kUInt8 && x.dim() == 4 && x.size(1) == C_ &&
+                x.is_contiguous(at::MemoryFormat::ChannelsLast),
+                "ConvPlan.run: x must be channels-last uint8 codes [N, ", C_, ", H, W], got ", x.scalar_type(), " ",
+                x.sizes());
+    Geometry g = geo_;
+    g.N = x.size(0);
+    g.H = x.size(2);
+    g.W = x.size(3);
+    g.OH = (g.H + 2 * g.PH - g.DH * (g.KH - 1) - 1) / g.SH + 1;
+    g.OW = (g.W + 2 * g.PW - g.DW * (g.KW - 1) - 1) / g.SW + 1;
+    TORCH_CHECK(g.OH > 0 && g.OW > 0, "ConvPlan.run: input ", x.sizes(), " is smaller than the kernel");
+    auto out = torch::empty({g.N, O_, g.OH, g.OW},
+                            x.options().dtype(codes_ ? torch::kUInt8 : torch::kFloat32).memory_format(at::MemoryFormat::ChannelsLast));
+#if QUANTA_VNNI
+    const Epilogue e{corr_.data(), mult_.data(), bias_.data(), static_cast<int>(post_), codes_, inv_, z_};
+    char* dst = static_cast<char*>(out.data_ptr());
+    const int64_t esize = codes_ ? 1 : 4;
+    if (g.pixels() > 0) {
+      if (depthwise_)
+        depthwise_conv(x.data_ptr<uint8_t>(), g, wpack_.data_ptr<int8_t>(), pad_.data(), e, dst, esize);
+      else
+        dense_conv(x.data_ptr<uint8_t>(), g, wpack_.data_ptr<int8_t>(), pad_.data(), e, dst, esize);
+    }
+#endif
+    return out;
+  }
+
+ private:
+  torch::Tensor wpack_;
+  bool depthwise_;
+  int64_t C_, O_, x_zp_, post_;
+  bool codes_;
+  Geometry geo_{};
+  std::vector<int32_t> corr_;
+  std::vector<float> mult_, bias_;
+  std::vector<uint8_t> pad_;
+  float inv_ = 1.f, z_ = 0.f;
+};
+
+}  // namespace
+
+void bind_conv(pybind11::module& m) {
+  pybind11::class_<ConvPlan>(m, "ConvPlan", "a direct int8 convolution with everything but its input settled")
+      .def(pybind11::init<torch::Tensor, const torch::Tensor&, double, int64_t, const torch::Tensor&,
+                          const c10::optional<torch::Tensor>&, int64_t, int64_t, std::vector<int64_t>,
+                          std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>, bool, int64_t,
+                          c10::optional<double>, int64_t>())
+      .def("run", &ConvPlan::run, "the convolution of channels-last uint8 codes x");
+}
+
+}  // namespace quanta_native

@@ -1,0 +1,137 @@
+"""Tier 1: ``quanta::int8_conv``'s ``native`` implementation (csrc/conv.cpp) equals the reference
+bit for bit: the integer sums are exact and the float32 epilogue is the reference's own.
+
+Covered: dense (groups=1) and depthwise convolutions, 1d and 2d, every remainder of the 6-pixel
+× 64-channel tiles, strides, dilations, paddings wider than the kernel's reach, uint8 and int8
+codes, non-contiguous inputs, float and uint8 outputs with each post-op, the extreme codes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from quanta.kernels import conv_native, native
+from quanta.kernels.conv import int8_conv
+
+HAS_NATIVE = "native" in int8_conv.available_impls()
+pytestmark = pytest.mark.skipif(not HAS_NATIVE, reason="native int8 conv (AVX-512 VNNI build) not available")
+
+
+def _args(n, c, o, size, k, stride, pad, dil, groups, *, dims=2, act="u8", bias=True, gen=None, extreme=False):
+    gen = gen or torch.Generator().manual_seed(0)
+    shape = (n, c) + (size,) * dims
+    if act == "u8":
+        x = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
+        zp = int(torch.randint(0, 256, (), generator=gen))
+    else:
+        x = torch.randint(-128, 128, shape, dtype=torch.int8, generator=gen)
+        zp = int(torch.randint(-128, 128, (), generator=gen))
+    w = torch.randint(-128, 128, (o, c // groups) + (k,) * dims, dtype=torch.int8, generator=gen)
+    if extreme:  # the largest products everywhere: 255 x -128
+        x.fill_(255 if act == "u8" else 127)
+        zp = 0 if act == "u8" else -128
+        w.fill_(-128)
+    ws = torch.rand(o, generator=gen) * 0.01 + 1e-4
+    b = torch.randn(o, generator=gen) if bias else None
+    return (x, 0.013, zp, w, ws, b, [stride] * dims, [pad] * dims, [dil] * dims, groups)
+
+
+def _check(args, post_op="relu", out=(0.05, 3)):
+    full = (*args, post_op, *out, None)
+    assert int8_conv.choose(*full) in ("native", "onednn")
+    ref = int8_conv(*full, impl="reference")
+    got = int8_conv(*full, impl="native")
+    assert got.dtype == ref.dtype and got.shape == ref.shape and got.stride() == ref.stride()
+    assert torch.equal(got, ref), f"max diff {(got.double() - ref.double()).abs().max().item()}"
+
+
+# (n, c, o, size, k, stride, pad, dilation, groups)
+DENSE = {
+    "1x1-tails": (1, 4, 5, 7, 1, 1, 0, 1, 1),  # 49 pixels: 8 tiles of 6 and one of 1; 5 channels
+    "1x1-64-ch": (2, 16, 64, 3, 1, 1, 0, 1, 1),
+    "1x1-stride2": (1, 32, 70, 9, 1, 2, 0, 1, 1),
+    "3x3-pad1": (1, 12, 130, 11, 3, 1, 1, 1, 1),  # 130 channels: 2 full groups of 64 and 2 more
+    "3x3-stride2": (3, 8, 24, 13, 3, 2, 1, 1, 1),
+    "5x5-dilated": (1, 4, 17, 12, 5, 1, 4, 2, 1),
+    "2x2-wide-pad": (1, 8, 48, 5, 2, 1, 3, 1, 1),  # pads past the kernel's reach: all-pad rows
+}
+DEPTHWISE = {
+    "3x3-c16": (1, 16, 16, 9, 3, 1, 1, 1, 16),
+    "3x3-c40-stride2": (2, 40, 40, 15, 3, 2, 1, 1, 40),  # 3 blocks, the last one of 8 channels
+    "3x3-c96": (1, 96, 96, 6, 3, 1, 1, 1, 96),  # 6 blocks: one group of 4 and one of 2
+    "5x5-c7-dilated": (1, 7, 7, 11, 5, 1, 4, 2, 7),
+    "3x3-c72-odd-width": (1, 72, 72, 7, 3, 1, 1, 1, 72),  # 7 columns: the last pixel alone
+}
+
+
+@pytest.mark.parametrize("act", ["u8", "s8"])
+@pytest.mark.parametrize("case", list(DENSE.values()) + list(DEPTHWISE.values()), ids=list(DENSE) + list(DEPTHWISE))
+def test_native_equals_reference(case, act):
+    gen = torch.Generator().manual_seed(1)
+    for post_op, out in (("none", (None, 0)), ("relu", (0.05, 3)), ("relu6", (0.02, 0)), ("relu6", (None, 0))):
+        _check(_args(*case, act=act, bias=post_op != "relu", gen=gen), post_op, out)
+
+
+@pytest.mark.parametrize("case", [DENSE["3x3-pad1"], DEPTHWISE["3x3-c40-stride2"]], ids=["dense", "depthwise"])
+def test_native_1d_strided_and_extreme_inputs(case):
+    n, c, o, size, k, stride, pad, dil, groups = case
+    _check(_args(n, c, o, 31, k, stride, pad, dil, groups, dims=1), "relu6", (0.03, 5))
+    args = _args(*case)
+    wide = torch.cat([args[0], args[0]], dim=1)
+    strided = wide.transpose(0, 1)[::2].transpose(0, 1)  # every other channel: not contiguous
+    assert not strided.is_contiguous()
+    _check((strided, *args[1:]), "none", (None, 0))
+    for act in ("u8", "s8"):
+        big = _args(n, c, o, size, k, stride, pad, dil, groups, act=act, extreme=True, bias=False)
+        _check(big, "none", (None, 0))
+        _check(big, "none", (1000.0, 0))
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 2), c4=st.integers(1, 12), o=st.integers(1, 80), size=st.integers(1, 9),
+       k=st.integers(1, 4), stride=st.integers(1, 3), pad=st.integers(0, 3), dil=st.integers(1, 2),
+       depthwise=st.booleans(), seed=st.integers(0, 2**16))
+def test_native_random_geometry(n, c4, o, size, k, stride, pad, dil, depthwise, seed):
+    c = 4 * c4 if not depthwise else c4 * 3
+    o, groups = (c, c) if depthwise else (o, 1)
+    if size + 2 * pad < dil * (k - 1) + 1:
+        return  # no output
+    _check(_args(n, c, o, size, k, stride, pad, dil, groups, gen=torch.Generator().manual_seed(seed)),
+           "relu6", (0.04, 7))
+
+
+def test_guard_and_preference():
+    args = _args(1, 6, 8, 5, 3, 1, 1, 1, 1)  # 6 input channels: not a multiple of 4
+    why = conv_native.guard_native(*args, "none", None, 0, None)
+    assert why is not None and "multiple of 4" in why
+    assert int8_conv.choose(*args, "none", None, 0, None) == "onednn"
+    grouped = _args(1, 8, 8, 5, 3, 1, 1, 1, 2)
+    assert "groups=2" in conv_native.guard_native(*grouped, "none", None, 0, None)
+    # a large output of short sums: oneDNN is faster there, so auto picks it; named native still runs
+    big = _args(1, 16, 96, 64, 1, 1, 0, 1, 1)
+    assert conv_native.prefer_onednn(*big, "none", None, 0, None) is not None
+    assert int8_conv.choose(*big, "none", None, 0, None) == "onednn"
+    small = _args(1, 16, 96, 14, 1, 1, 0, 1, 1)
+    assert int8_conv.choose(*small, "none", None, 0, None) == "native"
+
+
+def test_plan_rejects_bad_inputs_with_named_errors():
+    native.ensure()
+    args = _args(1, 16, 16, 5, 3, 1, 1, 1, 1)
+    plan = conv_native.make_plan(args[3], args[4], args[5], args[1], args[2], *args[6:], "relu", 0.05, 3)
+    x = args[0].contiguous(memory_format=torch.channels_last)
+    assert torch.equal(plan.run(x), int8_conv(*args, "relu", 0.05, 3, None, impl="reference"))
+    with pytest.raises(RuntimeError, match="channels-last uint8"):
+        plan.run(args[0].contiguous())  # NCHW memory order
+    with pytest.raises(RuntimeError, match="channels-last uint8"):
+        plan.run(x[:, :8].contiguous(memory_format=torch.channels_last))  # wrong channel count
+    unpadded = conv_native.make_plan(args[3], args[4], args[5], args[1], args[2], [1, 1], [0, 0], [1, 1], 1,
+                                     "none", None, 0)
+    with pytest.raises(RuntimeError, match="smaller than the kernel"):
+        unpadded.run(torch.zeros(1, 16, 2, 2, dtype=torch.uint8).contiguous(memory_format=torch.channels_last))
+    with pytest.raises(RuntimeError, match="wpack must be"):
+        native.module().ConvPlan(torch.zeros(3, dtype=torch.int8), torch.zeros(16, dtype=torch.int32), 0.1, 0,
+                                 torch.ones(16), None, 16, 16, [3, 3], [1, 1], [1, 1], [1, 1], False, 0, None, 0)
