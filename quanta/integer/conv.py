@@ -334,6 +334,8 @@ class _Int8ConvNd(IntegerModule):
         a few in-place tensor ops."""
         if x.dtype == torch.float32 and x.device.type == "cpu" and native.ready() and \
                 not torch.compiler.is_compiling() and _dense(x):
+            if x.dim() == 4 and x.shape[1] > 1 and x.is_contiguous():  # NCHW: codes straight into channels-last
+                return native.module().quantize_to_channels_last(x, self._x_inv, self._x_zp, self._x_lo, self._x_hi)
             return native.module().quantize_static(x, self._x_inv, self._x_zp, self._x_lo, self._x_hi, False)
         q = torch.mul(x if x.dtype == torch.float32 else x.float(), self._x_inv)
         q.round_()

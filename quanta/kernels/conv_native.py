@@ -10,7 +10,8 @@ dilation, with
 
 - ``groups == 1`` and a multiple of 4 input channels (*dense*: an output tile of 6 pixels × 64
   channels accumulates with ``vpdpbusd``, 4 input channels per instruction), or
-- ``groups == C == O`` (*depthwise*: 16 channels per instruction, one tap at a time).
+- ``groups == C == O`` (*depthwise*: 4 taps' inputs of 64 channels interleaved in registers, so
+  that ``vpdpbusd`` adds 4 taps of 16 channels per instruction).
 
 Exact: the integer sums are the reference's, and the epilogue is the reference's own float32
 arithmetic (``float32(acc) · float32(x_scale · w_scale) + bias``, post-op, requantization), so
@@ -67,12 +68,14 @@ def guard_native(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: tor
     return None
 
 
-#: measured on a 2-core AVX-512 VNNI CPU (benchmarks of the MobileNetV2 / ResNet-18 layers,
-#: batch 1 and 16): oneDNN's JIT kernel is faster per output element and costs ~30 µs more per
-#: call, so it wins only on large outputs with short reductions (a 16-channel 1x1 conv onto 96
-#: channels at 112x112: 0.86x; a depthwise 3x3 at 112x112: 0.63x), where native loses ≥ 10%
-PREFER_ONEDNN_OUTPUTS = 256 * 1024
+#: measured side by side on a 2-core AVX-512 VNNI CPU (MobileNetV2 / ResNet-18 layers, batch 1
+#: and 16): oneDNN's JIT kernel costs ~30 µs more per call but is a little faster per output
+#: element on very large outputs of short sums (batch 16: a 16-channel 1x1 conv onto 96 channels
+#: at 112x112, 0.91x; a depthwise 3x3 of 144 channels at 56x56, 0.90x), and on depthwise convs of
+#: at most 32 channels, where half of each 64-channel step of the native loop is padding (0.55x)
+PREFER_ONEDNN_OUTPUTS = 4 * 1024 * 1024
 PREFER_ONEDNN_REDUCTION = 64
+PREFER_ONEDNN_DEPTHWISE_CHANNELS = 32
 
 
 def prefer_onednn(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: torch.Tensor, w_scale: torch.Tensor,
@@ -82,6 +85,8 @@ def prefer_onednn(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: to
     """Why oneDNN is faster for these inputs (see `PREFER_ONEDNN_OUTPUTS`), or None."""
     from .conv import conv_output_shape  # (conv.py registers this module's implementation)
 
+    if groups > 1 and groups <= PREFER_ONEDNN_DEPTHWISE_CHANNELS:
+        return f"a depthwise conv of {groups} channels fills half of the native loop's 64-channel steps"
     reduction = weight[0].numel()
     outputs = 1
     for s in conv_output_shape(x.shape, weight.shape, stride, padding, dilation):
@@ -92,20 +97,26 @@ def prefer_onednn(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: to
 
 
 def pack_weight(weight: torch.Tensor, kind: str) -> torch.Tensor:
-    """The int8 weight ``[O, C / groups, *kernel]`` in the layout `ConvPlan` reads: dense
-    ``[O/16, taps, C/4, 16, 4]`` (16 output channels × 4 input channels per 64 bytes), depthwise
-    ``[C/16, taps, 16, 4]`` (each int32 lane holds one weight and three zero bytes); output
-    channels padded to a multiple of 16 with zeros."""
+    """The int8 weight ``[O, C / groups, *kernel]`` in the layout `ConvPlan` reads (zero weights
+    pad the channels and taps):
+
+    - dense ``[O/16, taps, C/4, 16, 4]``: 64 bytes = 16 output channels × 4 input channels;
+    - depthwise ``[C/64, taps/4, 4, 64]``: for 64 channels and 4 taps, vector ``k`` holds in int32
+      lane ``4 l + i`` the 4 taps' weights of channel ``16 l + 4 k + i`` (the order in which the
+      kernel interleaves the 4 taps' inputs)."""
     out_ch, in_ch = weight.shape[0], weight.shape[1]
     taps = weight[0, 0].numel()
-    o16 = -(-out_ch // 16) * 16
-    w = torch.zeros(o16, in_ch, taps, dtype=torch.int8)
-    w[:out_ch] = weight.reshape(out_ch, in_ch, taps)
     if kind == "dense":  # [O16, C, T] -> [O16/16, 16, C/4, 4, T] -> [O16/16, T, C/4, 16, 4]
+        o16 = -(-out_ch // 16) * 16
+        w = torch.zeros(o16, in_ch, taps, dtype=torch.int8)
+        w[:out_ch] = weight.reshape(out_ch, in_ch, taps)
         return w.view(o16 // 16, 16, in_ch // 4, 4, taps).permute(0, 4, 2, 1, 3).contiguous()
-    lanes = torch.zeros(o16 // 16, taps, 16, 4, dtype=torch.int8)
-    lanes[..., 0] = w.view(o16 // 16, 16, taps).permute(0, 2, 1)
-    return lanes
+    c64, t4 = -(-out_ch // 64) * 64, -(-taps // 4) * 4
+    w = torch.zeros(c64, t4, dtype=torch.int8)
+    w[:out_ch, :taps] = weight.reshape(out_ch, taps)
+    # channel g*64 + 16 l + 4 k + i, tap 4 q + j  ->  [g, q, k, (l, i, j)]
+    w = w.view(c64 // 64, 4, 4, 4, t4 // 4, 4).permute(0, 4, 2, 1, 3, 5)
+    return w.reshape(c64 // 64, t4 // 4, 4, 64).contiguous()
 
 
 def make_plan(weight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, x_scale: float,
@@ -160,5 +171,5 @@ def run_native(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: torch
                        post_op, out_scale, out_zero_point)(x)
 
 
-__all__ = ["PREFER_ONEDNN_OUTPUTS", "PREFER_ONEDNN_REDUCTION", "guard_native", "make_plan", "native_available",
+__all__ = ["PREFER_ONEDNN_DEPTHWISE_CHANNELS", "PREFER_ONEDNN_OUTPUTS", "PREFER_ONEDNN_REDUCTION", "guard_native", "make_plan", "native_available",
            "native_call", "pack_weight", "prefer_onednn", "run_native"]

@@ -126,7 +126,9 @@ def fuse_activations(model: nn.Module) -> list[tuple[str, str, str]]:
                 _replace(model, str(p.target), codes_pool(mods[str(p.target)]))
             done.append((str(node.target), act, "uint8"))
         elif act != "none":
-            producer.set_output("float", post_op=act)  # relu/relu6 are idempotent on float output
+            producer.set_output("float", post_op=act)
+            for r in relu6_nodes:  # applied by the producer's kernel: a second pass would change nothing
+                _replace(model, str(r.target), nn.Identity())
             done.append((str(node.target), act, "float"))
     return done
 

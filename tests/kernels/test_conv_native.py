@@ -111,11 +111,14 @@ def test_guard_and_preference():
     grouped = _args(1, 8, 8, 5, 3, 1, 1, 1, 2)
     assert "groups=2" in conv_native.guard_native(*grouped, "none", None, 0, None)
     # a large output of short sums: oneDNN is faster there, so auto picks it; named native still runs
-    big = _args(1, 16, 96, 64, 1, 1, 0, 1, 1)
+    big = _args(4, 16, 96, 112, 1, 1, 0, 1, 1)
     assert conv_native.prefer_onednn(*big, "none", None, 0, None) is not None
     assert int8_conv.choose(*big, "none", None, 0, None) == "onednn"
-    small = _args(1, 16, 96, 14, 1, 1, 0, 1, 1)
-    assert int8_conv.choose(*small, "none", None, 0, None) == "native"
+    narrow = _args(1, 32, 32, 9, 3, 1, 1, 1, 32)  # depthwise, 32 channels
+    assert int8_conv.choose(*narrow, "none", None, 0, None) == "onednn"
+    for small in (_args(1, 16, 96, 56, 1, 1, 0, 1, 1), _args(1, 48, 48, 9, 3, 1, 1, 1, 48)):
+        assert int8_conv.choose(*small, "none", None, 0, None) == "native"
+    _check(narrow)  # a named call runs native wherever its guard accepts
 
 
 def test_plan_rejects_bad_inputs_with_named_errors():

@@ -168,15 +168,23 @@ void dense_conv(const uint8_t* x, const Geometry& g, const int8_t* wpack, const 
   const int64_t T = g.taps(), C4 = g.C / 4, OB = (g.O + 15) / 16, P = g.pixels(), plane = g.OH * g.OW;
   const int64_t wstride = T * C4 * 64;
   const int64_t tiles = (P + kMR - 1) / kMR, chunks = (tiles + kChunk - 1) / kChunk, groups = (OB + kNB - 1) / kNB;
-  // tasks: 64 output channels x kChunk tiles of pixels, channel-block major (a thread keeps its weights)
+  // Tasks: kChunk tiles of pixels x a range of 64-channel groups. Weights that stay in L2: a task
+  // takes all (or, with few pixel chunks, a share of) the groups, so a pixel's output row is
+  // written by one thread (no false sharing) and its taps are found once. Larger weights: one
+  // group per task, group-major, so that a thread keeps its weights while the pixels stream.
+  const bool small = wstride * OB <= (256 << 10);
+  const int64_t threads = at::get_num_threads();
+  const int64_t splits = small ? std::min(groups, std::max<int64_t>(1, (2 * threads + chunks - 1) / chunks)) : groups;
+  const int64_t per = (groups + splits - 1) / splits;
   // a 1x1 convolution with unit stride and no padding reads pixel p for output pixel p
   const bool pointwise = T == 1 && g.SH == 1 && g.SW == 1 && g.PH == 0 && g.PW == 0;
   const std::vector<int64_t> off = g.tap_offsets();
-  at::parallel_for(0, groups * chunks, 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, splits * chunks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<const uint8_t*> ptr(T * kMR);
     for (int64_t task = t0; task < t1; ++task) {
-      const int64_t ob = task / chunks * kNB, nb = std::min<int64_t>(kNB, OB - ob);
-      const int64_t first = task % chunks * kChunk * kMR, last = std::min(P, first + kChunk * kMR);
+      const int64_t chunk = small ? task / splits : task % chunks, split = small ? task % splits : task / chunks;
+      const int64_t gb = split * per, ge = std::min(groups, gb + per);
+      const int64_t first = chunk * kChunk * kMR, last = std::min(P, first + kChunk * kMR);
       int64_t n = first / plane, oy = first % plane / g.OW, ox = first % g.OW;  // walks with the pixel
       for (int64_t p0 = first; p0 < last; p0 += kMR) {
         const int64_t mr = std::min<int64_t>(kMR, last - p0);
@@ -191,66 +199,91 @@ void dense_conv(const uint8_t* x, const Geometry& g, const int8_t* wpack, const 
             if (++oy == g.OH) oy = 0, ++n;
           }
         }
-        dense_tile_for(static_cast<int>(mr), static_cast<int>(nb))(
-            ptr.data(), T, C4, wpack + ob * wstride, wstride, ob * 16, g.O, e, out + p0 * g.O * esize, esize);
+        for (int64_t gi = gb; gi < ge; ++gi) {
+          const int64_t ob = gi * kNB, nb = std::min<int64_t>(kNB, OB - ob);
+          dense_tile_for(static_cast<int>(mr), static_cast<int>(nb))(
+              ptr.data(), T, C4, wpack + ob * wstride, wstride, ob * 16, g.O, e, out + p0 * g.O * esize, esize);
+        }
       }
     }
   });
 }
 
 // -------------------------------------------------------------------------------------- depthwise
-// PX output pixels x NB 16-channel blocks from channel c0: each tap's 16 codes widened to int32
-// lanes [x, 0, 0, 0] times the packed weight lanes [w, 0, 0, 0] ([CB][T][16][4]).
-template <int PX, int NB>
-void depthwise_tile(const uint8_t* const* ptr /* [PX][T] */, int64_t T, int64_t c0, int64_t C, const int8_t* wpack,
-                    const Epilogue& e, char* const* out) {
-  __m512i acc[PX][NB];
-  __mmask16 mask[NB];
+// 64 channels x 4 taps per step: the taps' 64-byte loads A, B, C, D are interleaved in-lane into
+// V_k, whose int32 lane (l, i) holds [a, b, c, d] of channel 16 l + 4 k + i, so that one vpdpbusd
+// adds 4 taps' products of 16 channels. Weights are packed to match ([G][T/4][k][l][i][tap]),
+// and the epilogue constants are stored in the same channel order (see ConvPlan); the in-lane
+// packing of the codes (store_dw) restores the natural order.
+inline void interleave4(__m512i a, __m512i b, __m512i c, __m512i d, __m512i* v) {
+  const __m512i ab_lo = _mm512_unpacklo_epi8(a, b), ab_hi = _mm512_unpackhi_epi8(a, b);
+  const __m512i cd_lo = _mm512_unpacklo_epi8(c, d), cd_hi = _mm512_unpackhi_epi8(c, d);
+  v[0] = _mm512_unpacklo_epi16(ab_lo, cd_lo);
+  v[1] = _mm512_unpackhi_epi16(ab_lo, cd_lo);
+  v[2] = _mm512_unpacklo_epi16(ab_hi, cd_hi);
+  v[3] = _mm512_unpackhi_epi16(ab_hi, cd_hi);
+}
+
+// channel of position p (0..63) of the interleaved order: p = 16 k + 4 l + i -> 16 l + 4 k + i
+inline int64_t dw_channel(int64_t p) { return (p % 16) / 4 * 16 + p / 16 * 4 + p % 4; }
+
+// The 64 channels from c0 of one pixel (row `out` of C values) from the sums acc[k] (position c0 + 16 k).
+inline void store_dw(const __m512i* acc, int64_t c0, int64_t C, const Epilogue& e, char* out) {
+  if (!e.codes) {
+    alignas(64) float y[64];
+    for (int k = 0; k < 4; ++k) _mm512_store_ps(y + 16 * k, values16(acc[k], c0 + 16 * k, e));
+    float* o = reinterpret_cast<float*>(out) + c0;
+    for (int64_t p = 0; p < 64; ++p)
+      if (c0 + dw_channel(p) < C) o[dw_channel(p)] = y[p];
+    return;
+  }
+  __m512i c[4];
 #pragma GCC unroll 4
-  for (int j = 0; j < NB; ++j) mask[j] = lanes(C - (c0 + j * 16));
+  for (int k = 0; k < 4; ++k) c[k] = codes16(values16(acc[k], c0 + 16 * k, e), e);
+  // per 128-bit lane l: channels 16 l + 0..3 (c0), 4..7 (c1), 8..11 (c2), 12..15 (c3): in order
+  const __m512i packed = _mm512_packus_epi16(_mm512_packus_epi32(c[0], c[1]), _mm512_packus_epi32(c[2], c[3]));
+  _mm512_mask_storeu_epi8(out + c0, bytes(C - c0), packed);
+}
+
+// PX output pixels x the 64 channels from c0. ptr[px * T4 * 4 + t]: tap t's input pixel (taps
+// past the kernel's read the pad pixel, with zero weights); w: the group's [T4][4][64] weights.
+template <int PX>
+void depthwise_tile(const uint8_t* const* ptr, int64_t T4, int64_t c0, int64_t C, const int8_t* w,
+                    const Epilogue& e, char* const* out) {
+  const __mmask64 mask = bytes(C - c0);
+  __m512i acc[PX][4];
 #pragma GCC unroll 4
   for (int px = 0; px < PX; ++px)
 #pragma GCC unroll 4
-    for (int j = 0; j < NB; ++j) acc[px][j] = _mm512_setzero_si512();
-  const int8_t* w = wpack + (c0 / 16) * T * 64;
-  for (int64_t t = 0; t < T; ++t) {
+    for (int k = 0; k < 4; ++k) acc[px][k] = _mm512_setzero_si512();
+  for (int64_t q = 0; q < T4; ++q) {
+    __m512i wv[4];
 #pragma GCC unroll 4
-    for (int j = 0; j < NB; ++j) {
-      const __m512i wv = _mm512_loadu_si512(w + (j * T + t) * 64);
+    for (int k = 0; k < 4; ++k) wv[k] = _mm512_loadu_si512(w + (q * 4 + k) * 64);
 #pragma GCC unroll 4
-      for (int px = 0; px < PX; ++px) {
-        const __m512i xv = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask[j], ptr[px * T + t] + c0 + j * 16));
-        acc[px][j] = _mm512_dpbusd_epi32(acc[px][j], xv, wv);
-      }
+    for (int px = 0; px < PX; ++px) {
+      const uint8_t* const* p = ptr + (px * T4 + q) * 4;
+      __m512i v[4];
+      interleave4(_mm512_maskz_loadu_epi8(mask, p[0] + c0), _mm512_maskz_loadu_epi8(mask, p[1] + c0),
+                  _mm512_maskz_loadu_epi8(mask, p[2] + c0), _mm512_maskz_loadu_epi8(mask, p[3] + c0), v);
+#pragma GCC unroll 4
+      for (int k = 0; k < 4; ++k) acc[px][k] = _mm512_dpbusd_epi32(acc[px][k], v[k], wv[k]);
     }
   }
 #pragma GCC unroll 4
-  for (int px = 0; px < PX; ++px) store_blocks<NB>(acc[px], c0, C, e, out[px]);
-}
-
-using DepthwiseTile = void (*)(const uint8_t* const*, int64_t, int64_t, int64_t, const int8_t*, const Epilogue&,
-                               char* const*);
-
-template <int PX>
-DepthwiseTile depthwise_tile_for(int nb) {
-  switch (nb) {
-    case 1: return depthwise_tile<PX, 1>;
-    case 2: return depthwise_tile<PX, 2>;
-    case 3: return depthwise_tile<PX, 3>;
-    default: return depthwise_tile<PX, 4>;
-  }
+  for (int px = 0; px < PX; ++px) store_dw(acc[px], c0, C, e, out[px]);
 }
 
 void depthwise_conv(const uint8_t* x, const Geometry& g, const int8_t* wpack, const uint8_t* pad,
                     const Epilogue& e, char* out, int64_t esize) {
-  constexpr int64_t kPX = 2, kCB = 4;  // pixels and 16-channel blocks per register tile
-  const int64_t T = g.taps(), CB = (g.C + 15) / 16, groups = (CB + kCB - 1) / kCB, rows = g.N * g.OH;
+  constexpr int64_t kPX = 2;  // pixels per register tile
+  const int64_t T = g.taps(), T4 = (T + 3) / 4, groups = (g.C + 63) / 64, rows = g.N * g.OH;
   // tasks: an output row, split by 64 channels only where there are few rows (the taps' pointers
   // are found once per pixel for all the channels of a task)
   const int64_t splits = rows >= 4 * at::get_num_threads() ? 1 : groups, per = (groups + splits - 1) / splits;
   const std::vector<int64_t> off = g.tap_offsets();
   at::parallel_for(0, rows * splits, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<const uint8_t*> ptr(kPX * T);
+    std::vector<const uint8_t*> ptr(kPX * T4 * 4, pad);  // taps T .. 4 T4 - 1 stay on the pad pixel
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t row = task / splits, n = row / g.OH, oy = row % g.OH;
       const int64_t gb = task % splits * per, ge = std::min(groups, gb + per);
@@ -259,13 +292,11 @@ void depthwise_conv(const uint8_t* x, const Geometry& g, const int8_t* wpack, co
         char* dst[kPX];
         for (int64_t i = 0; i < px; ++i) {
           dst[i] = out + ((row * g.OW) + ox + i) * g.O * esize;
-          g.taps_of(x, pad, off.data(), n, oy, ox + i, ptr.data() + i * T, 1);
+          g.taps_of(x, pad, off.data(), n, oy, ox + i, ptr.data() + i * T4 * 4, 1);
         }
-        for (int64_t gi = gb; gi < ge; ++gi) {
-          const int nb = static_cast<int>(std::min(kCB, CB - gi * kCB));
-          (px == 2 ? depthwise_tile_for<2>(nb) : depthwise_tile_for<1>(nb))(ptr.data(), T, gi * kCB * 16, g.C, wpack,
-                                                                           e, dst);
-        }
+        for (int64_t gi = gb; gi < ge; ++gi)
+          (px == 2 ? depthwise_tile<2> : depthwise_tile<1>)(ptr.data(), T4, gi * 64, g.C, wpack + gi * T4 * 256, e,
+                                                             dst);
       }
     }
   });
@@ -275,8 +306,8 @@ void depthwise_conv(const uint8_t* x, const Geometry& g, const int8_t* wpack, co
 // Everything of one convolution but its input (see the file comment).
 class ConvPlan {
  public:
-  // wpack: dense int8 [OB, T, C / 4, 16, 4] / depthwise int8 [CB, T, 16, 4] (O and C padded to
-  // multiples of 16 with zeros); w_sum: int32 [O] (sum of each output channel's weights);
+  // wpack: dense int8 [O / 16, T, C / 4, 16, 4] / depthwise int8 [C / 64, T / 4, 4, 64] (see
+  // conv_native.pack_weight; channels and taps padded with zero weights); w_sum: int32 [O] (sum of each output channel's weights);
   // w_scale: float32 [O]; bias: float32 [O] or None; post: 0 none / 1 relu / 2 relu6;
   // out_scale None: float32 output, else uint8 codes on (out_scale, out_zp).
   ConvPlan(torch::Tensor wpack, const torch::Tensor& w_sum, double x_scale, int64_t x_zp,
@@ -298,19 +329,26 @@ class ConvPlan {
                 "ConvPlan: zero points must be uint8 codes and post 0, 1 or 2");
     TORCH_CHECK(!depthwise || C == O, "ConvPlan: a depthwise conv has as many outputs as inputs");
     TORCH_CHECK(depthwise || C % 4 == 0, "ConvPlan: a dense conv needs a multiple of 4 input channels");
-    const std::vector<int64_t> shape = depthwise ? std::vector<int64_t>{O16 / 16, T, 16, 4}
+    const int64_t O64 = (O + 63) / 64 * 64;
+    const std::vector<int64_t> shape = depthwise ? std::vector<int64_t>{O64 / 64, (T + 3) / 4, 4, 64}
                                                  : std::vector<int64_t>{O16 / 16, T, C / 4, 16, 4};
     TORCH_CHECK(wpack_.scalar_type() == torch::kInt8 && wpack_.is_contiguous() && wpack_.sizes().vec() == shape,
                 "ConvPlan: wpack must be contiguous int8 ", c10::IntArrayRef(shape), ", got ", wpack_.sizes());
     const float* b = check_epilogue("ConvPlan", 1, O, torch::zeros({1}, torch::kInt32), w_sum,
                                     torch::ones({1}, torch::kFloat32), w_scale, bias);
-    corr_.assign(O16, 0);
-    mult_.assign(O16, 0.f);
-    bias_.assign(O16, 0.f);
-    for (int64_t o = 0; o < O; ++o) {
-      corr_[o] = static_cast<int32_t>(x_zp * w_sum.data_ptr<int32_t>()[o]);
-      mult_[o] = static_cast<float>(x_scale * static_cast<double>(w_scale.data_ptr<float>()[o]));
-      bias_[o] = b ? b[o] : 0.f;
+    corr_.assign(O64, 0);
+    mult_.assign(O64, 0.f);
+    bias_.assign(O64, 0.f);
+    for (int64_t p = 0; p < O64; ++p) {  // position p holds channel o (depthwise: the interleaved order)
+#if QUANTA_VNNI
+      const int64_t o = depthwise ? p / 64 * 64 + dw_channel(p % 64) : p;
+#else
+      const int64_t o = p;
+#endif
+      if (o >= O) continue;
+      corr_[p] = static_cast<int32_t>(x_zp * w_sum.data_ptr<int32_t>()[o]);
+      mult_[p] = static_cast<float>(x_scale * static_cast<double>(w_scale.data_ptr<float>()[o]));
+      bias_[p] = b ? b[o] : 0.f;
     }
     pad_.assign((C + 63) / 64 * 64 + 64, static_cast<uint8_t>(x_zp));
     inv_ = codes_ ? 1.f / static_cast<float>(*out_scale) : 1.f;
@@ -358,9 +396,52 @@ class ConvPlan {
   float inv_ = 1.f, z_ = 0.f;
 };
 
+// out[w * C + c] = row[c * W + w]: channel-major rows to pixel-major
+template <int C>
+void interleave(const uint8_t* __restrict__ row, uint8_t* __restrict__ out, int64_t W) {
+  for (int64_t w = 0; w < W; ++w)
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) out[w * C + c] = row[c * W + w];
+}
+
+// uint8 codes clamp(round(x * inv) + zp, qmin, qmax) of a contiguous NCHW float32 x, written in
+// channels-last memory order (what the convolutions read): one pass, where quantizing and then
+// torch's channels-last copy cost two (the copy alone ~95 us for a 3 x 224 x 224 image).
+torch::Tensor quantize_to_channels_last(const torch::Tensor& x, double inv, int64_t zero_point, int64_t qmin,
+                                        int64_t qmax) {
+  check_float_input(x, "quantize_to_channels_last");
+  TORCH_CHECK(x.dim() == 4 && x.is_contiguous(), "quantize_to_channels_last: needs a contiguous [N, C, H, W] tensor");
+  TORCH_CHECK(0 <= qmin && qmin <= qmax && qmax <= 255, "quantize_to_channels_last: [qmin, qmax] must lie in [0, 255]");
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  auto out = torch::empty({N, C, H, W}, x.options().dtype(torch::kUInt8).memory_format(at::MemoryFormat::ChannelsLast));
+  const float* src = x.data_ptr<float>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  const float finv = static_cast<float>(inv), z = static_cast<float>(zero_point);
+  const float lo = static_cast<float>(qmin), hi = static_cast<float>(qmax);
+  at::parallel_for(0, N * H, 8, [&](int64_t r0, int64_t r1) {
+    std::vector<uint8_t> row(C * W);  // one image row, channel-major
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r / H, h = r % H;
+      for (int64_t c = 0; c < C; ++c)
+        quantize_span<uint8_t>(src + ((n * C + c) * H + h) * W, row.data() + c * W, W, finv, z, lo, hi);
+      uint8_t* o = dst + r * W * C;
+      if (C == 3)  // (RGB images: a compile-time channel count lets the compiler vectorize the interleave)
+        interleave<3>(row.data(), o, W);
+      else if (C == 4)
+        interleave<4>(row.data(), o, W);
+      else
+        for (int64_t w = 0; w < W; ++w)
+          for (int64_t c = 0; c < C; ++c) o[w * C + c] = row[c * W + w];
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 void bind_conv(pybind11::module& m) {
+  m.def("quantize_to_channels_last", &quantize_to_channels_last,
+        "static per-tensor uint8 quantization of NCHW float32 into channels-last codes");
   pybind11::class_<ConvPlan>(m, "ConvPlan", "a direct int8 convolution with everything but its input settled")
       .def(pybind11::init<torch::Tensor, const torch::Tensor&, double, int64_t, const torch::Tensor&,
                           const c10::optional<torch::Tensor>&, int64_t, int64_t, std::vector<int64_t>,
