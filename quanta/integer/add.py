@@ -32,7 +32,7 @@ from ..core import Format, Granularity, QuantSpec, Rounding
 from ..kernels import native
 from ..nn.modules.functional import QuantAdd
 from .base import IntegerModule
-from .conv import check_output_mode
+from .conv_specs import check_output_mode
 
 _POST = {"none": 0, "relu": 1, "relu6": 2}
 

@@ -39,89 +39,14 @@ from typing import Any, ClassVar, Sequence
 import torch
 from torch import nn
 
-from ..core import Format, Granularity, QuantSpec, Rounding, fake_quantize, quantize
+from ..core import QuantSpec, fake_quantize, quantize
 from ..kernels import native
-from ..kernels.conv import POST_OPS, int8_conv, onednn_call, prepack
+from ..kernels.conv import int8_conv, onednn_call, prepack
 from ..kernels.conv_native import native_call
 from ..nn.modules.weighted import QuantConv1d, QuantConv2d, QuantConv3d
 from .base import IntegerModule
-
-#: default grids: unsigned asymmetric activations, symmetric narrow-range per-channel weights
-DEFAULT_INPUT_SPEC = QuantSpec(bits=8, signed=False, symmetric=False)
-DEFAULT_WEIGHT_SPEC = QuantSpec(bits=8, signed=True, symmetric=True, narrow_range=True,
-                                granularity=Granularity.PER_CHANNEL, axis=0)
-OUTPUT_KINDS = ("float", "uint8")
-
-
-def _input_spec_problem(spec: QuantSpec) -> str | None:
-    if spec.format is not Format.INT or spec.bits != 8:
-        return f"input spec {spec} is not an 8-bit integer grid"
-    if spec.granularity is not Granularity.PER_TENSOR:
-        return f"input spec {spec} is not per-tensor (the integer conv takes one activation scale)"
-    if spec.dynamic:
-        return f"input spec {spec} is dynamic (needs a calibrated, static range)"
-    if spec.rounding is not Rounding.HALF_EVEN:
-        return f"input spec {spec} rounds {spec.rounding.value}; oneDNN requantizes half-to-even"
-    return None
-
-
-def _weight_spec_problem(spec: QuantSpec) -> str | None:
-    if spec.format is not Format.INT or spec.bits != 8 or not spec.signed or not spec.symmetric:
-        return f"weight spec {spec} is not 8-bit signed symmetric"
-    if spec.dynamic:
-        return f"weight spec {spec} is dynamic"
-    if spec.granularity is Granularity.PER_TENSOR:
-        return None
-    if spec.granularity is Granularity.PER_CHANNEL and spec.axis == 0:
-        return None
-    return f"weight spec {spec} is neither per-tensor nor per output channel (axis 0)"
-
-
-def _output_spec_problem(spec: QuantSpec) -> str | None:
-    if spec.dynamic or spec.granularity is not Granularity.PER_TENSOR:
-        return f"output spec {spec} is not static per-tensor"
-    return None
-
-
-def _dense(x: torch.Tensor) -> bool:
-    """Contiguous, or channels-last: the layouts a one-pass quantization walks in memory order."""
-    if x.is_contiguous():
-        return True
-    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
-    return fmt is not None and x.is_contiguous(memory_format=fmt)
-
-
-def check_output_mode(owner: nn.Module, kind: str, post_op: str) -> None:
-    """What a uint8-emitting integer module (conv, addition) may be set to output."""
-    if kind not in OUTPUT_KINDS:
-        raise ValueError(f"{type(owner).__name__}: output kind must be one of {OUTPUT_KINDS}, got {kind!r}")
-    if post_op not in POST_OPS:
-        raise ValueError(f"{type(owner).__name__}: post_op must be one of {POST_OPS}, got {post_op!r}")
-
-
-def _tuple(v: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:
-    if isinstance(v, int) and not isinstance(v, bool):
-        return (v,) * n
-    t = tuple(int(i) for i in v)
-    if len(t) != n:
-        raise ValueError(f"{name} needs {n} values, got {v!r}")
-    return t
-
-
-def _padding_of(sim: nn.Module, n: int) -> tuple[int, ...] | str:
-    """Numeric padding of a torch conv, or the reason it has none (asymmetric 'same')."""
-    pad = sim.padding
-    if pad == "valid":
-        return (0,) * n
-    if pad == "same":
-        out = []
-        for d, k in zip(sim.dilation, sim.kernel_size):
-            total = d * (k - 1)
-            if total % 2:
-                return f"padding='same' with kernel {tuple(sim.kernel_size)} pads asymmetrically"
-            out.append(total // 2)
-        return tuple(out)
-    return tuple(int(p) for p in pad)
+from .conv_specs import (DEFAULT_INPUT_SPEC, DEFAULT_WEIGHT_SPEC, OUTPUT_KINDS, check_output_mode, dense,
+                         input_spec_problem, output_spec_problem, padding_of, tuple_of, weight_spec_problem)
 
 
 class _Int8ConvNd(IntegerModule):
@@ -143,12 +68,12 @@ class _Int8ConvNd(IntegerModule):
             raise ValueError(f"{name}: in_channels {in_channels} and out_channels {out_channels} must be "
                              f"divisible by groups={groups}")
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size = _tuple(kernel_size, n, "kernel_size")
-        self.stride = _tuple(stride, n, "stride")
-        self.padding = _tuple(padding, n, "padding")
-        self.dilation = _tuple(dilation, n, "dilation")
-        for arg, spec, check in (("input_spec", input_spec, _input_spec_problem),
-                                 ("weight_spec", weight_spec, _weight_spec_problem)):
+        self.kernel_size = tuple_of(kernel_size, n, "kernel_size")
+        self.stride = tuple_of(stride, n, "stride")
+        self.padding = tuple_of(padding, n, "padding")
+        self.dilation = tuple_of(dilation, n, "dilation")
+        for arg, spec, check in (("input_spec", input_spec, input_spec_problem),
+                                 ("weight_spec", weight_spec, weight_spec_problem)):
             if not isinstance(spec, QuantSpec):
                 raise TypeError(f"{name}: {arg} must be a QuantSpec, got {type(spec).__name__}")
             problem = check(spec)
@@ -157,7 +82,7 @@ class _Int8ConvNd(IntegerModule):
         if output_spec is not None:
             if not isinstance(output_spec, QuantSpec):
                 raise TypeError(f"{name}: output_spec must be a QuantSpec or None, got {type(output_spec).__name__}")
-            problem = _output_spec_problem(output_spec)
+            problem = output_spec_problem(output_spec)
             if problem:
                 raise ValueError(f"{name}: output_spec: {problem}")
         self.input_spec, self.weight_spec, self.output_spec = input_spec, weight_spec, output_spec
@@ -188,24 +113,24 @@ class _Int8ConvNd(IntegerModule):
                     "integer module would not reproduce)")
         if sim.padding_mode != "zeros":
             return f"padding_mode={sim.padding_mode!r} (only 'zeros' is supported)"
-        pad = _padding_of(sim, cls.dims)
+        pad = padding_of(sim, cls.dims)
         if isinstance(pad, str):
             return pad
         iq, wq, oq = sim.input_quantizer, sim.weight_quantizer, sim.output_quantizer
         if iq is None or not iq.is_enabled or not iq._if_quant:
             return "its input quantizer is off: there is no activation grid to compute on"
-        problem = _input_spec_problem(iq.spec)
+        problem = input_spec_problem(iq.spec)
         if problem:
             return problem
         if iq.amax is None:
             return "its input quantizer has no range: calibrate first"
         if wq is None or not wq.is_enabled or not wq._if_quant:
             return "its weight quantizer is off (float weights)"
-        problem = _weight_spec_problem(wq.spec)
+        problem = weight_spec_problem(wq.spec)
         if problem:
             return problem
         if oq is not None and oq.is_enabled and oq._if_quant:
-            problem = _output_spec_problem(oq.spec)
+            problem = output_spec_problem(oq.spec)
             if problem:
                 return problem
             if oq.amax is None:
@@ -218,7 +143,7 @@ class _Int8ConvNd(IntegerModule):
         cls.check_lowerable(sim)
         oq = sim.output_quantizer
         out_on = oq is not None and oq.is_enabled and oq._if_quant
-        pad = _padding_of(sim, cls.dims)
+        pad = padding_of(sim, cls.dims)
         assert not isinstance(pad, str)
         mod = cls(sim.in_channels, sim.out_channels, sim.kernel_size, sim.stride, pad, sim.dilation, sim.groups,
                   bias=sim.bias is not None, input_spec=sim.input_quantizer.spec,
@@ -333,7 +258,7 @@ class _Int8ConvNd(IntegerModule):
         in the native kernels where they are loaded (codes in the input's memory order), else
         a few in-place tensor ops."""
         if x.dtype == torch.float32 and x.device.type == "cpu" and native.ready() and \
-                not torch.compiler.is_compiling() and _dense(x):
+                not torch.compiler.is_compiling() and dense(x):
             if x.dim() == 4 and x.shape[1] > 1 and x.is_contiguous():  # NCHW: codes straight into channels-last
                 return native.module().quantize_to_channels_last(x, self._x_inv, self._x_zp, self._x_lo, self._x_hi)
             return native.module().quantize_static(x, self._x_inv, self._x_zp, self._x_lo, self._x_hi, False)

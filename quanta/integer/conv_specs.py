@@ -1,0 +1,93 @@
+"""What an integer convolution accepts: its specs, padding, output modes (shared by
+`quanta.integer.conv` and the integer addition, `quanta.integer.add`)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..core import Format, Granularity, QuantSpec, Rounding
+from ..kernels.conv import POST_OPS
+
+#: default grids: unsigned asymmetric activations, symmetric narrow-range per-channel weights
+DEFAULT_INPUT_SPEC = QuantSpec(bits=8, signed=False, symmetric=False)
+DEFAULT_WEIGHT_SPEC = QuantSpec(bits=8, signed=True, symmetric=True, narrow_range=True,
+                                granularity=Granularity.PER_CHANNEL, axis=0)
+OUTPUT_KINDS = ("float", "uint8")
+
+
+def input_spec_problem(spec: QuantSpec) -> str | None:
+    if spec.format is not Format.INT or spec.bits != 8:
+        return f"input spec {spec} is not an 8-bit integer grid"
+    if spec.granularity is not Granularity.PER_TENSOR:
+        return f"input spec {spec} is not per-tensor (the integer conv takes one activation scale)"
+    if spec.dynamic:
+        return f"input spec {spec} is dynamic (needs a calibrated, static range)"
+    if spec.rounding is not Rounding.HALF_EVEN:
+        return f"input spec {spec} rounds {spec.rounding.value}; oneDNN requantizes half-to-even"
+    return None
+
+
+def weight_spec_problem(spec: QuantSpec) -> str | None:
+    if spec.format is not Format.INT or spec.bits != 8 or not spec.signed or not spec.symmetric:
+        return f"weight spec {spec} is not 8-bit signed symmetric"
+    if spec.dynamic:
+        return f"weight spec {spec} is dynamic"
+    if spec.granularity is Granularity.PER_TENSOR:
+        return None
+    if spec.granularity is Granularity.PER_CHANNEL and spec.axis == 0:
+        return None
+    return f"weight spec {spec} is neither per-tensor nor per output channel (axis 0)"
+
+
+def output_spec_problem(spec: QuantSpec) -> str | None:
+    if spec.dynamic or spec.granularity is not Granularity.PER_TENSOR:
+        return f"output spec {spec} is not static per-tensor"
+    return None
+
+
+def dense(x: torch.Tensor) -> bool:
+    """Contiguous, or channels-last: the layouts a one-pass quantization walks in memory order."""
+    if x.is_contiguous():
+        return True
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    return fmt is not None and x.is_contiguous(memory_format=fmt)
+
+
+def check_output_mode(owner: nn.Module, kind: str, post_op: str) -> None:
+    """What a uint8-emitting integer module (conv, addition) may be set to output."""
+    if kind not in OUTPUT_KINDS:
+        raise ValueError(f"{type(owner).__name__}: output kind must be one of {OUTPUT_KINDS}, got {kind!r}")
+    if post_op not in POST_OPS:
+        raise ValueError(f"{type(owner).__name__}: post_op must be one of {POST_OPS}, got {post_op!r}")
+
+
+def tuple_of(v: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return (v,) * n
+    t = tuple(int(i) for i in v)
+    if len(t) != n:
+        raise ValueError(f"{name} needs {n} values, got {v!r}")
+    return t
+
+
+def padding_of(sim: nn.Module, n: int) -> tuple[int, ...] | str:
+    """Numeric padding of a torch conv, or the reason it has none (asymmetric 'same')."""
+    pad = sim.padding
+    if pad == "valid":
+        return (0,) * n
+    if pad == "same":
+        out = []
+        for d, k in zip(sim.dilation, sim.kernel_size):
+            total = d * (k - 1)
+            if total % 2:
+                return f"padding='same' with kernel {tuple(sim.kernel_size)} pads asymmetrically"
+            out.append(total // 2)
+        return tuple(out)
+    return tuple(int(p) for p in pad)
+
+
+__all__ = ["DEFAULT_INPUT_SPEC", "DEFAULT_WEIGHT_SPEC", "OUTPUT_KINDS", "check_output_mode", "dense", "input_spec_problem",
+           "output_spec_problem", "padding_of", "tuple_of", "weight_spec_problem"]
