@@ -103,7 +103,7 @@ inline void store_blocks(const __m512i* acc, int64_t o, int64_t O, const Epilogu
 // ------------------------------------------------------------------------------------------ dense
 constexpr int kMR = 6;         // output pixels per register tile
 constexpr int kNB = 4;         // 16-channel blocks per register tile (64 output channels)
-constexpr int64_t kChunk = 8;  // register tiles per parallel task
+constexpr int64_t kChunk = 8;  // register tiles per parallel task, at most
 
 // MR pixels x NB*16 channels. ptr[t * kMR + m]: the input pixel of tap t for pixel m; w: the tile's
 // first 16-channel block of the packed weight [OB][T][C4][16][4], the next ones `wstride` bytes on.
@@ -167,14 +167,19 @@ void dense_conv(const uint8_t* x, const Geometry& g, const int8_t* wpack, const 
                 char* out, int64_t esize) {
   const int64_t T = g.taps(), C4 = g.C / 4, OB = (g.O + 15) / 16, P = g.pixels(), plane = g.OH * g.OW;
   const int64_t wstride = T * C4 * 64;
-  const int64_t tiles = (P + kMR - 1) / kMR, chunks = (tiles + kChunk - 1) / kChunk, groups = (OB + kNB - 1) / kNB;
+  const int64_t tiles = (P + kMR - 1) / kMR, groups = (OB + kNB - 1) / kNB, threads = at::get_num_threads();
+  // pixel chunks of at most kChunk tiles, at least 4 per thread where there are enough tiles, and
+  // of equal sizes (at::parallel_for hands each thread a contiguous run of tasks: 5 chunks of
+  // 8, 8, 8, 8, 1 tiles would give one thread 24 tiles and the other 9)
+  int64_t chunks = std::min(tiles, std::max((tiles + kChunk - 1) / kChunk, 4 * threads));
+  const int64_t chunk_tiles = (tiles + chunks - 1) / chunks;
+  chunks = (tiles + chunk_tiles - 1) / chunk_tiles;
   // Tasks: kChunk tiles of pixels x a range of 64-channel groups. Weights that stay in L2: a task
   // takes all (or, with few pixel chunks, a share of) the groups, so a pixel's output row is
   // written by one thread (no false sharing) and its taps are found once. Larger weights: one
   // group per task, group-major, so that a thread keeps its weights while the pixels stream.
   const bool small = wstride * OB <= (256 << 10);
-  const int64_t threads = at::get_num_threads();
-  const int64_t splits = small ? std::min(groups, std::max<int64_t>(1, (2 * threads + chunks - 1) / chunks)) : groups;
+  const int64_t splits = small ? std::min(groups, std::max<int64_t>(1, (4 * threads + chunks - 1) / chunks)) : groups;
   const int64_t per = (groups + splits - 1) / splits;
   // a 1x1 convolution with unit stride and no padding reads pixel p for output pixel p
   const bool pointwise = T == 1 && g.SH == 1 && g.SW == 1 && g.PH == 0 && g.PW == 0;
@@ -184,7 +189,7 @@ void dense_conv(const uint8_t* x, const Geometry& g, const int8_t* wpack, const 
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t chunk = small ? task / splits : task % chunks, split = small ? task % splits : task / chunks;
       const int64_t gb = split * per, ge = std::min(groups, gb + per);
-      const int64_t first = chunk * kChunk * kMR, last = std::min(P, first + kChunk * kMR);
+      const int64_t first = chunk * chunk_tiles * kMR, last = std::min(P, first + chunk_tiles * kMR);
       int64_t n = first / plane, oy = first % plane / g.OW, ox = first % g.OW;  // walks with the pixel
       for (int64_t p0 = first; p0 < last; p0 += kMR) {
         const int64_t mr = std::min<int64_t>(kMR, last - p0);
