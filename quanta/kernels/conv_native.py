@@ -103,7 +103,8 @@ def pack_weight(weight: torch.Tensor, kind: str) -> torch.Tensor:
     - dense ``[O/16, taps, C/4, 16, 4]``: 64 bytes = 16 output channels × 4 input channels;
     - depthwise ``[C/64, taps/4, 4, 64]``: for 64 channels and 4 taps, vector ``k`` holds in int32
       lane ``4 l + i`` the 4 taps' weights of channel ``16 l + 4 k + i`` (the order in which the
-      kernel interleaves the 4 taps' inputs)."""
+      kernel interleaves the 4 taps' inputs); with at most 32 channels, channels 32-63 repeat
+      0-31 (the kernel then holds two pixels per register)."""
     out_ch, in_ch = weight.shape[0], weight.shape[1]
     taps = weight[0, 0].numel()
     if kind == "dense":  # [O16, C, T] -> [O16/16, 16, C/4, 4, T] -> [O16/16, T, C/4, 16, 4]
@@ -114,6 +115,8 @@ def pack_weight(weight: torch.Tensor, kind: str) -> torch.Tensor:
     c64, t4 = -(-out_ch // 64) * 64, -(-taps // 4) * 4
     w = torch.zeros(c64, t4, dtype=torch.int8)
     w[:out_ch, :taps] = weight.reshape(out_ch, taps)
+    if out_ch <= 32:  # two pixels per register: channels 32-63 repeat channels 0-31
+        w[32:] = w[:32]
     # channel g*64 + 16 l + 4 k + i, tap 4 q + j  ->  [g, q, k, (l, i, j)]
     w = w.view(c64 // 64, 4, 4, 4, t4 // 4, 4).permute(0, 4, 2, 1, 3, 5)
     return w.reshape(c64 // 64, t4 // 4, 4, 64).contiguous()

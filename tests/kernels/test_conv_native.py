@@ -59,7 +59,8 @@ DENSE = {
     "2x2-wide-pad": (1, 8, 48, 5, 2, 1, 3, 1, 1),  # pads past the kernel's reach: all-pad rows
 }
 DEPTHWISE = {
-    "3x3-c16": (1, 16, 16, 9, 3, 1, 1, 1, 16),
+    "3x3-c16": (1, 16, 16, 9, 3, 1, 1, 1, 16),  # <= 32 channels: two pixels per register; 9 = 4 + 4 + 1
+    "3x3-c32-stride2": (2, 32, 32, 13, 3, 2, 1, 1, 32),  # 7 columns: 4 + 3 (a pair and a half pair)
     "3x3-c40-stride2": (2, 40, 40, 15, 3, 2, 1, 1, 40),  # 3 blocks, the last one of 8 channels
     "3x3-c96": (1, 96, 96, 6, 3, 1, 1, 1, 96),  # 6 blocks: one group of 4 and one of 2
     "5x5-c7-dilated": (1, 7, 7, 11, 5, 1, 4, 2, 7),

@@ -279,8 +279,86 @@ void depthwise_tile(const uint8_t* const* ptr, int64_t T4, int64_t c0, int64_t C
   for (int px = 0; px < PX; ++px) store_dw(acc[px], c0, C, e, out[px]);
 }
 
+// At most 32 channels: two pixels per register, pixel a in 128-bit lanes 0-1 and pixel b in lanes
+// 2-3 (the weights and constants repeat the 32 channels in lanes 2-3), so no lane is padding.
+// NP pairs; ptr[(2 np + half) * T4 * 4 + t]; out[2 np + half] (null: no such pixel).
+template <int NP>
+void depthwise_pair_tile(const uint8_t* const* ptr, int64_t T4, int64_t C, const int8_t* w, const Epilogue& e,
+                         char* const* out) {
+  const __mmask32 mask = C >= 32 ? ~__mmask32(0) : __mmask32((1u << C) - 1);
+  __m512i acc[NP][4];
+#pragma GCC unroll 4
+  for (int np = 0; np < NP; ++np)
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k) acc[np][k] = _mm512_setzero_si512();
+  for (int64_t q = 0; q < T4; ++q) {
+    __m512i wv[4];
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k) wv[k] = _mm512_loadu_si512(w + (q * 4 + k) * 64);
+#pragma GCC unroll 4
+    for (int np = 0; np < NP; ++np) {
+      const uint8_t* const* pa = ptr + (2 * np * T4 + q) * 4;
+      const uint8_t* const* pb = pa + T4 * 4;
+      __m512i in[4], v[4];
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j)  // (32 channels and b's tap pixel right after a's: one load for both)
+        in[j] = C == 32 && pb[j] == pa[j] + 32
+                    ? _mm512_loadu_si512(pa[j])
+                    : _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_maskz_loadu_epi8(mask, pa[j])),
+                                         _mm256_maskz_loadu_epi8(mask, pb[j]), 1);
+      interleave4(in[0], in[1], in[2], in[3], v);
+#pragma GCC unroll 4
+      for (int k = 0; k < 4; ++k) acc[np][k] = _mm512_dpbusd_epi32(acc[np][k], v[k], wv[k]);
+    }
+  }
+  for (int np = 0; np < NP; ++np) {
+    char* oa = out[2 * np];
+    char* ob = out[2 * np + 1];
+    if (!e.codes) {
+      alignas(64) float y[64];
+      for (int k = 0; k < 4; ++k) _mm512_store_ps(y + 16 * k, values16(acc[np][k], 16 * k, e));
+      for (int64_t p = 0; p < 64; ++p) {
+        const int64_t c = dw_channel(p);
+        char* o = c < 32 ? oa : ob;
+        if ((c & 31) < C && o) reinterpret_cast<float*>(o)[c & 31] = y[p];
+      }
+      continue;
+    }
+    __m512i c[4];
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k) c[k] = codes16(values16(acc[np][k], 16 * k, e), e);
+    const __m512i packed = _mm512_packus_epi16(_mm512_packus_epi32(c[0], c[1]), _mm512_packus_epi32(c[2], c[3]));
+    _mm256_mask_storeu_epi8(oa, mask, _mm512_castsi512_si256(packed));
+    if (ob) _mm256_mask_storeu_epi8(ob, mask, _mm512_extracti64x4_epi64(packed, 1));
+  }
+}
+
 void depthwise_conv(const uint8_t* x, const Geometry& g, const int8_t* wpack, const uint8_t* pad,
                     const Epilogue& e, char* out, int64_t esize) {
+  if (g.C <= 32) {  // pixel pairs, 4 pixels per register tile
+    const int64_t T4 = (g.taps() + 3) / 4, rows = g.N * g.OH;
+    const std::vector<int64_t> off = g.tap_offsets();
+    at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+      std::vector<const uint8_t*> ptr(4 * T4 * 4, pad);
+      for (int64_t row = r0; row < r1; ++row) {
+        const int64_t n = row / g.OH, oy = row % g.OH;
+        for (int64_t ox = 0; ox < g.OW; ox += 4) {
+          const int64_t px = std::min<int64_t>(4, g.OW - ox);
+          char* dst[4] = {nullptr, nullptr, nullptr, nullptr};
+          for (int64_t i = 0; i < 4; ++i) {
+            if (i < px) {
+              dst[i] = out + ((row * g.OW) + ox + i) * g.O * esize;
+              g.taps_of(x, pad, off.data(), n, oy, ox + i, ptr.data() + i * T4 * 4, 1);
+            } else {
+              std::fill(ptr.begin() + i * T4 * 4, ptr.begin() + (i + 1) * T4 * 4, pad);
+            }
+          }
+          (px > 2 ? depthwise_pair_tile<2> : depthwise_pair_tile<1>)(ptr.data(), T4, g.C, wpack, e, dst);
+        }
+      }
+    });
+    return;
+  }
   constexpr int64_t kPX = 2;  // pixels per register tile
   const int64_t T = g.taps(), T4 = (T + 3) / 4, groups = (g.C + 63) / 64, rows = g.N * g.OH;
   // tasks: an output row, split by 64 channels only where there are few rows (the taps' pointers
@@ -346,7 +424,8 @@ class ConvPlan {
     bias_.assign(O64, 0.f);
     for (int64_t p = 0; p < O64; ++p) {  // position p holds channel o (depthwise: the interleaved order)
 #if QUANTA_VNNI
-      const int64_t o = depthwise ? p / 64 * 64 + dw_channel(p % 64) : p;
+      // (at most 32 channels: lanes 2-3 repeat channels 0-31 for a second pixel)
+      const int64_t o = !depthwise ? p : C <= 32 ? dw_channel(p % 64) & 31 : p / 64 * 64 + dw_channel(p % 64);
 #else
       const int64_t o = p;
 #endif
