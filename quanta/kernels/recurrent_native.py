@@ -22,7 +22,9 @@ from typing import Any
 import torch
 
 from . import native
-from .linear import GEMV_MAX_ROWS, INT32_EXACT_MAX_K, _int_mm_acc
+from .linear import GEMV_MAX_ROWS, INT32_EXACT_MAX_K, _dense, _int8_operand
+
+_ONE = torch.ones(1)  # (rescale_rows' x_scale: the scales are applied as one per-channel product)
 from .recurrent_math import _PER, _check, act_spec, exact_matmul, qlinear
 
 
@@ -36,10 +38,15 @@ def _input_projection(x: torch.Tensor, codes: torch.Tensor, s_x: torch.Tensor, z
     q2 = codes.reshape(-1, x.shape[-1])
     if q2.shape[1] < 2:  # (torch 2.13's CPU _int_mm is wrong for K == 1)
         acc = exact_matmul(q2, z_x, w_ih)
-    else:
-        w = w_ih.contiguous()
-        acc = _int_mm_acc(q2, z_x.reshape(-1), w, native.module().int8_row_sums(w))
-    return (acc.float() * (s_x * s_ih) + b_ih).reshape(*x.shape[:-1], w_ih.shape[0])
+        return (acc.float() * (s_x * s_ih) + b_ih).reshape(*x.shape[:-1], w_ih.shape[0])
+    w = w_ih.contiguous()
+    x8, zp = _int8_operand(q2, z_x.reshape(-1))
+    acc = torch._int_mm(_dense(x8), w.t())
+    # the zero-point correction and float32(acc) * (s_x * s_ih) + b_ih in one pass: rescale_rows with
+    # an x_scale of 1 (exact) and (s_x * s_ih) as the per-channel scale is the reference's arithmetic
+    y = native.module().rescale_rows(acc, zp.contiguous(), native.module().int8_row_sums(w), _ONE,
+                                     (s_x * s_ih).float().contiguous(), b_ih.float().contiguous())
+    return y.reshape(*x.shape[:-1], w_ih.shape[0])
 
 
 def _quantize_sequence(x: torch.Tensor, spec: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
