@@ -7,7 +7,7 @@ cost more than the GEMM itself saves. ``csrc/fused.cpp`` does each in one pass, 
 float32 arithmetic of the Python implementations (the kernel tests check equality bit for bit).
 
 The library is compiled on first use with ``torch.utils.cpp_extension`` (the C++ compiler and
-Python headers that PyTorch extensions need, and ninja, a dependency of quanta; about 30 s, once per machine and torch version; cached in
+Python headers that PyTorch extensions need, and ninja, a dependency of quanta; 1-2 minutes on 2 cores, once per machine and torch version; cached in
 ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``). Where it cannot be built (no
 compiler, another OS) or ``QUANTA_NATIVE=0`` is set, the Python implementations run: same
 numbers, slower. `status()` says which and why; integer modules' ``kernel_counts`` name the
@@ -37,8 +37,9 @@ LOG = logging.getLogger("quanta.kernels")
 
 CSRC = Path(__file__).with_name("csrc")
 #: compiled together into one library (fused.cpp holds the Python bindings); common.h is shared
-SOURCES = [CSRC / "fused.cpp", CSRC / "gemv.cpp", CSRC / "recurrent.cpp", CSRC / "conv.cpp"]
-HEADERS = [CSRC / "common.h"]
+SOURCES = [CSRC / "fused.cpp", CSRC / "gemv.cpp", CSRC / "recurrent.cpp", CSRC / "conv.cpp", CSRC / "conv_dense.cpp",
+           CSRC / "conv_depthwise.cpp"]
+HEADERS = [CSRC / "common.h", CSRC / "conv_kernels.h", CSRC / "simd.h"]
 #: no -ffast-math, no FMA contraction: the kernels must round exactly like the PyTorch ops
 CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
 ENV_SWITCH = "QUANTA_NATIVE"
@@ -101,7 +102,7 @@ def _build() -> Any:
     flags = CFLAGS + _march()
     key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS) + torch.__version__.encode() + " ".join(flags).encode()
                          + _cpu_fingerprint().encode()).hexdigest()[:12]
-    LOG.info("quanta: loading native CPU kernels (compiled once per machine, about 30 s the first time)")
+    LOG.info("quanta: loading native CPU kernels (compiled once per machine, 1-2 minutes the first time)")
     _ninja_on_path()
     return cpp_extension.load(name=f"quanta_fused_{key}", sources=[str(p) for p in SOURCES], extra_cflags=flags,
                               extra_ldflags=["-fopenmp"], verbose=False)

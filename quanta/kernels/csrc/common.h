@@ -3,23 +3,12 @@
 // nor reorders it (the library is built with -ffp-contract=off and without -ffast-math).
 #pragma once
 #include <torch/extension.h>
-#include <ATen/Parallel.h>
 
-#include <algorithm>
+#include "simd.h"
+
 #include <cmath>
-#include <cstdint>
 #include <limits>
 #include <type_traits>
-#include <vector>
-
-// AVX-512 VNNI (vpdpbusd: four uint8 x int8 products added into each int32 lane, exact): the int8
-// kernels' fast loops; without it they are plain loops (gemv) or not offered (conv, see conv.cpp).
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
-#include <immintrin.h>
-#define QUANTA_VNNI 1
-#else
-#define QUANTA_VNNI 0
-#endif
 
 namespace quanta_native {
 

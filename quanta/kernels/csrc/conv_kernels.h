@@ -1,0 +1,100 @@
+// Shared by the direct int8 convolution's files (conv.cpp: ConvPlan and bindings; conv_dense.cpp,
+// conv_depthwise.cpp: the AVX-512 VNNI loops): the epilogue's constants and arithmetic, the
+// geometry, and the loops' entry points. See conv.cpp for the arithmetic.
+#pragma once
+#include "simd.h"
+
+namespace quanta_native {
+
+struct Epilogue {
+  const int32_t* corr;  // x_zp * sum of the channel's weights
+  const float* mult;    // float32(x_scale * w_scale[o])
+  const float* bias;    // bias[o], 0 without bias (adding +0.0 changes no value here: y is never -0.0)
+  int post;             // 0 none, 1 relu, 2 relu6
+  bool codes;           // uint8 output, else float32
+  float inv, z;         // 1 / out_scale (float32), out_zp
+};
+
+struct Geometry {
+  int64_t N, C, H, W, O, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW;
+  int64_t pixels() const { return N * OH * OW; }
+  int64_t taps() const { return KH * KW; }
+  // Writes the input pixels that the taps of output pixel (n, oy, ox) read to ptr[t * step]
+  // (`pad`, a pixel of zero-point codes, outside the image); `off` holds each tap's offset from
+  // the first tap, used where all taps fall inside the image (most pixels).
+  void taps_of(const uint8_t* x, const uint8_t* pad, const int64_t* off, int64_t n, int64_t oy, int64_t ox,
+               const uint8_t** ptr, int64_t step) const {
+    const int64_t iy0 = oy * SH - PH, ix0 = ox * SW - PW, T = KH * KW;
+    if (iy0 >= 0 && iy0 + (KH - 1) * DH < H && ix0 >= 0 && ix0 + (KW - 1) * DW < W) {
+      const uint8_t* base = x + ((n * H + iy0) * W + ix0) * C;
+      for (int64_t t = 0; t < T; ++t) ptr[t * step] = base + off[t];
+      return;
+    }
+    for (int64_t ky = 0; ky < KH; ++ky)
+      for (int64_t kx = 0; kx < KW; ++kx) {
+        const int64_t iy = iy0 + ky * DH, ix = ix0 + kx * DW;
+        ptr[(ky * KW + kx) * step] = iy < 0 || iy >= H || ix < 0 || ix >= W ? pad : x + ((n * H + iy) * W + ix) * C;
+      }
+  }
+  std::vector<int64_t> tap_offsets() const {
+    std::vector<int64_t> off;
+    for (int64_t ky = 0; ky < KH; ++ky)
+      for (int64_t kx = 0; kx < KW; ++kx) off.push_back((ky * DH * W + kx * DW) * C);
+    return off;
+  }
+};
+
+// channel of position p (0..63) of the interleaved order: p = 16 k + 4 l + i -> 16 l + 4 k + i
+inline int64_t dw_channel(int64_t p) { return (p % 16) / 4 * 16 + p / 16 * 4 + p % 4; }
+
+#if QUANTA_VNNI
+inline __mmask16 lanes(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
+inline __mmask64 bytes(int64_t n) { return n >= 64 ? ~__mmask64(0) : ((__mmask64(1) << n) - 1); }
+
+// y of channels o .. o+15 from their int32 sums (before the correction), post-op applied
+inline __m512 values16(__m512i acc, int64_t o, const Epilogue& e) {
+  const __m512 a = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, _mm512_loadu_si512(e.corr + o)));
+  __m512 y = _mm512_add_ps(_mm512_mul_ps(a, _mm512_loadu_ps(e.mult + o)), _mm512_loadu_ps(e.bias + o));
+  if (e.post) y = _mm512_max_ps(y, _mm512_setzero_ps());
+  if (e.post == 2) y = _mm512_min_ps(y, _mm512_set1_ps(6.f));
+  return y;
+}
+
+// the uint8 codes of y as int32 lanes in [0, 255]
+inline __m512i codes16(__m512 y, const Epilogue& e) {
+  __m512 q = _mm512_roundscale_ps(_mm512_mul_ps(y, _mm512_set1_ps(e.inv)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  q = _mm512_add_ps(q, _mm512_set1_ps(e.z));
+  q = _mm512_min_ps(_mm512_max_ps(q, _mm512_setzero_ps()), _mm512_set1_ps(255.f));
+  return _mm512_cvttps_epi32(q);
+}
+
+// NB (<= 4) blocks of 16 consecutive channels of one pixel, from channel o of `out` (a pixel's
+// row of O values), stored up to channel O: uint8 codes packed into one 64-byte store, or floats.
+template <int NB>
+inline void store_blocks(const __m512i* acc, int64_t o, int64_t O, const Epilogue& e, char* out) {
+  if (!e.codes) {
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j)
+      if (o + j * 16 < O)
+        _mm512_mask_storeu_ps(reinterpret_cast<float*>(out) + o + j * 16, lanes(O - o - j * 16),
+                              values16(acc[j], o + j * 16, e));
+    return;
+  }
+  __m512i c[4];
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) c[j] = j < NB ? codes16(values16(acc[j], o + j * 16, e), e) : _mm512_setzero_si512();
+  // in-lane packs give, per 128-bit lane l, the l-th quarter of c0, c1, c2, c3: permute dwords back
+  const __m512i packed = _mm512_packus_epi16(_mm512_packus_epi32(c[0], c[1]), _mm512_packus_epi32(c[2], c[3]));
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  _mm512_mask_storeu_epi8(out + o, bytes(std::min<int64_t>(NB * 16, O - o)), _mm512_permutexvar_epi32(order, packed));
+}
+
+// out: channels-last output (pixel rows of g.O values of esize bytes); x: channels-last uint8
+// codes; pad: a pixel of zero-point codes (at least C rounded up to 64, plus 64 bytes).
+void dense_conv(const uint8_t* x, const Geometry& g, const int8_t* wpack, const uint8_t* pad, const Epilogue& e,
+                char* out, int64_t esize);
+void depthwise_conv(const uint8_t* x, const Geometry& g, const int8_t* wpack, const uint8_t* pad,
+                    const Epilogue& e, char* out, int64_t esize);
+#endif  // QUANTA_VNNI
+
+}  // namespace quanta_native

@@ -1,0 +1,18 @@
+// What every file of quanta's native kernels needs, without torch/extension.h (the loops-only
+// files, conv_dense.cpp and conv_depthwise.cpp, compile in a fraction of the time without it):
+// at::parallel_for, and whether AVX-512 VNNI is there.
+#pragma once
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+// AVX-512 VNNI (vpdpbusd: four uint8 x int8 products added into each int32 lane, exact): the int8
+// kernels' fast loops; without it they are plain loops (gemv) or not offered (conv, see conv.cpp).
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define QUANTA_VNNI 1
+#else
+#define QUANTA_VNNI 0
+#endif
