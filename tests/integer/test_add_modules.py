@@ -102,14 +102,23 @@ def test_native_and_tensor_paths_agree(residual):
     """Codes of different memory orders take the tensor-operation path: same numbers."""
     _, sim, _, _ = residual
     add = Int8Add.from_simulated(sim.blocks[0].add)
-    add.set_output("uint8", 0.02, 7, post_op="relu6")
     g = torch.Generator().manual_seed(4)
+    # (the native uint8 path runs 16 codes at a time: sizes with and without a remainder, and
+    # several threads, each thread's span with its own remainder)
+    for shape, threads in (((2, 16, 6, 6), 1), ((1, 3, 7, 5), 1), ((3, 24, 29, 31), 2)):
+        a = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
+        b = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
+        before = torch.get_num_threads()
+        try:
+            torch.set_num_threads(threads)
+            for post in ("none", "relu", "relu6"):
+                add.set_output("uint8", 0.02, 7, post_op=post)
+                assert torch.equal(add(a, b), add(a.contiguous(memory_format=torch.channels_last), b)), (shape, post)
+        finally:
+            torch.set_num_threads(before)
+    assert add.kernel_counts["reference"] >= 1 and (add.kernel_counts["native"] >= 1 or not native.ready())
     a = torch.randint(0, 256, (2, 16, 6, 6), dtype=torch.uint8, generator=g)
     b = torch.randint(0, 256, (2, 16, 6, 6), dtype=torch.uint8, generator=g)
-    same = add(a, b)
-    mixed = add(a.contiguous(memory_format=torch.channels_last), b)
-    assert torch.equal(same, mixed)
-    assert add.kernel_counts["reference"] >= 1
     add.set_output("float")
     assert torch.equal(add(a, b), add(a.contiguous(memory_format=torch.channels_last), b))
 

@@ -139,3 +139,27 @@ def test_plan_rejects_bad_inputs_with_named_errors():
     with pytest.raises(RuntimeError, match="wpack must be"):
         native.module().ConvPlan(torch.zeros(3, dtype=torch.int8), torch.zeros(16, dtype=torch.int32), 0.1, 0,
                                  torch.ones(16), None, 16, 16, [3, 3], [1, 1], [1, 1], [1, 1], False, 0, None, 0)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_native_thread_splits_give_the_reference(threads):
+    """The suite runs on one thread; the task splits (pixel chunks x channel groups, pixel- or
+    group-major by weight size; depthwise rows, split by channel groups when rows are few;
+    pixel pairs) only differ with several: each must still give the reference's bits."""
+    cases = [
+        (1, 64, 384, 14, 1, 1, 0, 1, 1),     # small weights: pixel-major, channel groups split
+        (1, 512, 160, 7, 3, 1, 1, 1, 1),     # 737 KiB of weights: group-major
+        (2, 16, 96, 23, 1, 1, 0, 1, 1),      # many pixel chunks
+        (1, 8, 8, 1, 1, 1, 0, 1, 1),         # one pixel
+        (1, 144, 144, 7, 3, 1, 1, 1, 144),   # depthwise, 7 rows < 4 x threads: split by channels
+        (1, 96, 96, 29, 3, 2, 1, 1, 96),     # depthwise, 15 rows
+        (2, 24, 24, 15, 3, 1, 1, 1, 24),     # depthwise <= 32 channels: pixel pairs
+    ]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for case in cases:
+            _check(_args(*case, gen=torch.Generator().manual_seed(7)), "relu6", (0.04, 3))
+            _check(_args(*case, gen=torch.Generator().manual_seed(8)), "none", (None, 0))
+    finally:
+        torch.set_num_threads(before)
