@@ -42,7 +42,7 @@ from torch import nn
 from ..core import QuantSpec, fake_quantize, quantize
 from ..kernels import native
 from ..kernels.conv import int8_conv, onednn_call, prepack
-from ..kernels.conv_native import native_call
+from ..kernels.conv_native import compiled_run, make_plan, plan_call
 from ..nn.modules.weighted import QuantConv1d, QuantConv2d, QuantConv3d
 from .base import IntegerModule
 from .conv_specs import (DEFAULT_INPUT_SPEC, DEFAULT_WEIGHT_SPEC, OUTPUT_KINDS, check_output_mode, dense,
@@ -193,6 +193,9 @@ class _Int8ConvNd(IntegerModule):
         #: settled (implementation, kernel call) per input signature (dtype, device, shape, impl),
         #: made by the first eager call with that signature; forgotten by pack() / set_output()
         self._calls: dict[tuple[Any, ...], Any] = {}
+        #: the native conv's op arguments (``ConvPlan.arguments()``) per uint8 input shape, kept
+        #: with the settled native calls: what a compiled graph of this module calls
+        self._compiled: dict[tuple[int, ...], tuple] = {}
         if self.weight.device.type == "cpu" and "onednn" in int8_conv.available_impls() and self.impl != "reference":
             self._packed = prepack(self.weight, self.weight_scale, self._x_scale, self._x_zp, self.stride,
                                    self.padding, self.dilation, self.groups)
@@ -214,7 +217,7 @@ class _Int8ConvNd(IntegerModule):
                 self.dilation, self.groups, spatial)
         return packed
 
-    _RUNTIME = ("_packed", "_packed_for", "_calls", "_impl_cache")
+    _RUNTIME = ("_packed", "_packed_for", "_calls", "_impl_cache", "_compiled")
 
     def input_code_qparams(self) -> tuple[float, int]:
         """``(scale, zero_point)`` of the uint8 codes this module takes as input: what a previous
@@ -250,7 +253,7 @@ class _Int8ConvNd(IntegerModule):
     def _set_output_mode(self, kind: str, post_op: str) -> None:
         check_output_mode(self, kind, post_op)
         self.output_kind, self.post_op = kind, post_op
-        self._calls = {}
+        self._calls, self._compiled = {}, {}
 
     # ------------------------------------------------------------------ forward
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -304,6 +307,13 @@ class _Int8ConvNd(IntegerModule):
         if x.device != self.weight.device:
             raise ValueError(f"{name} holds its weights on {self.weight.device} but got an input on {x.device}")
         out_scale, out_zp = self._emit if self.output_kind == "uint8" else (None, 0)
+        if torch.compiler.is_compiling() and codes.dtype == torch.uint8:
+            arguments = self._compiled.get(tuple(codes.shape))
+            if arguments is not None:  # eager calls settled on the native conv: the graph calls it too
+                y = compiled_run(codes, arguments)
+                if self.output_kind == "float" and self.output_spec is not None:
+                    y = fake_quantize(y, self.output_scale, self.output_zero_point, self.output_spec)
+                return y
         args = (codes, self._x_scale, zp, self.weight, self.weight_scale, self.bias, self.stride, self.padding,
                 self.dilation, self.groups, self.post_op, out_scale, out_zp,
                 self._packed_weight(tuple(codes.shape[2:])))
@@ -313,7 +323,10 @@ class _Int8ConvNd(IntegerModule):
         if checked and codes.dtype == torch.uint8 and not torch.compiler.is_compiling() and len(self._calls) < 8:
             call = None  # settle the kernel for this input signature (the shape steers the choice)
             if impl == "native":
-                call = native_call(codes.dim(), *args[1:])
+                plan = make_plan(args[3], args[4], args[5], args[1], args[2], *args[6:13])
+                call = plan_call(plan, codes.dim())
+                # compiled graphs of this module call the same plan through the op
+                self._compiled[tuple(codes.shape)] = plan.arguments()  # type: ignore[attr-defined]
             elif impl == "onednn" and codes.dim() in (4, 5) and (codes.dim() == 4 or self.post_op == "none") and \
                     args[-1] is not None:
                 call = onednn_call(codes.dim(), *args[1:])

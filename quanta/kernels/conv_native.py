@@ -133,6 +133,9 @@ def make_plan(weight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | 
     kind = _kind(in_ch, weight, groups)
     assert kind is not None, "guard_native refuses this grouping"
     w_sum = weight.reshape(weight.shape[0], -1).sum(1, dtype=torch.int32)
+    if not _FAKE:  # (eagerly, once per process: registering cannot be traced)
+        torch.library.register_fake("quanta_native::conv_packed")(_fake_packed)
+        _FAKE["registered"] = True
     return native.module().ConvPlan(
         pack_weight(weight, kind), w_sum, float(x_scale), int(x_zero_point), w_scale.float().contiguous(),
         None if bias is None else bias.float().contiguous(), in_ch, weight.shape[0], list(weight.shape[2:]),
@@ -140,15 +143,9 @@ def make_plan(weight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | 
         _POST[post_op], None if out_scale is None else float(out_scale), int(out_zero_point))
 
 
-def native_call(x_dim: int, x_scale: float, x_zero_point: int, weight: torch.Tensor, w_scale: torch.Tensor,
-                bias: torch.Tensor | None, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
-                groups: int, post_op: str, out_scale: float | None, out_zero_point: int,
-                packed: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The native convolution with everything but the uint8 codes settled: ``run(x)`` for a
-    ``x_dim``-d uint8 ``x`` (any layout; the kernel reads channels-last). Integer modules keep one
-    per input signature (``packed``, oneDNN's weight, is not used)."""
-    plan = make_plan(weight, w_scale, bias, x_scale, x_zero_point, stride, padding, dilation, groups, post_op,
-                     out_scale, out_zero_point)
+def plan_call(plan: object, x_dim: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``run(x)``: the plan's convolution of a ``x_dim``-d uint8 ``x`` (any layout; the kernel
+    reads channels-last; a 1d input as a 2d one of unit height)."""
     run_plan = plan.run  # type: ignore[attr-defined]
     if x_dim == 3:
         def run(x: torch.Tensor) -> torch.Tensor:
@@ -159,6 +156,38 @@ def native_call(x_dim: int, x_scale: float, x_zero_point: int, weight: torch.Ten
     def run4(x: torch.Tensor) -> torch.Tensor:
         return run_plan(x.contiguous(memory_format=layout))
     return run4
+
+
+def _fake_packed(x, wpack, corr, mult, bias, pad, params, inv, z):
+    from .conv import conv_output_shape, kernel_strides
+    out_ch, kh, kw, sh, sw, ph, pw, dh, dw = params[1:10]
+    shape = conv_output_shape(x.shape, [out_ch, x.shape[1], kh, kw], [sh, sw], [ph, pw], [dh, dw])
+    return x.new_empty_strided(shape, kernel_strides(shape), dtype=torch.uint8 if params[12] else torch.float32)
+
+
+def compiled_run(x: torch.Tensor, arguments: tuple) -> torch.Tensor:
+    """The plan's convolution as the ``quanta_native::conv_packed`` op (``arguments``:
+    ``ConvPlan.arguments()``), for compiled graphs: the call goes from the graph straight to C++,
+    with the same function and numbers as ``ConvPlan.run`` (`make_plan` has registered the op's
+    fake kernel; the op itself comes with the native library)."""
+    op = torch.ops.quanta_native.conv_packed.default
+    if x.dim() == 3:
+        return op(x.unsqueeze(2).contiguous(memory_format=torch.channels_last), *arguments).squeeze(2)
+    return op(x.contiguous(memory_format=torch.channels_last), *arguments)
+
+
+_FAKE: dict[str, bool] = {}  # whether conv_packed's fake kernel is registered (once per process, like the op)
+
+
+def native_call(x_dim: int, x_scale: float, x_zero_point: int, weight: torch.Tensor, w_scale: torch.Tensor,
+                bias: torch.Tensor | None, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+                groups: int, post_op: str, out_scale: float | None, out_zero_point: int,
+                packed: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The native convolution with everything but the uint8 codes settled: ``run(x)`` for a
+    ``x_dim``-d uint8 ``x`` (any layout; the kernel reads channels-last). Integer modules keep one
+    per input signature (``packed``, oneDNN's weight, is not used)."""
+    return plan_call(make_plan(weight, w_scale, bias, x_scale, x_zero_point, stride, padding, dilation, groups,
+                               post_op, out_scale, out_zero_point), x_dim)
 
 
 def run_native(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: torch.Tensor, w_scale: torch.Tensor,
@@ -174,5 +203,6 @@ def run_native(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: torch
                        post_op, out_scale, out_zero_point)(x)
 
 
-__all__ = ["PREFER_ONEDNN_DEPTHWISE_CHANNELS", "PREFER_ONEDNN_OUTPUTS", "PREFER_ONEDNN_REDUCTION", "guard_native", "make_plan", "native_available",
-           "native_call", "pack_weight", "prefer_onednn", "run_native"]
+__all__ = ["PREFER_ONEDNN_DEPTHWISE_CHANNELS", "PREFER_ONEDNN_OUTPUTS", "PREFER_ONEDNN_REDUCTION", "compiled_run",
+           "guard_native", "make_plan", "native_available", "native_call", "pack_weight", "plan_call",
+           "prefer_onednn", "run_native"]

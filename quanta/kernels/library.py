@@ -139,9 +139,13 @@ class KernelOp:
         ``checked=True``: ``impl`` is what `choose` just returned for these arguments, so its
         guard is not run a second time."""
         if torch.compiler.is_compiling():
+            if impl in self._by_name and not self._by_name[impl].traceable:
+                # an eager choice of a compiled library (a module's cached choice): choose among the
+                # traceable ones now, so that the graph names one (an opaque op given the eager
+                # choice would run it with none of the eager call's settled state, e.g. re-planned
+                # at every call)
+                impl = self.choose(*args)
             if self.traceable:  # let the compiler see (and fuse) the implementation's own ops
-                if impl in self._by_name and not self._by_name[impl].traceable:
-                    impl = "auto"  # an eager choice of a compiled library: choose among traceable ones
                 return self._dispatch(*args, impl)
             return self.op(*args, impl)
         if checked and impl != "reference":

@@ -87,6 +87,37 @@ def test_compiled_cnn_runs_the_onednn_kernels_with_eager_numbers(cnn_int8, digit
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="inductor needs a C++ compiler")
+def test_compiled_graph_calls_the_settled_native_conv_with_eager_bits(cnn_int8, digits_data):
+    """Convs whose eager calls settled on quanta's native conv run it in the compiled graph too,
+    as the ``quanta_native::conv_packed`` op (straight to C++): one graph, eager's numbers (the
+    convs' bit for bit; the traced linear head's float epilogue may round differently)."""
+    import copy
+
+    import torch._dynamo
+    from quanta.integer.conv import Int8Conv2d
+
+    if "native" not in int8_conv.available_impls():
+        pytest.skip("native int8 conv (AVX-512 VNNI build) not available")
+    model = copy.deepcopy(cnn_int8)
+    x = digits_data.x_test[:8]
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        expected = model(x)  # eager: settles each conv's kernel for this input shape
+        native_convs = [m for m in model.modules() if isinstance(m, Int8Conv2d) and m._compiled]
+        assert len(native_convs) == 2  # (the 1-channel input conv stays on oneDNN)
+        explained = torch._dynamo.explain(model)(x)
+        assert explained.graph_break_count == 0 and explained.graph_count == 1
+        compiled = torch.compile(model)
+        got = compiled(x)
+        with torch.profiler.profile() as prof:
+            compiled(x)
+    ops = [e.name for e in prof.events()]
+    assert ops.count("quanta_native::conv_packed") == 2 and "quanta::int8_conv" in ops
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="inductor needs a C++ compiler")
 def test_compiled_dynamic_int8_linear_fuses_and_keeps_the_numbers():
     """Linear kernels are traced into (inductor fuses their elementwise work): the activation
     codes stay exact, the float epilogue may differ by float rounding only."""

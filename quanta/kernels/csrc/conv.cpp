@@ -20,95 +20,119 @@
 #include "conv_kernels.h"
 
 namespace quanta_native {
+
+// The convolution of channels-last uint8 codes x [N, C, H, W] with everything else given: the
+// packed weight, the per-position constants (corr int32, mult / bias float32, in the loops'
+// channel order), the pad pixel (uint8), params = [C, O, KH, KW, SH, SW, PH, PW, DH, DW,
+// depthwise, post, codes], inv / z of the uint8 output. ConvPlan.run (eager) and the
+// quanta_native::conv_packed op (compiled graphs) both call it.
+torch::Tensor conv_packed(const torch::Tensor& x, const torch::Tensor& wpack, const torch::Tensor& corr,
+                          const torch::Tensor& mult, const torch::Tensor& bias, const torch::Tensor& pad,
+                          c10::IntArrayRef params, double inv, double z) {
+  TORCH_CHECK(params.size() == 13, "conv_packed: params must hold 13 values");
+  const int64_t C = params[0], O = params[1];
+  const bool depthwise = params[10] != 0, codes = params[12] != 0;
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kUInt8 && x.dim() == 4 && x.size(1) == C &&
+              x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "ConvPlan.run: x must be channels-last uint8 codes [N, ", C, ", H, W], got ", x.scalar_type(), " ",
+              x.sizes());
+  const int64_t O64 = (O + 63) / 64 * 64;
+  TORCH_CHECK(corr.scalar_type() == torch::kInt32 && mult.scalar_type() == torch::kFloat32 &&
+              bias.scalar_type() == torch::kFloat32 && pad.scalar_type() == torch::kUInt8 && corr.numel() == O64 &&
+              mult.numel() == O64 && bias.numel() == O64 && pad.numel() >= (C + 63) / 64 * 64 + 64 &&
+              corr.is_contiguous() && mult.is_contiguous() && bias.is_contiguous() && wpack.is_contiguous(),
+              "conv_packed: constants must be contiguous corr int32 / mult, bias float32 [", O64, "] and a pad pixel");
+  Geometry g{x.size(0), C, x.size(2), x.size(3), O, 0, 0, params[2], params[3], params[4], params[5], params[6],
+             params[7], params[8], params[9]};
+  g.OH = (g.H + 2 * g.PH - g.DH * (g.KH - 1) - 1) / g.SH + 1;
+  g.OW = (g.W + 2 * g.PW - g.DW * (g.KW - 1) - 1) / g.SW + 1;
+  TORCH_CHECK(g.OH > 0 && g.OW > 0, "ConvPlan.run: input ", x.sizes(), " is smaller than the kernel");
+  auto out = torch::empty({g.N, O, g.OH, g.OW},
+                          x.options().dtype(codes ? torch::kUInt8 : torch::kFloat32).memory_format(at::MemoryFormat::ChannelsLast));
+#if QUANTA_VNNI
+  const Epilogue e{corr.data_ptr<int32_t>(), mult.data_ptr<float>(), bias.data_ptr<float>(),
+                   static_cast<int>(params[11]), codes, static_cast<float>(inv), static_cast<float>(z)};
+  char* dst = static_cast<char*>(out.data_ptr());
+  const int64_t esize = codes ? 1 : 4;
+  if (g.pixels() > 0) {
+    if (depthwise)
+      depthwise_conv(x.data_ptr<uint8_t>(), g, wpack.data_ptr<int8_t>(), pad.data_ptr<uint8_t>(), e, dst, esize);
+    else
+      dense_conv(x.data_ptr<uint8_t>(), g, wpack.data_ptr<int8_t>(), pad.data_ptr<uint8_t>(), e, dst, esize);
+  }
+#else
+  TORCH_CHECK(false, "conv_packed: this build has no AVX-512 VNNI");
+#endif
+  return out;
+}
+
 namespace {
 
-// Everything of one convolution but its input (see the file comment).
+// Everything of one convolution but its input (see the file comment), checked once.
 class ConvPlan {
  public:
   // wpack: dense int8 [O / 16, T, C / 4, 16, 4] / depthwise int8 [C / 64, T / 4, 4, 64] (see
-  // conv_native.pack_weight; channels and taps padded with zero weights); w_sum: int32 [O] (sum of each output channel's weights);
-  // w_scale: float32 [O]; bias: float32 [O] or None; post: 0 none / 1 relu / 2 relu6;
-  // out_scale None: float32 output, else uint8 codes on (out_scale, out_zp).
+  // conv_native.pack_weight; channels and taps padded with zero weights); w_sum: int32 [O] (sum
+  // of each output channel's weights); w_scale: float32 [O]; bias: float32 [O] or None; post:
+  // 0 none / 1 relu / 2 relu6; out_scale None: float32 output, else uint8 codes on (out_scale, out_zp).
   ConvPlan(torch::Tensor wpack, const torch::Tensor& w_sum, double x_scale, int64_t x_zp,
            const torch::Tensor& w_scale, const c10::optional<torch::Tensor>& bias, int64_t C, int64_t O,
            std::vector<int64_t> kernel, std::vector<int64_t> stride, std::vector<int64_t> padding,
            std::vector<int64_t> dilation, bool depthwise, int64_t post, c10::optional<double> out_scale,
            int64_t out_zp)
-      : wpack_(std::move(wpack)), depthwise_(depthwise), C_(C), O_(O), x_zp_(x_zp), post_(post),
-        codes_(out_scale.has_value()) {
+      : wpack_(std::move(wpack)) {
     TORCH_CHECK(QUANTA_VNNI, "ConvPlan: this build has no AVX-512 VNNI");
     TORCH_CHECK(kernel.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
                 "ConvPlan: kernel, stride, padding and dilation need 2 values each");
-    geo_ = {0, C, 0, 0, O, 0, 0, kernel[0], kernel[1], stride[0], stride[1], padding[0], padding[1], dilation[0],
-            dilation[1]};
-    const int64_t T = geo_.taps(), O16 = (O + 15) / 16 * 16;
-    TORCH_CHECK(T > 0 && geo_.SH > 0 && geo_.SW > 0 && geo_.PH >= 0 && geo_.PW >= 0 && geo_.DH > 0 && geo_.DW > 0,
+    const int64_t T = kernel[0] * kernel[1], O16 = (O + 15) / 16 * 16, O64 = (O + 63) / 64 * 64;
+    TORCH_CHECK(T > 0 && stride[0] > 0 && stride[1] > 0 && padding[0] >= 0 && padding[1] >= 0 && dilation[0] > 0 &&
+                    dilation[1] > 0,
                 "ConvPlan: invalid kernel / stride / padding / dilation");
     TORCH_CHECK(0 <= x_zp && x_zp <= 255 && post >= 0 && post <= 2 && 0 <= out_zp && out_zp <= 255,
                 "ConvPlan: zero points must be uint8 codes and post 0, 1 or 2");
     TORCH_CHECK(!depthwise || C == O, "ConvPlan: a depthwise conv has as many outputs as inputs");
     TORCH_CHECK(depthwise || C % 4 == 0, "ConvPlan: a dense conv needs a multiple of 4 input channels");
-    const int64_t O64 = (O + 63) / 64 * 64;
     const std::vector<int64_t> shape = depthwise ? std::vector<int64_t>{O64 / 64, (T + 3) / 4, 4, 64}
                                                  : std::vector<int64_t>{O16 / 16, T, C / 4, 16, 4};
     TORCH_CHECK(wpack_.scalar_type() == torch::kInt8 && wpack_.is_contiguous() && wpack_.sizes().vec() == shape,
                 "ConvPlan: wpack must be contiguous int8 ", c10::IntArrayRef(shape), ", got ", wpack_.sizes());
     const float* b = check_epilogue("ConvPlan", 1, O, torch::zeros({1}, torch::kInt32), w_sum,
                                     torch::ones({1}, torch::kFloat32), w_scale, bias);
-    corr_.assign(O64, 0);
-    mult_.assign(O64, 0.f);
-    bias_.assign(O64, 0.f);
+    corr_ = torch::zeros({O64}, torch::kInt32);
+    mult_ = torch::zeros({O64}, torch::kFloat32);
+    bias_ = torch::zeros({O64}, torch::kFloat32);
+    int32_t* corr = corr_.data_ptr<int32_t>();
+    float* mult = mult_.data_ptr<float>();
+    float* bs = bias_.data_ptr<float>();
     for (int64_t p = 0; p < O64; ++p) {  // position p holds channel o (depthwise: the interleaved order)
       // (at most 32 channels: lanes 2-3 repeat channels 0-31 for a second pixel)
       const int64_t o = !depthwise ? p : C <= 32 ? dw_channel(p % 64) & 31 : p / 64 * 64 + dw_channel(p % 64);
       if (o >= O) continue;
-      corr_[p] = static_cast<int32_t>(x_zp * w_sum.data_ptr<int32_t>()[o]);
-      mult_[p] = static_cast<float>(x_scale * static_cast<double>(w_scale.data_ptr<float>()[o]));
-      bias_[p] = b ? b[o] : 0.f;
+      corr[p] = static_cast<int32_t>(x_zp * w_sum.data_ptr<int32_t>()[o]);
+      mult[p] = static_cast<float>(x_scale * static_cast<double>(w_scale.data_ptr<float>()[o]));
+      bs[p] = b ? b[o] : 0.f;
     }
-    pad_.assign((C + 63) / 64 * 64 + 64, static_cast<uint8_t>(x_zp));
-    inv_ = codes_ ? 1.f / static_cast<float>(*out_scale) : 1.f;
+    pad_ = torch::full({(C + 63) / 64 * 64 + 64}, x_zp, torch::kUInt8);
+    params_ = {C, O, kernel[0], kernel[1], stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+               depthwise ? 1 : 0, post, out_scale.has_value() ? 1 : 0};
+    inv_ = out_scale.has_value() ? 1.f / static_cast<float>(*out_scale) : 1.f;
     z_ = static_cast<float>(out_zp);
   }
 
   // x: uint8 [N, C, H, W] in channels-last memory order -> [N, O, OH, OW] channels-last.
   torch::Tensor run(const torch::Tensor& x) const {
-    TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kUInt8 && x.dim() == 4 && x.size(1) == C_ &&
-                x.is_contiguous(at::MemoryFormat::ChannelsLast),
-                "ConvPlan.run: x must be channels-last uint8 codes [N, ", C_, ", H, W], got ", x.scalar_type(), " ",
-                x.sizes());
-    Geometry g = geo_;
-    g.N = x.size(0);
-    g.H = x.size(2);
-    g.W = x.size(3);
-    g.OH = (g.H + 2 * g.PH - g.DH * (g.KH - 1) - 1) / g.SH + 1;
-    g.OW = (g.W + 2 * g.PW - g.DW * (g.KW - 1) - 1) / g.SW + 1;
-    TORCH_CHECK(g.OH > 0 && g.OW > 0, "ConvPlan.run: input ", x.sizes(), " is smaller than the kernel");
-    auto out = torch::empty({g.N, O_, g.OH, g.OW},
-                            x.options().dtype(codes_ ? torch::kUInt8 : torch::kFloat32).memory_format(at::MemoryFormat::ChannelsLast));
-#if QUANTA_VNNI
-    const Epilogue e{corr_.data(), mult_.data(), bias_.data(), static_cast<int>(post_), codes_, inv_, z_};
-    char* dst = static_cast<char*>(out.data_ptr());
-    const int64_t esize = codes_ ? 1 : 4;
-    if (g.pixels() > 0) {
-      if (depthwise_)
-        depthwise_conv(x.data_ptr<uint8_t>(), g, wpack_.data_ptr<int8_t>(), pad_.data(), e, dst, esize);
-      else
-        dense_conv(x.data_ptr<uint8_t>(), g, wpack_.data_ptr<int8_t>(), pad_.data(), e, dst, esize);
-    }
-#endif
-    return out;
+    return conv_packed(x, wpack_, corr_, mult_, bias_, pad_, params_, inv_, z_);
+  }
+
+  // conv_packed's arguments but x: (wpack, corr, mult, bias, pad, params, inv, z)
+  pybind11::tuple arguments() const {
+    return pybind11::make_tuple(wpack_, corr_, mult_, bias_, pad_, params_, static_cast<double>(inv_),
+                                static_cast<double>(z_));
   }
 
  private:
-  torch::Tensor wpack_;
-  bool depthwise_;
-  int64_t C_, O_, x_zp_, post_;
-  bool codes_;
-  Geometry geo_{};
-  std::vector<int32_t> corr_;
-  std::vector<float> mult_, bias_;
-  std::vector<uint8_t> pad_;
+  torch::Tensor wpack_, corr_, mult_, bias_, pad_;
+  std::vector<int64_t> params_;
   float inv_ = 1.f, z_ = 0.f;
 };
 
@@ -163,7 +187,20 @@ void bind_conv(pybind11::module& m) {
                           const c10::optional<torch::Tensor>&, int64_t, int64_t, std::vector<int64_t>,
                           std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>, bool, int64_t,
                           c10::optional<double>, int64_t>())
-      .def("run", &ConvPlan::run, "the convolution of channels-last uint8 codes x");
+      .def("run", &ConvPlan::run, "the convolution of channels-last uint8 codes x")
+      .def("arguments", &ConvPlan::arguments, "quanta_native::conv_packed's arguments after x");
 }
 
 }  // namespace quanta_native
+
+// The same convolution as an operator, for compiled graphs: a call from an inductor wrapper goes
+// straight to C++ (no Python per call). Its fake (shape) function is registered from Python
+// (quanta/kernels/conv_native.py).
+TORCH_LIBRARY(quanta_native, m) {
+  m.def("conv_packed(Tensor x, Tensor wpack, Tensor corr, Tensor mult, Tensor bias, Tensor pad, int[] params, "
+        "float inv, float z) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(quanta_native, CPU, m) {
+  m.impl("conv_packed", &quanta_native::conv_packed);
+}
