@@ -50,7 +50,7 @@ The fast path requires VNNI (or AMX): without it oneDNN computes u8 × s8 pairs 
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -246,16 +246,6 @@ def _onednn_guard(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: to
     return None
 
 
-def _onednn(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: torch.Tensor, w_scale: torch.Tensor,
-            bias: torch.Tensor | None, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
-            groups: int, post_op: str, out_scale: float | None, out_zero_point: int,
-            packed: torch.Tensor | None) -> torch.Tensor:
-    check_args(x, x_scale, x_zero_point, weight, w_scale, bias, stride, padding, dilation, groups, post_op,
-               out_scale, out_zero_point)
-    return _onednn_run(x, x_scale, x_zero_point, weight, w_scale, bias, stride, padding, dilation, groups, post_op,
-                       out_scale, out_zero_point, packed)
-
-
 def onednn_call(x_dim: int, x_scale: float, x_zero_point: int, weight: torch.Tensor, w_scale: torch.Tensor,
                 bias: torch.Tensor | None, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
                 groups: int, post_op: str, out_scale: float | None, out_zero_point: int,
@@ -286,7 +276,7 @@ def _onednn_run(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: torc
                 bias: torch.Tensor | None, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
                 groups: int, post_op: str, out_scale: float | None, out_zero_point: int,
                 packed: torch.Tensor | None) -> torch.Tensor:
-    """`_onednn` without re-validating arguments an integer module built itself (guards passed)."""
+    """The ``onednn`` implementation without validating its arguments (see `checked`)."""
     if x.dtype == torch.int8:  # oneDNN takes uint8 sources: x + 128 exactly, as a bit flip
         x = torch.bitwise_xor(x.view(torch.uint8), 128)
         x_zero_point += 128
@@ -313,21 +303,22 @@ def _post_op_after(y: torch.Tensor, post_op: str, out_scale: float | None, out_z
     return y.clamp_(lo, hi)
 
 
-def _native(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: torch.Tensor, w_scale: torch.Tensor,
-            bias: torch.Tensor | None, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
-            groups: int, post_op: str, out_scale: float | None, out_zero_point: int,
-            packed: torch.Tensor | None) -> torch.Tensor:
-    check_args(x, x_scale, x_zero_point, weight, w_scale, bias, stride, padding, dilation, groups, post_op,
-               out_scale, out_zero_point)
-    return conv_native.run_native(x, x_scale, x_zero_point, weight, w_scale, bias, stride, padding, dilation, groups,
-                                  post_op, out_scale, out_zero_point, packed)
+def checked(run: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """An implementation's op entry point: `check_args` (named errors for any caller), then
+    ``run``, the form without validation that integer modules call with arguments they built."""
+    def fn(*args: Any) -> torch.Tensor:
+        check_args(*args[:13])
+        return run(*args)
+    fn.__name__ = f"checked_{run.__name__}"
+    return fn
 
 
 int8_conv = KernelOp(
     "int8_conv", SCHEMA, reference,
-    impls=[Impl("native", _native, conv_native.guard_native, available=conv_native.native_available,
-                unchecked=conv_native.run_native, traceable=False, prefer=conv_native.prefer_onednn),
-           Impl("onednn", _onednn, _onednn_guard, available=_onednn_available, unchecked=_onednn_run)],
+    impls=[Impl("native", checked(conv_native.run_native), conv_native.guard_native,
+                available=conv_native.native_available, unchecked=conv_native.run_native, traceable=False,
+                prefer=conv_native.prefer_onednn),
+           Impl("onednn", checked(_onednn_run), _onednn_guard, available=_onednn_available, unchecked=_onednn_run)],
     fake=_fake,
 )
 

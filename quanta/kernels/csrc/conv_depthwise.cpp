@@ -19,51 +19,68 @@ inline void interleave4(__m512i a, __m512i b, __m512i c, __m512i d, __m512i* v) 
   v[3] = _mm512_unpackhi_epi16(ab_hi, cd_hi);
 }
 
-// The 64 channels from c0 of one pixel (row `out` of C values) from the sums acc[k] (position c0 + 16 k).
-inline void store_dw(const __m512i* acc, int64_t c0, int64_t C, const Epilogue& e, char* out) {
-  if (!e.codes) {
-    alignas(64) float y[64];
-    for (int k = 0; k < 4; ++k) _mm512_store_ps(y + 16 * k, values16(acc[k], c0 + 16 * k, e));
-    float* o = reinterpret_cast<float*>(out) + c0;
-    for (int64_t p = 0; p < 64; ++p)
-      if (c0 + dw_channel(p) < C) o[dw_channel(p)] = y[p];
-    return;
-  }
+// The float values (post-op applied) of the sums acc[k] (constants at position c0 + 16 k), stored
+// in the interleaved order: y[p] is channel c0 + dw_channel(p).
+inline void dw_values(const __m512i* acc, int64_t c0, const Epilogue& e, float* y) {
+  for (int k = 0; k < 4; ++k) _mm512_store_ps(y + 16 * k, values16(acc[k], c0 + 16 * k, e));
+}
+
+// The uint8 codes of the sums acc[k] in natural channel order: per 128-bit lane l, channels
+// 16 l + 0..3 (acc[0]), 4..7 (acc[1]), 8..11 (acc[2]), 12..15 (acc[3]), as the in-lane packs give them.
+inline __m512i dw_codes(const __m512i* acc, int64_t c0, const Epilogue& e) {
   __m512i c[4];
 #pragma GCC unroll 4
   for (int k = 0; k < 4; ++k) c[k] = codes16(values16(acc[k], c0 + 16 * k, e), e);
-  // per 128-bit lane l: channels 16 l + 0..3 (c0), 4..7 (c1), 8..11 (c2), 12..15 (c3): in order
-  const __m512i packed = _mm512_packus_epi16(_mm512_packus_epi32(c[0], c[1]), _mm512_packus_epi32(c[2], c[3]));
-  _mm512_mask_storeu_epi8(out + c0, bytes(C - c0), packed);
+  return _mm512_packus_epi16(_mm512_packus_epi32(c[0], c[1]), _mm512_packus_epi32(c[2], c[3]));
 }
 
-// PX output pixels x the 64 channels from c0. ptr[px * T4 * 4 + t]: tap t's input pixel (taps
-// past the kernel's read the pad pixel, with zero weights); w: the group's [T4][4][64] weights.
-template <int PX>
-void depthwise_tile(const uint8_t* const* ptr, int64_t T4, int64_t c0, int64_t C, const int8_t* w,
-                    const Epilogue& e, char* const* out) {
-  const __mmask64 mask = bytes(C - c0);
-  __m512i acc[PX][4];
+// acc[n][k] += the T4 steps of 4 taps for N registers of inputs: load(n, q, in) fills in[0..3]
+// with the 64-byte inputs of taps 4 q .. 4 q + 3 for register n; w: [T4][4][64] weights.
+template <int N, typename Load>
+inline void dw_accumulate(int64_t T4, const int8_t* w, __m512i (*acc)[4], Load load) {
 #pragma GCC unroll 4
-  for (int px = 0; px < PX; ++px)
+  for (int n = 0; n < N; ++n)
 #pragma GCC unroll 4
-    for (int k = 0; k < 4; ++k) acc[px][k] = _mm512_setzero_si512();
+    for (int k = 0; k < 4; ++k) acc[n][k] = _mm512_setzero_si512();
   for (int64_t q = 0; q < T4; ++q) {
     __m512i wv[4];
 #pragma GCC unroll 4
     for (int k = 0; k < 4; ++k) wv[k] = _mm512_loadu_si512(w + (q * 4 + k) * 64);
 #pragma GCC unroll 4
-    for (int px = 0; px < PX; ++px) {
-      const uint8_t* const* p = ptr + (px * T4 + q) * 4;
-      __m512i v[4];
-      interleave4(_mm512_maskz_loadu_epi8(mask, p[0] + c0), _mm512_maskz_loadu_epi8(mask, p[1] + c0),
-                  _mm512_maskz_loadu_epi8(mask, p[2] + c0), _mm512_maskz_loadu_epi8(mask, p[3] + c0), v);
+    for (int n = 0; n < N; ++n) {
+      __m512i in[4], v[4];
+      load(n, q, in);
+      interleave4(in[0], in[1], in[2], in[3], v);
 #pragma GCC unroll 4
-      for (int k = 0; k < 4; ++k) acc[px][k] = _mm512_dpbusd_epi32(acc[px][k], v[k], wv[k]);
+      for (int k = 0; k < 4; ++k) acc[n][k] = _mm512_dpbusd_epi32(acc[n][k], v[k], wv[k]);
     }
   }
+}
+
+// PX output pixels x the 64 channels from c0. ptr[px * T4 * 4 + t]: tap t's input pixel (taps
+// past the kernel's read the pad pixel, with zero weights); w: the group's [T4][4][64] weights;
+// out[px]: the pixel's output row of C values.
+template <int PX>
+void depthwise_tile(const uint8_t* const* ptr, int64_t T4, int64_t c0, int64_t C, const int8_t* w,
+                    const Epilogue& e, char* const* out) {
+  const __mmask64 mask = bytes(C - c0);
+  __m512i acc[PX][4];
+  dw_accumulate<PX>(T4, w, acc, [&](int px, int64_t q, __m512i* in) {
+    const uint8_t* const* p = ptr + (px * T4 + q) * 4;
 #pragma GCC unroll 4
-  for (int px = 0; px < PX; ++px) store_dw(acc[px], c0, C, e, out[px]);
+    for (int j = 0; j < 4; ++j) in[j] = _mm512_maskz_loadu_epi8(mask, p[j] + c0);
+  });
+  for (int px = 0; px < PX; ++px) {
+    if (e.codes) {
+      _mm512_mask_storeu_epi8(out[px] + c0, mask, dw_codes(acc[px], c0, e));
+      continue;
+    }
+    alignas(64) float y[64];
+    dw_values(acc[px], c0, e, y);
+    float* o = reinterpret_cast<float*>(out[px]) + c0;
+    for (int64_t p = 0; p < 64; ++p)
+      if (c0 + dw_channel(p) < C) o[dw_channel(p)] = y[p];
+  }
 }
 
 // At most 32 channels: two pixels per register, pixel a in 128-bit lanes 0-1 and pixel b in lanes
@@ -74,49 +91,32 @@ void depthwise_pair_tile(const uint8_t* const* ptr, int64_t T4, int64_t C, const
                          char* const* out) {
   const __mmask32 mask = C >= 32 ? ~__mmask32(0) : __mmask32((1u << C) - 1);
   __m512i acc[NP][4];
+  dw_accumulate<NP>(T4, w, acc, [&](int np, int64_t q, __m512i* in) {
+    const uint8_t* const* pa = ptr + (2 * np * T4 + q) * 4;
+    const uint8_t* const* pb = pa + T4 * 4;
 #pragma GCC unroll 4
-  for (int np = 0; np < NP; ++np)
-#pragma GCC unroll 4
-    for (int k = 0; k < 4; ++k) acc[np][k] = _mm512_setzero_si512();
-  for (int64_t q = 0; q < T4; ++q) {
-    __m512i wv[4];
-#pragma GCC unroll 4
-    for (int k = 0; k < 4; ++k) wv[k] = _mm512_loadu_si512(w + (q * 4 + k) * 64);
-#pragma GCC unroll 4
-    for (int np = 0; np < NP; ++np) {
-      const uint8_t* const* pa = ptr + (2 * np * T4 + q) * 4;
-      const uint8_t* const* pb = pa + T4 * 4;
-      __m512i in[4], v[4];
-#pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j)  // (32 channels and b's tap pixel right after a's: one load for both)
-        in[j] = C == 32 && pb[j] == pa[j] + 32
-                    ? _mm512_loadu_si512(pa[j])
-                    : _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_maskz_loadu_epi8(mask, pa[j])),
-                                         _mm256_maskz_loadu_epi8(mask, pb[j]), 1);
-      interleave4(in[0], in[1], in[2], in[3], v);
-#pragma GCC unroll 4
-      for (int k = 0; k < 4; ++k) acc[np][k] = _mm512_dpbusd_epi32(acc[np][k], v[k], wv[k]);
-    }
-  }
+    for (int j = 0; j < 4; ++j)  // (32 channels and b's tap pixel right after a's: one load for both)
+      in[j] = C == 32 && pb[j] == pa[j] + 32
+                  ? _mm512_loadu_si512(pa[j])
+                  : _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_maskz_loadu_epi8(mask, pa[j])),
+                                       _mm256_maskz_loadu_epi8(mask, pb[j]), 1);
+  });
   for (int np = 0; np < NP; ++np) {
     char* oa = out[2 * np];
     char* ob = out[2 * np + 1];
-    if (!e.codes) {
-      alignas(64) float y[64];
-      for (int k = 0; k < 4; ++k) _mm512_store_ps(y + 16 * k, values16(acc[np][k], 16 * k, e));
-      for (int64_t p = 0; p < 64; ++p) {
-        const int64_t c = dw_channel(p);
-        char* o = c < 32 ? oa : ob;
-        if ((c & 31) < C && o) reinterpret_cast<float*>(o)[c & 31] = y[p];
-      }
+    if (e.codes) {
+      const __m512i packed = dw_codes(acc[np], 0, e);
+      _mm256_mask_storeu_epi8(oa, mask, _mm512_castsi512_si256(packed));
+      if (ob) _mm256_mask_storeu_epi8(ob, mask, _mm512_extracti64x4_epi64(packed, 1));
       continue;
     }
-    __m512i c[4];
-#pragma GCC unroll 4
-    for (int k = 0; k < 4; ++k) c[k] = codes16(values16(acc[np][k], 16 * k, e), e);
-    const __m512i packed = _mm512_packus_epi16(_mm512_packus_epi32(c[0], c[1]), _mm512_packus_epi32(c[2], c[3]));
-    _mm256_mask_storeu_epi8(oa, mask, _mm512_castsi512_si256(packed));
-    if (ob) _mm256_mask_storeu_epi8(ob, mask, _mm512_extracti64x4_epi64(packed, 1));
+    alignas(64) float y[64];
+    dw_values(acc[np], 0, e, y);
+    for (int64_t p = 0; p < 64; ++p) {
+      const int64_t c = dw_channel(p);
+      char* o = c < 32 ? oa : ob;
+      if ((c & 31) < C && o) reinterpret_cast<float*>(o)[c & 31] = y[p];
+    }
   }
 }
 
