@@ -80,11 +80,11 @@ def test_int8_linear_int_mm_equals_reference_bitwise(shape, xdtype, per_token, n
 
 @pytest.mark.skipif(not GEMV, reason="needs the native kernels built with AVX-512 VNNI")
 @pytest.mark.parametrize("M", [1, 3, 4, 5, 8, 16])
-@pytest.mark.parametrize("K", [1, 63, 64, 65, 200])
+@pytest.mark.parametrize("K", [1, 63, 64, 65, 130, 200, 256])
 @pytest.mark.parametrize("N", [1, 5, 16, 37])
 def test_gemv_native_equals_reference_bitwise_at_every_tail(M, K, N):
-    """Register blocks of 4 weight rows and 4 activation rows, 64-byte chunks of K: every
-    remainder, int8 and uint8 codes, per-token and per-tensor zero points, extreme values (the
+    """Passes of 4 activation rows over one weight row at a time, 128-byte steps of K, then one
+    64-byte chunk, then a masked tail: every remainder, int8 and uint8 codes, per-token and per-tensor zero points, extreme values (the
     implementation is called directly: its guard also weighs speed, which refuses M = 16 here)."""
     gemv = L._int8_linear_gemv_native
     g = torch.Generator().manual_seed(zlib.crc32(repr((M, K, N)).encode()) % 2**31)

@@ -16,12 +16,11 @@ bool gemv_has_vnni() { return QUANTA_VNNI; }
 
 namespace {
 
-constexpr int64_t kRows = 4;    // weight rows per register block
+constexpr int64_t kRows = 4;    // activation rows per pass over the weight
 constexpr int64_t kBlock = 16;  // weight rows per parallel task unit
 
-// Plain sums of rows [n0, n1) for activation rows [0, MR): the tail of a block, and the whole
-// kernel on CPUs without VNNI.
-void sums_plain(const uint8_t* x, int64_t MR, int64_t K, const int8_t* w, int64_t N, int32_t* acc, uint8_t flip,
+// Plain sums of rows [n0, n1) for activation rows [0, MR): the kernel on CPUs without VNNI.
+[[maybe_unused]] void sums_plain(const uint8_t* x, int64_t MR, int64_t K, const int8_t* w, int64_t N, int32_t* acc, uint8_t flip,
                 int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n)
     for (int64_t m = 0; m < MR; ++m) {
@@ -34,40 +33,42 @@ void sums_plain(const uint8_t* x, int64_t MR, int64_t K, const int8_t* w, int64_
 }
 
 #if QUANTA_VNNI
-// Sums of weight rows [n0, n1) against MR (<= 4) activation rows: 4 weight rows at a time,
-// each 64-byte chunk of a weight row loaded once for all MR activation rows.
+// Sums of weight rows [n0, n1) against MR (<= 4) activation rows, one weight row at a time: the
+// weight is read as one sequential stream (rows are contiguous), each 64-byte chunk once for all
+// MR activation rows, into two accumulators per activation row (even / odd chunks). Measured
+// against 4 interleaved weight rows (4 streams): 4 x 4096^2 from DRAM 2.20 -> 1.90 ms, and no
+// slower on L2-resident weights.
 template <int MR>
 void sums_vnni(const uint8_t* x, int64_t K, const int8_t* w, int64_t N, int32_t* acc, uint8_t flip, int64_t n0,
                int64_t n1) {
-  const int64_t K64 = K / 64 * 64;
+  const int64_t K64 = K / 64 * 64, K128 = K / 128 * 128;
   const __mmask64 tail = K64 < K ? (~0ULL >> (64 - (K - K64))) : 0;
   const __m512i flipv = _mm512_set1_epi8(static_cast<char>(flip));
-  int64_t n = n0;
-  for (; n + kRows <= n1; n += kRows) {
-    __m512i a[MR][kRows];
-    for (int m = 0; m < MR; ++m)
-      for (int j = 0; j < kRows; ++j) a[m][j] = _mm512_setzero_si512();
-    const int8_t* wb = w + n * K;
-    for (int64_t k = 0; k < K64; k += 64) {
-      __m512i wv[kRows];
-      for (int j = 0; j < kRows; ++j) wv[j] = _mm512_loadu_si512(wb + j * K + k);
+  auto xv = [&](int m, int64_t k) { return _mm512_xor_si512(_mm512_loadu_si512(x + m * K + k), flipv); };
+  for (int64_t n = n0; n < n1; ++n) {
+    __m512i a[MR][2];
+    for (int m = 0; m < MR; ++m) a[m][0] = a[m][1] = _mm512_setzero_si512();
+    const int8_t* wr = w + n * K;
+    for (int64_t k = 0; k < K128; k += 128) {
+      const __m512i w0 = _mm512_loadu_si512(wr + k), w1 = _mm512_loadu_si512(wr + k + 64);
       for (int m = 0; m < MR; ++m) {
-        const __m512i xv = _mm512_xor_si512(_mm512_loadu_si512(x + m * K + k), flipv);
-        for (int j = 0; j < kRows; ++j) a[m][j] = _mm512_dpbusd_epi32(a[m][j], xv, wv[j]);
+        a[m][0] = _mm512_dpbusd_epi32(a[m][0], xv(m, k), w0);
+        a[m][1] = _mm512_dpbusd_epi32(a[m][1], xv(m, k + 64), w1);
       }
+    }
+    if (K128 < K64) {
+      const __m512i w0 = _mm512_loadu_si512(wr + K128);
+      for (int m = 0; m < MR; ++m) a[m][0] = _mm512_dpbusd_epi32(a[m][0], xv(m, K128), w0);
     }
     if (tail) {  // masked loads read zeros past K: they add nothing
-      __m512i wv[kRows];
-      for (int j = 0; j < kRows; ++j) wv[j] = _mm512_maskz_loadu_epi8(tail, wb + j * K + K64);
+      const __m512i w0 = _mm512_maskz_loadu_epi8(tail, wr + K64);
       for (int m = 0; m < MR; ++m) {
-        const __m512i xv = _mm512_maskz_mov_epi8(tail, _mm512_xor_si512(_mm512_maskz_loadu_epi8(tail, x + m * K + K64), flipv));
-        for (int j = 0; j < kRows; ++j) a[m][j] = _mm512_dpbusd_epi32(a[m][j], xv, wv[j]);
+        const __m512i xt = _mm512_maskz_mov_epi8(tail, _mm512_xor_si512(_mm512_maskz_loadu_epi8(tail, x + m * K + K64), flipv));
+        a[m][1] = _mm512_dpbusd_epi32(a[m][1], xt, w0);
       }
     }
-    for (int m = 0; m < MR; ++m)
-      for (int j = 0; j < kRows; ++j) acc[m * N + n + j] = _mm512_reduce_add_epi32(a[m][j]);
+    for (int m = 0; m < MR; ++m) acc[m * N + n] = _mm512_reduce_add_epi32(_mm512_add_epi32(a[m][0], a[m][1]));
   }
-  sums_plain(x, MR, K, w, N, acc, flip, n, n1);
 }
 #endif
 
