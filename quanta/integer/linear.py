@@ -27,7 +27,8 @@ import torch
 from ..core import Format, Granularity, QuantSpec, pack_bits, unpack_bits
 from ..kernels.activation import quantize_activation
 from ..kernels.linear import (
-    NATIVE_LINEAR_IMPLS, int8_linear, native_linear_call, onednn_prepack, streaming_copy, weight_sum,
+    NATIVE_LINEAR_IMPLS, apply_post_op, check_post_op, int8_linear, native_linear_call, onednn_prepack,
+    streaming_copy, weight_sum,
 )
 from .linear_common import (
     _LinearBase, _active, _bias_of, _common_reason, _int_weight_reason, _output_spec_of, _per_channel_weight,
@@ -42,11 +43,15 @@ class Int8Linear(_LinearBase):
     dynamic per-tensor / per-token (``act_spec.dynamic``), symmetric or asymmetric, signed or
     unsigned. Weights of <= 4 bits (w4a8) are stored packed two per byte and unpacked to int8
     codes in ``pack()``.
+
+    ``post_op`` (``"relu"``, ``"gelu"``, ``"gelu_tanh"``; set by `quanta.transforms.fuse` when
+    the model applies that activation module to this layer's output and nothing else reads it)
+    is applied to the float output, inside the native kernel's epilogue where that runs.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  act_spec: QuantSpec | None = None, weight_bits: int = 8,
-                 output_spec: QuantSpec | None = None) -> None:
+                 output_spec: QuantSpec | None = None, post_op: str = "none") -> None:
         super().__init__()
         self._init_linear(in_features, out_features, bias)
         act_spec = QuantSpec(granularity="per_token") if act_spec is None else act_spec
@@ -66,7 +71,19 @@ class Int8Linear(_LinearBase):
             self.register_buffer("input_scale", torch.ones(()))
             self.register_buffer("input_zero_point", torch.zeros((), dtype=torch.int32))
         self._init_output(output_spec, out_features)
-        self.pack()
+        self.post_op = "none"
+        self.set_post_op(post_op)
+
+    def set_post_op(self, post_op: str) -> "Int8Linear":
+        """Fuse the activation ``post_op`` (``"none"`` to unfuse) into this layer's output. Only
+        for a float output: a layer with an output quantizer keeps its activations separate."""
+        check_post_op(post_op, type(self).__name__)
+        if post_op != "none" and self.output_spec is not None:
+            raise ValueError(f"{type(self).__name__}: cannot fuse {post_op!r} after an output quantizer "
+                             f"({self.output_spec}); the activation would run after quantization")
+        self.post_op = post_op
+        self.pack()  # settled calls carry the activation: rebuilt
+        return self
 
     @classmethod
     def accepts(cls, sim: Any) -> str | None:
@@ -110,7 +127,8 @@ class Int8Linear(_LinearBase):
     _RUNTIME = ("_packed", "_calls", "_impl_cache", "_homed")
 
     def config(self) -> dict[str, Any]:
-        return self._linear_config(act_spec=self.act_spec.to_dict(), weight_bits=self.weight_bits)
+        return self._linear_config(act_spec=self.act_spec.to_dict(), weight_bits=self.weight_bits,
+                                   post_op=self.post_op)
 
     def pack(self) -> None:
         w = self.weight
@@ -170,18 +188,22 @@ class Int8Linear(_LinearBase):
                                                *self._q_args)
         codes, s, z = quantize_activation(x2, s_in, z_in, *self._q_args, impl=q_impl, checked=checked)
         args = (codes, s, z, self._w8, self.weight_scale, self.bias, self._w_sum, self._packed)
-        y = self._run(int8_linear, *args)
-        mm_impl = self.__dict__.get("_impl_cache", {}).get(self._run_key(*args)) if q_impl == "native" else None
-        if mm_impl in NATIVE_LINEAR_IMPLS and checked and not torch.compiler.is_compiling():
+        mm_impl, mm_checked = self.choose_impl(int8_linear, self._run_key(*args), *args)
+        y = int8_linear(*args, impl=self.record(mm_impl), checked=mm_checked)
+        compiling = torch.compiler.is_compiling()
+        y = apply_post_op(y, self.post_op, native_ran=mm_impl in NATIVE_LINEAR_IMPLS and not compiling)
+        if q_impl == "native" and mm_impl in NATIVE_LINEAR_IMPLS and checked and mm_checked and not compiling:
             self._calls[sig] = (mm_impl, native_linear_call(mm_impl, self._w8, self.weight_scale, self.bias,
-                                                            self._w_sum, *self._q_args, s_in, z_in))
+                                                            self._w_sum, *self._q_args, s_in, z_in,
+                                                            post_op=self.post_op))
         return self._finish(y, x)
 
     def extra_repr(self) -> str:
         act = "static" if not self.act_spec.dynamic else "dynamic"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"weight=int{self.weight_bits} per_channel, act={self.act_spec} ({act}), "
-                f"kernel=int8_linear[{self.impl}]{self._output_repr()}")
+                f"kernel=int8_linear[{self.impl}]{self._output_repr()}"
+                + ("" if self.post_op == "none" else f", post_op={self.post_op}"))
 
 
 __all__ = ["Int8Linear"]

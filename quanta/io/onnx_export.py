@@ -214,7 +214,7 @@ def from_integer(mod: IntegerModule, path: str) -> Q._ExportPart:
                            None if act.dynamic else mod.input_zero_point, role="input")
         codes = unpack_bits(mod.weight, 4, True, mod.in_features) if mod.weight_bits <= 4 else mod.weight
         w = _per_channel(codes, mod.weight_scale, mod.weight_bits, path)
-        return Q.ExportLinear(w, mod.bias, inp, _out(mod, path))
+        return Q.ExportLinear(w, mod.bias, inp, _out(mod, path), mod.post_op)
     if isinstance(mod, Int8WeightOnlyLinear):
         inp = Q.activation(QuantSpec(format="bf16", bits=16), path) if mod.activation == "bfloat16" else None
         return Q.ExportLinear(_per_channel(mod.weight, mod.weight_scale, 8, path), mod.bias, inp, _out(mod, path))

@@ -132,13 +132,41 @@ def _int_mm_acc(x, x_zp, weight, w_sum, swapped: bool = False) -> torch.Tensor:
     return acc
 
 
-def _mm_rescale_native(x, x_zp, x_scale, w_t, w_sum, w_scale, bias):
-    """``torch._int_mm(x, w_t)``, then the zero-point correction and `_rescale` in one pass;
-    ``w_sum`` int32, ``w_scale`` / ``bias`` float32, all contiguous."""
+def _mm_rescale_native(x, x_zp, x_scale, w_t, w_sum, w_scale, bias, post_op=0):
+    """``torch._int_mm(x, w_t)``, then the zero-point correction and `_rescale` in one pass (and
+    the `POST_OPS` activation ``post_op``); ``w_sum`` int32, ``w_scale`` / ``bias`` float32, all
+    contiguous."""
     x, zp = _int8_operand(x, x_zp)
     acc = torch._int_mm(_dense(x), w_t)
     return native.module().rescale_rows(acc, zp.contiguous(), w_sum, _f32(x_scale).reshape(-1).contiguous(),
-                                        w_scale, bias)
+                                        w_scale, bias, post_op)
+
+
+# ----------------------------------------------------------------- activations after a linear
+#: activations an integer Linear can apply to its float output (`quanta.integer.Int8Linear`'s
+#: ``post_op``), with their codes in the native epilogue (``csrc/activation.h``)
+POST_OPS = {"none": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3}
+
+
+def check_post_op(post_op: str, who: str) -> str:
+    if post_op not in POST_OPS:
+        raise ValueError(f"{who}: post_op must be one of {sorted(POST_OPS)}, got {post_op!r}")
+    return post_op
+
+
+def apply_post_op(y: torch.Tensor, post_op: str, native_ran: bool = False) -> torch.Tensor:
+    """The activation ``post_op`` on a linear's float output: torch's ``relu`` / ``gelu``, or,
+    after a native kernel (``native_ran``, a contiguous float32 ``y`` it owns), the native
+    epilogue's own in place (so that a module's first call, which goes through the guarded
+    kernels, gives what its settled calls, which fuse the activation, give). The native GELU is
+    within ~1.5e-6 · max(1, |y|) of torch's (tests/kernels/test_native_activation.py)."""
+    if post_op == "none":
+        return y
+    if native_ran and y.dtype == torch.float32 and y.is_contiguous() and native.ready():
+        return native.module().apply_post_op_(y, POST_OPS[post_op])
+    if post_op == "relu":
+        return torch.relu(y)
+    return torch.nn.functional.gelu(y, approximate="tanh" if post_op == "gelu_tanh" else "none")
 
 
 def _native_weight_args(weight, w_scale, bias, w_sum):
@@ -205,9 +233,9 @@ NATIVE_LINEAR_IMPLS = ("gemv_native", "int_mm_native")
 
 
 def native_linear_call(impl, weight, w_scale, bias, w_sum, bits, signed, symmetric, narrow_range, per_token,
-                       rounding, scale=None, zero_point=None):
+                       rounding, scale=None, zero_point=None, post_op="none"):
     """`quantize_activation` (``native``) then `int8_linear` (``impl``, one of
-    `NATIVE_LINEAR_IMPLS`) as one callable with everything but the activations settled:
+    `NATIVE_LINEAR_IMPLS`) and `apply_post_op` (fused into the epilogue) as one callable with everything but the activations settled:
     ``run(x)`` for a row-major float32 ``[M, K]``. For a caller whose guarded calls chose exactly
     these two implementations for such inputs (integer modules keep one per input signature):
     the same functions, so the same numbers, without re-deriving the weight-side arguments at
@@ -226,6 +254,7 @@ def native_linear_call(impl, weight, w_scale, bias, w_sum, bits, signed, symmetr
                                                             zp.reshape(-1).to(torch.int32).contiguous())
     gemv = impl == "gemv_native"
     w_rows = w_t.t() if gemv else w_t
+    act = POST_OPS[check_post_op(post_op, "native_linear_call")]
 
     def run(x: torch.Tensor) -> torch.Tensor:
         # `_quantize_activation_native` then `_gemv_native` / `_mm_rescale_native`, their
@@ -240,8 +269,8 @@ def native_linear_call(impl, weight, w_scale, bias, w_sum, bits, signed, symmetr
         else:
             codes, s, z = lib.quantize_static(x, inv, zp_int, qmin, qmax, signed), s_static, z_static
         if gemv:
-            return lib.int8_gemv(codes, z, w_rows, w_sum32, s, w_scale32, bias32)
-        return _mm_rescale_native(codes, z, s, w_rows, w_sum32, w_scale32, bias32)
+            return lib.int8_gemv(codes, z, w_rows, w_sum32, s, w_scale32, bias32, act)
+        return _mm_rescale_native(codes, z, s, w_rows, w_sum32, w_scale32, bias32, act)
     return run
 
 

@@ -1,4 +1,5 @@
-"""Fuse ReLU/ReLU6 into integer convolutions and additions and keep uint8 activations between them.
+"""Fuse ReLU/ReLU6 into integer convolutions and additions and keep uint8 activations between them;
+fuse ReLU/GELU into integer Linears.
 
 The model is traced with ``torch.fx`` (integer and simulated modules are leaves) only to
 *read* its data flow; the model itself stays the user's eager module. For an integer conv
@@ -10,6 +11,10 @@ to emit uint8 codes on that grid with the activation fused in its kernel; the co
 those codes as they are. An integer addition is a producer too (a residual block's sum, ReLU
 fused, handed to the next block's convs and addition). Anything else keeps float
 interfaces (always correct). A model that cannot be traced keeps float interfaces everywhere.
+
+An integer Linear whose float output only an ``nn.ReLU`` / ``nn.GELU`` module reads applies that
+activation in its kernel's epilogue (`quanta.integer.Int8Linear.post_op`): one pass over the
+output instead of two, and the activation module becomes ``Identity``.
 """
 
 from __future__ import annotations
@@ -130,6 +135,41 @@ def fuse_activations(model: nn.Module) -> list[tuple[str, str, str]]:
             for r in relu6_nodes:  # applied by the producer's kernel: a second pass would change nothing
                 _replace(model, str(r.target), nn.Identity())
             done.append((str(node.target), act, "float"))
+    done += _fuse_linear_activations(model, graph, mods, calls)
+    return done
+
+
+def _linear_activation(m: nn.Module | None) -> str | None:
+    """The `Int8Linear.post_op` that does what module ``m`` does, or None."""
+    if isinstance(m, nn.ReLU):
+        return "relu"
+    if isinstance(m, nn.GELU):
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(m.approximate)
+    return None
+
+
+def _fuse_linear_activations(model: nn.Module, graph: fx.Graph, mods: dict[str, nn.Module],
+                             calls: dict[str, int]) -> list[tuple[str, str, str]]:
+    """An integer Linear (called once, float output, no output quantizer) whose output only an
+    activation module (ReLU, GELU; called once) reads: the Linear applies it in its epilogue and
+    the module becomes ``Identity``. (A functional ``F.gelu`` cannot be taken out of the
+    user's ``forward``, so it is left alone.)"""
+    done = []
+    for node in graph.nodes:
+        mod = mods.get(str(node.target)) if node.op == "call_module" else None
+        if not hasattr(mod, "set_post_op") or calls[str(node.target)] != 1 or len(node.users) != 1:
+            continue
+        if mod.post_op != "none" or mod.output_spec is not None:  # type: ignore[union-attr]
+            continue
+        user = next(iter(node.users))
+        if user.op != "call_module" or user.args != (node,) or user.kwargs or calls[str(user.target)] != 1:
+            continue
+        act = _linear_activation(mods.get(str(user.target)))
+        if act is None:
+            continue
+        mod.set_post_op(act)  # type: ignore[union-attr]
+        _replace(model, str(user.target), nn.Identity())
+        done.append((str(node.target), act, "float"))
     return done
 
 

@@ -6,7 +6,8 @@ in float. After lowering and fusion, `keep_faster` runs the model once on exampl
 records what each integer module receives, times the integer module against its float twin
 (the simulated module's own float class, sharing the original float weights) on exactly those
 inputs, interleaved (fastest round of each), and puts the float twin back where the integer
-module was slower by more than `MARGIN`. The
+module was slower by more than `MARGIN` (followed by the activation the integer module had
+fused, whose own module `fuse_activations` replaced by ``Identity``). The
 choice is reported (`conversion_report`, `coverage`): the layer then computes in float,
 unquantized. Convolutions inside a uint8 chain (emitting codes to, or taking codes from,
 another integer conv) are not timed alone: the chain's point is that no layer of it pays a
@@ -61,6 +62,19 @@ def _cuda_perf_counter(kind: str, fn: Callable[[], Any]) -> float:
     fn()
     torch.cuda.synchronize()
     return time.perf_counter() - start
+
+
+#: the activation module of each fused ``post_op`` (a module whose fused activation replaced the
+#: model's own activation module by ``Identity``: its float twin must apply it again)
+_POST_OP_MODULES: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU, "relu6": nn.ReLU6, "gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+}
+
+
+def _with_post_op(twin: nn.Module, mod: nn.Module) -> nn.Module:
+    """The float twin of ``mod``, followed by the activation ``mod`` has fused (if any)."""
+    post = getattr(mod, "post_op", "none")
+    return twin if post == "none" else nn.Sequential(twin, _POST_OP_MODULES[post]())
 
 
 def _in_uint8_chain(mod: nn.Module, args: tuple[Any, ...]) -> bool:
@@ -122,7 +136,7 @@ def _choose(model: nn.Module, modules: dict[str, IntegerModule], twins: dict[str
         args, kwargs = inputs[name]
         if _in_uint8_chain(mod, args):
             continue  # its neighbours compute on its uint8 codes: it stays with them
-        twin = twins[name].eval()
+        twin = _with_post_op(twins[name].eval(), mod)
         with torch.no_grad():
             int_call, float_call = (lambda: mod(*args, **kwargs)), (lambda: twin(*args, **kwargs))
             int_call(), float_call()  # warm-up (first-call allocations, lazy packing)

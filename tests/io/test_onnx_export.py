@@ -254,3 +254,21 @@ def test_missing_dependency_says_how_to_install(monkeypatch, tmp_path):
                  lambda: compare_onnx(sim, tmp_path / "m.onnx", torch.randn(2, 8))):
         with pytest.raises(ImportError, match=r'onnxscript.*pip install "quanta\[onnx\]"'):
             call()
+
+
+def test_activations_fused_into_linears_export(ort, tmp_path):
+    """ReLU / GELU / tanh-GELU that `fuse_activations` moved into Int8Linear epilogues come out as
+    ONNX activations after the Linear (the model's own modules are Identity now)."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(approximate="tanh"),
+                        nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10)).eval()
+    q = quanta.quantize(mlp, "dynamic_int8", speed_check=False)
+    assert [q[i].post_op for i in (0, 2, 4)] == ["gelu", "gelu_tanh", "relu"]
+    x = torch.randn(16, 32)
+    path = export_onnx(q, x[:4], tmp_path / "mlp.onnx", dynamic_batch=True)
+    got = torch.from_numpy(_run(ort, path, x))
+    with torch.no_grad():
+        ours, ref = q(x), mlp(x)
+    # per-token dynamic codes can differ by one step where the two GELUs differ by an ulp
+    torch.testing.assert_close(got, ours, rtol=0, atol=1e-3 * float(ours.abs().max()))
+    torch.testing.assert_close(got, ref, rtol=0.05, atol=0.05)

@@ -136,7 +136,13 @@ def test_convs_of_a_uint8_chain_are_not_timed_alone(trained_cnn, digits_data):
     choices = keep_faster(model, twins, x, measure=_fake(2e-3, 1e-3), repeats=1)
     assert {c.name for c in choices} == {"features.7", "head"}  # not features.0 / features.3
     assert isinstance(model.features[0], IntegerModule) and isinstance(model.features[3], IntegerModule)
-    assert type(model.features[7]) is nn.Conv2d and type(model.head) is nn.Linear
+    # features.7 had fused the ReLU after it (its module is Identity now): its float twin brings it back
+    f7 = model.features[7]
+    assert type(f7) is nn.Sequential and type(f7[0]) is nn.Conv2d and type(f7[1]) is nn.ReLU
+    with torch.no_grad():
+        assert (f7(torch.randn(2, f7[0].in_channels, 8, 8)) >= 0).all()
+    assert type(model.head) is nn.Linear
+    assert any(isinstance(model.features[i], nn.Identity) for i in range(8, len(model.features)))
     with torch.no_grad():  # two layers now float: close to the all-integer model, and it still runs
         after = model(x)
     assert (after.argmax(1) == before.argmax(1)).float().mean() >= 0.95

@@ -4,6 +4,7 @@
 #pragma once
 #include <torch/extension.h>
 
+#include "activation.h"
 #include "simd.h"
 
 #include <cmath>
@@ -133,9 +134,16 @@ void gemv_u8s8_rows(const uint8_t* x, int64_t M, int64_t K, const int8_t* w, int
                     int64_t n0, int64_t n1);
 
 // y = float32(acc - zp[m] * ws[n]) * xs[m] * wsc[n] (+ b[n]) in place over a row-major int32 [M, N]
-// (fused.cpp's rescale_rows); zrow / srow: zp / xs hold M values, else one.
+// (fused.cpp's rescale_rows); zrow / srow: zp / xs hold M values, else one. Then the activation
+// post_op (activation.h's PostOp) over each row while it is in cache.
 void rescale_rows_raw(int32_t* acc, int64_t M, int64_t N, const int32_t* zp, bool zrow, const int32_t* ws,
-                      const float* xs, bool srow, const float* wsc, const float* b);
+                      const float* xs, bool srow, const float* wsc, const float* b, int64_t post_op = kPostNone);
+
+// Checks a post-op code (0 none, 1 relu, 2 gelu, 3 gelu tanh) given to `what`.
+inline void check_post_op(const char* what, int64_t post_op) {
+  TORCH_CHECK(post_op >= kPostNone && post_op <= kPostGeluTanh, what,
+              ": post_op must be 0 (none), 1 (relu), 2 (gelu) or 3 (gelu tanh), got ", post_op);
+}
 
 // Checks the epilogue arguments of an [M, N] int32 accumulator (rescale_rows, int8_gemv): x_zp int32 and
 // x_scale float32 with 1 or M values, w_sum int32 and w_scale float32 with N, an optional float32 bias

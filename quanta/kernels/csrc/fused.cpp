@@ -60,7 +60,8 @@ torch::Tensor quantize_static(const torch::Tensor& x, double inv, int64_t zero_p
 }
 
 void quanta_native::rescale_rows_raw(int32_t* a, int64_t M, int64_t N, const int32_t* zp, bool zrow,
-                                     const int32_t* ws, const float* xs, bool srow, const float* wsc, const float* b) {
+                                     const int32_t* ws, const float* xs, bool srow, const float* wsc, const float* b,
+                                     int64_t post_op) {
   at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
       const int32_t z = zp[zrow ? m : 0];
@@ -82,21 +83,36 @@ void quanta_native::rescale_rows_raw(int32_t* a, int64_t M, int64_t N, const int
           out[n] = v * wsc[n];
         }
       }
+      apply_post_op(post_op, out, n_cols);
     }
   });
 }
 
 // In place over a row-major int32 [M, N] accumulator: y = float32(acc - zp[m] * w_sum[n]) * x_scale[m]
-// * w_scale[n] (+ bias[n]), left to right in float32; returns acc's memory viewed as float32.
+// * w_scale[n] (+ bias[n]), left to right in float32, then the activation post_op (activation.h);
+// returns acc's memory viewed as float32.
 torch::Tensor rescale_rows(torch::Tensor acc, const torch::Tensor& x_zp, const torch::Tensor& w_sum,
                            const torch::Tensor& x_scale, const torch::Tensor& w_scale,
-                           const c10::optional<torch::Tensor>& bias) {
+                           const c10::optional<torch::Tensor>& bias, int64_t post_op) {
+  check_post_op("rescale_rows", post_op);
   TORCH_CHECK(acc.scalar_type() == torch::kInt32 && acc.dim() == 2 && acc.is_contiguous(), "rescale_rows: acc must be contiguous int32 [M, N]");
   const int64_t M = acc.size(0), N = acc.size(1);
   const float* b = check_epilogue("rescale_rows", M, N, x_zp, w_sum, x_scale, w_scale, bias);
   rescale_rows_raw(acc.data_ptr<int32_t>(), M, N, x_zp.data_ptr<int32_t>(), x_zp.numel() > 1, w_sum.data_ptr<int32_t>(),
-                   x_scale.data_ptr<float>(), x_scale.numel() > 1, w_scale.data_ptr<float>(), b);
+                   x_scale.data_ptr<float>(), x_scale.numel() > 1, w_scale.data_ptr<float>(), b, post_op);
   return acc.view(torch::kFloat32);
+}
+
+// The activation post_op (1 relu, 2 gelu, 3 gelu tanh; activation.h) in place over a contiguous
+// float32 tensor: what rescale_rows / int8_gemv apply after their epilogue, for callers that
+// rescale otherwise and for tests.
+torch::Tensor apply_post_op_(torch::Tensor y, int64_t post_op) {
+  check_float_input(y, "apply_post_op_");
+  check_post_op("apply_post_op_", post_op);
+  TORCH_CHECK(y.is_contiguous(), "apply_post_op_: needs a contiguous tensor");
+  float* p = y.data_ptr<float>();
+  at::parallel_for(0, y.numel(), 16384, [&](int64_t b, int64_t e) { apply_post_op(post_op, p + b, e - b); });
+  return y;
 }
 
 // One span of `add_codes`: y = (a - za) * sa + (b - zb) * sb, the post-op (0 none, 1 ReLU, 2 ReLU6),
@@ -233,7 +249,7 @@ torch::Tensor max_pool2d_codes(const torch::Tensor& x, std::vector<int64_t> kern
 // gemv.cpp
 torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& x_zp, const torch::Tensor& w,
                         const torch::Tensor& w_sum, const torch::Tensor& x_scale, const torch::Tensor& w_scale,
-                        const c10::optional<torch::Tensor>& bias);
+                        const c10::optional<torch::Tensor>& bias, int64_t post_op);
 torch::Tensor int8_row_sums(const torch::Tensor& w);
 torch::Tensor huge_page_copy(const torch::Tensor& t);
 // recurrent.cpp
@@ -244,7 +260,9 @@ std::vector<torch::Tensor> rnn_layer(const std::string& mode, const torch::Tenso
                                      bool is_signed, bool reverse);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("int8_gemv", &int8_gemv, "int8 x int8 linear for a few rows (AVX-512 VNNI), rescaled like rescale_rows");
+  m.def("int8_gemv", &int8_gemv, "int8 x int8 linear for a few rows (AVX-512 VNNI), rescaled like rescale_rows",
+        py::arg("x"), py::arg("x_zp"), py::arg("w"), py::arg("w_sum"), py::arg("x_scale"), py::arg("w_scale"),
+        py::arg("bias"), py::arg("post_op") = 0);
   m.def("huge_page_copy", &huge_page_copy, "contiguous copy in memory advised for transparent huge pages");
   m.def("int8_row_sums", &int8_row_sums, "sum over each row of an int8 matrix, int32");
   m.def("gemv_has_vnni", &gemv_has_vnni, "whether int8_gemv was compiled with AVX-512 VNNI");
@@ -254,6 +272,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_codes", &add_codes, "residual addition of uint8 codes");
   m.def("quantize_rows", &quantize_rows, "dynamic per-row quantization");
   m.def("quantize_static", &quantize_static, "static per-tensor quantization");
-  m.def("rescale_rows", &rescale_rows, "int32 accumulator -> float32 output, in place");
+  m.def("rescale_rows", &rescale_rows, "int32 accumulator -> float32 output, in place", py::arg("acc"),
+        py::arg("x_zp"), py::arg("w_sum"), py::arg("x_scale"), py::arg("w_scale"), py::arg("bias"),
+        py::arg("post_op") = 0);
+  m.def("apply_post_op_", &apply_post_op_, "activation post-op (1 relu, 2 gelu, 3 gelu tanh) in place");
   bind_conv(m);
 }

@@ -107,11 +107,13 @@ void gemv_u8s8(const uint8_t* x, int64_t M, int64_t K, const int8_t* w, int64_t 
 using namespace quanta_native;
 
 // int8_linear for a few rows: y[m, n] = float32(sum_k (x[m, k] - x_zp[m]) * w[n, k]) * x_scale[m] * w_scale[n]
-// (+ bias[n]): the same int32 sums as torch._int_mm and the same float32 epilogue as rescale_rows.
+// (+ bias[n]), then the activation post_op: the same int32 sums as torch._int_mm and the same float32
+// epilogue as rescale_rows.
 // x: row-major int8 / uint8 codes [M, K]; w: row-major int8 [N, K]; w_sum: int32 [N] (sum_k w[n, k]).
 torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& x_zp, const torch::Tensor& w,
                         const torch::Tensor& w_sum, const torch::Tensor& x_scale, const torch::Tensor& w_scale,
-                        const c10::optional<torch::Tensor>& bias) {
+                        const c10::optional<torch::Tensor>& bias, int64_t post_op) {
+  check_post_op("int8_gemv", post_op);
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.stride(1) == 1 && x.stride(0) == x.size(1) &&
               (x.scalar_type() == torch::kInt8 || x.scalar_type() == torch::kUInt8),
               "int8_gemv: x must be row-major int8 / uint8 [M, K]");
@@ -128,7 +130,7 @@ torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& x_zp, const
   if (is_signed)
     for (auto& z : zp) z += 128;
   rescale_rows_raw(acc.data_ptr<int32_t>(), M, N, zp.data(), zp.size() > 1, w_sum.data_ptr<int32_t>(),
-                   x_scale.data_ptr<float>(), x_scale.numel() > 1, w_scale.data_ptr<float>(), b);
+                   x_scale.data_ptr<float>(), x_scale.numel() > 1, w_scale.data_ptr<float>(), b, post_op);
   return acc.view(torch::kFloat32);
 }
 
