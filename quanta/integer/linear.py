@@ -26,9 +26,9 @@ import torch
 
 from ..core import Format, Granularity, QuantSpec, pack_bits, unpack_bits
 from ..kernels.activation import quantize_activation
-from ..kernels.linear import (
-    NATIVE_LINEAR_IMPLS, apply_post_op, check_post_op, int8_linear, native_linear_call, onednn_prepack,
-    streaming_copy, weight_sum,
+from ..kernels.linear import int8_linear, onednn_prepack, streaming_copy, weight_sum
+from ..kernels.linear_native import (
+    NATIVE_LINEAR_IMPLS, apply_post_op, check_post_op, compiled_linear_args, native_linear_call,
 )
 from .linear_common import (
     _LinearBase, _active, _bias_of, _common_reason, _int_weight_reason, _output_spec_of, _per_channel_weight,
@@ -124,7 +124,7 @@ class Int8Linear(_LinearBase):
         mod.pack()
         return mod
 
-    _RUNTIME = ("_packed", "_calls", "_impl_cache", "_homed")
+    _RUNTIME = ("_packed", "_calls", "_impl_cache", "_homed", "_compiled")
 
     def config(self) -> dict[str, Any]:
         return self._linear_config(act_spec=self.act_spec.to_dict(), weight_bits=self.weight_bits,
@@ -154,6 +154,8 @@ class Int8Linear(_LinearBase):
         #: settled native calls per input signature (dtype, device, row-major, row bucket), made
         #: by the first eager call that ran the native kernels; forgotten by pack()
         self._calls: dict[tuple[Any, ...], Any] = {}
+        #: the same, as arguments of quanta_native::linear_packed for compiled graphs
+        self._compiled: dict[tuple[Any, ...], tuple[Any, ...]] = {}
         if not spec.dynamic:
             zp = self.input_zero_point
             self._codes_zp = zp - 128 if twin else zp
@@ -180,6 +182,10 @@ class Int8Linear(_LinearBase):
                 return self._finish(settled[1](x2), x)
         x2 = self._check(x)
         sig = self._signature(x2)
+        if torch.compiler.is_compiling():
+            arguments = self.__dict__.get("_compiled", {}).get(sig)
+            if arguments is not None:  # eager calls settled on the native kernels: the graph calls them too
+                return self._finish(torch.ops.quanta_native.linear_packed.default(x2, *arguments), x)
         static = not self.act_spec.dynamic
         s_in, z_in = (self.input_scale, self._codes_zp) if static else (None, None)
         q_impl, checked = "auto", False  # (a preferred int8_linear kernel says nothing about this op)
@@ -193,9 +199,11 @@ class Int8Linear(_LinearBase):
         compiling = torch.compiler.is_compiling()
         y = apply_post_op(y, self.post_op, native_ran=mm_impl in NATIVE_LINEAR_IMPLS and not compiling)
         if q_impl == "native" and mm_impl in NATIVE_LINEAR_IMPLS and checked and mm_checked and not compiling:
-            self._calls[sig] = (mm_impl, native_linear_call(mm_impl, self._w8, self.weight_scale, self.bias,
-                                                            self._w_sum, *self._q_args, s_in, z_in,
-                                                            post_op=self.post_op))
+            settled = (mm_impl, self._w8, self.weight_scale, self.bias, self._w_sum, *self._q_args, s_in, z_in)
+            self._calls[sig] = (mm_impl, native_linear_call(*settled, post_op=self.post_op))
+            compiled = compiled_linear_args(*settled, post_op=self.post_op)
+            if compiled is not None:
+                self._compiled[sig] = compiled
         return self._finish(y, x)
 
     def extra_repr(self) -> str:

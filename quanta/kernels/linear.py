@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from . import native
-from .activation import _act_spec, _f32, _quantize_activation_native
+from .activation import _f32
 from .library import Impl, KernelOp
 
 #: largest K for which every int32 partial sum of int8 (or uint8 - zp) x int8 products is exact
@@ -134,39 +134,12 @@ def _int_mm_acc(x, x_zp, weight, w_sum, swapped: bool = False) -> torch.Tensor:
 
 def _mm_rescale_native(x, x_zp, x_scale, w_t, w_sum, w_scale, bias, post_op=0):
     """``torch._int_mm(x, w_t)``, then the zero-point correction and `_rescale` in one pass (and
-    the `POST_OPS` activation ``post_op``); ``w_sum`` int32, ``w_scale`` / ``bias`` float32, all
+    the activation code ``post_op``, `quanta.kernels.linear_native.POST_OPS`); ``w_sum`` int32, ``w_scale`` / ``bias`` float32, all
     contiguous."""
     x, zp = _int8_operand(x, x_zp)
     acc = torch._int_mm(_dense(x), w_t)
     return native.module().rescale_rows(acc, zp.contiguous(), w_sum, _f32(x_scale).reshape(-1).contiguous(),
                                         w_scale, bias, post_op)
-
-
-# ----------------------------------------------------------------- activations after a linear
-#: activations an integer Linear can apply to its float output (`quanta.integer.Int8Linear`'s
-#: ``post_op``), with their codes in the native epilogue (``csrc/activation.h``)
-POST_OPS = {"none": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3}
-
-
-def check_post_op(post_op: str, who: str) -> str:
-    if post_op not in POST_OPS:
-        raise ValueError(f"{who}: post_op must be one of {sorted(POST_OPS)}, got {post_op!r}")
-    return post_op
-
-
-def apply_post_op(y: torch.Tensor, post_op: str, native_ran: bool = False) -> torch.Tensor:
-    """The activation ``post_op`` on a linear's float output: torch's ``relu`` / ``gelu``, or,
-    after a native kernel (``native_ran``, a contiguous float32 ``y`` it owns), the native
-    epilogue's own in place (so that a module's first call, which goes through the guarded
-    kernels, gives what its settled calls, which fuse the activation, give). The native GELU is
-    within ~1.5e-6 · max(1, |y|) of torch's (tests/kernels/test_native_activation.py)."""
-    if post_op == "none":
-        return y
-    if native_ran and y.dtype == torch.float32 and y.is_contiguous() and native.ready():
-        return native.module().apply_post_op_(y, POST_OPS[post_op])
-    if post_op == "relu":
-        return torch.relu(y)
-    return torch.nn.functional.gelu(y, approximate="tanh" if post_op == "gelu_tanh" else "none")
 
 
 def _native_weight_args(weight, w_scale, bias, w_sum):
@@ -226,52 +199,6 @@ def _guard_gemv_native(x, x_scale, x_zp, weight, w_scale, bias, w_sum, packed):
     if M > limit:
         return f"M={M} rows (gemv pays off up to {limit} rows for N*K={N * K})"
     return None
-
-
-#: the native `int8_linear` implementations a settled call (`native_linear_call`) can run
-NATIVE_LINEAR_IMPLS = ("gemv_native", "int_mm_native")
-
-
-def native_linear_call(impl, weight, w_scale, bias, w_sum, bits, signed, symmetric, narrow_range, per_token,
-                       rounding, scale=None, zero_point=None, post_op="none"):
-    """`quantize_activation` (``native``) then `int8_linear` (``impl``, one of
-    `NATIVE_LINEAR_IMPLS`) and `apply_post_op` (fused into the epilogue) as one callable with everything but the activations settled:
-    ``run(x)`` for a row-major float32 ``[M, K]``. For a caller whose guarded calls chose exactly
-    these two implementations for such inputs (integer modules keep one per input signature):
-    the same functions, so the same numbers, without re-deriving the weight-side arguments at
-    every call. The weight and the static qparams are read once, here: a module rebuilds its
-    settled calls in ``pack()`` (which ``load_state_dict`` runs) after they change."""
-    if impl not in NATIVE_LINEAR_IMPLS:
-        raise ValueError(f"native_linear_call: impl must be one of {NATIVE_LINEAR_IMPLS}, got {impl!r}")
-    w_t, w_sum32, w_scale32, bias32 = _native_weight_args(weight, w_scale, bias, w_sum)
-    lib = native.module()
-    spec = _act_spec(bits, signed, symmetric, narrow_range, per_token, rounding)
-    qmin, qmax = spec.qmin, spec.qmax
-    inv = None if scale is None else float(torch.reciprocal(_f32(scale)).reshape(()))
-    zp = torch.zeros((), dtype=torch.int32) if zero_point is None else zero_point
-    zp_int = int(zp.reshape(()))
-    s_static, z_static = (None, None) if scale is None else (_f32(scale).reshape(-1).contiguous(),
-                                                            zp.reshape(-1).to(torch.int32).contiguous())
-    gemv = impl == "gemv_native"
-    w_rows = w_t.t() if gemv else w_t
-    act = POST_OPS[check_post_op(post_op, "native_linear_call")]
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        # `_quantize_activation_native` then `_gemv_native` / `_mm_rescale_native`, their
-        # arguments resolved once: the same library calls with the same values
-        if inv is None:
-            out = lib.quantize_rows(x, qmin, qmax, symmetric, signed)
-            if not out:  # NaN / inf: the guarded path raises (or copes), as the first call did
-                codes, s, z = _quantize_activation_native(x, scale, zero_point, bits, signed, symmetric,
-                                                          narrow_range, per_token, rounding)
-            else:
-                codes, s, z = out[0], out[1].reshape(-1), out[2].reshape(-1)
-        else:
-            codes, s, z = lib.quantize_static(x, inv, zp_int, qmin, qmax, signed), s_static, z_static
-        if gemv:
-            return lib.int8_gemv(codes, z, w_rows, w_sum32, s, w_scale32, bias32, act)
-        return _mm_rescale_native(codes, z, s, w_rows, w_sum32, w_scale32, bias32, act)
-    return run
 
 
 def _int8_linear_int_mm(x, x_scale, x_zp, weight, w_scale, bias, w_sum, packed):
@@ -390,5 +317,5 @@ int8_linear = KernelOp(
 
 
 __all__: list[Any] = [
-    "GEMV_MAX_ROWS", "HUGE_PAGE_BYTES", "INT32_EXACT_MAX_K", "NATIVE_LINEAR_IMPLS", "ONEDNN_ULP_BOUND", "int8_linear", "native_linear_call", "onednn_prepack", "streaming_copy", "weight_sum",
+    "GEMV_MAX_ROWS", "HUGE_PAGE_BYTES", "INT32_EXACT_MAX_K", "ONEDNN_ULP_BOUND", "int8_linear", "onednn_prepack", "streaming_copy", "weight_sum",
 ]

@@ -38,7 +38,7 @@ LOG = logging.getLogger("quanta.kernels")
 CSRC = Path(__file__).with_name("csrc")
 #: compiled together into one library (fused.cpp holds the Python bindings); common.h is shared
 SOURCES = [CSRC / "fused.cpp", CSRC / "gemv.cpp", CSRC / "recurrent.cpp", CSRC / "conv.cpp", CSRC / "conv_dense.cpp",
-           CSRC / "conv_depthwise.cpp"]
+           CSRC / "conv_depthwise.cpp", CSRC / "linear_op.cpp"]
 HEADERS = [CSRC / "common.h", CSRC / "conv_kernels.h", CSRC / "simd.h", CSRC / "activation.h"]
 #: no -ffast-math, no FMA contraction: the kernels must round exactly like the PyTorch ops
 CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]

@@ -3,6 +3,7 @@ the fast kernels (not the reference) inside the compiled graph, and eager's numb
 
 from __future__ import annotations
 
+import copy
 import shutil
 
 import pytest
@@ -91,7 +92,6 @@ def test_compiled_graph_calls_the_settled_native_conv_with_eager_bits(cnn_int8, 
     """Convs whose eager calls settled on quanta's native conv run it in the compiled graph too,
     as the ``quanta_native::conv_packed`` op (straight to C++): one graph, eager's numbers (the
     convs' bit for bit; the traced linear head's float epilogue may round differently)."""
-    import copy
 
     import torch._dynamo
     from quanta.integer.conv import Int8Conv2d
@@ -118,20 +118,78 @@ def test_compiled_graph_calls_the_settled_native_conv_with_eager_bits(cnn_int8, 
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="inductor needs a C++ compiler")
-def test_compiled_dynamic_int8_linear_fuses_and_keeps_the_numbers():
-    """Linear kernels are traced into (inductor fuses their elementwise work): the activation
-    codes stay exact, the float epilogue (and the fused GELU) may differ by float rounding only."""
+def test_compiled_int8_linear_traced_when_nothing_settled_keeps_the_numbers():
+    """Compiled before any eager call (nothing settled), the linear kernels are traced into
+    (inductor fuses their elementwise work): the activation codes stay exact, the float epilogue
+    (and the fused GELU, torch's here, the native epilogue's eagerly) differ by float rounding only."""
     import torch._dynamo
 
     torch._dynamo.reset()
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 128)).eval()
     q = quanta.quantize(mlp, "dynamic_int8", progress=False)
-    assert q[0].post_op == "gelu"  # eager: the native epilogue's GELU; compiled: torch's, traced
+    assert q[0].post_op == "gelu"
     x = torch.randn(64, 256)
+    fresh = copy.deepcopy(q)
+    with torch.inference_mode():
+        got = torch.compile(fresh)(x)
+        assert not any(m._compiled for m in fresh.modules() if hasattr(m, "_compiled"))
+        expected = q(x)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="inductor needs a C++ compiler")
+@pytest.mark.parametrize("preset,rows", [("dynamic_int8", 1), ("dynamic_int8", 64), ("static_int8", 64)])
+def test_compiled_graph_calls_the_settled_native_linear_with_eager_bits(preset, rows):
+    """Linears whose eager calls settled on the native kernels (VNNI gemv or torch._int_mm, with
+    the fused GELU in the epilogue) run them in the compiled graph as one operator,
+    ``quanta_native::linear_packed``: one graph, eager's bits, kernel counters untouched."""
+    import torch._dynamo
+    from quanta.kernels import native
+
+    if not native.ready():
+        pytest.skip("native kernels not available")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 128)).eval()
+    calib = [torch.randn(16, 256) for _ in range(2)]
+    q = quanta.quantize(mlp, preset, calib_data=calib if preset == "static_int8" else None, speed_check=False,
+                        progress=False)
+    x = torch.randn(rows, 256)
     with torch.inference_mode():
         expected = q(x)
+        assert all(m._compiled for m in q.modules() if isinstance(m, IntegerModule))
         counts = {n: dict(m.kernel_counts) for n, m in q.named_modules() if isinstance(m, IntegerModule)}
-        got = torch.compile(q)(x)
-    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+        explained = torch._dynamo.explain(q)(x)
+        assert explained.graph_break_count == 0 and explained.graph_count == 1
+        compiled = torch.compile(q)
+        got = compiled(x)
+        with torch.profiler.profile() as prof:
+            compiled(x)
+    assert [e.name for e in prof.events()].count("quanta_native::linear_packed") == 2
+    assert torch.equal(got, expected)
     assert {n: dict(m.kernel_counts) for n, m in q.named_modules() if isinstance(m, IntegerModule)} == counts
+
+
+def test_linear_packed_refuses_bad_arguments():
+    from quanta.kernels import native
+    from quanta.kernels.linear_native import compiled_linear_args
+
+    if not native.ready():
+        pytest.skip("native kernels not available")
+    w = torch.randint(-127, 128, (8, 16), dtype=torch.int8)
+    args = compiled_linear_args("int_mm_native", w, torch.ones(8), None, None, 8, True, False, False, True,
+                                "half_even")
+    op = torch.ops.quanta_native.linear_packed.default
+    x = torch.randn(4, 16)
+    assert op(x, *args).shape == (4, 8)
+    x[1, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        op(x, *args)
+    with pytest.raises(RuntimeError, match="x must be row-major"):
+        op(torch.randn(16, 4).t(), *args)
+    with pytest.raises(RuntimeError, match="w must be contiguous int8"):
+        op(torch.randn(4, 16), w.float(), *args[1:])
+    assert compiled_linear_args("int_mm_native", w, torch.ones(8), None, None, 8, False, False, False, True,
+                                "half_even") is None  # unsigned codes: the eager path only

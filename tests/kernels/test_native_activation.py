@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from quanta.kernels import native
-from quanta.kernels.linear import POST_OPS
+from quanta.kernels.linear_native import POST_OPS
 
 pytestmark = pytest.mark.skipif(not native.ready(), reason="needs the native kernels")
 #: |native - torch| <= BOUND * max(1, |x|) (measured 1.4e-6 for the erf form: torch's own erf
