@@ -10,7 +10,7 @@ convolution, so a CNN does not pay a dequantize/quantize pair at every layer.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -22,6 +22,7 @@ from ..nn.modules.base import QuantModule
 from ..nn.modules.functional import QuantAdd, QuantOp
 from ..nn.tensor_quantizer import TensorQuantizer
 from .fuse import fuse_activations
+from .simplify import collapse_wrappers
 from .speed_check import SpeedChoice, keep_faster
 
 REPORT_ATTR = "_quanta_convert_report"
@@ -60,6 +61,11 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False, fuse
     ``speed_check``), each integer layer is timed against its float twin on the input it gets,
     and layers whose integer kernel is slower stay float (see `speed_check.keep_faster`); the
     report says which and by how much.
+
+    ``fuse``: fuse activations into integer layers (uint8 hand-off between integer convs,
+    `quanta.transforms.fuse`), then put an integer module in the place of a container that only
+    wraps it (`quanta.transforms.simplify`: ``Sequential(conv, Identity, Identity)`` after BN
+    folding and fusion; its name loses the container's index, ``features.0.0`` -> ``features.0``).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert expects an nn.Module, got {type(model).__name__}")
@@ -94,6 +100,9 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False, fuse
     if example is not None and speed_check and backend != "reference" and twins:
         choices = {c.name: c for c in keep_faster(target, twins, example, forward_fn=forward_fn)}
         report = [_with_choice(r, choices.get(r.name)) for r in report]
+    if fuse:  # (after the speed check, which names layers as they were lowered)
+        renamed = collapse_wrappers(target)
+        report = [replace(r, name=renamed.get(r.name, r.name)) for r in report]
     setattr(target, REPORT_ATTR, report)
     return target
 
