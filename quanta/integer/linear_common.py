@@ -14,6 +14,8 @@ from ..nn.modules.weighted import QuantLinear
 from .base import IntegerModule
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+#: the plain-cast formats (no scale, round to nearest even: `QuantSpec` allows no other) and their dtypes
+_CASTS = {Format.BF16: torch.bfloat16, Format.FP16: torch.float16}
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -158,9 +160,13 @@ class _LinearBase(_OutputQuant, IntegerModule):
         return op(*args, impl=impl, checked=checked)
 
     def _finish(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        # an output quantizer that is a plain cast to the dtype the kernel returned (weight-only
+        # layers: bfloat16 out of a bfloat16 kernel) has nothing left to do: its values are on that grid
+        on_grid = self.output_spec is not None and _CASTS.get(self.output_spec.format) is y.dtype
         if y.dtype != torch.float32:
             y = y.float()
-        y = self._apply_output(y)
+        if not on_grid:
+            y = self._apply_output(y)
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core import Format, Granularity, QuantSpec, pack_bits, quantize
+from ..kernels.linear import streaming_copy
 from ..kernels.weight_only import int4_weight_only_linear, int4pack_for_cpu, int8_weight_only_linear
 from .base import dtype_name
 from .linear_common import (
@@ -30,6 +31,21 @@ class Int8WeightOnlyLinear(_LinearBase):
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_features))
         self._init_output(output_spec, out_features)
+
+    _RUNTIME = ("_homed",)
+
+    def pack(self) -> None:
+        # a large weight is streamed from memory at every decoding call: the buffer itself is
+        # re-homed in huge-page memory (`streaming_copy`; same values, one copy), as Int8Linear's
+        w = self.weight
+        if w.data_ptr() != self.__dict__.get("_homed"):
+            self._buffers["weight"] = streaming_copy(w.contiguous())
+            self._homed = self._buffers["weight"].data_ptr()
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:  # .to(device) keeps the runtime form in step
+        out = super()._apply(fn, recurse)
+        self.pack()
+        return out
 
     @classmethod
     def accepts(cls, sim: Any) -> str | None:
@@ -135,9 +151,10 @@ class Int4WeightOnlyLinear(_LinearBase):
         self._packed = self._scales_zeros = None
         if self.weight.device.type == "cpu" and self.impl in ("auto", "int4pack_mm") and \
                 hasattr(torch, "_convert_weight_to_int4pack_for_cpu") and self.out_features % 16 == 0:
-            self._packed, self._scales_zeros = int4pack_for_cpu(
+            packed, self._scales_zeros = int4pack_for_cpu(
                 self.weight, self.weight_scale, self.weight_zero_point, self.group_size, self.signed,
                 self.in_features)
+            self._packed = streaming_copy(packed)  # (streamed at every decoding call: huge pages)
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         out = super()._apply(fn, recurse)

@@ -192,3 +192,24 @@ def test_large_weights_live_in_one_streaming_copy():
     fresh.load_state_dict(q.state_dict())
     assert torch.equal(fresh.weight, q.weight) and torch.equal(fresh(x), y)
     assert torch.equal(copy.deepcopy(q)(x), y)
+
+
+def test_large_weight_only_weights_are_rehomed_and_bf16_outputs_kept_as_they_are():
+    """Weight-only int8: the >= 2 MiB buffer is re-homed (one copy, homed again after
+    load_state_dict and deepcopy), and a bfloat16 kernel output under a bfloat16 output quantizer
+    is returned as it is (already on that grid): equal to applying the quantizer."""
+    from quanta.kernels.weight_only import int8_weight_only_linear
+
+    torch.manual_seed(0)
+    q = quanta.quantize(nn.Sequential(nn.Linear(2048, 1024)).eval(), "weight_only_int8", speed_check=False)[0]
+    assert isinstance(q, Int8WeightOnlyLinear) and q._homed == q.weight.data_ptr()
+    x = torch.randn(2, 2048)
+    y = q(x)
+    fresh = Int8WeightOnlyLinear(2048, 1024, output_spec=q.output_spec, activation=q.activation)
+    fresh.load_state_dict(q.state_dict())
+    assert fresh._homed == fresh.weight.data_ptr() and torch.equal(fresh(x), y)
+    assert torch.equal(copy.deepcopy(q)(x), y)
+    impl = next(iter(q.kernel_counts))  # what the module ran, run again by name
+    with torch.no_grad():
+        raw = int8_weight_only_linear(x.bfloat16(), q.weight, q.weight_scale, q.bias, impl=impl)
+    assert raw.dtype == torch.bfloat16 and torch.equal(y, q._apply_output(raw.float()))
