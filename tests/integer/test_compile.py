@@ -15,6 +15,20 @@ from quanta.integer.base import IntegerModule
 from quanta.kernels.conv import int8_conv, kernel_strides
 
 
+def _one_graph_run(model, x):
+    """Asserts ``model`` compiles to one graph without breaks; ``(compiled output, names of the
+    ops a second compiled call ran)``."""
+    import torch._dynamo
+
+    explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    compiled = torch.compile(model)
+    got = compiled(x)
+    with torch.profiler.profile() as prof:
+        compiled(x)
+    return got, [e.name for e in prof.events()]
+
+
 @pytest.mark.parametrize("dims", [1, 2, 3])
 @pytest.mark.parametrize("impl", ["onednn", "reference"])
 @pytest.mark.parametrize("uint8_out", [False, True], ids=["float_out", "uint8_out"])
@@ -105,13 +119,7 @@ def test_compiled_graph_calls_the_settled_native_conv_with_eager_bits(cnn_int8, 
         expected = model(x)  # eager: settles each conv's kernel for this input shape
         native_convs = [m for m in model.modules() if isinstance(m, Int8Conv2d) and m._compiled]
         assert len(native_convs) == 2  # (the 1-channel input conv stays on oneDNN)
-        explained = torch._dynamo.explain(model)(x)
-        assert explained.graph_break_count == 0 and explained.graph_count == 1
-        compiled = torch.compile(model)
-        got = compiled(x)
-        with torch.profiler.profile() as prof:
-            compiled(x)
-    ops = [e.name for e in prof.events()]
+        got, ops = _one_graph_run(model, x)
     assert ops.count("quanta_native::conv_packed") == 2 and "quanta::int8_conv" in ops
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
 
@@ -161,13 +169,8 @@ def test_compiled_graph_calls_the_settled_native_linear_with_eager_bits(preset, 
         expected = q(x)
         assert all(m._compiled for m in q.modules() if isinstance(m, IntegerModule))
         counts = {n: dict(m.kernel_counts) for n, m in q.named_modules() if isinstance(m, IntegerModule)}
-        explained = torch._dynamo.explain(q)(x)
-        assert explained.graph_break_count == 0 and explained.graph_count == 1
-        compiled = torch.compile(q)
-        got = compiled(x)
-        with torch.profiler.profile() as prof:
-            compiled(x)
-    assert [e.name for e in prof.events()].count("quanta_native::linear_packed") == 2
+        got, ops = _one_graph_run(q, x)
+    assert ops.count("quanta_native::linear_packed") == 2
     assert torch.equal(got, expected)
     assert {n: dict(m.kernel_counts) for n, m in q.named_modules() if isinstance(m, IntegerModule)} == counts
 

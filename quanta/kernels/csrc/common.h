@@ -166,6 +166,16 @@ inline const float* check_epilogue(const char* what, int64_t M, int64_t N, const
 // Whether gemv_u8s8 was compiled with AVX-512 VNNI (else it is a plain loop).
 bool gemv_has_vnni();
 
+// The graph operators (registered in fused.cpp as quanta_native::conv_packed / linear_packed):
+// a settled conv plan's convolution (conv.cpp) and a settled int8 Linear (linear_op.cpp).
+torch::Tensor conv_packed(const torch::Tensor& x, const torch::Tensor& wpack, const torch::Tensor& corr,
+                          const torch::Tensor& mult, const torch::Tensor& bias, const torch::Tensor& pad,
+                          c10::IntArrayRef params, double inv, double z);
+torch::Tensor linear_packed(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& w_sum,
+                            const torch::Tensor& w_scale, const c10::optional<torch::Tensor>& bias, int64_t qmin,
+                            int64_t qmax, bool symmetric, double inv_scale, int64_t zero_point, double scale,
+                            bool gemv, int64_t post_op);
+
 // Registers conv.cpp's ConvPlan with the Python module (called by fused.cpp's bindings).
 void bind_conv(pybind11::module& m);
 

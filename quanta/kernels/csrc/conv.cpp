@@ -192,15 +192,3 @@ void bind_conv(pybind11::module& m) {
 }
 
 }  // namespace quanta_native
-
-// The same convolution as an operator, for compiled graphs: a call from an inductor wrapper goes
-// straight to C++ (no Python per call). Its fake (shape) function is registered from Python
-// (quanta/kernels/conv_native.py).
-TORCH_LIBRARY(quanta_native, m) {
-  m.def("conv_packed(Tensor x, Tensor wpack, Tensor corr, Tensor mult, Tensor bias, Tensor pad, int[] params, "
-        "float inv, float z) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(quanta_native, CPU, m) {
-  m.impl("conv_packed", &quanta_native::conv_packed);
-}

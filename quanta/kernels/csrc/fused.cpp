@@ -278,3 +278,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("apply_post_op_", &apply_post_op_, "activation post-op (1 relu, 2 gelu, 3 gelu tanh) in place");
   bind_conv(m);
 }
+
+// The graph operators, for compiled graphs: a call from an inductor wrapper goes straight to C++
+// (no Python per call), to the same functions the eager calls run. Their fake (shape) kernels are
+// registered from Python (kernels/conv_native.py, kernels/linear_native.py).
+TORCH_LIBRARY(quanta_native, m) {
+  m.def("conv_packed(Tensor x, Tensor wpack, Tensor corr, Tensor mult, Tensor bias, Tensor pad, int[] params, "
+        "float inv, float z) -> Tensor");
+  m.def("linear_packed(Tensor x, Tensor w, Tensor w_sum, Tensor w_scale, Tensor? bias, int qmin, int qmax, "
+        "bool symmetric, float inv_scale, int zero_point, float scale, bool gemv, int post_op) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(quanta_native, CPU, m) {
+  m.impl("conv_packed", &quanta_native::conv_packed);
+  m.impl("linear_packed", &quanta_native::linear_packed);
+}

@@ -5,8 +5,8 @@
 // kernels/linear.py's native_linear_call). Traced by torch.compile, the same layer would be
 // re-expressed in tensor operations that inductor fuses; this operator instead puts the eager
 // kernels themselves in the graph, with the same functions and so the same bits, and leaves the
-// float work around the layer (attention, norms, residual additions) to inductor. Its fake
-// kernel is registered from Python (kernels/linear.py).
+// float work around the layer (attention, norms, residual additions) to inductor. Registered as
+// an operator in fused.cpp; its fake kernel is registered from Python (kernels/linear_native.py).
 #include "common.h"
 
 #include <vector>
@@ -63,12 +63,3 @@ torch::Tensor linear_packed(const torch::Tensor& x, const torch::Tensor& w, cons
 }
 
 }  // namespace quanta_native
-
-TORCH_LIBRARY_FRAGMENT(quanta_native, m) {
-  m.def("linear_packed(Tensor x, Tensor w, Tensor w_sum, Tensor w_scale, Tensor? bias, int qmin, int qmax, "
-        "bool symmetric, float inv_scale, int zero_point, float scale, bool gemv, int post_op) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(quanta_native, CPU, m) {
-  m.impl("linear_packed", &quanta_native::linear_packed);
-}
