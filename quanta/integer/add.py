@@ -15,7 +15,8 @@ following ReLU / ReLU6 fused. Per element, in float32, the simulation's own oper
 so the float output equals the simulation exactly, and the uint8 output equals what the
 consumer's own quantizer would make of it. One pass in the native kernels
 (``quanta.kernels.native.add_codes``) when both operands are codes of the same shape and
-memory order; tensor operations with the same float32 arithmetic otherwise.
+memory order (in compiled graphs too, as the ``quanta_native::add_codes`` operator); tensor
+operations with the same float32 arithmetic otherwise.
 
 Canonical state: ``input_scale`` / ``input_zero_point`` and ``other_scale`` /
 ``other_zero_point`` (the operand grids, the specs' own codes), ``emit_scale`` /
@@ -152,8 +153,9 @@ class Int8Add(IntegerModule):
             raise TypeError(f"Int8Add expects float tensors or uint8 codes, got {t.dtype} for {name!r}")
         _, inv, zp, lo, hi = self._grids[index]
         xf = t if t.dtype == torch.float32 else t.float()
-        if native.ready() and xf.device.type == "cpu" and not torch.compiler.is_compiling() and _dense(xf):
-            return native.module().quantize_static(xf, inv, zp, lo, hi, False)
+        if native.ready() and xf.device.type == "cpu" and _dense(xf):
+            lib = torch.ops.quanta_native if torch.compiler.is_compiling() else native.module()
+            return lib.quantize_static(xf, inv, zp, lo, hi, False)
         return torch.mul(xf, inv).round_().add_(zp).clamp_(lo, hi).to(torch.uint8)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -164,11 +166,14 @@ class Int8Add(IntegerModule):
         (sa, _, za, _, _), (sb, _, zb, _, _) = self._grids
         uint8_out = self.output_kind == "uint8"
         _, inv, zo = self._emit
-        if native.ready() and ca.device.type == "cpu" and not torch.compiler.is_compiling() and \
-                ca.shape == cb.shape and ca.stride() == cb.stride() and _dense(ca):
-            self.record("native")
-            return native.module().add_codes(ca, sa, za, cb, sb, zb, _POST[self.post_op], inv if uint8_out else 0.0,
-                                             zo, 0, 255)
+        if native.ready() and ca.device.type == "cpu" and ca.shape == cb.shape and ca.stride() == cb.stride() \
+                and _dense(ca):
+            # one native pass; a compiled graph calls the same function as the quanta_native::add_codes op
+            compiling = torch.compiler.is_compiling()
+            add = torch.ops.quanta_native.add_codes.default if compiling else native.module().add_codes
+            if not compiling:
+                self.record("native")
+            return add(ca, sa, za, cb, sb, zb, _POST[self.post_op], inv if uint8_out else 0.0, zo, 0, 255)
         self.record("reference")
         y = (ca.float() - za) * sa
         y = y + (cb.float() - zb) * sb

@@ -260,11 +260,12 @@ class _Int8ConvNd(IntegerModule):
         """uint8 kernel codes of a float input (same numbers as `quanta.core.quantize`): one pass
         in the native kernels where they are loaded (codes in the input's memory order), else
         a few in-place tensor ops."""
-        if x.dtype == torch.float32 and x.device.type == "cpu" and native.ready() and \
-                not torch.compiler.is_compiling() and dense(x):
+        if x.dtype == torch.float32 and x.device.type == "cpu" and native.ready() and dense(x):
+            # (compiled graphs call the same functions as quanta_native operators)
+            lib = torch.ops.quanta_native if torch.compiler.is_compiling() else native.module()
             if x.dim() == 4 and x.shape[1] > 1 and x.is_contiguous():  # NCHW: codes straight into channels-last
-                return native.module().quantize_to_channels_last(x, self._x_inv, self._x_zp, self._x_lo, self._x_hi)
-            return native.module().quantize_static(x, self._x_inv, self._x_zp, self._x_lo, self._x_hi, False)
+                return lib.quantize_to_channels_last(x, self._x_inv, self._x_zp, self._x_lo, self._x_hi)
+            return lib.quantize_static(x, self._x_inv, self._x_zp, self._x_lo, self._x_hi, False)
         q = torch.mul(x if x.dtype == torch.float32 else x.float(), self._x_inv)
         q.round_()
         if self._x_zp:

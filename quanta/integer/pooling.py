@@ -39,12 +39,14 @@ class CodesMaxPool1d(nn.MaxPool1d):
 class CodesMaxPool2d(nn.MaxPool2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.uint8 and x.dim() == 4 and not self.ceil_mode and not self.return_indices and \
-                x.device.type == "cpu" and native.ready() and not torch.compiler.is_compiling() and \
-                x.is_contiguous(memory_format=torch.channels_last):
-            # one pass in the native kernels (channels-last uint8 codes: what integer convs emit)
+                x.device.type == "cpu" and native.ready() and x.is_contiguous(memory_format=torch.channels_last):
+            # one pass in the native kernels (channels-last uint8 codes: what integer convs emit); a
+            # compiled graph calls the same function as the quanta_native::max_pool2d_codes operator
             k, s, p, d = (_pair(v) for v in (self.kernel_size, self.stride or self.kernel_size, self.padding,
                                               self.dilation))
-            return native.module().max_pool2d_codes(x, k, s, p, d)
+            pool = torch.ops.quanta_native.max_pool2d_codes.default if torch.compiler.is_compiling() \
+                else native.module().max_pool2d_codes
+            return pool(x, k, s, p, d)
         return _pool_codes(self, x, super().forward)
 
 

@@ -133,9 +133,6 @@ def make_plan(weight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | 
     kind = _kind(in_ch, weight, groups)
     assert kind is not None, "guard_native refuses this grouping"
     w_sum = weight.reshape(weight.shape[0], -1).sum(1, dtype=torch.int32)
-    if not _FAKE:  # (eagerly, once per process: registering cannot be traced)
-        torch.library.register_fake("quanta_native::conv_packed")(_fake_packed)
-        _FAKE["registered"] = True
     return native.module().ConvPlan(
         pack_weight(weight, kind), w_sum, float(x_scale), int(x_zero_point), w_scale.float().contiguous(),
         None if bias is None else bias.float().contiguous(), in_ch, weight.shape[0], list(weight.shape[2:]),
@@ -158,25 +155,15 @@ def plan_call(plan: object, x_dim: int) -> Callable[[torch.Tensor], torch.Tensor
     return run4
 
 
-def _fake_packed(x, wpack, corr, mult, bias, pad, params, inv, z):
-    from .conv import conv_output_shape, kernel_strides
-    out_ch, kh, kw, sh, sw, ph, pw, dh, dw = params[1:10]
-    shape = conv_output_shape(x.shape, [out_ch, x.shape[1], kh, kw], [sh, sw], [ph, pw], [dh, dw])
-    return x.new_empty_strided(shape, kernel_strides(shape), dtype=torch.uint8 if params[12] else torch.float32)
-
-
 def compiled_run(x: torch.Tensor, arguments: tuple) -> torch.Tensor:
     """The plan's convolution as the ``quanta_native::conv_packed`` op (``arguments``:
     ``ConvPlan.arguments()``), for compiled graphs: the call goes from the graph straight to C++,
-    with the same function and numbers as ``ConvPlan.run`` (`make_plan` has registered the op's
-    fake kernel; the op itself comes with the native library)."""
+    with the same function and numbers as ``ConvPlan.run`` (the op and its fake kernel come with
+    the native library, `quanta.kernels.graph_ops`)."""
     op = torch.ops.quanta_native.conv_packed.default
     if x.dim() == 3:
         return op(x.unsqueeze(2).contiguous(memory_format=torch.channels_last), *arguments).squeeze(2)
     return op(x.contiguous(memory_format=torch.channels_last), *arguments)
-
-
-_FAKE: dict[str, bool] = {}  # whether conv_packed's fake kernel is registered (once per process, like the op)
 
 
 def native_call(x_dim: int, x_scale: float, x_zero_point: int, weight: torch.Tensor, w_scale: torch.Tensor,

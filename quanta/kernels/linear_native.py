@@ -99,9 +99,6 @@ def compiled_linear_args(impl, weight, w_scale, bias, w_sum, bits, signed, symme
     operator quantizes to signed ones, as the uint8 asymmetric twin does)."""
     if impl not in NATIVE_LINEAR_IMPLS or not signed or bits > 8:
         return None
-    if not _FAKE:  # (eagerly, once per process: registering cannot be traced)
-        torch.library.register_fake("quanta_native::linear_packed")(_fake_linear_packed)
-        _FAKE["registered"] = True
     w_t, w_sum32, w_scale32, bias32 = _native_weight_args(weight, w_scale, bias, w_sum)
     spec = _act_spec(bits, signed, symmetric, narrow_range, per_token, rounding)
     if scale is None:
@@ -111,13 +108,6 @@ def compiled_linear_args(impl, weight, w_scale, bias, w_sum, bits, signed, symme
         inv, zp = float(torch.reciprocal(_f32(scale)).reshape(())), int(zero_point.reshape(()))
     return (w_t.t(), w_sum32, w_scale32, bias32, spec.qmin, spec.qmax, symmetric, inv, zp, s,
             impl == "gemv_native", POST_OPS[check_post_op(post_op, "compiled_linear_args")])
-
-
-def _fake_linear_packed(x, w, *_):
-    return x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float32)
-
-
-_FAKE: dict[str, bool] = {}  # whether linear_packed's fake kernel is registered (once per process)
 
 
 __all__ = ["NATIVE_LINEAR_IMPLS", "POST_OPS", "apply_post_op", "check_post_op", "compiled_linear_args", "native_linear_call"]

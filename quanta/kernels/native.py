@@ -87,6 +87,8 @@ def ensure() -> Any:
         if why is None:
             try:
                 _state["module"] = _build()
+                from .graph_ops import register_fakes
+                register_fakes()  # (the library defines the graph operators; their shapes are told here)
                 why = None
             except Exception as e:  # no compiler / ninja / headers: the Python kernels run instead
                 why = f"could not be built: {' '.join(str(e).split())[:300]}"

@@ -176,6 +176,11 @@ torch::Tensor linear_packed(const torch::Tensor& x, const torch::Tensor& w, cons
                             int64_t qmax, bool symmetric, double inv_scale, int64_t zero_point, double scale,
                             bool gemv, int64_t post_op);
 
+// Static per-tensor uint8 quantization of a contiguous NCHW float32 x into channels-last codes
+// (conv.cpp): what an integer conv's float input becomes in one pass.
+torch::Tensor quantize_to_channels_last(const torch::Tensor& x, double inv, int64_t zero_point, int64_t qmin,
+                                        int64_t qmax);
+
 // Registers conv.cpp's ConvPlan with the Python module (called by fused.cpp's bindings).
 void bind_conv(pybind11::module& m);
 

@@ -144,6 +144,8 @@ void interleave(const uint8_t* __restrict__ row, uint8_t* __restrict__ out, int6
     for (int c = 0; c < C; ++c) out[w * C + c] = row[c * W + w];
 }
 
+}  // namespace
+
 // uint8 codes clamp(round(x * inv) + zp, qmin, qmax) of a contiguous NCHW float32 x, written in
 // channels-last memory order (what the convolutions read): one pass, where quantizing and then
 // torch's channels-last copy cost two (the copy alone ~95 us for a 3 x 224 x 224 image).
@@ -176,8 +178,6 @@ torch::Tensor quantize_to_channels_last(const torch::Tensor& x, double inv, int6
   });
   return out;
 }
-
-}  // namespace
 
 void bind_conv(pybind11::module& m) {
   m.def("quantize_to_channels_last", &quantize_to_channels_last,

@@ -209,8 +209,8 @@ torch::Tensor add_codes(const torch::Tensor& a, double sa, int64_t za, const tor
 
 // 2d max pooling of channels-last uint8 codes [N, C, H, W] (memory order N, H, W, C), windows
 // without ceil mode; padding never wins (it is outside the window's valid taps).
-torch::Tensor max_pool2d_codes(const torch::Tensor& x, std::vector<int64_t> kernel, std::vector<int64_t> stride,
-                               std::vector<int64_t> padding, std::vector<int64_t> dilation) {
+torch::Tensor max_pool2d_codes(const torch::Tensor& x, c10::IntArrayRef kernel, c10::IntArrayRef stride,
+                               c10::IntArrayRef padding, c10::IntArrayRef dilation) {
   TORCH_CHECK(x.scalar_type() == torch::kUInt8 && x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast),
               "max_pool2d_codes: needs channels-last uint8 [N, C, H, W]");
   TORCH_CHECK(kernel.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
@@ -279,7 +279,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   bind_conv(m);
 }
 
-// The graph operators, for compiled graphs: a call from an inductor wrapper goes straight to C++
+// The graph operators, for compiled graphs (settled convs and Linears, residual additions and
+// max-pooling of uint8 codes, static quantization of a float input): a call from an inductor wrapper goes straight to C++
 // (no Python per call), to the same functions the eager calls run. Their fake (shape) kernels are
 // registered from Python (kernels/conv_native.py, kernels/linear_native.py).
 TORCH_LIBRARY(quanta_native, m) {
@@ -287,9 +288,18 @@ TORCH_LIBRARY(quanta_native, m) {
         "float inv, float z) -> Tensor");
   m.def("linear_packed(Tensor x, Tensor w, Tensor w_sum, Tensor w_scale, Tensor? bias, int qmin, int qmax, "
         "bool symmetric, float inv_scale, int zero_point, float scale, bool gemv, int post_op) -> Tensor");
+  m.def("add_codes(Tensor a, float sa, int za, Tensor b, float sb, int zb, int post_op, float out_inv, int out_zp, "
+        "int lo, int hi) -> Tensor");
+  m.def("max_pool2d_codes(Tensor x, int[] kernel, int[] stride, int[] padding, int[] dilation) -> Tensor");
+  m.def("quantize_static(Tensor x, float inv, int zero_point, int qmin, int qmax, bool is_signed) -> Tensor");
+  m.def("quantize_to_channels_last(Tensor x, float inv, int zero_point, int qmin, int qmax) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(quanta_native, CPU, m) {
   m.impl("conv_packed", &quanta_native::conv_packed);
   m.impl("linear_packed", &quanta_native::linear_packed);
+  m.impl("add_codes", &add_codes);
+  m.impl("max_pool2d_codes", &max_pool2d_codes);
+  m.impl("quantize_static", &quantize_static);
+  m.impl("quantize_to_channels_last", &quanta_native::quantize_to_channels_last);
 }

@@ -1,0 +1,66 @@
+"""The shape (fake) kernels of the native graph operators, registered once when the native
+library loads (`quanta.kernels.native.ensure`).
+
+The operators themselves (``quanta_native::*``, ``csrc/fused.cpp``'s ``TORCH_LIBRARY`` block) run
+the same C++ functions as the eager calls; compiled graphs call them so that a settled integer
+module costs one call from the graph straight to C++, with eager's numbers::
+
+    conv_packed(x, wpack, corr, mult, bias, pad, params, inv, z)    a settled ConvPlan (conv.cpp)
+    linear_packed(x, w, w_sum, w_scale, bias, ...)                   a settled int8 Linear (linear_op.cpp)
+    add_codes(a, sa, za, b, sb, zb, post_op, out_inv, out_zp, lo, hi)  Int8Add on uint8 codes
+    max_pool2d_codes(x, kernel, stride, padding, dilation)          max-pool of channels-last codes
+    quantize_static(x, inv, zero_point, qmin, qmax, is_signed)       codes in x's memory order
+    quantize_to_channels_last(x, inv, zero_point, qmin, qmax)        NCHW floats -> channels-last codes
+
+torch.compile traces each through its fake kernel (output shape, dtype and strides only).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _fake_conv_packed(x, wpack, corr, mult, bias, pad, params, inv, z):
+    from .conv import conv_output_shape, kernel_strides
+    out_ch, kh, kw, sh, sw, ph, pw, dh, dw = params[1:10]
+    shape = conv_output_shape(x.shape, [out_ch, x.shape[1], kh, kw], [sh, sw], [ph, pw], [dh, dw])
+    return x.new_empty_strided(shape, kernel_strides(shape), dtype=torch.uint8 if params[12] else torch.float32)
+
+
+def _fake_linear_packed(x, w, *_):
+    return x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float32)
+
+
+def _fake_add_codes(a, sa, za, b, sb, zb, post_op, out_inv, out_zp, lo, hi):
+    # the kernel keeps a's memory order; uint8 codes when it emits them (out_inv > 0), else float32
+    return a.new_empty_strided(a.shape, a.stride(), dtype=torch.uint8 if out_inv > 0 else torch.float32)
+
+
+def _fake_max_pool2d_codes(x, kernel, stride, padding, dilation):
+    n, c, h, w = x.shape
+    oh = (h + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+    return x.new_empty((n, c, oh, ow), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+
+
+def _fake_quantize_static(x, inv, zero_point, qmin, qmax, is_signed):
+    return x.new_empty_strided(x.shape, x.stride(), dtype=torch.int8 if is_signed else torch.uint8)
+
+
+def _fake_quantize_to_channels_last(x, inv, zero_point, qmin, qmax):
+    return x.new_empty(x.shape, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+
+
+FAKES = {"conv_packed": _fake_conv_packed, "linear_packed": _fake_linear_packed, "add_codes": _fake_add_codes,
+         "max_pool2d_codes": _fake_max_pool2d_codes, "quantize_static": _fake_quantize_static,
+         "quantize_to_channels_last": _fake_quantize_to_channels_last}
+
+
+def register_fakes() -> None:
+    """Register every operator's fake kernel (once per process: the native library, which defines
+    the operators, loads once)."""
+    for name, fake in FAKES.items():
+        torch.library.register_fake(f"quanta_native::{name}")(fake)
+
+
+__all__ = ["FAKES", "register_fakes"]
