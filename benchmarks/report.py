@@ -62,7 +62,7 @@ def header(threads: int, quick: bool, extra: list[str] | None = None) -> str:
         f"- threads: torch.set_num_threads({threads}); ONNX Runtime intra_op_num_threads={threads}",
         f"- python {platform.python_version()}, torch {torch.__version__}, torchao {_version('torchao')}, "
         f"onnxruntime {_version('onnxruntime')}, onnx {_version('onnx')}, quanta {quanta_version()}",
-        "- timing: warm-up 2 calls (compile excluded), then interleaved round-robin repeats, median; "
+        "- timing: warm-up 2 calls (compile excluded), then interleaved repeats (each round in a seeded shuffled order), median; "
         "torch.inference_mode; inductor freezing on for every `+ compile` row",
         "- ratio vs fp32 = fp32 eager ms / method ms (>1 is faster); ratio vs best peer = best peer ms / "
         "method ms, best peer = fastest row that is neither fp32 nor quanta",

@@ -1,14 +1,18 @@
-"""Side-by-side timing: warm-up, then interleaved (round-robin) repeats, medians.
+"""Side-by-side timing: warm-up, then interleaved repeats (shuffled rounds), medians.
 
 Every method is timed in the same process on the same input. One round calls each method
-once, in a rotating order, so that drift in the machine (other load, thermal state, turbo)
-spreads over all methods instead of landing on whichever ran last. The number of rounds is
+once, in an order shuffled per round (seeded: runs are repeatable), so that drift in the
+machine (other load, thermal state, turbo) spreads over all methods instead of landing on
+whichever ran last, and no method always follows the same one: a method timed right after a
+large fp32 run starts with that run's cache and thread state, and a fixed (or merely rotated)
+order hands that state to the same method in every round. The number of rounds is
 adaptive: enough for every method to get ``min_seconds`` of measured time, bounded by
 ``min_rounds`` / ``max_rounds`` and an overall ``budget_s``.
 """
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from typing import Callable
@@ -29,7 +33,7 @@ def interleaved(
     max_rounds: int = 200,
     budget_s: float = 120.0,
 ) -> tuple[dict[str, list[float]], dict[str, str]]:
-    """Time every method round-robin; return (seconds per call per method, errors).
+    """Time every method in shuffled rounds; return (seconds per call per method, errors).
 
     A method that raises during timing is dropped from the rounds and reported in ``errors``.
     """
@@ -38,9 +42,9 @@ def interleaved(
     errors: dict[str, str] = {}
     start = time.perf_counter()
     rounds = 0
+    order = random.Random(0)
     while names and rounds < max_rounds:
-        k = rounds % len(names)
-        for n in names[k:] + names[:k]:
+        for n in order.sample(names, len(names)):
             try:
                 samples[n].append(_time_once(fns[n]))
             except Exception as e:
