@@ -26,7 +26,7 @@ import torch
 
 from ..core import Format, Granularity, QuantSpec, pack_bits, unpack_bits
 from ..kernels.activation import quantize_activation
-from ..kernels.linear import int8_linear, onednn_prepack, streaming_copy, weight_sum
+from ..kernels.linear import GEMV_MAX_ROWS, gemm_pack, int8_linear, onednn_prepack, streaming_copy, weight_sum
 from ..kernels.linear_native import (
     NATIVE_LINEAR_IMPLS, apply_post_op, check_post_op, compiled_linear_args, native_linear_call,
 )
@@ -124,7 +124,7 @@ class Int8Linear(_LinearBase):
         mod.pack()
         return mod
 
-    _RUNTIME = ("_packed", "_calls", "_impl_cache", "_homed", "_compiled")
+    _RUNTIME = ("_packed", "_calls", "_impl_cache", "_homed", "_compiled", "_gemm_unpackable")
 
     def config(self) -> dict[str, Any]:
         return self._linear_config(act_spec=self.act_spec.to_dict(), weight_bits=self.weight_bits,
@@ -140,7 +140,8 @@ class Int8Linear(_LinearBase):
         else:
             self._w8 = w
         self._w_sum = weight_sum(self._w8)
-        self._packed = onednn_prepack(self._w8) if self.impl == "onednn" else None
+        self._packed = onednn_prepack(self._w8) if self.impl == "onednn" else None  # (gemm_pack: _packed_for)
+        self._gemm_unpackable = False
         # uint8 asymmetric codes are computed as their signed twins (code - 128, zero point - 128):
         # the same grid and sums, but float -> int8 is ~5x cheaper than float -> uint8 on CPU and
         # torch._int_mm then needs no shift (onednn, which wants uint8, keeps the unsigned codes)
@@ -159,6 +160,17 @@ class Int8Linear(_LinearBase):
         if not spec.dynamic:
             zp = self.input_zero_point
             self._codes_zp = zp - 128 if twin else zp
+
+    def _packed_for(self, rows: int) -> torch.Tensor | None:
+        """``int8_linear``'s ``packed`` argument: onednn's prepacked weight (``impl="onednn"``),
+        else, from the first call of more rows than the gemv takes, the weight packed for
+        ``gemm_native`` (`gemm_pack`: one more byte per weight, built only for layers that see
+        such calls; None where that kernel cannot run)."""
+        if self._packed is None and rows > GEMV_MAX_ROWS and self.impl in ("auto", "gemm_native") \
+                and not self.__dict__.get("_gemm_unpackable", False):
+            self._packed = gemm_pack(self._w8)
+            self._gemm_unpackable = self._packed is None
+        return self._packed
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:  # .to(device) keeps the runtime form in step
         out = super()._apply(fn, recurse)
@@ -193,15 +205,15 @@ class Int8Linear(_LinearBase):
             q_impl, checked = self.choose_impl(quantize_activation, ("quantize",) + sig[:3], x2, s_in, z_in,
                                                *self._q_args)
         codes, s, z = quantize_activation(x2, s_in, z_in, *self._q_args, impl=q_impl, checked=checked)
-        args = (codes, s, z, self._w8, self.weight_scale, self.bias, self._w_sum, self._packed)
+        args = (codes, s, z, self._w8, self.weight_scale, self.bias, self._w_sum, self._packed_for(x2.shape[0]))
         mm_impl, mm_checked = self.choose_impl(int8_linear, self._run_key(*args), *args)
         y = int8_linear(*args, impl=self.record(mm_impl), checked=mm_checked)
         compiling = torch.compiler.is_compiling()
         y = apply_post_op(y, self.post_op, native_ran=mm_impl in NATIVE_LINEAR_IMPLS and not compiling)
         if q_impl == "native" and mm_impl in NATIVE_LINEAR_IMPLS and checked and mm_checked and not compiling:
             settled = (mm_impl, self._w8, self.weight_scale, self.bias, self._w_sum, *self._q_args, s_in, z_in)
-            self._calls[sig] = (mm_impl, native_linear_call(*settled, post_op=self.post_op))
-            compiled = compiled_linear_args(*settled, post_op=self.post_op)
+            self._calls[sig] = (mm_impl, native_linear_call(*settled, post_op=self.post_op, packed=args[7]))
+            compiled = compiled_linear_args(*settled, post_op=self.post_op, packed=args[7])
             if compiled is not None:
                 self._compiled[sig] = compiled
         return self._finish(y, x)

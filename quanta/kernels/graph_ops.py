@@ -27,8 +27,8 @@ def _fake_conv_packed(x, wpack, corr, mult, bias, pad, params, inv, z):
     return x.new_empty_strided(shape, kernel_strides(shape), dtype=torch.uint8 if params[12] else torch.float32)
 
 
-def _fake_linear_packed(x, w, *_):
-    return x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float32)
+def _fake_linear_packed(x, w, w_sum, w_scale, *_):  # (w may be the dense-packed form: N from w_scale)
+    return x.new_empty((x.shape[0], w_scale.shape[0]), dtype=torch.float32)
 
 
 def _fake_add_codes(a, sa, za, b, sb, zb, post_op, out_inv, out_zp, lo, hi):

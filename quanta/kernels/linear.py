@@ -33,6 +33,7 @@ import torch
 
 from . import native
 from .activation import _f32
+from .conv_native import pack_weight
 from .library import Impl, KernelOp
 
 #: largest K for which every int32 partial sum of int8 (or uint8 - zp) x int8 products is exact
@@ -182,6 +183,52 @@ def _int8_linear_gemv_native(x, x_scale, x_zp, weight, w_scale, bias, w_sum, pac
     return _gemv_native(x, x_zp, x_scale, w_t.t(), *rest)
 
 
+def gemm_pack(weight: torch.Tensor) -> torch.Tensor | None:
+    """The int8 ``[N, K]`` weight in the layout ``gemm_native`` reads (a dense 1x1 convolution's
+    for `quanta.kernels.conv_native`'s VNNI loop: ``[N/16, 1, K/4, 16, 4]``, zero rows padding N),
+    or None where ``gemm_native`` cannot run (no native VNNI build, a CUDA weight, K % 4 != 0).
+    A runtime copy beside the canonical weight (as large: one byte per weight)."""
+    if weight.device.type != "cpu" or weight.dim() != 2 or weight.shape[1] % 4 or not native.ready() \
+            or not native.module().gemv_has_vnni():
+        return None
+    n, k = weight.shape
+    return pack_weight(weight.reshape(n, k, 1, 1), "dense")
+
+
+def _is_gemm_pack(packed: Any, n: int, k: int) -> bool:
+    return (isinstance(packed, torch.Tensor) and packed.dtype == torch.int8 and packed.layout == torch.strided
+            and packed.shape == (-(-n // 16), 1, k // 4, 16, 4))
+
+
+def _guard_gemm_native(x, x_scale, x_zp, weight, w_scale, bias, w_sum, packed):
+    reason = _guard_int8_common(x, x_scale, x_zp, weight, w_scale, bias)
+    if reason is not None:
+        return reason
+    if not native.module().gemv_has_vnni():
+        return "the native library was built without AVX-512 VNNI"
+    N, K = weight.shape
+    if K % 4:
+        return f"K={K} is not a multiple of 4 (the VNNI loop reads 4 codes at a time)"
+    if not _is_gemm_pack(packed, N, K):
+        return "no weight packed for it (gemm_pack, built by the module on its first call of > 8 rows)"
+    return None
+
+
+def _gemm_native(x, x_zp, x_scale, wpack, w_sum, w_scale, bias, post_op=0):
+    """``int8_gemm`` (``quanta.kernels.native``): the dense VNNI loop with ``rescale_rows``'
+    epilogue (and the activation ``post_op``) applied in registers; int8 codes, ``w_sum`` int32,
+    ``w_scale`` / ``bias`` float32, all contiguous."""
+    x, zp = _int8_operand(x, x_zp)
+    return native.module().int8_gemm(_dense(x), zp.contiguous(), _f32(x_scale).reshape(-1).contiguous(), wpack,
+                                     w_sum, w_scale, bias, post_op)
+
+
+def _int8_linear_gemm_native(x, x_scale, x_zp, weight, w_scale, bias, w_sum, packed):
+    """The same int32 sums (exact) and float32 operations as ``int_mm_native``, in one kernel."""
+    _, *rest = _native_weight_args(weight, w_scale, bias, w_sum)
+    return _gemm_native(x, x_zp, x_scale, packed, *rest)
+
+
 #: rows up to which ``gemv_native`` beats ``torch._int_mm`` (measured on AVX-512 VNNI, 2 threads,
 #: BERT and 4096 x 4096 weights: M = 1 0.22 vs 0.23 ms, M = 2..8 0.22-0.77 vs 1.5-3.5 ms at 4096²;
 #: 1.3-2.8x faster at BERT shapes for M <= 8, level at M = 16); up to 16 for weights of >= 2^22
@@ -272,8 +319,8 @@ def _guard_onednn(x, x_scale, x_zp, weight, w_scale, bias, w_sum, packed):
     reason = _guard_int8_common(x, x_scale, x_zp, weight, w_scale, bias)
     if reason is not None:
         return reason
-    if packed is None:
-        return "no prepacked weight (build it with onednn_prepack in the module's pack())"
+    if packed is None or not packed.is_mkldnn:
+        return "no onednn-prepacked weight (build it with onednn_prepack in the module's pack())"
     if x_scale.numel() != 1 or x_zp.numel() != 1:
         return "per-token activation scales (onednn qlinear takes one activation scale)"
     return None
@@ -302,6 +349,8 @@ int8_linear = KernelOp(
     impls=[
         Impl("gemv_native", _int8_linear_gemv_native, _guard_gemv_native,
              available=lambda: native.ready(), traceable=False),
+        Impl("gemm_native", _int8_linear_gemm_native, _guard_gemm_native,
+             available=lambda: native.ready(), traceable=False),
         Impl("int_mm_swapped", _int8_linear_int_mm_swapped, _guard_int_mm_swapped,
              available=lambda: hasattr(torch, "_int_mm")),
         Impl("int_mm_native", _int8_linear_int_mm_native, _guard_int_mm_cpu,
@@ -317,5 +366,6 @@ int8_linear = KernelOp(
 
 
 __all__: list[Any] = [
-    "GEMV_MAX_ROWS", "HUGE_PAGE_BYTES", "INT32_EXACT_MAX_K", "ONEDNN_ULP_BOUND", "int8_linear", "onednn_prepack", "streaming_copy", "weight_sum",
+    "GEMV_MAX_ROWS", "HUGE_PAGE_BYTES", "INT32_EXACT_MAX_K", "ONEDNN_ULP_BOUND", "gemm_pack", "int8_linear", "onednn_prepack",
+    "streaming_copy", "weight_sum",
 ]

@@ -150,7 +150,7 @@ def test_compiled_int8_linear_traced_when_nothing_settled_keeps_the_numbers():
                     reason="inductor needs a C++ compiler")
 @pytest.mark.parametrize("preset,rows", [("dynamic_int8", 1), ("dynamic_int8", 64), ("static_int8", 64)])
 def test_compiled_graph_calls_the_settled_native_linear_with_eager_bits(preset, rows):
-    """Linears whose eager calls settled on the native kernels (VNNI gemv or torch._int_mm, with
+    """Linears whose eager calls settled on the native kernels (VNNI gemv or GEMM, or torch._int_mm, with
     the fused GELU in the epilogue) run them in the compiled graph as one operator,
     ``quanta_native::linear_packed``: one graph, eager's bits, kernel counters untouched."""
     import torch._dynamo
@@ -171,6 +171,10 @@ def test_compiled_graph_calls_the_settled_native_linear_with_eager_bits(preset, 
         counts = {n: dict(m.kernel_counts) for n, m in q.named_modules() if isinstance(m, IntegerModule)}
         got, ops = _one_graph_run(q, x)
     assert ops.count("quanta_native::linear_packed") == 2
+    # the kernel each layer settled on (linear_packed's `kernel`: 0 int_mm, 1 gemv, 2 the dense VNNI loop)
+    vnni = native.module().gemv_has_vnni()
+    kernels = {args[-2] for m in q.modules() if isinstance(m, IntegerModule) for args in m._compiled.values()}
+    assert kernels == ({1} if rows == 1 and vnni else {2} if vnni else {0})
     assert torch.equal(got, expected)
     assert {n: dict(m.kernel_counts) for n, m in q.named_modules() if isinstance(m, IntegerModule)} == counts
 
@@ -196,6 +200,16 @@ def test_linear_packed_refuses_bad_arguments():
         op(torch.randn(4, 16), w.float(), *args[1:])
     assert compiled_linear_args("int_mm_native", w, torch.ones(8), None, None, 8, False, False, False, True,
                                 "half_even") is None  # unsigned codes: the eager path only
+    if native.module().gemv_has_vnni():  # the packed GEMM: same bits as the int_mm kernel
+        from quanta.kernels.linear import gemm_pack
+        x = torch.randn(13, 16)
+        gemm = compiled_linear_args("gemm_native", w, torch.ones(8), None, None, 8, True, False, False, True,
+                                    "half_even", packed=gemm_pack(w))
+        assert torch.equal(op(x, *gemm), op(x, *args))
+        with pytest.raises(RuntimeError, match="wpack must be"):
+            op(x, w, *gemm[1:])
+        with pytest.raises(ValueError, match="gemm_pack"):
+            compiled_linear_args("gemm_native", w, torch.ones(8), None, None, 8, True, False, False, True, "half_even")
 
 
 class _Stem(nn.Module):

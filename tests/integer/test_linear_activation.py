@@ -61,7 +61,7 @@ def test_functional_shared_and_multi_reader_activations_stay():
     assert q.a.post_op == q.b.post_op == "none" and isinstance(q.act, nn.GELU)
 
 
-@pytest.mark.parametrize("rows", [1, 9])  # the native gemv / torch._int_mm + the native epilogue
+@pytest.mark.parametrize("rows", [1, 9])  # the native gemv / the VNNI GEMM (or torch._int_mm + the native epilogue)
 def test_fused_numbers_first_and_settled_calls_and_reference(rows):
     q = quanta.quantize(_mlp(), "dynamic_int8", speed_check=False)
     x = torch.randn(rows, 32)
@@ -70,7 +70,7 @@ def test_fused_numbers_first_and_settled_calls_and_reference(rows):
         assert torch.equal(first, settled)
         kernels = {k for m in q.modules() if isinstance(m, Int8Linear) for k in m.kernel_counts}
         if native.ready():
-            assert kernels <= {"gemv_native", "int_mm_native"}
+            assert kernels <= {"gemv_native", "gemm_native", "int_mm_native"}
         # the reference: torch's activation after the reference int8 linear, exactly
         lin = q[0]
         unfused = Int8Linear.from_config({**lin.config(), "post_op": "none"})

@@ -23,6 +23,8 @@ from quanta.kernels import native
 
 BUILDABLE = (platform.system() == "Linux" and shutil.which(os.environ.get("CXX", "c++")) is not None
              and os.environ.get(native.ENV_SWITCH, "1") not in ("0", "off", "false", "no"))
+#: what a Linear of more rows than the gemv takes runs (conftest loads the native kernels)
+_MM = "gemm_native" if native.ready() and native.module().gemv_has_vnni() else "int_mm_native"
 needs_native = pytest.mark.skipif(not native.ready(), reason=f"native kernels not loaded: {native.status()}")
 
 
@@ -164,7 +166,8 @@ def test_native_rescale_rejects_bad_arguments():
 
 @needs_native
 def test_dynamic_model_runs_the_native_kernels_and_matches_without_them(tmp_path):
-    """Structure: a dynamic int8 model records ``int_mm_native``; a process with
+    """Structure: a dynamic int8 model of 9-row inputs records ``gemm_native`` (``int_mm_native``
+    on a build without VNNI) and holds the weight packed for it; a process with
     ``QUANTA_NATIVE=0`` runs the PyTorch kernels and produces the same bits, and, where a GELU
     is fused into a Linear (the native epilogue's GELU, not torch's), the same numbers within
     the activation's documented bound."""
@@ -180,7 +183,8 @@ def test_dynamic_model_runs_the_native_kernels_and_matches_without_them(tmp_path
         q = quanta.quantize(model, "dynamic_int8", speed_check=False)
         assert q[0].post_op == act and isinstance(q[1], torch.nn.Identity)
         ys[act] = q(x)
-        assert {k for m in q.modules() for k in getattr(m, "kernel_counts", {})} == {"int_mm_native"}
+        assert {k for m in q.modules() for k in getattr(m, "kernel_counts", {})} == {_MM}
+        assert (q[0]._packed is not None) == (_MM == "gemm_native")
         paths[act] = tmp_path / f"{act}.quanta"
         quanta.save(q, paths[act])
     code = ("import torch, quanta; from quanta.kernels import native; "
@@ -221,7 +225,7 @@ def test_int8_linear_settles_its_native_call_with_the_same_bits(preset):
     for _ in range(2):
         assert torch.equal(lin(x), first)
         assert torch.equal(lin(big), guarded(big))  # another row bucket: its own settled call
-    assert len(lin._calls) == 2 and lin.kernel_counts["int_mm_native"] == 5
+    assert len(lin._calls) == 2 and lin.kernel_counts[_MM] == 5
     assert torch.equal(guarded(x), first)
     if native.module().gemv_has_vnni():  # a few rows: the VNNI gemv is settled, same bits as the guarded path
         few = torch.randn(2, 40)

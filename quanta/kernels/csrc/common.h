@@ -174,7 +174,11 @@ torch::Tensor conv_packed(const torch::Tensor& x, const torch::Tensor& wpack, co
 torch::Tensor linear_packed(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& w_sum,
                             const torch::Tensor& w_scale, const c10::optional<torch::Tensor>& bias, int64_t qmin,
                             int64_t qmax, bool symmetric, double inv_scale, int64_t zero_point, double scale,
-                            bool gemv, int64_t post_op);
+                            int64_t kernel, int64_t post_op);
+// The int8 linear on a dense-packed weight (linear_op.cpp; the loop: conv_dense.cpp's dense_gemm).
+torch::Tensor int8_gemm(const torch::Tensor& x, const torch::Tensor& x_zp, const torch::Tensor& x_scale,
+                        const torch::Tensor& wpack, const torch::Tensor& w_sum, const torch::Tensor& w_scale,
+                        const c10::optional<torch::Tensor>& bias, int64_t post_op);
 
 // Static per-tensor uint8 quantization of a contiguous NCHW float32 x into channels-last codes
 // (conv.cpp): what an integer conv's float input becomes in one pass.

@@ -1,5 +1,7 @@
-// The direct int8 convolution's dense loop (groups = 1, C % 4 == 0): register tiles of 6 output
-// pixels x 64 channels, vpdpbusd on 4 input channels, weights packed [O/16][taps][C/4][16][4].
+// The dense VNNI loop: register tiles of 6 output pixels (rows) x 64 channels, vpdpbusd on 4 input
+// channels, weights packed [O/16][taps][C/4][16][4]. It runs the direct int8 convolution
+// (groups = 1, C % 4 == 0; uint8 codes, per-channel epilogue) and, as a 1x1 convolution of one
+// pixel per row, the int8 linear (int8 codes read as uint8 + 128, per-row epilogue: dense_gemm).
 #include "conv_kernels.h"
 
 #include <cstring>
@@ -12,12 +14,50 @@ constexpr int kMR = 6;         // output pixels per register tile
 constexpr int kNB = 4;         // 16-channel blocks per register tile (64 output channels)
 constexpr int64_t kChunk = 8;  // register tiles per parallel task, at most
 
+// Where a tile's sums go. Store::kFlip: XORed into every 4 input bytes (0x80808080 reads int8
+// codes as uint8 + 128); store<NB>(acc, p, o0): the NB blocks of 16 sums of pixel p from channel o0.
+struct ConvStore {  // conv: the per-channel Epilogue, uint8 codes or float32 out
+  static constexpr uint32_t kFlip = 0;
+  const Epilogue& e;
+  char* out;
+  int64_t O, esize;
+  template <int NB>
+  void store(const __m512i* acc, int64_t p, int64_t o0) const { store_blocks<NB>(acc, o0, O, e, out + p * O * esize); }
+};
+
+struct RowStore {  // linear: the per-row epilogue of rescale_rows, float32 out
+  static constexpr uint32_t kFlip = 0x80808080u;
+  const RowEpilogue& r;
+  template <int NB>
+  void store(const __m512i* acc, int64_t m, int64_t o0) const {
+    const __m512i z = _mm512_set1_epi32(r.zp[r.zrow ? m : 0] + 128);  // the codes were read + 128
+    const __m512 s = _mm512_set1_ps(r.xs[r.srow ? m : 0]);
+    float* row = r.out + m * r.N;
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) {
+      const int64_t o = o0 + j * 16;
+      if (o >= r.N) break;
+      const __mmask16 k = lanes(r.N - o);
+      const __m512i a = _mm512_sub_epi32(acc[j], _mm512_mullo_epi32(z, _mm512_maskz_loadu_epi32(k, r.ws + o)));
+      __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(a), s), _mm512_maskz_loadu_ps(k, r.wsc + o));
+      if (r.bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(k, r.bias + o));
+      switch (r.post) {
+        case kPostRelu: v = act::apply16<kPostRelu>(v); break;
+        case kPostGelu: v = act::apply16<kPostGelu>(v); break;
+        case kPostGeluTanh: v = act::apply16<kPostGeluTanh>(v); break;
+        default: break;
+      }
+      _mm512_mask_storeu_ps(row + o, k, v);
+    }
+  }
+};
+
 // MR pixels x NB*16 channels. ptr[t * kMR + m]: the input pixel of tap t for pixel m; w: the tile's
 // first 16-channel block of the packed weight [OB][T][C4][16][4], the next ones `wstride` bytes on.
-// out: the tile's first pixel (rows of O values of esize bytes).
-template <int MR, int NB>
+// p0: the tile's first pixel.
+template <int MR, int NB, class Store>
 void dense_tile(const uint8_t* const* ptr, int64_t T, int64_t C4, const int8_t* w, int64_t wstride, int64_t o0,
-                int64_t O, const Epilogue& e, char* out, int64_t esize) {
+                int64_t p0, const Store& st) {
   __m512i acc[MR][NB];
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m)
@@ -36,44 +76,44 @@ void dense_tile(const uint8_t* const* ptr, int64_t T, int64_t C4, const int8_t* 
       for (int m = 0; m < MR; ++m) {
         int32_t v;
         std::memcpy(&v, p[m] + c * 4, 4);
-        const __m512i xv = _mm512_set1_epi32(v);
+        const __m512i xv = _mm512_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(v) ^ Store::kFlip));
 #pragma GCC unroll 4
         for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_dpbusd_epi32(acc[m][j], xv, wv[j]);
       }
     }
   }
 #pragma GCC unroll 8
-  for (int m = 0; m < MR; ++m) store_blocks<NB>(acc[m], o0, O, e, out + m * O * esize);
+  for (int m = 0; m < MR; ++m) st.template store<NB>(acc[m], p0 + m, o0);
 }
 
+template <class Store>
 using DenseTile = void (*)(const uint8_t* const*, int64_t, int64_t, const int8_t*, int64_t, int64_t, int64_t,
-                           const Epilogue&, char*, int64_t);
+                           const Store&);
 
-template <int MR>
-DenseTile dense_tile_for(int nb) {
+template <int MR, class Store>
+DenseTile<Store> dense_tile_for(int nb) {
   switch (nb) {
-    case 1: return dense_tile<MR, 1>;
-    case 2: return dense_tile<MR, 2>;
-    case 3: return dense_tile<MR, 3>;
-    default: return dense_tile<MR, 4>;
+    case 1: return dense_tile<MR, 1, Store>;
+    case 2: return dense_tile<MR, 2, Store>;
+    case 3: return dense_tile<MR, 3, Store>;
+    default: return dense_tile<MR, 4, Store>;
   }
 }
 
-DenseTile dense_tile_for(int mr, int nb) {
+template <class Store>
+DenseTile<Store> dense_tile_for(int mr, int nb) {
   switch (mr) {
-    case 1: return dense_tile_for<1>(nb);
-    case 2: return dense_tile_for<2>(nb);
-    case 3: return dense_tile_for<3>(nb);
-    case 4: return dense_tile_for<4>(nb);
-    case 5: return dense_tile_for<5>(nb);
-    default: return dense_tile_for<6>(nb);
+    case 1: return dense_tile_for<1, Store>(nb);
+    case 2: return dense_tile_for<2, Store>(nb);
+    case 3: return dense_tile_for<3, Store>(nb);
+    case 4: return dense_tile_for<4, Store>(nb);
+    case 5: return dense_tile_for<5, Store>(nb);
+    default: return dense_tile_for<6, Store>(nb);
   }
 }
 
-}  // namespace
-
-void dense_conv(const uint8_t* x, const Geometry& g, const int8_t* wpack, const uint8_t* pad, const Epilogue& e,
-                char* out, int64_t esize) {
+template <class Store>
+void dense_loop(const uint8_t* x, const Geometry& g, const int8_t* wpack, const uint8_t* pad, const Store& st) {
   const int64_t T = g.taps(), C4 = g.C / 4, OB = (g.O + 15) / 16, P = g.pixels(), plane = g.OH * g.OW;
   const int64_t wstride = T * C4 * 64;
   const int64_t tiles = (P + kMR - 1) / kMR, groups = (OB + kNB - 1) / kNB, threads = at::get_num_threads();
@@ -115,12 +155,25 @@ void dense_conv(const uint8_t* x, const Geometry& g, const int8_t* wpack, const 
         }
         for (int64_t gi = gb; gi < ge; ++gi) {
           const int64_t ob = gi * kNB, nb = std::min<int64_t>(kNB, OB - ob);
-          dense_tile_for(static_cast<int>(mr), static_cast<int>(nb))(
-              ptr.data(), T, C4, wpack + ob * wstride, wstride, ob * 16, g.O, e, out + p0 * g.O * esize, esize);
+          dense_tile_for<Store>(static_cast<int>(mr), static_cast<int>(nb))(ptr.data(), T, C4, wpack + ob * wstride,
+                                                                            wstride, ob * 16, p0, st);
         }
       }
     }
   });
+}
+
+}  // namespace
+
+void dense_conv(const uint8_t* x, const Geometry& g, const int8_t* wpack, const uint8_t* pad, const Epilogue& e,
+                char* out, int64_t esize) {
+  dense_loop(x, g, wpack, pad, ConvStore{e, out, g.O, esize});
+}
+
+void dense_gemm(const int8_t* x, int64_t M, int64_t K, const int8_t* wpack, const RowEpilogue& r) {
+  // a 1x1 convolution with unit stride of M pixels of K channels: every tap inside the image
+  const Geometry g{1, K, 1, M, r.N, 1, M, 1, 1, 1, 1, 0, 0, 1, 1};
+  dense_loop(reinterpret_cast<const uint8_t*>(x), g, wpack, nullptr, RowStore{r});
 }
 #endif  // QUANTA_VNNI
 }  // namespace quanta_native

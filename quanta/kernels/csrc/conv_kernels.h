@@ -2,6 +2,7 @@
 // conv_depthwise.cpp: the AVX-512 VNNI loops): the epilogue's constants and arithmetic, the
 // geometry, and the loops' entry points. See conv.cpp for the arithmetic.
 #pragma once
+#include "activation.h"
 #include "simd.h"
 
 namespace quanta_native {
@@ -13,6 +14,21 @@ struct Epilogue {
   int post;             // 0 none, 1 relu, 2 relu6
   bool codes;           // uint8 output, else float32
   float inv, z;         // 1 / out_scale (float32), out_zp
+};
+
+// The int8 linear's epilogue (rescale_rows' arithmetic, fused.cpp): y[m, n] = float32(acc - zp[m]
+// * ws[n]) * xs[m] * wsc[n] (+ bias[n]), left to right, then the activation post (activation.h).
+struct RowEpilogue {
+  const int32_t* zp;  // int8 codes' zero point, per row (zrow) or one
+  bool zrow;
+  const float* xs;  // activation scale, per row (srow) or one
+  bool srow;
+  const int32_t* ws;  // sum of each output channel's weights [N]
+  const float* wsc;   // weight scale [N]
+  const float* bias;  // [N] or null
+  int64_t post;
+  float* out;  // row-major [M, N]
+  int64_t N;
 };
 
 struct Geometry {
@@ -93,6 +109,9 @@ inline void store_blocks(const __m512i* acc, int64_t o, int64_t O, const Epilogu
 // codes; pad: a pixel of zero-point codes (at least C rounded up to 64, plus 64 bytes).
 void dense_conv(const uint8_t* x, const Geometry& g, const int8_t* wpack, const uint8_t* pad, const Epilogue& e,
                 char* out, int64_t esize);
+// y [M, N] (r.out) of int8 codes x (row-major [M, K], K % 4 == 0) and the weight packed as a dense
+// 1x1 convolution's [N/16][1][K/4][16][4]
+void dense_gemm(const int8_t* x, int64_t M, int64_t K, const int8_t* wpack, const RowEpilogue& r);
 void depthwise_conv(const uint8_t* x, const Geometry& g, const int8_t* wpack, const uint8_t* pad,
                     const Epilogue& e, char* out, int64_t esize);
 #endif  // QUANTA_VNNI

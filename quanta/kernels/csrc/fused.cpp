@@ -263,6 +263,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_gemv", &int8_gemv, "int8 x int8 linear for a few rows (AVX-512 VNNI), rescaled like rescale_rows",
         py::arg("x"), py::arg("x_zp"), py::arg("w"), py::arg("w_sum"), py::arg("x_scale"), py::arg("w_scale"),
         py::arg("bias"), py::arg("post_op") = 0);
+  m.def("int8_gemm", &quanta_native::int8_gemm,
+        "int8 x int8 linear on a dense-packed weight (AVX-512 VNNI), rescaled like rescale_rows", py::arg("x"),
+        py::arg("x_zp"), py::arg("x_scale"), py::arg("wpack"), py::arg("w_sum"), py::arg("w_scale"), py::arg("bias"),
+        py::arg("post_op") = 0);
   m.def("huge_page_copy", &huge_page_copy, "contiguous copy in memory advised for transparent huge pages");
   m.def("int8_row_sums", &int8_row_sums, "sum over each row of an int8 matrix, int32");
   m.def("gemv_has_vnni", &gemv_has_vnni, "whether int8_gemv was compiled with AVX-512 VNNI");
@@ -287,7 +291,7 @@ TORCH_LIBRARY(quanta_native, m) {
   m.def("conv_packed(Tensor x, Tensor wpack, Tensor corr, Tensor mult, Tensor bias, Tensor pad, int[] params, "
         "float inv, float z) -> Tensor");
   m.def("linear_packed(Tensor x, Tensor w, Tensor w_sum, Tensor w_scale, Tensor? bias, int qmin, int qmax, "
-        "bool symmetric, float inv_scale, int zero_point, float scale, bool gemv, int post_op) -> Tensor");
+        "bool symmetric, float inv_scale, int zero_point, float scale, int kernel, int post_op) -> Tensor");
   m.def("add_codes(Tensor a, float sa, int za, Tensor b, float sb, int zb, int post_op, float out_inv, int out_zp, "
         "int lo, int hi) -> Tensor");
   m.def("max_pool2d_codes(Tensor x, int[] kernel, int[] stride, int[] padding, int[] dilation) -> Tensor");
