@@ -163,10 +163,11 @@ class Int8Linear(_LinearBase):
 
     def _packed_for(self, rows: int) -> torch.Tensor | None:
         """``int8_linear``'s ``packed`` argument: onednn's prepacked weight (``impl="onednn"``),
-        else, from the first call of more rows than the gemv takes, the weight packed for
-        ``gemm_native`` (`gemm_pack`: one more byte per weight, built only for layers that see
-        such calls; None where that kernel cannot run)."""
-        if self._packed is None and rows > GEMV_MAX_ROWS and self.impl in ("auto", "gemm_native") \
+        else, from the first call of more rows than the gemv takes (any call, with
+        ``impl="gemm_native"``), the weight packed for ``gemm_native`` (`gemm_pack`: one more
+        byte per weight, built only for layers that see such calls; None where that kernel
+        cannot run)."""
+        if self._packed is None and (self.impl == "gemm_native" or self.impl == "auto" and rows > GEMV_MAX_ROWS) \
                 and not self.__dict__.get("_gemm_unpackable", False):
             self._packed = gemm_pack(self._w8)
             self._gemm_unpackable = self._packed is None

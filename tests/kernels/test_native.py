@@ -235,3 +235,8 @@ def test_int8_linear_settles_its_native_call_with_the_same_bits(preset):
     assert torch.equal(lin(x.transpose(0, 1).contiguous().transpose(0, 1)), first)  # non-contiguous input
     lin.pack()
     assert lin._calls == {}
+    if native.module().gemv_has_vnni():  # the GEMM asked for: packed for any row count, same bits
+        forced = copy.deepcopy(guarded)
+        forced.set_impl("gemm_native")
+        few, before = torch.randn(2, 40), forced.kernel_counts["gemm_native"]
+        assert torch.equal(forced(few), guarded(few)) and forced.kernel_counts["gemm_native"] == before + 1
