@@ -200,12 +200,18 @@ def _is_gemm_pack(packed: Any, n: int, k: int) -> bool:
             and packed.shape == (-(-n // 16), 1, k // 4, 16, 4))
 
 
-def _guard_gemm_native(x, x_scale, x_zp, weight, w_scale, bias, w_sum, packed):
+def _guard_vnni_common(x, x_scale, x_zp, weight, w_scale, bias) -> str | None:
+    """What the native VNNI kernels (gemv, GEMM) need beyond the int8 checks: a VNNI build."""
     reason = _guard_int8_common(x, x_scale, x_zp, weight, w_scale, bias)
+    if reason is None and not native.module().gemv_has_vnni():
+        return "the native library was built without AVX-512 VNNI"
+    return reason
+
+
+def _guard_gemm_native(x, x_scale, x_zp, weight, w_scale, bias, w_sum, packed):
+    reason = _guard_vnni_common(x, x_scale, x_zp, weight, w_scale, bias)
     if reason is not None:
         return reason
-    if not native.module().gemv_has_vnni():
-        return "the native library was built without AVX-512 VNNI"
     N, K = weight.shape
     if K % 4:
         return f"K={K} is not a multiple of 4 (the VNNI loop reads 4 codes at a time)"
@@ -236,11 +242,9 @@ GEMV_MAX_ROWS, GEMV_MAX_ROWS_LARGE = 8, 16
 
 
 def _guard_gemv_native(x, x_scale, x_zp, weight, w_scale, bias, w_sum, packed):
-    reason = _guard_int8_common(x, x_scale, x_zp, weight, w_scale, bias)
+    reason = _guard_vnni_common(x, x_scale, x_zp, weight, w_scale, bias)
     if reason is not None:
         return reason
-    if not native.module().gemv_has_vnni():
-        return "the native library was built without AVX-512 VNNI"
     M, N, K = x.shape[0], weight.shape[0], x.shape[1]
     limit = GEMV_MAX_ROWS_LARGE if N * K >= SWAP_MIN_WEIGHT else GEMV_MAX_ROWS
     if M > limit:
