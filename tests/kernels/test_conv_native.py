@@ -20,15 +20,18 @@ HAS_NATIVE = "native" in int8_conv.available_impls()
 pytestmark = pytest.mark.skipif(not HAS_NATIVE, reason="native int8 conv (AVX-512 VNNI build) not available")
 
 
-def _args(n, c, o, size, k, stride, pad, dil, groups, *, dims=2, act="u8", bias=True, gen=None, extreme=False):
+def _args(n, c, o, size, k, stride, pad, dil, groups, *, dims=2, act="u8", bias=True, gen=None, extreme=False,
+          zero_code_zp=False):
+    """Random op arguments; ``zero_code_zp``: the zero point whose kernel code is 0 (uint8 0, int8
+    -128), where the dense loop skips the taps that fall in the padding."""
     gen = gen or torch.Generator().manual_seed(0)
     shape = (n, c) + (size,) * dims
     if act == "u8":
         x = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
-        zp = int(torch.randint(0, 256, (), generator=gen))
+        zp = 0 if zero_code_zp else int(torch.randint(0, 256, (), generator=gen))
     else:
         x = torch.randint(-128, 128, shape, dtype=torch.int8, generator=gen)
-        zp = int(torch.randint(-128, 128, (), generator=gen))
+        zp = -128 if zero_code_zp else int(torch.randint(-128, 128, (), generator=gen))
     w = torch.randint(-128, 128, (o, c // groups) + (k,) * dims, dtype=torch.int8, generator=gen)
     if extreme:  # the largest products everywhere: 255 x -128
         x.fill_(255 if act == "u8" else 127)
@@ -68,12 +71,39 @@ DEPTHWISE = {
 }
 
 
+@pytest.mark.parametrize("zp", ["random-zp", "zero-code-zp"])
 @pytest.mark.parametrize("act", ["u8", "s8"])
 @pytest.mark.parametrize("case", list(DENSE.values()) + list(DEPTHWISE.values()), ids=list(DENSE) + list(DEPTHWISE))
-def test_native_equals_reference(case, act):
+def test_native_equals_reference(case, act, zp):
     gen = torch.Generator().manual_seed(1)
     for post_op, out in (("none", (None, 0)), ("relu", (0.05, 3)), ("relu6", (0.02, 0)), ("relu6", (None, 0))):
-        _check(_args(*case, act=act, bias=post_op != "relu", gen=gen), post_op, out)
+        _check(_args(*case, act=act, bias=post_op != "relu", gen=gen, zero_code_zp=zp == "zero-code-zp"), post_op, out)
+
+
+# padded geometries of the dense loop's tap skipping (zero point 0): every run of output rows and
+# columns that sees its own taps (edges, corners, rows that see only padding), tile tails per run
+PADDED = {
+    "7x7-pad1-batch3": (3, 8, 20, 7, 3, 1, 1, 1, 1),  # ResNet's last stage in small: 9 runs, 3 images
+    "3x3-stride2-pad1": (2, 4, 70, 14, 3, 2, 1, 1, 1),  # only the first row and column are padded
+    "5x5-pad2-dilated": (1, 12, 33, 9, 5, 1, 4, 2, 1),
+    "3x3-pad3-tiny": (2, 4, 17, 2, 3, 1, 3, 1, 1),  # outputs whose taps are all padding
+    "1x1-pad1": (1, 8, 16, 5, 1, 1, 1, 1, 1),  # a padded 1x1 conv: its border outputs are the bias
+    "3x3-64-channels": (2, 16, 64, 6, 3, 1, 1, 1, 1),
+}
+
+
+@pytest.mark.parametrize("act", ["u8", "s8"])
+@pytest.mark.parametrize("case", list(PADDED.values()), ids=list(PADDED))
+def test_native_padding_skip_equals_reference(case, act):
+    gen = torch.Generator().manual_seed(3)
+    for post_op, out in (("none", (None, 0)), ("relu6", (0.02, 0))):
+        _check(_args(*case, act=act, gen=gen, zero_code_zp=True), post_op, out)
+        _check(_args(*case, act=act, gen=gen, zero_code_zp=True, extreme=True), post_op, out)
+    n, c, o, size, k, stride, pad, dil, groups = case  # a rectangular image and kernel
+    x, xs, zp, w, ws, b, *_ = _args(*case, act=act, gen=gen, zero_code_zp=True)
+    x = torch.cat([x, x[:, :, :1]], dim=2)[..., :max(1, size - 1)]
+    w = torch.cat([w, w[:, :, :1]], dim=2)
+    _check((x, xs, zp, w, ws, b, [stride, 1], [pad, max(0, pad - 1)], [dil, 1], groups), "relu", (0.05, 3))
 
 
 @pytest.mark.parametrize("case", [DENSE["3x3-pad1"], DEPTHWISE["3x3-c40-stride2"]], ids=["dense", "depthwise"])
@@ -94,14 +124,14 @@ def test_native_1d_strided_and_extreme_inputs(case):
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(1, 2), c4=st.integers(1, 12), o=st.integers(1, 80), size=st.integers(1, 9),
        k=st.integers(1, 4), stride=st.integers(1, 3), pad=st.integers(0, 3), dil=st.integers(1, 2),
-       depthwise=st.booleans(), seed=st.integers(0, 2**16))
-def test_native_random_geometry(n, c4, o, size, k, stride, pad, dil, depthwise, seed):
+       depthwise=st.booleans(), zero_code_zp=st.booleans(), seed=st.integers(0, 2**16))
+def test_native_random_geometry(n, c4, o, size, k, stride, pad, dil, depthwise, zero_code_zp, seed):
     c = 4 * c4 if not depthwise else c4 * 3
     o, groups = (c, c) if depthwise else (o, 1)
     if size + 2 * pad < dil * (k - 1) + 1:
         return  # no output
-    _check(_args(n, c, o, size, k, stride, pad, dil, groups, gen=torch.Generator().manual_seed(seed)),
-           "relu6", (0.04, 7))
+    _check(_args(n, c, o, size, k, stride, pad, dil, groups, gen=torch.Generator().manual_seed(seed),
+                 zero_code_zp=zero_code_zp), "relu6", (0.04, 7))
 
 
 def test_guard_and_preference():
