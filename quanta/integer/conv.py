@@ -193,9 +193,10 @@ class _Int8ConvNd(IntegerModule):
         #: settled (implementation, kernel call) per input signature (dtype, device, shape, impl),
         #: made by the first eager call with that signature; forgotten by pack() / set_output()
         self._calls: dict[tuple[Any, ...], Any] = {}
-        #: the native conv's op arguments (``ConvPlan.arguments()``) per uint8 input shape, kept
-        #: with the settled native calls: what a compiled graph of this module calls
-        self._compiled: dict[tuple[int, ...], tuple] = {}
+        #: what a compiled graph of this module calls per uint8 input shape, kept with the settled
+        #: eager calls: ``("native", ConvPlan.arguments())`` (the ``conv_packed`` op) or
+        #: ``("onednn", ())`` (oneDNN's op, traced with the module's arguments, no dispatch)
+        self._compiled: dict[tuple[int, ...], tuple[str, tuple]] = {}
         if self.weight.device.type == "cpu" and "onednn" in int8_conv.available_impls() and self.impl != "reference":
             self._packed = prepack(self.weight, self.weight_scale, self._x_scale, self._x_zp, self.stride,
                                    self.padding, self.dilation, self.groups)
@@ -308,16 +309,17 @@ class _Int8ConvNd(IntegerModule):
         if x.device != self.weight.device:
             raise ValueError(f"{name} holds its weights on {self.weight.device} but got an input on {x.device}")
         out_scale, out_zp = self._emit if self.output_kind == "uint8" else (None, 0)
-        if torch.compiler.is_compiling() and codes.dtype == torch.uint8:
-            arguments = self._compiled.get(tuple(codes.shape))
-            if arguments is not None:  # eager calls settled on the native conv: the graph calls it too
-                y = compiled_run(codes, arguments)
-                if self.output_kind == "float" and self.output_spec is not None:
-                    y = fake_quantize(y, self.output_scale, self.output_zero_point, self.output_spec)
-                return y
         args = (codes, self._x_scale, zp, self.weight, self.weight_scale, self.bias, self.stride, self.padding,
                 self.dilation, self.groups, self.post_op, out_scale, out_zp,
                 self._packed_weight(tuple(codes.shape[2:])))
+        if torch.compiler.is_compiling() and codes.dtype == torch.uint8:
+            settled = self._compiled.get(tuple(codes.shape))
+            if settled is not None:  # eager calls settled the kernel: the graph calls it directly
+                kind, arguments = settled  # (not through int8_conv, whose dispatch costs ~0.1 ms a call)
+                y = compiled_run(codes, arguments) if kind == "native" else onednn_call(codes.dim(), *args[1:])(codes)
+                if self.output_kind == "float" and self.output_spec is not None:
+                    y = fake_quantize(y, self.output_scale, self.output_zero_point, self.output_spec)
+                return y
         key = (codes.dtype, codes.device, codes.shape, args[-1] is None, self.post_op, out_scale is None)
         impl, checked = self.choose_impl(int8_conv, key, *args)
         y = int8_conv(*args, impl=self.record(impl), checked=checked)
@@ -327,10 +329,11 @@ class _Int8ConvNd(IntegerModule):
                 plan = make_plan(args[3], args[4], args[5], args[1], args[2], *args[6:13])
                 call = plan_call(plan, codes.dim())
                 # compiled graphs of this module call the same plan through the op
-                self._compiled[tuple(codes.shape)] = plan.arguments()  # type: ignore[attr-defined]
+                self._compiled[tuple(codes.shape)] = ("native", plan.arguments())  # type: ignore[attr-defined]
             elif impl == "onednn" and codes.dim() in (4, 5) and (codes.dim() == 4 or self.post_op == "none") and \
                     args[-1] is not None:
                 call = onednn_call(codes.dim(), *args[1:])
+                self._compiled[tuple(codes.shape)] = ("onednn", ())
             if call is not None:
                 self._calls[(x.dtype, x.device, x.shape, self.impl)] = (impl, call)
         if self.output_kind == "float" and self.output_spec is not None:

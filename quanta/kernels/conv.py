@@ -262,7 +262,7 @@ def onednn_call(x_dim: int, x_scale: float, x_zero_point: int, weight: torch.Ten
     if out_scale is None:
         o_scale, o_zp, o_dtype = 1.0, 0, torch.float32
     else:
-        o_scale, o_zp, o_dtype = float(out_scale), int(out_zero_point), None  # None: uint8 codes
+        o_scale, o_zp, o_dtype = float(out_scale), int(out_zero_point), torch.uint8  # uint8 codes
     args = (float(x_scale), int(x_zero_point), packed, w_scale, w_zp, bias, list(stride), list(padding),
             list(dilation), int(groups), o_scale, o_zp, o_dtype, attr, scalars, algorithm)
     op, layout = torch.ops.onednn.qconv_pointwise.default, _CHANNELS_LAST[x_dim]

@@ -68,13 +68,17 @@ def guard_native(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: tor
     return None
 
 
-#: measured side by side on a 2-core AVX-512 VNNI CPU (MobileNetV2 / ResNet-18 layers, batch 1
-#: and 16): oneDNN's JIT kernel costs ~30 µs more per call but is a little faster per output
-#: element on very large outputs of short sums (batch 16: a 16-channel 1x1 conv onto 96 channels
-#: at 112x112, 0.91x; a depthwise 3x3 of 144 channels at 56x56, 0.90x), and on depthwise convs of
-#: at most 32 channels, where half of each 64-channel step of the native loop is padding (0.55x)
-PREFER_ONEDNN_OUTPUTS = 4 * 1024 * 1024
+#: measured side by side on a 2-core AVX-512 VNNI CPU (every MobileNetV2 / ResNet-18 layer with
+#: its real codes, batch 1 and 16, alone and then in the whole model): oneDNN's JIT kernel costs
+#: ~20-30 µs more per call but is faster per output element on large outputs of short sums (batch
+#: 16: 32 channels 1x1 onto 16 at 112x112, 0.64 vs 1.29 ms alone), on large depthwise convs
+#: (batch 16: 0.5-0.9x of the native time on every MobileNetV2 depthwise layer alone; the whole
+#: model 1-2% faster with these thresholds, and unchanged at batch 1, where lower thresholds that
+#: looked faster layer by layer were not faster in the model), and on depthwise convs of at most
+#: 32 channels, where half of each 64-channel step of the native loop is padding
+PREFER_ONEDNN_OUTPUTS = 2 * 1024 * 1024
 PREFER_ONEDNN_REDUCTION = 64
+PREFER_ONEDNN_DEPTHWISE_OUTPUTS = 512 * 1024
 PREFER_ONEDNN_DEPTHWISE_CHANNELS = 32
 
 
@@ -91,6 +95,8 @@ def prefer_onednn(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: to
     outputs = 1
     for s in conv_output_shape(x.shape, weight.shape, stride, padding, dilation):
         outputs *= s
+    if groups > 1 and outputs > PREFER_ONEDNN_DEPTHWISE_OUTPUTS:
+        return f"a depthwise conv of {outputs} outputs: oneDNN's kernel is faster there"
     if outputs > PREFER_ONEDNN_OUTPUTS and reduction < PREFER_ONEDNN_REDUCTION:
         return f"{outputs} outputs of {reduction}-product sums: oneDNN's kernel is faster there"
     return None
@@ -190,6 +196,6 @@ def run_native(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: torch
                        post_op, out_scale, out_zero_point)(x)
 
 
-__all__ = ["PREFER_ONEDNN_DEPTHWISE_CHANNELS", "PREFER_ONEDNN_OUTPUTS", "PREFER_ONEDNN_REDUCTION", "compiled_run",
-           "guard_native", "make_plan", "native_available", "native_call", "pack_weight", "plan_call",
-           "prefer_onednn", "run_native"]
+__all__ = ["PREFER_ONEDNN_DEPTHWISE_CHANNELS", "PREFER_ONEDNN_DEPTHWISE_OUTPUTS", "PREFER_ONEDNN_OUTPUTS",
+           "PREFER_ONEDNN_REDUCTION", "compiled_run", "guard_native", "make_plan", "native_available", "native_call",
+           "pack_weight", "plan_call", "prefer_onednn", "run_native"]

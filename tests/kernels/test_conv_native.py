@@ -147,6 +147,12 @@ def test_guard_and_preference():
     assert int8_conv.choose(*big, "none", None, 0, None) == "onednn"
     narrow = _args(1, 32, 32, 9, 3, 1, 1, 1, 32)  # depthwise, 32 channels
     assert int8_conv.choose(*narrow, "none", None, 0, None) == "onednn"
+    big_depthwise = _args(1, 96, 96, 80, 3, 1, 1, 1, 96)  # 614 K outputs
+    assert "depthwise conv of 614400 outputs" in conv_native.prefer_onednn(*big_depthwise, "none", None, 0, None)
+    assert int8_conv.choose(*big_depthwise, "none", None, 0, None) == "onednn"
+    assert int8_conv.choose(*_args(1, 144, 144, 56, 3, 1, 1, 1, 144), "none", None, 0, None) == "native"
+    short_sums = _args(2, 16, 96, 112, 1, 1, 0, 1, 1)  # 2.4 M outputs of 16-product sums
+    assert int8_conv.choose(*short_sums, "none", None, 0, None) == "onednn"
     for small in (_args(1, 16, 96, 56, 1, 1, 0, 1, 1), _args(1, 48, 48, 9, 3, 1, 1, 1, 48)):
         assert int8_conv.choose(*small, "none", None, 0, None) == "native"
     _check(narrow)  # a named call runs native wherever its guard accepts
