@@ -15,12 +15,19 @@ constexpr int kNB = 4;         // 16-channel blocks per register tile (64 output
 constexpr int64_t kChunk = 8;  // register tiles per parallel task, at most
 
 // Where a tile's sums go. Store::kFlip: XORed into every 4 input bytes (0x80808080 reads int8
-// codes as uint8 + 128); store<NB>(acc, p, o0): the NB blocks of 16 sums of pixel p from channel o0.
+// codes as uint8 + 128); init<NB>(acc, o0): the sums' starting values for channels o0 ..;
+// store<NB>(acc, p, o0): the NB blocks of 16 sums of pixel p from channel o0.
 struct ConvStore {  // conv: the per-channel Epilogue, uint8 codes or float32 out
   static constexpr uint32_t kFlip = 0;
   const Epilogue& e;
   char* out;
   int64_t O, esize;
+  template <int NB>  // -corr (zp * sum w): the sums come out corrected (int32 wraps exactly)
+  void init(__m512i* acc, int64_t o0) const {
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j)
+      acc[j] = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(e.corr + o0 + j * 16));
+  }
   template <int NB>
   void store(const __m512i* acc, int64_t p, int64_t o0) const { store_blocks<NB>(acc, o0, O, e, out + p * O * esize); }
 };
@@ -28,6 +35,11 @@ struct ConvStore {  // conv: the per-channel Epilogue, uint8 codes or float32 ou
 struct RowStore {  // linear: the per-row epilogue of rescale_rows, float32 out
   static constexpr uint32_t kFlip = 0x80808080u;
   const RowEpilogue& r;
+  template <int NB>  // (the correction depends on the row: applied in store)
+  void init(__m512i* acc, int64_t) const {
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) acc[j] = _mm512_setzero_si512();
+  }
   template <int NB>
   void store(const __m512i* acc, int64_t m, int64_t o0) const {
     const __m512i z = _mm512_set1_epi32(r.zp[r.zrow ? m : 0] + 128);  // the codes were read + 128
@@ -58,11 +70,12 @@ struct RowStore {  // linear: the per-row epilogue of rescale_rows, float32 out
 template <int MR, int NB, class Store>
 void dense_tile(const uint8_t* const* ptr, const int64_t* taps, int64_t nt, int64_t C4, const int8_t* w,
                 int64_t wstride, int64_t o0, const int64_t* pix, const Store& st) {
-  __m512i acc[MR][NB];
+  __m512i acc[MR][NB], start[NB];
+  st.template init<NB>(start, o0);
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 4
-    for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_setzero_si512();
+    for (int j = 0; j < NB; ++j) acc[m][j] = start[j];
   for (int64_t i = 0; i < nt; ++i) {
     const uint8_t* p[MR];
 #pragma GCC unroll 8

@@ -67,25 +67,34 @@ inline int64_t dw_channel(int64_t p) { return (p % 16) / 4 * 16 + p / 16 * 4 + p
 inline __mmask16 lanes(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
 inline __mmask64 bytes(int64_t n) { return n >= 64 ? ~__mmask64(0) : ((__mmask64(1) << n) - 1); }
 
-// y of channels o .. o+15 from their int32 sums (before the correction), post-op applied
-inline __m512 values16(__m512i acc, int64_t o, const Epilogue& e) {
-  const __m512 a = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, _mm512_loadu_si512(e.corr + o)));
-  __m512 y = _mm512_add_ps(_mm512_mul_ps(a, _mm512_loadu_ps(e.mult + o)), _mm512_loadu_ps(e.bias + o));
+// y of channels o .. o+15 from their corrected int32 sums (acc - corr), post-op applied
+inline __m512 values16_corrected(__m512i a, int64_t o, const Epilogue& e) {
+  __m512 y = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(a), _mm512_loadu_ps(e.mult + o)),
+                           _mm512_loadu_ps(e.bias + o));
   if (e.post) y = _mm512_max_ps(y, _mm512_setzero_ps());
   if (e.post == 2) y = _mm512_min_ps(y, _mm512_set1_ps(6.f));
   return y;
 }
 
-// the uint8 codes of y as int32 lanes in [0, 255]
+// y of channels o .. o+15 from their int32 sums (before the correction), post-op applied
+inline __m512 values16(__m512i acc, int64_t o, const Epilogue& e) {
+  return values16_corrected(_mm512_sub_epi32(acc, _mm512_loadu_si512(e.corr + o)), o, e);
+}
+
+// the uint8 codes clamp(round_half_even(y * inv) + z, 0, 255) of y as int32 lanes, up to the lower
+// clamp: a lane < 0 stands for code 0, which the saturating packs that follow (packus_epi32,
+// packus_epi16) make of it. The upper clamp is taken in float before rounding: 255 - z is an
+// integer, so min(q, 255 - z) rounds to the same code as q wherever q's code is below 255; huge
+// negative q convert to INT_MIN, which stays negative after + z.
 inline __m512i codes16(__m512 y, const Epilogue& e) {
-  __m512 q = _mm512_roundscale_ps(_mm512_mul_ps(y, _mm512_set1_ps(e.inv)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  q = _mm512_add_ps(q, _mm512_set1_ps(e.z));
-  q = _mm512_min_ps(_mm512_max_ps(q, _mm512_setzero_ps()), _mm512_set1_ps(255.f));
-  return _mm512_cvttps_epi32(q);
+  const __m512 q = _mm512_min_ps(_mm512_mul_ps(y, _mm512_set1_ps(e.inv)), _mm512_set1_ps(255.f - e.z));
+  return _mm512_add_epi32(_mm512_cvt_roundps_epi32(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
+                          _mm512_set1_epi32(static_cast<int32_t>(e.z)));
 }
 
 // NB (<= 4) blocks of 16 consecutive channels of one pixel, from channel o of `out` (a pixel's
 // row of O values), stored up to channel O: uint8 codes packed into one 64-byte store, or floats.
+// acc: corrected sums (the dense loop starts its sums at -corr).
 template <int NB>
 inline void store_blocks(const __m512i* acc, int64_t o, int64_t O, const Epilogue& e, char* out) {
   if (!e.codes) {
@@ -93,12 +102,13 @@ inline void store_blocks(const __m512i* acc, int64_t o, int64_t O, const Epilogu
     for (int j = 0; j < NB; ++j)
       if (o + j * 16 < O)
         _mm512_mask_storeu_ps(reinterpret_cast<float*>(out) + o + j * 16, lanes(O - o - j * 16),
-                              values16(acc[j], o + j * 16, e));
+                              values16_corrected(acc[j], o + j * 16, e));
     return;
   }
   __m512i c[4];
 #pragma GCC unroll 4
-  for (int j = 0; j < 4; ++j) c[j] = j < NB ? codes16(values16(acc[j], o + j * 16, e), e) : _mm512_setzero_si512();
+  for (int j = 0; j < 4; ++j)
+    c[j] = j < NB ? codes16(values16_corrected(acc[j], o + j * 16, e), e) : _mm512_setzero_si512();
   // in-lane packs give, per 128-bit lane l, the l-th quarter of c0, c1, c2, c3: permute dwords back
   const __m512i packed = _mm512_packus_epi16(_mm512_packus_epi32(c[0], c[1]), _mm512_packus_epi32(c[2], c[3]));
   const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
