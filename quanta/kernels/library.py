@@ -41,6 +41,11 @@ class Impl:
     #: compiling, and ``available()`` (cheap) is asked at every call because it can turn true
     #: later in the process (the native library is built on first use)
     traceable: bool = True
+    #: a non-traceable implementation that needs nothing an eager call settles (it derives all
+    #: it needs from the op's arguments at every call): an opaque op (``KernelOp.traceable``
+    #: False) in a compiled graph may name it (once an eager call has found it available) and
+    #: runs it when the graph runs, instead of a traceable one chosen while tracing
+    graph_safe: bool = False
     #: ``prefer(*args)``: why another implementation is faster for these (guard-accepted)
     #: inputs, or None. ``impl="auto"`` then tries the next implementations and comes back to
     #: this one only if none of them accepts; a named call ignores it.
@@ -52,7 +57,10 @@ class Impl:
         change; and under torch.compile a call into ``torch.backends`` would break the graph at
         every integer module)."""
         if not self.traceable:
-            return not torch.compiler.is_compiling() and bool(self.available())
+            if torch.compiler.is_compiling():  # (graph_safe: what an eager call found, see there)
+                return self.graph_safe and bool(self._available)
+            self._available = bool(self.available())
+            return self._available
         if self._available is None:
             self._available = bool(self.available())
         return self._available
@@ -139,7 +147,8 @@ class KernelOp:
         ``checked=True``: ``impl`` is what `choose` just returned for these arguments, so its
         guard is not run a second time."""
         if torch.compiler.is_compiling():
-            if impl in self._by_name and not self._by_name[impl].traceable:
+            chosen = self._by_name.get(impl)
+            if chosen is not None and not chosen.traceable and not (chosen.graph_safe and not self.traceable):
                 # an eager choice of a compiled library (a module's cached choice): choose among the
                 # traceable ones now, so that the graph names one (an opaque op given the eager
                 # choice would run it with none of the eager call's settled state, e.g. re-planned

@@ -242,7 +242,7 @@ dynamic_int8_rnn = KernelOp(
     f"(str mode, Tensor input, Tensor[] hx, Tensor[] weights, int num_layers, bool bidirectional, "
     f"bool batch_first, {_ACT}, str impl) -> Tensor[]",
     rnn_reference,
-    impls=[Impl("native", rnn_native, _rnn_guard_native, native_available, traceable=False),
+    impls=[Impl("native", rnn_native, _rnn_guard_native, native_available, traceable=False, graph_safe=True),
            Impl("fbgemm", rnn_fbgemm, _rnn_guard_fbgemm, fbgemm_available),
            Impl("int_mm", rnn_int_mm, _rnn_guard_int_mm, int_mm_available)],
     fake=_rnn_fake,
@@ -252,7 +252,7 @@ dynamic_int8_rnn_cell = KernelOp(
     "dynamic_int8_rnn_cell",
     f"(str mode, Tensor input, Tensor[] hx, Tensor[] weights, {_ACT}, str impl) -> Tensor[]",
     cell_reference,
-    impls=[Impl("native", cell_native, _cell_guard_native, native_available, traceable=False),
+    impls=[Impl("native", cell_native, _cell_guard_native, native_available, traceable=False, graph_safe=True),
            Impl("fbgemm", cell_fbgemm, _cell_guard_fbgemm, fbgemm_available),
            Impl("int_mm", cell_int_mm, _cell_guard_int_mm, int_mm_available)],
     fake=_cell_fake,

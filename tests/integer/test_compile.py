@@ -277,3 +277,36 @@ def test_native_graph_operators_state_their_real_output(op, args):
     result = torch.library.opcheck(getattr(torch.ops.quanta_native, op).default, args(a, b),
                                    test_utils=("test_schema", "test_faketensor"))
     assert set(result.values()) == {"SUCCESS"}
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="inductor needs a C++ compiler")
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_compiled_recurrent_layer_runs_the_native_time_loop_with_eager_bits(kind):
+    """The native recurrent time loop needs nothing an eager call settles (`Impl.graph_safe`), so
+    a compiled graph's opaque ``quanta::dynamic_int8_rnn`` runs it, not fbgemm's
+    ``quantized_lstm`` (2.5x slower on the benchmark LSTM): eager's bits, no fbgemm op."""
+    import torch._dynamo
+    from quanta.kernels.recurrent import dynamic_int8_rnn
+
+    if "native" not in dynamic_int8_rnn.available_impls():
+        pytest.skip("native recurrent loop (AVX-512 VNNI build) not available")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = getattr(nn, kind)(16, 24, num_layers=2, batch_first=True).eval()
+    q = quanta.quantize(model, "dynamic_int8", speed_check=False, progress=False)
+    x = torch.randn(2, 7, 16)
+    with torch.inference_mode():
+        expected = q(x)  # eager: native, and found available
+        compiled = torch.compile(q)
+        got = compiled(x)
+        with torch.profiler.profile() as prof:
+            compiled(x)
+    ops = [e.name for e in prof.events()]
+    assert "quanta::dynamic_int8_rnn" in ops
+    assert not any("quantized_lstm" in op or "quantized_gru" in op for op in ops)
+    for g, e in zip(got if isinstance(got, tuple) else (got,), expected if isinstance(expected, tuple) else (expected,)):
+        if isinstance(g, tuple):
+            assert all(torch.equal(a, b) for a, b in zip(g, e))
+        else:
+            assert torch.equal(g, e)
