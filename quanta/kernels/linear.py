@@ -208,16 +208,18 @@ def _guard_vnni_common(x, x_scale, x_zp, weight, w_scale, bias) -> str | None:
     return reason
 
 
-def _guard_gemm_native(x, x_scale, x_zp, weight, w_scale, bias, w_sum, packed):
-    reason = _guard_vnni_common(x, x_scale, x_zp, weight, w_scale, bias)
-    if reason is not None:
-        return reason
-    N, K = weight.shape
-    if K % 4:
-        return f"K={K} is not a multiple of 4 (the VNNI loop reads 4 codes at a time)"
-    if not _is_gemm_pack(packed, N, K):
+def _gemm_pack_reason(weight: torch.Tensor, packed: Any) -> str | None:
+    """Why the GEMM cannot run this (checked int8) weight with ``packed``, or None."""
+    n, k = weight.shape
+    if k % 4:
+        return f"K={k} is not a multiple of 4 (the VNNI loop reads 4 codes at a time)"
+    if not _is_gemm_pack(packed, n, k):
         return "no weight packed for it (gemm_pack, built by the module on its first call of > 8 rows)"
     return None
+
+
+def _guard_gemm_native(x, x_scale, x_zp, weight, w_scale, bias, w_sum, packed):
+    return _guard_vnni_common(x, x_scale, x_zp, weight, w_scale, bias) or _gemm_pack_reason(weight, packed)
 
 
 def _gemm_native(x, x_zp, x_scale, wpack, w_sum, w_scale, bias, post_op=0):
