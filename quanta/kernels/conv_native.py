@@ -11,7 +11,9 @@ dilation, with
 - ``groups == 1`` and a multiple of 4 input channels (*dense*: an output tile of 6 pixels × 64
   channels accumulates with ``vpdpbusd``, 4 input channels per instruction), or
 - ``groups == C == O`` (*depthwise*: 4 taps' inputs of 64 channels interleaved in registers, so
-  that ``vpdpbusd`` adds 4 taps of 16 channels per instruction).
+  that ``vpdpbusd`` adds 4 taps of 16 channels per instruction; a last group of at most 32 / 16
+  channels on 256- / 128-bit vectors; 3x3 and 5x5 kernels with compile-time taps and the weights
+  in registers for the pixels whose taps lie inside the image's columns).
 
 Exact: the integer sums are the reference's, and the epilogue is the reference's own float32
 arithmetic (``float32(acc) · float32(x_scale · w_scale) + bias``, post-op, requantization), so
@@ -71,15 +73,16 @@ def guard_native(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: tor
 #: measured side by side on a 2-core AVX-512 VNNI CPU (every MobileNetV2 / ResNet-18 layer with
 #: its real codes, batch 1 and 16, alone and then in the whole model): oneDNN's JIT kernel costs
 #: ~20-30 µs more per call but is faster per output element on large outputs of short sums (batch
-#: 16: 32 channels 1x1 onto 16 at 112x112, 0.64 vs 1.29 ms alone), on large depthwise convs
-#: (batch 16: 0.5-0.9x of the native time on every MobileNetV2 depthwise layer alone; the whole
-#: model 1-2% faster with these thresholds, and unchanged at batch 1, where lower thresholds that
-#: looked faster layer by layer were not faster in the model), and on depthwise convs of at most
-#: 32 channels, where half of each 64-channel step of the native loop is padding
+#: 16: 32 channels 1x1 onto 16 at 112x112, 0.64 vs 1.29 ms alone). Depthwise 3x3 and 5x5 convs run
+#: the native loop's interior runs (compile-time taps, weights in registers) and beat oneDNN on
+#: every MobileNetV2 depthwise layer (batch 16: 1.0x on 32 channels at 112x112, 1.2-1.7x on the
+#: others; batch 1: 1.4-3.2x); other depthwise kernels run the native tiles alone, which were
+#: 0.5-0.9x of oneDNN on large outputs.
 PREFER_ONEDNN_OUTPUTS = 2 * 1024 * 1024
 PREFER_ONEDNN_REDUCTION = 64
 PREFER_ONEDNN_DEPTHWISE_OUTPUTS = 512 * 1024
-PREFER_ONEDNN_DEPTHWISE_CHANNELS = 32
+#: depthwise kernels with the native loop's interior runs (conv_depthwise.cpp, ``run_loop``)
+DEPTHWISE_RUN_KERNELS = ((3, 3), (5, 5))
 
 
 def prefer_onednn(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: torch.Tensor, w_scale: torch.Tensor,
@@ -89,14 +92,14 @@ def prefer_onednn(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: to
     """Why oneDNN is faster for these inputs (see `PREFER_ONEDNN_OUTPUTS`), or None."""
     from .conv import conv_output_shape  # (conv.py registers this module's implementation)
 
-    if groups > 1 and groups <= PREFER_ONEDNN_DEPTHWISE_CHANNELS:
-        return f"a depthwise conv of {groups} channels fills half of the native loop's 64-channel steps"
     reduction = weight[0].numel()
     outputs = 1
     for s in conv_output_shape(x.shape, weight.shape, stride, padding, dilation):
         outputs *= s
-    if groups > 1 and outputs > PREFER_ONEDNN_DEPTHWISE_OUTPUTS:
-        return f"a depthwise conv of {outputs} outputs: oneDNN's kernel is faster there"
+    kernel = tuple(weight.shape[2:])
+    if groups > 1 and kernel not in DEPTHWISE_RUN_KERNELS and outputs > PREFER_ONEDNN_DEPTHWISE_OUTPUTS:
+        return (f"a depthwise conv of {outputs} outputs with a {'x'.join(map(str, kernel))} kernel (no native "
+                f"interior-run loop): oneDNN's kernel is faster there")
     if outputs > PREFER_ONEDNN_OUTPUTS and reduction < PREFER_ONEDNN_REDUCTION:
         return f"{outputs} outputs of {reduction}-product sums: oneDNN's kernel is faster there"
     return None
@@ -109,8 +112,8 @@ def pack_weight(weight: torch.Tensor, kind: str) -> torch.Tensor:
     - dense ``[O/16, taps, C/4, 16, 4]``: 64 bytes = 16 output channels × 4 input channels;
     - depthwise ``[C/64, taps/4, 4, 64]``: for 64 channels and 4 taps, vector ``k`` holds in int32
       lane ``4 l + i`` the 4 taps' weights of channel ``16 l + 4 k + i`` (the order in which the
-      kernel interleaves the 4 taps' inputs); with at most 32 channels, channels 32-63 repeat
-      0-31 (the kernel then holds two pixels per register)."""
+      kernel interleaves the 4 taps' inputs; a last group of at most 32 or 16 channels runs on
+      256- or 128-bit vectors, which read the first lanes)."""
     out_ch, in_ch = weight.shape[0], weight.shape[1]
     taps = weight[0, 0].numel()
     if kind == "dense":  # [O16, C, T] -> [O16/16, 16, C/4, 4, T] -> [O16/16, T, C/4, 16, 4]
@@ -121,8 +124,6 @@ def pack_weight(weight: torch.Tensor, kind: str) -> torch.Tensor:
     c64, t4 = -(-out_ch // 64) * 64, -(-taps // 4) * 4
     w = torch.zeros(c64, t4, dtype=torch.int8)
     w[:out_ch, :taps] = weight.reshape(out_ch, taps)
-    if out_ch <= 32:  # two pixels per register: channels 32-63 repeat channels 0-31
-        w[32:] = w[:32]
     # channel g*64 + 16 l + 4 k + i, tap 4 q + j  ->  [g, q, k, (l, i, j)]
     w = w.view(c64 // 64, 4, 4, 4, t4 // 4, 4).permute(0, 4, 2, 1, 3, 5)
     return w.reshape(c64 // 64, t4 // 4, 4, 64).contiguous()
@@ -196,6 +197,6 @@ def run_native(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: torch
                        post_op, out_scale, out_zero_point)(x)
 
 
-__all__ = ["PREFER_ONEDNN_DEPTHWISE_CHANNELS", "PREFER_ONEDNN_DEPTHWISE_OUTPUTS", "PREFER_ONEDNN_OUTPUTS",
+__all__ = ["DEPTHWISE_RUN_KERNELS", "PREFER_ONEDNN_DEPTHWISE_OUTPUTS", "PREFER_ONEDNN_OUTPUTS",
            "PREFER_ONEDNN_REDUCTION", "compiled_run", "guard_native", "make_plan", "native_available", "native_call",
            "pack_weight", "plan_call", "prefer_onednn", "run_native"]

@@ -62,12 +62,17 @@ DENSE = {
     "2x2-wide-pad": (1, 8, 48, 5, 2, 1, 3, 1, 1),  # pads past the kernel's reach: all-pad rows
 }
 DEPTHWISE = {
-    "3x3-c16": (1, 16, 16, 9, 3, 1, 1, 1, 16),  # <= 32 channels: two pixels per register; 9 = 4 + 4 + 1
+    "3x3-c16": (1, 16, 16, 9, 3, 1, 1, 1, 16),  # 128-bit vectors; 9 taps = 4 + 4 + 1 (the last tap alone)
     "3x3-c32-stride2": (2, 32, 32, 13, 3, 2, 1, 1, 32),  # 7 columns: 4 + 3 (a pair and a half pair)
     "3x3-c40-stride2": (2, 40, 40, 15, 3, 2, 1, 1, 40),  # 3 blocks, the last one of 8 channels
     "3x3-c96": (1, 96, 96, 6, 3, 1, 1, 1, 96),  # 6 blocks: one group of 4 and one of 2
     "5x5-c7-dilated": (1, 7, 7, 11, 5, 1, 4, 2, 7),
     "3x3-c72-odd-width": (1, 72, 72, 7, 3, 1, 1, 1, 72),  # 7 columns: the last pixel alone
+    "3x3-c144": (2, 144, 144, 8, 3, 1, 1, 1, 144),  # 64 + 64 + a last group of 16 (128-bit)
+    "5x5-c48-stride2": (1, 48, 48, 12, 5, 2, 2, 1, 48),  # 25 taps = 6 x 4 + 1; interior runs of 5x5
+    "5x5-c24-no-interior": (1, 24, 24, 3, 5, 1, 2, 1, 24),  # every pixel's taps reach the padding
+    "3x3-c8-pad0": (1, 8, 8, 10, 3, 1, 0, 1, 8),  # no padding: every pixel in interior runs
+    "4x4-c64": (1, 64, 64, 9, 4, 1, 1, 1, 64),  # no interior-run loop: tiles only; 16 taps
 }
 
 
@@ -123,7 +128,7 @@ def test_native_1d_strided_and_extreme_inputs(case):
 
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(1, 2), c4=st.integers(1, 12), o=st.integers(1, 80), size=st.integers(1, 9),
-       k=st.integers(1, 4), stride=st.integers(1, 3), pad=st.integers(0, 3), dil=st.integers(1, 2),
+       k=st.integers(1, 5), stride=st.integers(1, 3), pad=st.integers(0, 3), dil=st.integers(1, 2),
        depthwise=st.booleans(), zero_code_zp=st.booleans(), seed=st.integers(0, 2**16))
 def test_native_random_geometry(n, c4, o, size, k, stride, pad, dil, depthwise, zero_code_zp, seed):
     c = 4 * c4 if not depthwise else c4 * 3
@@ -145,17 +150,20 @@ def test_guard_and_preference():
     big = _args(4, 16, 96, 112, 1, 1, 0, 1, 1)
     assert conv_native.prefer_onednn(*big, "none", None, 0, None) is not None
     assert int8_conv.choose(*big, "none", None, 0, None) == "onednn"
-    narrow = _args(1, 32, 32, 9, 3, 1, 1, 1, 32)  # depthwise, 32 channels
-    assert int8_conv.choose(*narrow, "none", None, 0, None) == "onednn"
-    big_depthwise = _args(1, 96, 96, 80, 3, 1, 1, 1, 96)  # 614 K outputs
-    assert "depthwise conv of 614400 outputs" in conv_native.prefer_onednn(*big_depthwise, "none", None, 0, None)
-    assert int8_conv.choose(*big_depthwise, "none", None, 0, None) == "onednn"
-    assert int8_conv.choose(*_args(1, 144, 144, 56, 3, 1, 1, 1, 144), "none", None, 0, None) == "native"
+    # large depthwise convs: native with interior runs (3x3, 5x5), oneDNN for other kernels
+    for kernel in (3, 5):
+        big_depthwise = _args(1, 96, 96, 80, kernel, 1, 1, 1, 96)
+        assert int8_conv.choose(*big_depthwise, "none", None, 0, None) == "native"
+    narrow = _args(2, 32, 32, 112, 3, 1, 1, 1, 32)  # 32 channels at 112x112 (MobileNetV2's first)
+    assert int8_conv.choose(*narrow, "none", None, 0, None) == "native"
+    big_7x7 = _args(1, 96, 96, 80, 7, 1, 3, 1, 96)  # 614 K outputs
+    assert "depthwise conv of 614400 outputs with a 7x7" in conv_native.prefer_onednn(*big_7x7, "none", None, 0, None)
+    assert int8_conv.choose(*big_7x7, "none", None, 0, None) == "onednn"
     short_sums = _args(2, 16, 96, 112, 1, 1, 0, 1, 1)  # 2.4 M outputs of 16-product sums
     assert int8_conv.choose(*short_sums, "none", None, 0, None) == "onednn"
     for small in (_args(1, 16, 96, 56, 1, 1, 0, 1, 1), _args(1, 48, 48, 9, 3, 1, 1, 1, 48)):
         assert int8_conv.choose(*small, "none", None, 0, None) == "native"
-    _check(narrow)  # a named call runs native wherever its guard accepts
+    _check(big_7x7)  # a named call runs native wherever its guard accepts
 
 
 def test_plan_rejects_bad_inputs_with_named_errors():
@@ -180,8 +188,8 @@ def test_plan_rejects_bad_inputs_with_named_errors():
 @pytest.mark.parametrize("threads", [2, 3])
 def test_native_thread_splits_give_the_reference(threads):
     """The suite runs on one thread; the task splits (pixel chunks x channel groups, pixel- or
-    group-major by weight size; depthwise rows, split by channel groups when rows are few;
-    pixel pairs) only differ with several: each must still give the reference's bits."""
+    group-major by weight size; depthwise rows, split by channel groups when rows are few)
+    only differ with several: each must still give the reference's bits."""
     cases = [
         (1, 64, 384, 14, 1, 1, 0, 1, 1),     # small weights: pixel-major, channel groups split
         (1, 512, 160, 7, 3, 1, 1, 1, 1),     # 737 KiB of weights: group-major
@@ -189,7 +197,7 @@ def test_native_thread_splits_give_the_reference(threads):
         (1, 8, 8, 1, 1, 1, 0, 1, 1),         # one pixel
         (1, 144, 144, 7, 3, 1, 1, 1, 144),   # depthwise, 7 rows < 4 x threads: split by channels
         (1, 96, 96, 29, 3, 2, 1, 1, 96),     # depthwise, 15 rows
-        (2, 24, 24, 15, 3, 1, 1, 1, 24),     # depthwise <= 32 channels: pixel pairs
+        (2, 24, 24, 15, 3, 1, 1, 1, 24),     # depthwise <= 32 channels: 256-bit vectors
     ]
     before = torch.get_num_threads()
     try:

@@ -105,8 +105,7 @@ class ConvPlan {
     float* mult = mult_.data_ptr<float>();
     float* bs = bias_.data_ptr<float>();
     for (int64_t p = 0; p < O64; ++p) {  // position p holds channel o (depthwise: the interleaved order)
-      // (at most 32 channels: lanes 2-3 repeat channels 0-31 for a second pixel)
-      const int64_t o = !depthwise ? p : C <= 32 ? dw_channel(p % 64) & 31 : p / 64 * 64 + dw_channel(p % 64);
+      const int64_t o = !depthwise ? p : p / 64 * 64 + dw_channel(p % 64);
       if (o >= O) continue;
       corr[p] = static_cast<int32_t>(x_zp * w_sum.data_ptr<int32_t>()[o]);
       mult[p] = static_cast<float>(x_scale * static_cast<double>(w_scale.data_ptr<float>()[o]));

@@ -1,175 +1,347 @@
 // The direct int8 convolution's depthwise loop (groups = C = O).
 #include "conv_kernels.h"
 
+#include <type_traits>
+
 namespace quanta_native {
 #if QUANTA_VNNI
 namespace {
 
-// 64 channels x 4 taps per step: the taps' 64-byte loads A, B, C, D are interleaved in-lane into
-// V_k, whose int32 lane (l, i) holds [a, b, c, d] of channel 16 l + 4 k + i, so that one vpdpbusd
-// adds 4 taps' products of 16 channels. Weights are packed to match ([G][T/4][k][l][i][tap]),
-// and the epilogue constants are stored in the same channel order (see ConvPlan); the in-lane
-// packing of the codes (store_dw) restores the natural order.
-inline void interleave4(__m512i a, __m512i b, __m512i c, __m512i d, __m512i* v) {
-  const __m512i ab_lo = _mm512_unpacklo_epi8(a, b), ab_hi = _mm512_unpackhi_epi8(a, b);
-  const __m512i cd_lo = _mm512_unpacklo_epi8(c, d), cd_hi = _mm512_unpackhi_epi8(c, d);
-  v[0] = _mm512_unpacklo_epi16(ab_lo, cd_lo);
-  v[1] = _mm512_unpackhi_epi16(ab_lo, cd_lo);
-  v[2] = _mm512_unpacklo_epi16(ab_hi, cd_hi);
-  v[3] = _mm512_unpackhi_epi16(ab_hi, cd_hi);
-}
+// One step adds 4 taps of a block of channels: the taps' inputs A, B, C, D (one vector each) are
+// interleaved in-lane into V_k, whose int32 lane (l, i) holds [a, b, c, d] of channel 16 l + 4 k + i,
+// so that one vpdpbusd adds 4 taps' products of 16 channels. Weights are packed to match
+// ([G][T/4][k][l][i][tap] for 64-channel groups G), and the epilogue constants are stored in the
+// same channel order (see ConvPlan); the in-lane packing of the codes restores the natural order.
+// A step whose only tap is the kernel's last (T % 4 == 1: 3x3, 5x5, 7x7) spreads that tap's bytes
+// with one in-lane byte shuffle per V_k instead of interleaving it with three pad pixels.
+//
+// Vec<BYTES>: the step's vector width. 64-channel groups run on 512-bit vectors; the last group's
+// remainder of at most 32 (16) channels on 256-bit (128-bit) ones, which read the first lanes of the
+// group's packed weights and constants: on a CPU that splits 512-bit operations in two 256-bit
+// halves, a narrower vector costs in proportion to its channels, where padding a 512-bit one would
+// not (MobileNetV2's 144 channels: 64 + 64 + 16).
+template <int BYTES>
+struct Vec;
 
-// The float values (post-op applied) of the sums acc[k] (constants at position c0 + 16 k), stored
-// in the interleaved order: y[p] is channel c0 + dw_channel(p).
-inline void dw_values(const __m512i* acc, int64_t c0, const Epilogue& e, float* y) {
-  for (int k = 0; k < 4; ++k) _mm512_store_ps(y + 16 * k, values16(acc[k], c0 + 16 * k, e));
-}
+template <>
+struct Vec<64> {
+  using I = __m512i;
+  using F = __m512;
+  using M = __mmask64;
+  static M mask(int64_t n) { return bytes(n); }
+  static I zero() { return _mm512_setzero_si512(); }
+  static I load(const void* p) { return _mm512_loadu_si512(p); }
+  static I loadz(M m, const void* p) { return _mm512_maskz_loadu_epi8(m, p); }
+  static I lo8(I a, I b) { return _mm512_unpacklo_epi8(a, b); }
+  static I hi8(I a, I b) { return _mm512_unpackhi_epi8(a, b); }
+  static I lo16(I a, I b) { return _mm512_unpacklo_epi16(a, b); }
+  static I hi16(I a, I b) { return _mm512_unpackhi_epi16(a, b); }
+  static I lanes4(__m128i v) { return _mm512_broadcast_i32x4(v); }
+  static I shuffle(I a, I control) { return _mm512_shuffle_epi8(a, control); }
+  static I dp(I acc, I a, I b) { return _mm512_dpbusd_epi32(acc, a, b); }
+  static I pack(I a, I b, I c, I d) { return _mm512_packus_epi16(_mm512_packus_epi32(a, b), _mm512_packus_epi32(c, d)); }
+  static void store(char* p, M m, I v) { _mm512_mask_storeu_epi8(p, m, v); }
+  static F values(I acc, int64_t o, const Epilogue& e) { return values16(acc, o, e); }
+  static I codes(F y, const Epilogue& e) { return codes16(y, e); }
+  static void store_values(float* y, F v) { _mm512_store_ps(y, v); }
+};
 
-// The uint8 codes of the sums acc[k] in natural channel order: per 128-bit lane l, channels
-// 16 l + 0..3 (acc[0]), 4..7 (acc[1]), 8..11 (acc[2]), 12..15 (acc[3]), as the in-lane packs give them.
-inline __m512i dw_codes(const __m512i* acc, int64_t c0, const Epilogue& e) {
-  __m512i c[4];
-#pragma GCC unroll 4
-  for (int k = 0; k < 4; ++k) c[k] = codes16(values16(acc[k], c0 + 16 * k, e), e);
-  return _mm512_packus_epi16(_mm512_packus_epi32(c[0], c[1]), _mm512_packus_epi32(c[2], c[3]));
-}
-
-// acc[n][k] += the T4 steps of 4 taps for N registers of inputs: load(n, q, in) fills in[0..3]
-// with the 64-byte inputs of taps 4 q .. 4 q + 3 for register n; w: [T4][4][64] weights.
-template <int N, typename Load>
-inline void dw_accumulate(int64_t T4, const int8_t* w, __m512i (*acc)[4], Load load) {
-#pragma GCC unroll 4
-  for (int n = 0; n < N; ++n)
-#pragma GCC unroll 4
-    for (int k = 0; k < 4; ++k) acc[n][k] = _mm512_setzero_si512();
-  for (int64_t q = 0; q < T4; ++q) {
-    __m512i wv[4];
-#pragma GCC unroll 4
-    for (int k = 0; k < 4; ++k) wv[k] = _mm512_loadu_si512(w + (q * 4 + k) * 64);
-#pragma GCC unroll 4
-    for (int n = 0; n < N; ++n) {
-      __m512i in[4], v[4];
-      load(n, q, in);
-      interleave4(in[0], in[1], in[2], in[3], v);
-#pragma GCC unroll 4
-      for (int k = 0; k < 4; ++k) acc[n][k] = _mm512_dpbusd_epi32(acc[n][k], v[k], wv[k]);
-    }
+template <>
+struct Vec<32> {
+  using I = __m256i;
+  using F = __m256;
+  using M = __mmask32;
+  static M mask(int64_t n) { return n >= 32 ? ~M(0) : M((1u << n) - 1); }
+  static I zero() { return _mm256_setzero_si256(); }
+  static I load(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+  static I loadz(M m, const void* p) { return _mm256_maskz_loadu_epi8(m, p); }
+  static I lo8(I a, I b) { return _mm256_unpacklo_epi8(a, b); }
+  static I hi8(I a, I b) { return _mm256_unpackhi_epi8(a, b); }
+  static I lo16(I a, I b) { return _mm256_unpacklo_epi16(a, b); }
+  static I hi16(I a, I b) { return _mm256_unpackhi_epi16(a, b); }
+  static I lanes4(__m128i v) { return _mm256_broadcastsi128_si256(v); }
+  static I shuffle(I a, I control) { return _mm256_shuffle_epi8(a, control); }
+  static I dp(I acc, I a, I b) { return _mm256_dpbusd_epi32(acc, a, b); }
+  static I pack(I a, I b, I c, I d) { return _mm256_packus_epi16(_mm256_packus_epi32(a, b), _mm256_packus_epi32(c, d)); }
+  static void store(char* p, M m, I v) { _mm256_mask_storeu_epi8(p, m, v); }
+  // values16 / codes16 on 8 lanes (explicit round half to even, then an exact conversion)
+  static F values(I acc, int64_t o, const Epilogue& e) {
+    const I a = _mm256_sub_epi32(acc, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(e.corr + o)));
+    F y = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(a), _mm256_loadu_ps(e.mult + o)), _mm256_loadu_ps(e.bias + o));
+    if (e.post) y = _mm256_max_ps(y, _mm256_setzero_ps());
+    if (e.post == 2) y = _mm256_min_ps(y, _mm256_set1_ps(6.f));
+    return y;
   }
+  static I codes(F y, const Epilogue& e) {
+    const F q = _mm256_min_ps(_mm256_mul_ps(y, _mm256_set1_ps(e.inv)), _mm256_set1_ps(255.f - e.z));
+    return _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_round_ps(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)),
+                            _mm256_set1_epi32(static_cast<int32_t>(e.z)));
+  }
+  static void store_values(float* y, F v) { _mm256_store_ps(y, v); }
+};
+
+template <>
+struct Vec<16> {
+  using I = __m128i;
+  using F = __m128;
+  using M = __mmask16;
+  static M mask(int64_t n) { return lanes(n); }
+  static I zero() { return _mm_setzero_si128(); }
+  static I load(const void* p) { return _mm_loadu_si128(static_cast<const __m128i*>(p)); }
+  static I loadz(M m, const void* p) { return _mm_maskz_loadu_epi8(m, p); }
+  static I lo8(I a, I b) { return _mm_unpacklo_epi8(a, b); }
+  static I hi8(I a, I b) { return _mm_unpackhi_epi8(a, b); }
+  static I lo16(I a, I b) { return _mm_unpacklo_epi16(a, b); }
+  static I hi16(I a, I b) { return _mm_unpackhi_epi16(a, b); }
+  static I lanes4(__m128i v) { return v; }
+  static I shuffle(I a, I control) { return _mm_shuffle_epi8(a, control); }
+  static I dp(I acc, I a, I b) { return _mm_dpbusd_epi32(acc, a, b); }
+  static I pack(I a, I b, I c, I d) { return _mm_packus_epi16(_mm_packus_epi32(a, b), _mm_packus_epi32(c, d)); }
+  static void store(char* p, M m, I v) { _mm_mask_storeu_epi8(p, m, v); }
+  static F values(I acc, int64_t o, const Epilogue& e) {
+    const I a = _mm_sub_epi32(acc, _mm_loadu_si128(reinterpret_cast<const __m128i*>(e.corr + o)));
+    F y = _mm_add_ps(_mm_mul_ps(_mm_cvtepi32_ps(a), _mm_loadu_ps(e.mult + o)), _mm_loadu_ps(e.bias + o));
+    if (e.post) y = _mm_max_ps(y, _mm_setzero_ps());
+    if (e.post == 2) y = _mm_min_ps(y, _mm_set1_ps(6.f));
+    return y;
+  }
+  static I codes(F y, const Epilogue& e) {
+    const F q = _mm_min_ps(_mm_mul_ps(y, _mm_set1_ps(e.inv)), _mm_set1_ps(255.f - e.z));
+    return _mm_add_epi32(_mm_cvtps_epi32(_mm_round_ps(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)),
+                         _mm_set1_epi32(static_cast<int32_t>(e.z)));
+  }
+  static void store_values(float* y, F v) { _mm_store_ps(y, v); }
+};
+
+// in-lane byte shuffle control of V_k for a single tap: int32 lane i gets byte 4 k + i, zeros above
+inline __m128i spread_control(int k) {
+  const char z = static_cast<char>(0x80);
+  const char b = static_cast<char>(4 * k);
+  return _mm_setr_epi8(b, z, z, z, b + 1, z, z, z, b + 2, z, z, z, b + 3, z, z, z);
 }
 
-// PX output pixels x the 64 channels from c0. ptr[px * T4 * 4 + t]: tap t's input pixel (taps
-// past the kernel's read the pad pixel, with zero weights); w: the group's [T4][4][64] weights;
-// out[px]: the pixel's output row of C values.
-template <int PX>
-void depthwise_tile(const uint8_t* const* ptr, int64_t T4, int64_t c0, int64_t C, const int8_t* w,
+// The epilogue of one pixel's sums acc[0..3] of the BYTES channels from c0 (see the step's order),
+// stored into `out`, the pixel's output row of C values.
+template <int BYTES>
+inline void store_pixel(const typename Vec<BYTES>::I* acc, int64_t c0, int64_t C, typename Vec<BYTES>::M mask,
+                        const Epilogue& e, char* out) {
+  using V = Vec<BYTES>;
+  if (e.codes) {
+    typename V::I c[4];
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k) c[k] = V::codes(V::values(acc[k], c0 + 16 * k, e), e);
+    V::store(out + c0, mask, V::pack(c[0], c[1], c[2], c[3]));
+    return;
+  }
+  alignas(64) float y[64];
+#pragma GCC unroll 4
+  for (int k = 0; k < 4; ++k) V::store_values(y + 16 * k, V::values(acc[k], c0 + 16 * k, e));
+  float* o = reinterpret_cast<float*>(out) + c0;
+  for (int64_t p = 0; p < 64; ++p)  // position p = 16 k + 4 l + i: channel 16 l + 4 k + i
+    if (p % 16 < BYTES / 4 && c0 + dw_channel(p) < C) o[dw_channel(p)] = y[p];
+}
+
+// PX output pixels x the BYTES channels from c0. ptr[(px * T4 + q) * 4 + j]: tap 4 q + j's input
+// pixel (taps past the kernel's read the pad pixel, with zero weights); w: the 64-channel group's
+// [T4][4][64] weights (a narrower vector reads the first lanes of each); out[px]: the pixel's output
+// row of C values.
+template <int BYTES, int PX>
+void depthwise_tile(const uint8_t* const* ptr, int64_t T, int64_t c0, int64_t C, const int8_t* w,
                     const Epilogue& e, char* const* out) {
-  const __mmask64 mask = bytes(C - c0);
-  __m512i acc[PX][4];
-  dw_accumulate<PX>(T4, w, acc, [&](int px, int64_t q, __m512i* in) {
-    const uint8_t* const* p = ptr + (px * T4 + q) * 4;
+  using V = Vec<BYTES>;
+  using I = typename V::I;
+  const auto mask = V::mask(C - c0);
+  const int64_t T4 = (T + 3) / 4, steps = T % 4 == 1 ? T4 - 1 : T4;  // 4-tap steps, then maybe one tap
+  I acc[PX][4];
 #pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) in[j] = _mm512_maskz_loadu_epi8(mask, p[j] + c0);
-  });
-  for (int px = 0; px < PX; ++px) {
-    if (e.codes) {
-      _mm512_mask_storeu_epi8(out[px] + c0, mask, dw_codes(acc[px], c0, e));
-      continue;
+  for (int n = 0; n < PX; ++n)
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k) acc[n][k] = V::zero();
+  for (int64_t q = 0; q < steps; ++q) {
+    I wv[4];
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k) wv[k] = V::load(w + (q * 4 + k) * 64);
+#pragma GCC unroll 4
+    for (int n = 0; n < PX; ++n) {
+      const uint8_t* const* p = ptr + (n * T4 + q) * 4;
+      const I a = V::loadz(mask, p[0] + c0), b = V::loadz(mask, p[1] + c0);
+      const I c = V::loadz(mask, p[2] + c0), d = V::loadz(mask, p[3] + c0);
+      const I ab_lo = V::lo8(a, b), ab_hi = V::hi8(a, b), cd_lo = V::lo8(c, d), cd_hi = V::hi8(c, d);
+      acc[n][0] = V::dp(acc[n][0], V::lo16(ab_lo, cd_lo), wv[0]);
+      acc[n][1] = V::dp(acc[n][1], V::hi16(ab_lo, cd_lo), wv[1]);
+      acc[n][2] = V::dp(acc[n][2], V::lo16(ab_hi, cd_hi), wv[2]);
+      acc[n][3] = V::dp(acc[n][3], V::hi16(ab_hi, cd_hi), wv[3]);
     }
-    alignas(64) float y[64];
-    dw_values(acc[px], c0, e, y);
-    float* o = reinterpret_cast<float*>(out[px]) + c0;
-    for (int64_t p = 0; p < 64; ++p)
-      if (c0 + dw_channel(p) < C) o[dw_channel(p)] = y[p];
+  }
+  if (steps < T4) {  // the last tap alone
+    I wv[4];
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k) wv[k] = V::load(w + (steps * 4 + k) * 64);
+#pragma GCC unroll 4
+    for (int n = 0; n < PX; ++n) {
+      const I a = V::loadz(mask, ptr[(n * T4 + steps) * 4] + c0);
+#pragma GCC unroll 4
+      for (int k = 0; k < 4; ++k) acc[n][k] = V::dp(acc[n][k], V::shuffle(a, V::lanes4(spread_control(k))), wv[k]);
+    }
+  }
+  for (int n = 0; n < PX; ++n) store_pixel<BYTES>(acc[n], c0, C, mask, e, out[n]);
+}
+
+// `count` consecutive output pixels of one output row whose taps all lie inside the image's
+// columns, with the kernel's KH x KW taps known at compile time and the weights held in registers:
+// pixel i's tap (ky, kx) reads rows[ky] + (ix + i SW + kx DW) C (rows: the input rows of the kernel's
+// rows, the pad row outside the image); out: pixel 0's output row, the next ones `step` bytes on.
+template <int BYTES, int KH, int KW>
+void depthwise_run(const uint8_t* const* rows, int64_t ix, int64_t count, int64_t SW, int64_t DW, int64_t C,
+                   int64_t c0, const int8_t* w, const Epilogue& e, char* out, int64_t step) {
+  using V = Vec<BYTES>;
+  using I = typename V::I;
+  constexpr int T = KH * KW, T4 = (T + 3) / 4, steps = T % 4 == 1 ? T4 - 1 : T4;
+  const auto mask = V::mask(C - c0);
+  I wv[T4][4], control[4];
+#pragma GCC unroll 16
+  for (int q = 0; q < T4; ++q)
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k) wv[q][k] = V::load(w + (q * 4 + k) * 64);
+#pragma GCC unroll 4
+  for (int k = 0; k < 4; ++k) control[k] = V::lanes4(spread_control(k));
+  const uint8_t* r[KH];
+#pragma GCC unroll 8
+  for (int ky = 0; ky < KH; ++ky) r[ky] = rows[ky] + ix * C + c0;
+  const int64_t dx = DW * C, sx = SW * C;
+  // two pixels per iteration (independent sums to overlap), then the odd one
+  auto pixels = [&](auto np) {
+    constexpr int NP = decltype(np)::value;
+    I acc[NP][4];
+#pragma GCC unroll 4
+    for (int p = 0; p < NP; ++p)
+#pragma GCC unroll 4
+      for (int k = 0; k < 4; ++k) acc[p][k] = V::zero();
+#pragma GCC unroll 16
+    for (int q = 0; q < steps; ++q) {
+#pragma GCC unroll 2
+      for (int p = 0; p < NP; ++p) {
+        I in[4];
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) {
+          const int t = 4 * q + j;  // taps past the kernel's have zero weights: any input will do
+          in[j] = t < T ? V::loadz(mask, r[t / KW] + p * sx + (t % KW) * dx) : V::zero();
+        }
+        const I ab_lo = V::lo8(in[0], in[1]), ab_hi = V::hi8(in[0], in[1]);
+        const I cd_lo = V::lo8(in[2], in[3]), cd_hi = V::hi8(in[2], in[3]);
+        acc[p][0] = V::dp(acc[p][0], V::lo16(ab_lo, cd_lo), wv[q][0]);
+        acc[p][1] = V::dp(acc[p][1], V::hi16(ab_lo, cd_lo), wv[q][1]);
+        acc[p][2] = V::dp(acc[p][2], V::lo16(ab_hi, cd_hi), wv[q][2]);
+        acc[p][3] = V::dp(acc[p][3], V::hi16(ab_hi, cd_hi), wv[q][3]);
+      }
+    }
+    if constexpr (steps < T4) {  // the last tap alone
+#pragma GCC unroll 2
+      for (int p = 0; p < NP; ++p) {
+        const I a = V::loadz(mask, r[(T - 1) / KW] + p * sx + ((T - 1) % KW) * dx);
+#pragma GCC unroll 4
+        for (int k = 0; k < 4; ++k) acc[p][k] = V::dp(acc[p][k], V::shuffle(a, control[k]), wv[T4 - 1][k]);
+      }
+    }
+#pragma GCC unroll 2
+    for (int p = 0; p < NP; ++p) store_pixel<BYTES>(acc[p], c0, C, mask, e, out + p * step);
+#pragma GCC unroll 8
+    for (int ky = 0; ky < KH; ++ky) r[ky] += NP * sx;
+    out += NP * step;
+  };
+  int64_t i = 0;
+  for (; i + 2 <= count; i += 2) pixels(std::integral_constant<int, 2>());
+  if (i < count) pixels(std::integral_constant<int, 1>());
+}
+
+template <int BYTES>
+void tile_of(int64_t px, const uint8_t* const* ptr, int64_t T, int64_t c0, int64_t C, const int8_t* w,
+             const Epilogue& e, char* const* out) {
+  switch (px) {
+    case 4: return depthwise_tile<BYTES, 4>(ptr, T, c0, C, w, e, out);
+    case 3: return depthwise_tile<BYTES, 3>(ptr, T, c0, C, w, e, out);
+    case 2: return depthwise_tile<BYTES, 2>(ptr, T, c0, C, w, e, out);
+    default: return depthwise_tile<BYTES, 1>(ptr, T, c0, C, w, e, out);
   }
 }
 
-// At most 32 channels: two pixels per register, pixel a in 128-bit lanes 0-1 and pixel b in lanes
-// 2-3 (the weights and constants repeat the 32 channels in lanes 2-3), so no lane is padding.
-// NP pairs; ptr[(2 np + half) * T4 * 4 + t]; out[2 np + half] (null: no such pixel).
-template <int NP>
-void depthwise_pair_tile(const uint8_t* const* ptr, int64_t T4, int64_t C, const int8_t* w, const Epilogue& e,
-                         char* const* out) {
-  const __mmask32 mask = C >= 32 ? ~__mmask32(0) : __mmask32((1u << C) - 1);
-  __m512i acc[NP][4];
-  dw_accumulate<NP>(T4, w, acc, [&](int np, int64_t q, __m512i* in) {
-    const uint8_t* const* pa = ptr + (2 * np * T4 + q) * 4;
-    const uint8_t* const* pb = pa + T4 * 4;
-#pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j)  // (32 channels and b's tap pixel right after a's: one load for both)
-      in[j] = C == 32 && pb[j] == pa[j] + 32
-                  ? _mm512_loadu_si512(pa[j])
-                  : _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_maskz_loadu_epi8(mask, pa[j])),
-                                       _mm256_maskz_loadu_epi8(mask, pb[j]), 1);
-  });
-  for (int np = 0; np < NP; ++np) {
-    char* oa = out[2 * np];
-    char* ob = out[2 * np + 1];
-    if (e.codes) {
-      const __m512i packed = dw_codes(acc[np], 0, e);
-      _mm256_mask_storeu_epi8(oa, mask, _mm512_castsi512_si256(packed));
-      if (ob) _mm256_mask_storeu_epi8(ob, mask, _mm512_extracti64x4_epi64(packed, 1));
-      continue;
-    }
-    alignas(64) float y[64];
-    dw_values(acc[np], 0, e, y);
-    for (int64_t p = 0; p < 64; ++p) {
-      const int64_t c = dw_channel(p);
-      char* o = c < 32 ? oa : ob;
-      if ((c & 31) < C && o) reinterpret_cast<float*>(o)[c & 31] = y[p];
-    }
-  }
+// the interior runs' loop for a kernel of KH x KW taps (3x3, 5x5), or null: every pixel by tiles
+template <int BYTES>
+using RunLoop = void (*)(const uint8_t* const*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                         const int8_t*, const Epilogue&, char*, int64_t);
+template <int BYTES>
+RunLoop<BYTES> run_loop(int64_t KH, int64_t KW) {
+  if (KH == 3 && KW == 3) return depthwise_run<BYTES, 3, 3>;
+  if (KH == 5 && KW == 5) return depthwise_run<BYTES, 5, 5>;
+  return nullptr;
 }
 
 }  // namespace
 
 void depthwise_conv(const uint8_t* x, const Geometry& g, const int8_t* wpack, const uint8_t* pad,
                     const Epilogue& e, char* out, int64_t esize) {
-  if (g.C <= 32) {  // pixel pairs, 4 pixels per register tile
-    const int64_t T4 = (g.taps() + 3) / 4, rows = g.N * g.OH;
-    const std::vector<int64_t> off = g.tap_offsets();
-    at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
-      std::vector<const uint8_t*> ptr(4 * T4 * 4, pad);
-      for (int64_t row = r0; row < r1; ++row) {
-        const int64_t n = row / g.OH, oy = row % g.OH;
-        for (int64_t ox = 0; ox < g.OW; ox += 4) {
-          const int64_t px = std::min<int64_t>(4, g.OW - ox);
-          char* dst[4] = {nullptr, nullptr, nullptr, nullptr};
-          for (int64_t i = 0; i < 4; ++i) {
-            if (i < px) {
-              dst[i] = out + ((row * g.OW) + ox + i) * g.O * esize;
-              g.taps_of(x, pad, off.data(), n, oy, ox + i, ptr.data() + i * T4 * 4, 1);
-            } else {
-              std::fill(ptr.begin() + i * T4 * 4, ptr.begin() + (i + 1) * T4 * 4, pad);
-            }
-          }
-          (px > 2 ? depthwise_pair_tile<2> : depthwise_pair_tile<1>)(ptr.data(), T4, g.C, wpack, e, dst);
-        }
-      }
-    });
-    return;
-  }
-  constexpr int64_t kPX = 2;  // pixels per register tile
   const int64_t T = g.taps(), T4 = (T + 3) / 4, groups = (g.C + 63) / 64, rows = g.N * g.OH;
+  const int64_t rest = g.C - (groups - 1) * 64;  // channels of the last group: its vector width
+  const int tail = rest > 32 ? 64 : rest > 16 ? 32 : 16;
+  // pixels per tile: 2 on 512-bit vectors (registers), 4 where every vector is narrower
+  const int64_t kPX = groups == 1 && tail < 64 ? 4 : 2;
+  // the columns [lo, hi) of output pixels whose taps all lie inside the image's columns: interior
+  // runs (with compile-time taps); the others by tiles, with each pixel's tap pointers
+  const bool runs = run_loop<64>(g.KH, g.KW) != nullptr;
+  const int64_t reach = g.W - 1 + g.PW - (g.KW - 1) * g.DW;
+  const int64_t lo = runs ? std::min(g.OW, (g.PW + g.SW - 1) / g.SW) : g.OW;
+  const int64_t hi = runs && reach >= 0 ? std::max(lo, std::min(g.OW, reach / g.SW + 1)) : lo;
+  const std::vector<uint8_t> pad_row(runs ? g.W * g.C + 64 : 0, pad[0]);  // an input row of zero-point codes
   // tasks: an output row, split by 64 channels only where there are few rows (the taps' pointers
   // are found once per pixel for all the channels of a task)
   const int64_t splits = rows >= 4 * at::get_num_threads() ? 1 : groups, per = (groups + splits - 1) / splits;
   const std::vector<int64_t> off = g.tap_offsets();
   at::parallel_for(0, rows * splits, 1, [&](int64_t t0, int64_t t1) {
     std::vector<const uint8_t*> ptr(kPX * T4 * 4, pad);  // taps T .. 4 T4 - 1 stay on the pad pixel
+    std::vector<const uint8_t*> in_rows(g.KH);
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t row = task / splits, n = row / g.OH, oy = row % g.OH;
       const int64_t gb = task % splits * per, ge = std::min(groups, gb + per);
-      for (int64_t ox = 0; ox < g.OW; ox += kPX) {
-        const int64_t px = std::min(kPX, g.OW - ox);
-        char* dst[kPX];
-        for (int64_t i = 0; i < px; ++i) {
-          dst[i] = out + ((row * g.OW) + ox + i) * g.O * esize;
-          g.taps_of(x, pad, off.data(), n, oy, ox + i, ptr.data() + i * T4 * 4, 1);
+      auto tiles = [&](int64_t from, int64_t to) {
+        for (int64_t ox = from; ox < to; ox += kPX) {
+          const int64_t px = std::min(kPX, to - ox);
+          char* dst[4];
+          for (int64_t i = 0; i < px; ++i) {
+            dst[i] = out + ((row * g.OW) + ox + i) * g.O * esize;
+            g.taps_of(x, pad, off.data(), n, oy, ox + i, ptr.data() + i * T4 * 4, 1);
+          }
+          for (int64_t gi = gb; gi < ge; ++gi) {
+            const int width = gi < groups - 1 ? 64 : tail;
+            const int8_t* w = wpack + gi * T4 * 256;
+            if (width == 64)
+              tile_of<64>(px, ptr.data(), T, gi * 64, g.C, w, e, dst);
+            else if (width == 32)
+              tile_of<32>(px, ptr.data(), T, gi * 64, g.C, w, e, dst);
+            else
+              tile_of<16>(px, ptr.data(), T, gi * 64, g.C, w, e, dst);
+          }
         }
-        for (int64_t gi = gb; gi < ge; ++gi)
-          (px == 2 ? depthwise_tile<2> : depthwise_tile<1>)(ptr.data(), T4, gi * 64, g.C, wpack + gi * T4 * 256, e,
-                                                             dst);
+      };
+      tiles(0, lo);
+      if (hi > lo) {
+        for (int64_t ky = 0; ky < g.KH; ++ky) {
+          const int64_t iy = oy * g.SH - g.PH + ky * g.DH;
+          in_rows[ky] = iy >= 0 && iy < g.H ? x + (n * g.H + iy) * g.W * g.C : pad_row.data();
+        }
+        const int64_t ix = lo * g.SW - g.PW, step = g.O * esize;
+        char* first = out + (row * g.OW + lo) * step;
+        for (int64_t gi = gb; gi < ge; ++gi) {
+          const int width = gi < groups - 1 ? 64 : tail;
+          const int8_t* w = wpack + gi * T4 * 256;
+          if (width == 64)
+            run_loop<64>(g.KH, g.KW)(in_rows.data(), ix, hi - lo, g.SW, g.DW, g.C, gi * 64, w, e, first, step);
+          else if (width == 32)
+            run_loop<32>(g.KH, g.KW)(in_rows.data(), ix, hi - lo, g.SW, g.DW, g.C, gi * 64, w, e, first, step);
+          else
+            run_loop<16>(g.KH, g.KW)(in_rows.data(), ix, hi - lo, g.SW, g.DW, g.C, gi * 64, w, e, first, step);
+        }
       }
+      tiles(hi, g.OW);
     }
   });
 }
