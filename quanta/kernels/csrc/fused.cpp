@@ -224,22 +224,35 @@ torch::Tensor max_pool2d_codes(const torch::Tensor& x, c10::IntArrayRef kernel, 
   const uint8_t* src = x.data_ptr<uint8_t>();
   uint8_t* dst = out.data_ptr<uint8_t>();
   at::parallel_for(0, N * OH, 1, [&](int64_t begin, int64_t end) {
+    std::vector<const uint8_t*> taps(kh * kw);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t n = r / OH, oh = r % OH;
       for (int64_t ow = 0; ow < OW; ++ow) {
         uint8_t* __restrict__ o = dst + ((n * OH + oh) * OW + ow) * C;
-        std::memset(o, 0, C);  // codes are >= 0 and every window has a valid tap
+        int64_t T = 0;  // the window's taps inside the image (every window has one)
         for (int64_t i = 0; i < kh; ++i) {
           const int64_t h = oh * sh - ph + i * dh;
           if (h < 0 || h >= H) continue;
           for (int64_t j = 0; j < kw; ++j) {
             const int64_t w = ow * sw - pw + j * dw;
-            if (w < 0 || w >= W) continue;
-            const uint8_t* __restrict__ p = src + ((n * H + h) * W + w) * C;
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) o[c] = p[c] > o[c] ? p[c] : o[c];
+            if (w >= 0 && w < W) taps[T++] = src + ((n * H + h) * W + w) * C;
           }
         }
+#if QUANTA_VNNI
+        for (int64_t c = 0; c < C; c += 64) {  // 64 channels in a register across the taps
+          const __mmask64 m = C - c >= 64 ? ~__mmask64(0) : ((__mmask64(1) << (C - c)) - 1);
+          __m512i v = _mm512_maskz_loadu_epi8(m, taps[0] + c);
+          for (int64_t t = 1; t < T; ++t) v = _mm512_max_epu8(v, _mm512_maskz_loadu_epi8(m, taps[t] + c));
+          _mm512_mask_storeu_epi8(o + c, m, v);
+        }
+#else
+        std::memcpy(o, taps[0], C);
+        for (int64_t t = 1; t < T; ++t) {
+          const uint8_t* __restrict__ p = taps[t];
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) o[c] = p[c] > o[c] ? p[c] : o[c];
+        }
+#endif
       }
     }
   });
