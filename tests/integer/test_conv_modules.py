@@ -309,14 +309,15 @@ def test_uint8_codes_through_a_max_pool_past_255_positions(tmp_path):
         assert torch.equal(quanta.load(path, model=model)(x), y)
 
 
+@pytest.mark.parametrize("channels", [19, 64, 150])  # the native loop's 64-channel steps: partial, full, both
 @pytest.mark.parametrize("cfg", [(3, 2, 1, 1), (2, 2, 0, 1), (3, 1, 1, 2), ((3, 2), (2, 1), (1, 0), 1)])
-def test_codes_max_pool_equals_torch_on_values(cfg):
+def test_codes_max_pool_equals_torch_on_values(cfg, channels):
     """The native channels-last uint8 pool (and its int32 fallback) give torch's max-pool of the values."""
     from quanta.integer.pooling import codes_pool
     k, s, p, d = cfg
     pool = nn.MaxPool2d(k, s, p, d)
     gen = torch.Generator().manual_seed(11)
-    x = torch.randint(0, 256, (2, 19, 23, 17), dtype=torch.uint8, generator=gen)
+    x = torch.randint(0, 256, (2, channels, 23, 17), dtype=torch.uint8, generator=gen)
     expect = pool(x.float())
     twin = codes_pool(pool)
     for layout in (torch.channels_last, torch.contiguous_format):
