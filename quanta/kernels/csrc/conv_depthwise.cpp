@@ -83,7 +83,7 @@ struct Vec<32> {
 template <>
 struct Vec<16> {
   using I = __m128i;
-  using F = __m128;
+  using F = __m256;  // (the epilogue's: Vec<32>'s)
   using M = __mmask16;
   static M mask(int64_t n) { return lanes(n); }
   static I zero() { return _mm_setzero_si128(); }
@@ -98,19 +98,11 @@ struct Vec<16> {
   static I dp(I acc, I a, I b) { return _mm_dpbusd_epi32(acc, a, b); }
   static I pack(I a, I b, I c, I d) { return _mm_packus_epi16(_mm_packus_epi32(a, b), _mm_packus_epi32(c, d)); }
   static void store(char* p, M m, I v) { _mm_mask_storeu_epi8(p, m, v); }
-  static F values(I acc, int64_t o, const Epilogue& e) {
-    const I a = _mm_sub_epi32(acc, _mm_loadu_si128(reinterpret_cast<const __m128i*>(e.corr + o)));
-    F y = _mm_add_ps(_mm_mul_ps(_mm_cvtepi32_ps(a), _mm_loadu_ps(e.mult + o)), _mm_loadu_ps(e.bias + o));
-    if (e.post) y = _mm_max_ps(y, _mm_setzero_ps());
-    if (e.post == 2) y = _mm_min_ps(y, _mm_set1_ps(6.f));
-    return y;
-  }
-  static I codes(F y, const Epilogue& e) {
-    const F q = _mm_min_ps(_mm_mul_ps(y, _mm_set1_ps(e.inv)), _mm_set1_ps(255.f - e.z));
-    return _mm_add_epi32(_mm_cvtps_epi32(_mm_round_ps(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)),
-                         _mm_set1_epi32(static_cast<int32_t>(e.z)));
-  }
-  static void store_values(float* y, F v) { _mm_store_ps(y, v); }
+  // the 256-bit epilogue on the zero-extended sums (the constants' extra lanes are the group's other
+  // positions, in bounds; the lanes kept are unaffected): a 128-bit operation costs a 256-bit one here
+  static F values(I acc, int64_t o, const Epilogue& e) { return Vec<32>::values(_mm256_zextsi128_si256(acc), o, e); }
+  static I codes(F y, const Epilogue& e) { return _mm256_castsi256_si128(Vec<32>::codes(y, e)); }
+  static void store_values(float* y, F v) { _mm256_store_ps(y, v); }
 };
 
 // in-lane byte shuffle control of V_k for a single tap: int32 lane i gets byte 4 k + i, zeros above
