@@ -11,6 +11,11 @@ from torch import nn
 from ..kernels import native
 
 
+def _repack_after_load(module: IntegerModule, incompatible: Any) -> None:
+    """``load_state_dict`` post-hook: rebuild the runtime form from the loaded canonical buffers."""
+    module.pack()
+
+
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -53,7 +58,8 @@ class IntegerModule(nn.Module):
         super().__init__()
         native.ensure()  # the fused CPU kernels: built once per machine, loaded once per process
         self.kernel_counts: Counter[str] = Counter()
-        self.register_load_state_dict_post_hook(lambda module, incompatible: module.pack())
+        # a module-level function, not a lambda: copies (pickle, torch.save) must be able to hold it
+        self.register_load_state_dict_post_hook(_repack_after_load)
 
     @classmethod
     def check_lowerable(cls, sim: nn.Module) -> None:
