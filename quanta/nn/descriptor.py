@@ -27,7 +27,8 @@ def _check(name: str, value: Any, types: tuple[type, ...], optional: bool = Fals
 class QuantDescriptor:
     """Configuration of one quantizer.
 
-    Granularity: ``axis`` (the kept axis) gives per-channel; ``per_channel=True`` lets the
+    Granularity: ``axis`` (the kept axis; an int, or a one-axis tuple ``(0,)`` as
+    pytorch-quantization writes it) gives per-channel; ``per_channel=True`` lets the
     module pick its output-channel axis (0 for Linear/Conv weights, 1 for ConvTranspose);
     ``group_size`` gives per-group along the module's reduction axis; ``per_token`` gives one
     dynamic scale per row. Ranges come from calibration (``calib_method``), from a fixed
@@ -58,6 +59,11 @@ class QuantDescriptor:
     VERSION: ClassVar[int] = 1
 
     def __post_init__(self) -> None:
+        if isinstance(self.axis, (tuple, list)):  # pytorch-quantization's spelling: axis=(0,)
+            if len(self.axis) != 1:
+                raise ValueError(f"QuantDescriptor.axis: one kept axis is supported, got {tuple(self.axis)!r} "
+                                 "(quanta keeps one axis: one scale per index along it)")
+            object.__setattr__(self, "axis", self.axis[0])
         _check("num_bits", self.num_bits, (int,))
         _check("format", self.format, (str,))
         _check("axis", self.axis, (int,), optional=True)
