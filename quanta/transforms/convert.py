@@ -2,7 +2,8 @@
 
 Each simulated module is replaced by the first integer class that accepts it (its
 quantizers' specs decide); a module no integer class accepts stays simulated, which computes
-the same numbers in float, and the report says why. Then `fuse_activations` lets integer
+the same numbers in float, and the report says why. A quantized module that calibration never
+called (no range for any of its static quantizers) becomes float again, and the report says so. Then `fuse_activations` lets integer
 convolutions fuse a following ReLU/ReLU6 and hand uint8 codes straight to the next integer
 convolution, so a CNN does not pay a dequantize/quantize pair at every layer.
 """
@@ -19,7 +20,7 @@ from torch import nn
 from ..integer import lowering_classes
 from ..integer.base import IntegerModule
 from ..nn.modules.base import QuantModule
-from ..nn.modules.functional import QuantAdd, QuantOp
+from ..nn.modules.functional import Add, QuantAdd, QuantOp
 from ..nn.tensor_quantizer import TensorQuantizer
 from .fuse import fuse_activations
 from .simplify import collapse_wrappers
@@ -37,14 +38,43 @@ class Lowering:
     detail: str
 
 
-def _first_uncalibrated(model: nn.Module) -> str | None:
+def _calibration_gaps(model: nn.Module) -> tuple[dict[str, tuple[str, ...]], set[str], str | None]:
+    """``(gaps, never_called, first_missing)``: per quantized module, the kinds of its static
+    quantizers without a range; the modules none of whose static quantizers has one (calibration
+    never called them: a block's unused residual addition, a head unused at inference); and the
+    first quantizer without a range when no static quantizer of the model has one (nothing was
+    calibrated: an error, not something to keep float)."""
+    gaps: dict[str, tuple[str, ...]] = {}
+    never_called: set[str] = set()
+    first_missing, any_ranged = None, False
     for name, m in model.named_modules():
-        if isinstance(m, TensorQuantizer) and m.needs_calibration:
-            owner = name.rpartition(".")[0]
-            owner_mod = model.get_submodule(owner) if owner else model
-            if any(q is m for _, q in getattr(owner_mod, "quantizers", lambda: iter(()))()):
-                return name
-    return None
+        if not isinstance(m, (QuantModule, QuantOp)):
+            continue
+        static = [(kind, q) for kind, q in m.quantizers() if q.is_enabled and q.spec.has_scale
+                  and not q.spec.dynamic and not q.track_tensor]
+        missing = tuple(kind for kind, q in static if q.needs_calibration)
+        any_ranged = any_ranged or len(missing) < len(static)
+        if missing:
+            gaps[name] = missing
+            if len(missing) == len(static):
+                never_called.add(name)
+            if first_missing is None:
+                first_missing = f"{name}.{missing[0]}_quantizer" if name else f"{missing[0]}_quantizer"
+    return gaps, never_called, None if any_ranged else first_missing
+
+
+def _float_twin(module: nn.Module) -> nn.Module:
+    """What a never-calibrated quantized module computes in float: its float class (sharing
+    weights), a plain `Add`, or the op with its quantizers disabled."""
+    if isinstance(module, QuantModule):
+        return module.to_float()
+    if isinstance(module, QuantAdd):
+        twin = Add()
+        twin.train(module.training)
+        return twin
+    for _, q in module.quantizers():  # type: ignore[attr-defined]
+        q.disable()
+    return module
 
 
 def convert(model: nn.Module, backend: str = "auto", inplace: bool = False, fuse: bool = True, *,
@@ -77,19 +107,19 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False, fuse
     if not any(isinstance(m, (QuantModule, QuantOp)) for m in model.modules()):
         raise ValueError(f"{type(model).__name__} has no quantized modules: run quanta.prepare "
                          "(and quanta.calibrate for static activations) first")
-    missing = _first_uncalibrated(model)
+    gaps, never_called, missing = _calibration_gaps(model)
     if missing is not None:
         raise ValueError(f"quantizer {missing!r} has no range: calibrate the model (quanta.calibrate) "
                          "before converting")
     target = model if inplace else copy.deepcopy(model)
     report: list[Lowering] = []
     twins: dict[str, nn.Module] = {}
-    classes = lowering_classes()
-    root = _lower(target, classes, report, "", twins)
+    walk = _Walk(lowering_classes(), report, twins, gaps, never_called)
+    root = walk.lower(target, "")
     if root is not None:
         target = root
     else:
-        _walk(target, "", classes, report, twins)
+        walk.children(target, "")
     impl = "reference" if backend == "reference" else "auto"
     for m in target.modules():
         if isinstance(m, IntegerModule):
@@ -116,40 +146,58 @@ def _with_choice(lowering: Lowering, choice: SpeedChoice | None) -> Lowering:
                     f"{lowering.detail} ({choice.integer_ms:.3f} ms vs float {choice.float_ms:.3f} ms)")
 
 
-def _lower(module: nn.Module, classes: list[type], report: list[Lowering], name: str,
-           twins: dict[str, nn.Module]) -> nn.Module | None:
-    if not isinstance(module, (QuantModule, QuantAdd)):
+@dataclass
+class _Walk:
+    """One pass over the simulated tree: each quantized module lowered, kept simulated, or
+    (never called during calibration) made float, with its report entry."""
+
+    classes: list[type]
+    report: list[Lowering]
+    twins: dict[str, nn.Module]
+    gaps: dict[str, tuple[str, ...]]
+    never_called: set[str]
+
+    def lower(self, module: nn.Module, name: str) -> nn.Module | None:
+        if not isinstance(module, (QuantModule, QuantAdd)):
+            return None
+        reasons = []
+        for cls in self.classes:
+            reason = cls.accepts(module)
+            if reason is None:
+                new = cls.from_simulated(module)
+                new.train(module.training)
+                if name and isinstance(module, QuantModule):  # the float twin a speed check may put back
+                    self.twins[name] = module.to_float()       # (sharing the float weights)
+                self.report.append(Lowering(name or "(root)", type(module).__name__, type(new).__name__,
+                                            new.extra_repr()))
+                return new
+            wrong_type = " is not a " in reason or reason.endswith(f"got {type(module).__name__}")
+            if not wrong_type:  # only the classes meant for this module type explain
+                reasons.append(f"{cls.__name__}: {reason}")
+        detail = "; ".join(reasons) or "no integer kernel for this module type"
+        if name in self.gaps:  # (some inputs of a called module saw no data: e.g. self-attention's key)
+            detail += f"; quantizer(s) {', '.join(self.gaps[name])} saw no calibration data"
+        self.report.append(Lowering(name or "(root)", type(module).__name__, "simulated", detail))
         return None
-    reasons = []
-    for cls in classes:
-        reason = cls.accepts(module)
-        if reason is None:
-            new = cls.from_simulated(module)
-            new.train(module.training)
-            if name and isinstance(module, QuantModule):  # the float twin a speed check may put back
-                twins[name] = module.to_float()            # (sharing the float weights)
-            report.append(Lowering(name or "(root)", type(module).__name__, type(new).__name__,
-                                   new.extra_repr()))
-            return new
-        wrong_type = " is not a " in reason or reason.endswith(f"got {type(module).__name__}")
-        if not wrong_type:  # only the classes meant for this module type explain
-            reasons.append(f"{cls.__name__}: {reason}")
-    report.append(Lowering(name or "(root)", type(module).__name__, "simulated",
-                           "; ".join(reasons) or "no integer kernel for this module type"))
-    return None
 
-
-def _walk(module: nn.Module, prefix: str, classes: list[type], report: list[Lowering],
-          twins: dict[str, nn.Module]) -> None:
-    for child_name, child in list(module.named_children()):
-        if isinstance(child, (TensorQuantizer, IntegerModule)):
-            continue
-        full = f"{prefix}.{child_name}" if prefix else child_name
-        new = _lower(child, classes, report, full, twins)
-        if new is not None:
-            setattr(module, child_name, new)
-            continue
-        _walk(child, full, classes, report, twins)
+    def children(self, module: nn.Module, prefix: str) -> None:
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, (TensorQuantizer, IntegerModule)):
+                continue
+            full = f"{prefix}.{child_name}" if prefix else child_name
+            if full in self.never_called:
+                twin = _float_twin(child)
+                setattr(module, child_name, twin)
+                self.report.append(Lowering(full, type(child).__name__, "float",
+                                            "never called during calibration (no range for "
+                                            f"{', '.join(self.gaps[full])}): kept float"))
+                self.children(twin, full)  # quantized modules inside were not called either
+                continue
+            new = self.lower(child, full)
+            if new is not None:
+                setattr(module, child_name, new)
+                continue
+            self.children(child, full)
 
 
 def conversion_report(model: nn.Module) -> list[Any]:
