@@ -7,6 +7,12 @@ doubles each time). This is exact: ``x / 2^k`` is exact in float64 for every flo
 and ``floor(x / 2w) == floor(floor(x / w) / 2)``. So the state is a function of the multiset
 of values only: batches in any order, or split between calibrators and merged, give
 bit-identical histograms.
+
+Exact zeros (a ReLU's clamped half, zero pixels, padding) are also counted apart (``zeros``):
+every grid represents 0 exactly, so they carry no evidence about where to clip, yet in bin 0
+they form a spike that TensorRT's KL search can only reproduce with a group of one bin, i.e. at
+its smallest candidate threshold. The entropy method therefore searches the histogram of the
+non-zero values (NVIDIA's pytorch-quantization patches the same spike with ``bins[0] = bins[1]``).
 """
 
 from __future__ import annotations
@@ -38,12 +44,15 @@ class HistogramCalibrator(Calibrator):
     - ``"entropy"`` (``start_bin=2^(bits-1)``, ``stride=1``): TensorRT's KL-divergence
       threshold (see `histogram_ranges.kl_divergences`).
 
-    ``amax`` never exceeds the largest ``|x|`` seen. With ``unsigned=True`` the data are assumed
-    non-negative (the error models of ``mse``/``entropy`` see ``|x|``).
+    ``amax`` never exceeds the largest ``|x|`` seen. The error models of ``mse``/``entropy``
+    see ``|x|`` on the grid's levels per side of zero: ``2^bits`` when ``unsigned`` and no
+    negative value was seen (range ``(0, amax)``), else ``2^(bits-1)`` (a signed grid, or an
+    affine unsigned grid stretched over ``(-amax, amax)``).
 
     State: ``hist`` (int64 ``[num_bins]``), ``log2_width`` (int64, ``k``), ``amax`` (float32),
-    ``has_negative`` (bool). Merge: coarsen both to the larger ``k``, add ``hist``; max of
-    ``amax``; or of ``has_negative``.
+    ``has_negative`` (bool), ``zeros`` (int64, how many values were exactly 0; all in bin 0).
+    Merge: coarsen both to the larger ``k``, add ``hist``; max of ``amax``; or of
+    ``has_negative``; add ``zeros``.
     """
 
     def __init__(
@@ -90,7 +99,7 @@ class HistogramCalibrator(Calibrator):
         return {**super()._config(), "num_bins": self._num_bins}
 
     def _state_keys(self) -> tuple[str, ...]:
-        return ("hist", "log2_width", "amax", "has_negative")
+        return ("hist", "log2_width", "amax", "has_negative", "zeros")
 
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + f", method={self._method!r})"
@@ -109,9 +118,11 @@ class HistogramCalibrator(Calibrator):
         magnitude = x.abs().reshape(-1)
         batch_amax = float(magnitude.max())
         negative = bool((x < 0).any())
+        zeros = torch.count_nonzero(magnitude == 0)
         if self._state:
             amax = max(batch_amax, float(self._state["amax"]))
             negative = negative or bool(self._state["has_negative"])
+            zeros = zeros + self._state["zeros"]
         else:
             amax = batch_amax
         k = self._log2_width_for(amax)
@@ -126,6 +137,7 @@ class HistogramCalibrator(Calibrator):
             "log2_width": torch.tensor(k, dtype=torch.int64, device=x.device),
             "amax": torch.tensor(amax, dtype=torch.float32, device=x.device),
             "has_negative": torch.tensor(negative, device=x.device),
+            "zeros": zeros.to(torch.int64),
         }
 
     def _merge(self, other_state: dict[str, torch.Tensor], other_batches: int) -> None:
@@ -136,6 +148,7 @@ class HistogramCalibrator(Calibrator):
             "log2_width": torch.maximum(self._state["log2_width"], other_state["log2_width"]),
             "amax": torch.maximum(self._state["amax"], other_state["amax"]),
             "has_negative": self._state["has_negative"] | other_state["has_negative"],
+            "zeros": self._state["zeros"] + other_state["zeros"],
         }
 
     # ------------------------------------------------------------------ ranges
@@ -162,15 +175,23 @@ class HistogramCalibrator(Calibrator):
         lo = -hi if bool(self._state["has_negative"]) else torch.zeros_like(hi)
         return lo, hi
 
+    @property
+    def _levels_unsigned(self) -> bool:
+        """Whether ``|x|`` gets all ``2^bits`` levels: an unsigned grid on data never negative."""
+        return self.unsigned and not bool(self._state["has_negative"])
+
     def _percentile(self, amax_bins: float, percentile: float) -> float:
         return hr.percentile_bins(self._state["hist"].cpu(), percentile)
 
     def _mse(self, amax_bins: float, start_bin: int | None, stride: int) -> float:
         start = 1 if start_bin is None else start_bin
-        return hr.mse_bins(self._state["hist"].cpu(), amax_bins, self.num_bits, self.unsigned, start, stride)
+        hist = self._state["hist"].cpu()
+        return hr.mse_bins(hist, amax_bins, self.num_bits, self._levels_unsigned, start, stride)
 
     def _entropy(self, amax_bins: float, start_bin: int | None, stride: int) -> float:
-        return hr.entropy_bins(self._state["hist"].cpu(), self.num_bits, self.unsigned, start_bin, stride)
+        nonzero = self._state["hist"].cpu().clone()
+        nonzero[0] -= self._state["zeros"].cpu()  # exact zeros: see the module docstring
+        return hr.entropy_bins(nonzero, self.num_bits, self._levels_unsigned, start_bin, stride)
 
     def _check_state(self, state: dict[str, torch.Tensor]) -> None:
         hist, k, amax = state["hist"], state["log2_width"], state["amax"]
@@ -182,6 +203,9 @@ class HistogramCalibrator(Calibrator):
             raise ValueError(f"{self.label}: state 'log2_width' does not match 'amax' and num_bins")
         if state["has_negative"].dtype != torch.bool or state["has_negative"].dim() != 0:
             raise ValueError(f"{self.label}: state 'has_negative' must be a bool scalar")
+        zeros = state["zeros"]
+        if zeros.dtype != torch.int64 or zeros.dim() != 0 or not 0 <= int(zeros) <= int(hist[0]):
+            raise ValueError(f"{self.label}: state 'zeros' must be an int64 count between 0 and hist[0]")
 
 
 def _coarsen(hist: torch.Tensor, steps: int) -> torch.Tensor:

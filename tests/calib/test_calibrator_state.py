@@ -110,6 +110,10 @@ def test_load_refuses_other_settings_and_corrupt_states():
         HistogramCalibrator(num_bins=128).load_state_dict(hist_state)
     with pytest.raises(ValueError, match="'log2_width' does not match"):
         HistogramCalibrator(num_bins=64).load_state_dict({**hist_state, "log2_width": hist_state["log2_width"] - 1})
+    with pytest.raises(ValueError, match="'zeros' must be an int64 count between 0 and hist"):
+        HistogramCalibrator(num_bins=64).load_state_dict({**hist_state, "zeros": hist_state["hist"][0] + 1})
+    with pytest.raises(ValueError, match="missing 'zeros'"):
+        HistogramCalibrator(num_bins=64).load_state_dict({k: v for k, v in hist_state.items() if k != "zeros"})
     with pytest.raises(ValueError, match="version 2 is not 1"):
         HistogramCalibrator(num_bins=64).load_state_dict({**hist_state, "version": 2})
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from quanta.calib import HistogramCalibrator
 
-STATE_KEYS = ("hist", "log2_width", "amax", "has_negative", "num_batches", "num_samples")
+STATE_KEYS = ("hist", "log2_width", "amax", "has_negative", "zeros", "num_batches", "num_samples")
 
 
 def _fed(batches, num_bins=2048):
@@ -89,7 +89,7 @@ def test_order_and_merge_independence(spec, num_bins, rnd):
     batches = []
     for n, exponent, signed in spec:
         x = torch.randn(n, generator=g) * 2.0**exponent
-        batches.append(x if signed else x.abs())
+        batches.append(x if signed else x.clamp_min(0))  # non-negative, with exact zeros
     whole = _fed(batches, num_bins)
     shuffled = list(batches)
     rnd.shuffle(shuffled)
@@ -100,6 +100,7 @@ def test_order_and_merge_independence(spec, num_bins, rnd):
     _assert_same_state(_fed(shuffled, num_bins), whole)
     total = sum(b.numel() for b in batches)
     assert int(whole.state_dict()["hist"].sum()) == total == whole.num_samples
+    assert int(whole.state_dict()["zeros"]) == sum(int((b == 0).sum()) for b in batches)
 
 
 @settings(max_examples=40, deadline=None)
@@ -119,7 +120,7 @@ def test_all_zero_data():
     for method in ("max", "percentile", "mse", "entropy"):
         lo, hi = cal.compute_range(method)
         assert float(lo) == 0.0 and float(hi) == 0.0, method
-    assert int(cal.state_dict()["hist"][0]) == 13
+    assert int(cal.state_dict()["hist"][0]) == int(cal.state_dict()["zeros"]) == 13
     cal.collect(torch.tensor([-2.0, 1.0]))
     lo, hi = cal.compute_range("max")
     assert (float(lo), float(hi)) == (-2.0, 2.0)

@@ -152,3 +152,39 @@ def test_relu_data_with_unsigned_grid():
     cal.collect(x)
     lo, hi = cal.compute_range()
     assert float(lo) == 0.0 and 0 < float(hi) <= float(x.max())
+
+
+def _relu_calibrator(zeros: int, unsigned: bool = True) -> HistogramCalibrator:
+    g = torch.Generator().manual_seed(5)
+    x = torch.cat([torch.randn(200_000, generator=g).abs(), torch.zeros(zeros)])
+    cal = HistogramCalibrator(unsigned=unsigned)
+    cal.collect(x)
+    return cal
+
+
+@pytest.mark.parametrize("unsigned", [True, False])
+def test_exact_zeros_do_not_move_the_entropy_threshold(unsigned):
+    # A ReLU's clamped half lands in bin 0 as a spike that TensorRT's merge can only match with a
+    # one-bin group, i.e. at the first candidate: the search collapsed to 256 (128) bins. Every
+    # grid holds 0 exactly, so the zeros carry no evidence: the threshold must not depend on them.
+    without = _relu_calibrator(0, unsigned)
+    for zeros in (1_000, 200_000, 2_000_000):
+        cal = _relu_calibrator(zeros, unsigned)
+        assert cal.bin_width == without.bin_width and int(cal.state_dict()["zeros"]) == zeros
+        assert torch.equal(cal.compute_amax("entropy"), without.compute_amax("entropy")), zeros
+    amax = float(without.compute_amax("entropy"))
+    assert 2.5 < amax < float(without.compute_amax("max")), amax  # N(0,1) magnitudes: clips only the far tail
+
+
+@pytest.mark.parametrize("method", ["mse", "entropy"])
+def test_unsigned_grid_over_signed_data_has_half_the_levels_per_side(method):
+    # An affine uint8 grid stretched over (-amax, amax) puts 128 levels on each side, like int8:
+    # the error models must not assume 256 levels on |x| once a negative value was seen.
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(100_000, generator=g) * torch.rand(100_000, generator=g).pow(2) * 4  # heavy-ish tail
+    affine, signed, relu = HistogramCalibrator(unsigned=True), HistogramCalibrator(), HistogramCalibrator(unsigned=True)
+    affine.collect(x)
+    signed.collect(x)
+    relu.collect(x.abs())
+    assert torch.equal(affine.compute_amax(method), signed.compute_amax(method))
+    assert float(relu.compute_amax(method)) > float(signed.compute_amax(method))  # twice the levels: clip less
