@@ -122,8 +122,9 @@ class IntegerModule(nn.Module):
         return impl
 
     def storage_bytes(self) -> int:
-        """Bytes of the canonical state (what a saved file holds for this module)."""
-        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
+        """Bytes of the canonical state (what a saved file holds for this module; a tensor held
+        under two names counts once)."""
+        return distinct_bytes(self.state_dict())
 
     def check_input(self, x: Any, dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)) -> None:
         if not isinstance(x, torch.Tensor):
@@ -136,7 +137,27 @@ class IntegerModule(nn.Module):
             raise ValueError(f"{type(self).__name__} holds its weights on {dev} but got an input on {x.device}")
 
 
+def tensor_identity(t: torch.Tensor) -> tuple[Any, ...]:
+    """What makes two state entries one tensor (tied weights): the same view of the same storage."""
+    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()),
+            t.dtype)
+
+
+def distinct_bytes(state: dict[str, torch.Tensor]) -> int:
+    """Bytes of ``state``'s tensors, each distinct tensor once (`tensor_identity`)."""
+    seen: set[tuple[Any, ...]] = set()
+    total = 0
+    for t in state.values():
+        key = tensor_identity(t)
+        if t.numel() and key in seen:
+            continue
+        seen.add(key)
+        total += t.numel() * t.element_size()
+    return total
+
+
 def storage_bytes(model: nn.Module) -> int:
     """Bytes of every parameter and persistent buffer of ``model``: what a saved file holds
-    (integer modules count their canonical codes, not their packed runtime copies)."""
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    (integer modules count their canonical codes, not their packed runtime copies; tied
+    weights count once, as the file stores them once)."""
+    return distinct_bytes(model.state_dict())

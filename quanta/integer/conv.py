@@ -45,8 +45,9 @@ from ..kernels.conv import int8_conv, onednn_call, prepack
 from ..kernels.conv_native import compiled_run, make_plan, plan_call
 from ..nn.modules.weighted import QuantConv1d, QuantConv2d, QuantConv3d
 from .base import IntegerModule
+from .validate import flag, geometry, groups_divide, positive_int
 from .conv_specs import (DEFAULT_INPUT_SPEC, DEFAULT_WEIGHT_SPEC, OUTPUT_KINDS, check_output_mode, dense,
-                         input_spec_problem, output_spec_problem, padding_of, tuple_of, weight_spec_problem)
+                         input_spec_problem, output_spec_problem, padding_of, weight_spec_problem)
 
 
 class _Int8ConvNd(IntegerModule):
@@ -61,17 +62,13 @@ class _Int8ConvNd(IntegerModule):
         super().__init__()
         n = self.dims
         name = type(self).__name__
-        for arg, v in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}: {arg} must be a positive int, got {v!r}")
-        if in_channels % groups or out_channels % groups:
-            raise ValueError(f"{name}: in_channels {in_channels} and out_channels {out_channels} must be "
-                             f"divisible by groups={groups}")
+        in_channels, out_channels = positive_int(name, "in_channels", in_channels), positive_int(
+            name, "out_channels", out_channels)
+        groups = groups_divide(name, groups, in_channels=in_channels, out_channels=out_channels)
+        bias = flag(name, "bias", bias)
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size = tuple_of(kernel_size, n, "kernel_size")
-        self.stride = tuple_of(stride, n, "stride")
-        self.padding = tuple_of(padding, n, "padding")
-        self.dilation = tuple_of(dilation, n, "dilation")
+        self.kernel_size, self.stride, self.padding, self.dilation = geometry(name, n, kernel_size, stride, padding,
+                                                                              dilation)
         for arg, spec, check in (("input_spec", input_spec, input_spec_problem),
                                  ("weight_spec", weight_spec, weight_spec_problem)):
             if not isinstance(spec, QuantSpec):

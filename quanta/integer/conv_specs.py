@@ -3,13 +3,12 @@
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 from torch import nn
 
 from ..core import Format, Granularity, QuantSpec, Rounding
 from ..kernels.conv import POST_OPS
+from .validate import one_of
 
 #: default grids: unsigned asymmetric activations, symmetric narrow-range per-channel weights
 DEFAULT_INPUT_SPEC = QuantSpec(bits=8, signed=False, symmetric=False)
@@ -58,19 +57,8 @@ def dense(x: torch.Tensor) -> bool:
 
 def check_output_mode(owner: nn.Module, kind: str, post_op: str) -> None:
     """What a uint8-emitting integer module (conv, addition) may be set to output."""
-    if kind not in OUTPUT_KINDS:
-        raise ValueError(f"{type(owner).__name__}: output kind must be one of {OUTPUT_KINDS}, got {kind!r}")
-    if post_op not in POST_OPS:
-        raise ValueError(f"{type(owner).__name__}: post_op must be one of {POST_OPS}, got {post_op!r}")
-
-
-def tuple_of(v: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:
-    if isinstance(v, int) and not isinstance(v, bool):
-        return (v,) * n
-    t = tuple(int(i) for i in v)
-    if len(t) != n:
-        raise ValueError(f"{name} needs {n} values, got {v!r}")
-    return t
+    one_of(type(owner).__name__, "output kind", kind, OUTPUT_KINDS)
+    one_of(type(owner).__name__, "post_op", post_op, POST_OPS)
 
 
 def padding_of(sim: nn.Module, n: int) -> tuple[int, ...] | str:
@@ -90,4 +78,4 @@ def padding_of(sim: nn.Module, n: int) -> tuple[int, ...] | str:
 
 
 __all__ = ["DEFAULT_INPUT_SPEC", "DEFAULT_WEIGHT_SPEC", "OUTPUT_KINDS", "check_output_mode", "dense", "input_spec_problem",
-           "output_spec_problem", "padding_of", "tuple_of", "weight_spec_problem"]
+           "output_spec_problem", "padding_of", "weight_spec_problem"]

@@ -23,13 +23,9 @@ from ..core import Format, Granularity, Rounding, normalize_axis, pack_bits, qua
 from ..kernels import embedding as K
 from ..nn.modules.weighted import QuantEmbedding
 from .base import IntegerModule
+from .validate import flag, int_at_least, positive_int
 
 __all__ = ["Int4Embedding", "Int8Embedding"]
-
-
-def _positive(owner: str, name: str, v: Any) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{owner}: {name} must be a positive int, got {v!r}")
 
 
 def _common_problem(sim: Any) -> str | None:
@@ -51,11 +47,16 @@ def _common_problem(sim: Any) -> str | None:
 class _IntEmbedding(IntegerModule):
     def _init_common(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None,
                      symmetric: bool) -> None:
-        _positive(type(self).__name__, "num_embeddings", num_embeddings)
-        _positive(type(self).__name__, "embedding_dim", embedding_dim)
-        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        owner = type(self).__name__
+        self.num_embeddings = positive_int(owner, "num_embeddings", num_embeddings)
+        self.embedding_dim = positive_int(owner, "embedding_dim", embedding_dim)
+        if padding_idx is not None:
+            int_at_least(owner, "padding_idx", padding_idx, -num_embeddings)
+            if padding_idx >= num_embeddings:
+                raise ValueError(f"{owner}: padding_idx must be below num_embeddings {num_embeddings}, "
+                                 f"got {padding_idx}")
         self.padding_idx = padding_idx  # kept for the repr / parity; lookups are inference only
-        self.symmetric = bool(symmetric)
+        self.symmetric = flag(owner, "symmetric", symmetric)
 
     def _register_table(self, codes: torch.Tensor, qparam_shape: tuple[int, ...], zp_dtype: torch.dtype) -> None:
         """The canonical buffers: ``weight`` codes, float32 ``weight_scale`` and (asymmetric only)
@@ -136,8 +137,7 @@ class Int4Embedding(_IntEmbedding):
                  padding_idx: int | None = None, symmetric: bool = True) -> None:
         super().__init__()
         self._init_common(num_embeddings, embedding_dim, padding_idx, symmetric)
-        _positive("Int4Embedding", "group_size", group_size)
-        if embedding_dim % group_size:
+        if positive_int("Int4Embedding", "group_size", group_size) > embedding_dim or embedding_dim % group_size:
             raise ValueError(f"Int4Embedding: group_size {group_size} does not divide embedding_dim {embedding_dim}")
         self.group_size = group_size
         groups = embedding_dim // group_size

@@ -28,11 +28,12 @@ from ..core import Format, Granularity, QuantSpec, pack_bits, unpack_bits
 from ..kernels.activation import quantize_activation
 from ..kernels.linear import GEMV_MAX_ROWS, gemm_pack, int8_linear, onednn_prepack, streaming_copy, weight_sum
 from ..kernels.linear_native import (
-    NATIVE_LINEAR_IMPLS, apply_post_op, check_post_op, compiled_linear_args, native_linear_call,
+    NATIVE_LINEAR_IMPLS, POST_OPS, apply_post_op, check_post_op, compiled_linear_args, native_linear_call,
 )
 from .linear_common import (
     _LinearBase, _active, _bias_of, _common_reason, _int_weight_reason, _output_spec_of, _per_channel_weight,
 )
+from .validate import bits_in, one_of
 
 
 # ----------------------------------------------------------------------------- int8 x int8
@@ -55,13 +56,14 @@ class Int8Linear(_LinearBase):
         super().__init__()
         self._init_linear(in_features, out_features, bias)
         act_spec = QuantSpec(granularity="per_token") if act_spec is None else act_spec
+        if not isinstance(act_spec, QuantSpec):
+            raise TypeError(f"Int8Linear: act_spec must be a QuantSpec or None, got {type(act_spec).__name__}")
         if act_spec.format is not Format.INT or act_spec.bits > 8 or act_spec.granularity not in (
                 Granularity.PER_TENSOR, Granularity.PER_TOKEN):
             raise ValueError(f"Int8Linear: activations must be <= 8-bit integers, per tensor or per token; "
                              f"got {act_spec}")
-        if not 2 <= weight_bits <= 8:
-            raise ValueError(f"Int8Linear: weight_bits must be in 2..8, got {weight_bits}")
-        self.act_spec, self.weight_bits = act_spec, int(weight_bits)
+        self.act_spec, self.weight_bits = act_spec, bits_in("Int8Linear", "weight_bits", weight_bits, 2, 8)
+        one_of("Int8Linear", "post_op", post_op, POST_OPS)
         if self.weight_bits <= 4:
             self.register_buffer("weight", torch.zeros(out_features, (in_features + 1) // 2, dtype=torch.uint8))
         else:

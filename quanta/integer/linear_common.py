@@ -12,6 +12,7 @@ import torch
 from ..core import Format, Granularity, QuantSpec, compute_range, choose_qparams, fake_quantize, quantize
 from ..nn.modules.weighted import QuantLinear
 from .base import IntegerModule
+from .validate import flag, positive_int
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 #: the plain-cast formats (no scale, round to nearest even: `QuantSpec` allows no other) and their dtypes
@@ -93,6 +94,10 @@ class _OutputQuant:
     """The simulated output quantizer, applied to the float output (static or dynamic)."""
 
     def _init_output(self, spec: QuantSpec | None, out_features: int) -> None:
+        if spec is not None and not isinstance(spec, QuantSpec):
+            raise TypeError(f"{type(self).__name__}: output_spec must be a QuantSpec or None, got {type(spec).__name__}")
+        if spec is not None and spec.granularity not in (Granularity.PER_TENSOR, Granularity.PER_TOKEN):
+            raise ValueError(f"{type(self).__name__}: output_spec must be per tensor or per token, got {spec}")
         self.output_spec = spec
         if spec is not None and not spec.dynamic:
             self.register_buffer("output_scale", torch.ones(()))
@@ -131,10 +136,10 @@ class _LinearBase(_OutputQuant, IntegerModule):
     out_features: int
 
     def _init_linear(self, in_features: int, out_features: int, bias: bool) -> None:
-        if in_features < 1 or out_features < 1:
-            raise ValueError(f"in_features and out_features must be positive, got {in_features}, {out_features}")
-        self.in_features, self.out_features = int(in_features), int(out_features)
-        if bias:
+        owner = type(self).__name__
+        self.in_features = positive_int(owner, "in_features", in_features)
+        self.out_features = positive_int(owner, "out_features", out_features)
+        if flag(owner, "bias", bias):
             self.register_buffer("bias", torch.zeros(out_features))
         else:
             self.bias = None

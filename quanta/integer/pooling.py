@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..kernels import native
+from .validate import flag, geometry
 
 
 def _pair(v: int | tuple[int, ...]) -> list[int]:
@@ -31,12 +32,30 @@ def _pool_codes(pool: nn.Module, x: torch.Tensor, forward) -> torch.Tensor:
     return forward(x)
 
 
-class CodesMaxPool1d(nn.MaxPool1d):
+class _CodesPool:
+    """The range checks of a codes max-pool's settings (the native kernel trusts them)."""
+
+    dims = 2
+
+    def __init__(self, kernel_size, stride=None, padding=0, dilation=1, return_indices: bool = False,
+                 ceil_mode: bool = False) -> None:
+        owner = type(self).__name__
+        kernel, _, pad, _ = geometry(owner, self.dims, kernel_size, 1 if stride is None else stride, padding, dilation)
+        if any(p > k // 2 for p, k in zip(pad, kernel)):
+            raise ValueError(f"{owner}: padding {padding!r} must be at most half of kernel_size {kernel_size!r}")
+        flag(owner, "return_indices", return_indices)
+        flag(owner, "ceil_mode", ceil_mode)
+        super().__init__(kernel_size, stride, padding, dilation, return_indices, ceil_mode)  # type: ignore[call-arg]
+
+
+class CodesMaxPool1d(_CodesPool, nn.MaxPool1d):
+    dims = 1
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _pool_codes(self, x, super().forward)
 
 
-class CodesMaxPool2d(nn.MaxPool2d):
+class CodesMaxPool2d(_CodesPool, nn.MaxPool2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.uint8 and x.dim() == 4 and not self.ceil_mode and not self.return_indices and \
                 x.device.type == "cpu" and native.ready() and x.is_contiguous(memory_format=torch.channels_last):
@@ -50,7 +69,9 @@ class CodesMaxPool2d(nn.MaxPool2d):
         return _pool_codes(self, x, super().forward)
 
 
-class CodesMaxPool3d(nn.MaxPool3d):
+class CodesMaxPool3d(_CodesPool, nn.MaxPool3d):
+    dims = 3
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _pool_codes(self, x, super().forward)
 

@@ -24,6 +24,7 @@ from ..core import Format, Granularity, QuantSpec, Rounding, quantize
 from ..kernels import recurrent as K
 from ..nn.modules.rnn import QuantGRU, QuantGRUCell, QuantLSTM, QuantLSTMCell, QuantRNN, QuantRNNCell
 from .base import IntegerModule
+from .validate import flag, one_of, positive_int
 
 __all__ = ["DynamicInt8GRU", "DynamicInt8GRUCell", "DynamicInt8LSTM", "DynamicInt8LSTMCell", "DynamicInt8RNN",
            "DynamicInt8RNNCell"]
@@ -89,9 +90,10 @@ class _Recurrent(IntegerModule):
     _gates: int
 
     def _init_common(self, input_size: int, hidden_size: int, bias: bool, act_spec: QuantSpec | None) -> None:
-        for name, v in (("input_size", input_size), ("hidden_size", hidden_size)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{type(self).__name__}: {name} must be a positive int, got {v!r}")
+        owner = type(self).__name__
+        input_size, hidden_size = positive_int(owner, "input_size", input_size), positive_int(
+            owner, "hidden_size", hidden_size)
+        bias = flag(owner, "bias", bias)
         act_spec = DEFAULT_ACT_SPEC if act_spec is None else act_spec
         problem = check_act_spec(act_spec)
         if problem:
@@ -170,9 +172,10 @@ class _DynamicInt8RNNBase(_Recurrent):
                  batch_first: bool = False, bidirectional: bool = False, act_spec: QuantSpec | None = None) -> None:
         super().__init__()
         self._init_common(input_size, hidden_size, bias, act_spec)
-        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
-            raise ValueError(f"{type(self).__name__}: num_layers must be a positive int, got {num_layers!r}")
-        self.num_layers, self.batch_first, self.bidirectional = num_layers, bool(batch_first), bool(bidirectional)
+        owner = type(self).__name__
+        self.num_layers = positive_int(owner, "num_layers", num_layers)
+        self.batch_first, self.bidirectional = flag(owner, "batch_first", batch_first), flag(
+            owner, "bidirectional", bidirectional)
         n_dirs = 2 if bidirectional else 1
         for layer in range(num_layers):
             for d in range(n_dirs):
@@ -273,8 +276,7 @@ class DynamicInt8RNN(_DynamicInt8RNNBase):
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, bidirectional: bool = False, act_spec: QuantSpec | None = None,
                  nonlinearity: str = "tanh") -> None:
-        if nonlinearity not in ("tanh", "relu"):
-            raise ValueError(f"DynamicInt8RNN: nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        one_of("DynamicInt8RNN", "nonlinearity", nonlinearity, ("tanh", "relu"))
         self.nonlinearity = nonlinearity
         self.mode = "RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU"
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, bidirectional, act_spec)
@@ -364,8 +366,7 @@ class DynamicInt8RNNCell(_DynamicInt8CellBase):
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, act_spec: QuantSpec | None = None,
                  nonlinearity: str = "tanh") -> None:
-        if nonlinearity not in ("tanh", "relu"):
-            raise ValueError(f"DynamicInt8RNNCell: nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        one_of("DynamicInt8RNNCell", "nonlinearity", nonlinearity, ("tanh", "relu"))
         self.nonlinearity = nonlinearity
         self.mode = "RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU"
         super().__init__(input_size, hidden_size, bias, act_spec)

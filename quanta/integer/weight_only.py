@@ -13,6 +13,7 @@ from ..core import Format, Granularity, QuantSpec, pack_bits, quantize
 from ..kernels.linear import streaming_copy
 from ..kernels.weight_only import int4_weight_only_linear, int4pack_for_cpu, int8_weight_only_linear
 from .base import dtype_name
+from .validate import flag, positive_int
 from .linear_common import (
     _LinearBase, _active, _bias_of, _check_activation, _common_reason, _int_weight_reason, _output_spec_of,
     _per_channel_weight, _weight_only_activation, _weight_only_reason,
@@ -96,9 +97,11 @@ class Int4WeightOnlyLinear(_LinearBase):
         super().__init__()
         self._init_linear(in_features, out_features, bias)
         self.activation = _check_activation(activation)
-        if group_size < 1 or in_features % group_size:
-            raise ValueError(f"Int4WeightOnlyLinear: group_size {group_size} must divide in_features {in_features}")
-        self.group_size, self.symmetric, self.signed = int(group_size), bool(symmetric), bool(signed)
+        owner = "Int4WeightOnlyLinear"
+        if positive_int(owner, "group_size", group_size) > in_features or in_features % group_size:
+            raise ValueError(f"{owner}: group_size {group_size} must divide in_features {in_features}")
+        self.group_size = group_size
+        self.symmetric, self.signed = flag(owner, "symmetric", symmetric), flag(owner, "signed", signed)
         groups = in_features // group_size
         self.register_buffer("weight", torch.zeros(out_features, (in_features + 1) // 2, dtype=torch.uint8))
         self.register_buffer("weight_scale", torch.ones(out_features, groups))
@@ -194,7 +197,7 @@ class HalfLinear(_LinearBase):
             raise ValueError(f"HalfLinear: dtype must be float16 or bfloat16, got {dtype}")
         if input_dtype not in (None, torch.float16, torch.bfloat16):
             raise ValueError(f"HalfLinear: input_dtype must be float16, bfloat16 or None, got {input_dtype}")
-        self.half_dtype, self.cast_input = dtype, bool(cast_input)
+        self.half_dtype, self.cast_input = dtype, flag("HalfLinear", "cast_input", cast_input)
         #: the format inputs are cast through (defaults to the weight's)
         self.input_dtype = dtype if input_dtype is None else input_dtype
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=dtype))

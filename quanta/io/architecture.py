@@ -11,13 +11,17 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..integer.base import IntegerModule
-from ..nn.modules.base import QuantModule, float_class_of as float_class
+from ..integer.validate import check_geometry_kwargs
+from ..nn.modules.base import QuantModule
+from ..nn.modules.base import float_class_of as float_class
+from .safe_file import QuantaFileError
 
 #: import paths loading may always import (prefixes end with a dot or name a whole module)
 ALLOWED_MODULES = ("torch.nn", "quanta")
@@ -25,7 +29,7 @@ ALLOWED_MODULES = ("torch.nn", "quanta")
 _SKIP_PARAMS = ("device", "dtype")
 
 
-class ArchitectureError(ValueError):
+class ArchitectureError(QuantaFileError):
     """The file's architecture cannot be rebuilt (missing arguments, a class not allowed...)."""
 
 
@@ -116,39 +120,58 @@ def normalize_trusted(trusted: Iterable[Any] | None) -> tuple[dict[str, type], t
 def import_class(path: str, trusted: Iterable[Any] | None = None) -> type:
     """The ``nn.Module`` class at ``"module:QualName"``, imported only if allowed."""
     classes, prefixes = normalize_trusted(trusted)
+    if not isinstance(path, str) or path.count(":") != 1:
+        raise ArchitectureError(f"malformed class path {str(path)[:100]!r} (expected 'package.module:Class')")
     if path in classes:
         return classes[path]
-    if not isinstance(path, str) or path.count(":") != 1:
-        raise ArchitectureError(f"malformed class path {path!r} (expected 'package.module:Class')")
     module_name, qualname = path.split(":")
     if not _allowed(module_name, prefixes):
         raise ArchitectureError(
             f"refusing to import {path!r}: loading imports only torch.nn and quanta classes. If you trust "
             f"this file, pass trusted=[{qualname.split('.')[-1]}] (the class) or trusted=[{module_name!r}] "
             "to quanta.load, or pass model= (a freshly built float model or a factory)")
+    if not all(part.isidentifier() for part in (*module_name.split("."), *qualname.split("."))):
+        raise ArchitectureError(f"malformed class path {path!r} (expected 'package.module:Class')")
     try:
         obj: Any = importlib.import_module(module_name)
         for part in qualname.split("."):
             obj = getattr(obj, part)
-    except (ImportError, AttributeError) as e:
+    except Exception as e:  # an allowed module failing to import: say which
         raise ArchitectureError(f"cannot import {path!r}: {e}") from e
     if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
         raise ArchitectureError(f"{path!r} is not an nn.Module class; refusing to call it")
+    if obj.__module__ != module_name or obj.__qualname__ != qualname:
+        # reached through another module's attributes (torch.nn:modules.module.torch.jit.ScriptModule):
+        # only a class defined where the path says counts as allowed
+        raise ArchitectureError(f"refusing to import {path!r}: it resolves to {class_path(obj)}, which is not "
+                                "defined at that path")
     if issubclass(obj, (QuantModule, IntegerModule)):
         raise ArchitectureError(f"{path!r} is a quantized class; a record's class must be the float one")
     return obj
 
 
 def construct(path: str, kwargs: dict[str, Any] | None, where: str, trusted: Iterable[Any] | None = None,
-              why: str = "") -> nn.Module:
+              why: str = "", meta: bool = False) -> nn.Module:
+    """``path(**kwargs)`` behind the allow-list, its geometry arguments range-checked; ``meta``:
+    on the meta device (shapes only, no memory)."""
     if kwargs is None:
         raise ArchitectureError(f"the file does not record how to construct {where!r} ({path}"
                                 f"{': ' + why if why else ''}); pass model= (a freshly built float model or a "
                                 "factory)")
     if not isinstance(kwargs, dict):
         raise ArchitectureError(f"constructor arguments of {where!r} must be a mapping, got {type(kwargs).__name__}")
+    if not all(isinstance(k, str) and k.isidentifier() for k in kwargs) or not _jsonable(list(kwargs.values())):
+        raise ArchitectureError(f"constructor arguments of {where!r} must be named JSON values")
     cls = import_class(path, trusted)
     try:
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()})
+        check_geometry_kwargs(f"module {where!r} ({path})", kwargs)
+    except (TypeError, ValueError) as e:
+        raise ArchitectureError(str(e)) from e
+    args = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    try:
+        if meta:
+            with torch.device("meta"):
+                return cls(**args)
+        return cls(**args)
     except Exception as e:  # noqa: BLE001 - the user's constructor: say where it failed
-        raise ArchitectureError(f"constructing {where!r} as {path}({kwargs}) failed: {e}") from e
+        raise ArchitectureError(f"constructing {where!r} as {path}({str(kwargs)[:200]}) failed: {e}") from e

@@ -8,7 +8,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from .safe_file import read_header
+from .record_checks import checked_manifest
+from .safe_file import read_head, read_header
 
 
 @dataclass
@@ -96,23 +97,18 @@ def _config_summary(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def inspect(path: str | os.PathLike[str], *, show: bool = True) -> FileReport:
-    """Read a quanta file's manifest and tensor table (no tensor data is loaded or checked),
-    print the report unless ``show=False``, and return it."""
+    """Read a quanta file's manifest and tensor table (no tensor data is loaded or checked; every
+    field is validated: a damaged file raises `QuantaFileError`), print the report unless
+    ``show=False``, and return it."""
     source = os.fspath(path)
-    size = os.path.getsize(source)
-    with open(source, "rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else 0
-        data = head + f.read(min(n, max(size - 8, 0)))
-    header, manifest = read_header(data, source)
+    head, size = read_head(source)
+    entries, manifest = read_header(head, size, source)
+    checked_manifest(manifest, source)
     owners: dict[str, dict[str, Any]] = {}
     for rec in manifest["modules"]:
         owners[rec.get("path", "")] = rec
     layers: dict[str, LayerSize] = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
+    for name, entry in entries.items():
         path = name.rpartition(".")[0]
         while path and path in owners and owners[path].get("kind") == "quantizer":
             path = path.rpartition(".")[0]  # quantizer ranges count with their layer
@@ -120,8 +116,9 @@ def inspect(path: str | os.PathLike[str], *, show: bool = True) -> FileReport:
         kind = {"integer": "integer", "quant": "simulated"}.get(rec.get("kind", ""), "float")
         cls = rec.get("cls", "?").split(":")[-1]
         layer = layers.setdefault(path, LayerSize(path, kind, cls, 0))
-        layer.bytes += end - start
-        layer.dtypes[info["dtype"]] = layer.dtypes.get(info["dtype"], 0) + end - start
+        nbytes = entry.end - entry.start
+        layer.bytes += nbytes
+        layer.dtypes[entry.code] = layer.dtypes.get(entry.code, 0) + nbytes
     report = FileReport(source, size, manifest, sorted(layers.values(), key=lambda s: s.path))
     if show:
         print(report)

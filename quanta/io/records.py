@@ -23,10 +23,9 @@ from ..nn.modules.base import LayerQuantConfig, QuantModule
 from ..nn.registry import registered_types
 from ..nn.tensor_quantizer import TensorQuantizer
 from .architecture import ArchitectureError, class_path, construct, float_class, infer_kwargs
+from .record_checks import RESTORED_ATTRS, ShapeBudget, check_records, integer_record, restore_attrs
+from .safe_file import TensorEntry
 
-KINDS = ("integer", "quant", "quantizer", "module")
-#: float-module attributes quanta's transforms change and a rebuild must restore
-_ATTRS = {nn.TransformerEncoder: ("use_nested_tensor",)}
 
 
 class UnsupportedModuleError(ValueError):
@@ -80,9 +79,9 @@ def _registered_quant_class(module: nn.Module) -> type | None:
 
 
 def _attrs(module: nn.Module) -> dict[str, Any]:
-    for cls, names in _ATTRS.items():
+    for cls, names in RESTORED_ATTRS.items():
         if isinstance(module, cls):
-            return {n: getattr(module, n) for n in names}
+            return {n: getattr(module, n) for n in sorted(names)}
     return {}
 
 
@@ -150,26 +149,6 @@ def describe(model: nn.Module, unsupported: str = "raise") -> tuple[list[dict[st
 
 
 # ------------------------------------------------------------------------------ rebuild
-def check_records(records: Any) -> None:
-    """Refuse malformed records before anything is imported or built."""
-    if not isinstance(records, list):
-        raise ValueError("manifest 'modules' must be a list")
-    integer, quant = integer_classes(), quant_classes()
-    for rec in records:
-        if not isinstance(rec, dict) or not isinstance(rec.get("path"), str):
-            raise ValueError(f"malformed module record {rec!r}")
-        kind, where = rec.get("kind"), rec["path"] or "(root)"
-        if kind not in KINDS:
-            raise ValueError(f"module {where!r} has an unknown kind {kind!r} (this quanta knows {KINDS}); "
-                             "was the file written by a newer quanta?")
-        if kind == "integer" and rec.get("cls") not in integer:
-            raise ValueError(f"module {where!r} is an unknown integer module kind {rec.get('cls')!r}; "
-                             f"this quanta knows {sorted(integer)}")
-        if kind == "quant" and rec.get("cls") not in quant:
-            raise ValueError(f"module {where!r} is an unknown simulated module kind {rec.get('cls')!r}; "
-                             "register it with quanta.nn.register_quant_module before loading")
-
-
 def _get(root: nn.Module | None, path: str) -> nn.Module | None:
     if root is None:
         return None
@@ -194,68 +173,96 @@ def _set(root: nn.Module | None, path: str, new: nn.Module) -> nn.Module:
     return root
 
 
-def rebuild(skeleton: nn.Module | None, records: list[dict[str, Any]], trusted: Iterable[Any] | None = None) -> nn.Module:
-    """Redo ``records`` on ``skeleton`` (None: build every module from its record)."""
-    integer, quant = integer_classes(), quant_classes()
+def validate_records(records: Any) -> None:
+    """`check_records` with this quanta's integer and simulated classes."""
+    check_records(records, integer_classes(), quant_classes())
+
+
+def rebuild(skeleton: nn.Module | None, records: list[dict[str, Any]], trusted: Iterable[Any] | None = None,
+            entries: dict[str, TensorEntry] | None = None) -> nn.Module:
+    """Redo ``records`` on ``skeleton`` (None: build every module from its record). With the
+    file's tensor table (``entries``), what each record is about to build is checked against it
+    first (`ShapeBudget`), and any failure names the module."""
+    budget = None if entries is None else ShapeBudget(entries, {r["path"] for r in records if r["kind"] == "integer"})
     root = skeleton
     constructed: set[str] = set()  # paths of modules built here from their records
     for rec in records:
-        path, kind = rec["path"], rec["kind"]
-        where = path or "(root)"
-        current = _get(root, path)
-        if kind == "integer":
-            if current is not None:
-                _check_shape_attrs(current, rec["config"], where, rec["cls"])
-            new = integer[rec["cls"]].from_config(rec["config"])
-            new.impl = rec.get("impl", "auto")
-            root = _set(root, path, new)
-        elif kind == "quant":
-            qcls = quant[rec["cls"]]
-            if isinstance(current, QuantModule):  # the skeleton was built quantized already
-                if _registered_quant_class(current) is not qcls:
-                    raise ArchitectureError(f"module {where!r} is a {type(current).__name__} in the model, "
-                                            f"but the file holds a {rec['cls']}")
-                current.init_quantizers(LayerQuantConfig.from_dict(rec["layer_config"]))
-                continue
-            if current is None:
-                current = construct(rec["float_cls"], rec.get("kwargs"), where, trusted, rec.get("kwargs_missing", ""))
-            elif class_path(type(current)) != rec["float_cls"]:
-                raise ArchitectureError(f"module {where!r} is a {type(current).__name__} in the model, but the "
-                                        f"file holds a quantized {rec['float_cls'].split(':')[-1]}: is this the same "
-                                        "architecture?")
-            try:
-                new = qcls.from_float(current, LayerQuantConfig.from_dict(rec["layer_config"]))
-            except (TypeError, ValueError) as e:
-                raise ArchitectureError(f"cannot rebuild simulated module {where!r}: {e}") from e
-            root = _set(root, path, new)
-        elif kind == "quantizer":
-            if not isinstance(current, TensorQuantizer):
-                raise ArchitectureError(f"the file has a quantizer at {where!r}; the model has "
-                                        f"{'nothing' if current is None else type(current).__name__} there")
-            desc = QuantDescriptor.from_dict(rec["desc"])
-            if current.desc != desc and path.rpartition(".")[0] in constructed:
-                # its owner was built here from its class alone (e.g. a QuantAdd, whose descriptors
-                # are no constructor attributes): the file's descriptor is the one it had
-                root = _set(root, path, TensorQuantizer(desc))
-                current = _get(root, path)
-            if current.desc != desc:
-                raise ArchitectureError(f"quantizer {where!r}: the model's descriptor {current.desc} differs from "
-                                        f"the file's {desc}")
-            current._disabled, current._if_quant, current._if_calib = bool(rec["disabled"]), bool(rec["quant"]), False
-            current.name = rec.get("name")
-        else:
-            if current is None or class_path(type(current)) != rec["cls"]:
-                if current is not None and skeleton is not None and not _replaceable(current, rec["cls"]):
-                    raise ArchitectureError(f"module {where!r} is a {type(current).__name__} in the model, but the "
-                                            f"file holds a {rec['cls'].split(':')[-1]}: is this the same architecture?")
-                root = _set(root, path, construct(rec["cls"], rec.get("kwargs"), where, trusted, rec.get("kwargs_missing", "")))
-                current = _get(root, path)
-                constructed.add(path)
-            for name, value in rec.get("attrs", {}).items():
-                setattr(current, name, value)
-        _get(root, path).train(bool(rec.get("training", False)))  # type: ignore[union-attr]
+        where = rec["path"] or "(root)"
+        try:
+            root = _rebuild_one(root, rec, skeleton, trusted, budget, constructed)
+        except ArchitectureError:
+            raise
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError, RuntimeError, RecursionError) as e:
+            raise ArchitectureError(f"cannot rebuild module {where!r} from its record: {str(e)[:300]}") from e
     if root is None:
         raise ArchitectureError("the file records no modules")
+    return root
+
+
+def _rebuild_one(root: nn.Module | None, rec: dict[str, Any], skeleton: nn.Module | None, trusted: Iterable[Any] | None,
+                 budget: ShapeBudget | None, constructed: set[str]) -> nn.Module | None:
+    integer, quant = integer_classes(), quant_classes()
+    path, kind = rec["path"], rec["kind"]
+    where = path or "(root)"
+
+    def build(cls_path: str) -> nn.Module:
+        args = (cls_path, rec.get("kwargs"), where, trusted, rec.get("kwargs_missing", ""))
+        if budget is not None:
+            budget.construct(lambda meta: construct(*args, meta=meta), path, where)
+        return construct(*args)
+
+    current = _get(root, path)
+    if kind == "integer":
+        if current is not None:
+            _check_shape_attrs(current, rec["config"], where, rec["cls"])
+        if budget is not None:
+            budget.integer(integer[rec["cls"]], rec["config"], path, where)
+        root = _set(root, path, integer_record(rec, integer[rec["cls"]]))
+    elif kind == "quant":
+        qcls = quant[rec["cls"]]
+        if isinstance(current, QuantModule):  # the skeleton was built quantized already
+            if _registered_quant_class(current) is not qcls:
+                raise ArchitectureError(f"module {where!r} is a {type(current).__name__} in the model, "
+                                        f"but the file holds a {rec['cls']}")
+            current.init_quantizers(LayerQuantConfig.from_dict(rec["layer_config"]))
+            current.train(rec.get("training", False))
+            return root
+        if current is None:
+            current = build(rec["float_cls"])
+        elif class_path(type(current)) != rec["float_cls"]:
+            raise ArchitectureError(f"module {where!r} is a {type(current).__name__} in the model, but the "
+                                    f"file holds a quantized {rec['float_cls'].split(':')[-1]}: is this the same "
+                                    "architecture?")
+        try:
+            new = qcls.from_float(current, LayerQuantConfig.from_dict(rec["layer_config"]))
+        except (TypeError, ValueError) as e:
+            raise ArchitectureError(f"cannot rebuild simulated module {where!r}: {e}") from e
+        root = _set(root, path, new)
+    elif kind == "quantizer":
+        if not isinstance(current, TensorQuantizer):
+            raise ArchitectureError(f"the file has a quantizer at {where!r}; the model has "
+                                    f"{'nothing' if current is None else type(current).__name__} there")
+        desc = QuantDescriptor.from_dict(rec["desc"])
+        if current.desc != desc and path.rpartition(".")[0] in constructed:
+            # its owner was built here from its class alone (e.g. a QuantAdd, whose descriptors
+            # are no constructor attributes): the file's descriptor is the one it had
+            root = _set(root, path, TensorQuantizer(desc))
+            current = _get(root, path)
+        if current.desc != desc:
+            raise ArchitectureError(f"quantizer {where!r}: the model's descriptor {current.desc} differs from "
+                                    f"the file's {desc}")
+        current._disabled, current._if_quant, current._if_calib = rec["disabled"], rec["quant"], False
+        current.name = rec.get("name")
+    else:
+        if current is None or class_path(type(current)) != rec["cls"]:
+            if current is not None and skeleton is not None and not _replaceable(current, rec["cls"]):
+                raise ArchitectureError(f"module {where!r} is a {type(current).__name__} in the model, but the "
+                                        f"file holds a {rec['cls'].split(':')[-1]}: is this the same architecture?")
+            root = _set(root, path, build(rec["cls"]))
+            current = _get(root, path)
+            constructed.add(path)
+        restore_attrs(current, rec.get("attrs", {}), where)
+    _get(root, path).train(rec.get("training", False))  # type: ignore[union-attr]
     return root
 
 

@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import os
 import pathlib
+import re
 from typing import Any, Callable, Iterable
 
 import torch
@@ -26,8 +27,9 @@ from ..transforms.config import QuantConfig
 from ..transforms.convert import REPORT_ATTR, Lowering
 from ..transforms.prepare import CONFIG_ATTR
 from . import safe_file
-from .architecture import ArchitectureError, _jsonable
-from .records import check_records, compact, describe, rebuild
+from .architecture import ArchitectureError, _jsonable, normalize_trusted
+from .record_checks import checked_manifest
+from .records import compact, describe, rebuild
 
 
 def model_kind(model: nn.Module) -> str:
@@ -66,12 +68,21 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, init_kwargs: dict[st
         "kind": model_kind(model),
         "architecture": _architecture(model, records, state),
         "config": compact(config.to_dict()) if isinstance(config, QuantConfig) else None,
-        "conversion": [dataclasses.asdict(r) for r in getattr(model, REPORT_ATTR, [])],
+        "conversion": [_without_timings(dataclasses.asdict(r)) for r in getattr(model, REPORT_ATTR, [])],
         "modules": records,
         "aliases": aliases,
     }
     safe_file.write(path, tensors, manifest)
     return pathlib.Path(path)
+
+
+#: speed-check timings inside a conversion report's detail ("(0.123 ms vs float 0.456 ms)"): they
+#: differ at every run, and a file is a function of the model alone
+_TIMINGS = re.compile(r" \(?\d+(?:\.\d+)? ms vs float \d+(?:\.\d+)? ms\)?")
+
+
+def _without_timings(row: dict[str, Any]) -> dict[str, Any]:
+    return {**row, "detail": _TIMINGS.sub("", row["detail"])}
 
 
 def _version() -> str:
@@ -155,28 +166,49 @@ def load(path: str | os.PathLike[str], model: nn.Module | Callable[[], nn.Module
     Without it, the model is constructed from the classes the file records, imported only from
     ``torch.nn``, quanta, and what ``trusted`` names (classes, or module-path prefixes).
     """
+    normalize_trusted(trusted)  # the caller's arguments first: a TypeError, not a file error
     tensors, manifest = safe_file.read(path)
     source = os.fspath(path)
     records = manifest["modules"]
-    try:
-        check_records(records)
-    except ValueError as e:
-        raise safe_file.QuantaFileError(f"{source}: {e}") from e
+    config, report = checked_manifest(manifest, source)
     skeleton, trusted_all = _skeleton(model, manifest, source, trusted)
-    with torch.random.fork_rng(devices=[]):
-        built = rebuild(skeleton, records, trusted_all)
+    entries = {n: safe_file.TensorEntry(n, t.dtype, tuple(t.shape), 0, t.numel() * t.element_size())
+               for n, t in tensors.items()}
+    try:
+        with torch.random.fork_rng(devices=[]):
+            built = rebuild(skeleton, records, trusted_all, entries)
+    except ArchitectureError as e:
+        raise ArchitectureError(f"{source}: {e}") from e
     _materialize(built, tensors)
     problem = _mismatch(built, tensors)
     if problem:
         raise ArchitectureError(f"{source} does not fit this model: {problem}")
-    built.load_state_dict(tensors, strict=True)
-    if manifest.get("config") is not None:
-        setattr(built, CONFIG_ATTR, QuantConfig.from_dict(manifest["config"]))
-    if manifest.get("conversion"):
-        setattr(built, REPORT_ATTR, [Lowering(**r) for r in manifest["conversion"]])
+    try:
+        built.load_state_dict(tensors, strict=True)
+        _retie(built, manifest["aliases"])
+    except (RuntimeError, ValueError, TypeError) as e:  # an integer module's pack() refusing its tensors
+        raise safe_file.QuantaFileError(f"{source}: the file's tensors do not fit its modules: {str(e)[:300]}") from e
+    if config is not None:
+        setattr(built, CONFIG_ATTR, config)
+    if report:
+        setattr(built, REPORT_ATTR, report)
     if device is not None:
         built.to(device)
     return built
+
+
+def _retie(model: nn.Module, aliases: dict[str, str]) -> None:
+    """Tensors saved once for two names (tied weights) are one tensor again after loading."""
+    for alias, target in aliases.items():
+        owner, _, attr = alias.rpartition(".")
+        src_owner, _, src_attr = target.rpartition(".")
+        a, b = model.get_submodule(owner), model.get_submodule(src_owner)
+        for table in ("_parameters", "_buffers"):
+            shared = getattr(b, table).get(src_attr)
+            if shared is not None and attr in getattr(a, table) and getattr(a, table)[attr] is not shared:
+                getattr(a, table)[attr] = shared
+                if isinstance(a, IntegerModule):
+                    a.pack()
 
 
 def _skeleton(model: Any, manifest: dict[str, Any], source: str,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 import struct
@@ -37,11 +38,16 @@ def _write(path: str, header: dict, body: bytes) -> None:
         f.write(struct.pack("<Q", len(raw)) + raw + body)
 
 
-def _edit_manifest(path: str, edit) -> None:
+def _edit_manifest(path: str, edit, *, recompute_digest: bool = True) -> None:
+    """Edit the manifest; by default as a deliberate edit would (its checksum recomputed), so
+    that what is tested is the validation of the values themselves."""
     header, body = _split(path)
     manifest = json.loads(header["__metadata__"]["quanta"])
     edit(manifest)
-    header["__metadata__"]["quanta"] = json.dumps(manifest)
+    text = json.dumps(manifest)
+    header["__metadata__"]["quanta"] = text
+    if recompute_digest:
+        header["__metadata__"]["quanta_sha256"] = hashlib.sha256(text.encode()).hexdigest()
     _write(path, header, body)
 
 

@@ -23,7 +23,7 @@ def test_inspect_reports_layers_and_totals(trained_transformer, tmp_path, capsys
     assert lin.bytes == sum(t.numel() * t.element_size() for t in q.encoder.linear1.state_dict().values())
     assert report.tensor_bytes == quanta.storage_bytes(q)
     assert report.file_bytes == os.path.getsize(path)
-    for text in ("encoder.linear1", "Int8Linear", "total:", "quanta file format 1", "TinyTransformer",
+    for text in ("encoder.linear1", "Int8Linear", "total:", f"quanta file format {quanta.io.FORMAT_VERSION}", "TinyTransformer",
                  "rebuildable from the file", '"weight": "int8"'):
         assert text in printed
     assert str(report) in printed
