@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -82,6 +83,20 @@ class QuantConfig:
             raise TypeError("QuantConfig.version must be an int")
         if self.version > 1:
             raise ValueError(f"QuantConfig.version {self.version} is newer than supported (1)")
+
+    def extended(self, exclude: Any = (), rules: Mapping[str, LayerQuantConfig | None] | None = None,
+                 ) -> "QuantConfig":
+        """This config with more ``exclude`` patterns and ``rules``; the new ones come first, so
+        they win over rules already there (a rule's first match wins)."""
+        exclude = (exclude,) if isinstance(exclude, str) else exclude
+        if not isinstance(exclude, (tuple, list)):
+            raise TypeError(f"exclude must be a list of module names or globs, got {type(exclude).__name__}")
+        if rules is not None and not isinstance(rules, Mapping):
+            raise TypeError(f"rules must be a mapping of module names or globs to LayerQuantConfig / None, "
+                            f"got {type(rules).__name__}")
+        return dataclasses.replace(self, exclude=tuple(exclude) + tuple(self.exclude),
+                                   rules={**(rules or {}), **{k: v for k, v in self.rules.items()
+                                                               if k not in (rules or {})}})
 
     # ------------------------------------------------------------------ resolution
     def patterns(self) -> tuple[str, ...]:

@@ -3,9 +3,11 @@
 Each simulated module is replaced by the first integer class that accepts it (its
 quantizers' specs decide); a module no integer class accepts stays simulated, which computes
 the same numbers in float, and the report says why. A quantized module that calibration never
-called (no range for any of its static quantizers) becomes float again, and the report says so. Then `fuse_activations` lets integer
-convolutions fuse a following ReLU/ReLU6 and hand uint8 codes straight to the next integer
-convolution, so a CNN does not pay a dequantize/quantize pair at every layer.
+called (no range for any of its static quantizers) becomes float again, and the report says so;
+so do layers `prepare` left float because their shape did not fit the config. Then
+`fuse_activations` lets integer convolutions fuse a following ReLU/ReLU6 and hand uint8 codes
+straight to the next integer convolution, so a CNN does not pay a dequantize/quantize pair at
+every layer.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ..nn.modules.base import QuantModule
 from ..nn.modules.functional import Add, QuantAdd, QuantOp
 from ..nn.tensor_quantizer import TensorQuantizer
 from .fuse import fuse_activations
+from .prepare import DECISIONS_ATTR, UNSUPPORTED
 from .simplify import collapse_wrappers
 from .speed_check import SpeedChoice, keep_faster
 
@@ -112,7 +115,9 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False, fuse
         raise ValueError(f"quantizer {missing!r} has no range: calibrate the model (quanta.calibrate) "
                          "before converting")
     target = model if inplace else copy.deepcopy(model)
-    report: list[Lowering] = []
+    modules = dict(target.named_modules())
+    report = [Lowering(n, type(modules[n]).__name__, "float", r)  # (prepare could not take them)
+              for n, r in getattr(model, DECISIONS_ATTR, {}).items() if r.startswith(UNSUPPORTED) and n in modules]
     twins: dict[str, nn.Module] = {}
     walk = _Walk(lowering_classes(), report, twins, gaps, never_called)
     root = walk.lower(target, "")
@@ -198,6 +203,12 @@ class _Walk:
                 setattr(module, child_name, new)
                 continue
             self.children(child, full)
+
+
+def _walk(module: nn.Module, prefix: str, classes: list[type], report: list[Lowering],
+          twins: dict[str, nn.Module]) -> None:
+    """Lower every quantized module under ``module`` in place (no calibration gaps considered)."""
+    _Walk(classes, report, twins, {}, set()).children(module, prefix)
 
 
 def conversion_report(model: nn.Module) -> list[Any]:

@@ -12,7 +12,7 @@ from ..nn.modules.base import QuantModule
 from ..nn.modules.functional import QuantOp
 from ..nn.tensor_quantizer import TensorQuantizer
 from .convert import REPORT_ATTR
-from .prepare import DECISIONS_ATTR
+from .prepare import DECISIONS_ATTR, UNSUPPORTED
 
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
 
@@ -82,6 +82,8 @@ def coverage(model: nn.Module) -> CoverageReport:
             entries.append(CoverageEntry(name, tname, "quantized", _describe(mod)))
         elif name in kept_float:
             entries.append(CoverageEntry(name, tname, "float", kept_float[name]))
+        elif decisions.get(name, "").startswith(UNSUPPORTED):
+            entries.append(CoverageEntry(name, tname, "float", decisions[name]))
         elif name in decisions and decisions[name].startswith(("exclude", "rule", "type")):
             entries.append(CoverageEntry(name, tname, "excluded", decisions[name]))
             skip.append(name)

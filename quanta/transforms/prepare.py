@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import copy
 import difflib
+import inspect
 import warnings
+from typing import Any, Mapping
 
 from torch import nn
 
+from ..integer.base import IntegerModule
 from ..nn.registry import lookup
 from ..nn.tensor_quantizer import TensorQuantizer
 from .config import QuantConfig, _matches
@@ -16,6 +19,30 @@ from .fold_bn import fold_batchnorm
 #: attribute of a prepared model's root: the applied config and the per-module decisions
 CONFIG_ATTR = "_quanta_config"
 DECISIONS_ATTR = "_quanta_decisions"
+#: the decision of a layer whose type is quantizable but whose shape its config cannot take
+UNSUPPORTED = "unsupported: "
+
+
+def check_float_model(model: Any, who: str) -> None:
+    """Raise a one-line error unless ``model`` is a float (or simulated) ``nn.Module``."""
+    if isinstance(model, nn.Module):
+        done = next(((n, m) for n, m in model.named_modules() if isinstance(m, IntegerModule)), None)
+        if done is not None:
+            where = f" ({done[0]!r} is a {type(done[1]).__name__})" if done[0] else ""
+            raise ValueError(f"{who}: {type(model).__name__} is already an integer model{where}; "
+                             "quantize the float model instead")
+        return
+    if isinstance(model, Mapping):
+        raise TypeError(f"{who} expects an nn.Module, got a {type(model).__name__} (a state_dict?): build the "
+                        "model, call model.load_state_dict(state_dict) and pass the model")
+    if inspect.isclass(model):
+        raise TypeError(f"{who} expects an nn.Module instance, got the class {model.__name__}: "
+                        f"pass {model.__name__}(...)")
+    if callable(model):
+        name = getattr(model, "__name__", type(model).__name__)
+        raise TypeError(f"{who} expects an nn.Module, got the function {name!r}: pass the model it builds "
+                        f"({name}(...)); a plain function cannot be quantized")
+    raise TypeError(f"{who} expects an nn.Module, got {type(model).__name__}")
 
 
 def prepare(model: nn.Module, config: QuantConfig | None = None, inplace: bool = False,
@@ -25,9 +52,12 @@ def prepare(model: nn.Module, config: QuantConfig | None = None, inplace: bool =
     Every module whose class (or closest base class) is registered is swapped for its
     quantized version, sharing parameters; other modules run in float and are counted by
     `quanta.coverage`. The float model is never modified unless ``inplace=True``.
+
+    A layer whose shape its config cannot take (``group_size 32 does not divide 40``) stays
+    float, with a warning and the reason in `quanta.coverage` and the conversion report, unless
+    a rule or exclusion names it exactly (then that is an error).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"prepare expects an nn.Module, got {type(model).__name__}")
+    check_float_model(model, "prepare")
     config = QuantConfig() if config is None else config
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
@@ -57,6 +87,11 @@ def prepare(model: nn.Module, config: QuantConfig | None = None, inplace: bool =
         if isinstance(mod, TensorQuantizer):
             mod.name = name  # so that its messages (e.g. "has no range") say which one
     _warn_unmatched(target, config)
+    unsupported = [(n, r) for n, r in decisions.items() if r.startswith(UNSUPPORTED)]
+    if unsupported:
+        listed = "; ".join(f"{n!r}: {r[len(UNSUPPORTED):]}" for n, r in unsupported[:4])
+        warnings.warn(f"quanta: {len(unsupported)} layer(s) stay float (their shape does not fit the config): "
+                      f"{listed}{' …' if len(unsupported) > 4 else ''}", UserWarning, stacklevel=2)
     setattr(target, CONFIG_ATTR, config)
     setattr(target, DECISIONS_ATTR, decisions)
     if verbose:
@@ -81,11 +116,15 @@ def _swap(module: nn.Module, prefix: str, config: QuantConfig, decisions: dict[s
             # unless a more specific pattern quantizes them, as QuantConfig documents
         elif qcls is not None:
             try:
-                child = qcls.from_float(child, decision.config)
+                new = qcls.from_float(child, decision.config)
             except (ValueError, TypeError) as e:
-                raise type(e)(f"cannot quantize module {full!r} ({type(child).__name__}): {e}") from e
-            setattr(module, name, child)
-            decisions[full] = decision.reason
+                if decision.reason in (f"rule:{full!r}",):  # the user asked for this very module
+                    raise type(e)(f"cannot quantize module {full!r} ({type(child).__name__}): {e}") from e
+                decisions[full] = f"{UNSUPPORTED}{e}"  # (the module is untouched: from_float copies)
+            else:
+                child = new
+                setattr(module, name, child)
+                decisions[full] = decision.reason
         _swap(child, full, config, decisions)
 
 

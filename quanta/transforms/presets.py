@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Callable
+import difflib
+import inspect
+from typing import Any, Callable
 
 from ..nn import LayerQuantConfig, QuantDescriptor
 from .config import QuantConfig
@@ -31,14 +33,14 @@ def _only_linear_and_rnn(linear: LayerQuantConfig, rnn: LayerQuantConfig | None)
     return QuantConfig(default=linear, module_types=types, fold_bn=True)
 
 
-def dynamic_int8(**_: object) -> QuantConfig:
+def dynamic_int8() -> QuantConfig:
     """Linear: int8 per-channel weights × int8 activations quantized per token at each call;
     LSTM/GRU/RNN: int8 weights, dynamic per-tensor activations. The rest stays float."""
     return _only_linear_and_rnn(LayerQuantConfig(input=A8_DYNAMIC_TOKEN, weight=W8),
                                 LayerQuantConfig(input=A8_DYNAMIC, weight=W8))
 
 
-def static_int8(**_: object) -> QuantConfig:
+def static_int8() -> QuantConfig:
     """Conv and Linear: int8 per-channel weights × uint8 activations calibrated per tensor;
     BatchNorm folded; pools, attention and embeddings stay float; RNNs dynamic."""
     float_types: dict[str, LayerQuantConfig | None] = {
@@ -57,28 +59,28 @@ def static_int8(**_: object) -> QuantConfig:
 BF16 = QuantDescriptor(format="bf16", num_bits=16)
 
 
-def weight_only_int8(**_: object) -> QuantConfig:
+def weight_only_int8() -> QuantConfig:
     """Linear weights int8 per channel; activations and outputs bfloat16 (memory-bound decoding)."""
     return _only_linear_and_rnn(LayerQuantConfig(input=BF16, weight=W8, output=BF16), None)
 
 
-def weight_only_int4(group_size: int = 128, **_: object) -> QuantConfig:
+def weight_only_int4(group_size: int = 128) -> QuantConfig:
     """Linear weights int4, asymmetric, one scale and zero point per ``group_size`` inputs;
     activations and outputs bfloat16."""
-    if group_size not in (32, 64, 128, 256):
+    if isinstance(group_size, bool) or group_size not in (32, 64, 128, 256):
         raise ValueError(f"group_size must be one of 32, 64, 128, 256, got {group_size}")
     w4 = QuantDescriptor(num_bits=4, group_size=group_size, symmetric=False)
     return _only_linear_and_rnn(LayerQuantConfig(input=BF16, weight=w4, output=BF16), None)
 
 
-def w4a8(**_: object) -> QuantConfig:
+def w4a8() -> QuantConfig:
     """Linear weights int4 per channel (symmetric) × int8 activations per token, dynamic."""
     w4 = QuantDescriptor(num_bits=4, per_channel=True, narrow_range=True)
     return _only_linear_and_rnn(LayerQuantConfig(input=A8_DYNAMIC_TOKEN, weight=w4), None)
 
 
 def _half(fmt: str) -> Callable[..., QuantConfig]:
-    def build(**_: object) -> QuantConfig:
+    def build() -> QuantConfig:
         return _only_linear_and_rnn(LayerQuantConfig(input=None, weight=QuantDescriptor(format=fmt, num_bits=16)),
                                     None)
 
@@ -97,8 +99,35 @@ PRESETS: dict[str, Callable[..., QuantConfig]] = {
 }
 
 
-def preset(name: str, **options: object) -> QuantConfig:
-    """The `QuantConfig` of a named preset (``group_size=`` for ``weight_only_int4``)."""
+#: options every preset takes (`QuantConfig.extended`): patterns that stay float, per-name rules
+COMMON_OPTIONS = ("exclude", "rules")
+
+
+def preset_options(name: str) -> tuple[str, ...]:
+    """The options preset ``name`` takes (its own, then `COMMON_OPTIONS`)."""
+    return tuple(inspect.signature(PRESETS[name]).parameters) + COMMON_OPTIONS
+
+
+def preset(name: str, **options: Any) -> QuantConfig:
+    """The `QuantConfig` of a named preset.
+
+    Options: ``exclude=[names or globs]`` (those modules stay float), ``rules={name or glob:
+    LayerQuantConfig or None}`` (they win over the preset's choices), and ``group_size=`` for
+    ``weight_only_int4``. An option a preset does not take raises ``ValueError``.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"preset name must be a str, got {type(name).__name__}")
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    return PRESETS[name](**options)
+        close = difflib.get_close_matches(name, list(PRESETS), n=2, cutoff=0.5)
+        hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+        raise ValueError(f"unknown preset {name!r}{hint}; choose one of {sorted(PRESETS)}")
+    takes = preset_options(name)
+    unknown = [k for k in options if k not in takes]
+    if unknown:
+        users = [p for p in PRESETS if all(k in preset_options(p) for k in unknown)]
+        hint = f"; {', '.join(map(repr, unknown))} applies to {', '.join(map(repr, users))}" if users else ""
+        raise ValueError(f"preset {name!r} takes no option {', '.join(map(repr, unknown))} "
+                         f"(its options: {', '.join(takes)}){hint}")
+    common = {k: options.pop(k) for k in COMMON_OPTIONS if k in options}
+    config = PRESETS[name](**options)
+    return config.extended(**common) if common else config

@@ -2,45 +2,57 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import warnings
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
 
+from ..nn import LayerQuantConfig
 from .calibrate import calibrate, calibration_targets
 from .config import QuantConfig
 from .convert import convert
 from .presets import preset
-from .prepare import prepare
+from .prepare import check_float_model, prepare
 
 
 def quantize(model: nn.Module, config: QuantConfig | str = "dynamic_int8", calib_data: Iterable[Any] | None = None,
              *, backend: str = "auto", group_size: int | None = None, method: str | None = None,
              num_batches: int | None = None, forward_fn: Callable[[nn.Module, Any], Any] | None = None,
-             progress: bool = True, speed_check: bool = True, example: Any = None) -> nn.Module:
+             progress: bool = True, speed_check: bool = True, example: Any = None,
+             exclude: Iterable[str] | str | None = None,
+             rules: Mapping[str, LayerQuantConfig | None] | None = None) -> nn.Module:
     """Return an integer copy of ``model`` (the float model is not modified).
 
     ``config``: a `QuantConfig` or a preset name: ``dynamic_int8``, ``static_int8``,
     ``weight_only_int8``, ``weight_only_int4`` (``group_size`` 32/64/128/256), ``w4a8``,
     ``fp16``, ``bf16``. Static activations need ``calib_data`` (see `quanta.calibrate`).
 
+    ``exclude`` (module names or globs that stay float) and ``rules`` (name or glob →
+    `LayerQuantConfig`, or ``None`` for float) refine a preset or a `QuantConfig`; they win over
+    its own choices. A layer whose shape the config cannot take stays float (see `quanta.prepare`)
+    and the conversion report says why.
+
     Speed check (see `quanta.convert`): layers whose integer kernel is slower than float on
     ``example`` (one batch of real inputs; default: the first batch of ``calib_data``, for any
     preset) stay float, and `quanta.conversion_report` says so. Without either, or with
     ``speed_check=False``, every lowerable layer becomes integer.
     """
+    check_float_model(model, "quantize")
+    refine = {k: v for k, v in (("exclude", exclude), ("rules", rules)) if v is not None}
     if isinstance(config, str):
-        config = preset(config, **({} if group_size is None else {"group_size": group_size}))
-    elif group_size is not None:
-        raise ValueError("group_size applies to the 'weight_only_int4' preset, not to a QuantConfig")
-    if not isinstance(config, QuantConfig):
+        config = preset(config, **({} if group_size is None else {"group_size": group_size}), **refine)
+    elif not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig or a preset name, got {type(config).__name__}")
+    else:
+        if group_size is not None:
+            raise ValueError("group_size applies to the 'weight_only_int4' preset, not to a QuantConfig")
+        config = config.extended(**refine) if refine else config
     was_training = model.training
     if config.fold_bn and was_training:
-        config = QuantConfig(default=config.default, module_types=config.module_types, rules=config.rules,
-                             exclude=config.exclude, fold_bn=False)
+        config = dataclasses.replace(config, fold_bn=False)
         warnings.warn("quanta.quantize: the model is in training mode, so BatchNorm is not folded; "
                       "call model.eval() first for an inference model", UserWarning, stacklevel=2)
     sim = prepare(model, config)
