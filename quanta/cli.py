@@ -33,6 +33,16 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    import json
+
+    from .kernels.doctor import diagnose
+
+    report = diagnose(build=args.build)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quanta", description="Quantize trained PyTorch models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -44,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--json", action="store_true", help="print the report as JSON")
     insp.add_argument("--verify", action="store_true", help="also read every tensor and check its checksum")
     insp.set_defaults(func=_inspect)
+    doc = sub.add_parser("doctor", help="show the native CPU kernels: what is built, for which CPU, what falls back")
+    doc.add_argument("--build", action="store_true",
+                     help="build the native kernels for this environment first if none match (as first use would)")
+    doc.add_argument("--json", action="store_true", help="print the report as JSON")
+    doc.set_defaults(func=_doctor)
     return parser
 
 

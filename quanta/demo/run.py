@@ -4,7 +4,6 @@ one table of accuracy, size, latency and speedup measured on this machine."""
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -12,9 +11,9 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..integer import storage_bytes
+from ..progress import Progress, echo
 from ..transforms import conversion_report, quantize
 from .data import digits, majority_tokens, sine_sequences
 from .models import DigitsCNN, SequenceLSTM, TinyTransformer
@@ -74,22 +73,21 @@ def _tasks(quick: bool) -> dict[str, tuple[nn.Module, list[torch.Tensor], torch.
     }
 
 
-def run_demo(quick: bool = False, log: Callable[[str], None] = print, progress: bool | None = None) -> list[DemoRow]:
+def run_demo(quick: bool = False, log: Callable[[str], None] = echo, progress: bool = True) -> list[DemoRow]:
     """Train a CNN on scikit-learn's digits, an LSTM on generated sine sequences and a small
-    transformer on a generated token task, then quantize each with the presets in `PLAN`."""
-    progress = sys.stderr.isatty() if progress is None else progress
+    transformer on a generated token task, then quantize each with the presets in `PLAN`.
+    ``log`` receives one line per result; the progress bar (`quanta.progress`) is live on a
+    terminal only."""
     threads = torch.get_num_threads()
     from ..kernels import native
-    if not native.ready():
-        log("loading quanta's native CPU kernels (compiled once per machine: about 30 s the first time)")
-    native.ensure()
+    native.ensure()  # (says what it does when it has to build; silent when it loads)
     log(f"native CPU kernels: {native.status()}")
     log(f"training 3 small models offline (torch threads: {threads})")
     tasks = _tasks(quick)
     repeats = 5 if quick else 20
     rows: list[DemoRow] = []
     steps = sum(len(p) for p in PLAN.values())
-    with tqdm(total=steps, desc="quantizing", unit="preset", disable=not progress, leave=False) as bar:
+    with Progress("quantizing", total=steps, unit="preset", enabled=progress, leave=False) as bar:
         for name, presets in PLAN.items():
             model, calib, x, y = tasks[name]
             base_acc, base_size = accuracy(model, x, y), storage_bytes(model)

@@ -6,11 +6,14 @@ as tensor operations these take 5-15 calls and as many passes over memory, which
 cost more than the GEMM itself saves. ``csrc/fused.cpp`` does each in one pass, with exactly the
 float32 arithmetic of the Python implementations (the kernel tests check equality bit for bit).
 
-The library is compiled on first use with ``torch.utils.cpp_extension`` (the C++ compiler and
-Python headers that PyTorch extensions need, and ninja, a dependency of quanta; 1-2 minutes on 2 cores, once per machine and torch version; cached in
-``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``). Where it cannot be built (no
-compiler, another OS) or ``QUANTA_NATIVE=0`` is set, the Python implementations run: same
-numbers, slower. `status()` says which and why; integer modules' ``kernel_counts`` name the
+The library is built when quanta is installed (``setup.py``: ``quanta/kernels/_native*.so``,
+about 3 minutes on 2 cores) and loaded on first use, silently. A library is used only if the
+build key compiled into it (`build_config`: sources, flags, torch, Python, CPU) matches the
+installed sources and this machine; otherwise, or where none was installed, it is built once per
+environment on first use (`build`: a locked, bounded build that says what it is doing). Where it
+cannot be had (no compiler, another OS, the build timed out) or ``QUANTA_NATIVE=0`` is set, the
+Python implementations run: same numbers, slower. `status()` says which and why, `info()` where
+the library came from (``quanta doctor`` prints both); integer modules' ``kernel_counts`` name the
 implementation that ran (``native`` / ``int_mm_native``).
 
 Interfaces (CPU, float32; see ``csrc/fused.cpp``)::
@@ -22,46 +25,39 @@ Interfaces (CPU, float32; see ``csrc/fused.cpp``)::
 
 from __future__ import annotations
 
-import hashlib
+import importlib.machinery
+import importlib.util
 import logging
 import os
 import platform
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-LOG = logging.getLogger("quanta.kernels")
+from . import build_config as cfg
 
-CSRC = Path(__file__).with_name("csrc")
-#: compiled together into one library (fused.cpp holds the Python bindings); common.h is shared
-SOURCES = [CSRC / "fused.cpp", CSRC / "gemv.cpp", CSRC / "recurrent.cpp", CSRC / "conv.cpp", CSRC / "conv_dense.cpp",
-           CSRC / "conv_depthwise.cpp", CSRC / "linear_op.cpp"]
-HEADERS = [CSRC / "common.h", CSRC / "conv_kernels.h", CSRC / "simd.h", CSRC / "activation.h"]
-#: no -ffast-math, no FMA contraction: the kernels must round exactly like the PyTorch ops
-CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
+LOG = logging.getLogger("quanta.kernels")
 ENV_SWITCH = "QUANTA_NATIVE"
 
 _lock = threading.Lock()
-_state: dict[str, Any] = {"module": None, "tried": False, "why": "not built yet"}
+_state: dict[str, Any] = {"module": None, "tried": False, "why": "not built yet", "path": None, "origin": "",
+                          "refused": None}
 
 
-def _cpu_fingerprint() -> str:
-    """What ``-march=native`` compiles for: a build is reused only on the same kind of CPU."""
-    flags = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features", "model name")):
-                flags += line
-    except OSError:
-        pass
-    return platform.machine() + flags
+@dataclass(frozen=True)
+class NativeInfo:
+    """Where this process's native library came from (`info`)."""
 
-
-def _march() -> list[str]:
-    return ["-march=native"] if platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64") else []
+    status: str  # "loaded" or why not
+    path: str | None  # the library file loaded
+    origin: str  # "installed" (built by setup.py), "built for this environment" (cache), ""
+    key: str  # the build key this environment needs
+    refused: str | None  # why an installed library was not used, if one was refused
+    cache_dir: str  # this environment's just-in-time build folder
 
 
 def _disabled_reason() -> str | None:
@@ -69,15 +65,16 @@ def _disabled_reason() -> str | None:
         return f"disabled by {ENV_SWITCH}={os.environ[ENV_SWITCH]}"
     if platform.system() != "Linux":
         return f"native kernels are built on Linux only (this is {platform.system()})"
-    missing = [p.name for p in SOURCES + HEADERS if not p.exists()]
+    missing = cfg.missing_sources()
     if missing:
-        return f"sources {missing} are missing from the installation ({CSRC})"
+        return f"sources {missing} are missing from the installation ({cfg.CSRC})"
     return None
 
 
-def ensure() -> Any:
-    """Build (first time on this machine) or load the native library; returns it, or ``None``
-    when it cannot be had (`status` says why). Tried once per process; thread-safe."""
+def ensure(build: bool = True) -> Any:
+    """Load the native library (building it first where no matching one exists, unless
+    ``build=False``); returns it, or ``None`` when it cannot be had (`status` says why).
+    Tried once per process; thread-safe."""
     if _state["tried"]:
         return _state["module"]
     with _lock:
@@ -85,45 +82,96 @@ def ensure() -> Any:
             return _state["module"]
         why = _disabled_reason()
         if why is None:
+            from .build import BuildTimeout
             try:
-                _state["module"] = _build()
-                from .graph_ops import register_fakes
-                register_fakes()  # (the library defines the graph operators; their shapes are told here)
-                why = None
-            except Exception as e:  # no compiler / ninja / headers: the Python kernels run instead
-                why = f"could not be built: {' '.join(str(e).split())[:300]}"
+                why = _load_or_build(build)
+            except BuildTimeout as e:
+                why = f"not built: {e}"
                 LOG.warning("quanta: native CPU kernels %s; using the (slower) PyTorch implementations", why)
+            except Exception as e:  # no compiler / ninja / headers: the Python kernels run instead
+                why = f"could not be built: {' '.join(str(e).split())[:600]}"
+                LOG.warning("quanta: native CPU kernels %s; using the (slower) PyTorch implementations", why)
+            if why is not None and why.startswith("not built in this environment"):
+                _state["why"] = why
+                return None  # (build=False: a later ensure() may still build)
         _state["why"] = why or "loaded"
         _state["tried"] = True
     return _state["module"]
 
 
-def _build() -> Any:
-    from torch.utils import cpp_extension
-
-    flags = CFLAGS + _march()
-    key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS) + torch.__version__.encode() + " ".join(flags).encode()
-                         + _cpu_fingerprint().encode()).hexdigest()[:12]
-    LOG.info("quanta: loading native CPU kernels (compiled once per machine, 1-2 minutes the first time)")
-    _ninja_on_path()
-    return cpp_extension.load(name=f"quanta_fused_{key}", sources=[str(p) for p in SOURCES], extra_cflags=flags,
-                              extra_ldflags=["-fopenmp"], verbose=False)
+def installed_library() -> Path | None:
+    """The library ``setup.py`` built into the package, if there is one."""
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = Path(__file__).with_name(cfg.AOT_MODULE.rpartition(".")[2] + suffix)
+        if path.exists():
+            return path
+    return None
 
 
-def _ninja_on_path() -> None:
-    """torch's extension builder runs ``ninja`` from PATH: add the ``ninja`` package's binary
-    (a dependency of quanta) and this interpreter's scripts directory, for a virtual
-    environment used without activating it."""
-    dirs = [os.path.dirname(sys.executable)]
-    try:
-        import ninja
-        dirs.insert(0, ninja.BIN_DIR)
-    except (ImportError, AttributeError):
-        pass
-    path = os.environ.get("PATH", "").split(os.pathsep)
-    missing = [d for d in dirs if d and d not in path]
-    if missing:
-        os.environ["PATH"] = os.pathsep.join(missing + path)
+def check_library(path: str | Path, key: str) -> str | None:
+    """Why the library at ``path`` must not be loaded for build key ``key`` (None: it matches)."""
+    found = cfg.embedded_key(path)
+    if found is None:
+        return f"{path} holds no build key (built by another version of quanta)"
+    if found != key:
+        return (f"{path} was built from other sources or for another torch, Python or CPU "
+                f"(key {found}, this environment needs {key})")
+    return None
+
+
+def jit_spec(key: str) -> Any:
+    from .build import BuildSpec
+    return BuildSpec(name=f"quanta_native_{key}", sources=tuple(str(p) for p in cfg.SOURCES),
+                     cflags=tuple(cfg.compile_flags() + [cfg.key_flag(key)]), ldflags=tuple(cfg.LDFLAGS))
+
+
+def _load_or_build(build: bool) -> str | None:
+    """Load the installed library, else this environment's cached one, else build it; returns
+    why none was loaded (None: loaded)."""
+    from . import build as jit
+    from ..progress import notice
+
+    key = cfg.build_key(torch.__version__)
+    installed = installed_library()
+    if installed is not None:
+        _state["refused"] = check_library(installed, key)
+        if _state["refused"] is None:
+            return _load(installed, cfg.AOT_MODULE, "installed")
+    spec = jit_spec(key)
+    target = jit.library_path(spec)
+    if target.exists():
+        if check_library(target, key) is None:
+            return _load(target, spec.name, "built for this environment")
+        target.unlink()  # (a damaged file: build it again)
+    if not build:
+        return f"not built in this environment ({_state['refused'] or 'no library was installed'})"
+    if _state["refused"]:
+        notice(f"not using the installed native library: {_state['refused']}")
+    path = jit.build_library(spec)
+    reason = check_library(path, key)
+    if reason is not None:
+        raise RuntimeError(reason)
+    return _load(path, spec.name, "built for this environment")
+
+
+def _load(path: Path, name: str, origin: str) -> None:
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise RuntimeError(f"{path} is not a loadable Python extension")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    sys.modules[name] = mod
+    _state.update(module=mod, path=str(path), origin=origin)
+    from .graph_ops import register_fakes
+    register_fakes()  # (the library defines the graph operators; their shapes are told here)
+    return None
+
+
+def info() -> NativeInfo:
+    """Where the native library came from, for `quanta doctor` (call `ensure` first)."""
+    from .build import env_cache_dir
+    return NativeInfo(status=status(), path=_state["path"], origin=_state["origin"],
+                      key=cfg.build_key(torch.__version__), refused=_state["refused"], cache_dir=str(env_cache_dir()))
 
 
 def ready() -> bool:
@@ -144,4 +192,5 @@ def status() -> str:
     return str(_state["why"])
 
 
-__all__ = ["ENV_SWITCH", "ensure", "module", "ready", "status"]
+__all__ = ["ENV_SWITCH", "NativeInfo", "check_library", "ensure", "info", "installed_library", "module", "ready",
+           "status"]

@@ -8,9 +8,9 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..nn.tensor_quantizer import TensorQuantizer
+from ..progress import Progress
 
 
 def calibration_targets(model: nn.Module) -> list[tuple[str, TensorQuantizer]]:
@@ -83,8 +83,7 @@ def calibrate(model: nn.Module, data: Iterable[Any], method: str | None = None, 
         for q in all_quantizers:  # weights and dynamic quantizers pass through while calibrating
             if not any(q is t for _, t in targets):
                 q.disable_quant()
-        bar = tqdm(total=num_batches, desc="calibrating", unit="batch", disable=not progress,
-                   leave=False)
+        bar = Progress("calibrating", total=num_batches, unit="batch", enabled=progress)
         with torch.no_grad(), bar:
             for batch in data:
                 forward(model, batch)

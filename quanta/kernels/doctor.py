@@ -1,0 +1,134 @@
+"""`quanta doctor`: what this environment runs, the native library, the CPU it was built for,
+and for each integer op which implementations are available and which fall back.
+
+    quanta doctor            # loads a built library (never builds)
+    quanta doctor --build    # builds it first where none matches (what first use would do)
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import platform
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from . import build_config as cfg
+from . import native
+from .library import KernelOp
+
+
+@dataclass(frozen=True)
+class ImplState:
+    name: str
+    available: bool
+    why_not: str = ""  # where not available
+
+
+@dataclass(frozen=True)
+class OpState:
+    name: str
+    impls: list[ImplState]  # in the order ``impl="auto"`` tries them; "reference" last, always available
+
+
+@dataclass(frozen=True)
+class DoctorReport:
+    versions: dict[str, str]
+    python_prefix: str
+    cpu: str
+    cpu_features: list[str]
+    cpu_features_missing: list[str]
+    native: native.NativeInfo
+    compile_flags: list[str]
+    native_vnni: bool | None  # int8 GEMV/GEMM compiled with AVX-512 VNNI (None: no library)
+    ops: list[OpState] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        n = self.native
+        versions = ", ".join(f"{k} {v}" for k, v in self.versions.items())
+        lines = [f"{versions} ({self.python_prefix})",
+                 f"CPU: {self.cpu}; features: {' '.join(self.cpu_features) or 'none known'}"
+                 + (f"; lacks: {' '.join(self.cpu_features_missing)}" if self.cpu_features_missing else ""),
+                 f"native library: {n.status}"]
+        if n.path:
+            lines.append(f"  file: {n.path} ({n.origin})")
+        if n.refused:
+            lines.append(f"  refused: {n.refused}")
+        lines.append(f"  build key: {n.key}; flags: {' '.join(self.compile_flags)}")
+        lines.append(f"  just-in-time build folder of this environment: {n.cache_dir}")
+        if self.native_vnni is not None:
+            lines.append("  int8 GEMV / GEMM with AVX-512 VNNI: " + ("yes" if self.native_vnni else
+                                                                     "no (this CPU lacks it: int_mm_native runs)"))
+        lines.append("kernel ops (implementations in the order impl='auto' tries them; a missing one falls back "
+                     "to the next):")
+        width = max((len(op.name) for op in self.ops), default=0)
+        for op in self.ops:
+            parts = [i.name if i.available else f"{i.name} (no: {i.why_not})" for i in op.impls]
+            lines.append(f"  {op.name:<{width}}  " + ", ".join(parts))
+        return "\n".join(lines)
+
+
+def kernel_ops() -> list[KernelOp]:
+    """Every `KernelOp` defined in ``quanta.kernels`` (its modules imported)."""
+    import quanta.kernels as pkg
+
+    found: dict[int, KernelOp] = {}
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        if mod.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{pkg.__name__}.{mod.name}")
+        for value in vars(module).values():
+            if isinstance(value, KernelOp):
+                found.setdefault(id(value), value)
+    return sorted(found.values(), key=lambda op: op.name)
+
+
+#: native implementations whose guards refuse every input where the library lacks AVX-512 VNNI
+#: (available() says only that the library is loaded)
+_NEED_VNNI = {"gemv_native", "gemm_native"}
+
+
+def _why_not(impl: Any, vnni: bool | None) -> str:
+    if "cpu" not in impl.devices:
+        return f"{'/'.join(impl.devices)} only" + ("" if torch.cuda.is_available() else ", no GPU here")
+    if "native" in impl.name and not native.ready():
+        return "native library not loaded"
+    if "native" in impl.name and not vnni:
+        return "needs AVX-512 VNNI, which this CPU lacks"
+    return "not supported by this torch or CPU"
+
+
+def _op_state(op: KernelOp, vnni: bool | None) -> OpState:
+    impls = []
+    for impl in op.impls:
+        available = "cpu" in impl.devices and impl.is_available() and not (impl.name in _NEED_VNNI and not vnni)
+        impls.append(ImplState(impl.name, available, "" if available else _why_not(impl, vnni)))
+    return OpState(op.name, impls + [ImplState("reference", True)])
+
+
+def diagnose(build: bool = False) -> DoctorReport:
+    """The report; ``build=True`` builds the native library first where none matches."""
+    native.ensure(build=build)
+    import quanta
+
+    have = set(cfg.cpu_features())
+    arm = platform.machine().startswith(("aarch64", "arm"))
+    relevant = [f for f in cfg.CPU_FEATURES if (f in ("asimd", "asimddp", "sve")) == arm]
+    vnni = None
+    if native.ready():
+        vnni = bool(native.module().gemv_has_vnni())
+    versions = {"quanta": getattr(quanta, "__version__", "?"), "torch": torch.__version__,
+                "Python": platform.python_version()}
+    return DoctorReport(versions=versions, python_prefix=sys.prefix, cpu=f"{cfg.cpu_model()} ({platform.machine()})",
+                        cpu_features=[f for f in relevant if f in have],
+                        cpu_features_missing=[f for f in relevant if f not in have], native=native.info(),
+                        compile_flags=cfg.compile_flags(), native_vnni=vnni, ops=[_op_state(op, vnni) for op in kernel_ops()])
+
+
+__all__ = ["DoctorReport", "ImplState", "OpState", "diagnose", "kernel_ops"]
