@@ -64,9 +64,25 @@ class ResidualCNN(nn.Module):
         return self.head(torch.flatten(h, 1))
 
 
+def _canonical() -> Any:
+    """This file as the module ``fuzz_load`` (run as a script it is ``__main__``): the class path
+    a saved `ResidualCNN` records must be the same in the driver and in its workers."""
+    import importlib.util
+
+    module = sys.modules.get("fuzz_load")
+    if module is None:
+        spec = importlib.util.spec_from_file_location("fuzz_load", os.path.abspath(__file__))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["fuzz_load"] = module
+        spec.loader.exec_module(module)
+    return module
+
+
 def _models() -> dict[str, tuple[Any, str, torch.Tensor, bool]]:
     """name -> (float model factory, how to quantize it, input, load from the file alone)."""
     from quanta import demo
+
+    ResidualCNN = _canonical().ResidualCNN  # noqa: N806
 
     g = torch.Generator().manual_seed(0)
     img, seq = torch.randn(4, 1, 8, 8, generator=g), torch.randn(2, 12, 1, generator=g)
