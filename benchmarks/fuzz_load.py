@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -82,7 +83,7 @@ def _models() -> dict[str, tuple[Any, str, torch.Tensor, bool]]:
     """name -> (float model factory, how to quantize it, input, load from the file alone)."""
     from quanta import demo
 
-    ResidualCNN = _canonical().ResidualCNN  # noqa: N806
+    ResidualCNN = _canonical().ResidualCNN
 
     g = torch.Generator().manual_seed(0)
     img, seq = torch.randn(4, 1, 8, 8, generator=g), torch.randn(2, 12, 1, generator=g)
@@ -119,8 +120,9 @@ def _quantized(factory: Any, how: str, x: torch.Tensor) -> nn.Module:
 
 def build_files(workdir: str, names: list[str] | None = None) -> list[str]:
     """Save each model to ``workdir/<name>.safetensors`` with its input; returns the names."""
-    import quanta
     from safetensors.torch import save_file
+
+    import quanta
 
     models = _models()
     names = names or list(models)
@@ -240,12 +242,13 @@ def _peak_mb() -> float:
 
 def worker(workdir: str, seed: int, start: int, stop: int, names: list[str], share: float) -> None:
     """Run cases ``start..stop``; one JSON line per event on stdout."""
-    import quanta
-    from quanta.io import QuantaFileError
     from safetensors.torch import load_file
 
+    import quanta
+    from quanta.io import QuantaFileError
+
     models = _models()
-    originals = {n: open(os.path.join(workdir, f"{n}.safetensors"), "rb").read() for n in names}
+    originals = {n: Path(workdir, f"{n}.safetensors").read_bytes() for n in names}
     io = {n: load_file(os.path.join(workdir, f"{n}.io.safetensors")) for n in names}
     for n in names:  # warm up: every code path loaded once before the baseline is taken
         with torch.no_grad():

@@ -11,6 +11,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ from quanta.io.architecture import import_class
 
 
 def _split(path) -> tuple[dict, bytes]:
-    data = open(path, "rb").read()
+    data = Path(path).read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
     return json.loads(data[8:8 + n]), data[8 + n:]
 
@@ -143,7 +144,8 @@ def _peak_rss_mb_of_load(path: str) -> tuple[str, float]:
             print("refused:", e)
         print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout.split("\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         check=True).stdout.split("\n")
     return out[0], float(out[1])
 
 
@@ -162,7 +164,7 @@ def test_saving_is_byte_identical_in_one_process_and_across_processes(int8_cnn, 
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     quanta.save(int8_cnn, a)
     quanta.save(int8_cnn, b)
-    assert open(a, "rb").read() == open(b, "rb").read()
+    assert a.read_bytes() == b.read_bytes()
     code = textwrap.dedent(f"""
         import torch, quanta
         from quanta import demo
@@ -173,7 +175,7 @@ def test_saving_is_byte_identical_in_one_process_and_across_processes(int8_cnn, 
     """)
     env = {**os.environ, "PYTHONHASHSEED": "123"}
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300, env=env)
-    assert open(tmp_path / "c.safetensors", "rb").read() == open(a, "rb").read()
+    assert (tmp_path / "c.safetensors").read_bytes() == a.read_bytes()
 
 
 def test_speed_check_timings_are_not_written():
