@@ -41,8 +41,9 @@ class HistogramCalibrator(Calibrator):
     - ``"mse"`` (``start_bin=1``, ``stride=1``): the bin edge minimising the expected squared
       error of quantizing the bin centres (symmetric ``num_bits`` grid, signed unless
       ``unsigned``), over edges ``start_bin, start_bin + stride, ...``;
-    - ``"entropy"`` (``start_bin=2^(bits-1)``, ``stride=1``): TensorRT's KL-divergence
-      threshold (see `histogram_ranges.kl_divergences`).
+    - ``"entropy"`` (``start_bin`` = the grid's levels on ``|x|``, ``stride=1``): TensorRT's
+      KL-divergence threshold (see `histogram_ranges.kl_divergences`) on the histogram of the
+      non-zero values (exact zeros: see the module docstring).
 
     ``amax`` never exceeds the largest ``|x|`` seen. The error models of ``mse``/``entropy``
     see ``|x|`` on the grid's levels per side of zero: ``2^bits`` when ``unsigned`` and no
