@@ -2,13 +2,42 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
-from .modules import attention, functional, pooling, rnn, weighted
+from .modules import attention, functional, hf_conv1d, pooling, rnn, weighted
 
 _REGISTRY: dict[type, type] = {}
+
+#: float classes of other libraries, named by import path so that quanta never imports them:
+#: path -> builder of the quantized class from the float class (registered on first sight)
+BY_PATH: dict[str, Callable[[type], type]] = {hf_conv1d.HF_CONV1D_PATH: hf_conv1d.quant_conv1d_class}
+
+
+def _path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _resolve_loaded() -> None:
+    """Register the by-path classes whose library is already imported (never imports it)."""
+    for path, build in BY_PATH.items():
+        module_name, _, cls_name = path.rpartition(".")
+        float_cls = getattr(sys.modules.get(module_name), cls_name, None)
+        if isinstance(float_cls, type) and float_cls not in _REGISTRY:
+            _REGISTRY[float_cls] = build(float_cls)
+
+
+def known_type_names() -> set[str]:
+    """Class names a `QuantConfig.module_types` key may use without naming a class of the model:
+    every registered float class and its bases, and the by-path classes."""
+    _resolve_loaded()
+    names = {path.rpartition(".")[2] for path in BY_PATH}
+    for float_cls in _REGISTRY:
+        names.update(c.__name__ for c in float_cls.__mro__)
+    return names
 
 
 #: the quantized classes quanta ships, in one place (the registry and the patch both use it)
@@ -59,6 +88,7 @@ def reset_registry() -> None:
 
 
 def registered_types() -> dict[type, type]:
+    _resolve_loaded()
     return dict(_REGISTRY)
 
 
@@ -69,6 +99,10 @@ def lookup(module_or_type: Any) -> type | None:
         return None
     for base in cls.__mro__:
         if base in _REGISTRY:
+            return _REGISTRY[base]
+        build = BY_PATH.get(_path(base))
+        if build is not None:
+            _REGISTRY[base] = build(base)
             return _REGISTRY[base]
     return None
 

@@ -166,17 +166,20 @@ class _Walk:
         if not isinstance(module, (QuantModule, QuantAdd)):
             return None
         reasons = []
+        # a module stored another way than the integer classes read (transformers' Conv1D: a
+        # transposed Linear) offers an equivalent view of itself to lower
+        sim = module.linear_view() if callable(getattr(module, "linear_view", None)) else module
         for cls in self.classes:
-            reason = cls.accepts(module)
+            reason = cls.accepts(sim)
             if reason is None:
-                new = cls.from_simulated(module)
+                new = cls.from_simulated(sim)
                 new.train(module.training)
                 if name and isinstance(module, QuantModule):  # the float twin a speed check may put back
                     self.twins[name] = module.to_float()       # (sharing the float weights)
                 self.report.append(Lowering(name or "(root)", type(module).__name__, type(new).__name__,
                                             new.extra_repr()))
                 return new
-            wrong_type = " is not a " in reason or reason.endswith(f"got {type(module).__name__}")
+            wrong_type = " is not a " in reason or reason.endswith(f"got {type(sim).__name__}")
             if not wrong_type:  # only the classes meant for this module type explain
                 reasons.append(f"{cls.__name__}: {reason}")
         detail = "; ".join(reasons) or "no integer kernel for this module type"

@@ -6,12 +6,13 @@ import copy
 import difflib
 import inspect
 import warnings
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from torch import nn
 
 from ..integer.base import IntegerModule
-from ..nn.registry import lookup
+from ..nn.registry import known_type_names, lookup
 from ..nn.tensor_quantizer import TensorQuantizer
 from .config import QuantConfig, _matches
 from .fold_bn import fold_batchnorm
@@ -61,6 +62,7 @@ def prepare(model: nn.Module, config: QuantConfig | None = None, inplace: bool =
     config = QuantConfig() if config is None else config
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
+    _check_type_names(model, config)
     if config.fold_bn and model.training:
         raise ValueError("QuantConfig.fold_bn needs the model in eval mode (BatchNorm running "
                          "statistics): call model.eval() first")
@@ -126,6 +128,22 @@ def _swap(module: nn.Module, prefix: str, config: QuantConfig, decisions: dict[s
                 setattr(module, name, child)
                 decisions[full] = decision.reason
         _swap(child, full, config, decisions)
+
+
+def _check_type_names(model: nn.Module, config: QuantConfig) -> None:
+    """A `QuantConfig.module_types` name that is no registered class (or base) and no class of the
+    model is a typo or a class quanta does not know: it would be silently ignored, so raise."""
+    if not config.module_types:
+        return
+    known = known_type_names() | {c.__name__ for m in model.modules() for c in type(m).__mro__}
+    for name in config.module_types:
+        if name in known:
+            continue
+        close = [k for k in sorted(known) if k.lower() == name.lower()]
+        close += [k for k in difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.6) if k not in close]
+        hint = f"; close names: {', '.join(close)}" if close else ""
+        raise ValueError(f"QuantConfig.module_types: unknown type name {name!r}: no quantizable class is "
+                         f"registered under it and no module of {type(model).__name__} has it{hint}")
 
 
 def _warn_unmatched(model: nn.Module, config: QuantConfig) -> None:

@@ -132,3 +132,28 @@ def test_prepare_twice_does_not_quantize_twice():
 def test_from_float_rejects_the_wrong_type():
     with pytest.raises(TypeError, match="expects a Linear"):
         QuantLinear.from_float(nn.Conv2d(1, 1, 1), LayerQuantConfig())
+
+
+# ----------------------------------------------------------------------------- type names in configs
+@pytest.mark.parametrize("name,close", [("Linaer", "Linear"), ("conv1d", "Conv1d"), ("LSTMcell", "LSTMCell")])
+def test_unknown_type_names_in_module_types_raise_with_close_names(name, close):
+    model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match=rf"module_types: unknown type name '{name}'.*close names:.*{close}"):
+        quanta.prepare(model, quanta.QuantConfig(module_types={name: None}))
+    assert type(model[0]) is nn.Linear
+
+
+def test_type_names_of_registered_classes_model_classes_and_by_path_classes_are_known():
+    model = nn.Sequential(nn.Linear(4, 4), ChannelScale(4))  # ChannelScale: not registered, but in the model
+    for name in ("ChannelScale", "Conv2d", "Conv1D", "TransformerEncoderLayer", "_ConvNd"):
+        quanta.prepare(model, quanta.QuantConfig(module_types={name: None}))
+
+
+def test_transformers_conv1d_is_registered_by_path_without_importing_transformers():
+    import subprocess
+    import sys
+
+    code = ("import sys, quanta; from quanta.nn.registry import BY_PATH; "
+            "assert 'transformers.pytorch_utils.Conv1D' in BY_PATH; "
+            "assert 'transformers' not in sys.modules, 'quanta imported transformers'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
