@@ -34,7 +34,7 @@ from torch import nn
 
 from ..core import QuantSpec, unpack_bits
 from ..integer.base import IntegerModule
-from ..nn.modules.base import QuantModule
+from ..nn.modules.base import QuantModule, runs_float_forward
 from ..nn.modules.functional import QuantOp
 from ..nn.modules.rnn_cells import _QuantRecurrent
 from ..nn.tensor_quantizer import TensorQuantizer
@@ -155,15 +155,6 @@ def _weight_export(owner: QuantModule, wq: TensorQuantizer, path: str) -> nn.Mod
 
 
 # ----------------------------------------------------------------------------- layers
-def _torch_forward(mod: Any) -> bool:
-    """True when ``mod`` runs torch's own Linear / Conv forward (a user subclass may override it)."""
-    mro = type(mod).__mro__
-    if next(c for c in mro if "forward" in vars(c)) is not QuantModule:
-        return False
-    after = mro[mro.index(QuantModule) + 1:]
-    return next(c for c in after if "forward" in vars(c)) is mod.float_type
-
-
 def from_simulated(mod: Any, path: str) -> Q._ExportPart | None:
     """An `ExportLinear` / `ExportConv` for a simulated QuantLinear / QuantConvNd that runs torch's own
     forward with zero padding; None for anything else (its quantizers are then swapped one by one)."""
@@ -171,7 +162,7 @@ def from_simulated(mod: Any, path: str) -> Q._ExportPart | None:
 
     kinds = {QuantLinear: 0, QuantConv1d: 1, QuantConv2d: 2, QuantConv3d: 3}
     dims = next((d for cls, d in kinds.items() if isinstance(mod, cls)), None)
-    if dims is None or (dims and mod.padding_mode != "zeros") or not _torch_forward(mod):
+    if dims is None or (dims and mod.padding_mode != "zeros") or not runs_float_forward(type(mod)):
         return None
     w = mod.weight.detach()
     wq = mod.weight_quantizer

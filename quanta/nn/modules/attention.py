@@ -75,11 +75,11 @@ class QuantMultiheadAttention(QuantModule, nn.MultiheadAttention):
         xq = query if self.input_quantizer is None else self.input_quantizer(query)
         xk = xq if same_k else (key if self.key_input_quantizer is None else self.key_input_quantizer(key))
         xv = xk if same_v else (value if self.value_input_quantizer is None else self.value_input_quantizer(value))
-        with self.quantized_weights():
-            if self._qkv_same_embed_dim:
-                w_q, w_k, w_v = self.in_proj_weight.chunk(3)
-            else:
-                w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        fq = self.fake_quantized_weights()  # never written to the module: concurrent calls stay safe
+        if self._qkv_same_embed_dim:
+            w_q, w_k, w_v = fq.get("in_proj_weight", self.in_proj_weight).chunk(3)
+        else:
+            w_q, w_k, w_v = (fq.get(n, getattr(self, n)) for n in ("q_proj_weight", "k_proj_weight", "v_proj_weight"))
         b_q = b_k = b_v = None
         if self.in_proj_bias is not None:
             b_q, b_k, b_v = self.in_proj_bias.chunk(3)

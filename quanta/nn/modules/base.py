@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator
 
@@ -66,13 +67,41 @@ def _only_quantizers(module: nn.Module) -> bool:
     return False
 
 
+class _ThreadShadows(threading.local):
+    """Per thread: ``id(module) -> {weight name: fake-quantized value}`` while that module's
+    float ``forward`` runs in this thread (`QuantModule.quantized_weights`)."""
+
+    def __init__(self) -> None:
+        self.by_module: dict[int, dict[str, torch.Tensor]] = {}
+
+
+_SHADOWS = _ThreadShadows()
+_FLOAT_FORWARD: dict[type, bool] = {}
+
+
+def runs_float_forward(cls: type) -> bool:
+    """True when instances of the quantized class ``cls`` run torch's own forward of their
+    ``float_type`` (no user subclass in between overrides ``forward``)."""
+    known = _FLOAT_FORWARD.get(cls)
+    if known is None:
+        mro = cls.__mro__
+        first = next(c for c in mro if "forward" in vars(c))
+        after = mro[mro.index(QuantModule) + 1:] if QuantModule in mro else ()
+        known = first is QuantModule and next(
+            (c for c in after if "forward" in vars(c)), None) is getattr(cls, "float_type", None)
+        _FLOAT_FORWARD[cls] = known
+    return known
+
+
 class QuantModule:
     """Mixin placed before a float module class in the MRO.
 
     The float class's own ``forward`` runs unchanged (torch's or a user subclass's): inputs are
-    quantized on the way in, and while it runs the instance attribute ``weight`` is shadowed
-    by the fake-quantized weight (gradients flow to the real parameter). So a user's
-    ``nn.Conv2d`` subclass that pads in its ``forward`` keeps doing so.
+    quantized on the way in, and while it runs, reading ``self.weight`` gives the fake-quantized
+    weight (gradients flow to the real parameter). So a user's ``nn.Conv2d`` subclass that pads
+    in its ``forward`` keeps doing so. A call never writes to the module: the quantized value is
+    held per thread (`_SHADOWS`, read by ``__getattr__``), so concurrent calls are safe; classes
+    that run torch's own forward pass it to the functional op directly (`forward_with`).
     """
 
     float_type: ClassVar[type]  # the torch.nn class this quantizes
@@ -160,31 +189,60 @@ class QuantModule:
     def any_quantizer_active(self) -> bool:
         return any(q.is_enabled and (q._if_quant or q._if_calib) for _, q in self.quantizers())
 
-    @contextlib.contextmanager
-    def quantized_weights(self) -> Iterator[None]:
-        """Shadow each weight by its fake-quantized value for the duration of a call."""
+    def fake_quantized_weights(self) -> dict[str, torch.Tensor]:
+        """``{name: fake-quantized value}`` of each weight; empty when no weight quantizer is on."""
         wq = self.weight_quantizer
         if wq is None or not wq.is_enabled:
+            return {}
+        params = self._parameters  # type: ignore[attr-defined]
+        return {name: wq(params[name]) for name in self.weight_names if params.get(name) is not None}
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for names not in the instance __dict__ (parameters, buffers, submodules).
+        shadows = _SHADOWS.by_module
+        if shadows:
+            own = shadows.get(id(self))
+            if own is not None and name in own:
+                return own[name]
+        return super().__getattr__(name)  # type: ignore[misc]
+
+    @contextlib.contextmanager
+    def quantized_weights(self, values: dict[str, torch.Tensor] | None = None) -> Iterator[None]:
+        """In this thread, reading a weight attribute gives its fake-quantized value (``values``,
+        else `fake_quantized_weights`) for the duration of the block; other threads and the
+        module itself are unaffected."""
+        values = self.fake_quantized_weights() if values is None else values
+        if not values:
             yield
             return
-        shadowed = []
+        shadows, key = _SHADOWS.by_module, id(self)
+        previous = shadows.get(key)
+        shadows[key] = values if previous is None else {**previous, **values}
         try:
-            for name in self.weight_names:
-                w = self._parameters.get(name)  # type: ignore[attr-defined]
-                if w is not None:
-                    self.__dict__[name] = wq(w)
-                    shadowed.append(name)
             yield
         finally:
-            for name in shadowed:
-                del self.__dict__[name]
+            if previous is None:
+                del shadows[key]
+            else:
+                shadows[key] = previous
+
+    def forward_with(self, weights: dict[str, torch.Tensor], x: Any) -> Any:
+        """torch's forward of ``float_type`` on one input with ``weights`` in place of the
+        parameters; ``NotImplemented`` where a class has no functional form (the generic path
+        then runs the float forward under `quantized_weights`)."""
+        return NotImplemented
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if args and self.input_quantizer is not None and isinstance(args[0], torch.Tensor) \
                 and args[0].is_floating_point():
             args = (self.input_quantizer(args[0]),) + args[1:]
-        with self.quantized_weights():
-            out = super().forward(*args, **kwargs)  # type: ignore[misc]
+        weights = self.fake_quantized_weights()
+        out: Any = NotImplemented
+        if weights and len(args) == 1 and not kwargs and runs_float_forward(type(self)):
+            out = self.forward_with(weights, args[0])
+        if out is NotImplemented:
+            with self.quantized_weights(weights):
+                out = super().forward(*args, **kwargs)  # type: ignore[misc]
         if self.output_quantizer is not None:
             out = self.output_quantizer(out)
         return out

@@ -6,6 +6,10 @@ Each is the float class with the `QuantModule` mixin in front: parameters keep t
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .base import QuantModule
@@ -14,16 +18,24 @@ from .base import QuantModule
 class QuantLinear(QuantModule, nn.Linear):
     float_type = nn.Linear
 
+    def forward_with(self, weights: dict[str, torch.Tensor], x: Any) -> Any:
+        return F.linear(x, weights["weight"], self.bias)
 
-class QuantConv1d(QuantModule, nn.Conv1d):
+
+class _ConvForward:
+    def forward_with(self, weights: dict[str, torch.Tensor], x: Any) -> Any:
+        return self._conv_forward(x, weights["weight"], self.bias)  # type: ignore[attr-defined]
+
+
+class QuantConv1d(_ConvForward, QuantModule, nn.Conv1d):
     float_type = nn.Conv1d
 
 
-class QuantConv2d(QuantModule, nn.Conv2d):
+class QuantConv2d(_ConvForward, QuantModule, nn.Conv2d):
     float_type = nn.Conv2d
 
 
-class QuantConv3d(QuantModule, nn.Conv3d):
+class QuantConv3d(_ConvForward, QuantModule, nn.Conv3d):
     float_type = nn.Conv3d
 
 
@@ -50,3 +62,7 @@ class QuantEmbedding(QuantModule, nn.Embedding):
 
     float_type = nn.Embedding
     quantize_input = False
+
+    def forward_with(self, weights: dict[str, torch.Tensor], x: Any) -> Any:
+        return F.embedding(x, weights["weight"], self.padding_idx, self.max_norm, self.norm_type,
+                           self.scale_grad_by_freq, self.sparse)
