@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-_live: list["Progress"] = []  # bars currently drawn on a terminal, oldest first
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+_live: list[Progress] = []  # bars currently drawn on a terminal, oldest first
 
 
 def is_terminal(stream: Any) -> bool:
@@ -36,7 +39,7 @@ def format_seconds(seconds: float) -> str:
         return f"{seconds:.2f} s"
     if seconds < 60:
         return f"{seconds:.0f} s"
-    minutes, rest = divmod(int(round(seconds)), 60)
+    minutes, rest = divmod(round(seconds), 60)
     return f"{minutes} min {rest:02d} s"
 
 
@@ -100,10 +103,10 @@ class Progress:
             self.stream.write(f"{self.desc}: {self.n} {_plural(self.unit, self.n)} in {elapsed}\n")
             self.stream.flush()
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 

@@ -72,6 +72,6 @@ def test_calibration_writes_one_clean_line_to_a_log(capsys):
     prepared = quanta.prepare(model)
     quanta.calibrate(prepared, [torch.randn(2, 8) for _ in range(3)])
     err = capsys.readouterr().err
-    assert "\r" not in err and re.search(r"^calibrating: 3 batches in \d+\.\d\d s$", err, re.M), err
+    assert "\r" not in err and re.search(r"^calibrating: 3 batches in \d+\.\d\d s$", err, re.MULTILINE), err
     quanta.calibrate(prepared, [torch.randn(2, 8)], progress=False)
     assert capsys.readouterr().err == ""

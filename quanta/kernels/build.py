@@ -22,14 +22,15 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from ..progress import format_seconds, notice
 
@@ -75,7 +76,7 @@ def build_timeout() -> float:
         value = float(raw)
     except ValueError:
         value = -1.0
-    if not value > 0 or value != value or value == float("inf"):
+    if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{TIMEOUT_ENV} must be a positive number of seconds, got {raw!r}")
     return value
 
@@ -107,7 +108,7 @@ def _ninja_env(extra: dict[str, str]) -> dict[str, str]:
         dirs.insert(0, ninja.BIN_DIR)
     except (ImportError, AttributeError):
         pass
-    env = dict(os.environ, **extra)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **extra)  # (the log follows the build as it goes)
     path = env.get("PATH", "").split(os.pathsep)
     env["PATH"] = os.pathsep.join([d for d in dirs if d and d not in path] + path)
     return env

@@ -128,8 +128,8 @@ def jit_spec(key: str) -> Any:
 def _load_or_build(build: bool) -> str | None:
     """Load the installed library, else this environment's cached one, else build it; returns
     why none was loaded (None: loaded)."""
-    from . import build as jit
     from ..progress import notice
+    from . import build as jit
 
     key = cfg.build_key(torch.__version__)
     installed = installed_library()
@@ -144,7 +144,8 @@ def _load_or_build(build: bool) -> str | None:
             return _load(target, spec.name, "built for this environment")
         target.unlink()  # (a damaged file: build it again)
     if not build:
-        return f"not built in this environment ({_state['refused'] or 'no library was installed'})"
+        return (f"not built in this environment ({_state['refused'] or 'no library was installed'}); "
+                "first use builds it, or `quanta doctor --build`")
     if _state["refused"]:
         notice(f"not using the installed native library: {_state['refused']}")
     path = jit.build_library(spec)
@@ -164,7 +165,6 @@ def _load(path: Path, name: str, origin: str) -> None:
     _state.update(module=mod, path=str(path), origin=origin)
     from .graph_ops import register_fakes
     register_fakes()  # (the library defines the graph operators; their shapes are told here)
-    return None
 
 
 def info() -> NativeInfo:
