@@ -21,7 +21,7 @@ from torch import nn
 
 from ..integer import lowering_classes
 from ..integer.base import IntegerModule
-from ..nn.modules.base import QuantModule
+from ..nn.modules.base import QuantModule, float_class_of
 from ..nn.modules.functional import Add, QuantAdd, QuantOp
 from ..nn.tensor_quantizer import TensorQuantizer
 from .fuse import fuse_activations
@@ -64,6 +64,21 @@ def _calibration_gaps(model: nn.Module) -> tuple[dict[str, tuple[str, ...]], set
             if first_missing is None:
                 first_missing = f"{name}.{missing[0]}_quantizer" if name else f"{missing[0]}_quantizer"
     return gaps, never_called, None if any_ranged else first_missing
+
+
+def _forward_overrider(module: nn.Module) -> str | None:
+    """The name of the user class that overrides the quantized float class's ``forward`` (an
+    ``nn.Linear`` subclass with its own logic), or None where the float class's own forward runs
+    (a subclass that only adds attributes or an ``__init__``)."""
+    float_type = getattr(module, "float_type", None)
+    if not isinstance(module, QuantModule) or float_type is None:
+        return None
+    for klass in float_class_of(module).__mro__:
+        if klass is float_type:
+            return None
+        if "forward" in vars(klass):
+            return klass.__name__
+    return None
 
 
 def _float_twin(module: nn.Module) -> nn.Module:
@@ -164,6 +179,12 @@ class _Walk:
 
     def lower(self, module: nn.Module, name: str) -> nn.Module | None:
         if not isinstance(module, (QuantModule, QuantAdd)):
+            return None
+        overrider = _forward_overrider(module)
+        if overrider is not None:  # lowering would drop the user's code around the layer's op
+            self.report.append(Lowering(name or "(root)", type(module).__name__, "simulated",
+                                        f"subclass {overrider} overrides forward: kept simulated (its own code "
+                                        "runs on the quantized values; an integer layer would replace it)"))
             return None
         reasons = []
         # a module stored another way than the integer classes read (transformers' Conv1D: a
