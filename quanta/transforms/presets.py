@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import inspect
 from typing import Any, Callable
 
-from ..nn import LayerQuantConfig, QuantDescriptor
+from torch import nn
+
+from ..nn import LayerQuantConfig, QuantDescriptor, lookup
 from .config import QuantConfig
 
 #: weights: int8 symmetric narrow range, one scale per output channel (what the kernels use)
@@ -35,9 +38,14 @@ def _only_linear_and_rnn(linear: LayerQuantConfig, rnn: LayerQuantConfig | None)
 
 def dynamic_int8() -> QuantConfig:
     """Linear: int8 per-channel weights × int8 activations quantized per token at each call;
-    LSTM/GRU/RNN: int8 weights, dynamic per-tensor activations. The rest stays float."""
-    return _only_linear_and_rnn(LayerQuantConfig(input=A8_DYNAMIC_TOKEN, weight=W8),
-                                LayerQuantConfig(input=A8_DYNAMIC, weight=W8))
+    Conv1d/2d/3d: int8 per-channel weights × uint8 activations, one range per call (per tensor),
+    on the int8 conv kernels; LSTM/GRU/RNN: int8 weights, dynamic per-tensor activations. No
+    calibration data needed. The rest stays float."""
+    config = _only_linear_and_rnn(LayerQuantConfig(input=A8_DYNAMIC_TOKEN, weight=W8),
+                                  LayerQuantConfig(input=A8_DYNAMIC, weight=W8))
+    conv = LayerQuantConfig(input=A8_DYNAMIC, weight=W8)
+    return dataclasses.replace(config, module_types={**config.module_types, "Conv1d": conv, "Conv2d": conv,
+                                                     "Conv3d": conv})
 
 
 def static_int8() -> QuantConfig:
@@ -97,6 +105,23 @@ PRESETS: dict[str, Callable[..., QuantConfig]] = {
     "fp16": _half("fp16"),
     "bf16": _half("bf16"),
 }
+
+
+_LINEAR_ONLY = "Linear layers (and transformers' Conv1D)"
+#: what each preset quantizes, in words (for the error when a model has none of it)
+COVERS: dict[str, str] = {
+    "dynamic_int8": "Linear (and transformers' Conv1D), Conv1d/2d/3d and LSTM/GRU/RNN layers",
+    "static_int8": "Linear (and transformers' Conv1D), Conv1d/2d/3d, quanta.nn.Add and LSTM/GRU/RNN layers",
+    "weight_only_int8": _LINEAR_ONLY, "weight_only_int4": _LINEAR_ONLY, "w4a8": _LINEAR_ONLY,
+    "fp16": _LINEAR_ONLY, "bf16": _LINEAR_ONLY,
+}
+
+
+def quantizes_any(model: nn.Module, config: QuantConfig) -> bool:
+    """Whether `quanta.prepare` with ``config`` would quantize some module of ``model`` (by the
+    config's decisions and the registry; without copying the model)."""
+    return any(lookup(m) is not None and config.decide(n, m).config is not None
+               for n, m in model.named_modules())
 
 
 #: options every preset takes (`QuantConfig.extended`): patterns that stay float, per-name rules

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import warnings
+from collections import Counter
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
@@ -14,8 +15,8 @@ from ..nn import LayerQuantConfig
 from .calibrate import calibrate, calibration_targets
 from .config import QuantConfig
 from .convert import convert
-from .presets import preset
 from .prepare import check_float_model, prepare
+from .presets import COVERS, PRESETS, preset, quantizes_any
 
 
 def quantize(model: nn.Module, config: QuantConfig | str = "dynamic_int8", calib_data: Iterable[Any] | None = None,
@@ -42,6 +43,7 @@ def quantize(model: nn.Module, config: QuantConfig | str = "dynamic_int8", calib
     """
     check_float_model(model, "quantize")
     refine = {k: v for k, v in (("exclude", exclude), ("rules", rules)) if v is not None}
+    name = config if isinstance(config, str) else None
     if isinstance(config, str):
         config = preset(config, **({} if group_size is None else {"group_size": group_size}), **refine)
     elif not isinstance(config, QuantConfig):
@@ -55,6 +57,8 @@ def quantize(model: nn.Module, config: QuantConfig | str = "dynamic_int8", calib
         config = dataclasses.replace(config, fold_bn=False)
         warnings.warn("quanta.quantize: the model is in training mode, so BatchNorm is not folded; "
                       "call model.eval() first for an inference model", UserWarning, stacklevel=2)
+    if not quantizes_any(model, config):
+        _nothing_covered(model, None if refine else name)
     sim = prepare(model, config)
     first = None
     if calib_data is not None:
@@ -73,3 +77,16 @@ def quantize(model: nn.Module, config: QuantConfig | str = "dynamic_int8", calib
         calibrate(sim, calib_data, method, num_batches=num_batches, forward_fn=forward_fn, progress=progress)
     return convert(sim, backend=backend, inplace=True, example=first if example is None else example,
                    forward_fn=forward_fn, speed_check=speed_check)
+
+
+def _nothing_covered(model: nn.Module, name: str | None) -> None:
+    """Raise: the config (preset ``name``, unrefined, or any other) quantizes no module of
+    ``model``; say what the preset covers and which presets would quantize something."""
+    layers = Counter(type(m).__name__ for m in model.modules() if not any(True for _ in m.children()))
+    listed = ", ".join(f"{k}×{v}" for k, v in layers.most_common(5)) or "none"
+    others = [p for p in PRESETS if p != name and quantizes_any(model, preset(p))] if name else []
+    what = (f"preset {name!r} quantizes {COVERS[name]}, and {type(model).__name__} has none of them"
+            if name in COVERS else f"the configuration quantizes no module of {type(model).__name__}")
+    use = f"; use {' or '.join(map(repr, others))}" if others else \
+        ("" if name in COVERS else "; check its exclude / rules / module_types")
+    raise ValueError(f"{what} (its layers: {listed}){use}")
