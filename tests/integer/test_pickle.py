@@ -63,6 +63,7 @@ def _cases() -> dict[str, tuple[Callable[[], nn.Module], object, Callable[[torch
     return {
         "conv-add-pool-linear static": (_ResidualPoolCNN, "static_int8", images, True),
         "linear dynamic": (_mlp, "dynamic_int8", rows, False),
+        "conv dynamic": (_ResidualPoolCNN, "dynamic_int8", images, False),
         "weight-only int8": (_mlp, "weight_only_int8", rows, False),
         "weight-only int4": (_mlp, quanta.preset("weight_only_int4", group_size=32), rows, False),
         "fp16 weights": (_mlp, "fp16", rows, False),
