@@ -19,7 +19,6 @@ PyTorch kernels).
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import math
@@ -205,6 +204,8 @@ def build_library(spec: BuildSpec, folder: Path | None = None, *, timeout: float
 def _acquire(lock, spec: BuildSpec, target: Path, start: float, deadline: float) -> None:
     """Take the folder's lock for ``spec``, reporting every `REPORT_EVERY_S` while another
     process holds it; returns early (lock held) once it is free."""
+    import fcntl  # (POSIX: native builds are Linux only; imported here so that the module loads anywhere)
+
     next_report = 0.0
     while True:
         try:

@@ -170,8 +170,12 @@ def _load(path: Path, name: str, origin: str) -> None:
 def info() -> NativeInfo:
     """Where the native library came from, for `quanta doctor` (call `ensure` first)."""
     from .build import env_cache_dir
-    return NativeInfo(status=status(), path=_state["path"], origin=_state["origin"],
-                      key=cfg.build_key(torch.__version__), refused=_state["refused"], cache_dir=str(env_cache_dir()))
+    try:
+        key = cfg.build_key(torch.__version__)
+    except OSError as e:  # (sources missing from the installation: `status` says so)
+        key = f"unknown ({e.strerror}: {e.filename})"
+    return NativeInfo(status=status(), path=_state["path"], origin=_state["origin"], key=key,
+                      refused=_state["refused"], cache_dir=str(env_cache_dir()))
 
 
 def ready() -> bool:
