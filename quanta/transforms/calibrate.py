@@ -11,6 +11,7 @@ from torch import nn
 
 from ..nn.tensor_quantizer import TensorQuantizer
 from ..progress import Progress
+from .distributed import DistributedCalibration
 
 
 def calibration_targets(model: nn.Module) -> list[tuple[str, TensorQuantizer]]:
@@ -37,7 +38,8 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
 
 def calibrate(model: nn.Module, data: Iterable[Any], method: str | None = None, *,
               num_batches: int | None = None, forward_fn: Callable[[nn.Module, Any], Any] | None = None,
-              progress: bool = True, **method_kwargs: Any) -> nn.Module:
+              progress: bool = True, group: Any = None, dist_timeout: float = 120.0,
+              **method_kwargs: Any) -> nn.Module:
     """Collect activation statistics over ``data`` and load each quantizer's range.
 
     ``data``: a DataLoader or any iterable of tensors, ``(inputs, targets)`` tuples or dicts
@@ -46,6 +48,12 @@ def calibrate(model: nn.Module, data: Iterable[Any], method: str | None = None, 
     ``mse``, ``entropy``); ``method_kwargs`` reach the range computation (e.g.
     ``percentile=99.9``). The model runs in eval mode under ``torch.no_grad`` and gets its
     previous mode back. Returns the model (calibrated in place).
+
+    Under ``torch.distributed`` (initialised), every rank calibrates on its shard and the
+    statistics are merged across the ranks of ``group`` (default: the world), so every rank
+    gets bit-identical ranges equal to one process on all the data (see
+    `quanta.transforms.distributed`); ranks that disagree on the quantizers, or do not arrive
+    within ``dist_timeout`` seconds, raise.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"calibrate expects an nn.Module, got {type(model).__name__}")
@@ -68,6 +76,7 @@ def calibrate(model: nn.Module, data: Iterable[Any], method: str | None = None, 
     all_quantizers = [m for m in model.modules() if isinstance(m, TensorQuantizer)]
     saved = [(q, q._if_quant, q._if_calib) for q in all_quantizers]
     seen = 0
+    sync: DistributedCalibration | None = None
     start = time.perf_counter()
     called: set[str] = set()
     owners = {name.rpartition(".")[0] for name, _ in targets}
@@ -83,6 +92,7 @@ def calibrate(model: nn.Module, data: Iterable[Any], method: str | None = None, 
         for q in all_quantizers:  # weights and dynamic quantizers pass through while calibrating
             if not any(q is t for _, t in targets):
                 q.disable_quant()
+        sync = DistributedCalibration.start(targets, group=group, timeout=dist_timeout)
         bar = Progress("calibrating", total=num_batches, unit="batch", enabled=progress)
         with torch.no_grad(), bar:
             for batch in data:
@@ -91,7 +101,9 @@ def calibrate(model: nn.Module, data: Iterable[Any], method: str | None = None, 
                 bar.update(1)
                 if num_batches is not None and seen >= num_batches:
                     break  # before pulling another batch from the iterator
-        if seen == 0:
+        if sync is not None:  # every rank now holds the statistics of all ranks' data
+            seen_anywhere = sync.reduce(seen)
+        if seen == 0 and (sync is None or seen_anywhere == 0):
             raise ValueError("calibration data is empty: no batch was produced")
         unseen = []
         for name, q in targets:
@@ -105,6 +117,8 @@ def calibrate(model: nn.Module, data: Iterable[Any], method: str | None = None, 
                           f"not called): {', '.join(unseen[:8])}{' …' if len(unseen) > 8 else ''}",
                           UserWarning, stacklevel=2)
     finally:
+        if sync is not None:
+            sync.close()
         for h in hooks:
             h.remove()
         for q, if_quant, _ in saved:
