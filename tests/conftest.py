@@ -12,6 +12,7 @@ import contextlib
 from typing import Iterator, NamedTuple
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -29,6 +30,10 @@ native.ensure()
 # second thread costs more than it gives. Measured on 2 shared cores: prepared-LSTM inference
 # 0.04 s with 1 thread vs 2.4 s with 2; DigitsCNN training 0.8 s vs 11 s. Also deterministic.
 torch.set_num_threads(1)
+
+# The speed check caches its measured decisions per machine (quanta.transforms.speed_cache): a
+# test run uses a fresh cache of its own, never the user's.
+os.environ["QUANTA_SPEED_CACHE"] = os.path.join(tempfile.mkdtemp(prefix="quanta-test-"), "speed_decisions.json")
 
 # CI (which sets CI=true) replays the same hypothesis examples every run, so main cannot turn red
 # on a rare draw; local runs keep drawing fresh examples.

@@ -161,9 +161,9 @@ def _with_choice(lowering: Lowering, choice: SpeedChoice | None) -> Lowering:
     if choice is None:
         return lowering
     if choice.picked == "float":
-        return Lowering(lowering.name, lowering.simulated, "float", f"integer kernel slower: {choice.describe()}")
+        return Lowering(lowering.name, lowering.simulated, "float", f"integer kernel slower: {choice.report_detail()}")
     return Lowering(lowering.name, lowering.simulated, lowering.result,
-                    f"{lowering.detail} ({choice.integer_ms:.3f} ms vs float {choice.float_ms:.3f} ms)")
+                    f"{lowering.detail} ({choice.report_detail()})")
 
 
 @dataclass

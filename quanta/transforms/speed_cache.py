@@ -1,0 +1,115 @@
+"""The speed check's per-machine cache of measured decisions.
+
+A decision (integer or float for one layer) depends on the layer (class, constructor arguments,
+fused activation), the input it gets (shapes, dtypes), the kernel that ran, and the machine (CPU
+model and flags, thread count, torch and quanta versions). Measured once, it is reused by every
+later conversion on this machine, so repeated runs decide the same even under load. The file
+holds the measurements too (they stay out of the model and of `quanta.save`'s file).
+
+Location: ``$QUANTA_SPEED_CACHE`` (a file path) if set, else ``speed_decisions.json`` in quanta's
+cache folder (``$QUANTA_CACHE_DIR``, else ``$XDG_CACHE_HOME/quanta`` or ``~/.cache/quanta``, as
+for the native build). Delete the file to measure again. A cache that cannot be read or
+written is skipped with one warning: conversion never fails because of it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..kernels.build import cache_root
+
+ENV = "QUANTA_SPEED_CACHE"
+FILE_NAME = "speed_decisions.json"
+FORMAT_VERSION = 1
+
+_log = logging.getLogger(__name__)
+
+
+def cache_path() -> Path:
+    """The decisions file (see the module docstring)."""
+    override = os.environ.get(ENV)
+    return Path(override).expanduser() if override else cache_root() / FILE_NAME
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu() -> dict[str, str]:
+    info: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    flags = info.get("flags") or info.get("Features", "")
+    return {"cpu": info.get("model name") or platform.processor() or platform.machine(),
+            "cpu_flags": hashlib.sha256(flags.encode()).hexdigest()[:16], "arch": platform.machine()}
+
+
+def machine() -> dict[str, Any]:
+    """What a timing depends on besides the layer: CPU, thread count, versions."""
+    from .. import __version__
+
+    return {**_cpu(), "threads": torch.get_num_threads(), "torch": torch.__version__, "quanta": __version__}
+
+
+def decision_key(parts: dict[str, Any]) -> str:
+    """A stable key for ``parts`` (JSON values) plus this machine."""
+    text = json.dumps({"layer": parts, "machine": machine()}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+class DecisionCache:
+    """``get(key) -> entry | None`` and ``put(key, entry)`` over one JSON file."""
+
+    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
+        self.path = Path(path) if path is not None else cache_path()
+        self._entries: dict[str, dict[str, Any]] | None = None
+        self._broken = False
+
+    def _load(self) -> dict[str, dict[str, Any]]:
+        if self._entries is None:
+            self._entries = {}
+            try:
+                data = json.loads(self.path.read_text(encoding="utf-8"))
+                if isinstance(data, dict) and data.get("version") == FORMAT_VERSION \
+                        and isinstance(data.get("decisions"), dict):
+                    self._entries = {k: v for k, v in data["decisions"].items()
+                                     if isinstance(v, dict) and v.get("picked") in ("integer", "float")}
+            except FileNotFoundError:
+                pass
+            except (OSError, ValueError) as e:
+                self._warn(f"cannot read {self.path} ({e}); measuring again")
+        return self._entries
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        return self._load().get(key)
+
+    def put(self, key: str, entry: dict[str, Any]) -> None:
+        entries = self._load()
+        entries[key] = entry
+        if self._broken:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".speed_decisions.", suffix=".tmp")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump({"version": FORMAT_VERSION, "decisions": entries}, f, indent=0, sort_keys=True)
+            os.replace(tmp, self.path)
+        except OSError as e:
+            self._warn(f"cannot write {self.path} ({e}); decisions are not cached")
+
+    def _warn(self, message: str) -> None:
+        if not self._broken:
+            _log.warning("quanta speed check: %s", message)
+        self._broken = True
