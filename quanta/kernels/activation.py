@@ -49,7 +49,9 @@ def _quantize_activation_fused(x, scale, zero_point, bits, signed, symmetric, na
     clamp), written as a few tensor ops without its per-call validation and layout machinery."""
     spec = _act_spec(bits, signed, symmetric, narrow_range, per_token, rounding)
     qmin, qmax = spec.qmin, spec.qmax
-    xf = _f32(x)
+    # Codes carry no gradient: detached, the in-place steps below never touch a tensor autograd
+    # saved (an input that requires grad, traced by torch.compile, failed on amax's output).
+    xf = _f32(x.detach())
     if scale is not None:
         s = _f32(scale)
         z = zero_point

@@ -150,6 +150,25 @@ def test_compiled_int8_linear_traced_when_nothing_settled_keeps_the_numbers():
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="inductor needs a C++ compiler")
+def test_compiled_dynamic_int8_first_called_with_an_input_that_requires_grad():
+    """The traced dynamic activation quantization worked in place on amax's output, which
+    autograd saves for an input that requires grad: compiling failed (BackendCompilerFailed).
+    Codes carry no gradient: the quantization reads the input detached."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    q = quanta.quantize(nn.Sequential(nn.Linear(32, 16)).eval(), "dynamic_int8", progress=False)
+    fresh = copy.deepcopy(q)
+    x = torch.randn(4, 32)
+    got = torch.compile(fresh)(x.clone().requires_grad_())
+    with torch.no_grad():
+        expected = q(x)
+    torch.testing.assert_close(got.detach(), expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="inductor needs a C++ compiler")
 @pytest.mark.parametrize("preset,rows", [("dynamic_int8", 1), ("dynamic_int8", 64), ("static_int8", 64)])
 def test_compiled_graph_calls_the_settled_native_linear_with_eager_bits(preset, rows):
     """Linears whose eager calls settled on the native kernels (VNNI gemv or GEMM, or torch._int_mm, with
