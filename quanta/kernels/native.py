@@ -7,7 +7,7 @@ cost more than the GEMM itself saves. ``csrc/fused.cpp`` does each in one pass, 
 float32 arithmetic of the Python implementations (the kernel tests check equality bit for bit).
 
 The library is built when quanta is installed (``setup.py``: ``quanta/kernels/_native*.so``,
-about 3 minutes on 2 cores) and loaded on first use, silently. A library is used only if the
+2-5 minutes on 2 cores) and loaded on first use, silently. A library is used only if the
 build key compiled into it (`build_config`: sources, flags, torch, Python, CPU) matches the
 installed sources and this machine; otherwise, or where none was installed, it is built once per
 environment on first use (`build`: a locked, bounded build that says what it is doing). Where it
