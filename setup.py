@@ -57,8 +57,7 @@ def _native_extension() -> tuple[list, dict]:
 
     class BuildNative(BuildExtension):
         """torch's extension builder (ninja, parallel), saying what it does and how long it took;
-        a failed compile leaves the package installed (``optional``) and the kernels to the
-        just-in-time build."""
+        a failed compile leaves the package installed and the kernels to the just-in-time build."""
 
         def build_extensions(self) -> None:
             # one compile per core (ninja's default runs cores + 2: more memory, no faster)
@@ -66,7 +65,12 @@ def _native_extension() -> tuple[list, dict]:
             _note(f"compiling the native CPU kernels ({len(sources)} files, {jobs} parallel jobs; 2-5 min "
                   f"on 2 cores; key {key}) ...")
             start = time.monotonic()
-            super().build_extensions()
+            try:
+                super().build_extensions()
+            except Exception as e:  # noqa: BLE001  (no working compiler, a compile error: install without it)
+                _note(f"could not compile the native CPU kernels ({' '.join(str(e).split())[:300]}); quanta "
+                      "installs without them and tries again on first use (`quanta doctor --build` shows why)")
+                return
             _note(f"native CPU kernels compiled in {time.monotonic() - start:.0f} s")
 
     ext = CppExtension(cfg.AOT_MODULE, sources, extra_compile_args=cfg.compile_flags() + cfg.AOT_EXTRA_CFLAGS + [cfg.key_flag(key)],
