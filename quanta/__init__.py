@@ -5,14 +5,14 @@ from .nn import LayerQuantConfig, QuantDescriptor, TensorQuantizer
 from .integer import storage_bytes
 from .io import compare_onnx, export_onnx, inspect, load, save
 from .transforms import (
-    PRESETS, CoverageReport, QuantConfig, calibrate, conversion_report, convert, coverage, fold_batchnorm,
-    preset, prepare, quant_modules, quantize,
+    PRESETS, CoverageReport, QATConfig, QuantConfig, calibrate, conversion_report, convert, coverage, fold_batchnorm,
+    finalize_qat, preset, prepare, prepare_qat, quant_modules, quantize,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CoverageReport", "LayerQuantConfig", "compare_onnx", "export_onnx", "inspect", "load", "save", "QuantConfig", "QuantDescriptor", "QuantSpec",
-    "PRESETS", "TensorQuantizer", "calibrate", "conversion_report", "convert", "coverage", "fold_batchnorm",
+    "PRESETS", "QATConfig", "TensorQuantizer", "finalize_qat", "prepare_qat", "calibrate", "conversion_report", "convert", "coverage", "fold_batchnorm",
     "prepare", "preset", "quant_modules", "quantize", "storage_bytes",
 ]

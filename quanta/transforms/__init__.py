@@ -8,7 +8,8 @@ from .coverage import CoverageReport, coverage
 from .fold_bn import fold_batchnorm
 from .prepare import prepare
 from .presets import PRESETS, preset
+from .qat import QATConfig, finalize_qat, prepare_qat
 from .quantize import quantize
 
-__all__ = ["CoverageReport", "PRESETS", "QuantConfig", "calibrate", "conversion_report", "convert", "coverage",
-           "fold_batchnorm", "prepare", "preset", "quant_modules", "quantize"]
+__all__ = ["CoverageReport", "PRESETS", "QATConfig", "QuantConfig", "calibrate", "conversion_report", "convert", "coverage",
+           "finalize_qat", "fold_batchnorm", "prepare", "prepare_qat", "preset", "quant_modules", "quantize"]
