@@ -54,3 +54,9 @@ def test_doctor_json(capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["native"]["key"] == build_config.build_key(__import__("torch").__version__)
     assert any(op["name"] == "int8_linear" for op in data["ops"])
+
+
+def test_doctor_build_flag_parses():
+    from quanta.cli import build_parser
+    args = build_parser().parse_args(["doctor", "--build", "--json"])
+    assert args.command == "doctor" and args.build and args.json
