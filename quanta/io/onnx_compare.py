@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import ast
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Sequence
 
 import torch
@@ -48,6 +48,8 @@ class ParityRow:
     frac_identical: float
     max_steps: float | None
     step: str
+    max_rel_diff: float = 0.0  # max |diff| relative to the largest |value| quanta gives
+    note: str = ""  # why this layer cannot be bit-exact in ONNX (see `inexact_reason`)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -70,11 +72,11 @@ class OnnxParityReport:
                 "layers": [r.to_dict() for r in self.layers]}
 
     def __str__(self) -> str:
-        head = ("", "name", "shape", "max |diff|", "identical", "max steps", "step")
+        head = ("", "name", "shape", "max |diff|", "max rel", "identical", "max steps", "step")
         rows = [("output", r) for r in self.outputs] + [("layer", r) for r in self.layers]
-        cells = [head] + [(kind, r.name, "x".join(map(str, r.shape)), f"{r.max_abs_diff:.3g}",
+        cells = [head] + [(kind, r.name, "x".join(map(str, r.shape)), f"{r.max_abs_diff:.3g}", f"{r.max_rel_diff:.3g}",
                            f"{100 * r.frac_identical:.2f}%", "n/a" if r.max_steps is None else f"{r.max_steps:.3g}",
-                           r.step) for kind, r in rows]
+                           r.step + (f"; {r.note}" if r.note else "")) for kind, r in rows]
         widths = [max(len(c[i]) for c in cells) for i in range(len(head) - 1)]
         lines = [f"ONNX Runtime vs quanta: {self.path}"]
         for c in cells:
@@ -174,8 +176,30 @@ def _row(name: str, a: Any, b: Any, step: torch.Tensor | Format | None, how: str
         st = _ulp(a, b, step) if isinstance(step, Format) else np.broadcast_to(
             step.detach().double().cpu().numpy(), diff.shape)
         steps = float((diff / st).max())
+    peak = float(np.abs(a).max()) if diff.size else 0.0
+    rel = float(diff.max()) / peak if peak > 0 else 0.0
     return ParityRow(name, tuple(a.shape), float(diff.max()) if diff.size else 0.0,
-                     float((a == b).mean()) if diff.size else 1.0, steps, how)
+                     float((a == b).mean()) if diff.size else 1.0, steps, how, rel)
+
+
+def inexact_reason(mod: nn.Module) -> str:
+    """Why ONNX cannot reproduce ``mod``'s numbers bit for bit ("" when it can, up to float32
+    summation order): torch's int4 weight-only kernel on bfloat16 activations computes
+    ``(u - 8) * bf16(scale) + bf16((8 - zp) * scale)``, a zero term rounded apart from the scale,
+    which no DequantizeLinear (``(q - zp) * scale``, integer zp) expresses."""
+    from ..integer.weight_only import Int4WeightOnlyLinear
+    from ..kernels.weight_only import int4_weight_only_linear
+
+    if not isinstance(mod, Int4WeightOnlyLinear) or mod.activation != "bfloat16":
+        return ""
+    probe = torch.zeros(1, mod.in_features, dtype=torch.bfloat16, device=mod.weight.device)
+    ran = mod.impl if mod.impl != "auto" else int4_weight_only_linear.choose(
+        probe, mod.weight, mod.weight_scale, mod.weight_zero_point, mod.group_size, mod.signed, mod.bias,
+        mod._packed, mod._scales_zeros)
+    if ran != "int4pack_mm":
+        return ""
+    return ("not bit-exact: torch's int4 kernel (bfloat16) uses bfloat16 scales and zero terms "
+            "(8 - zp) * scale rounded apart; ONNX DequantizeLinear computes (q - zp) * scale")
 
 
 def _layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -321,5 +345,6 @@ def _compare_layers(onnx: Any, ort: Any, path: str, hooked: dict[str, nn.Module]
                 except ValueError:  # not this module's output after all (another shape)
                     continue
         if options:
-            rows.append(min(options, key=lambda r: (r.max_abs_diff, -r.frac_identical)))
+            best = min(options, key=lambda r: (r.max_abs_diff, -r.frac_identical))
+            rows.append(replace(best, note=inexact_reason(mod)))
     return rows

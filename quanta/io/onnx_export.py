@@ -189,6 +189,29 @@ def _out(mod: Any, path: str) -> Q.ExportQuantizer | None:
     return Q.activation(spec, path, mod.output_scale, mod.output_zero_point, role="output")
 
 
+def _int8_weight_only(mod: Any, path: str) -> Q._ExportPart:
+    """On bfloat16 activations torch's kernel (``_weight_int8pack_mm``) computes
+    ``bf16((x @ codes^T) * bf16(scale))``, then adds the bias in bfloat16: the graph does the same
+    (scales rounded to bfloat16, a bfloat16 cast before the bias Add, the bias rounded), which
+    leaves only float32 summation order between them. Other inputs run the float32 reference
+    (dequantized weights, then the matmul), the plain form."""
+    from ..kernels.weight_only import int8_weight_only_linear
+
+    bf16 = QuantSpec(format="bf16", bits=16)
+    if mod.activation != "bfloat16":
+        return Q.ExportLinear(_per_channel(mod.weight, mod.weight_scale, 8, path), mod.bias, None, _out(mod, path))
+    probe = torch.zeros(1, mod.in_features, dtype=torch.bfloat16, device=mod.weight.device)
+    ran = mod.impl if mod.impl != "auto" else int8_weight_only_linear.choose(
+        probe, mod.weight, mod.weight_scale, mod.bias)
+    inp = Q.activation(bf16, path)
+    if ran != "int8pack_mm":
+        return Q.ExportLinear(_per_channel(mod.weight, mod.weight_scale, 8, path), mod.bias, inp, _out(mod, path))
+    scale = mod.weight_scale.to(torch.bfloat16).float()
+    bias = None if mod.bias is None else mod.bias.to(torch.bfloat16).float()
+    return Q.ExportLinear(_per_channel(mod.weight, scale, 8, path), bias, inp, _out(mod, path),
+                          product_q=Q.activation(bf16, path))
+
+
 def from_integer(mod: IntegerModule, path: str) -> Q._ExportPart:
     """The export form of an integer module, or a ValueError saying why there is none."""
     from ..integer.add import Int8Add
@@ -207,8 +230,7 @@ def from_integer(mod: IntegerModule, path: str) -> Q._ExportPart:
         w = _per_channel(codes, mod.weight_scale, mod.weight_bits, path)
         return Q.ExportLinear(w, mod.bias, inp, _out(mod, path), mod.post_op)
     if isinstance(mod, Int8WeightOnlyLinear):
-        inp = Q.activation(QuantSpec(format="bf16", bits=16), path) if mod.activation == "bfloat16" else None
-        return Q.ExportLinear(_per_channel(mod.weight, mod.weight_scale, 8, path), mod.bias, inp, _out(mod, path))
+        return _int8_weight_only(mod, path)
     if isinstance(mod, Int4WeightOnlyLinear):
         spec = QuantSpec(bits=4, signed=mod.signed, symmetric=mod.symmetric, granularity="per_group",
                          group_size=mod.group_size)

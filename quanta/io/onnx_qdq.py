@@ -221,11 +221,13 @@ def _add_bias(y: torch.Tensor, bias: torch.Tensor | None, channel_dim: int) -> t
 
 class ExportLinear(_ExportPart):
     def __init__(self, weight: ExportWeight, bias: torch.Tensor | None, input_q: nn.Module | None,
-                 output_q: nn.Module | None, post_op: str = "none") -> None:
+                 output_q: nn.Module | None, post_op: str = "none", product_q: nn.Module | None = None) -> None:
         super().__init__()
         self.input_quantizer, self.weight_quantizer, self.output_quantizer = input_q, weight, output_q
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.post_op = post_op  # a fused activation (quanta.integer.Int8Linear.post_op): Relu / Gelu
+        # the kernel rounds x @ w before adding the bias (torch's bf16 weight-only int8 kernel)
+        self.product_quantizer = product_q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # On a 2-D [tokens, K] view, as quanta's integer Linear computes (and a Gemm in ONNX):
@@ -236,7 +238,8 @@ class ExportLinear(_ExportPart):
         x = x.reshape(-1, shape[-1])
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
-        y = _add_bias(F.linear(x, self.weight_quantizer()), self.bias, -1)
+        y = F.linear(x, self.weight_quantizer())
+        y = _add_bias(y if self.product_quantizer is None else self.product_quantizer(y), self.bias, -1)
         if self.post_op == "relu":
             y = torch.relu(y)
         elif self.post_op in ("gelu", "gelu_tanh"):
