@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..progress import format_seconds, notice
 
@@ -183,7 +184,7 @@ def build_library(spec: BuildSpec, folder: Path | None = None, *, timeout: float
     start = time.monotonic()
     deadline = start + (timeout if timeout is not None else build_timeout())
     with open(folder / f"{spec.name}.lock", "a+") as lock:
-        _acquire(lock, spec, target, start, deadline)
+        _acquire(lock, spec, start, deadline)
         if target.exists():  # built by the process we waited for
             return target
         lock.truncate(0)
@@ -202,7 +203,7 @@ def build_library(spec: BuildSpec, folder: Path | None = None, *, timeout: float
     return target
 
 
-def _acquire(lock, spec: BuildSpec, target: Path, start: float, deadline: float) -> None:
+def _acquire(lock: Any, spec: BuildSpec, start: float, deadline: float) -> None:
     """Take the folder's lock for ``spec``, reporting every `REPORT_EVERY_S` while another
     process holds it; returns early (lock held) once it is free."""
     import fcntl  # (POSIX: native builds are Linux only; imported here so that the module loads anywhere)
@@ -221,9 +222,11 @@ def _acquire(lock, spec: BuildSpec, target: Path, start: float, deadline: float)
         if now >= next_report:
             lock.seek(0)
             holder = lock.read().strip()
-            verb = "waiting" if next_report == 0.0 else "still waiting"
-            notice(f"{verb} for another process (pid {holder or '?'}) building {spec.what}: "
-                   f"{format_seconds(now - start)} so far")
+            if next_report == 0.0:
+                notice(f"waiting for another process (pid {holder or '?'}) building {spec.what} "
+                       f"(at most {format_seconds(deadline - start)}, {TIMEOUT_ENV}) ...")
+            else:
+                notice(f"still waiting for the build of {spec.what}: {format_seconds(now - start)} so far")
             next_report = now + REPORT_EVERY_S
         time.sleep(0.2)
 
