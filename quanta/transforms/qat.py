@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..nn import QuantDescriptor
@@ -203,12 +204,28 @@ def prepare_qat(model: nn.Module, config: QATConfig | QuantConfig | str = "stati
     return target
 
 
-def finalize_qat(model: nn.Module) -> nn.Module:
+def finalize_qat(model: nn.Module, group: Any = None) -> nn.Module:
     """End training: fold each Conv-BN for good, fix the learned ranges, drop the schedule.
-    The model (changed in place, returned) is then ready for ``quanta.convert``."""
+    The model (changed in place, returned) is then ready for ``quanta.convert``.
+
+    Under ``torch.distributed`` every buffer (BatchNorm statistics, fixed ranges) is first
+    broadcast from the first rank of ``group``: DDP leaves each rank's last local BatchNorm
+    update in place, and this makes the converted model the same on every rank."""
     state = getattr(model, QAT_ATTR, None)
     if state is None:
         raise ValueError(f"finalize_qat: {type(model).__name__} was not prepared with quanta.prepare_qat")
+    sharded = [n for n, p in model.named_parameters() if type(p).__name__ == "DTensor" or
+               type(getattr(p, "data", None)).__name__ == "DTensor"]
+    if sharded:
+        raise ValueError(f"finalize_qat: parameters such as {sharded[0]!r} are sharded (FSDP2 fully_shard); folding "
+                         "and conversion need whole tensors: gather a full state dict (torch.distributed.checkpoint."
+                         "state_dict.get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))), "
+                         "load it into an unsharded prepare_qat copy and finalize that")
+    if dist.is_available() and dist.is_initialized():
+        src = dist.get_global_rank(group, 0) if group is not None else 0
+        with torch.no_grad():
+            for buffer in model.buffers():
+                dist.broadcast(buffer, src=src, group=group)
     state["hook"].remove()
     state["schedule"].clamp_collapsed(model)
     for name, m in list(model.named_modules()):
