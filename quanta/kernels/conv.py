@@ -44,8 +44,10 @@ logical ``[N, O, *spatial]`` shape). A 1d convolution runs as a 2d one of unit h
 clamp of the output (exact on uint8 codes: quantization is monotone). int8 activations are shifted to uint8 exactly
 (``x ^ 0x80``, zero point + 128): oneDNN's conv takes only uint8 sources.
 
-The fast path requires VNNI (or AMX): without it oneDNN computes u8 × s8 pairs with
-``vpmaddubsw``, which saturates to int16, and the accumulation would not be exact.
+The fast path requires exact u8 × s8 sums, which needs VNNI (or AMX): without it oneDNN computes
+u8 × s8 pairs with ``vpmaddubsw``, which saturates to int16 (measured on an AVX2 EPYC: 255 · ±127
+pairs summed to ±32767 each). `quanta.kernels.u8s8_saturation` probes the kernel once; where it
+saturates, ``onednn`` is unavailable and says why.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ import torch.nn.functional as F
 from ..core import QuantSpec, quantize
 from . import conv_native
 from .library import Impl, KernelOp
+from .u8s8_saturation import SaturationProbe
 
 #: the grid of uint8 outputs (and of uint8 activations): unsigned asymmetric 8-bit
 UINT8_SPEC = QuantSpec(bits=8, signed=False, symmetric=False)
@@ -189,12 +192,31 @@ def _fake(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: torch.Tens
 
 
 # ---------------------------------------------------------------------------- oneDNN
+def _onednn_sums(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """oneDNN's ``x_u8 @ w_s8.T`` as a 1x1 convolution with unit scales (the `SaturationProbe` kernel)."""
+    n, ones = w.shape[0], torch.ones(w.shape[0])
+    packed = torch.ops.onednn.qconv_prepack(w[:, :, None, None].contiguous(), ones, 1.0, 0, [1, 1], [0, 0], [1, 1],
+                                            1, None)
+    y = torch.ops.onednn.qconv_pointwise.default(
+        x[:, :, None, None].contiguous(memory_format=torch.channels_last), 1.0, 0, packed, ones,
+        torch.zeros(n, dtype=torch.int32), None, [1, 1], [0, 0], [1, 1], 1, 1.0, 0, torch.float32, "none", [], "")
+    return y[:, :, 0, 0]
+
+
+#: without VNNI (or AMX), oneDNN's u8 × s8 convolution saturates int16 pair sums
+ONEDNN_SATURATION = SaturationProbe("oneDNN", _onednn_sums)
+
+
+def _onednn_present() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qconv_pointwise")
+
+
 def _onednn_available() -> bool:
-    try:
-        return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qconv_pointwise")
-                and bool(torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported()))
-    except (AttributeError, RuntimeError):
-        return False
+    return _onednn_present() and ONEDNN_SATURATION.exact()
+
+
+def _onednn_limits() -> str | None:
+    return ONEDNN_SATURATION.reason() if _onednn_present() else "this torch has no oneDNN qconv"
 
 
 def _as_2d(x_or_w: torch.Tensor, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]):
@@ -318,7 +340,8 @@ int8_conv = KernelOp(
     impls=[Impl("native", checked(conv_native.run_native), conv_native.guard_native,
                 available=conv_native.native_available, unchecked=conv_native.run_native, traceable=False,
                 prefer=conv_native.prefer_onednn),
-           Impl("onednn", checked(_onednn_run), _onednn_guard, available=_onednn_available, unchecked=_onednn_run)],
+           Impl("onednn", checked(_onednn_run), _onednn_guard, available=_onednn_available, unchecked=_onednn_run,
+                limits=_onednn_limits)],
     fake=_fake,
 )
 

@@ -26,6 +26,7 @@ class ImplState:
     name: str
     available: bool
     why_not: str = ""  # where not available
+    limits: str = ""  # where available: what this machine keeps it from running (its guard refuses those inputs)
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,8 @@ class DoctorReport:
                      "to the next):")
         width = max((len(op.name) for op in self.ops), default=0)
         for op in self.ops:
-            parts = [i.name if i.available else f"{i.name} (no: {i.why_not})" for i in op.impls]
+            parts = [(f"{i.name} ({i.limits})" if i.limits else i.name) if i.available else f"{i.name} (no: {i.why_not})"
+                     for i in op.impls]
             lines.append(f"  {op.name:<{width}}  " + ", ".join(parts))
         return "\n".join(lines)
 
@@ -95,6 +97,9 @@ _NEED_VNNI = {"gemv_native", "gemm_native"}
 
 
 def _why_not(impl: Any, vnni: bool | None) -> str:
+    limits = impl.limits() if impl.limits is not None and "cpu" in impl.devices else None
+    if limits:
+        return limits
     if "cpu" not in impl.devices:
         return f"{'/'.join(impl.devices)} only" + ("" if torch.cuda.is_available() else ", no GPU here")
     if "native" in impl.name and not native.ready():
@@ -108,7 +113,8 @@ def _op_state(op: KernelOp, vnni: bool | None) -> OpState:
     impls = []
     for impl in op.impls:
         available = "cpu" in impl.devices and impl.is_available() and not (impl.name in _NEED_VNNI and not vnni)
-        impls.append(ImplState(impl.name, available, "" if available else _why_not(impl, vnni)))
+        limits = (impl.limits() or "") if available and impl.limits is not None else ""
+        impls.append(ImplState(impl.name, available, "" if available else _why_not(impl, vnni), limits))
     return OpState(op.name, impls + [ImplState("reference", True)])
 
 

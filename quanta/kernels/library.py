@@ -50,6 +50,11 @@ class Impl:
     #: inputs, or None. ``impl="auto"`` then tries the next implementations and comes back to
     #: this one only if none of them accepts; a named call ignores it.
     prefer: Guard | None = None
+    #: ``limits()``: what this machine keeps the implementation from computing exactly (e.g. u8×s8
+    #: pair sums that saturate without VNNI, `quanta.kernels.u8s8_saturation`), or None. Where
+    #: ``available()`` is False it says why (`quanta doctor`, a forced call); where True, ``guard``
+    #: refuses the inputs it names
+    limits: Callable[[], str | None] | None = None
     _available: bool | None = field(default=None, repr=False)
 
     def is_available(self) -> bool:
@@ -99,6 +104,15 @@ class KernelOp:
     def available_impls(self) -> list[str]:
         return [i.name for i in self.impls if i.is_available()] + ["reference"]
 
+    def why_not_available(self, impl: str) -> str | None:
+        """None where ``impl`` is available on this machine, else why not (its ``limits()`` where it
+        has them)."""
+        cand = self._by_name[impl] if impl != "reference" else None
+        if cand is None or cand.is_available():
+            return None
+        why = cand.limits() if cand.limits is not None else None
+        return why or "its library or CPU support is missing"
+
     def choose(self, *args: Any) -> str:
         """The implementation ``impl="auto"`` runs for these inputs."""
         device = _device_of(args)
@@ -132,7 +146,7 @@ class KernelOp:
             if cand.name == impl:
                 if not cand.is_available():
                     raise RuntimeError(f"quanta::{self.name}: implementation {impl!r} is not available on "
-                                       "this machine")
+                                       f"this machine: {self.why_not_available(impl)}")
                 reason = cand.guard(*inputs)
                 if reason is not None:
                     raise ValueError(f"quanta::{self.name}: implementation {impl!r} cannot run these inputs: {reason}")

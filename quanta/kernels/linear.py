@@ -35,6 +35,7 @@ from . import native
 from .activation import _f32
 from .conv_native import pack_weight
 from .library import Impl, KernelOp
+from .u8s8_saturation import SaturationProbe
 
 #: largest K for which every int32 partial sum of int8 (or uint8 - zp) x int8 products is exact
 INT32_EXACT_MAX_K = (2**31 - 1) // (255 * 128)
@@ -167,7 +168,11 @@ def streaming_copy(weight: torch.Tensor) -> torch.Tensor:
     2.8 -> 2.2 ms). Anything else, or without the native library: ``weight`` itself."""
     if weight.device.type != "cpu" or weight.numel() * weight.element_size() < HUGE_PAGE_BYTES or not native.ready():
         return weight
-    return native.module().huge_page_copy(weight)
+    if getattr(weight, "_quanta_homed", None) == weight.data_ptr():  # already there (a tied table
+        return weight                                                 # re-homed by its other holder)
+    homed = native.module().huge_page_copy(weight)
+    homed._quanta_homed = homed.data_ptr()  # (a copy of it, at another address, is re-homed again)
+    return homed
 
 
 def _gemv_native(x, x_zp, x_scale, w, w_sum, w_scale, bias):
@@ -317,8 +322,27 @@ def onednn_prepack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.onednn.qlinear_prepack(weight.contiguous(), None)
 
 
+def _onednn_sums(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """onednn's ``x_u8 @ w_s8.T`` with unit scales (the `SaturationProbe` kernel)."""
+    n = w.shape[0]
+    return torch.ops.onednn.qlinear_pointwise(x, 1.0, 0, onednn_prepack(w), torch.ones(n),
+                                              torch.zeros(n, dtype=torch.int32), None, 1.0, 0, torch.float32,
+                                              "none", [], "")
+
+
+#: without VNNI, onednn's u8 × s8 GEMM saturates int16 pair sums (wrong for most full-range codes)
+ONEDNN_SATURATION = SaturationProbe("oneDNN", _onednn_sums)
+
+
 def _onednn_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
+            and ONEDNN_SATURATION.exact())
+
+
+def _onednn_limits() -> str | None:
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")):
+        return "this torch has no oneDNN qlinear"
+    return ONEDNN_SATURATION.reason()
 
 
 def _guard_onednn(x, x_scale, x_zp, weight, w_scale, bias, w_sum, packed):
@@ -362,7 +386,7 @@ int8_linear = KernelOp(
         Impl("int_mm_native", _int8_linear_int_mm_native, _guard_int_mm_cpu,
              available=lambda: native.ready() and hasattr(torch, "_int_mm"), traceable=False),
         Impl("int_mm", _int8_linear_int_mm, _guard_int_mm_cpu, available=lambda: hasattr(torch, "_int_mm")),
-        Impl("onednn", _int8_linear_onednn, _guard_onednn, available=_onednn_available),
+        Impl("onednn", _int8_linear_onednn, _guard_onednn, available=_onednn_available, limits=_onednn_limits),
         Impl("cuda_int_mm", _int8_linear_int_mm, _guard_int_mm_cuda,
              available=lambda: _cuda_capability_at_least(8, 0), devices=("cuda",)),
     ],

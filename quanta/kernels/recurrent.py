@@ -42,7 +42,9 @@ Implementations (the numerics and the reference loops: `quanta.kernels.recurrent
   asymmetric* grid: range ``[min(x, 0), max(x, 0)]`` over 255 steps (``reduce_range``: 127),
   zero point ``round(-min / scale)``; the same tensors as the simulation (whole sequence for
   the layer input on CPU, ``h`` per step). So it is accepted only when the activation grid is
-  ``act_bits=8`` (or 7 = reduce_range), unsigned, asymmetric; it then agrees with the reference
+  ``act_bits=8`` (or 7 = reduce_range), unsigned, asymmetric -- 8-bit only where its u8 × s8
+  sums are exact, i.e. with VNNI (without it, int16 pair sums saturate: `FBGEMM_SATURATION`,
+  measured on an AVX2 EPYC: gate sums off by up to 2.0); it then agrees with the reference
   to float rounding (scale and zero point are computed in double there, float32 here; rounding
   is ``nearbyint(x / s + z)`` there, ``round(x * (1 / s)) + z`` here: a code can differ by one
   on an exact tie). The default simulated grid (signed symmetric int8) runs ``int_mm``.
@@ -62,6 +64,7 @@ from .recurrent_math import (  # the numerics, re-exported (see __all__)
     int_mm_matmul, qlinear, rnn_reference,
 )
 from .recurrent_native import cell_native, guard_native, native_available, rnn_native
+from .u8s8_saturation import SaturationProbe
 
 # ---------------------------------------------------------------------------- int_mm
 def _int_mm_available() -> bool:
@@ -97,12 +100,35 @@ def fbgemm_available() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines
 
 
+def _fbgemm_sums(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """fbgemm's ``linear_dynamic`` on ``x`` (uint8 codes 0..255 as floats: it picks scale 1, zero
+    point 0) with ``w`` at unit scales: the integer sums (the `SaturationProbe` kernel)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        packed = torch.ops.quantized.linear_prepack(_per_channel(w, torch.ones(w.shape[0])), None)
+        return torch.ops.quantized.linear_dynamic(x.float(), packed, False)
+
+
+#: without VNNI, fbgemm's u8 × s8 GEMM saturates int16 pair sums of full-range 8-bit activations;
+#: 7-bit ones (``reduce_range``: 2 · 127 · 128 < 2^15) stay exact, which is why torch.ao uses them on x86
+FBGEMM_SATURATION = SaturationProbe("fbgemm", _fbgemm_sums)
+
+
+def _fbgemm_limits() -> str | None:
+    if not fbgemm_available():
+        return "this torch has no fbgemm"
+    why = FBGEMM_SATURATION.reason()
+    return None if why is None else f"7-bit (reduce_range) activations only: {why}"
+
+
 def _fbgemm_guard_act(act_bits: int, act_signed: bool, act_symmetric: bool, act_narrow: bool) -> str | None:
     if act_signed or act_symmetric or act_narrow or act_bits not in (7, 8):
         return ("fbgemm quantizes activations on the unsigned asymmetric 8-bit grid (7-bit with "
                 f"reduce_range); got {act_spec(act_bits, act_signed, act_symmetric, act_narrow)}")
     if torch.backends.quantized.engine not in ("fbgemm", "x86"):
         return f"the quantized engine is {torch.backends.quantized.engine!r}, not fbgemm/x86"
+    if act_bits == 8 and not FBGEMM_SATURATION.exact():
+        return f"8-bit activations: {FBGEMM_SATURATION.reason()} (7-bit reduce_range ones would be exact)"
     return None
 
 
@@ -243,7 +269,7 @@ dynamic_int8_rnn = KernelOp(
     f"bool batch_first, {_ACT}, str impl) -> Tensor[]",
     rnn_reference,
     impls=[Impl("native", rnn_native, _rnn_guard_native, native_available, traceable=False, graph_safe=True),
-           Impl("fbgemm", rnn_fbgemm, _rnn_guard_fbgemm, fbgemm_available),
+           Impl("fbgemm", rnn_fbgemm, _rnn_guard_fbgemm, fbgemm_available, limits=_fbgemm_limits),
            Impl("int_mm", rnn_int_mm, _rnn_guard_int_mm, int_mm_available)],
     fake=_rnn_fake,
 )
@@ -253,12 +279,12 @@ dynamic_int8_rnn_cell = KernelOp(
     f"(str mode, Tensor input, Tensor[] hx, Tensor[] weights, {_ACT}, str impl) -> Tensor[]",
     cell_reference,
     impls=[Impl("native", cell_native, _cell_guard_native, native_available, traceable=False, graph_safe=True),
-           Impl("fbgemm", cell_fbgemm, _cell_guard_fbgemm, fbgemm_available),
+           Impl("fbgemm", cell_fbgemm, _cell_guard_fbgemm, fbgemm_available, limits=_fbgemm_limits),
            Impl("int_mm", cell_int_mm, _cell_guard_int_mm, int_mm_available)],
     fake=_cell_fake,
 )
 
 __all__ = [
-    "GATES", "MODES", "Matmul", "act_spec", "cell_reference", "dynamic_int8_rnn", "dynamic_int8_rnn_cell",
-    "exact_matmul", "fbgemm_available", "int_mm_matmul", "prepack", "qlinear", "rnn_reference",
+    "FBGEMM_SATURATION", "GATES", "MODES", "Matmul", "act_spec", "cell_reference", "dynamic_int8_rnn",
+    "dynamic_int8_rnn_cell", "exact_matmul", "fbgemm_available", "int_mm_matmul", "prepack", "qlinear", "rnn_reference",
 ]

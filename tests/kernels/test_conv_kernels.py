@@ -22,7 +22,7 @@ FLOAT_ULPS = 4.0
 EPS = torch.finfo(torch.float32).eps
 TIE_FRACTION = 1e-4
 HAS_ONEDNN = "onednn" in int8_conv.available_impls()
-needs_onednn = pytest.mark.skipif(not HAS_ONEDNN, reason="oneDNN int8 conv (x86 with VNNI/AMX) not available")
+needs_onednn = pytest.mark.skipif(not HAS_ONEDNN, reason=f"oneDNN int8 conv: {int8_conv.why_not_available('onednn')}")
 
 # name: (dims, batch, in_ch, out_ch, size, kernel, stride, padding, dilation, groups)
 CASES = {

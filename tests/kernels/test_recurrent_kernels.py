@@ -56,6 +56,21 @@ def _impls(act: str) -> list[str]:
     return ["native", "int_mm" if act == "s8sym" else "fbgemm"]
 
 
+def _runs_here(impl: str, act: str) -> bool:
+    """Whether ``impl`` runs this activation grid on this machine: without VNNI fbgemm's int16
+    pair sums saturate on full-range 8-bit codes, so its guard refuses them (7-bit ones run)."""
+    op = R.dynamic_int8_rnn
+    return op.why_not_available(impl) is None and not (impl == "fbgemm" and ACTS[act][0] == 8
+                                                      and not R.FBGEMM_SATURATION.exact())
+
+
+def _skip_unless_runs(impl: str, act: str) -> None:
+    if R.dynamic_int8_rnn.why_not_available(impl) is not None:
+        pytest.skip(f"{impl} is not available here: {R.dynamic_int8_rnn.why_not_available(impl)}")
+    if not _runs_here(impl, act):
+        pytest.skip(f"{impl} refuses {act} here: {R.FBGEMM_SATURATION.reason()}")
+
+
 CASES = [  # mode, input, hidden, layers, bidirectional, batch, time
     ("LSTM", 5, 7, 1, False, 1, 9), ("LSTM", 3, 33, 2, True, 4, 5), ("GRU", 6, 7, 2, False, 1, 6),
     ("GRU", 4, 33, 1, True, 3, 4), ("RNN_TANH", 5, 7, 2, True, 2, 5), ("RNN_RELU", 4, 33, 1, False, 1, 7),
@@ -77,9 +92,8 @@ def test_sequence_fast_matches_reference(case, act, batch_first, which):
     hx = [torch.randn(layers * dirs, b, h, generator=gen) * 0.5 for _ in range(2 if mode == "LSTM" else 1)]
     args = (mode, x, hx, w, layers, bi, batch_first, *ACTS[act])
     impl = _impls(act)[which]
-    if impl not in R.dynamic_int8_rnn.available_impls():
-        pytest.skip(f"{impl} is not available here")
-    assert R.dynamic_int8_rnn.choose(*args) == next(i for i in _impls(act) if i in R.dynamic_int8_rnn.available_impls())
+    _skip_unless_runs(impl, act)
+    assert R.dynamic_int8_rnn.choose(*args) == next(i for i in _impls(act) if _runs_here(i, act))
     ref, fast = R.dynamic_int8_rnn(*args, impl="reference"), R.dynamic_int8_rnn(*args, impl=impl)
     assert [r.shape for r in ref] == [f.shape for f in fast]
     assert ref[0].shape == ((b, t, h * dirs) if batch_first else (t, b, h * dirs))
@@ -97,8 +111,7 @@ def test_cell_fast_matches_reference(mode, act, shape, which):
     x = torch.randn(b, i, generator=gen)
     hx = [torch.randn(b, h, generator=gen) * 0.5 for _ in range(2 if mode == "LSTM" else 1)]
     impl = _impls(act)[which]
-    if impl not in R.dynamic_int8_rnn_cell.available_impls():
-        pytest.skip(f"{impl} is not available here")
+    _skip_unless_runs(impl, act)
     ref = R.dynamic_int8_rnn_cell(mode, x, hx, w, *ACTS[act], impl="reference")
     fast = R.dynamic_int8_rnn_cell(mode, x, hx, w, *ACTS[act], impl=impl)
     _close(ref, fast, impl)
@@ -121,10 +134,12 @@ def test_integer_gate_sums_exact(act):
         assert torch.equal(acc.long(), q @ w.long().t())
         if act == "s8sym":
             assert torch.equal(R.qlinear(x, w, s_w, torch.zeros(n), spec, R.int_mm_matmul)[1], acc)
-        elif R.fbgemm_available():
+        elif _runs_here("fbgemm", act):
             packed = R.prepack([w, s_w, torch.zeros(n), w, s_w, torch.zeros(n)], "cell", False)[0][0]
             y = torch.ops.quantized.linear_dynamic(x, packed, False)
             torch.testing.assert_close(y.double(), acc.double() * s_x.double() * s_w.double(), rtol=1e-5, atol=1e-5)
+        elif R.fbgemm_available():  # its sums saturate here: the guard refuses full-range 8-bit codes
+            assert R.FBGEMM_SATURATION.reason() in R._fbgemm_guard_act(*ACTS[act])
 
 
 @pytest.mark.parametrize("mode", R.MODES)
