@@ -208,7 +208,10 @@ def _retie(model: nn.Module, aliases: dict[str, str]) -> None:
             if shared is not None and attr in getattr(a, table) and getattr(a, table)[attr] is not shared:
                 getattr(a, table)[attr] = shared
                 if isinstance(a, IntegerModule):
-                    a.pack()
+                    a.pack()  # (may re-home the tensor, e.g. in huge pages: both then hold the new one)
+                    getattr(b, table)[src_attr] = getattr(a, table)[attr]
+                    if isinstance(b, IntegerModule):
+                        b.pack()
 
 
 def _skeleton(model: Any, manifest: dict[str, Any], source: str,

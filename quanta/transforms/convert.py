@@ -28,6 +28,7 @@ from .fuse import fuse_activations
 from .prepare import DECISIONS_ATTR, UNSUPPORTED
 from .simplify import collapse_wrappers
 from .speed_check import SpeedChoice, keep_faster
+from .tied import retie, tied_groups
 
 REPORT_ATTR = "_quanta_convert_report"
 BACKENDS = ("auto", "cpu", "cuda", "reference")
@@ -134,6 +135,7 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False, fuse
     report = [Lowering(n, type(modules[n]).__name__, "float", r)  # (prepare could not take them)
               for n, r in getattr(model, DECISIONS_ATTR, {}).items() if r.startswith(UNSUPPORTED) and n in modules]
     twins: dict[str, nn.Module] = {}
+    tied = tied_groups(target)  # (before lowering: which modules hold one weight together)
     walk = _Walk(lowering_classes(), report, twins, gaps, never_called)
     root = walk.lower(target, "")
     if root is not None:
@@ -150,6 +152,7 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False, fuse
     if example is not None and speed_check and backend != "reference" and twins:
         choices = {c.name: c for c in keep_faster(target, twins, example, forward_fn=forward_fn)}
         report = [_with_choice(r, choices.get(r.name)) for r in report]
+    report += retie(target, tied)  # tied weights stay tied (one integer table) where they can
     if fuse:  # (after the speed check, which names layers as they were lowered)
         renamed = collapse_wrappers(target)
         report = [replace(r, name=renamed.get(r.name, r.name)) for r in report]
