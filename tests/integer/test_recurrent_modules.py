@@ -23,7 +23,15 @@ from quanta.integer.recurrent import (
 SYM = QuantDescriptor(dynamic=True)  # signed symmetric int8 -> native, else the int_mm kernel
 ASYM = QuantDescriptor(dynamic=True, unsigned=True, symmetric=False)  # fbgemm's grid -> native, else fbgemm
 CFG = {"sym": QuantConfig(default=LayerQuantConfig(input=SYM)), "asym": QuantConfig(default=LayerQuantConfig(input=ASYM))}
-_FALLBACK_IMPL = {"sym": "int_mm", "asym": "fbgemm"}
+
+
+def _fallback_impl(act: str) -> str:
+    """The grid's fast PyTorch path: int_mm for signed symmetric codes; fbgemm for unsigned
+    asymmetric 8-bit ones, except where its u8×s8 pair sums saturate (no VNNI): the reference."""
+    from quanta.kernels.recurrent import FBGEMM_SATURATION
+    if act == "sym":
+        return "int_mm"
+    return "fbgemm" if FBGEMM_SATURATION.exact() else "reference"
 
 
 class _Expected(dict):
@@ -32,7 +40,7 @@ class _Expected(dict):
 
     def __missing__(self, act: str) -> str:
         from quanta.kernels.recurrent import dynamic_int8_rnn
-        return "native" if "native" in dynamic_int8_rnn.available_impls() else _FALLBACK_IMPL[act]
+        return "native" if "native" in dynamic_int8_rnn.available_impls() else _fallback_impl(act)
 
 
 EXPECTED_IMPL = _Expected()
@@ -159,4 +167,4 @@ def test_trained_lstm_keeps_accuracy(lstm_model, act):
     assert acc_float > 0.85
     assert acc_int >= acc_float - 0.01, (acc_float, acc_sim, acc_int)
     assert abs(acc_int - acc_sim) <= 0.004  # at most 2 of 500 predictions differ
-    assert lowered.lstm.kernel_counts[_FALLBACK_IMPL[act]] == 1  # 500 sequences: past the native loop's batch limit
+    assert lowered.lstm.kernel_counts[_fallback_impl(act)] == 1  # 500 sequences: past the native loop's batch limit
