@@ -246,9 +246,10 @@ def test_reference_impl_and_repr():
     m.pack()
     x = torch.randn(1, 7, 33, 33)
     fast = m(x)
+    assert fast_calls(m) == 1  # auto: the best implementation available here (the reference where none is)
     m.impl = "reference"
     ref = m(x)
-    assert fast_calls(m) == 1 and m.kernel_counts["reference"] == 1
+    assert m.kernel_counts["reference"] == 1 + (FAST == ("reference",))
     assert float((fast - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
     text = repr(m)
     assert "Int8Conv2d(7, 6, kernel_size=(3, 3), stride=(2, 2), padding=(1, 1)" in text and "zp=9" in text
