@@ -16,6 +16,7 @@ from ..nn.registry import known_type_names, lookup
 from ..nn.tensor_quantizer import TensorQuantizer
 from .config import QuantConfig, _matches
 from .fold_bn import fold_batchnorm
+from .tied import quantize_tied_tables
 
 #: attribute of a prepared model's root: the applied config and the per-module decisions
 CONFIG_ATTR = "_quanta_config"
@@ -76,6 +77,7 @@ def prepare(model: nn.Module, config: QuantConfig | None = None, inplace: bool =
         if decision.config is not None:
             target = root_cls.from_float(target, decision.config)
     _swap(target, "", config, decisions)
+    quantize_tied_tables(target, decisions)  # a tied embedding takes its Linear's weight quantizer
     for name, mod in target.named_modules():
         if isinstance(mod, nn.TransformerEncoder):
             # its nested-tensor fast path would hand the quantized layers nested tensors

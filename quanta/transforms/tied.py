@@ -1,18 +1,19 @@
-"""Tied weights stay tied through `convert`.
+"""Tied weights stay tied through `prepare` and `convert`.
 
 A language model often ties its output layer to its token embedding (GPT-2's ``lm_head.weight``
-*is* ``transformer.wte.weight``). Lowering the Linear alone would store the table twice: float
-in the embedding, int8 codes in the Linear (a file larger than the float model's share of it
-suggests). Where the integer Linear holds int8 codes with one scale per row (``Int8Linear``,
-``Int8WeightOnlyLinear``), a float ``nn.Embedding`` of the same table becomes an
-``Int8Embedding`` that holds *the same* code and scale tensors: one table in memory and in the
-file, and both layers compute with the same quantized weight, as they computed with the same
-float one. Where the codes cannot be shared (int4 groups, a different grid), the report says
-that the tie is broken and the table is stored twice.
+*is* ``transformer.wte.weight``). Quantizing the Linear alone would store the table twice: float
+in the embedding, int8 codes in the Linear. Where the Linear's weight is int8 with one scale per
+row, `prepare` gives the tied float ``nn.Embedding`` the same weight quantizer
+(`quantize_tied_tables`: the simulation computes what the integer model will), and after
+lowering `retie` makes the ``Int8Embedding`` and the integer Linear hold *the same* code and
+scale tensors: one table in memory and in the file, both layers computing with the same
+quantized weight as they computed with the same float one. Where the codes cannot be shared
+(int4 groups, an embedding excluded by name, a layer the speed check kept float), the report
+says the tie is broken and the table is stored twice.
 
-    groups = tied_groups(model)            # before lowering: [("transformer.wte", "lm_head"), ...]
-    ...lower...
-    report += retie(model, groups)          # after lowering (and the speed check)
+    quantize_tied_tables(sim, decisions)   # in prepare, after the module swap
+    groups = tied_groups(model)            # in convert, before lowering: [("transformer.wte", "lm_head")]
+    report += retie(model, groups)         # after lowering and the speed check
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core import Format, Granularity, Rounding
 from ..integer.base import IntegerModule
-from ..integer.embedding import Int8Embedding
+from ..nn.modules.base import QuantModule
 
-__all__ = ["retie", "shared_int8_rows", "tied_groups"]
+__all__ = ["quantize_tied_tables", "retie", "shared_int8_rows", "tied_groups"]
 
 
 def tied_groups(model: nn.Module) -> list[tuple[str, ...]]:
@@ -51,52 +53,78 @@ def shared_int8_rows(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | N
     return w, s
 
 
-def _plain_embedding(module: nn.Module, shape: torch.Size) -> bool:
-    return (type(module) is nn.Embedding and module.max_norm is None and tuple(module.weight.shape) == tuple(shape))
+def quantize_tied_tables(model: nn.Module, decisions: dict[str, str]) -> None:
+    """In a prepared model: a float ``nn.Embedding`` tied to a quantized layer whose weight is
+    int8 with one scale per row (or per tensor) gets that layer's weight quantizer
+    (`QuantEmbedding`), so the simulation computes what the integer model will: one quantized
+    table for both. An embedding the user excluded by name stays float (`retie` then reports the
+    broken tie)."""
+    from ..nn.modules.weighted import QuantEmbedding
+    from .config import LayerQuantConfig
+
+    for names in tied_groups(model):
+        mods = {n: _get(model, n) for n in names}
+        source = next((n for n, m in mods.items() if isinstance(m, QuantModule) and _row_int8(m)), None)
+        if source is None:
+            continue
+        for name, module in mods.items():
+            if type(module) is not nn.Embedding or module.max_norm is not None \
+                    or not decisions.get(name, "type:").startswith("type:"):
+                continue
+            cfg = LayerQuantConfig(input=None, weight=mods[source].quant_config.weight, output=None)
+            _set(model, name, QuantEmbedding.from_float(module, cfg))
+            decisions[name] = f"tied to {source}: quantized with its weight quantizer"
+
+
+def _row_int8(module: nn.Module) -> bool:
+    wq = getattr(module, "weight_quantizer", None)
+    if wq is None or not wq.is_enabled or module._parameters.get("weight") is None:
+        return False
+    s = wq.spec
+    rows = s.granularity is Granularity.PER_TENSOR or (s.granularity is Granularity.PER_CHANNEL and s.axis == 0)
+    return s.format is Format.INT and s.signed and s.symmetric and s.bits <= 8 and rows \
+        and s.rounding is not Rounding.STOCHASTIC and module.weight.dim() == 2
 
 
 def retie(model: nn.Module, groups: list[tuple[str, ...]]) -> list[Any]:
-    """Make each tied group share one integer table where it can; returns report entries
-    (`convert.Lowering`) for what changed and for ties that had to be broken."""
+    """After lowering: integer modules of one tied group hold one code and one scale tensor
+    where their codes are equal (what `quantize_tied_tables` arranges); returns report entries
+    (`convert.Lowering`) for ties that had to be broken."""
     from .convert import Lowering  # (convert imports this module)
 
     entries: list[Any] = []
     for names in groups:
         modules = {n: _get(model, n) for n in names}
-        if any(m is None for m in modules.values()):
-            continue  # (a name no longer there: lowered into a container's place)
-        source = next(((n, rows) for n, m in modules.items() if (rows := shared_int8_rows(m)) is not None), None)
-        integer = [n for n, m in modules.items() if isinstance(m, IntegerModule)]
-        if not integer:
-            continue  # all float: still one Parameter
-        if source is None:
-            entries.append(Lowering(integer[0], type(modules[integer[0]]).__name__, type(modules[integer[0]]).__name__,
-                                    f"weight tied to {', '.join(n for n in names if n != integer[0])}: its codes "
-                                    "cannot be shared (not int8 with one scale per row), so the tie is broken "
-                                    "and the table is stored twice"))
-            continue
-        src_name, (codes, scale) = source
+        if any(m is None for m in modules.values()) or not any(isinstance(m, IntegerModule) for m in modules.values()):
+            continue  # (a name no longer there, lowered into a container's place; or all float: one Parameter)
+        rows = {n: r for n, m in modules.items() if (r := shared_int8_rows(m)) is not None}
+        first = next(iter(rows), None)
+        sharing = [modules[n] for n, r in rows.items()
+                   if torch.equal(r[0], rows[first][0]) and torch.equal(r[1], rows[first][1])]
+        if len(sharing) > 1:
+            _share(sharing, *rows[first])
+        else:
+            sharing = []
         for name, module in modules.items():
-            if name == src_name:
-                continue
-            if _plain_embedding(module, codes.shape):
-                emb = Int8Embedding(module.num_embeddings, module.embedding_dim, module.padding_idx, symmetric=True)
-                emb.impl = modules[src_name].impl
-                emb.train(module.training)
-                emb._buffers["weight"], emb._buffers["weight_scale"] = codes, scale
-                _set(model, name, emb)
-                entries.append(Lowering(name, type(module).__name__, "Int8Embedding",
-                                        f"tied to {src_name}: shares its int8 codes and per-row scales "
-                                        "(one table, stored once)"))
-            elif (other := shared_int8_rows(module)) is not None and torch.equal(other[0], codes) \
-                    and torch.equal(other[1], scale):
-                module._buffers["weight"], module._buffers["weight_scale"] = codes, scale
-                module.pack()
-            else:
+            if module not in sharing:
+                others = ", ".join(n for n in names if n != name)
                 entries.append(Lowering(name, type(module).__name__, type(module).__name__,
-                                        f"weight tied to {src_name}, whose int8 codes it cannot share: the tie is "
-                                        "broken and the table is stored twice"))
+                                        f"weight tied to {others}, whose quantized weight it cannot share: the tie "
+                                        "is broken and the table is stored twice"))
     return entries
+
+
+def _share(holders: list[nn.Module], codes: torch.Tensor, scale: torch.Tensor) -> None:
+    """One code and one scale tensor for all ``holders``; a holder's pack() may re-home the codes
+    (huge pages), and then all hold the re-homed tensor."""
+    for m in holders:
+        m._buffers["weight"], m._buffers["weight_scale"] = codes, scale
+    for m in holders:
+        m.pack()
+        if m._buffers["weight"] is not codes:
+            codes = m._buffers["weight"]
+            for other in holders:
+                other._buffers["weight"] = codes
 
 
 def _get(model: nn.Module, name: str) -> nn.Module | None:

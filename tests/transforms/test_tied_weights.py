@@ -57,7 +57,14 @@ def test_tied_output_layer_shares_one_int8_table(preset, tmp_path):
         ref, out = model(_ids()), q(_ids())
     assert _cosine(ref, out) > 0.999
     rows = {r.name: r for r in quanta.conversion_report(q)}
-    assert "shares its int8 codes" in rows["wte"].detail
+    assert rows["wte"].result == "Int8Embedding" and rows["lm_head"].result != "float"
+    sim = quanta.prepare(model, quanta.preset(preset))  # the simulation computes what the integer model does
+    with torch.no_grad():
+        simulated = sim(_ids())
+    if preset == "dynamic_int8":
+        torch.testing.assert_close(out, simulated, atol=1e-5, rtol=1e-6)
+    else:  # (bf16 activations: the kernel and the simulation round their sums differently)
+        assert _cosine(out, simulated) > 0.9999
     path = tmp_path / "tied.safetensors"
     quanta.save(q, path)
     loaded = quanta.load(path, model=TiedLM)
@@ -90,6 +97,13 @@ def test_the_tie_survives_huge_page_rehoming(monkeypatch, tmp_path):
 
 def test_a_tie_that_cannot_be_shared_is_reported():
     q = quanta.quantize(_model(), "weight_only_int4", speed_check=False, group_size=32)
+    assert type(q.wte) is nn.Embedding
+    rows = {r.name: r for r in quanta.conversion_report(q)}
+    assert "tie is broken" in rows["lm_head"].detail
+
+
+def test_an_embedding_excluded_by_name_stays_float_and_the_broken_tie_is_reported():
+    q = quanta.quantize(_model(), "dynamic_int8", speed_check=False, exclude=["wte"])
     assert type(q.wte) is nn.Embedding
     rows = {r.name: r for r in quanta.conversion_report(q)}
     assert "tie is broken" in rows["lm_head"].detail
