@@ -30,6 +30,7 @@ from ..kernels.conv import int8_conv
 from ..nn.modules.weighted import QuantConv1d, QuantConv2d, QuantConv3d
 from .base import IntegerModule
 from .conv_specs import DEFAULT_WEIGHT_SPEC, padding_of, weight_spec_problem
+from .validate import flag, geometry, groups_divide, positive_int
 
 #: the per-call input grid of the ``dynamic_int8`` preset
 DYNAMIC_INPUT_SPEC = QuantSpec(bits=8, signed=False, symmetric=False, dynamic=True)
@@ -45,13 +46,6 @@ def _dynamic_input_problem(spec: QuantSpec) -> str | None:
     return None
 
 
-def _tuple(v: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:
-    out = (int(v),) * n if isinstance(v, int) else tuple(int(i) for i in v)
-    if len(out) != n:
-        raise ValueError(f"{name} must have {n} values, got {v!r}")
-    return out
-
-
 class _DynamicInt8ConvNd(IntegerModule):
     dims: ClassVar[int]
     simulated_type: ClassVar[type]
@@ -62,13 +56,12 @@ class _DynamicInt8ConvNd(IntegerModule):
                  input_spec: QuantSpec | None = None, weight_spec: QuantSpec | None = None) -> None:
         super().__init__()
         n, name = self.dims, type(self).__name__
-        if in_channels < 1 or out_channels < 1 or groups < 1 or in_channels % groups or out_channels % groups:
-            raise ValueError(f"{name}: channels ({in_channels}, {out_channels}) must be positive and divisible "
-                             f"by groups={groups}")
-        self.in_channels, self.out_channels, self.groups = int(in_channels), int(out_channels), int(groups)
-        self.kernel_size = _tuple(kernel_size, n, "kernel_size")
-        self.stride, self.padding = _tuple(stride, n, "stride"), _tuple(padding, n, "padding")
-        self.dilation = _tuple(dilation, n, "dilation")
+        self.in_channels = in_channels = positive_int(name, "in_channels", in_channels)
+        self.out_channels = out_channels = positive_int(name, "out_channels", out_channels)
+        self.groups = groups_divide(name, groups, in_channels=in_channels, out_channels=out_channels)
+        self.kernel_size, self.stride, self.padding, self.dilation = geometry(name, n, kernel_size, stride, padding,
+                                                                              dilation)
+        bias = flag(name, "bias", bias)
         self.input_spec = DYNAMIC_INPUT_SPEC if input_spec is None else input_spec
         self.weight_spec = DEFAULT_WEIGHT_SPEC if weight_spec is None else weight_spec
         problem = _dynamic_input_problem(self.input_spec) or weight_spec_problem(self.weight_spec)

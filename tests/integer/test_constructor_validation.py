@@ -92,3 +92,13 @@ def test_geometry_of_any_constructor_record_is_checked(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         check_geometry_kwargs("Conv2d", {"in_channels": 1, **kwargs})
     check_geometry_kwargs("Conv2d", {"in_channels": 1, "padding": "same", "stride": None})
+
+
+@pytest.mark.parametrize("kwargs", [dict(stride=0), dict(padding=-1), dict(dilation=0), dict(groups=3),
+                                    dict(kernel_size=0), dict(bias="yes")], ids=str)
+def test_dynamic_conv_constructor_ranges(kwargs):
+    from quanta.integer.dynamic_conv import DynamicInt8Conv2d
+
+    args = dict(in_channels=4, out_channels=8, kernel_size=3) | kwargs
+    with pytest.raises((ValueError, TypeError), match="DynamicInt8Conv2d"):
+        DynamicInt8Conv2d(**args)
