@@ -146,7 +146,8 @@ def fake_quantize(
     if isinstance(scale, torch.Tensor) and scale.requires_grad:
         if scale.dtype != torch.float32:
             raise TypeError(f"a learnable scale must be float32, got {scale.dtype}")
-        if bool((scale.detach() <= 0).any()):
+        # (no data-dependent check in a compiled graph: it would break it at every call)
+        if not torch.compiler.is_compiling() and bool((scale.detach() <= 0).any()):
             raise ValueError("scale must be positive")
         scale_t = scale
         zp_t = torch.as_tensor(0 if zero_point is None else zero_point, device=x.device)

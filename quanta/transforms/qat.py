@@ -19,6 +19,11 @@ training mode: after ``freeze_bn_step`` steps the BatchNorm statistics freeze, a
 ``freeze_ranges_step`` steps the learned ranges stop learning. Before each step a learned range
 that collapsed below ``min_amax`` (or went negative) is clamped to ``min_amax`` and reported
 with a warning, so the scale never reaches zero (no NaN).
+
+``torch.compile(qat)`` trains the same as eager, step for step: the step hook (counting,
+freezing, clamping, and copying each Conv-BN's running variance into the tensor it folds with)
+runs eagerly before each compiled forward. Compile the prepared model itself (a compiled
+*submodule* of it would fold with the variance of the previous step's hook).
 """
 
 from __future__ import annotations
@@ -115,6 +120,7 @@ class _Schedule:
         self.step = 0
         self.clamped: dict[str, int] = {}
 
+    @torch.compiler.disable  # host-side bookkeeping (step count, freezing, clamping, warnings): runs eagerly
     def __call__(self, model: nn.Module, args: Any) -> None:
         if not model.training:
             return
@@ -124,6 +130,9 @@ class _Schedule:
         if cfg.freeze_ranges_step is not None and self.step >= cfg.freeze_ranges_step:
             freeze_ranges(model)
         self.clamp_collapsed(model)
+        for m in model.modules():
+            if isinstance(m, QATConvBn) and m.bn.training:
+                m.sync_folding_var()
         self.step += 1
 
     @torch.no_grad()

@@ -38,6 +38,15 @@ class QATConvBn(nn.Module):
         self.conv = conv
         self.bn = bn
         self.bn_frozen = False
+        # The running variance the training forward folds with, copied before the BatchNorm
+        # updates its own: the backward must not read a buffer the forward modified in place
+        # (torch.compile would read the updated one, silently, and the gradients would be wrong).
+        self.register_buffer("folding_var", bn.running_var.detach().clone(), persistent=False)
+
+    @torch.no_grad()
+    def sync_folding_var(self) -> None:
+        """Copy the running variance into `folding_var` (done eagerly before each training step)."""
+        self.folding_var.copy_(self.bn.running_var)
 
     def freeze_bn(self) -> None:
         """Stop updating the running statistics; normalise with them from now on."""
@@ -50,14 +59,14 @@ class QATConvBn(nn.Module):
             self.bn.eval()
         return self
 
-    def _factor(self) -> torch.Tensor:
+    def _factor(self, running_var: torch.Tensor | None = None) -> torch.Tensor:
         bn = self.bn
-        std = torch.sqrt(bn.running_var + bn.eps)
+        std = torch.sqrt((bn.running_var if running_var is None else running_var) + bn.eps)
         gamma = bn.weight if bn.weight is not None else torch.ones_like(std)
         return gamma / std
 
-    def folded_weight(self) -> torch.Tensor:
-        factor = self._factor()
+    def folded_weight(self, factor: torch.Tensor | None = None) -> torch.Tensor:
+        factor = self._factor() if factor is None else factor
         return self.conv.weight * factor.reshape([-1] + [1] * (self.conv.weight.dim() - 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -65,10 +74,15 @@ class QATConvBn(nn.Module):
         if getattr(conv, "weight_quantizer", None) is None:
             raise RuntimeError("QATConvBn holds a converted convolution: call quanta.finalize_qat(model) "
                                "before quanta.convert (it folds the BatchNorm for good)")
-        factor = self._factor()
+        running_var = None
+        if self.bn.training:  # the BatchNorm updates running_var below: fold with a copy
+            if not torch.compiler.is_compiling():  # compiled: the prepare_qat step hook syncs it
+                self.sync_folding_var()
+            running_var = self.folding_var
+        factor = self._factor(running_var)
         if conv.input_quantizer is not None:
             x = conv.input_quantizer(x)
-        weight = conv.weight_quantizer(self.folded_weight())
+        weight = conv.weight_quantizer(self.folded_weight(factor))
         y = conv._conv_forward(x, weight, None)
         channel = [1, -1] + [1] * (y.dim() - 2)
         y = y / factor.reshape(channel)
