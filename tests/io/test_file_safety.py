@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import pickle
-import struct
 
 import pytest
 import torch
+from file_edits import edit_manifest, split, write
 from torch import nn
 
 import quanta
@@ -25,41 +23,21 @@ def saved(tmp_path, digits_data, trained_cnn):
     return _file(tmp_path, digits_data, trained_cnn)
 
 
-def _split(path: str) -> tuple[dict, bytes]:
-    data = open(path, "rb").read()
-    (n,) = struct.unpack("<Q", data[:8])
-    return json.loads(data[8:8 + n]), data[8 + n:]
 
 
-def _write(path: str, header: dict, body: bytes) -> None:
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw + body)
 
 
-def _edit_manifest(path: str, edit, *, recompute_digest: bool = True) -> None:
-    """Edit the manifest; by default as a deliberate edit would (its checksum recomputed), so
-    that what is tested is the validation of the values themselves."""
-    header, body = _split(path)
-    manifest = json.loads(header["__metadata__"]["quanta"])
-    edit(manifest)
-    text = json.dumps(manifest)
-    header["__metadata__"]["quanta"] = text
-    if recompute_digest:
-        header["__metadata__"]["quanta_sha256"] = hashlib.sha256(text.encode()).hexdigest()
-    _write(path, header, body)
 
 
 def _edit_record(path: str, select, **fields) -> None:
     """Set ``fields`` on the first module record for which ``select(record)`` holds."""
     def edit(m):
         next(r for r in m["modules"] if select(r)).update(fields)
-    _edit_manifest(path, edit)
+    edit_manifest(path, edit)
 
 
 def test_an_untouched_rewrite_still_loads(saved):
-    _edit_manifest(saved, lambda m: None)  # the helpers above keep a valid file valid
+    edit_manifest(saved, lambda m: None)  # the helpers above keep a valid file valid
     quanta.load(saved)
 
 
@@ -73,11 +51,11 @@ def test_truncated_file_is_refused(saved):
 
 
 def test_flipped_tensor_byte_is_refused(saved):
-    header, body = _split(saved)
+    header, body = split(saved)
     name, info = next((k, v) for k, v in header.items() if k.endswith("features.3.weight"))
     start = info["data_offsets"][0] + 5
     body = body[:start] + bytes([body[start] ^ 0x01]) + body[start + 1:]
-    _write(saved, header, body)
+    write(saved, header, body)
     with pytest.raises(QuantaFileError, match="'features.3.weight' does not match its checksum"):
         quanta.load(saved)
 
@@ -91,11 +69,11 @@ def test_flipped_header_byte_is_refused(saved):
 
 
 def test_edited_shape_is_refused(saved):
-    header, body = _split(saved)
+    header, body = split(saved)
     key = next(k for k in header if k.endswith("features.3.weight"))
     shape = header[key]["shape"]
     header[key]["shape"] = [shape[1], shape[0], *shape[2:]]  # same byte count, other layout
-    _write(saved, header, body)
+    write(saved, header, body)
     with pytest.raises(QuantaFileError, match="features.3.weight.*the file was altered"):
         quanta.load(saved)
 
@@ -116,7 +94,7 @@ def test_newer_format_version_is_refused(saved):
     def newer(m):
         m["format_version"] = 99
 
-    _edit_manifest(saved, newer)
+    edit_manifest(saved, newer)
     with pytest.raises(QuantaFileError, match="format version 99.*upgrade quanta"):
         quanta.load(saved)
     with pytest.raises(QuantaFileError, match="format version 99"):
@@ -152,7 +130,7 @@ def test_a_pickle_planted_in_the_manifest_is_not_executed(saved, tmp_path):
         m["modules"][0]["kwargs"] = {"width": blob}
         m["config"] = blob
 
-    _edit_manifest(saved, plant)
+    edit_manifest(saved, plant)
     with pytest.raises((QuantaFileError, ArchitectureError, TypeError, ValueError)):
         quanta.load(saved)
     assert not marker.exists()
@@ -168,7 +146,7 @@ def test_a_manifest_naming_a_callable_as_architecture_is_refused(saved, tmp_path
         m["modules"][0]["kwargs"] = {"command": f"touch {marker}", "args": ["touch", str(marker)]}
         m["architecture"]["class"] = target
 
-    _edit_manifest(saved, arch)
+    edit_manifest(saved, arch)
     with pytest.raises(ArchitectureError, match="refusing"):
         quanta.load(saved)
     assert not marker.exists()

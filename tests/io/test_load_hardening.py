@@ -5,46 +5,20 @@ weights stay tied."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import struct
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
+from file_edits import edit_manifest, split, write
 from torch import nn
 
 import quanta
 from quanta import demo
 from quanta.io import QuantaFileError
 from quanta.io.architecture import import_class
-
-
-def _split(path) -> tuple[dict, bytes]:
-    data = Path(path).read_bytes()
-    (n,) = struct.unpack("<Q", data[:8])
-    return json.loads(data[8:8 + n]), data[8 + n:]
-
-
-def _write(path, header: dict, body: bytes) -> None:
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw + body)
-
-
-def _edit(path, edit, recompute_digest: bool = True) -> None:
-    header, body = _split(path)
-    manifest = json.loads(header["__metadata__"]["quanta"])
-    edit(manifest)
-    text = json.dumps(manifest)
-    header["__metadata__"]["quanta"] = text
-    if recompute_digest:
-        header["__metadata__"]["quanta_sha256"] = hashlib.sha256(text.encode()).hexdigest()
-    _write(path, header, body)
 
 
 def _record(manifest: dict, path: str) -> dict:
@@ -65,25 +39,25 @@ def cnn_file(int8_cnn, tmp_path):
 
 def test_an_accidental_manifest_edit_is_refused_by_its_checksum(cnn_file):
     # (before the manifest digest, this padding edit loaded silently and computed something else)
-    _edit(cnn_file, lambda m: _record(m, "features.0").__setitem__(
+    edit_manifest(cnn_file, lambda m: _record(m, "features.0").__setitem__(
         "config", {**_record(m, "features.0")["config"], "padding": [0, 0]}), recompute_digest=False)
     with pytest.raises(QuantaFileError, match="manifest does not match its checksum"):
         quanta.load(cnn_file)
 
 
 def test_a_version_2_file_without_its_checksum_is_refused(cnn_file):
-    header, body = _split(cnn_file)
+    header, body = split(cnn_file)
     del header["__metadata__"]["quanta_sha256"]
-    _write(cnn_file, header, body)
+    write(cnn_file, header, body)
     with pytest.raises(QuantaFileError, match="format version 2 file has no checksum"):
         quanta.load(cnn_file)
 
 
 def test_a_version_1_file_still_loads(cnn_file, int8_cnn):
-    _edit(cnn_file, lambda m: m.__setitem__("format_version", 1))
-    header, body = _split(cnn_file)
+    edit_manifest(cnn_file, lambda m: m.__setitem__("format_version", 1))
+    header, body = split(cnn_file)
     del header["__metadata__"]["quanta_sha256"]  # version 1 files had no manifest checksum
-    _write(cnn_file, header, body)
+    write(cnn_file, header, body)
     x = torch.randn(3, 1, 8, 8)
     with torch.no_grad():
         assert torch.equal(quanta.load(cnn_file)(x), int8_cnn(x))
@@ -101,7 +75,7 @@ def test_a_deliberate_out_of_range_integer_config_is_refused(cnn_file, field, va
     def edit(m):
         rec = next(r for r in m["modules"] if r["kind"] == "integer" and r["cls"] == "Int8Conv2d")
         rec["config"][field] = value
-    _edit(cnn_file, edit)
+    edit_manifest(cnn_file, edit)
     with pytest.raises(QuantaFileError, match=match):
         quanta.load(cnn_file)
 
@@ -115,7 +89,7 @@ def test_a_deliberate_out_of_range_integer_config_is_refused(cnn_file, field, va
     (lambda m: m["modules"].append(dict(m["modules"][1])), "recorded twice"),
 ])
 def test_malformed_record_fields_are_refused_naming_the_field(cnn_file, edit, match):
-    _edit(cnn_file, edit)
+    edit_manifest(cnn_file, edit)
     with pytest.raises(QuantaFileError, match=match):
         quanta.load(cnn_file)
 
@@ -128,7 +102,7 @@ def test_reaching_a_class_through_attributes_is_refused():
 
 
 def test_the_attribute_walk_is_refused_in_a_file(cnn_file):
-    _edit(cnn_file, lambda m: _record(m, "pool").__setitem__("cls", "torch.nn:modules.module.torch.jit.ScriptModule"))
+    edit_manifest(cnn_file, lambda m: _record(m, "pool").__setitem__("cls", "torch.nn:modules.module.torch.jit.ScriptModule"))
     with pytest.raises(QuantaFileError, match="refusing to import"):
         quanta.load(cnn_file)
 
@@ -154,7 +128,7 @@ def test_a_huge_layer_claimed_by_the_manifest_is_refused_before_allocating(cnn_f
         rec = _record(m, "head")
         rec["config"].update(in_features=10**6, out_features=10**5)  # 100 GB of int8 codes
         _record(m, "")["kwargs"]["width"] = 10**5  # and a float skeleton of 10**11 conv weights
-    _edit(cnn_file, huge)
+    edit_manifest(cnn_file, huge)
     outcome, grew_mb = _peak_rss_mb_of_load(cnn_file)
     assert outcome.startswith("refused:") and ("implies" in outcome or "bytes of tensors" in outcome), outcome
     assert grew_mb < 100
@@ -199,10 +173,10 @@ def test_the_file_is_a_standard_safetensors_file(cnn_file, int8_cnn):
 @pytest.mark.parametrize("dtype", ["F8_E8M0", "U16", "I4"])
 def test_an_unknown_header_dtype_is_refused(cnn_file, dtype):
     # (safetensors' reader raised a raw KeyError for F8_E8M0)
-    header, body = _split(cnn_file)
+    header, body = split(cnn_file)
     name = next(k for k in header if k.endswith("head.weight"))
     header[name]["dtype"] = dtype
-    _write(cnn_file, header, body)
+    write(cnn_file, header, body)
     with pytest.raises(QuantaFileError, match=f"dtype '{dtype}'"):
         quanta.load(cnn_file)
     with pytest.raises(QuantaFileError):
@@ -211,21 +185,21 @@ def test_an_unknown_header_dtype_is_refused(cnn_file, dtype):
 
 def test_deeply_nested_json_is_refused(cnn_file):
     # (a RecursionError before)
-    header, body = _split(cnn_file)
+    header, body = split(cnn_file)
     text = header["__metadata__"]["quanta"].replace('"conversion": [', '"conversion": [' + "[" * 100000 + "]" * 100000
                                                     + ",", 1)
     header["__metadata__"]["quanta"] = text
     header["__metadata__"]["quanta_sha256"] = hashlib.sha256(text.encode()).hexdigest()
-    _write(cnn_file, header, body)
+    write(cnn_file, header, body)
     with pytest.raises(QuantaFileError, match="nested deeper|not valid JSON"):
         quanta.load(cnn_file)
 
 
 def test_overlapping_tensor_offsets_are_refused(cnn_file):
-    header, body = _split(cnn_file)
+    header, body = split(cnn_file)
     names = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
     header[names[1]]["data_offsets"] = list(header[names[0]]["data_offsets"])
-    _write(cnn_file, header, body)
+    write(cnn_file, header, body)
     with pytest.raises(QuantaFileError):
         quanta.load(cnn_file)
 
@@ -252,7 +226,7 @@ def test_tied_weights_are_stored_and_counted_once_and_stay_tied(kind, tmp_path):
     tok = torch.randint(0, 16, (2, 5))
     q = model if kind == "float" else quanta.quantize(model, kind, [tok], progress=False, speed_check=False)
     path = quanta.save(q, tmp_path / "lm.safetensors")
-    header, _ = _split(path)
+    header, _ = split(path)
     stored = [k for k in header if k != "__metadata__"]
     tied_in_q = q.lm_head.weight is q.wte.weight if kind == "float" else False
     if tied_in_q:

@@ -8,7 +8,6 @@ share of six batches with every method and saves the ranges it got.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import time
 import warnings
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from rank_workers import run_ranks
 
 import quanta
 from quanta import demo
@@ -84,21 +84,7 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
 
 
 def _run_world(world: int, tmp_path: Path) -> list[dict]:
-    init = f"file://{tmp_path / f'rendezvous{world}'}"
-    outs = [tmp_path / f"w{world}_rank{r}.pt" for r in range(world)]
-    procs = [subprocess.Popen([sys.executable, __file__, str(r), str(world), init, str(outs[r])],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(world)]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=WORKER_TIMEOUT_S)[0].decode(errors="replace"))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-3000:]
-    return [torch.load(o, weights_only=False) for o in outs]
+    return run_ranks(__file__, world, tmp_path, WORKER_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")

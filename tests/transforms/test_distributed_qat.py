@@ -3,11 +3,11 @@ identical parameters, learned ranges and buffers, and converts to the same integ
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from rank_workers import run_ranks
 from torch import nn
 
 import quanta
@@ -65,21 +65,7 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
 
 
 def test_ddp_qat_keeps_ranks_identical_and_converts_the_same(tmp_path: Path):
-    init = f"file://{tmp_path / 'rendezvous'}"
-    outs = [tmp_path / f"rank{r}.pt" for r in range(2)]
-    procs = [subprocess.Popen([sys.executable, __file__, str(r), "2", init, str(outs[r])],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=120)[0].decode(errors="replace"))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-3000:]
-    a, b = (torch.load(o, weights_only=False) for o in outs)
+    a, b = run_ranks(__file__, 2, tmp_path, timeout_s=120)
     amax = [k for k in a["trained"] if k.endswith("amax")]
     assert len(amax) >= 8
     assert [k for k in a["trained"] if not torch.equal(a["trained"][k], b["trained"][k])] == []
