@@ -34,20 +34,32 @@ oneDNN prepacked weight and Python-number copies of the qparams.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from ..core import QuantSpec, fake_quantize, quantize
+from ..core import QuantSpec, fake_quantize
 from ..kernels import native
 from ..kernels.conv import int8_conv, onednn_call, prepack
 from ..kernels.conv_native import compiled_run, make_plan, plan_call
 from ..nn.modules.weighted import QuantConv1d, QuantConv2d, QuantConv3d
 from .base import IntegerModule
+from .conv_specs import (
+    DEFAULT_INPUT_SPEC,
+    DEFAULT_WEIGHT_SPEC,
+    OUTPUT_KINDS,
+    check_output_mode,
+    conv_lowering_problem,
+    copy_conv_weights,
+    dense,
+    input_spec_problem,
+    output_spec_problem,
+    padding_of,
+    weight_spec_problem,
+)
 from .validate import flag, geometry, groups_divide, positive_int
-from .conv_specs import (DEFAULT_INPUT_SPEC, DEFAULT_WEIGHT_SPEC, OUTPUT_KINDS, check_output_mode, dense,
-                         input_spec_problem, output_spec_problem, padding_of, weight_spec_problem)
 
 
 class _Int8ConvNd(IntegerModule):
@@ -103,16 +115,9 @@ class _Int8ConvNd(IntegerModule):
     @classmethod
     def accepts(cls, sim: nn.Module) -> str | None:
         """None if ``sim`` can be lowered to this class, else why not."""
-        if not isinstance(sim, cls.simulated_type):
-            return f"{type(sim).__name__} is not a {cls.simulated_type.__name__}"
-        if type(sim) is not cls.simulated_type:
-            return (f"{type(sim).__name__} subclasses {cls.simulated_type.__name__} (a user forward the "
-                    "integer module would not reproduce)")
-        if sim.padding_mode != "zeros":
-            return f"padding_mode={sim.padding_mode!r} (only 'zeros' is supported)"
-        pad = padding_of(sim, cls.dims)
-        if isinstance(pad, str):
-            return pad
+        problem = conv_lowering_problem(sim, cls.simulated_type, cls.dims)
+        if problem:
+            return problem
         iq, wq, oq = sim.input_quantizer, sim.weight_quantizer, sim.output_quantizer
         if iq is None or not iq.is_enabled or not iq._if_quant:
             return "its input quantizer is off: there is no activation grid to compute on"
@@ -135,7 +140,7 @@ class _Int8ConvNd(IntegerModule):
         return None
 
     @classmethod
-    def from_simulated(cls, sim: nn.Module) -> "_Int8ConvNd":
+    def from_simulated(cls, sim: nn.Module) -> _Int8ConvNd:
         """The integer module computing what the calibrated simulated conv ``sim`` computes."""
         cls.check_lowerable(sim)
         oq = sim.output_quantizer
@@ -145,13 +150,8 @@ class _Int8ConvNd(IntegerModule):
         mod = cls(sim.in_channels, sim.out_channels, sim.kernel_size, sim.stride, pad, sim.dilation, sim.groups,
                   bias=sim.bias is not None, input_spec=sim.input_quantizer.spec,
                   weight_spec=sim.weight_quantizer.spec, output_spec=oq.spec if out_on else None)
+        copy_conv_weights(mod, sim)
         with torch.no_grad():
-            w = sim.weight.detach().float()
-            ws, wzp = sim.weight_quantizer.qparams(sim.weight)
-            mod.weight.copy_(quantize(w, ws, wzp, sim.weight_quantizer.spec))
-            mod.weight_scale.copy_(ws.float().expand(sim.out_channels))
-            if sim.bias is not None:
-                mod.bias.copy_(sim.bias.detach().float())
             xs, xzp = sim.input_quantizer.qparams()
             mod.input_scale.copy_(xs.reshape(()))
             mod.input_zero_point.copy_(xzp.reshape(()))
@@ -223,7 +223,7 @@ class _Int8ConvNd(IntegerModule):
         return self._x_scale, self._x_zp
 
     def set_output(self, kind: str = "float", scale: float | torch.Tensor | None = None,
-                   zero_point: int | torch.Tensor | None = None, post_op: str = "none") -> "_Int8ConvNd":
+                   zero_point: int | torch.Tensor | None = None, post_op: str = "none") -> _Int8ConvNd:
         """Choose what forward returns: ``"float"`` (float32; the simulated output quantizer, if
         any, applied) or ``"uint8"`` codes ``clamp(round(y / scale) + zero_point, 0, 255)``; and
         a fused ``post_op`` (``"none"``, ``"relu"``, ``"relu6"``) applied to ``y`` first.
@@ -380,4 +380,4 @@ class Int8Conv3d(_Int8ConvNd):
     simulated_type = QuantConv3d
 
 
-__all__ = ["DEFAULT_INPUT_SPEC", "DEFAULT_WEIGHT_SPEC", "Int8Conv1d", "Int8Conv2d", "Int8Conv3d", "OUTPUT_KINDS"]
+__all__ = ["DEFAULT_INPUT_SPEC", "DEFAULT_WEIGHT_SPEC", "OUTPUT_KINDS", "Int8Conv1d", "Int8Conv2d", "Int8Conv3d"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..core import Format, Granularity, QuantSpec, Rounding
+from ..core import Format, Granularity, QuantSpec, Rounding, quantize
 from ..kernels.conv import POST_OPS
 from .validate import one_of
 
@@ -79,3 +79,29 @@ def padding_of(sim: nn.Module, n: int) -> tuple[int, ...] | str:
 
 __all__ = ["DEFAULT_INPUT_SPEC", "DEFAULT_WEIGHT_SPEC", "OUTPUT_KINDS", "check_output_mode", "dense", "input_spec_problem",
            "output_spec_problem", "padding_of", "weight_spec_problem"]
+
+
+def conv_lowering_problem(sim: nn.Module, simulated_type: type, n: int) -> str | None:
+    """Why ``sim`` cannot become an integer ``n``-d conv at all (wrong type, a user subclass,
+    padding mode or padding), whatever its quantizers: the start of every conv ``accepts``."""
+    if not isinstance(sim, simulated_type):
+        return f"{type(sim).__name__} is not a {simulated_type.__name__}"
+    if type(sim) is not simulated_type:
+        return (f"{type(sim).__name__} subclasses {simulated_type.__name__} (a user forward the "
+                "integer module would not reproduce)")
+    if sim.padding_mode != "zeros":
+        return f"padding_mode={sim.padding_mode!r} (only 'zeros' is supported)"
+    pad = padding_of(sim, n)
+    return pad if isinstance(pad, str) else None
+
+
+def copy_conv_weights(mod: nn.Module, sim: nn.Module) -> None:
+    """Fill an integer conv's canonical ``weight`` codes, ``weight_scale`` and ``bias`` from the
+    simulated conv ``sim`` (its weight quantizer's codes and per-channel scales)."""
+    wq = sim.weight_quantizer
+    with torch.no_grad():
+        ws, wzp = wq.qparams(sim.weight)
+        mod.weight.copy_(quantize(sim.weight.detach().float(), ws, wzp, wq.spec))
+        mod.weight_scale.copy_(ws.float().reshape(-1).expand(sim.out_channels))
+        if sim.bias is not None:
+            mod.bias.copy_(sim.bias.detach().float())

@@ -29,7 +29,13 @@ from ..core import QuantSpec, choose_qparams, compute_range, quantize
 from ..kernels.conv import int8_conv
 from ..nn.modules.weighted import QuantConv1d, QuantConv2d, QuantConv3d
 from .base import IntegerModule
-from .conv_specs import DEFAULT_WEIGHT_SPEC, padding_of, weight_spec_problem
+from .conv_specs import (
+    DEFAULT_WEIGHT_SPEC,
+    conv_lowering_problem,
+    copy_conv_weights,
+    padding_of,
+    weight_spec_problem,
+)
 from .validate import flag, geometry, groups_divide, positive_int
 
 #: the per-call input grid of the ``dynamic_int8`` preset
@@ -75,15 +81,9 @@ class _DynamicInt8ConvNd(IntegerModule):
     @classmethod
     def accepts(cls, sim: nn.Module) -> str | None:
         """None if ``sim`` (a simulated conv with a dynamic input quantizer) lowers to this class."""
-        if not isinstance(sim, cls.simulated_type):
-            return f"{type(sim).__name__} is not a {cls.simulated_type.__name__}"
-        if type(sim) is not cls.simulated_type:
-            return f"{type(sim).__name__} subclasses {cls.simulated_type.__name__} (a user forward)"
-        if sim.padding_mode != "zeros":
-            return f"padding_mode={sim.padding_mode!r} (only 'zeros' is supported)"
-        pad = padding_of(sim, cls.dims)
-        if isinstance(pad, str):
-            return pad
+        problem = conv_lowering_problem(sim, cls.simulated_type, cls.dims)
+        if problem:
+            return problem
         iq, wq, oq = sim.input_quantizer, sim.weight_quantizer, sim.output_quantizer
         if iq is None or not iq.is_enabled or not iq._if_quant:
             return "its input quantizer is off"
@@ -107,12 +107,7 @@ class _DynamicInt8ConvNd(IntegerModule):
         mod = cls(sim.in_channels, sim.out_channels, sim.kernel_size, sim.stride, pad, sim.dilation, sim.groups,
                   bias=sim.bias is not None, input_spec=sim.input_quantizer.spec,
                   weight_spec=sim.weight_quantizer.spec)
-        with torch.no_grad():
-            ws, wzp = sim.weight_quantizer.qparams(sim.weight)
-            mod.weight.copy_(quantize(sim.weight.detach().float(), ws, wzp, sim.weight_quantizer.spec))
-            mod.weight_scale.copy_(ws.float().reshape(-1).expand(sim.out_channels))
-            if sim.bias is not None:
-                mod.bias.copy_(sim.bias.detach().float())
+        copy_conv_weights(mod, sim)
         return mod.to(sim.weight.device)
 
     def config(self) -> dict[str, Any]:
