@@ -1,0 +1,9 @@
+"""Error analysis: where quantization loses accuracy, layer by layer (`compare`) and by trial
+(`sensitivity`)."""
+
+from .capture import Captured, capture_outputs
+from .compare import CompareReport, LayerError, compare
+from .sensitivity import SensitivityReport, SensitivityRow, sensitivity
+
+__all__ = ["Captured", "CompareReport", "LayerError", "SensitivityReport", "SensitivityRow", "capture_outputs",
+           "compare", "sensitivity"]
