@@ -50,8 +50,8 @@ def as_float(mod: nn.Module, t: torch.Tensor, role: str = "output") -> torch.Ten
         return (t.float() - float(mod.emit_zero_point)) * float(mod.emit_scale)
     if t.dtype == torch.uint8 and role == "input" and hasattr(mod, "input_scale"):
         return (t.float() - float(mod.input_zero_point)) * float(mod.input_scale)
-    if not t.is_floating_point():
-        return t.float()
+    if not t.is_floating_point():  # (token ids going into an embedding stay ids)
+        return t.float() if role == "output" else t.clone()
     return t.float().clone()
 
 

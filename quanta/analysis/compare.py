@@ -205,7 +205,9 @@ def _layer_row(name: str, mods_a: dict[str, nn.Module], mods_b: dict[str, nn.Mod
     for side, cap in (("first", a), ("second", b)):
         if name in cap.unknown_codes:
             return _nan_row(name, kinds, f"not compared: the {side} model returns integer codes of no known grid here")
-    if len(outs_a) != len(outs_b) or not outs_a:
+    if not outs_a and not outs_b:
+        return _nan_row(name, kinds, "not compared: never called as a module (its parent uses its weights directly)")
+    if len(outs_a) != len(outs_b):
         return _nan_row(name, kinds, f"not compared: called {len(outs_a)} vs {len(outs_b)} times")
     # the activation each side applies here: its own fused one, or that of the module whose
     # output it passes on (an Identity left where convert fused the activation)

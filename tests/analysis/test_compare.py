@@ -96,3 +96,14 @@ def test_bad_input_is_named(trained_cnn):
         quanta.compare(trained_cnn, "model.pt", torch.zeros(1, 1, 8, 8))
     with pytest.raises(ValueError, match="data is empty"):
         quanta.compare(trained_cnn, trained_cnn, [])
+
+
+def test_transformer_encoder_layer(trained_transformer, token_data):
+    x = token_data.x_test[:64]
+    q = quanta.quantize(trained_transformer, "dynamic_int8", speed_check=False, progress=False)
+    report = quanta.compare(trained_transformer, q, x)
+    for name in ("encoder.linear1", "encoder.linear2", "head"):
+        assert report.row(name).kind_b == "Int8Linear" and report.row(name).sqnr_db > 30, str(report)
+    assert report.row("embed").local_sqnr_db == math.inf  # token ids fed to the float embedding
+    assert "never called as a module" in report.row("encoder.self_attn.out_proj").note
+    assert report.unmatched_b and all("compared as 'encoder'" in why for why in report.unmatched_b.values())
