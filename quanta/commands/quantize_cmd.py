@@ -1,0 +1,135 @@
+"""`quanta quantize` and `quanta config dump`: a model from a spec or a transformers directory,
+a config from a preset with options or from a file, written with `quanta.save`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Any
+
+from ..io import save
+from ..transforms import QuantConfig, conversion_report, preset, quantize
+from .errors import CommandError
+from .sources import load_calibration, load_hf, load_spec
+
+#: the preset used when neither --preset nor --config is given
+DEFAULT_PRESET = "dynamic_int8"
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigChoice:
+    """How the quantization config is chosen: a preset (with its options) or a config file."""
+
+    preset: str | None = None
+    config_file: str | None = None
+    group_size: int | None = None
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.preset is not None and self.config_file is not None:
+            raise CommandError("give --preset or --config, not both")
+        if self.config_file is not None and self.group_size is not None:
+            raise CommandError("--group-size applies to the weight_only_int4 preset; set it in the config file instead")
+
+    def resolve(self) -> QuantConfig:
+        """The `QuantConfig` this choice means (the same for a preset with flags and for its
+        `dump_preset` JSON edited the same way)."""
+        if self.config_file is None:
+            name = self.preset or DEFAULT_PRESET
+            options: dict[str, Any] = {"group_size": self.group_size} if self.group_size is not None else {}
+            if self.exclude:
+                options["exclude"] = list(self.exclude)
+            try:
+                return preset(name, **options)
+            except ValueError as e:
+                raise CommandError(str(e)) from e
+        config = read_config_file(self.config_file)
+        return config.extended(exclude=list(self.exclude)) if self.exclude else config
+
+
+def read_config_file(path: str) -> QuantConfig:
+    """A `QuantConfig` from a JSON file (or YAML, ``.yaml`` / ``.yml``, when PyYAML is installed)
+    holding what `QuantConfig.to_dict` writes."""
+    file = pathlib.Path(path)
+    if not file.is_file():
+        raise CommandError(f"--config {path}: no such file")
+    text = file.read_text(encoding="utf-8")
+    yaml_file = file.suffix.lower() in (".yaml", ".yml")
+    if yaml_file:
+        try:
+            import yaml
+        except ImportError as e:
+            raise CommandError(f"--config {path}: YAML needs PyYAML (pip install pyyaml), or write JSON") from e
+    try:
+        data = yaml.safe_load(text) if yaml_file else json.loads(text)
+    except Exception as e:  # json.JSONDecodeError, yaml.YAMLError
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CommandError(f"--config {path}: not valid {'YAML' if yaml_file else 'JSON'}: {first}") from e
+    if not isinstance(data, dict):
+        raise CommandError(f"--config {path}: expected a mapping of QuantConfig fields, got {type(data).__name__}")
+    try:
+        return QuantConfig.from_dict(data)
+    except (ValueError, TypeError, KeyError) as e:
+        raise CommandError(f"--config {path}: {e}") from e
+
+
+def dump_preset(choice: ConfigChoice) -> str:
+    """The JSON of the config a preset (with its options) means, for editing and ``--config``."""
+    return json.dumps(choice.resolve().to_dict(), indent=2)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeJob:
+    """Everything `quanta quantize` needs."""
+
+    output: str
+    spec: str | None = None
+    hf: str | None = None
+    config: ConfigChoice = dataclasses.field(default_factory=ConfigChoice)
+    calib: str | None = None
+    calib_batch_size: int = 32
+    calib_method: str | None = None
+    calib_batches: int | None = None
+    speed_check: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if (self.spec is None) == (self.hf is None):
+            raise CommandError("give a model spec (package.module:factory or file.py:factory) or --hf DIR, one of them")
+        if not self.output.endswith(".safetensors"):
+            raise CommandError(f"-o {self.output}: the output file must end in .safetensors")
+        if self.calib_batch_size <= 0:
+            raise CommandError(f"--calib-batch-size must be positive, got {self.calib_batch_size}")
+        if self.calib_batches is not None and self.calib_batches <= 0:
+            raise CommandError(f"--calib-batches must be positive, got {self.calib_batches}")
+
+
+def quantize_file(job: QuantizeJob) -> str:
+    """Quantize the job's model and write it; returns a one-line summary."""
+    config = job.config.resolve()  # config errors before the (possibly slow) model load
+    calib_file = load_calibration(job.calib, job.calib_batch_size) if job.calib else None
+    if job.spec is not None:
+        model, calib = load_spec(job.spec)
+    else:
+        model, calib = load_hf(job.hf), None  # type: ignore[arg-type]
+    if calib_file is not None:
+        calib = calib_file
+    try:
+        qmodel = quantize(model, config, calib, method=job.calib_method, num_batches=job.calib_batches,
+                          speed_check=job.speed_check, progress=job.progress)
+    except ValueError as e:
+        if calib is None and "calib_data" in str(e):
+            raise CommandError("this configuration quantizes activations statically: give calibration data "
+                               "(--calib FILE, or a spec whose factory returns (model, data))") from e
+        raise
+    path = save(qmodel, job.output)
+    integer, quantized = integer_layers(qmodel)
+    return (f"wrote {path} ({path.stat().st_size:,} bytes): {integer} of {quantized} quantized layers "
+            f"run on integer kernels")
+
+
+def integer_layers(model: Any) -> tuple[int, int]:
+    """``(layers on integer kernels, quantized layers)`` by the model's conversion report."""
+    report = conversion_report(model)
+    return sum(r.result not in ("simulated", "float") for r in report), len(report)
