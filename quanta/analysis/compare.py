@@ -68,11 +68,7 @@ class LayerError:
     sqnr_weights_only_db: float | None = None  # separate=True: only weight quantizers on
     sqnr_activations_only_db: float | None = None  # separate=True: only activation quantizers on
     note: str = ""
-
-    @property
-    def quantized(self) -> bool:
-        """Whether the second model's module is a quantized (simulated or integer) one."""
-        return self.kind_b.startswith(("Quant", "Int", "Fp", "Bf", "Half")) or self.kind_a.startswith("Quant")
+    quantized: bool = False  # a side's module is a quantized (simulated or integer) layer
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -170,8 +166,11 @@ def _unmatched_reason(name: str, own: dict[str, nn.Module], other: dict[str, nn.
     return "no module of that name in the other model"
 
 
-def _nan_row(name: str, kinds: tuple[str, str], note: str) -> LayerError:
-    return LayerError(name, *kinds, math.nan, math.nan, math.nan, math.nan, math.nan, note=note)
+_QUANTIZED = (QuantModule, QuantOp, IntegerModule)
+
+
+def _nan_row(name: str, kinds: tuple[str, str], note: str, quantized: bool) -> LayerError:
+    return LayerError(name, *kinds, math.nan, math.nan, math.nan, math.nan, math.nan, note=note, quantized=quantized)
 
 
 def _local_sqnr(ma: nn.Module, inputs_b: list[torch.Tensor], outs_b: list[torch.Tensor], act: nn.Module | None) -> float:
@@ -202,13 +201,14 @@ def _layer_row(name: str, mods_a: dict[str, nn.Module], mods_b: dict[str, nn.Mod
     ma, mb = mods_a[name], mods_b[name]
     outs_a, outs_b = a.outputs.get(name, []), b.outputs.get(name, [])
     kinds = (_kind(ma), _kind(mb))
+    quantized = isinstance(ma, _QUANTIZED) or isinstance(mb, _QUANTIZED)
     for side, cap in (("first", a), ("second", b)):
         if name in cap.unknown_codes:
-            return _nan_row(name, kinds, f"not compared: the {side} model returns integer codes of no known grid here")
+            return _nan_row(name, kinds, f"not compared: the {side} model returns integer codes of no known grid here", quantized)
     if not outs_a and not outs_b:
-        return _nan_row(name, kinds, "not compared: never called as a module (its parent uses its weights directly)")
+        return _nan_row(name, kinds, "not compared: never called as a module (its parent uses its weights directly)", quantized)
     if len(outs_a) != len(outs_b):
-        return _nan_row(name, kinds, f"not compared: called {len(outs_a)} vs {len(outs_b)} times")
+        return _nan_row(name, kinds, f"not compared: called {len(outs_a)} vs {len(outs_b)} times", quantized)
     # the activation each side applies here: its own fused one, or that of the module whose
     # output it passes on (an Identity left where convert fused the activation)
     act_a = fused_activation(mods_a[a.aliases.get(name, name)])
@@ -224,10 +224,11 @@ def _layer_row(name: str, mods_a: dict[str, nn.Module], mods_b: dict[str, nn.Mod
         for ra, rb in zip(outs_a, outs_b):
             out.add(ra, rb)
     except ValueError as e:
-        return _nan_row(name, kinds, f"not compared: {e}")
+        return _nan_row(name, kinds, f"not compared: {e}", quantized)
     local_db = _local_sqnr(ma, b.inputs.get(name, []), outs_b, fuse_b) if local and type(mb) is not nn.Identity \
         else math.inf
-    return LayerError(name, *kinds, out.sqnr_db, out.cosine, out.rel_error, out.max_abs, local_db, note=note)
+    return LayerError(name, *kinds, out.sqnr_db, out.cosine, out.rel_error, out.max_abs, local_db, note=note,
+                      quantized=quantized)
 
 
 def _output_row(a: Captured, b: Captured) -> LayerError:
