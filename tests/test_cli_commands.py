@@ -208,9 +208,31 @@ def test_bad_specs_exit_1_on_one_line(models, tmp_path, capsys, spec, message):
     assert err.startswith("quanta quantize: ") and message in err
 
 
-def test_debug_shows_the_traceback(models, tmp_path):
+@pytest.mark.parametrize("before", [True, False])
+def test_debug_shows_the_traceback(models, tmp_path, before):
+    argv = ["quantize", f"{models}:mlp", "--preset", "static_int8", "-o", str(tmp_path / "m.safetensors")]
     with pytest.raises(CommandError, match="give calibration data"):
-        main(["quantize", "--debug", f"{models}:mlp", "--preset", "static_int8", "-o", str(tmp_path / "m.safetensors")])
+        main(["--debug", *argv] if before else [*argv, "--debug"])
+
+
+@pytest.mark.parametrize("name, message", [
+    ("missing.pt", "no such file"),
+    ("data.csv", "unknown kind of file"),
+    ("empty.npy", "the tensor has no samples"),
+])
+def test_bad_calibration_files(models, tmp_path, capsys, name, message):
+    (tmp_path / "data.csv").write_text("1,2\n")
+    np.save(tmp_path / "empty.npy", np.zeros((0, 16), dtype=np.float32))
+    err = _fails(capsys, ["quantize", f"{models}:mlp", "--calib", str(tmp_path / name),
+                          "-o", str(tmp_path / "m.safetensors")], 1)
+    assert err.startswith(f"quanta quantize: --calib {tmp_path / name}") and message in err
+
+
+def test_hf_without_transformers_says_how_to_install_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers raises ImportError
+    (tmp_path / "config.json").write_text("{}")
+    err = _fails(capsys, ["quantize", "--hf", str(tmp_path), "-o", str(tmp_path / "m.safetensors")], 1)
+    assert "pip install transformers" in err
 
 
 def test_help_shows_defaults(capsys):
