@@ -216,9 +216,13 @@ def _layer_row(name: str, mods_a: dict[str, nn.Module], mods_b: dict[str, nn.Mod
     note, fuse_b = "", None
     if act_b is not None and act_a is None:
         fuse_b = act_b
-        outs_a, note = [act_b(t) for t in outs_a], f"{type(act_b).__name__} fused in the second model: applied to the first's output"
+        outs_a = [act_b(t) for t in outs_a]
+        if name not in b.aliases:  # (said once, on the layer that fused it)
+            note = f"{type(act_b).__name__} fused in the second model: applied to the first's output"
     elif act_a is not None and act_b is None:
-        outs_b, note = [act_a(t) for t in outs_b], f"{type(act_a).__name__} fused in the first model: applied to the second's output"
+        outs_b = [act_a(t) for t in outs_b]
+        if name not in a.aliases:
+            note = f"{type(act_a).__name__} fused in the first model: applied to the second's output"
     out = ErrorStats()
     try:
         for ra, rb in zip(outs_a, outs_b):
