@@ -61,7 +61,7 @@ def _quantize(args: argparse.Namespace) -> int:
     print(quantize_file(QuantizeJob(
         output=args.output, spec=args.spec, hf=args.hf, config=_config_choice(args), calib=args.calib,
         calib_batch_size=args.calib_batch_size, calib_method=args.calib_method, calib_batches=args.calib_batches,
-        speed_check=not args.no_speed_check, progress=not args.quiet)))
+        speed_check=not args.no_speed_check, input_shape=args.input_shape, progress=not args.quiet)))
     return 0
 
 
@@ -163,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--calib-batches", type=int, default=None, metavar="N", help="calibrate on the first N batches")
     quant.add_argument("--no-speed-check", action="store_true",
                        help="make every lowerable layer integer, even where its kernel is slower than float")
+    quant.add_argument("--input-shape", metavar="N,C,H,W",
+                       help="random input of this shape for the speed check (default: the first calibration batch; "
+                            "without either, no speed check)")
     quant.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
     conf = command("config", _config_dump, "show the QuantConfig a preset means")

@@ -255,7 +255,17 @@ def test_bench_errors(models, tmp_path, capsys):
     assert "needs --model SPEC" in _fails(capsys, ["bench", str(tmp_path / "m.safetensors")], 1)
     assert "needs --input-shape" in _fails(capsys, ["bench", f"{models}:Net", "--rounds", "3"], 1)  # a class
     err = _fails(capsys, ["bench", f"{models}:cnn", "--input-shape", "2,5,8,8", "--rounds", "3"], 1)
-    assert "does not run on input (2, 5, 8, 8)" in err
+    assert err.startswith("quanta bench: ") and "(2, 5, 8, 8)" in err  # the input that does not fit
+    err = _fails(capsys, ["bench", f"{models}:Net", "--preset", "static_int8", "--input-shape", "2,3,8,8"], 1)
+    assert "give calibration data (--calib FILE" in err
+
+
+def test_quantize_speed_check_on_an_input_shape(models, tmp_path, capsys):
+    out = tmp_path / "m.safetensors"
+    assert "--input-shape '2,a'" in _fails(capsys, ["quantize", f"{models}:mlp", "--input-shape", "2,a", "-o", str(out)], 1)
+    assert not out.exists()
+    assert main(["quantize", f"{models}:mlp", "--input-shape", "4,16", "-q", "-o", str(out)]) == 0
+    assert "quantized layers run on integer kernels" in capsys.readouterr().out
 
 
 def test_export_with_an_input_shape(models, tmp_path, capsys):

@@ -20,16 +20,16 @@ from torch import nn
 
 from ..integer import storage_bytes
 from ..io import load
-from ..transforms import quantize
 from .errors import CommandError
-from .quantize_cmd import ConfigChoice, integer_layers
+from .quantize_cmd import ConfigChoice, integer_layers, quantize_model
 from .sources import example_input, load_spec, spec_factory
 
 
 @dataclasses.dataclass(frozen=True)
 class BenchJob:
     """``target``: a file written by `quanta.save` (then ``model`` is the float model's spec) or a
-    model spec (quantized here with ``config``)."""
+    model spec (quantized here with ``config``, as `quanta quantize` would with the same input:
+    layers whose integer kernel is slower than float on it stay float)."""
 
     target: str
     model: str | None = None
@@ -123,26 +123,30 @@ def _rounds(models: list[nn.Module], batch: Any, rounds: int) -> tuple[int, list
 
 
 def bench(job: BenchJob) -> BenchResult:
-    """Measure the job's quantized model against its fp32 model."""
-    if job.is_file:
-        if not pathlib.Path(job.target).is_file():
-            raise CommandError(f"{job.target}: no such file")
-        float_model, calib = load_spec(job.model)  # type: ignore[arg-type]
-        quantized = load(job.target, model=spec_factory(job.model))  # type: ignore[arg-type]
-    else:
-        float_model, calib = load_spec(job.target)
-        quantized = quantize(float_model, job.config.resolve(), calib, progress=False)
-    batch = example_input(job.input_shape, calib, "quanta bench")
+    """Measure the job's quantized model against its fp32 model (with ``job.threads`` torch
+    threads for the speed check and the timing; the process's setting is restored after)."""
+    if job.is_file and not pathlib.Path(job.target).is_file():
+        raise CommandError(f"{job.target}: no such file")
     threads = torch.get_num_threads()
     if job.threads is not None:
         torch.set_num_threads(job.threads)
     try:
+        return _bench(job)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _bench(job: BenchJob) -> BenchResult:
+    float_model, calib = load_spec(job.model if job.is_file else job.target)  # type: ignore[arg-type]
+    batch = example_input(job.input_shape, calib, "quanta bench")
+    if job.is_file:
+        quantized = load(job.target, model=spec_factory(job.model))  # type: ignore[arg-type]
+    else:
+        quantized = quantize_model(float_model, job.config.resolve(), calib, progress=False, example=batch)
+    try:
         calls, (fp32, quant) = _rounds([float_model.eval(), quantized.eval()], batch, job.rounds)
     except (RuntimeError, TypeError, ValueError) as e:
         raise CommandError(f"the model does not run on input {_describe(batch)}: {str(e).splitlines()[0]}") from e
-    finally:
-        used = torch.get_num_threads()
-        torch.set_num_threads(threads)
     timing = lambda ts: Timing(statistics.median(ts), min(ts), max(ts))
-    return BenchResult(_describe(batch), job.rounds, calls, used, timing(fp32), timing(quant),
+    return BenchResult(_describe(batch), job.rounds, calls, torch.get_num_threads(), timing(fp32), timing(quant),
                        storage_bytes(float_model), storage_bytes(quantized), *integer_layers(quantized))

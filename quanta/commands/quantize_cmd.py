@@ -11,7 +11,7 @@ from typing import Any
 from ..io import save
 from ..transforms import QuantConfig, conversion_report, preset, quantize
 from .errors import CommandError
-from .sources import load_calibration, load_hf, load_spec
+from .sources import example_input, load_calibration, load_hf, load_spec
 
 #: the preset used when neither --preset nor --config is given
 DEFAULT_PRESET = "dynamic_int8"
@@ -92,6 +92,7 @@ class QuantizeJob:
     calib_method: str | None = None
     calib_batches: int | None = None
     speed_check: bool = True
+    input_shape: str | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -115,18 +116,24 @@ def quantize_file(job: QuantizeJob) -> str:
         model, calib = load_hf(job.hf), None  # type: ignore[arg-type]
     if calib_file is not None:
         calib = calib_file
+    example = example_input(job.input_shape, calib, "quanta quantize") if job.input_shape else None
+    qmodel = quantize_model(model, config, calib, method=job.calib_method, num_batches=job.calib_batches,
+                            speed_check=job.speed_check, progress=job.progress, example=example)
+    path = save(qmodel, job.output)
+    integer, quantized = integer_layers(qmodel)
+    return (f"wrote {path} ({path.stat().st_size:,} bytes): {integer} of {quantized} quantized layers "
+            f"run on integer kernels")
+
+
+def quantize_model(model: Any, config: QuantConfig, calib: Any, **options: Any) -> Any:
+    """`quanta.quantize`, with the command line's way of giving calibration data in its error."""
     try:
-        qmodel = quantize(model, config, calib, method=job.calib_method, num_batches=job.calib_batches,
-                          speed_check=job.speed_check, progress=job.progress)
+        return quantize(model, config, calib, **options)
     except ValueError as e:
         if calib is None and "calib_data" in str(e):
             raise CommandError("this configuration quantizes activations statically: give calibration data "
                                "(--calib FILE, or a spec whose factory returns (model, data))") from e
         raise
-    path = save(qmodel, job.output)
-    integer, quantized = integer_layers(qmodel)
-    return (f"wrote {path} ({path.stat().st_size:,} bytes): {integer} of {quantized} quantized layers "
-            f"run on integer kernels")
 
 
 def integer_layers(model: Any) -> tuple[int, int]:
