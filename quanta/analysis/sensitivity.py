@@ -89,15 +89,15 @@ class SensitivityReport:
                 f"all quantized {f(self.quantized_metric)}\n" + "\n".join(out))
 
 
-def _checked(value: Any, trial: str) -> float:
+def _checked(value: Any, trial: str, who: str = "sensitivity") -> float:
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"sensitivity: the metric returned {type(value).__name__} in trial {trial!r}; it must "
+        raise TypeError(f"{who}: the metric returned {type(value).__name__} in trial {trial!r}; it must "
                         "return a number (higher is better)")
     value = float(value)
     if math.isnan(value):
-        raise ValueError(f"sensitivity: the metric returned NaN in trial {trial!r}")
+        raise ValueError(f"{who}: the metric returned NaN in trial {trial!r}")
     return value
 
 
