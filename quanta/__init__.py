@@ -4,7 +4,7 @@ from .core import QuantSpec
 from .nn import LayerQuantConfig, QuantDescriptor, TensorQuantizer
 from .integer import storage_bytes
 from .io import compare_onnx, export_onnx, inspect, load, save
-from .analysis import auto_quantize, compare, sensitivity
+from .analysis import auto_quantize, compare, report, sensitivity
 from .transforms import (
     PRESETS, CoverageReport, QATConfig, QuantConfig, calibrate, conversion_report, convert, coverage, fold_batchnorm,
     finalize_qat, preset, prepare, prepare_qat, quant_modules, quantize,
@@ -13,7 +13,7 @@ from .transforms import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "CoverageReport", "LayerQuantConfig", "auto_quantize", "compare", "compare_onnx", "sensitivity", "export_onnx", "inspect", "load", "save", "QuantConfig", "QuantDescriptor", "QuantSpec",
+    "CoverageReport", "LayerQuantConfig", "auto_quantize", "compare", "compare_onnx", "report", "sensitivity", "export_onnx", "inspect", "load", "save", "QuantConfig", "QuantDescriptor", "QuantSpec",
     "PRESETS", "QATConfig", "TensorQuantizer", "finalize_qat", "prepare_qat", "calibrate", "conversion_report", "convert", "coverage", "fold_batchnorm",
     "prepare", "preset", "quant_modules", "quantize", "storage_bytes",
 ]

@@ -4,6 +4,7 @@
 from .auto import AutoQuantResult, Trial, auto_quantize
 from .capture import Captured, capture_outputs
 from .compare import CompareReport, LayerError, compare
+from .report import ReportFiles, report
 from .sensitivity import SensitivityReport, SensitivityRow, sensitivity
 from .stages import StageReport, compare_stages
 
@@ -12,6 +13,7 @@ __all__ = [
            "Captured",
            "CompareReport",
            "LayerError",
+           "ReportFiles",
            "SensitivityReport",
            "SensitivityRow",
            "StageReport",
@@ -20,5 +22,6 @@ __all__ = [
            "capture_outputs",
            "compare",
            "compare_stages",
+           "report",
            "sensitivity",
 ]
