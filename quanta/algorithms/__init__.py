@@ -1,0 +1,16 @@
+"""PTQ algorithms (Nagel et al. 2019, data-free quantization): cross-layer equalization and
+high-bias absorption on the float model after BatchNorm folding; bias correction (analytical
+from BatchNorm statistics, or measured on calibration data) on the simulated model. Each is a
+function here and a name in `QuantConfig.algorithms`, which `quanta.prepare` / `quanta.quantize`
+run in the pipeline; what each changed is recorded on the model and in the saved file."""
+
+from .bias_correction import activation_mean, bias_correction, empirical_bias_correction
+from .equalize import absorb_high_bias, cross_layer_equalization
+from .pairs import LayerPair, batchnorm_statistics, bn_pairs, find_pairs
+from .pipeline import ALGORITHMS, ALGORITHMS_ATTR, check_algorithms
+
+__all__ = [
+    "ALGORITHMS", "ALGORITHMS_ATTR", "LayerPair", "absorb_high_bias", "activation_mean", "batchnorm_statistics",
+    "bias_correction", "bn_pairs", "check_algorithms", "cross_layer_equalization", "empirical_bias_correction",
+    "find_pairs",
+]
