@@ -88,6 +88,27 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _analysis_job(args: argparse.Namespace) -> Any:
+    from .commands.report_cmd import AnalysisJob
+
+    return AnalysisJob(file=args.file, model=args.model, calib=args.calib, batch_size=args.calib_batch_size,
+                       batches=args.batches, input_shape=args.input_shape)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .commands.report_cmd import compare_file
+
+    print(compare_file(_analysis_job(args)))
+    return 0
+
+
+def _report_cmd(args: argparse.Namespace) -> int:
+    from .commands.report_cmd import report_file
+
+    print(report_file(_analysis_job(args), args.output, latency=args.latency))
+    return 0
+
+
 def _preset_options(p: argparse.ArgumentParser, with_config: bool) -> None:
     from .transforms import PRESETS
 
@@ -196,6 +217,19 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="file to write")
     exp.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the lowest that works)")
     exp.add_argument("--dynamic-batch", action="store_true", help="leave the batch axis free")
+
+    cmp_ = command("compare", _compare, "where a quantized file loses accuracy: each layer against its float model")
+    rep = command("report", _report_cmd, "an HTML report (tables and plots) of a quantized file against its float model")
+    for p in (cmp_, rep):
+        p.add_argument("file", help="a .safetensors file written by quanta.save")
+        p.add_argument("--model", required=True, metavar="SPEC", help="the float model's spec")
+        p.add_argument("--calib", metavar="FILE", help="inputs to run (.pt, .npy or .safetensors; default: the "
+                                                        "spec's calibration data)")
+        p.add_argument("--calib-batch-size", type=int, default=32, help="batch size a [N, ...] --calib tensor is split into")
+        p.add_argument("--batches", type=int, default=2, help="how many batches to run through both models")
+        p.add_argument("--input-shape", metavar="N,C,H,W", help="a random input of this shape instead of data")
+    rep.add_argument("-o", "--output", required=True, metavar="OUT.html", help="report file (PNGs and .md beside it)")
+    rep.add_argument("--latency", action="store_true", help="also time each integer layer against float")
     return parser
 
 
