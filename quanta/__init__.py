@@ -13,7 +13,7 @@ from .transforms import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "CoverageReport", "LayerQuantConfig", "auto_quantize", "compare", "compare_onnx", "report", "sensitivity", "export_onnx", "inspect", "load", "save", "QuantConfig", "QuantDescriptor", "QuantSpec",
+    "CoverageReport", "LayerQuantConfig", "algorithms", "auto_quantize", "compare", "compare_onnx", "report", "sensitivity", "export_onnx", "inspect", "load", "save", "QuantConfig", "QuantDescriptor", "QuantSpec",
     "PRESETS", "QATConfig", "TensorQuantizer", "finalize_qat", "prepare_qat", "calibrate", "conversion_report", "convert", "coverage", "fold_batchnorm",
     "prepare", "preset", "quant_modules", "quantize", "storage_bytes",
 ]

@@ -3,6 +3,7 @@ analytically from BatchNorm statistics (no data) or measured on calibration data
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -87,59 +88,57 @@ def _channel_mean(t: torch.Tensor, linear: bool) -> tuple[torch.Tensor, int]:
 @torch.no_grad()
 def empirical_bias_correction(model: nn.Module, data: Iterable[Any], *, num_batches: int | None = None,
                               forward_fn: Callable[[nn.Module, Any], Any] | None = None) -> dict:
-    """Bias correction measured on data, in place, on a simulated (calibrated) model: one pass
-    over ``data``; for each weight-quantized conv/linear, the mean per output channel of
-    ``y(quantized weights) − y(float weights)`` on the inputs it receives in the simulated model,
+    """Bias correction measured on data, in place, on a simulated (calibrated) model: for each
+    weight-quantized conv/linear in turn (so that each sees the corrected layers before it), the
+    mean per output channel of ``y(quantized weights) − y(float weights)`` on the inputs it gets
+    in the simulated model over ``data`` (one pass per layer; a list, not a one-shot iterator),
     subtracted from its bias."""
     from ..transforms.calibrate import default_forward
 
     forward = forward_fn or default_forward
-    layers = {n: m for n, m in model.named_modules()
-              if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and _weight_error(m) is not None}
-    if not layers:
-        return {"algorithm": "empirical_bias_correction", "layers": [], "note": "no weight-quantized layer"}
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    busy: set[str] = set()
-
-    def hook(name: str) -> Callable[..., None]:
-        def run(mod: nn.Module, args: tuple, out: Any) -> None:
-            if name in busy or not isinstance(out, torch.Tensor):
-                return
-            busy.add(name)
-            wq = mod.weight_quantizer
-            try:
-                wq.disable()
-                ref = mod(*args)
-            finally:
-                wq.enable()
-                busy.discard(name)
-            s, n = _channel_mean(out - ref, isinstance(mod, nn.Linear))
-            sums[name] = sums.get(name, 0) + s
-            counts[name] = counts.get(name, 0) + n
-        return run
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
-    was_training = model.training
-    seen = 0
-    try:
-        model.eval()
-        for batch in data:
-            forward(model, batch)
-            seen += 1
-            if num_batches is not None and seen >= num_batches:
-                break
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    if seen == 0:
+    batches = list(itertools.islice(data, num_batches)) if num_batches else list(data)
+    if not batches:
         raise ValueError("empirical_bias_correction: the data produced no batch")
+    layers = [(n, m) for n, m in model.named_modules()
+              if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and _weight_error(m) is not None]
     rows = []
-    for name, total in sums.items():
-        shift = total / counts[name]
-        bias = _bias_of(layers[name])
-        bias.copy_((bias.double() - shift).to(bias.dtype))
-        rows.append({"layer": name, "shift_max": round(float(shift.abs().max()), 6)})
-    return {"algorithm": "empirical_bias_correction", "layers": rows, "batches": seen,
-            "note": f"{len(rows)} layer(s) corrected on {seen} batch(es)"}
+    was_training = model.training
+    model.eval()
+    try:
+        for name, layer in layers:
+            shift = _measured_shift(model, layer, batches, forward)
+            if shift is None:
+                continue
+            bias = _bias_of(layer)
+            bias.copy_((bias.double() - shift).to(bias.dtype))
+            rows.append({"layer": name, "shift_max": round(float(shift.abs().max()), 6)})
+    finally:
+        model.train(was_training)
+    note = f"{len(rows)} layer(s) corrected on {len(batches)} batch(es)" if rows else "no weight-quantized layer"
+    return {"algorithm": "empirical_bias_correction", "layers": rows, "batches": len(batches), "note": note}
+
+
+def _measured_shift(model: nn.Module, layer: nn.Module, batches: list, forward: Callable) -> torch.Tensor | None:
+    total: list[Any] = [0, 0]
+    busy = [False]
+
+    def hook(mod: nn.Module, args: tuple, out: Any) -> None:
+        if busy[0] or not isinstance(out, torch.Tensor):
+            return
+        busy[0] = True
+        try:
+            mod.weight_quantizer.disable()
+            ref = mod(*args)
+        finally:
+            mod.weight_quantizer.enable()
+            busy[0] = False
+        s, n = _channel_mean(out - ref, isinstance(mod, nn.Linear))
+        total[0], total[1] = total[0] + s, total[1] + n
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        for batch in batches:
+            forward(model, batch)
+    finally:
+        handle.remove()
+    return None if total[1] == 0 else total[0] / total[1]

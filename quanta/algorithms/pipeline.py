@@ -26,7 +26,8 @@ def check_algorithms(names: Any) -> tuple[str, ...]:
         raise TypeError("QuantConfig.algorithms must be a tuple of algorithm names")
     for n in names:
         if n not in ALGORITHMS:
-            close = difflib.get_close_matches(n, ALGORITHMS, n=2, cutoff=0.5)
+            close = [a for a in ALGORITHMS if n.lower().startswith(a) or a.startswith(n.lower())]
+            close += [a for a in difflib.get_close_matches(n, ALGORITHMS, n=2, cutoff=0.5) if a not in close]
             hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
             raise ValueError(f"QuantConfig.algorithms: unknown algorithm {n!r} (known: {', '.join(ALGORITHMS)}){hint}")
     if len(set(names)) != len(names):

@@ -25,6 +25,7 @@ from ..nn.modules.functional import QuantOp
 from ..nn.tensor_quantizer import TensorQuantizer
 from ..transforms.config import QuantConfig
 from ..transforms.convert import REPORT_ATTR, Lowering
+from ..algorithms.pipeline import ALGORITHMS_ATTR
 from ..transforms.prepare import CONFIG_ATTR
 from . import safe_file
 from .architecture import ArchitectureError, _jsonable, normalize_trusted
@@ -69,6 +70,7 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, init_kwargs: dict[st
         "architecture": _architecture(model, records, state),
         "config": compact(config.to_dict()) if isinstance(config, QuantConfig) else None,
         "conversion": [_without_timings(dataclasses.asdict(r)) for r in getattr(model, REPORT_ATTR, [])],
+        "algorithms": getattr(model, ALGORITHMS_ATTR, []),
         "modules": records,
         "aliases": aliases,
     }
@@ -192,6 +194,9 @@ def load(path: str | os.PathLike[str], model: nn.Module | Callable[[], nn.Module
         setattr(built, CONFIG_ATTR, config)
     if report:
         setattr(built, REPORT_ATTR, report)
+    algorithms = manifest.get("algorithms")
+    if isinstance(algorithms, list) and algorithms and all(isinstance(r, dict) for r in algorithms):
+        setattr(built, ALGORITHMS_ATTR, algorithms)  # what the PTQ algorithms changed (the weights carry it)
     if device is not None:
         built.to(device)
     return built

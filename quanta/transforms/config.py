@@ -51,6 +51,10 @@ class QuantConfig:
     rules: Mapping[str, LayerQuantConfig | None] = field(default_factory=dict)
     exclude: tuple[str, ...] = ()
     fold_bn: bool = False
+    #: PTQ algorithms the pipeline runs (`quanta.algorithms.ALGORITHMS`): "cle" and
+    #: "high_bias_absorption" on the float model after BatchNorm folding, "bias_correction" after
+    #: the quantizers are in place, "empirical_bias_correction" after calibration
+    algorithms: tuple[str, ...] = ()
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -79,6 +83,9 @@ class QuantConfig:
         object.__setattr__(self, "exclude", tuple(self.exclude))
         if not isinstance(self.fold_bn, bool):
             raise TypeError(f"QuantConfig.fold_bn must be a bool, got {type(self.fold_bn).__name__}")
+        from ..algorithms.pipeline import check_algorithms
+
+        object.__setattr__(self, "algorithms", check_algorithms(self.algorithms))
         if isinstance(self.version, bool) or not isinstance(self.version, int):
             raise TypeError("QuantConfig.version must be an int")
         if self.version > 1:
@@ -125,12 +132,13 @@ class QuantConfig:
             "rules": {k: layer(v) for k, v in self.rules.items()},
             "exclude": list(self.exclude),
             "fold_bn": self.fold_bn,
+            "algorithms": list(self.algorithms),
             "version": self.version,
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "QuantConfig":
-        known = {"default", "module_types", "rules", "exclude", "fold_bn", "version"}
+        known = {"default", "module_types", "rules", "exclude", "fold_bn", "algorithms", "version"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"QuantConfig.from_dict: unknown field(s) {unknown}")
@@ -141,6 +149,7 @@ class QuantConfig:
             rules={k: layer(v) for k, v in data.get("rules", {}).items()},
             exclude=tuple(data.get("exclude", ())),
             fold_bn=data.get("fold_bn", False),
+            algorithms=tuple(data.get("algorithms", ())),
             version=data.get("version", 1),
         )
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import nn
 
+from ..algorithms.pipeline import DATA_FREE, after_quantizers, before_quantizers
 from ..integer.base import IntegerModule
 from ..nn.registry import known_type_names, lookup
 from ..nn.tensor_quantizer import TensorQuantizer
@@ -68,7 +69,10 @@ def prepare(model: nn.Module, config: QuantConfig | None = None, inplace: bool =
         raise ValueError("QuantConfig.fold_bn needs the model in eval mode (BatchNorm running "
                          "statistics): call model.eval() first")
     target = model if inplace else copy.deepcopy(model)
-    if config.fold_bn:
+    statistics = None
+    if any(name in DATA_FREE for name in config.algorithms):  # CLE, absorption: on the folded float model
+        statistics = before_quantizers(target, config.algorithms, fold_batchnorm if config.fold_bn else None)
+    elif config.fold_bn:
         fold_batchnorm(target)
     decisions: dict[str, str] = {}
     root_cls = lookup(target)
@@ -78,6 +82,8 @@ def prepare(model: nn.Module, config: QuantConfig | None = None, inplace: bool =
             target = root_cls.from_float(target, decision.config)
     _swap(target, "", config, decisions)
     quantize_tied_tables(target, decisions)  # a tied embedding takes its Linear's weight quantizer
+    if statistics is not None:  # analytical bias correction: with the weight quantizers in place
+        after_quantizers(target, config.algorithms, statistics)
     for name, mod in target.named_modules():
         if isinstance(mod, nn.TransformerEncoder):
             # its nested-tensor fast path would hand the quantized layers nested tensors
