@@ -122,11 +122,22 @@ def _options(model: nn.Module, table: list[tuple[str, Any]]) -> dict[str, list[t
                 opts.append((label, None))
                 continue
             cfg = _layer_config(cand, name, mod)
-            if cfg is not None and (cfg.weight is not None or cfg.input is not None):
+            if cfg is not None and (cfg.weight is not None or cfg.input is not None) and _fits(mod, cfg):
                 opts.append((label, cfg))
         if any(label != FLOAT for label, _ in opts):
             options[name] = opts
     return options
+
+
+def _fits(module: nn.Module, cfg: LayerQuantConfig) -> bool:
+    """Whether ``cfg`` can quantize ``module``'s shapes (``group_size 128`` does not divide a
+    32-wide layer): what `prepare` would refuse for a rule naming the layer. ``module`` is not
+    changed (the quantized module built to check shares its parameters)."""
+    try:
+        lookup(module).from_float(module, cfg)
+    except (ValueError, TypeError):
+        return False
+    return True
 
 
 def _config(base: QuantConfig, options: dict[str, list[tuple[str, Any]]], level: dict[str, int]) -> QuantConfig:

@@ -91,3 +91,15 @@ def test_bad_arguments(trained_cnn, digits_data):
         quanta.auto_quantize(trained_cnn, batches, candidates=("float",))
     with pytest.raises(ValueError, match="time_budget_s must be"):
         quanta.auto_quantize(trained_cnn, batches, time_budget_s=0)
+
+
+def test_a_candidate_a_layer_cannot_take_is_skipped_for_that_layer(fragile_cnn, digits_data):
+    """weight_only_int4's group size 128 does not divide the 32-wide head (and it does not cover
+    convs): the search starts each layer at the first candidate that fits it, never aborts."""
+    x, y = digits_data.x_test, digits_data.y_test
+    result = quanta.auto_quantize(fragile_cnn, digits_data.calib_batches(), lambda m: accuracy(m, x, y),
+                                  max_drop=0.02, candidates=("weight_only_int4", "static_int8", "float"),
+                                  objective="size")
+    assert result.met, str(result)
+    assert "weight_only_int4" not in result.choices.values()
+    assert result.choices["head"] == "static_int8" and result.choices[FRAGILE] == "float", str(result)
