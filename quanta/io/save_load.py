@@ -19,13 +19,13 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from ..algorithms.pipeline import ALGORITHMS_ATTR
 from ..integer.base import IntegerModule
 from ..nn.modules.base import QuantModule
 from ..nn.modules.functional import QuantOp
 from ..nn.tensor_quantizer import TensorQuantizer
 from ..transforms.config import QuantConfig
 from ..transforms.convert import REPORT_ATTR, Lowering
-from ..algorithms.pipeline import ALGORITHMS_ATTR
 from ..transforms.prepare import CONFIG_ATTR
 from . import safe_file
 from .architecture import ArchitectureError, _jsonable, normalize_trusted

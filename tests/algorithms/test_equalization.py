@@ -160,3 +160,15 @@ def test_high_bias_absorption_moves_bias_and_keeps_the_function_approximately() 
 def test_cle_rejects_a_non_module() -> None:
     with pytest.raises(TypeError, match="expects an nn.Module"):
         cross_layer_equalization({"weight": torch.zeros(1)})
+
+
+def test_relu6_model_through_prepare_skips_cle_and_still_corrects_bias() -> None:
+    import quanta
+    from quanta.algorithms import ALGORITHMS_ATTR
+
+    model = _randomized(nn.ReLU6)
+    sim = quanta.prepare(model, quanta.QuantConfig(fold_bn=True, algorithms=("cle", "bias_correction")))
+    cle, bc = getattr(sim, ALGORITHMS_ATTR)
+    assert cle["pairs"] == [] and sum("ReLU6" in s for s in cle["skipped"]) == 6
+    # expand → depthwise and depthwise → project of each block, through ReLU6 (its clipped mean)
+    assert len(bc["layers"]) == 6 and all(r["shift_max"] > 0 for r in bc["layers"])
