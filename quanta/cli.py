@@ -52,7 +52,7 @@ def _config_choice(args: argparse.Namespace) -> Any:
     from .commands.quantize_cmd import ConfigChoice
 
     return ConfigChoice(preset=args.preset, config_file=getattr(args, "config", None), group_size=args.group_size,
-                        exclude=tuple(args.exclude))
+                        exclude=tuple(args.exclude), algorithms=tuple(getattr(args, "algorithm", ())))
 
 
 def _quantize(args: argparse.Namespace) -> int:
@@ -120,6 +120,14 @@ def _preset_options(p: argparse.ArgumentParser, with_config: bool) -> None:
                    help="module name or glob that stays float (repeatable)")
     p.add_argument("--group-size", type=int, default=None, choices=(32, 64, 128, 256),
                    help="int4 group size of the weight_only_int4 preset")
+    _algorithm_option(p)
+
+
+def _algorithm_option(p: argparse.ArgumentParser) -> None:
+    from .algorithms import ALGORITHMS
+
+    p.add_argument("--algorithm", action="append", default=[], choices=sorted(ALGORITHMS), metavar="NAME",
+                   help=f"PTQ algorithm the pipeline runs (repeatable, in order): {', '.join(sorted(ALGORITHMS))}")
 
 
 def _version() -> str:
@@ -198,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="module name or glob that stays float (repeatable)")
     dump.add_argument("--group-size", type=int, default=None, choices=(32, 64, 128, 256),
                       help="int4 group size of the weight_only_int4 preset")
+    _algorithm_option(dump)
     dump.set_defaults(func=_config_dump)
 
     ben = command("bench", _bench, "latency and size of a quantized model vs its fp32 model on this machine")

@@ -296,3 +296,19 @@ def test_hf_directory_from_save_pretrained(tmp_path, capsys):
     err = _fails(capsys, ["quantize", "--hf", str(tmp_path), "-o", str(out)], 1)
     assert "no config.json" in err
     assert "one of them" in _fails(capsys, ["quantize", "--hf", str(tmp_path / "bert"), "x:y", "-o", str(out)], 1)
+
+
+def test_algorithm_flags_run_in_the_pipeline_and_equal_the_config_file(models, tmp_path, capsys):
+    spec = f"{models}:cnn"
+    flags = tmp_path / "flags.safetensors"
+    assert main(["quantize", spec, "--preset", "static_int8", "--algorithm", "cle", "--algorithm",
+                 "bias_correction", "--no-speed-check", "-q", "-o", str(flags)]) == 0
+    manifest = quanta.inspect(flags, show=False).to_dict()["manifest"]
+    assert manifest["config"]["algorithms"] == ["cle", "bias_correction"]
+    capsys.readouterr()
+    assert main(["config", "dump", "static_int8", "--algorithm", "cle", "--algorithm", "bias_correction"]) == 0
+    (tmp_path / "cfg.json").write_text(capsys.readouterr().out)
+    from_file = tmp_path / "file.safetensors"
+    assert main(["quantize", spec, "--config", str(tmp_path / "cfg.json"), "--no-speed-check", "-q",
+                 "-o", str(from_file)]) == 0
+    assert flags.read_bytes() == from_file.read_bytes()

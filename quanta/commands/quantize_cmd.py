@@ -25,6 +25,7 @@ class ConfigChoice:
     config_file: str | None = None
     group_size: int | None = None
     exclude: tuple[str, ...] = ()
+    algorithms: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.preset is not None and self.config_file is not None:
@@ -40,12 +41,17 @@ class ConfigChoice:
             options: dict[str, Any] = {"group_size": self.group_size} if self.group_size is not None else {}
             if self.exclude:
                 options["exclude"] = list(self.exclude)
+            if self.algorithms:
+                options["algorithms"] = list(self.algorithms)
             try:
                 return preset(name, **options)
             except ValueError as e:
                 raise CommandError(str(e)) from e
         config = read_config_file(self.config_file)
-        return config.extended(exclude=list(self.exclude)) if self.exclude else config
+        try:
+            return config.extended(exclude=list(self.exclude), algorithms=list(self.algorithms))
+        except ValueError as e:
+            raise CommandError(str(e)) from e
 
 
 def read_config_file(path: str) -> QuantConfig:

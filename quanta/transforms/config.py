@@ -92,9 +92,13 @@ class QuantConfig:
             raise ValueError(f"QuantConfig.version {self.version} is newer than supported (1)")
 
     def extended(self, exclude: Any = (), rules: Mapping[str, LayerQuantConfig | None] | None = None,
-                 ) -> "QuantConfig":
-        """This config with more ``exclude`` patterns and ``rules``; the new ones come first, so
-        they win over rules already there (a rule's first match wins)."""
+                 algorithms: Any = ()) -> "QuantConfig":
+        """This config with more ``exclude`` patterns and ``rules`` (the new ones come first, so
+        they win over rules already there: a rule's first match wins) and more ``algorithms``
+        (after its own; validated)."""
+        algorithms = (algorithms,) if isinstance(algorithms, str) else algorithms
+        if not isinstance(algorithms, (tuple, list)):
+            raise TypeError(f"algorithms must be a list of algorithm names, got {type(algorithms).__name__}")
         exclude = (exclude,) if isinstance(exclude, str) else exclude
         if not isinstance(exclude, (tuple, list)):
             raise TypeError(f"exclude must be a list of module names or globs, got {type(exclude).__name__}")
@@ -102,6 +106,7 @@ class QuantConfig:
             raise TypeError(f"rules must be a mapping of module names or globs to LayerQuantConfig / None, "
                             f"got {type(rules).__name__}")
         return dataclasses.replace(self, exclude=tuple(exclude) + tuple(self.exclude),
+                                   algorithms=tuple(self.algorithms) + tuple(algorithms),
                                    rules={**(rules or {}), **{k: v for k, v in self.rules.items()
                                                                if k not in (rules or {})}})
 

@@ -124,8 +124,9 @@ def quantizes_any(model: nn.Module, config: QuantConfig) -> bool:
                for n, m in model.named_modules())
 
 
-#: options every preset takes (`QuantConfig.extended`): patterns that stay float, per-name rules
-COMMON_OPTIONS = ("exclude", "rules")
+#: options every preset takes (`QuantConfig.extended`): patterns that stay float, per-name rules,
+#: PTQ algorithms the pipeline runs (`quanta.algorithms`)
+COMMON_OPTIONS = ("exclude", "rules", "algorithms")
 
 
 def preset_options(name: str) -> tuple[str, ...]:
@@ -137,8 +138,8 @@ def preset(name: str, **options: Any) -> QuantConfig:
     """The `QuantConfig` of a named preset.
 
     Options: ``exclude=[names or globs]`` (those modules stay float), ``rules={name or glob:
-    LayerQuantConfig or None}`` (they win over the preset's choices), and ``group_size=`` for
-    ``weight_only_int4``. An option a preset does not take raises ``ValueError``.
+    LayerQuantConfig or None}`` (they win over the preset's choices), ``algorithms=["cle",
+    "bias_correction", ...]`` (`quanta.algorithms`), and ``group_size=`` for ``weight_only_int4``. An option a preset does not take raises ``ValueError``.
     """
     if not isinstance(name, str):
         raise TypeError(f"preset name must be a str, got {type(name).__name__}")

@@ -25,7 +25,8 @@ def quantize(model: nn.Module, config: QuantConfig | str = "dynamic_int8", calib
              num_batches: int | None = None, forward_fn: Callable[[nn.Module, Any], Any] | None = None,
              progress: bool = True, speed_check: bool = True, example: Any = None,
              exclude: Iterable[str] | str | None = None,
-             rules: Mapping[str, LayerQuantConfig | None] | None = None) -> nn.Module:
+             rules: Mapping[str, LayerQuantConfig | None] | None = None,
+             algorithms: Iterable[str] | str | None = None) -> nn.Module:
     """Return an integer copy of ``model`` (the float model is not modified).
 
     ``config``: a `QuantConfig` or a preset name: ``dynamic_int8``, ``static_int8``,
@@ -35,7 +36,8 @@ def quantize(model: nn.Module, config: QuantConfig | str = "dynamic_int8", calib
     ``exclude`` (module names or globs that stay float) and ``rules`` (name or glob →
     `LayerQuantConfig`, or ``None`` for float) refine a preset or a `QuantConfig`; they win over
     its own choices. A layer whose shape the config cannot take stays float (see `quanta.prepare`)
-    and the conversion report says why.
+    and the conversion report says why. ``algorithms`` (``"cle"``, ``"high_bias_absorption"``,
+    ``"bias_correction"``, ``"empirical_bias_correction"``; `quanta.algorithms`) run in the pipeline.
 
     Speed check (see `quanta.convert`): layers whose integer kernel is slower than float on
     ``example`` (one batch of real inputs; default: the first batch of ``calib_data``, for any
@@ -43,7 +45,8 @@ def quantize(model: nn.Module, config: QuantConfig | str = "dynamic_int8", calib
     ``speed_check=False``, every lowerable layer becomes integer.
     """
     check_float_model(model, "quantize")
-    refine = {k: v for k, v in (("exclude", exclude), ("rules", rules)) if v is not None}
+    refine = {k: v for k, v in (("exclude", exclude), ("rules", rules), ("algorithms", algorithms))
+              if v is not None}
     name = config if isinstance(config, str) else None
     if isinstance(config, str):
         config = preset(config, **({} if group_size is None else {"group_size": group_size}), **refine)
@@ -59,7 +62,7 @@ def quantize(model: nn.Module, config: QuantConfig | str = "dynamic_int8", calib
         warnings.warn("quanta.quantize: the model is in training mode, so BatchNorm is not folded; "
                       "call model.eval() first for an inference model", UserWarning, stacklevel=2)
     if not quantizes_any(model, config):
-        _nothing_covered(model, None if refine else name)
+        _nothing_covered(model, None if set(refine) - {"algorithms"} else name)
     sim = prepare(model, config)
     first = None
     if calib_data is not None:

@@ -110,3 +110,17 @@ def test_quantizing_an_integer_model_says_so():
         quanta.quantize(q, "dynamic_int8")
     with pytest.raises(ValueError, match="already an integer model"):
         quanta.prepare(q)
+
+
+def test_presets_and_quantize_take_algorithms(trained_cnn, digits_data):
+    from quanta.algorithms import ALGORITHMS_ATTR
+
+    config = quanta.preset("static_int8", algorithms=["cle", "bias_correction"])
+    assert config.algorithms == ("cle", "bias_correction")
+    q = quanta.quantize(trained_cnn, "static_int8", digits_data.calib_batches(2), progress=False, speed_check=False,
+                        algorithms=("cle",))
+    assert [r["algorithm"] for r in getattr(q, ALGORITHMS_ATTR)] == ["cle"]
+    with pytest.raises(ValueError, match="cel"):
+        quanta.preset("dynamic_int8", algorithms=["cel"])
+    with pytest.raises(TypeError, match="algorithms must be a list"):
+        quanta.preset("static_int8", algorithms=3)
