@@ -4,13 +4,14 @@ from BatchNorm statistics, or measured on calibration data) on the simulated mod
 function here and a name in `QuantConfig.algorithms`, which `quanta.prepare` / `quanta.quantize`
 run in the pipeline; what each changed is recorded on the model and in the saved file."""
 
+from .adaround import AdaRoundOptions, adaround
 from .bias_correction import activation_mean, bias_correction, empirical_bias_correction
 from .equalize import absorb_high_bias, cross_layer_equalization
 from .pairs import LayerPair, batchnorm_statistics, bn_pairs, find_pairs
 from .pipeline import ALGORITHMS, ALGORITHMS_ATTR, check_algorithms
 
 __all__ = [
-    "ALGORITHMS", "ALGORITHMS_ATTR", "LayerPair", "absorb_high_bias", "activation_mean", "batchnorm_statistics",
-    "bias_correction", "bn_pairs", "check_algorithms", "cross_layer_equalization", "empirical_bias_correction",
+    "ALGORITHMS", "ALGORITHMS_ATTR", "AdaRoundOptions", "LayerPair", "absorb_high_bias", "activation_mean", "adaround",
+    "batchnorm_statistics",    "bias_correction", "bn_pairs", "check_algorithms", "cross_layer_equalization", "empirical_bias_correction",
     "find_pairs",
 ]

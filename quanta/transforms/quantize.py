@@ -74,14 +74,15 @@ def quantize(model: nn.Module, config: QuantConfig | str = "dynamic_int8", calib
         if first is None:
             raise ValueError("calib_data is empty: no batch was produced")
         calib_data = itertools.chain([first], batches)  # one pass, even over a one-shot iterator
-        if "empirical_bias_correction" in config.algorithms:  # a second pass over the same batches
+        if {"adaround", "empirical_bias_correction"} & set(config.algorithms):  # more passes over the batches
             calib_data = list(itertools.islice(calib_data, num_batches)) if num_batches else list(calib_data)
     if calibration_targets(sim):
         if calib_data is None:
             raise ValueError("this configuration quantizes activations statically: pass calib_data "
                              "(a DataLoader or a list of batches) to calibrate their ranges")
         calibrate(sim, calib_data, method, num_batches=num_batches, forward_fn=forward_fn, progress=progress)
-    after_calibration(sim, config.algorithms, calib_data, num_batches=num_batches, forward_fn=forward_fn)
+    after_calibration(sim, config.algorithms, calib_data, num_batches=num_batches, forward_fn=forward_fn,
+                      progress=progress)
     return convert(sim, backend=backend, inplace=True, example=first if example is None else example,
                    forward_fn=forward_fn, speed_check=speed_check)
 
