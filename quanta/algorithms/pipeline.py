@@ -14,7 +14,7 @@ ALGORITHMS_ATTR = "_quanta_algorithms"
 
 #: every name `QuantConfig.algorithms` accepts, in the order the pipeline runs them
 DATA_FREE = ("cle", "high_bias_absorption", "bias_correction")
-WITH_DATA = ("adaround", "empirical_bias_correction")
+WITH_DATA = ("best_calibration", "adaround", "empirical_bias_correction")
 ALGORITHMS = DATA_FREE + WITH_DATA
 
 
@@ -71,15 +71,18 @@ def after_quantizers(model: nn.Module, names: tuple[str, ...], statistics: dict)
 
 
 def after_calibration(model: nn.Module, names: tuple[str, ...], data: Iterable[Any] | None, **kwargs: Any) -> None:
-    """AdaRound, then empirical bias correction, on the calibrated simulated ``model`` (both need
-    ``data``: a list of batches, reused once per layer)."""
+    """Per-quantizer calibration method, AdaRound, then empirical bias correction, on the
+    calibrated simulated ``model`` (each needs ``data``: a list of batches, reused)."""
     from .adaround import adaround
+    from .best_calibration import best_calibration
     from .bias_correction import empirical_bias_correction
 
     for name in (n for n in WITH_DATA if n in names):
         if data is None:
             raise ValueError(f"QuantConfig.algorithms {name!r} needs calibration data: pass calib_data")
     progress = kwargs.pop("progress", True)
+    if "best_calibration" in names:
+        _record(model, best_calibration(model, data, progress=progress, **kwargs))
     if "adaround" in names:
         _record(model, adaround(model, data, progress=progress, **kwargs))
     if "empirical_bias_correction" in names:

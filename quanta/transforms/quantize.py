@@ -74,7 +74,7 @@ def quantize(model: nn.Module, config: QuantConfig | str = "dynamic_int8", calib
         if first is None:
             raise ValueError("calib_data is empty: no batch was produced")
         calib_data = itertools.chain([first], batches)  # one pass, even over a one-shot iterator
-        if {"adaround", "empirical_bias_correction"} & set(config.algorithms):  # more passes over the batches
+        if {"best_calibration", "adaround", "empirical_bias_correction"} & set(config.algorithms):  # more passes over the batches
             calib_data = list(itertools.islice(calib_data, num_batches)) if num_batches else list(calib_data)
     if calibration_targets(sim):
         if calib_data is None:
