@@ -136,3 +136,18 @@ def test_weight_range_is_frozen_so_codes_survive_a_range_that_follows_the_weight
         assert torch.equal(m.weight_quantizer.qparams(m.weight)[0], scale), n
         assert torch.equal(quantize(m.weight.detach(), *m.weight_quantizer.qparams(m.weight), m.weight_quantizer.spec)
                            .float() * scale, m.weight.detach()), n
+
+
+def test_saved_file_holds_the_learned_codes_and_load_reproduces_them(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 4)).eval()
+    calib = [torch.randn(32, 3, 6, 6) for _ in range(3)]
+    config = quanta.QuantConfig(default=W8A8, algorithms=("best_calibration", "adaround"))
+    integer = quanta.quantize(model, config, calib, speed_check=False, progress=False)
+    assert sum(r["flips"] for r in getattr(integer, ALGORITHMS_ATTR)[1]["layers"]) > 0
+    loaded = quanta.load(quanta.save(integer, tmp_path / "m.safetensors"), model=model)
+    assert [r["algorithm"] for r in getattr(loaded, ALGORITHMS_ATTR)] == ["best_calibration", "adaround"]
+    for (name, a), b in zip(integer.named_buffers(), loaded.buffers()):
+        assert torch.equal(a, b), name
+    x = torch.randn(8, 3, 6, 6)
+    torch.testing.assert_close(loaded(x), integer(x), rtol=0, atol=0)
