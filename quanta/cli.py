@@ -12,10 +12,10 @@ from .commands.errors import CommandError
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo.run import format_table, run_demo
+    from .demo.run import run_demo
 
-    rows = run_demo(quick=args.quick)
-    print("\n" + format_table(rows))
+    report = run_demo(quick=args.quick)
+    print("\n" + report.markdown())
     return 0
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_WHERE = {"digits": "data", "majority_tokens": "data", "sine_sequences": "data", "DigitsCNN": "models",
+_WHERE = {"digits": "data", "fashion_mnist": "data", "majority_tokens": "data", "sine_sequences": "data",
+          "stdlib_docstrings": "data", "DigitsCNN": "models", "DocstringTransformer": "models",
           "SequenceLSTM": "models", "TinyTransformer": "models", "accuracy": "train", "train_classifier": "train"}
 
 __all__ = sorted(_WHERE)

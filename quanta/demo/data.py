@@ -1,4 +1,5 @@
-"""Offline data for the demo and the tests: scikit-learn's bundled digits and generated tasks."""
+"""Offline data for the demo and the tests: scikit-learn's bundled digits, the standard library's
+docstrings, Fashion-MNIST where the Debian package is installed, and generated tasks."""
 
 from __future__ import annotations
 
@@ -46,3 +47,84 @@ def majority_tokens(n: int = 2000, length: int = 16, vocab: int = 12, classes: i
     plant = torch.rand(n, length, generator=g) < 0.3
     x = torch.where(plant, y[:, None].expand(-1, length), x)
     return x, y
+
+
+#: standard-library modules whose docstring lines the text task classifies (one class each)
+DOCSTRING_MODULES = ("argparse", "asyncio", "collections", "logging", "os", "pathlib", "re", "subprocess",
+                     "tarfile", "typing", "unittest", "zipfile")
+
+
+def _docstring_lines(module_name: str, min_chars: int) -> set[str]:
+    import importlib
+    import inspect
+    import warnings
+
+    module = importlib.import_module(module_name)
+    objects: list[object] = [module]
+    for name in dir(module):
+        if not name.startswith("_"):
+            with warnings.catch_warnings():  # (typing.io and the like warn when touched)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                obj = getattr(module, name)
+            objects.append(obj)
+            if inspect.isclass(obj):
+                objects += [v for k, v in vars(obj).items() if not k.startswith("_") and callable(v)]
+    lines: set[str] = set()
+    for obj in objects:
+        owner = module_name if obj is module else (getattr(obj, "__module__", None) or "")
+        if owner.split(".")[0] != module_name.split(".")[0]:
+            continue  # documented elsewhere (imported names, builtins)
+        lines |= {s.strip() for s in (inspect.getdoc(obj) or "").splitlines() if len(s.strip()) >= min_chars}
+    return lines
+
+
+def stdlib_docstrings(length: int = 32, vocab: int = 4096, min_chars: int = 24, per_class: int = 300,
+                      seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
+    """Real English text found on every Python install: lines of the docstrings of
+    `DOCSTRING_MODULES`, labelled with the module they come from. Returns ``(tokens, labels,
+    module names)``: ``tokens`` ``[n, length]`` word ids (lower-cased words and punctuation; the
+    ``vocab - 2`` most frequent get their own id, 1 is any other word, 0 pads), ``labels``
+    ``[n]``. At most ``per_class`` lines per module, chosen with ``seed``; the vocabulary is
+    built from the words alone (no labels), so it is the same for every split."""
+    import collections
+    import re
+
+    g = torch.Generator().manual_seed(seed)
+    texts, labels = [], []
+    for label, name in enumerate(DOCSTRING_MODULES):
+        lines = sorted(_docstring_lines(name, min_chars))
+        for i in torch.randperm(len(lines), generator=g)[:per_class].tolist():
+            texts.append(re.findall(r"[a-z0-9_]+|[^\sa-z0-9_]", lines[i].lower()))
+            labels.append(label)
+    counts = collections.Counter(w for words in texts for w in words)
+    ids = {w: i + 2 for i, (w, _) in enumerate(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[: vocab - 2])}
+    rows = [[ids.get(w, 1) for w in words[:length]] + [0] * max(0, length - len(words)) for words in texts]
+    order = torch.randperm(len(labels), generator=g)
+    return torch.tensor(rows, dtype=torch.long)[order], torch.tensor(labels)[order], DOCSTRING_MODULES
+
+
+#: where the Debian package ``dataset-fashion-mnist`` puts the data
+FASHION_MNIST_DIR = "/usr/share/dataset-fashion-mnist"
+
+
+def fashion_mnist(root: str = FASHION_MNIST_DIR, train_images: int = 6000) -> tuple[torch.Tensor, ...] | None:
+    """Fashion-MNIST as ``(x_train, y_train, x_test, y_test)`` (``x``: ``[n, 1, 28, 28]`` in
+    [0, 1]; the first ``train_images`` training images, the full 10,000 test set), or ``None``
+    when the files are not installed (``apt-get install dataset-fashion-mnist``)."""
+    import gzip
+    import os
+
+    def read(name: str, header: int) -> torch.Tensor | None:
+        for path in (os.path.join(root, name), os.path.join(root, name + ".gz")):
+            if os.path.exists(path):
+                with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+                    return torch.frombuffer(bytearray(f.read()[header:]), dtype=torch.uint8)
+        return None
+
+    parts = [read(f"{s}-images-idx3-ubyte", 16) for s in ("train", "t10k")]
+    labels = [read(f"{s}-labels-idx1-ubyte", 8) for s in ("train", "t10k")]
+    if any(p is None for p in parts + labels):
+        return None
+    xtr, xte = (p.reshape(-1, 1, 28, 28).float() / 255.0 for p in parts)  # type: ignore[union-attr]
+    ytr, yte = (y.long() for y in labels)  # type: ignore[union-attr]
+    return xtr[:train_images], ytr[:train_images], xte, yte

@@ -53,3 +53,26 @@ class TinyTransformer(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         h = self.embed(tokens) + self.pos[:, : tokens.shape[1]]
         return self.head(self.encoder(h).mean(dim=1))
+
+
+class DocstringTransformer(nn.Module):
+    """A transformer text classifier of realistic width: word embedding plus learned positions, ``layers`` `nn.TransformerEncoderLayer` blocks (``dim`` wide, 4×``dim`` MLP),
+    mean pooling over the non-padding bytes, linear head. Input: ``[batch, length]`` token ids
+    (0 = padding)."""
+
+    def __init__(self, vocab: int = 4096, classes: int = 12, dim: int = 256, layers: int = 2, heads: int = 4,
+                 length: int = 32):
+        super().__init__()
+        self.vocab, self.classes, self.dim, self.layers, self.heads, self.length = vocab, classes, dim, layers, heads, length
+        self.embed = nn.Embedding(vocab, dim)
+        self.pos = nn.Parameter(torch.randn(1, length, dim) * 0.02)
+        block = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.encoder(self.embed(tokens) + self.pos[:, : tokens.shape[1]])
+        keep = (tokens != 0).unsqueeze(-1).to(h.dtype)
+        pooled = (h * keep).sum(1) / keep.sum(1).clamp(min=1.0)
+        return self.head(self.norm(pooled))

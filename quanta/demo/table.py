@@ -1,0 +1,57 @@
+"""The demo's result rows, the machine they were measured on, and the Markdown table."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DemoRow:
+    model: str              # "DocstringTransformer on stdlib docstrings"
+    method: str             # "fp32", "static_int8", "static_int8 + cle, bias_correction", ...
+    accuracy: float         # top-1 %, on the held-out split
+    delta: float            # accuracy - fp32 accuracy, in points
+    file_bytes: int         # size of the `quanta.save` file
+    latency_ms: float       # median over interleaved rounds
+    spread_ms: tuple[float, float]  # fastest and slowest round
+    speedup: float          # fp32 median / this median
+    sqnr_db: float          # SQNR of the logits against fp32 (inf for fp32 itself)
+    integer_layers: str     # "integer / quantizable" layers after conversion ("" for fp32)
+    weights: str            # "trained" now or "cached"
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_line(native_status: str) -> str:
+    """``2026-12-06, AMD EPYC (2 cores), torch 2.13.0, 2 threads, native kernels: ...``."""
+    return (f"{datetime.date.today().isoformat()}, {cpu_model()} ({os.cpu_count()} cores), torch "
+            f"{torch.__version__}, {torch.get_num_threads()} threads, native kernels: {native_status}")
+
+
+def format_table(rows: list[DemoRow], machine: str = "", rounds: int = 0) -> str:
+    lines = []
+    if machine:
+        lines += [f"Measured {machine}; latency: median of {rounds} interleaved rounds (fastest–slowest).", ""]
+    lines += [("| model | method | accuracy % (Δ vs fp32) | file KiB | latency ms (spread) | speed-up "
+               "| logits SQNR dB | integer layers |"),
+              "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        sqnr = "—" if r.sqnr_db == float("inf") else f"{r.sqnr_db:.1f}"
+        lines.append(f"| {r.model} | {r.method} | {r.accuracy:.2f} ({r.delta:+.2f}) | {r.file_bytes / 1024:.1f} | "
+                     f"{r.latency_ms:.2f} ({r.spread_ms[0]:.2f}–{r.spread_ms[1]:.2f}) | {r.speedup:.2f}x | {sqnr} | "
+                     f"{r.integer_layers or '—'} |")
+    return "\n".join(lines)
