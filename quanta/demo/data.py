@@ -56,16 +56,20 @@ DOCSTRING_MODULES = ("argparse", "asyncio", "collections", "logging", "os", "pat
 
 def _docstring_lines(module_name: str, min_chars: int) -> set[str]:
     import importlib
-    import inspect
     import warnings
 
-    module = importlib.import_module(module_name)
+    with warnings.catch_warnings():  # (typing.io and the like warn when touched)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return _lines_of(importlib.import_module(module_name), module_name, min_chars)
+
+
+def _lines_of(module: object, module_name: str, min_chars: int) -> set[str]:
+    import inspect
+
     objects: list[object] = [module]
     for name in dir(module):
         if not name.startswith("_"):
-            with warnings.catch_warnings():  # (typing.io and the like warn when touched)
-                warnings.simplefilter("ignore", DeprecationWarning)
-                obj = getattr(module, name)
+            obj = getattr(module, name)
             objects.append(obj)
             if inspect.isclass(obj):
                 objects += [v for k, v in vars(obj).items() if not k.startswith("_") and callable(v)]
