@@ -45,8 +45,8 @@ def test_adaround_beats_round_to_nearest_at_4_bit(trained_mobilenet, digits16) -
     acc_fp = demo.accuracy(trained_mobilenet, digits16.x_test, digits16.y_test)
     acc_rtn = demo.accuracy(nearest, digits16.x_test, digits16.y_test)
     acc_ada = demo.accuracy(learned, digits16.x_test, digits16.y_test)
-    # measured: float 96.4, 4-bit per-channel round-to-nearest 66.1, AdaRound (100 iterations) 90.6
-    assert acc_ada > acc_rtn + 10, (acc_fp, acc_rtn, acc_ada)
+    # measured: float 96.4, 4-bit per-channel round-to-nearest 66.1, AdaRound (100 iterations) 94.0
+    assert acc_ada > acc_rtn + 15 and acc_ada > acc_fp - 10, (acc_fp, acc_rtn, acc_ada)
     assert not record["skipped"] and len(record["layers"]) == 12
     assert all(r["loss_adaround"] <= r["loss_nearest"] for r in record["layers"])
     assert sum(r["flips"] for r in record["layers"]) > 100
