@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import platform
 from dataclasses import dataclass
 
 import torch
@@ -25,20 +24,13 @@ class DemoRow:
     weights: str            # "trained" now or "cached"
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_line(native_status: str) -> str:
-    """``2026-12-06, AMD EPYC (2 cores), torch 2.13.0, 2 threads, native kernels: ...``."""
-    return (f"{datetime.date.today().isoformat()}, {cpu_model()} ({os.cpu_count()} cores), torch "
+    """``2026-12-06, AMD EPYC (2 cores; avx2 fma), torch 2.13.0, 2 threads, native kernels: ...``
+    (the CPU features say which int8 kernels can run: see ``quanta doctor``)."""
+    from ..kernels.build_config import cpu_features, cpu_model
+
+    features = " ".join(cpu_features()) or "no AVX2/AVX-512"
+    return (f"{datetime.date.today().isoformat()}, {cpu_model()} ({os.cpu_count()} cores; {features}), torch "
             f"{torch.__version__}, {torch.get_num_threads()} threads, native kernels: {native_status}")
 
 
