@@ -53,7 +53,8 @@ class QuantConfig:
     fold_bn: bool = False
     #: PTQ algorithms the pipeline runs (`quanta.algorithms.ALGORITHMS`): "cle" and
     #: "high_bias_absorption" on the float model after BatchNorm folding, "bias_correction" after
-    #: the quantizers are in place, "empirical_bias_correction" after calibration
+    #: the quantizers are in place; after calibration, in this order, "best_calibration",
+    #: "adaround", "empirical_bias_correction"
     algorithms: tuple[str, ...] = ()
     version: int = 1
 

@@ -37,7 +37,8 @@ def quantize(model: nn.Module, config: QuantConfig | str = "dynamic_int8", calib
     `LayerQuantConfig`, or ``None`` for float) refine a preset or a `QuantConfig`; they win over
     its own choices. A layer whose shape the config cannot take stays float (see `quanta.prepare`)
     and the conversion report says why. ``algorithms`` (``"cle"``, ``"high_bias_absorption"``,
-    ``"bias_correction"``, ``"empirical_bias_correction"``; `quanta.algorithms`) run in the pipeline.
+    ``"bias_correction"``, ``"best_calibration"``, ``"adaround"``, ``"empirical_bias_correction"``;
+    `quanta.algorithms`) run in the pipeline.
 
     Speed check (see `quanta.convert`): layers whose integer kernel is slower than float on
     ``example`` (one batch of real inputs; default: the first batch of ``calib_data``, for any
