@@ -89,7 +89,7 @@ def _tasks(quick: bool, log: Callable[[str], None], progress: bool, cache_dir: P
     n = int(0.8 * len(y))
     init = ({"vocab": 4096, "classes": len(names), "dim": 64, "layers": 1, "heads": 4, "length": 32} if quick else
             {"vocab": 4096, "classes": len(names), "dim": 256, "layers": 2, "heads": 4, "length": 32})
-    recipe = {"epochs": 2 if quick else 3, "lr": 2e-3, "seed": 0}
+    recipe = {"epochs": 2 if quick else 3, "lr": 1e-3, "batch_size": 32, "seed": 0}
     label = f"DocstringTransformer ({init['layers']}×{init['dim']}) on stdlib docstrings"
     torch.manual_seed(0)
     tf, w = _train(DocstringTransformer(**init), x[:n], y[:n], init, recipe, label, log, progress, cache_dir)
