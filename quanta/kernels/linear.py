@@ -35,7 +35,8 @@ from . import native
 from .activation import _f32
 from .conv_native import pack_weight
 from .library import Impl, KernelOp
-from .u8s8_saturation import SaturationProbe
+from .linear_onednn import ONEDNN_SATURATION, int8_linear_onednn, onednn_available, onednn_limits, onednn_prepack
+from .u8s8_saturation import cpu_vnni_features
 
 #: largest K for which every int32 partial sum of int8 (or uint8 - zp) x int8 products is exact
 INT32_EXACT_MAX_K = (2**31 - 1) // (255 * 128)
@@ -302,6 +303,40 @@ def _guard_int_mm_cpu(x, x_scale, x_zp, weight, w_scale, bias, w_sum, packed):
     return reason
 
 
+#: float32 sums of int8 products (|p| <= 128 * 128) are exact in any order for up to 2^24 / 2^14 terms
+FLOAT_EXACT_K = 2**24 // (128 * 128)
+
+
+def _int8_linear_float_sums(x, x_scale, x_zp, weight, w_scale, bias, w_sum, packed):
+    """``_int_mm``'s exact int32 sums by float32 GEMMs on the codes, in chunks of `FLOAT_EXACT_K`
+    along K added in int32: for CPUs without VNNI, where torch's CPU ``_int_mm`` is ~20x slower
+    than float32 (AVX2 EPYC: [2048, 256] x [1024, 256] 940 ms) and oneDNN / fbgemm saturate."""
+    xi, zp = _int8_operand(x, x_zp)
+    xf, wf = xi.to(torch.float32), weight.to(torch.float32)
+    K = xf.shape[1]
+    acc = None
+    for k in range(0, K, FLOAT_EXACT_K):
+        part = (xf[:, k:k + FLOAT_EXACT_K] @ wf[:, k:k + FLOAT_EXACT_K].t()).to(torch.int32)
+        acc = part if acc is None else acc.add_(part)
+    ws = weight_sum(weight) if w_sum is None else w_sum.to(torch.int32)
+    acc.sub_(zp.reshape(()) * ws) if zp.numel() == 1 else acc.addr_(zp, ws, alpha=-1)
+    return _rescale(acc, x_scale, w_scale, bias)
+
+
+def _guard_float_sums(x, x_scale, x_zp, weight, w_scale, bias, w_sum, packed):
+    reason = _guard_int8_common(x, x_scale, x_zp, weight, w_scale, bias)
+    if reason is None and x.device.type != "cpu":
+        return "CPU only"
+    if reason is None and not torch.compiler.is_compiling() and torch.get_float32_matmul_precision() != "highest":
+        return (f"torch.get_float32_matmul_precision() is {torch.get_float32_matmul_precision()!r}: float32 "
+                "GEMMs may round (bf16 / tf32), so their sums of codes would not be exact")
+    return reason
+
+
+def _float_sums_available() -> bool:  # (without VNNI, the fastest exact int8 sums on this CPU)
+    return not cpu_vnni_features()
+
+
 def _guard_int_mm_cuda(x, x_scale, x_zp, weight, w_scale, bias, w_sum, packed):
     reason = _guard_int8_common(x, x_scale, x_zp, weight, w_scale, bias)
     if reason is not None:
@@ -317,34 +352,6 @@ def _cuda_capability_at_least(major: int, minor: int) -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (major, minor)
 
 
-def onednn_prepack(weight: torch.Tensor) -> torch.Tensor:
-    """onednn's packed form of an int8 [N, K] weight (for the ``onednn`` implementation)."""
-    return torch.ops.onednn.qlinear_prepack(weight.contiguous(), None)
-
-
-def _onednn_sums(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """onednn's ``x_u8 @ w_s8.T`` with unit scales (the `SaturationProbe` kernel)."""
-    n = w.shape[0]
-    return torch.ops.onednn.qlinear_pointwise(x, 1.0, 0, onednn_prepack(w), torch.ones(n),
-                                              torch.zeros(n, dtype=torch.int32), None, 1.0, 0, torch.float32,
-                                              "none", [], "")
-
-
-#: without VNNI, onednn's u8 × s8 GEMM saturates int16 pair sums (wrong for most full-range codes)
-ONEDNN_SATURATION = SaturationProbe("oneDNN", _onednn_sums)
-
-
-def _onednn_available() -> bool:
-    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
-            and ONEDNN_SATURATION.exact())
-
-
-def _onednn_limits() -> str | None:
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")):
-        return "this torch has no oneDNN qlinear"
-    return ONEDNN_SATURATION.reason()
-
-
 def _guard_onednn(x, x_scale, x_zp, weight, w_scale, bias, w_sum, packed):
     reason = _guard_int8_common(x, x_scale, x_zp, weight, w_scale, bias)
     if reason is not None:
@@ -354,17 +361,6 @@ def _guard_onednn(x, x_scale, x_zp, weight, w_scale, bias, w_sum, packed):
     if x_scale.numel() != 1 or x_zp.numel() != 1:
         return "per-token activation scales (onednn qlinear takes one activation scale)"
     return None
-
-
-def _int8_linear_onednn(x, x_scale, x_zp, weight, w_scale, bias, w_sum, packed):
-    zp = int(x_zp.reshape(()).item())
-    if x.dtype == torch.int8:  # onednn's s8-activation path is very slow: shift to uint8
-        x, zp = torch.bitwise_xor(x, -128).view(torch.uint8), zp + 128
-    N = weight.shape[0]
-    return torch.ops.onednn.qlinear_pointwise(
-        x.contiguous(), float(x_scale.reshape(()).item()), zp, packed, w_scale.float().contiguous(),
-        torch.zeros(N, dtype=torch.int32), None if bias is None else bias.float(), 1.0, 0, torch.float32,
-        "none", [], "")
 
 
 def _int8_linear_fake(x, x_scale, x_zp, weight, w_scale, bias, w_sum, packed):
@@ -381,12 +377,13 @@ int8_linear = KernelOp(
              available=lambda: native.ready(), traceable=False),
         Impl("gemm_native", _int8_linear_gemm_native, _guard_gemm_native,
              available=lambda: native.ready(), traceable=False),
+        Impl("float_sums", _int8_linear_float_sums, _guard_float_sums, available=_float_sums_available),
         Impl("int_mm_swapped", _int8_linear_int_mm_swapped, _guard_int_mm_swapped,
              available=lambda: hasattr(torch, "_int_mm")),
         Impl("int_mm_native", _int8_linear_int_mm_native, _guard_int_mm_cpu,
              available=lambda: native.ready() and hasattr(torch, "_int_mm"), traceable=False),
         Impl("int_mm", _int8_linear_int_mm, _guard_int_mm_cpu, available=lambda: hasattr(torch, "_int_mm")),
-        Impl("onednn", _int8_linear_onednn, _guard_onednn, available=_onednn_available, limits=_onednn_limits),
+        Impl("onednn", int8_linear_onednn, _guard_onednn, available=onednn_available, limits=onednn_limits),
         Impl("cuda_int_mm", _int8_linear_int_mm, _guard_int_mm_cuda,
              available=lambda: _cuda_capability_at_least(8, 0), devices=("cuda",)),
     ],
@@ -396,6 +393,6 @@ int8_linear = KernelOp(
 
 
 __all__: list[Any] = [
-    "GEMV_MAX_ROWS", "HUGE_PAGE_BYTES", "INT32_EXACT_MAX_K", "ONEDNN_ULP_BOUND", "gemm_pack", "int8_linear", "onednn_prepack",
-    "streaming_copy", "weight_sum",
+    "FLOAT_EXACT_K", "GEMV_MAX_ROWS", "HUGE_PAGE_BYTES", "INT32_EXACT_MAX_K", "ONEDNN_SATURATION", "ONEDNN_ULP_BOUND",
+    "gemm_pack", "int8_linear", "onednn_prepack", "streaming_copy", "weight_sum",
 ]

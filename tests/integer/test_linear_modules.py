@@ -14,6 +14,7 @@ from quanta import LayerQuantConfig as LC, QuantConfig, QuantDescriptor as QD
 from quanta.integer.linear import Int8Linear
 from quanta.integer.weight_only import HalfLinear, Int4WeightOnlyLinear, Int8WeightOnlyLinear
 from quanta.kernels import native
+from quanta.kernels.linear import int8_linear
 
 K, H, N = 64, 96, 48
 
@@ -35,6 +36,8 @@ CONFIGS = {
 }
 #: for the 6-row inputs below: the native VNNI gemv (<= 8 rows), else torch._int_mm (+ the native rescale)
 _INT8_FAST = ("gemv_native" if native.module().gemv_has_vnni() else "int_mm_native") if native.ready() else "int_mm"
+if "float_sums" in int8_linear.available_impls():  # no VNNI: exact float32 GEMMs on the codes
+    _INT8_FAST = "float_sums"
 FAST = {Int8Linear: _INT8_FAST, Int8WeightOnlyLinear: "int8pack_mm", Int4WeightOnlyLinear: "int4pack_mm",
         HalfLinear: "float32_upcast"}
 

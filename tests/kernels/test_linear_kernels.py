@@ -28,6 +28,8 @@ def _choice(M: int, K: int, N: int) -> str:
     """What the guards pick for an int8 x int8 linear of these sizes on this machine."""
     if GEMV and M <= (L.GEMV_MAX_ROWS_LARGE if N * K >= L.SWAP_MIN_WEIGHT else L.GEMV_MAX_ROWS):
         return "gemv_native"
+    if "float_sums" in L.int8_linear.available_impls() and K <= L.INT32_EXACT_MAX_K:
+        return "float_sums"
     return INT_MM if K >= 2 else "reference"
 
 
@@ -109,7 +111,8 @@ def test_swapped_int_mm_equals_reference_bitwise(M, xdtype, per_token):
     K, N = 2048, 2049  # N * K >= 2^22; odd N
     args = _int8_linear_args(M, K, N, xdtype, per_token, False, g)
     x, xs, zp = args[:3]
-    assert L.int8_linear.choose(*args) == ("int_mm_swapped" if _choice(M, K, N) != "gemv_native" else "gemv_native")
+    expected = _choice(M, K, N)
+    assert L.int8_linear.choose(*args) == (expected if expected in ("gemv_native", "float_sums") else "int_mm_swapped")
     fast = L.int8_linear(*args, impl="int_mm_swapped")
     assert fast.is_contiguous()
     torch.testing.assert_close(fast, L.int8_linear(*args, impl="reference"), atol=0, rtol=0)
@@ -162,8 +165,9 @@ def test_int8_linear_guards_raise_and_fall_back():
     x = torch.randint(-128, 128, (3, 1), dtype=torch.int8)
     w = torch.randint(-127, 128, (4, 1), dtype=torch.int8)
     args = (x, torch.tensor(0.1), torch.tensor(0, dtype=torch.int32), w, torch.ones(4), None, None, None)
-    assert L.int8_linear.choose(*args) == ("gemv_native" if GEMV else "reference")  # K == 1: torch's CPU
-    # _int_mm is wrong there (the native gemv is not: it reads K as it is)
+    # K == 1: torch's CPU _int_mm is wrong there (the native gemv and the float sums are not)
+    fallback = "float_sums" if "float_sums" in L.int8_linear.available_impls() else "reference"
+    assert L.int8_linear.choose(*args) == ("gemv_native" if GEMV else fallback)
     with pytest.raises(ValueError, match="K=1"):
         L.int8_linear(*args, impl="int_mm")
     why = L.int8_linear.why_not_available("onednn")
@@ -310,3 +314,31 @@ def test_cuda_fp8_scaled_mm_close_to_reference():
     assert F8.fp8_linear.choose(x, xs, w, ws, None) == "scaled_mm"
     torch.testing.assert_close(F8.fp8_linear(x, xs, w, ws, None),
                                F8.fp8_linear(x, xs, w, ws, None, impl="reference"), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("M, K, N", [(1, 7, 33), (33, 64, 7), (5, 1024, 16), (3, 1025, 9), (4, 2500, 5), (2, 1, 3)],
+                         ids=_ids)
+@pytest.mark.parametrize("xdtype", [torch.int8, torch.uint8], ids=["s8", "u8"])
+@pytest.mark.parametrize("per_token", [False, True], ids=["tensor", "token"])
+def test_float_sums_equal_reference_bitwise(M, K, N, xdtype, per_token):
+    """float32 GEMMs on the codes, in chunks of FLOAT_EXACT_K: the exact int32 sums (K past one
+    chunk, extreme codes included), hence the reference's output bit for bit."""
+    g = torch.Generator().manual_seed(M * 10007 + K * 31 + N)
+    args = list(_int8_linear_args(M, K, N, xdtype, per_token, False, g))
+    if K >= 2:  # the extremes: every product at its largest magnitude
+        args[0][0] = -128 if xdtype == torch.int8 else 255
+        args[3][0] = -128
+    ref = L.int8_linear(*args, impl="reference")
+    torch.testing.assert_close(L.int8_linear(*args, impl="float_sums"), ref, atol=0, rtol=0)
+
+
+def test_float_sums_refuse_a_rounding_matmul_precision():
+    g = torch.Generator().manual_seed(0)
+    args = _int8_linear_args(4, 64, 8, torch.uint8, False, False, g)
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        assert "matmul_precision" in L._guard_float_sums(*args)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert L._guard_float_sums(*args) is None
