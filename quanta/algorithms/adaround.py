@@ -255,3 +255,9 @@ def adaround(model: nn.Module, data: Iterable[Any], options: AdaRoundOptions | N
         + (f"; {len(skipped)} skipped" if skipped else "")
     return {"algorithm": "adaround", "options": dataclasses.asdict(opt), "layers": rows, "skipped": skipped,
             "note": note}
+
+
+def run(model: nn.Module, ctx: Any) -> dict:
+    """Pipeline entry (`pipeline.REGISTRY`): ``ctx.options`` is the `AdaRoundOptions` of the config."""
+    return adaround(model, ctx.data, ctx.options, num_batches=ctx.num_batches, forward_fn=ctx.forward_fn,
+                    progress=ctx.progress)

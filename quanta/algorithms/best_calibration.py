@@ -103,3 +103,9 @@ def best_calibration(model: nn.Module, data: Iterable[Any], methods: tuple[str, 
     chosen = {m: sum(r["method"] == m for r in rows) for m in methods}
     return {"algorithm": "best_calibration", "quantizers": rows, "skipped": skipped,
             "note": f"{len(rows)} quantizer(s): " + ", ".join(f"{k} ×{v}" for k, v in chosen.items() if v)}
+
+
+def run(model: nn.Module, ctx: Any) -> dict:
+    """Pipeline entry (`pipeline.REGISTRY`)."""
+    return best_calibration(model, ctx.data, num_batches=ctx.num_batches, forward_fn=ctx.forward_fn,
+                            progress=ctx.progress)

@@ -142,3 +142,13 @@ def _measured_shift(model: nn.Module, layer: nn.Module, batches: list, forward: 
     finally:
         handle.remove()
     return None if total[1] == 0 else total[0] / total[1]
+
+
+def run_analytical(model: nn.Module, ctx: Any) -> dict:
+    """Pipeline entry (`pipeline.REGISTRY`): analytical bias correction from BatchNorm statistics."""
+    return bias_correction(model, ctx.statistics)
+
+
+def run_empirical(model: nn.Module, ctx: Any) -> dict:
+    """Pipeline entry: bias correction measured on the calibration batches."""
+    return empirical_bias_correction(model, ctx.data, num_batches=ctx.num_batches, forward_fn=ctx.forward_fn)

@@ -3,6 +3,8 @@ on a float model whose BatchNorm is folded."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -150,3 +152,13 @@ def expected_output(layer: nn.Module, weight: torch.Tensor, mean_in: torch.Tenso
     size = [d * (k - 1) + 1 for d, k in zip(dil, weight.shape[2:])]
     x = mean_in.reshape(1, -1, *([1] * spatial)).expand(1, -1, *size).to(weight.dtype)
     return conv(x, weight, None, 1, 0, dil, layer.groups).reshape(-1)
+
+
+def run_cle(model: nn.Module, ctx: Any) -> dict:
+    """Pipeline entry (`pipeline.REGISTRY`): CLE with the BatchNorm statistics of the folded layers."""
+    return cross_layer_equalization(model, statistics=ctx.statistics)
+
+
+def run_absorption(model: nn.Module, ctx: Any) -> dict:
+    """Pipeline entry: high-bias absorption from the BatchNorm statistics."""
+    return absorb_high_bias(model, ctx.statistics)

@@ -56,6 +56,9 @@ class QuantConfig:
     #: the quantizers are in place; after calibration, in this order, "best_calibration",
     #: "adaround", "empirical_bias_correction"
     algorithms: tuple[str, ...] = ()
+    #: options per algorithm that takes some (``{"adaround": {"iterations": 500}}``): the fields of its
+    #: options dataclass (`quanta.algorithms.pipeline.REGISTRY`), validated here
+    algorithm_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -84,19 +87,21 @@ class QuantConfig:
         object.__setattr__(self, "exclude", tuple(self.exclude))
         if not isinstance(self.fold_bn, bool):
             raise TypeError(f"QuantConfig.fold_bn must be a bool, got {type(self.fold_bn).__name__}")
-        from ..algorithms.pipeline import check_algorithms
+        from ..algorithms.pipeline import check_algorithms, check_options
 
         object.__setattr__(self, "algorithms", check_algorithms(self.algorithms))
+        object.__setattr__(self, "algorithm_options", check_options(self.algorithm_options, self.algorithms))
         if isinstance(self.version, bool) or not isinstance(self.version, int):
             raise TypeError("QuantConfig.version must be an int")
         if self.version > 1:
             raise ValueError(f"QuantConfig.version {self.version} is newer than supported (1)")
 
     def extended(self, exclude: Any = (), rules: Mapping[str, LayerQuantConfig | None] | None = None,
-                 algorithms: Any = ()) -> "QuantConfig":
+                 algorithms: Any = (), algorithm_options: Mapping[str, Mapping[str, Any]] | None = None
+                 ) -> "QuantConfig":
         """This config with more ``exclude`` patterns and ``rules`` (the new ones come first, so
         they win over rules already there: a rule's first match wins) and more ``algorithms``
-        (after its own; validated)."""
+        (after its own; validated) and ``algorithm_options`` (per algorithm, over its own)."""
         algorithms = (algorithms,) if isinstance(algorithms, str) else algorithms
         if not isinstance(algorithms, (tuple, list)):
             raise TypeError(f"algorithms must be a list of algorithm names, got {type(algorithms).__name__}")
@@ -108,6 +113,7 @@ class QuantConfig:
                             f"got {type(rules).__name__}")
         return dataclasses.replace(self, exclude=tuple(exclude) + tuple(self.exclude),
                                    algorithms=tuple(self.algorithms) + tuple(algorithms),
+                                   algorithm_options={**self.algorithm_options, **(algorithm_options or {})},
                                    rules={**(rules or {}), **{k: v for k, v in self.rules.items()
                                                                if k not in (rules or {})}})
 
@@ -139,12 +145,15 @@ class QuantConfig:
             "exclude": list(self.exclude),
             "fold_bn": self.fold_bn,
             "algorithms": list(self.algorithms),
+            **({"algorithm_options": {k: dict(v) for k, v in self.algorithm_options.items()}}
+               if self.algorithm_options else {}),
             "version": self.version,
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "QuantConfig":
-        known = {"default", "module_types", "rules", "exclude", "fold_bn", "algorithms", "version"}
+        known = {"default", "module_types", "rules", "exclude", "fold_bn", "algorithms", "algorithm_options",
+                 "version"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"QuantConfig.from_dict: unknown field(s) {unknown}")
@@ -156,6 +165,7 @@ class QuantConfig:
             exclude=tuple(data.get("exclude", ())),
             fold_bn=data.get("fold_bn", False),
             algorithms=tuple(data.get("algorithms", ())),
+            algorithm_options=data.get("algorithm_options", {}),
             version=data.get("version", 1),
         )
 

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import inspect
+import itertools
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
-from ..algorithms.pipeline import DATA_FREE, after_quantizers, before_quantizers
+from ..algorithms.pipeline import AlgorithmContext, at_stage, before_quantizers, needs_data, run_stage
 from ..integer.base import IntegerModule
 from ..nn.registry import known_type_names, lookup
 from ..nn.tensor_quantizer import TensorQuantizer
@@ -49,7 +52,8 @@ def check_float_model(model: Any, who: str) -> None:
 
 
 def prepare(model: nn.Module, config: QuantConfig | None = None, inplace: bool = False,
-            verbose: bool = False) -> nn.Module:
+            verbose: bool = False, *, calib_data: Iterable[Any] | None = None, num_batches: int | None = None,
+            forward_fn: Callable[[nn.Module, Any], Any] | None = None, progress: bool = True) -> nn.Module:
     """Return a simulated copy of ``model`` (or ``model`` itself with ``inplace=True``).
 
     Every module whose class (or closest base class) is registered is swapped for its
@@ -59,6 +63,10 @@ def prepare(model: nn.Module, config: QuantConfig | None = None, inplace: bool =
     A layer whose shape its config cannot take (``group_size 32 does not divide 40``) stays
     float, with a warning and the reason in `quanta.coverage` and the conversion report, unless
     a rule or exclusion names it exactly (then that is an error).
+
+    ``config.algorithms`` of the ``float`` and ``simulated`` stages run here (`quanta.algorithms`);
+    those that need data take ``calib_data`` (a list of batches, or an iterable read once;
+    ``num_batches``, ``forward_fn`` as in `quanta.calibrate`).
     """
     check_float_model(model, "prepare")
     config = QuantConfig() if config is None else config
@@ -68,10 +76,19 @@ def prepare(model: nn.Module, config: QuantConfig | None = None, inplace: bool =
     if config.fold_bn and model.training:
         raise ValueError("QuantConfig.fold_bn needs the model in eval mode (BatchNorm running "
                          "statistics): call model.eval() first")
+    early = at_stage(config.algorithms, "float") + at_stage(config.algorithms, "simulated")
+    wanting = needs_data(early)
+    if wanting and calib_data is None:
+        raise ValueError(f"QuantConfig.algorithms {wanting[0]!r} needs calibration data: pass calib_data")
+    if isinstance(calib_data, torch.Tensor):
+        raise TypeError("calib_data must be an iterable of batches (a list of tensors); wrap a single tensor as [tensor]")
+    ctx = AlgorithmContext(data=None if not wanting else list(itertools.islice(calib_data, num_batches)),
+                           num_batches=num_batches, forward_fn=forward_fn, progress=progress)
     target = model if inplace else copy.deepcopy(model)
     statistics = None
-    if any(name in DATA_FREE for name in config.algorithms):  # CLE, absorption: on the folded float model
-        statistics = before_quantizers(target, config.algorithms, fold_batchnorm if config.fold_bn else None)
+    if early:  # BatchNorm statistics read, then folded; the float-stage algorithms on the folded float model
+        statistics = before_quantizers(target, config.algorithms, fold_batchnorm if config.fold_bn else None,
+                                       ctx, config.algorithm_options)
     elif config.fold_bn:
         fold_batchnorm(target)
     decisions: dict[str, str] = {}
@@ -82,8 +99,9 @@ def prepare(model: nn.Module, config: QuantConfig | None = None, inplace: bool =
             target = root_cls.from_float(target, decision.config)
     _swap(target, "", config, decisions)
     quantize_tied_tables(target, decisions)  # a tied embedding takes its Linear's weight quantizer
-    if statistics is not None:  # analytical bias correction: with the weight quantizers in place
-        after_quantizers(target, config.algorithms, statistics)
+    if statistics is not None:  # e.g. analytical bias correction: with the weight quantizers in place
+        run_stage(target, "simulated", config.algorithms, dataclasses.replace(ctx, statistics=statistics),
+                  config.algorithm_options)
     for name, mod in target.named_modules():
         if isinstance(mod, nn.TransformerEncoder):
             # its nested-tensor fast path would hand the quantized layers nested tensors

@@ -125,8 +125,8 @@ def quantizes_any(model: nn.Module, config: QuantConfig) -> bool:
 
 
 #: options every preset takes (`QuantConfig.extended`): patterns that stay float, per-name rules,
-#: PTQ algorithms the pipeline runs (`quanta.algorithms`)
-COMMON_OPTIONS = ("exclude", "rules", "algorithms")
+#: PTQ algorithms the pipeline runs (`quanta.algorithms`) and their options
+COMMON_OPTIONS = ("exclude", "rules", "algorithms", "algorithm_options")
 
 
 def preset_options(name: str) -> tuple[str, ...]:
@@ -139,7 +139,8 @@ def preset(name: str, **options: Any) -> QuantConfig:
 
     Options: ``exclude=[names or globs]`` (those modules stay float), ``rules={name or glob:
     LayerQuantConfig or None}`` (they win over the preset's choices), ``algorithms=["cle",
-    "bias_correction", ...]`` (`quanta.algorithms`), and ``group_size=`` for ``weight_only_int4``. An option a preset does not take raises ``ValueError``.
+    "bias_correction", ...]`` (`quanta.algorithms`) with ``algorithm_options={name: {option: value}}``,
+    and ``group_size=`` for ``weight_only_int4``. An option a preset does not take raises ``ValueError``.
     """
     if not isinstance(name, str):
         raise TypeError(f"preset name must be a str, got {type(name).__name__}")

@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from ..algorithms.pipeline import after_calibration
+from ..algorithms.pipeline import AlgorithmContext, needs_data, run_stage
 from ..nn import LayerQuantConfig
 from .calibrate import calibrate, calibration_targets
 from .config import QuantConfig
@@ -26,7 +26,8 @@ def quantize(model: nn.Module, config: QuantConfig | str = "dynamic_int8", calib
              progress: bool = True, speed_check: bool = True, example: Any = None,
              exclude: Iterable[str] | str | None = None,
              rules: Mapping[str, LayerQuantConfig | None] | None = None,
-             algorithms: Iterable[str] | str | None = None) -> nn.Module:
+             algorithms: Iterable[str] | str | None = None,
+             algorithm_options: Mapping[str, Mapping[str, Any]] | None = None) -> nn.Module:
     """Return an integer copy of ``model`` (the float model is not modified).
 
     ``config``: a `QuantConfig` or a preset name: ``dynamic_int8``, ``static_int8``,
@@ -38,7 +39,8 @@ def quantize(model: nn.Module, config: QuantConfig | str = "dynamic_int8", calib
     its own choices. A layer whose shape the config cannot take stays float (see `quanta.prepare`)
     and the conversion report says why. ``algorithms`` (``"cle"``, ``"high_bias_absorption"``,
     ``"bias_correction"``, ``"best_calibration"``, ``"adaround"``, ``"empirical_bias_correction"``;
-    `quanta.algorithms`) run in the pipeline.
+    `quanta.algorithms`) run in the pipeline, with ``algorithm_options`` (``{"adaround":
+    {"iterations": 500}}``) over the config's own.
 
     Speed check (see `quanta.convert`): layers whose integer kernel is slower than float on
     ``example`` (one batch of real inputs; default: the first batch of ``calib_data``, for any
@@ -46,8 +48,8 @@ def quantize(model: nn.Module, config: QuantConfig | str = "dynamic_int8", calib
     ``speed_check=False``, every lowerable layer becomes integer.
     """
     check_float_model(model, "quantize")
-    refine = {k: v for k, v in (("exclude", exclude), ("rules", rules), ("algorithms", algorithms))
-              if v is not None}
+    refine = {k: v for k, v in (("exclude", exclude), ("rules", rules), ("algorithms", algorithms),
+                                ("algorithm_options", algorithm_options)) if v is not None}
     name = config if isinstance(config, str) else None
     if isinstance(config, str):
         config = preset(config, **({} if group_size is None else {"group_size": group_size}), **refine)
@@ -63,8 +65,7 @@ def quantize(model: nn.Module, config: QuantConfig | str = "dynamic_int8", calib
         warnings.warn("quanta.quantize: the model is in training mode, so BatchNorm is not folded; "
                       "call model.eval() first for an inference model", UserWarning, stacklevel=2)
     if not quantizes_any(model, config):
-        _nothing_covered(model, None if set(refine) - {"algorithms"} else name)
-    sim = prepare(model, config)
+        _nothing_covered(model, None if set(refine) - {"algorithms", "algorithm_options"} else name)
     first = None
     if calib_data is not None:
         if isinstance(calib_data, torch.Tensor):
@@ -75,15 +76,18 @@ def quantize(model: nn.Module, config: QuantConfig | str = "dynamic_int8", calib
         if first is None:
             raise ValueError("calib_data is empty: no batch was produced")
         calib_data = itertools.chain([first], batches)  # one pass, even over a one-shot iterator
-        if {"best_calibration", "adaround", "empirical_bias_correction"} & set(config.algorithms):  # more passes over the batches
+        if needs_data(config.algorithms):  # more passes over the batches
             calib_data = list(itertools.islice(calib_data, num_batches)) if num_batches else list(calib_data)
+    sim = prepare(model, config, calib_data=calib_data if needs_data(config.algorithms) else None,
+                  num_batches=num_batches, forward_fn=forward_fn, progress=progress)
     if calibration_targets(sim):
         if calib_data is None:
             raise ValueError("this configuration quantizes activations statically: pass calib_data "
                              "(a DataLoader or a list of batches) to calibrate their ranges")
         calibrate(sim, calib_data, method, num_batches=num_batches, forward_fn=forward_fn, progress=progress)
-    after_calibration(sim, config.algorithms, calib_data, num_batches=num_batches, forward_fn=forward_fn,
-                      progress=progress)
+    run_stage(sim, "calibrated", config.algorithms,
+              AlgorithmContext(data=calib_data if needs_data(config.algorithms) else None, num_batches=num_batches,
+                               forward_fn=forward_fn, progress=progress), config.algorithm_options)
     return convert(sim, backend=backend, inplace=True, example=first if example is None else example,
                    forward_fn=forward_fn, speed_check=speed_check)
 

@@ -70,3 +70,52 @@ def test_empirical_bias_correction_needs_calibration_data() -> None:
     config = quanta.QuantConfig(default=W_PER_TENSOR, algorithms=("empirical_bias_correction",))
     with pytest.raises(ValueError, match="needs calibration data"):
         quanta.quantize(model, config, speed_check=False, progress=False)
+
+
+def test_registry_orders_stages_and_lists_every_algorithm() -> None:
+    from quanta.algorithms import pipeline
+
+    assert set(pipeline.ALGORITHMS) == set(pipeline.BY_NAME)
+    stages = [pipeline.STAGES.index(pipeline.BY_NAME[n].stage) for n in pipeline.ALGORITHMS]
+    assert stages == sorted(stages)  # ALGORITHMS is pipeline order
+    for algo in pipeline.REGISTRY:  # every registered entry point and options class exists
+        assert callable(algo.load(algo.run)), algo.name
+        if algo.options is not None:
+            assert pipeline.build_options(algo, {}) is not None
+    assert pipeline.at_stage(("empirical_bias_correction", "cle"), "float") == ("cle",)
+
+
+def test_algorithm_options_validate_round_trip_and_reach_the_algorithm(monkeypatch) -> None:
+    config = quanta.QuantConfig(default=W_PER_TENSOR, algorithms=("adaround",),
+                                algorithm_options={"adaround": {"iterations": 7, "min_samples": 8}})
+    again = quanta.QuantConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert again == config and again.algorithm_options == {"adaround": {"iterations": 7, "min_samples": 8}}
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['iters'\].*iterations"):
+        quanta.QuantConfig(algorithms=("adaround",), algorithm_options={"adaround": {"iters": 7}})
+    with pytest.raises(ValueError, match="positive int"):
+        quanta.QuantConfig(algorithms=("adaround",), algorithm_options={"adaround": {"iterations": 0}})
+    with pytest.raises(ValueError, match="which algorithms does not run"):
+        quanta.QuantConfig(algorithm_options={"adaround": {"iterations": 7}})
+    with pytest.raises(ValueError, match="takes no options"):
+        quanta.QuantConfig(algorithms=("cle",), algorithm_options={"cle": {"sweeps": 2}})
+
+    import importlib
+
+    module = importlib.import_module("quanta.algorithms.adaround")  # the package exports the function
+    seen = []
+    monkeypatch.setattr(module, "adaround", lambda model, data, options, **kw: seen.append(options) or
+                        {"algorithm": "adaround", "note": "stub for the plumbing test"})
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    quanta.quantize(model, config, [torch.randn(16, 4)], speed_check=False, progress=False)
+    assert seen and seen[0].iterations == 7 and seen[0].min_samples == 8
+    seen.clear()  # the same through a preset's options
+    quanta.quantize(model, "dynamic_int8", [torch.randn(16, 4)], speed_check=False, progress=False,
+                    algorithms=["adaround"], algorithm_options={"adaround": {"iterations": 3}})
+    assert seen[0].iterations == 3
+
+
+def test_prepare_with_a_data_algorithm_needs_data_and_leaves_the_model_untouched() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    config = quanta.QuantConfig(default=W_PER_TENSOR, algorithms=("best_calibration",))
+    sim = quanta.prepare(model, config)  # calibrated-stage algorithms do not run in prepare
+    assert not hasattr(sim, ALGORITHMS_ATTR)
