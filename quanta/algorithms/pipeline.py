@@ -53,6 +53,7 @@ class AlgorithmContext:
     """What an algorithm's ``run`` gets besides the model."""
 
     options: Any = None  # its options dataclass (defaults when the config names none)
+    config: Any = None  # the QuantConfig being applied (what each layer's quantizers will be: config.decide)
     statistics: dict = dataclasses.field(default_factory=dict)  # BatchNorm (mean, std) per folded layer
     data: list | None = None  # calibration batches (a list, reusable), None if the stage has none
     num_batches: int | None = None

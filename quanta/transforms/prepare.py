@@ -82,7 +82,7 @@ def prepare(model: nn.Module, config: QuantConfig | None = None, inplace: bool =
         raise ValueError(f"QuantConfig.algorithms {wanting[0]!r} needs calibration data: pass calib_data")
     if isinstance(calib_data, torch.Tensor):
         raise TypeError("calib_data must be an iterable of batches (a list of tensors); wrap a single tensor as [tensor]")
-    ctx = AlgorithmContext(data=None if not wanting else list(itertools.islice(calib_data, num_batches)),
+    ctx = AlgorithmContext(config=config, data=None if not wanting else list(itertools.islice(calib_data, num_batches)),
                            num_batches=num_batches, forward_fn=forward_fn, progress=progress)
     target = model if inplace else copy.deepcopy(model)
     statistics = None

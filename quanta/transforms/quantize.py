@@ -86,7 +86,7 @@ def quantize(model: nn.Module, config: QuantConfig | str = "dynamic_int8", calib
                              "(a DataLoader or a list of batches) to calibrate their ranges")
         calibrate(sim, calib_data, method, num_batches=num_batches, forward_fn=forward_fn, progress=progress)
     run_stage(sim, "calibrated", config.algorithms,
-              AlgorithmContext(data=calib_data if needs_data(config.algorithms) else None, num_batches=num_batches,
+              AlgorithmContext(config=config, data=calib_data if needs_data(config.algorithms) else None, num_batches=num_batches,
                                forward_fn=forward_fn, progress=progress), config.algorithm_options)
     return convert(sim, backend=backend, inplace=True, example=first if example is None else example,
                    forward_fn=forward_fn, speed_check=speed_check)
