@@ -5,14 +5,17 @@ function here and a name in `QuantConfig.algorithms`, which `quanta.prepare` / `
 run in the pipeline; what each changed is recorded on the model and in the saved file."""
 
 from .adaround import AdaRoundOptions, adaround
+from .awq import AWQOptions, awq
 from .best_calibration import best_calibration
 from .bias_correction import activation_mean, bias_correction, empirical_bias_correction
 from .equalize import absorb_high_bias, cross_layer_equalization
 from .pairs import LayerPair, batchnorm_statistics, bn_pairs, find_pairs
 from .pipeline import ALGORITHMS, ALGORITHMS_ATTR, check_algorithms
+from .smoothquant import SmoothQuantOptions, smoothquant
 
 __all__ = [
-    "ALGORITHMS", "ALGORITHMS_ATTR", "AdaRoundOptions", "LayerPair", "absorb_high_bias", "activation_mean", "adaround",
-    "batchnorm_statistics", "best_calibration", "bias_correction", "bn_pairs", "check_algorithms",
-    "cross_layer_equalization", "empirical_bias_correction", "find_pairs",
+    "ALGORITHMS", "ALGORITHMS_ATTR", "AWQOptions", "AdaRoundOptions", "LayerPair", "SmoothQuantOptions",
+    "absorb_high_bias", "activation_mean", "adaround", "awq", "batchnorm_statistics", "best_calibration",
+    "bias_correction", "bn_pairs", "check_algorithms", "cross_layer_equalization", "empirical_bias_correction",
+    "find_pairs", "smoothquant",
 ]
