@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..transforms.conv_subclass import runs_layer_op
+
 _WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 #: activation modules / functions a pair may pass through, by kind
@@ -26,15 +28,10 @@ class LayerPair:
 
 
 def plain_forward(module: nn.Module) -> bool:
-    """A conv/linear (or subclass) that runs torch's own forward: per-channel scaling is provably
-    exact through it. A subclass with its own ``forward`` (or ``_conv_forward``) is not."""
-    for base in _WEIGHTED:
-        if isinstance(module, base):
-            cls = type(module)
-            if cls.forward is not base.forward:
-                return False
-            return not hasattr(base, "_conv_forward") or cls._conv_forward is base._conv_forward
-    return False
+    """A conv/linear (or subclass) whose forward provably computes its layer op: torch's own, or
+    a conv subclass that pads with constant zeros then convolves (`runs_layer_op`); per-channel
+    scaling is exact through it. A subclass with any other ``forward`` is not."""
+    return runs_layer_op(module)
 
 
 def _act_kind(mod: nn.Module | None, node: torch.fx.Node) -> str | None:

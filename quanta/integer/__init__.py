@@ -7,13 +7,14 @@ from .base import IntegerModule, storage_bytes
 
 def lowering_classes() -> list[type]:
     """Integer classes `convert` tries, most specific first (each has ``accepts``/``from_simulated``)."""
-    from . import add, conv, dynamic_conv, embedding, linear, recurrent, weight_only
+    from . import add, conv, dynamic_conv, embedding, linear, padded_conv, recurrent, weight_only
 
     classes: list[type] = []
     for mod, names in (
         (linear, ("Int8Linear",)),
         (weight_only, ("Int4WeightOnlyLinear", "Int8WeightOnlyLinear", "HalfLinear")),
         (conv, ("Int8Conv1d", "Int8Conv2d", "Int8Conv3d")),
+        (padded_conv, ("Int8PaddedConv1d", "Int8PaddedConv2d", "Int8PaddedConv3d")),
         (dynamic_conv, ("DynamicInt8Conv1d", "DynamicInt8Conv2d", "DynamicInt8Conv3d")),
         (recurrent, ("DynamicInt8LSTM", "DynamicInt8GRU", "DynamicInt8RNN", "DynamicInt8LSTMCell",
                      "DynamicInt8GRUCell", "DynamicInt8RNNCell")),

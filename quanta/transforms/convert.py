@@ -8,6 +8,11 @@ so do layers `prepare` left float because their shape did not fit the config. Th
 `fuse_activations` lets integer convolutions fuse a following ReLU/ReLU6 and hand uint8 codes
 straight to the next integer convolution, so a CNN does not pay a dequantize/quantize pair at
 every layer.
+
+A user subclass with its own ``forward`` lowers only when that forward provably computes
+constant zero padding then the conv op (`quanta.transforms.conv_subclass`: TF-style "same"
+convs; asymmetric padding through `quanta.integer.padded_conv`); any other becomes the user's
+float module again (simulating it would be slower than float), and the report says why.
 """
 
 from __future__ import annotations
@@ -21,9 +26,11 @@ from torch import nn
 
 from ..integer import lowering_classes
 from ..integer.base import IntegerModule
+from ..integer.padded_conv import PADDED
 from ..nn.modules.base import QuantModule, float_class_of
 from ..nn.modules.functional import Add, QuantAdd, QuantOp
 from ..nn.tensor_quantizer import TensorQuantizer
+from .conv_subclass import analyse_conv_subclass, plain_view
 from .fuse import fuse_activations
 from .prepare import DECISIONS_ATTR, UNSUPPORTED
 from .simplify import collapse_wrappers
@@ -31,6 +38,7 @@ from .speed_check import SpeedChoice, keep_faster
 from .tied import retie, tied_groups
 
 REPORT_ATTR = "_quanta_convert_report"
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 BACKENDS = ("auto", "cpu", "cuda", "reference")
 
 
@@ -184,16 +192,32 @@ class _Walk:
         if not isinstance(module, (QuantModule, QuantAdd)):
             return None
         overrider = _forward_overrider(module)
-        if overrider is not None:  # lowering would drop the user's code around the layer's op
-            self.report.append(Lowering(name or "(root)", type(module).__name__, "simulated",
-                                        f"subclass {overrider} overrides forward: kept simulated (its own code "
-                                        "runs on the quantized values; an integer layer would replace it)"))
-            return None
-        reasons = []
+        if overrider is not None:  # lowering must not drop the user's code around the layer's op
+            return self._lower_subclass(module, name, overrider)
         # a module stored another way than the integer classes read (transformers' Conv1D: a
         # transposed Linear) offers an equivalent view of itself to lower
         sim = module.linear_view() if callable(getattr(module, "linear_view", None)) else module
-        for cls in self.classes:
+        return self._lower_as(sim, module, name, self.classes)
+
+    def _lower_subclass(self, module: nn.Module, name: str, overrider: str) -> nn.Module | None:
+        """A user subclass with its own forward: lowered when that forward provably pads with
+        zeros and runs the conv (`conv_subclass`), else the user's float module, with the reason."""
+        plan = analyse_conv_subclass(module) if isinstance(module, _CONVS) else \
+            "its forward is not a padding followed by the convolution"
+        if isinstance(plan, str):
+            twin = module.to_float()  # type: ignore[attr-defined]
+            self.report.append(Lowering(name or "(root)", type(module).__name__, "float",
+                                        f"subclass {overrider} overrides forward and quanta cannot lower it "
+                                        f"({plan}): kept float"))
+            self.children(twin, name)  # (quantized modules inside it still lower)
+            return twin
+        view = plain_view(module, plan)
+        classes = self.classes if plan.symmetric else [c for c in self.classes if c in PADDED.values()]
+        return self._lower_as(view, module, name, classes)
+
+    def _lower_as(self, sim: nn.Module, module: nn.Module, name: str, classes: list[type]) -> nn.Module | None:
+        reasons = []
+        for cls in classes:
             reason = cls.accepts(sim)
             if reason is None:
                 new = cls.from_simulated(sim)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .conv_subclass import LayerLeafTracer, runs_layer_op
+
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -15,6 +17,8 @@ def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
         return False
     if isinstance(conv, _CONV_T):
         return conv.groups == 1 and conv.out_channels == bn.num_features
+    if not runs_layer_op(conv):  # (a user subclass whose forward does more than its layer op)
+        return False
     if isinstance(conv, nn.Linear):
         return conv.out_features == bn.num_features
     return isinstance(conv, _CONV) and conv.out_channels == bn.num_features
@@ -22,7 +26,7 @@ def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
 
 def _pairs_fx(model: nn.Module) -> list[tuple[str, str]] | None:
     try:
-        graph = torch.fx.symbolic_trace(model).graph
+        graph = LayerLeafTracer().trace(model)  # (a user conv subclass that pads, then convolves: one node)
     except Exception:  # data-dependent control flow etc.: fall back to Sequential adjacency
         return None
     mods = dict(model.named_modules())

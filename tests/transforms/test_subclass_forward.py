@@ -1,6 +1,9 @@
-"""Convert never replaces a user subclass's own ``forward`` by a plain integer layer."""
+"""Convert never replaces a user subclass's own ``forward`` by an integer layer computing something else:
+a pad-then-conv forward lowers (padding folded in), any other stays the user's float module."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -60,16 +63,27 @@ def net():
     return model, sim, quanta.convert(sim)
 
 
-@pytest.mark.parametrize("name,cls", [("gated", "GatedLinear"), ("conv", "SameConv")])
-def test_a_subclass_overriding_forward_stays_simulated_with_the_reason(net, name, cls):
-    _, sim, q = net
-    module = q.get_submodule(name)
-    assert not isinstance(module, IntegerModule) and type(module).__name__ == f"Quant{cls}"
-    entry = {r.name: r for r in quanta.conversion_report(q)}[name]
-    assert entry.result == "simulated" and f"subclass {cls} overrides forward" in entry.detail
-    x = torch.randn(5, 8) if name == "gated" else torch.randn(2, 3, 9, 9)
+def test_a_subclass_whose_forward_quanta_cannot_lower_stays_the_users_float_module(net):
+    model, _, q = net
+    module = q.gated
+    assert type(module) is GatedLinear and not any(True for _ in module.children())  # no quantizers left
+    entry = {r.name: r for r in quanta.conversion_report(q)}["gated"]
+    assert entry.result == "float" and "subclass GatedLinear overrides forward" in entry.detail
+    x = torch.randn(5, 8)
     with torch.no_grad():
-        assert torch.equal(module(x), sim.get_submodule(name)(x))  # the user's logic still runs
+        assert torch.equal(module(x), model.gated(x))  # the user's logic, in float, exactly
+
+
+def test_a_subclass_that_pads_then_convolves_lowers_with_its_padding(net):
+    _, sim, q = net
+    assert isinstance(q.conv, IntegerModule) and q.conv.extra_padding == (0, 1, 0, 1)
+    entry = {r.name: r for r in quanta.conversion_report(q)}["conv"]
+    assert entry.result == "Int8PaddedConv2d"
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        ref = torch.relu(sim.conv(x))  # (the model's ReLU is fused into the integer conv)
+        assert q.conv.post_op == "relu"
+        torch.testing.assert_close(q.conv(x), ref, atol=1e-5 * float(ref.abs().max()), rtol=0)
 
 
 def test_a_subclass_without_its_own_forward_still_lowers(net):
@@ -82,8 +96,10 @@ def test_a_subclass_without_its_own_forward_still_lowers(net):
 
 def test_the_whole_model_computes_what_the_simulation_computes(net):
     model, sim, q = net
+    expected = copy.deepcopy(sim)
+    expected.gated = copy.deepcopy(model.gated)  # (convert made it float again)
     x = torch.randn(16, 3, 9, 9)
     with torch.no_grad():
-        ref, simulated, out = model(x), sim(x), q(x)
+        ref, simulated, out = model(x), expected(x), q(x)
     torch.testing.assert_close(out, simulated, atol=1e-5, rtol=0)
     assert F.cosine_similarity(ref.flatten(), out.flatten(), dim=0) > 0.99
