@@ -60,7 +60,7 @@ def _quantize(args: argparse.Namespace) -> int:
 
     print(quantize_file(QuantizeJob(
         output=args.output, spec=args.spec, hf=args.hf, config=_config_choice(args), calib=args.calib,
-        calib_batch_size=args.calib_batch_size, calib_method=args.calib_method, calib_batches=args.calib_batches,
+        images=_image_options(args), calib_batch_size=args.calib_batch_size, calib_method=args.calib_method, calib_batches=args.calib_batches,
         speed_check=not args.no_speed_check, input_shape=args.input_shape, progress=not args.quiet)))
     return 0
 
@@ -88,11 +88,18 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _supported(args: argparse.Namespace) -> int:
+    from .commands.supported import text
+
+    print(text(as_markdown=args.markdown))
+    return 0
+
+
 def _analysis_job(args: argparse.Namespace) -> Any:
     from .commands.report_cmd import AnalysisJob
 
     return AnalysisJob(file=args.file, model=args.model, calib=args.calib, batch_size=args.calib_batch_size,
-                       batches=args.batches, input_shape=args.input_shape)
+                       batches=args.batches, input_shape=args.input_shape, images=_image_options(args))
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -107,6 +114,25 @@ def _report_cmd(args: argparse.Namespace) -> int:
 
     print(report_file(_analysis_job(args), args.output, latency=args.latency))
     return 0
+
+
+def _image_options(args: argparse.Namespace) -> Any:
+    from .commands.images import ImageOptions
+
+    return ImageOptions(size=tuple(args.image_size) if args.image_size else None, channels=args.channels,
+                        mean=tuple(args.mean) if args.mean else None, std=tuple(args.std) if args.std else None)
+
+
+def _image_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                   help="size images of a --calib folder are resized and center-cropped to (default: the model's, "
+                        "from a .pt2 program's example input or a transformers config's image_size)")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                   help="images as RGB (3) or grayscale (1) (default: the model's, else 3)")
+    p.add_argument("--mean", type=float, nargs="+", default=None, metavar="M",
+                   help="subtracted from images scaled to [0, 1] (one value or one per channel)")
+    p.add_argument("--std", type=float, nargs="+", default=None, metavar="S",
+                   help="images are divided by it after --mean (one value or one per channel)")
 
 
 def _preset_options(p: argparse.ArgumentParser, with_config: bool) -> None:
@@ -131,7 +157,7 @@ def _algorithm_option(p: argparse.ArgumentParser) -> None:
 
 
 def _version() -> str:
-    from . import __version__
+    from ._version import __version__
 
     return __version__
 
@@ -179,14 +205,17 @@ def build_parser() -> argparse.ArgumentParser:
     doc.add_argument("--json", action="store_true", help="print the report as JSON")
 
     quant = command("quantize", _quantize, "quantize a model and write it as one .safetensors file")
-    quant.add_argument("spec", nargs="?", help="package.module:factory or file.py:factory; the factory returns "
-                                                "a model or (model, calibration_data)")
+    quant.add_argument("spec", nargs="?", help="package.module:factory or file.py:factory (the factory returns "
+                                                "a model or (model, calibration_data)), or a torch.export .pt2 file")
     quant.add_argument("--hf", metavar="DIR", help="a transformers model directory (save_pretrained), loaded offline")
     quant.add_argument("-o", "--output", required=True, metavar="OUT.safetensors", help="file to write")
     _preset_options(quant, with_config=True)
-    quant.add_argument("--calib", metavar="FILE", help="calibration inputs: .pt, .npy or .safetensors, a tensor "
-                                                        "[N, ...] or a list of tensors (instead of the spec's data)")
-    quant.add_argument("--calib-batch-size", type=int, default=32, help="batch size a [N, ...] --calib tensor is split into")
+    quant.add_argument("--calib", metavar="PATH", help="calibration inputs (instead of the spec's data): .pt, .npy or "
+                                                        ".safetensors, a tensor [N, ...] or a list of tensors; or a "
+                                                        "folder of .png/.jpg images")
+    _image_flags(quant)
+    quant.add_argument("--calib-batch-size", type=int, default=32,
+                       help="batch size a [N, ...] --calib tensor (or folder of images) is split into")
     quant.add_argument("--calib-method", choices=("max", "moving_average", "percentile", "mse", "entropy"),
                        default=None, help="override each quantizer's range method (default: the preset's)")
     quant.add_argument("--calib-batches", type=int, default=None, metavar="N", help="calibrate on the first N batches")
@@ -210,8 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     dump.set_defaults(func=_config_dump)
 
     ben = command("bench", _bench, "latency and size of a quantized model vs its fp32 model on this machine")
-    ben.add_argument("target", help="a file written by quanta.save (with --model) or a model spec (quantized here)")
-    ben.add_argument("--model", metavar="SPEC", help="the float model's spec, for a file")
+    ben.add_argument("target", help="a file written by quanta.save (with --model) or a model spec or .pt2 program "
+                                    "(quantized here)")
+    ben.add_argument("--model", metavar="SPEC", help="the float model's spec (or .pt2 program), for a file")
     ben.add_argument("--input-shape", metavar="N,C,H,W", help="random input of this shape (default: the first "
                                                               "batch of the spec's calibration data)")
     _preset_options(ben, with_config=False)
@@ -220,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     exp = command("export", _export, "export a file written by quanta.save to ONNX (QDQ)")
     exp.add_argument("file", help="a .safetensors file written by quanta.save")
-    exp.add_argument("--model", metavar="SPEC", help="the float model's spec (default: rebuild from the file)")
+    exp.add_argument("--model", metavar="SPEC", help="the float model's spec or .pt2 program (default: rebuild "
+                                                     "from the file)")
     exp.add_argument("--input-shape", metavar="N,C,H,W", help="example input shape (default: the first batch of "
                                                               "the spec's calibration data)")
     exp.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="file to write")
@@ -231,12 +262,16 @@ def build_parser() -> argparse.ArgumentParser:
     rep = command("report", _report_cmd, "an HTML report (tables and plots) of a quantized file against its float model")
     for p in (cmp_, rep):
         p.add_argument("file", help="a .safetensors file written by quanta.save")
-        p.add_argument("--model", required=True, metavar="SPEC", help="the float model's spec")
-        p.add_argument("--calib", metavar="FILE", help="inputs to run (.pt, .npy or .safetensors; default: the "
-                                                        "spec's calibration data)")
+        p.add_argument("--model", required=True, metavar="SPEC", help="the float model's spec or .pt2 program")
+        p.add_argument("--calib", metavar="PATH", help="inputs to run (.pt, .npy or .safetensors, or a folder of "
+                                                        "images; default: the spec's calibration data)")
+        _image_flags(p)
         p.add_argument("--calib-batch-size", type=int, default=32, help="batch size a [N, ...] --calib tensor is split into")
         p.add_argument("--batches", type=int, default=2, help="how many batches to run through both models")
         p.add_argument("--input-shape", metavar="N,C,H,W", help="a random input of this shape instead of data")
+    sup = command("supported", _supported, "which modules each preset quantizes, into which integer modules and "
+                                           "kernels (found by running the pipeline on small examples)")
+    sup.add_argument("--markdown", action="store_true", help="the README's Markdown tables (markers included)")
     rep.add_argument("-o", "--output", required=True, metavar="OUT.html", help="report file (PNGs and .md beside it)")
     rep.add_argument("--latency", action="store_true", help="also time each integer layer against float")
     return parser

@@ -138,14 +138,14 @@ def bench(job: BenchJob) -> BenchResult:
 
 def _bench(job: BenchJob) -> BenchResult:
     float_model, calib = load_spec(job.model if job.is_file else job.target)  # type: ignore[arg-type]
-    batch = example_input(job.input_shape, calib, "quanta bench")
+    batch = example_input(job.input_shape, calib, "quanta bench", float_model)
     if job.is_file:
         quantized = load(job.target, model=spec_factory(job.model))  # type: ignore[arg-type]
     else:
         quantized = quantize_model(float_model, job.config.resolve(), calib, progress=False, example=batch)
     try:
         calls, (fp32, quant) = _rounds([float_model.eval(), quantized.eval()], batch, job.rounds)
-    except (RuntimeError, TypeError, ValueError) as e:
+    except (RuntimeError, TypeError, ValueError, AssertionError) as e:  # (an exported program's guard)
         raise CommandError(f"the model does not run on input {_describe(batch)}: {str(e).splitlines()[0]}") from e
     timing = lambda ts: Timing(statistics.median(ts), min(ts), max(ts))
     return BenchResult(_describe(batch), job.rounds, calls, torch.get_num_threads(), timing(fp32), timing(quant),

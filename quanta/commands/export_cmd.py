@@ -33,7 +33,7 @@ def export_file(job: ExportJob) -> str:
         raise CommandError(f"{job.file}: no such file")
     if job.input_shape is not None:
         parse_shape(job.input_shape)  # a typo fails before the model is built
-    calib = load_spec(job.model)[1] if job.model is not None else None
+    float_model, calib = load_spec(job.model) if job.model is not None else (None, None)
     model = load(job.file, model=spec_factory(job.model) if job.model is not None else None)
-    example = example_input(job.input_shape, calib, "quanta export")
+    example = example_input(job.input_shape, calib, "quanta export", float_model)
     return str(export_onnx(model, example, job.output, opset=job.opset, dynamic_batch=job.dynamic_batch))

@@ -11,6 +11,7 @@ from typing import Any
 from ..io import save
 from ..transforms import QuantConfig, conversion_report, preset, quantize
 from .errors import CommandError
+from .images import ImageOptions
 from .sources import example_input, load_calibration, load_hf, load_spec
 
 #: the preset used when neither --preset nor --config is given
@@ -94,6 +95,7 @@ class QuantizeJob:
     hf: str | None = None
     config: ConfigChoice = dataclasses.field(default_factory=ConfigChoice)
     calib: str | None = None
+    images: ImageOptions = dataclasses.field(default_factory=ImageOptions)
     calib_batch_size: int = 32
     calib_method: str | None = None
     calib_batches: int | None = None
@@ -115,13 +117,14 @@ class QuantizeJob:
 def quantize_file(job: QuantizeJob) -> str:
     """Quantize the job's model and write it; returns a one-line summary."""
     config = job.config.resolve()  # config errors before the (possibly slow) model load
-    calib_file = load_calibration(job.calib, job.calib_batch_size) if job.calib else None
+    if job.calib is not None and not pathlib.Path(job.calib).exists():
+        raise CommandError(f"--calib {job.calib}: no such file or folder")
     if job.spec is not None:
         model, calib = load_spec(job.spec)
     else:
         model, calib = load_hf(job.hf), None  # type: ignore[arg-type]
-    if calib_file is not None:
-        calib = calib_file
+    if job.calib is not None:  # after the model: a folder of images takes its size from the model
+        calib = load_calibration(job.calib, job.calib_batch_size, job.images, model, job.calib_batches)
     example = example_input(job.input_shape, calib, "quanta quantize") if job.input_shape else None
     qmodel = quantize_model(model, config, calib, method=job.calib_method, num_batches=job.calib_batches,
                             speed_check=job.speed_check, progress=job.progress, example=example)
@@ -135,6 +138,12 @@ def quantize_model(model: Any, config: QuantConfig, calib: Any, **options: Any) 
     """`quanta.quantize`, with the command line's way of giving calibration data in its error."""
     try:
         return quantize(model, config, calib, **options)
+    except AssertionError as e:  # a torch.export program's shape guard (it was exported for other shapes)
+        if "Guard failed" not in str(e):
+            raise
+        raise CommandError(f"the exported program refuses the calibration data ({str(e).splitlines()[0][:120]}): "
+                           "export it with dynamic_shapes (torch.export.Dim) or give batches of the exported "
+                           "shape (--calib-batch-size)") from e
     except ValueError as e:
         if calib is None and "calib_data" in str(e):
             raise CommandError("this configuration quantizes activations statically: give calibration data "

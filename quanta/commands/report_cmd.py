@@ -11,6 +11,7 @@ from torch import nn
 
 from ..io import load
 from .errors import CommandError
+from .images import ImageOptions
 from .sources import example_input, load_calibration, load_spec, spec_factory
 
 
@@ -25,6 +26,7 @@ class AnalysisJob:
     batch_size: int = 32
     batches: int = 2
     input_shape: str | None = None
+    images: ImageOptions = dataclasses.field(default_factory=ImageOptions)
 
 
 def _models_and_data(job: AnalysisJob, command: str) -> tuple[nn.Module, nn.Module, Any]:
@@ -34,9 +36,9 @@ def _models_and_data(job: AnalysisJob, command: str) -> tuple[nn.Module, nn.Modu
         raise CommandError(f"--batches must be at least 1, got {job.batches}")
     float_model, calib = load_spec(job.model)
     if job.calib is not None:
-        calib = load_calibration(job.calib, job.batch_size)
+        calib = load_calibration(job.calib, job.batch_size, job.images, float_model, job.batches)
     if job.input_shape is not None or calib is None:
-        data: Any = [example_input(job.input_shape, calib, command)]
+        data: Any = [example_input(job.input_shape, calib, command, float_model)]
     else:
         data = [b for _, b in zip(range(job.batches), calib)]
     return float_model, load(job.file, model=spec_factory(job.model)), data

@@ -2,8 +2,10 @@
 
 A model spec is ``package.module:factory`` (imported like ``python -m`` would, the current
 directory first on the path) or ``path/to/file.py:factory``; the factory is called with no
-arguments and returns a model or ``(model, calibration_data)``. ``--hf DIR`` reads a directory
-written by transformers' ``save_pretrained``, offline.
+arguments and returns a model or ``(model, calibration_data)``. A ``.pt2`` file written by
+``torch.export.save`` is a model too (`quanta.commands.exported`: its layers recovered; its example
+input is the default input). ``--hf DIR`` reads a directory written by transformers'
+``save_pretrained``, offline.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from torch import nn
 
 from .errors import CommandError
+from .images import ImageOptions, load_image_folder
 
 
 def _import_target(spec: str) -> Any:
@@ -54,7 +57,12 @@ def _import_target(spec: str) -> Any:
 
 
 def load_spec(spec: str) -> tuple[nn.Module, Any]:
-    """``(model, calibration_data or None)`` from a model spec; the model in eval mode."""
+    """``(model, calibration_data or None)`` from a model spec or a ``.pt2`` program file; the
+    model in eval mode."""
+    if isinstance(spec, str) and spec.lower().endswith(".pt2"):
+        from .exported import load_exported
+
+        return load_exported(spec), None
     target = _import_target(spec)
     made = target if isinstance(target, nn.Module) else target() if callable(target) else target
     calib = None
@@ -97,11 +105,17 @@ def _batches(data: Any, batch_size: int, source: str) -> list[torch.Tensor]:
                        f"got {type(data).__name__}")
 
 
-def load_calibration(path: str, batch_size: int) -> list[torch.Tensor]:
+def load_calibration(path: str, batch_size: int, images: ImageOptions | None = None,
+                     model: nn.Module | None = None, max_batches: int | None = None) -> list[torch.Tensor]:
     """Calibration batches from a ``.pt`` (read with ``weights_only=True``), ``.npy`` or
     ``.safetensors`` file: one tensor [N, ...] is split into batches of ``batch_size``; a list of
-    tensors (several safetensors entries: in key order) is used as the batches."""
+    tensors (several safetensors entries: in key order) is used as the batches. A folder holds
+    images (`quanta.commands.images`, read as ``images`` says, sized for ``model`` by default;
+    only the first ``max_batches`` batches are read when given)."""
     file = pathlib.Path(path)
+    if file.is_dir():
+        limit = batch_size * max_batches if max_batches is not None else None
+        return load_image_folder(path, batch_size, images or ImageOptions(), model, limit)
     if not file.is_file():
         raise CommandError(f"--calib {path}: no such file")
     suffix = file.suffix.lower()
@@ -148,12 +162,17 @@ def first_batch(calib: Iterable[Any] | None) -> Any:
     return next(iter(calib), None)
 
 
-def example_input(shape: str | None, calib: Iterable[Any] | None, command: str) -> Any:
+def example_input(shape: str | None, calib: Iterable[Any] | None, command: str,
+                  model: nn.Module | None = None) -> Any:
     """An input to run the model on: random normal of ``--input-shape`` when given, else the
-    first calibration batch (its inputs, when it is an ``(inputs, targets)`` pair)."""
+    first calibration batch (its inputs, when it is an ``(inputs, targets)`` pair), else the
+    example input a ``.pt2`` program was exported with."""
     if shape is not None:
         return torch.randn(parse_shape(shape), generator=torch.Generator().manual_seed(0))
     batch = first_batch(calib)
+    exported = getattr(model, "quanta_example_inputs", None)
+    if batch is None and isinstance(exported, tuple) and len(exported) == 1:
+        return exported[0]
     if batch is None:
         raise CommandError(f"{command} needs --input-shape (the model spec gives no calibration data to take "
                            "an input from)")
