@@ -10,10 +10,10 @@ from .transforms import (
     finalize_qat, preset, prepare, prepare_qat, quant_modules, quantize,
 )
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
-    "CoverageReport", "LayerQuantConfig", "algorithms", "auto_quantize", "compare", "compare_onnx", "report", "sensitivity", "export_onnx", "inspect", "load", "save", "QuantConfig", "QuantDescriptor", "QuantSpec",
+    "CoverageReport", "LayerQuantConfig", "__version__", "algorithms", "auto_quantize", "compare", "compare_onnx", "report", "sensitivity", "export_onnx", "inspect", "load", "save", "QuantConfig", "QuantDescriptor", "QuantSpec",
     "PRESETS", "QATConfig", "TensorQuantizer", "finalize_qat", "prepare_qat", "calibrate", "conversion_report", "convert", "coverage", "fold_batchnorm",
     "prepare", "preset", "quant_modules", "quantize", "storage_bytes",
 ]

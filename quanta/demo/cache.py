@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import __version__
+from .._version import __version__
 from ..kernels.build import cache_root
 
 

@@ -88,7 +88,7 @@ def _without_timings(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _version() -> str:
-    from .. import __version__
+    from .._version import __version__
 
     return __version__
 

@@ -59,6 +59,7 @@ import torch.nn.functional as F
 
 from ..core import QuantSpec, quantize
 from . import conv_native
+from .conv_shapes import conv_output_shape, kernel_strides
 from .library import Impl, KernelOp
 from .u8s8_saturation import SaturationProbe
 
@@ -77,14 +78,6 @@ SCHEMA = ("(Tensor x, float x_scale, int x_zero_point, Tensor weight, Tensor w_s
 
 
 # ---------------------------------------------------------------------------- argument checks
-def conv_output_shape(x_shape: Sequence[int], weight_shape: Sequence[int], stride: Sequence[int],
-                      padding: Sequence[int], dilation: Sequence[int]) -> list[int]:
-    """``[N, O, *spatial]`` of a convolution (the usual floor formula)."""
-    spatial = [(s + 2 * p - d * (k - 1) - 1) // st + 1
-               for s, k, st, p, d in zip(x_shape[2:], weight_shape[2:], stride, padding, dilation)]
-    return [x_shape[0], weight_shape[0], *spatial]
-
-
 def check_args(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: torch.Tensor, w_scale: torch.Tensor,
                bias: torch.Tensor | None, stride: Sequence[int], padding: Sequence[int],
                dilation: Sequence[int], groups: int, post_op: str, out_scale: float | None,
@@ -165,22 +158,6 @@ def reference(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: torch.
         y = quantize(y, out_scale, out_zero_point, UINT8_SPEC)
     out = torch.empty_strided(y.shape, kernel_strides(y.shape), dtype=y.dtype, device=y.device)
     return out.copy_(y)
-
-
-def kernel_strides(shape: Sequence[int]) -> tuple[int, ...]:
-    """Strides of the outputs every implementation returns: channels-last, the layout oneDNN
-    produces and the next oneDNN conv wants (a 1d output is the squeezed 2d one: ``(C·L, 1, C)``).
-    One layout for all, so that torch.compile's fake kernel can state it."""
-    n_spatial = len(shape) - 2
-    c = shape[1]
-    strides = [0] * len(shape)
-    strides[1] = 1
-    step = c
-    for i in range(len(shape) - 1, 1, -1):
-        strides[i] = step
-        step *= shape[i]
-    strides[0] = step if n_spatial else c
-    return tuple(strides)
 
 
 def _fake(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: torch.Tensor, w_scale: torch.Tensor,

@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 import torch
 
 from . import native
+from .conv_shapes import conv_output_shape
 
 _POST = {"none": 0, "relu": 1, "relu6": 2}
 #: largest |x - zp| · |w| of one product (as in conv.py): sums of up to 2^31 / this many fit int32
@@ -90,7 +91,6 @@ def prefer_onednn(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: to
                   dilation: Sequence[int], groups: int, post_op: str, out_scale: float | None,
                   out_zero_point: int, packed: torch.Tensor | None) -> str | None:
     """Why oneDNN is faster for these inputs (see `PREFER_ONEDNN_OUTPUTS`), or None."""
-    from .conv import conv_output_shape  # (conv.py registers this module's implementation)
 
     reduction = weight[0].numel()
     outputs = 1

@@ -121,7 +121,7 @@ def _op_state(op: KernelOp, vnni: bool | None) -> OpState:
 def diagnose(build: bool = False) -> DoctorReport:
     """The report; ``build=True`` builds the native library first where none matches."""
     native.ensure(build=build)
-    import quanta
+    from .._version import __version__
 
     have = set(cfg.cpu_features())
     arm = platform.machine().startswith(("aarch64", "arm"))
@@ -129,7 +129,7 @@ def diagnose(build: bool = False) -> DoctorReport:
     vnni = None
     if native.ready():
         vnni = bool(native.module().gemv_has_vnni())
-    versions = {"quanta": getattr(quanta, "__version__", "?"), "torch": torch.__version__,
+    versions = {"quanta": __version__, "torch": torch.__version__,
                 "Python": platform.python_version()}
     return DoctorReport(versions=versions, python_prefix=sys.prefix, cpu=f"{cfg.cpu_model()} ({platform.machine()})",
                         cpu_features=[f for f in relevant if f in have],

@@ -21,7 +21,7 @@ import torch
 
 
 def _fake_conv_packed(x, wpack, corr, mult, bias, pad, params, inv, z):
-    from .conv import conv_output_shape, kernel_strides
+    from .conv_shapes import conv_output_shape, kernel_strides
     out_ch, kh, kw, sh, sw, ph, pw, dh, dw = params[1:10]
     shape = conv_output_shape(x.shape, [out_ch, x.shape[1], kh, kw], [sh, sw], [ph, pw], [dh, dw])
     return x.new_empty_strided(shape, kernel_strides(shape), dtype=torch.uint8 if params[12] else torch.float32)

@@ -11,8 +11,7 @@ from ..integer.base import IntegerModule
 from ..nn.modules.base import QuantModule
 from ..nn.modules.functional import QuantOp
 from ..nn.tensor_quantizer import TensorQuantizer
-from .convert import REPORT_ATTR
-from .prepare import DECISIONS_ATTR, UNSUPPORTED
+from .decisions import DECISIONS_ATTR, REPORT_ATTR, UNSUPPORTED
 
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
 

@@ -19,14 +19,13 @@ from ..integer.base import IntegerModule
 from ..nn.registry import known_type_names, lookup
 from ..nn.tensor_quantizer import TensorQuantizer
 from .config import QuantConfig, _matches
+from .coverage import coverage
+from .decisions import DECISIONS_ATTR, UNSUPPORTED
 from .fold_bn import fold_batchnorm
 from .tied import quantize_tied_tables
 
-#: attribute of a prepared model's root: the applied config and the per-module decisions
+#: attribute of a prepared model's root: the applied config (the per-module decisions: `decisions.py`)
 CONFIG_ATTR = "_quanta_config"
-DECISIONS_ATTR = "_quanta_decisions"
-#: the decision of a layer whose type is quantizable but whose shape its config cannot take
-UNSUPPORTED = "unsupported: "
 
 
 def check_float_model(model: Any, who: str) -> None:
@@ -123,8 +122,6 @@ def prepare(model: nn.Module, config: QuantConfig | None = None, inplace: bool =
     setattr(target, CONFIG_ATTR, config)
     setattr(target, DECISIONS_ATTR, decisions)
     if verbose:
-        from .coverage import coverage
-
         print(coverage(target))
     return target
 

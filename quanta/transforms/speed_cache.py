@@ -58,7 +58,7 @@ def _cpu() -> dict[str, str]:
 
 def machine() -> dict[str, Any]:
     """What a timing depends on besides the layer: CPU, thread count, versions."""
-    from .. import __version__
+    from .._version import __version__
 
     return {**_cpu(), "threads": torch.get_num_threads(), "torch": torch.__version__, "quanta": __version__}
 

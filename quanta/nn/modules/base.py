@@ -13,6 +13,7 @@ from torch import nn
 from ...core import compact_shape
 from ..descriptor import QUANT_DESC_8BIT_PER_TENSOR, QUANT_DESC_8BIT_WEIGHT_PER_CHANNEL, QuantDescriptor
 from ..tensor_quantizer import TensorQuantizer
+from .op_base import QuantOp
 
 _DEFAULT: Any = object()
 
@@ -58,8 +59,6 @@ def float_class_of(module: nn.Module) -> type:
 
 def _only_quantizers(module: nn.Module) -> bool:
     """A TensorQuantizer, a quantized functional op, or a container of nothing else."""
-    from .functional import QuantOp
-
     if isinstance(module, (TensorQuantizer, QuantOp)):
         return True
     if isinstance(module, (nn.ModuleList, nn.ModuleDict)):

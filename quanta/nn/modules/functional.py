@@ -13,33 +13,8 @@ from torch import nn
 
 from ..descriptor import QUANT_DESC_8BIT_PER_TENSOR, QuantDescriptor
 from ..tensor_quantizer import TensorQuantizer
-
-
-class QuantOp(nn.Module):
-    """Base of functional-op modules: named input quantizers, no parameters."""
-
-    operand_names: tuple[str, ...] = ("input", "other")
-
-    def __init__(self, quant_desc_input: QuantDescriptor | None = QUANT_DESC_8BIT_PER_TENSOR,
-                 quant_desc_other: QuantDescriptor | None | Any = "same") -> None:
-        super().__init__()
-        other = quant_desc_input if quant_desc_other == "same" else quant_desc_other
-        descs = (quant_desc_input, other)
-        for name, desc in zip(self.operand_names, descs):
-            setattr(self, f"{name}_quantizer", None if desc is None else TensorQuantizer(desc))
-
-    def quantizers(self) -> Iterator[tuple[str, TensorQuantizer]]:
-        for name in self.operand_names:
-            q = getattr(self, f"{name}_quantizer", None)
-            if q is not None:
-                yield name, q
-
-    def any_quantizer_active(self) -> bool:
-        return any(q.is_enabled and (q._if_quant or q._if_calib) for _, q in self.quantizers())
-
-    def _q(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        q = getattr(self, f"{name}_quantizer", None)
-        return t if q is None else q(t)
+from .base import LayerQuantConfig
+from .op_base import QuantOp
 
 
 class QuantMatMul(QuantOp):
@@ -74,7 +49,6 @@ class QuantAdd(QuantOp):
         """From an `Add`: both operands quantized with ``config.input`` (a `LayerQuantConfig`)."""
         if not isinstance(module, Add):
             raise TypeError(f"QuantAdd.from_float expects a quanta.nn.Add, got {type(module).__name__}")
-        from .base import LayerQuantConfig
         config = LayerQuantConfig() if config is None else config
         new = cls(config.input)
         new.train(module.training)
