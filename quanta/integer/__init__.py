@@ -7,7 +7,7 @@ from .base import IntegerModule, storage_bytes
 
 def lowering_classes() -> list[type]:
     """Integer classes `convert` tries, most specific first (each has ``accepts``/``from_simulated``)."""
-    from . import add, conv, dynamic_conv, embedding, linear, padded_conv, recurrent, weight_only
+    from . import add, attention, conv, dynamic_conv, embedding, linear, padded_conv, recurrent, weight_only
 
     classes: list[type] = []
     for mod, names in (
@@ -20,6 +20,7 @@ def lowering_classes() -> list[type]:
                      "DynamicInt8GRUCell", "DynamicInt8RNNCell")),
         (embedding, ("Int8Embedding", "Int4Embedding")),
         (add, ("Int8Add",)),
+        (attention, ("Int8MultiheadAttention",)),
     ):
         classes += [getattr(mod, n) for n in names]
     return classes

@@ -9,6 +9,7 @@ With every quantizer off, both classes call torch's own forward, so outputs equa
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -61,17 +62,12 @@ class QuantMultiheadAttention(QuantModule, nn.MultiheadAttention):
             return nn.MultiheadAttention.forward(
                 self, query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
                 attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
-        same_k, same_v = key is query, value is key
-        batched = query.dim() == 3
-        if not batched:
-            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
-            if key_padding_mask is not None:
-                key_padding_mask = key_padding_mask.unsqueeze(0)
-        elif self.batch_first:
-            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-        tgt_len, bsz, embed = query.shape
-        heads, hd = self.num_heads, self.head_dim
+        return mha_forward(self, self._project, query, key, value, key_padding_mask, need_weights, attn_mask,
+                           average_attn_weights, is_causal)
 
+    def _project(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, same_k: bool,
+                 same_v: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(q, k, v)`` in-projections of the (sequence-first) inputs, quantized."""
         xq = query if self.input_quantizer is None else self.input_quantizer(query)
         xk = xq if same_k else (key if self.key_input_quantizer is None else self.key_input_quantizer(key))
         xv = xk if same_v else (value if self.value_input_quantizer is None else self.value_input_quantizer(value))
@@ -83,56 +79,82 @@ class QuantMultiheadAttention(QuantModule, nn.MultiheadAttention):
         b_q = b_k = b_v = None
         if self.in_proj_bias is not None:
             b_q, b_k, b_v = self.in_proj_bias.chunk(3)
-        q, k, v = F.linear(xq, w_q, b_q), F.linear(xk, w_k, b_k), F.linear(xv, w_v, b_v)
+        return F.linear(xq, w_q, b_q), F.linear(xk, w_k, b_k), F.linear(xv, w_v, b_v)
 
-        attn_mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None,
-                                      other_name="", target_type=q.dtype, check_other=False)
-        key_padding_mask = F._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask",
-                                             other_type=None, other_name="", target_type=q.dtype)
-        if is_causal and attn_mask is None:
-            src = key.shape[0] + (1 if self.bias_k is not None else 0) + (1 if self.add_zero_attn else 0)
-            attn_mask = torch.triu(torch.full((tgt_len, src), float("-inf"), device=q.device), 1)
-        if self.bias_k is not None and self.bias_v is not None:
-            k = torch.cat([k, self.bias_k.repeat(1, bsz, 1)])
-            v = torch.cat([v, self.bias_v.repeat(1, bsz, 1)])
-            attn_mask = None if attn_mask is None else F.pad(attn_mask, (0, 1))
-            key_padding_mask = None if key_padding_mask is None else F.pad(key_padding_mask, (0, 1))
-        q = q.reshape(tgt_len, bsz * heads, hd).transpose(0, 1)
-        k = k.reshape(k.shape[0], bsz * heads, hd).transpose(0, 1)
-        v = v.reshape(v.shape[0], bsz * heads, hd).transpose(0, 1)
-        if self.add_zero_attn:
-            k = torch.cat([k, k.new_zeros(bsz * heads, 1, hd)], dim=1)
-            v = torch.cat([v, v.new_zeros(bsz * heads, 1, hd)], dim=1)
-            attn_mask = None if attn_mask is None else F.pad(attn_mask, (0, 1))
-            key_padding_mask = None if key_padding_mask is None else F.pad(key_padding_mask, (0, 1))
-        src_len = k.shape[1]
 
-        scores = self.qk_matmul(q, k.transpose(1, 2)) * (1.0 / math.sqrt(hd))
-        if attn_mask is not None:
-            scores = scores + (attn_mask.unsqueeze(0) if attn_mask.dim() == 2 else attn_mask)
+Projection = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool, bool],
+                      tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def mha_forward(mod: Any, project: Projection, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: torch.Tensor | None, need_weights: bool, attn_mask: torch.Tensor | None,
+                average_attn_weights: bool, is_causal: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`nn.MultiheadAttention`'s forward with the in-projection done by ``project(query, key,
+    value, key_is_query, value_is_key)`` (simulated or integer) and the attention matmuls by
+    ``mod.qk_matmul`` / ``mod.av_matmul``; ``mod.out_proj`` then ``mod.output_quantizer`` (if
+    any). Shared by `QuantMultiheadAttention` and the integer `Int8MultiheadAttention`."""
+    self = mod
+    same_k, same_v = key is query, value is key
+    batched = query.dim() == 3
+    if not batched:
+        query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
         if key_padding_mask is not None:
-            kpm = key_padding_mask.view(bsz, 1, 1, src_len).expand(-1, heads, -1, -1)
-            scores = scores + kpm.reshape(bsz * heads, 1, src_len)
-        probs = torch.softmax(scores, dim=-1)
-        if self.training and self.dropout > 0:
-            probs = F.dropout(probs, p=self.dropout)
-        out = self.av_matmul(probs, v)
-        out = out.transpose(0, 1).reshape(tgt_len * bsz, embed)
-        out = self.out_proj(out).view(tgt_len, bsz, embed)
-        if self.output_quantizer is not None:
-            out = self.output_quantizer(out)
-        weights: torch.Tensor | None = None
-        if need_weights:
-            weights = probs.view(bsz, heads, tgt_len, src_len)
-            if average_attn_weights:
-                weights = weights.mean(dim=1)
-            if not batched:
-                weights = weights.squeeze(0)
+            key_padding_mask = key_padding_mask.unsqueeze(0)
+    elif self.batch_first:
+        query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+    tgt_len, bsz, embed = query.shape
+    heads, hd = self.num_heads, self.head_dim
+
+    q, k, v = project(query, key, value, same_k, same_v)
+
+    attn_mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None,
+                                  other_name="", target_type=q.dtype, check_other=False)
+    key_padding_mask = F._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask",
+                                         other_type=None, other_name="", target_type=q.dtype)
+    if is_causal and attn_mask is None:
+        src = key.shape[0] + (1 if self.bias_k is not None else 0) + (1 if self.add_zero_attn else 0)
+        attn_mask = torch.triu(torch.full((tgt_len, src), float("-inf"), device=q.device), 1)
+    if self.bias_k is not None and self.bias_v is not None:
+        k = torch.cat([k, self.bias_k.repeat(1, bsz, 1)])
+        v = torch.cat([v, self.bias_v.repeat(1, bsz, 1)])
+        attn_mask = None if attn_mask is None else F.pad(attn_mask, (0, 1))
+        key_padding_mask = None if key_padding_mask is None else F.pad(key_padding_mask, (0, 1))
+    q = q.reshape(tgt_len, bsz * heads, hd).transpose(0, 1)
+    k = k.reshape(k.shape[0], bsz * heads, hd).transpose(0, 1)
+    v = v.reshape(v.shape[0], bsz * heads, hd).transpose(0, 1)
+    if self.add_zero_attn:
+        k = torch.cat([k, k.new_zeros(bsz * heads, 1, hd)], dim=1)
+        v = torch.cat([v, v.new_zeros(bsz * heads, 1, hd)], dim=1)
+        attn_mask = None if attn_mask is None else F.pad(attn_mask, (0, 1))
+        key_padding_mask = None if key_padding_mask is None else F.pad(key_padding_mask, (0, 1))
+    src_len = k.shape[1]
+
+    scores = self.qk_matmul(q, k.transpose(1, 2)) * (1.0 / math.sqrt(hd))
+    if attn_mask is not None:
+        scores = scores + (attn_mask.unsqueeze(0) if attn_mask.dim() == 2 else attn_mask)
+    if key_padding_mask is not None:
+        kpm = key_padding_mask.view(bsz, 1, 1, src_len).expand(-1, heads, -1, -1)
+        scores = scores + kpm.reshape(bsz * heads, 1, src_len)
+    probs = torch.softmax(scores, dim=-1)
+    if self.training and self.dropout > 0:
+        probs = F.dropout(probs, p=self.dropout)
+    out = self.av_matmul(probs, v)
+    out = out.transpose(0, 1).reshape(tgt_len * bsz, embed)
+    out = self.out_proj(out).view(tgt_len, bsz, embed)
+    if getattr(self, "output_quantizer", None) is not None:
+        out = self.output_quantizer(out)
+    weights: torch.Tensor | None = None
+    if need_weights:
+        weights = probs.view(bsz, heads, tgt_len, src_len)
+        if average_attn_weights:
+            weights = weights.mean(dim=1)
         if not batched:
-            out = out.squeeze(1)
-        elif self.batch_first:
-            out = out.transpose(0, 1)
-        return out, weights
+            weights = weights.squeeze(0)
+    if not batched:
+        out = out.squeeze(1)
+    elif self.batch_first:
+        out = out.transpose(0, 1)
+    return out, weights
 
 
 class QuantTransformerEncoderLayer(QuantModule, nn.TransformerEncoderLayer):

@@ -1,0 +1,145 @@
+"""``Int8MultiheadAttention``: `nn.MultiheadAttention` with its in- and out-projections on the
+integer Linear kernels.
+
+Lowered from a calibrated `QuantMultiheadAttention` used as self-attention (``nn.Transformer*``
+layers call ``self_attn(x, x, x)``: its key/value input quantizers saw no data)::
+
+    m = Int8MultiheadAttention.from_simulated(sim_mha)
+    out, weights = m(x, x, x, key_padding_mask=mask, need_weights=False)
+
+``in_proj`` is one `Int8Linear` ``[E → 3E]`` (the packed q/k/v weight, one scale per row, on the
+attention's input grid), ``out_proj`` an `Int8Linear` ``[E → E]``; between them the attention
+runs in float exactly as the simulation does (the same `mha_forward`, the simulated
+``qk_matmul`` / ``av_matmul`` quantizers applied where enabled), so masks, ``batch_first``,
+unbatched inputs and ``need_weights`` behave as torch's. Cross-attention (``key is not query``)
+is refused with a clear error: the in-projection was calibrated on the query only.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..nn.descriptor import QuantDescriptor
+from ..nn.modules.attention import QuantMultiheadAttention, mha_forward
+from ..nn.modules.functional import QuantMatMul
+from ..nn.modules.weighted import QuantLinear
+from .base import IntegerModule
+from .linear import Int8Linear
+
+
+def _in_proj_view(sim: QuantMultiheadAttention) -> QuantLinear:
+    """The packed in-projection as a simulated Linear ``[E → 3E]`` sharing ``sim``'s weight,
+    bias and input / weight quantizers (what `Int8Linear` lowers)."""
+    lin = nn.Linear(sim.embed_dim, 3 * sim.embed_dim, bias=sim.in_proj_bias is not None,
+                    device=sim.in_proj_weight.device, dtype=sim.in_proj_weight.dtype)
+    lin.weight = sim.in_proj_weight
+    if sim.in_proj_bias is not None:
+        lin.bias = sim.in_proj_bias
+    view = QuantLinear.from_float(lin, sim.quant_config)
+    view.input_quantizer, view.weight_quantizer, view.output_quantizer = (
+        sim.input_quantizer, sim.weight_quantizer, None)
+    return view
+
+
+class Int8MultiheadAttention(IntegerModule):
+    """Self-attention with integer in/out projections (see the module docstring)."""
+
+    def __init__(self, embed_dim: int, num_heads: int, bias: bool = True, batch_first: bool = False, *,
+                 matmul_descs: Sequence[dict[str, Any] | QuantDescriptor | None] = (None,) * 4,
+                 in_proj: Int8Linear | None = None, out_proj: Int8Linear | None = None,
+                 qk_matmul: QuantMatMul | None = None, av_matmul: QuantMatMul | None = None) -> None:
+        super().__init__()
+        name = type(self).__name__
+        for arg, v in (("embed_dim", embed_dim), ("num_heads", num_heads)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: {arg} must be a positive int, got {v!r}")
+        if embed_dim % num_heads:
+            raise ValueError(f"{name}: embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
+        self.batch_first = bool(batch_first)
+        self.in_proj = in_proj if in_proj is not None else Int8Linear(embed_dim, 3 * embed_dim, bias)
+        self.out_proj = out_proj if out_proj is not None else Int8Linear(embed_dim, embed_dim, bias)
+        if not isinstance(matmul_descs, (tuple, list)) or len(matmul_descs) != 4:
+            raise ValueError(f"{name}: matmul_descs must be 4 descriptors (q, k, probabilities, v) or None")
+        qk_in, qk_other, av_in, av_other = (QuantDescriptor.from_dict(d) if isinstance(d, dict) else d
+                                            for d in matmul_descs)
+        # (the simulated attention matmuls' quantizers: applied in float, as the simulation does)
+        self.qk_matmul = qk_matmul if qk_matmul is not None else QuantMatMul(qk_in, qk_other)
+        self.av_matmul = av_matmul if av_matmul is not None else QuantMatMul(av_in, av_other)
+        # what mha_forward reads besides the children (eval-time attention: no dropout)
+        self.bias_k = self.bias_v = None
+        self.add_zero_attn, self.dropout = False, 0.0
+
+    @classmethod
+    def accepts(cls, sim: nn.Module) -> str | None:
+        if not isinstance(sim, QuantMultiheadAttention):
+            return f"{type(sim).__name__} is not a QuantMultiheadAttention"
+        if not sim._qkv_same_embed_dim:
+            return "separate q/k/v projection weights (kdim / vdim differ from embed_dim)"
+        if sim.bias_k is not None or sim.add_zero_attn:
+            return "add_bias_kv / add_zero_attn are not supported by the integer attention"
+        if sim.training and sim.dropout > 0:
+            return "attention dropout in training mode"
+        for kind in ("key_input", "value_input"):
+            q = getattr(sim, f"{kind}_quantizer", None)
+            if q is not None and q.is_enabled and not q.needs_calibration:
+                return "used as cross-attention (its key/value inputs were calibrated): only self-attention lowers"
+        reason = Int8Linear.accepts(_in_proj_view(sim))
+        if reason:
+            return f"in_proj: {reason}"
+        if not isinstance(sim.out_proj, QuantLinear):
+            return "its out_proj is not quantized"
+        reason = Int8Linear.accepts(sim.out_proj)
+        return f"out_proj: {reason}" if reason else None
+
+    @classmethod
+    def from_simulated(cls, sim: nn.Module) -> Int8MultiheadAttention:
+        cls.check_lowerable(sim)
+        mod = cls(sim.embed_dim, sim.num_heads, sim.in_proj_bias is not None, sim.batch_first,
+                  in_proj=Int8Linear.from_simulated(_in_proj_view(sim)),
+                  out_proj=Int8Linear.from_simulated(sim.out_proj),
+                  qk_matmul=copy.deepcopy(sim.qk_matmul), av_matmul=copy.deepcopy(sim.av_matmul))
+        mod.train(sim.training)
+        return mod
+
+    def config(self) -> dict[str, Any]:
+        """The constructor's arguments; the children (``in_proj``, ``out_proj``, the matmul
+        quantizers) are saved and rebuilt by their own records."""
+        descs = [None if q is None else q.desc.to_dict() for m in (self.qk_matmul, self.av_matmul)
+                 for q in (m.input_quantizer, m.other_quantizer)]
+        return {"embed_dim": self.embed_dim, "num_heads": self.num_heads, "bias": self.in_proj.bias is not None,
+                "batch_first": self.batch_first, "matmul_descs": descs}
+
+    def pack(self) -> None:
+        for child in (self.in_proj, self.out_proj):
+            child.impl = self.impl
+            child.pack()
+
+    def _project(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, same_k: bool,
+                 same_v: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not (same_k and same_v):
+            raise ValueError(f"{type(self).__name__} was lowered from self-attention: call it with key and value "
+                             "being the query tensor itself (m(x, x, x))")
+        return self.in_proj(query).chunk(3, dim=-1)  # type: ignore[return-value]
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
+                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not isinstance(query, torch.Tensor) or query.dim() not in (2, 3) or query.shape[-1] != self.embed_dim:
+            got = tuple(query.shape) if isinstance(query, torch.Tensor) else type(query).__name__
+            raise ValueError(f"{type(self).__name__} expects [L, E] or a batched [*, *, E] input with E="
+                             f"{self.embed_dim}, got {got}")
+        return mha_forward(self, self._project, query, key, value, key_padding_mask, need_weights, attn_mask,
+                           average_attn_weights, is_causal)
+
+    def extra_repr(self) -> str:
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}"
+
+
+__all__ = ["Int8MultiheadAttention"]

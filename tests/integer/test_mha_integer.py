@@ -1,0 +1,99 @@
+"""`nn.TransformerEncoderLayer` models under static_int8 with MultiheadAttention quantized: MultiheadAttention's in- and
+out-projections run on the integer Linear kernels (`Int8MultiheadAttention`), float attention
+between (the simulation's quantizers applied), masks and layouts as torch's; save/load exact."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import quanta
+from quanta.integer.attention import Int8MultiheadAttention
+from quanta.integer.linear import Int8Linear
+from quanta.nn import LayerQuantConfig
+from quanta.transforms.presets import A8_STATIC, W8
+
+
+def _config() -> quanta.QuantConfig:
+    """static_int8 with MultiheadAttention quantized (the preset keeps it float until the integer
+    attention has an ONNX form: export would refuse it)."""
+    cfg = quanta.preset("static_int8")
+    return dataclasses.replace(cfg, module_types={**cfg.module_types, "MultiheadAttention": LayerQuantConfig(
+        input=A8_STATIC, weight=W8)})
+
+
+def _model(batch_first: bool, norm_first: bool) -> nn.Module:
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=batch_first, norm_first=norm_first)
+    return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+
+
+def _inputs(batch_first: bool, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*((4, 10, 32) if batch_first else (10, 4, 32)), generator=g)
+
+
+@pytest.fixture(scope="module", params=[(True, False), (True, True), (False, False), (False, True)],
+                ids=["batch_first", "batch_first-norm_first", "seq_first", "seq_first-norm_first"])
+def encoder(request):
+    batch_first, norm_first = request.param
+    torch.manual_seed(0)
+    model = _model(batch_first, norm_first)
+    sim = quanta.calibrate(quanta.prepare(model, _config()),
+                           [_inputs(batch_first, s) for s in range(3)], progress=False)
+    return request.param, model, sim, quanta.convert(sim)
+
+
+def _mask() -> torch.Tensor:
+    mask = torch.zeros(4, 10, dtype=torch.bool)
+    mask[1:, 7:] = True  # padded keys
+    return mask
+
+
+def test_in_and_out_projections_are_integer(encoder):
+    _, _, _, q = encoder
+    report = {r.name: r.result for r in quanta.conversion_report(q)}
+    for i in range(2):
+        attn = q.layers[i].self_attn
+        assert report[f"layers.{i}.self_attn"] == "Int8MultiheadAttention"
+        assert isinstance(attn, Int8MultiheadAttention)
+        assert isinstance(attn.in_proj, Int8Linear) and attn.in_proj.out_features == 96
+        assert isinstance(attn.out_proj, Int8Linear)
+
+
+def test_outputs_close_to_fp32_and_to_the_simulation_with_a_padding_mask(encoder):
+    (batch_first, _), model, sim, q = encoder
+    x, mask = _inputs(batch_first, 7), _mask()
+    with torch.no_grad():
+        ref, simulated, out = (m(x, src_key_padding_mask=mask) for m in (model, sim, q))
+    assert F.cosine_similarity(ref.flatten(), out.flatten(), dim=0) > 0.99
+    torch.testing.assert_close(out, simulated, atol=2e-2, rtol=0)
+
+
+def test_need_weights_and_unbatched_inputs_behave_as_torch(encoder):
+    (batch_first, _), model, _, q = encoder
+    attn, ref_attn = q.layers[0].self_attn, model.layers[0].self_attn
+    x = _inputs(batch_first, 3)
+    with torch.no_grad():
+        out, w = attn(x, x, x, need_weights=True)
+        ref, ref_w = ref_attn(x, x, x, need_weights=True)
+        assert out.shape == ref.shape and w.shape == ref_w.shape
+        assert F.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.99
+        single = x[0] if batch_first else x[:, 0]
+        out1, none = attn(single, single, single, need_weights=False)
+        assert none is None and out1.shape == single.shape
+    with pytest.raises(ValueError, match="self-attention"):
+        attn(x, x.clone(), x.clone())
+
+
+def test_save_load_bit_identical(encoder, tmp_path):
+    (batch_first, norm_first), _, _, q = encoder
+    quanta.save(q, tmp_path / "enc.quanta")
+    back = quanta.load(tmp_path / "enc.quanta", model=_model(batch_first, norm_first))
+    x, mask = _inputs(batch_first, 11), _mask()
+    with torch.no_grad():
+        assert torch.equal(back(x, src_key_padding_mask=mask), q(x, src_key_padding_mask=mask))
+    assert isinstance(back.layers[1].self_attn, Int8MultiheadAttention)
