@@ -79,6 +79,7 @@ def capture_groups(model: nn.Module, batches: list, forward: Callable[[nn.Module
     norms = {m for m in names if is_norm_like(m)}
     consumers = {m for m in names if is_consumer(m)}
     live: dict[int, tuple[str, torch.Tensor]] = {}  # id(output) -> (producer, output), one batch
+    sampled: dict[int, tuple[str, torch.Tensor]] = {}  # id(input) -> (the consumer holding its statistics, input)
     fed_by: dict[str, set[str | None]] = {}
     order: list[str] = []
     stats: dict[str, ConsumerStats] = {}
@@ -99,7 +100,14 @@ def capture_groups(model: nn.Module, batches: list, forward: Callable[[nn.Module
         if name not in stats:
             order.append(name)
             stats[name] = ConsumerStats(x.shape[-1])
-        stats[name].add(x.detach().reshape(-1, x.shape[-1]).double(), max_rows, gen)
+        rows = x.detach().reshape(-1, x.shape[-1])
+        first = sampled.get(id(x))
+        if first is not None and first[1] is x:  # q/k/v share one input: its statistics are kept once
+            stats[name].rows += rows.shape[0]
+            stats[name].holder = first[0]
+        else:
+            sampled[id(x)] = (name, x)
+            stats[name].add(rows, max_rows, gen)
         if isinstance(out, torch.Tensor):
             live[id(out)] = (name, out)
 
@@ -109,6 +117,7 @@ def capture_groups(model: nn.Module, batches: list, forward: Callable[[nn.Module
         for batch in batches:
             forward(model, batch)
             live.clear()
+            sampled.clear()
     finally:
         for h in handles:
             h.remove()

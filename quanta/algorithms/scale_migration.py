@@ -80,9 +80,13 @@ class Snapshot:
 
 class ConsumerStats:
     """Statistics of one consumer's input over calibration: per channel max ``|x|`` and mean ``|x|``,
-    rows seen, and up to ``max_rows`` rows sampled uniformly (to score scales on)."""
+    rows seen, and up to ``max_rows`` rows sampled (a random subset of each call's rows, thinned
+    again when more than four times that pile up) to score scales on. Consumers fed the same tensor
+    keep its statistics once: the others count rows only and name the ``holder``."""
 
     def __init__(self, channels: int):
+        self.holder: str | None = None
+        self.sampled_rows = 0
         self.absmax = torch.zeros(channels, dtype=torch.float64)
         self.abssum = torch.zeros(channels, dtype=torch.float64)
         self.rows = 0
@@ -93,6 +97,7 @@ class ConsumerStats:
     def add(self, x: torch.Tensor, max_rows: int, gen: torch.Generator) -> None:
         """``x``: ``[rows, channels]``."""
         a = x.abs()
+        self.sampled_rows += x.shape[0]
         self.absmax = torch.maximum(self.absmax, a.amax(0).double())
         self.abssum += a.sum(0, dtype=torch.float64)
         self.rows += x.shape[0]

@@ -190,3 +190,23 @@ def test_a_simulated_model_and_bad_options_are_refused():
         awq(_llama(), _tokens(), grid=0)
     with pytest.raises(TypeError, match="iterable of batches"):
         awq(_llama(), torch.randint(0, 96, (4, 16)))
+
+
+@pytest.mark.parametrize("norm_first", [True, False], ids=["pre_ln", "post_ln"])
+def test_torch_transformer_encoder_layer_pre_ln_norm_feeds_linear1_post_ln_does_not(norm_first):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, norm_first=norm_first)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    data = [torch.randn(4, 8, 32) for _ in range(2)]
+    with torch.no_grad():
+        before = model(data[0])
+    record = smoothquant(model, data, linear_pairs=True)
+    groups = _groups(record)
+    assert groups["layers.0.linear1"] == ["layers.0.linear2"]  # through ReLU: positive scales commute with it
+    if norm_first:
+        assert groups["layers.0.norm2"] == ["layers.0.linear1"]
+    else:  # the post-LN norm's output is also the residual
+        assert "layers.0.norm1" not in groups
+        assert any(r["group"] == "layers.0.norm1 → layers.0.linear1" for r in record["skipped"])
+    with torch.no_grad():
+        torch.testing.assert_close(model(data[0]), before, rtol=1e-4, atol=1e-5)
