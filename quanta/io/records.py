@@ -268,7 +268,7 @@ def _rebuild_one(root: nn.Module | None, rec: dict[str, Any], skeleton: nn.Modul
 
 # Transforms replace a float module only by these (BatchNorm folded → Identity, ReLU6 fused
 # into a conv → Identity): any other class difference means a different architecture.
-_TRANSFORM_RESULTS = ("torch.nn.modules.linear:Identity",)
+_TRANSFORM_RESULTS = ("torch.nn.modules.linear:Identity", "quanta.nn.modules.fused:FusedActivation")
 _SHAPE_ATTRS = ("in_features", "out_features", "in_channels", "out_channels", "kernel_size", "groups",
                 "num_embeddings", "embedding_dim", "input_size", "hidden_size", "num_layers", "bidirectional")
 

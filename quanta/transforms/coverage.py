@@ -10,6 +10,7 @@ from torch import nn
 from ..integer.base import IntegerModule
 from ..nn.modules.base import QuantModule
 from ..nn.modules.functional import QuantOp
+from ..nn.modules.fused import FusedActivation
 from ..nn.tensor_quantizer import TensorQuantizer
 from .decisions import DECISIONS_ATTR, REPORT_ATTR, UNSUPPORTED
 
@@ -20,7 +21,7 @@ _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
 class CoverageEntry:
     name: str
     type: str
-    status: str  # "integer" | "quantized" (simulated) | "excluded" | "float"
+    status: str  # "integer" | "quantized" (simulated) | "fused" (into an integer kernel) | "excluded" | "float"
     detail: str
 
 
@@ -34,7 +35,7 @@ class CoverageReport:
     @property
     def counts(self) -> dict[str, int]:
         c = Counter(e.status for e in self.entries)
-        return {k: c.get(k, 0) for k in ("integer", "quantized", "excluded", "float")}
+        return {k: c.get(k, 0) for k in ("integer", "quantized", "fused", "excluded", "float")}
 
     def __str__(self) -> str:
         w = max([len(e.name) for e in self.entries] + [6])
@@ -45,6 +46,7 @@ class CoverageReport:
         floats = Counter(e.type for e in self.by_status("float"))
         kinds = ", ".join(f"{k}×{v}" for k, v in floats.most_common())
         head = f"{c['integer']} integer, " if c["integer"] else ""
+        head += f"{c['fused']} activation(s) fused into them, " if c["fused"] else ""
         slower = sum(1 for e in self.by_status("float") if e.detail.startswith("integer kernel slower"))
         why = "no quantized version" + (f" or slower in integer ({slower})" if slower else "")
         lines.append(f"{head}{c['quantized']} quantized, {c['excluded']} excluded by rule, "
@@ -58,6 +60,13 @@ def _describe(mod: nn.Module) -> str:
         state = str(q.spec) if q.is_enabled else "off"
         parts.append(f"{kind}: {state}")
     return "; ".join(parts) if parts else "no quantizers"
+
+
+def _module_or_none(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 def coverage(model: nn.Module) -> CoverageReport:
@@ -74,7 +83,15 @@ def coverage(model: nn.Module) -> CoverageReport:
         if not quantized and any(name.startswith(s + ".") for s in skip):
             continue  # inside an excluded module (but a more specific rule may quantize some)
         tname = type(mod).__name__
-        if isinstance(mod, IntegerModule):
+        if isinstance(mod, FusedActivation):
+            into = _module_or_none(model, mod.into)
+            if isinstance(into, IntegerModule):
+                entries.append(CoverageEntry(name, mod.activation or tname, "fused",
+                                             f"applied by {mod.into!r} ({type(into).__name__}) in its kernel"))
+            else:  # the speed check put the producer's float twin back, which applies it again
+                entries.append(CoverageEntry(name, mod.activation or tname, "float",
+                                             f"applied by {mod.into!r} (kept float)"))
+        elif isinstance(mod, IntegerModule):
             ran = ", ".join(f"{k}×{v}" for k, v in mod.kernel_counts.most_common()) or "not run yet"
             entries.append(CoverageEntry(name or "(root)", tname, "integer", f"{mod.extra_repr()}; kernels: {ran}"))
         elif quantized:

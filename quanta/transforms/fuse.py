@@ -30,6 +30,7 @@ from ..integer.base import IntegerModule
 from ..integer.pooling import codes_pool
 from ..nn.modules.base import QuantModule
 from ..nn.modules.functional import QuantOp
+from ..nn.modules.fused import FusedActivation
 from ..nn.tensor_quantizer import TensorQuantizer
 
 LOG = logging.getLogger("quanta.transforms")
@@ -126,14 +127,14 @@ def fuse_activations(model: nn.Module) -> list[tuple[str, str, str]]:
             scale, zp = next(iter(grids))  # type: ignore[misc]
             producer.set_output("uint8", scale=scale, zero_point=zp, post_op=act)
             for r in relu6_nodes:  # fused into the producer; on codes ReLU6 would clamp at code 6
-                _replace(model, str(r.target), nn.Identity())  # and ReLU would cost a pass for nothing
+                _fused(model, r, str(node.target))  # and ReLU would cost a pass for nothing
             for p in pool_nodes:  # pools channels-last codes where torch's own max-pool cannot
                 _replace(model, str(p.target), codes_pool(mods[str(p.target)]))
             done.append((str(node.target), act, "uint8"))
         elif act != "none":
             producer.set_output("float", post_op=act)
             for r in relu6_nodes:  # applied by the producer's kernel: a second pass would change nothing
-                _replace(model, str(r.target), nn.Identity())
+                _fused(model, r, str(node.target))
             done.append((str(node.target), act, "float"))
     done += _fuse_linear_activations(model, graph, mods, calls)
     return done
@@ -168,7 +169,7 @@ def _fuse_linear_activations(model: nn.Module, graph: fx.Graph, mods: dict[str, 
         if act is None:
             continue
         mod.set_post_op(act)  # type: ignore[union-attr]
-        _replace(model, str(user.target), nn.Identity())
+        _fused(model, user, str(node.target))
         done.append((str(node.target), act, "float"))
     return done
 
@@ -179,6 +180,13 @@ def _grid(mod: Any) -> tuple[float, int] | None:
         return None
     scale, zp = qp
     return float(scale), int(zp)
+
+
+def _fused(model: nn.Module, node: fx.Node, producer: str) -> None:
+    """The activation module ``node`` calls, now applied by ``producer``'s kernel, becomes a
+    `FusedActivation` (an identity that says so)."""
+    old = model.get_submodule(str(node.target))
+    _replace(model, str(node.target), FusedActivation(type(old).__name__, producer))
 
 
 def _replace(model: nn.Module, target: str, new: nn.Module) -> None:

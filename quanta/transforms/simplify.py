@@ -20,6 +20,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..integer.base import IntegerModule
+from ..nn.modules.fused import FusedActivation
 
 
 def _sole_integer(mod: nn.Module) -> nn.Module | None:
@@ -29,7 +30,7 @@ def _sole_integer(mod: nn.Module) -> nn.Module | None:
     if mod._forward_hooks or mod._forward_pre_hooks or mod._backward_hooks or mod._backward_pre_hooks:
         return None
     children = list(mod.children())
-    working = [c for c in children if type(c) is not nn.Identity]
+    working = [c for c in children if type(c) not in (nn.Identity, FusedActivation)]
     if len(working) != 1 or not isinstance(working[0], IntegerModule):
         return None
     return working[0]

@@ -18,7 +18,7 @@ def _entries(model: nn.Module) -> dict[str, quanta.transforms.coverage.CoverageE
 
 def test_cnn_report_lists_quantized_float_and_counts():
     report = quanta.coverage(quanta.prepare(DigitsCNN()))
-    assert report.counts == {"integer": 0, "quantized": 6, "excluded": 0, "float": 6}
+    assert report.counts == {"integer": 0, "quantized": 6, "fused": 0, "excluded": 0, "float": 6}
     entries = {e.name: e for e in report.entries}
     conv = entries["features.0"]
     assert (conv.type, conv.status) == ("QuantConv2d", "quantized")
@@ -51,14 +51,14 @@ def test_excluded_modules_are_listed_with_their_rule():
     excluded = {e.name: (e.type, e.detail) for e in report.by_status("excluded")}
     assert excluded == {"features.0": ("Conv2d", "exclude:'features.0'"), "head": ("Linear", "rule:'head'"),
                         "features.6": ("AvgPool2d", "type:AvgPool2d")}
-    assert report.counts == {"integer": 0, "quantized": 3, "excluded": 3, "float": 6}
+    assert report.counts == {"integer": 0, "quantized": 3, "fused": 0, "excluded": 3, "float": 6}
     assert "3 quantized, 3 excluded by rule, 6 float" in str(report)
 
 
 def test_lstm_report_has_no_internal_containers():
     report = quanta.coverage(quanta.prepare(SequenceLSTM()))
     assert {e.name: e.status for e in report.entries} == {"lstm": "quantized", "head": "quantized"}
-    assert report.counts == {"integer": 0, "quantized": 2, "excluded": 0, "float": 0}
+    assert report.counts == {"integer": 0, "quantized": 2, "fused": 0, "excluded": 0, "float": 0}
     assert "hidden[l1]: int8" in report.entries[0].detail
 
 
@@ -82,7 +82,7 @@ def test_unsupported_modules_are_never_an_error():
                           nn.Sequential(), nn.Flatten(), nn.Softmax(-1))
     prepared = quanta.prepare(model)
     report = quanta.coverage(prepared)
-    assert report.counts == {"integer": 0, "quantized": 1, "excluded": 0, "float": 6}
+    assert report.counts == {"integer": 0, "quantized": 1, "fused": 0, "excluded": 0, "float": 6}
     assert {e.type for e in report.by_status("float")} == {"GELU", "LayerNorm", "Custom", "Identity",
                                                              "Flatten", "Softmax"}
     quanta.calibrate(prepared, [torch.randn(3, 4)], progress=False)
