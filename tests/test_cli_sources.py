@@ -206,3 +206,16 @@ def test_recover_layers_leaves_shared_weights_in_the_graph(tmp_path):
     assert not any(isinstance(m, nn.Linear) for m in module.modules())  # not recovered: left as it was
     x = torch.randn(2, 8)
     assert torch.equal(module(x), model(x))
+
+
+def test_export_of_a_program_file_needs_the_program(tmp_path, capsys):
+    _program(tmp_path / "net.pt2")
+    torch.save(torch.randn(8, 3, 12, 12), tmp_path / "calib.pt")
+    out = tmp_path / "q.safetensors"
+    assert main(["quantize", str(tmp_path / "net.pt2"), "--preset", "static_int8", "--calib", str(tmp_path / "calib.pt"),
+                 "--no-speed-check", "-q", "-o", str(out)]) == 0
+    err = _fails(capsys, ["export", str(out), "-o", str(tmp_path / "q.onnx")])
+    assert "give --model SPEC" in err
+    pytest.importorskip("onnx")
+    assert main(["export", str(out), "--model", str(tmp_path / "net.pt2"), "-o", str(tmp_path / "q.onnx")]) == 0
+    assert "QuantizeLinear" in capsys.readouterr().out and (tmp_path / "q.onnx").is_file()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 
-from ..io import export_onnx, load
+from ..io import ArchitectureError, export_onnx, load
 from .errors import CommandError
 from .sources import example_input, load_spec, parse_shape, spec_factory
 
@@ -34,6 +34,12 @@ def export_file(job: ExportJob) -> str:
     if job.input_shape is not None:
         parse_shape(job.input_shape)  # a typo fails before the model is built
     float_model, calib = load_spec(job.model) if job.model is not None else (None, None)
-    model = load(job.file, model=spec_factory(job.model) if job.model is not None else None)
+    try:
+        model = load(job.file, model=spec_factory(job.model) if job.model is not None else None)
+    except ArchitectureError as e:
+        if job.model is not None or "pass model=" not in str(e):
+            raise
+        raise CommandError(f"{job.file}: the file does not record how to build its model: give --model SPEC "
+                           "(the float model's spec or .pt2 program)") from e
     example = example_input(job.input_shape, calib, "quanta export", float_model)
     return str(export_onnx(model, example, job.output, opset=job.opset, dynamic_batch=job.dynamic_batch))
