@@ -107,7 +107,7 @@ def migrate_scales(model: nn.Module, batches: list, forward: Callable[[nn.Module
                 continue
             st = stats[g.consumers[0]]
             st = stats[st.holder] if st.holder is not None and not st.sampled_rows else st
-            weights = [weight_2d(m).detach().float().clone() for m in mods]
+            weights = [weight_2d(m).detach().float().cpu().clone() for m in mods]  # scored on the CPU
             s, info = rule(GroupInput(g, st, st.sample(), weights, cfgs))
             row = {"source": g.source, "kind": g.kind, "consumers": list(g.consumers), **info}
             if s is not None:

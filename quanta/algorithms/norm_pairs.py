@@ -197,7 +197,7 @@ def _norm_scales_exactly(norm: nn.Module, x: torch.Tensor, s: torch.Tensor) -> b
         snap.restore()
     if not isinstance(y0, torch.Tensor) or y0.shape[-1] != s.numel():
         return False
-    ref = (y0.double() / s).float()
+    ref = (y0.double() / s.to(y0.device)).float()
     return float((y1 - ref).abs().max()) <= TOLERANCE * (float(ref.abs().max()) or 1.0)
 
 

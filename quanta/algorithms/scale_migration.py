@@ -47,8 +47,8 @@ def out_features(module: nn.Module) -> int:
 def apply_scale(source: nn.Module, kind: str, consumers: Iterable[nn.Module], s: torch.Tensor) -> None:
     """In place: ``source``'s output channel ``j`` divided by ``s_j`` (a norm's weight and bias, or
     Linear A's weight rows and bias; ``kind`` "norm" / "linear"), each consumer's input column ``j``
-    multiplied by ``s_j``. Computed in float64."""
-    s = s.double()
+    multiplied by ``s_j``. Computed in float64 on the weights' device."""
+    s = s.double().to(source.weight.device)
     if kind == "norm":
         source.weight.copy_((source.weight.double() / s).to(source.weight.dtype))
     elif kind == "linear":
@@ -95,7 +95,8 @@ class ConsumerStats:
         self._gen: torch.Generator | None = None
 
     def add(self, x: torch.Tensor, max_rows: int, gen: torch.Generator) -> None:
-        """``x``: ``[rows, channels]``."""
+        """``x``: ``[rows, channels]`` (kept on the CPU)."""
+        x = x.detach().cpu()
         a = x.abs()
         self.sampled_rows += x.shape[0]
         self.absmax = torch.maximum(self.absmax, a.amax(0).double())
