@@ -141,17 +141,29 @@ def test_image_folder_batches_sorted_resized_scaled(tmp_path):
     _images(tmp_path / "imgs")
     batches = load_calibration(str(tmp_path / "imgs"), 2, ImageOptions(size=(16, 16)))
     assert [tuple(b.shape) for b in batches] == [(2, 3, 16, 16), (2, 3, 16, 16), (1, 3, 16, 16)]
-    images = torch.cat(batches)
+    images = torch.cat(list(batches))
     assert images.dtype == torch.float32 and images.min() >= 0 and images.max() <= 1
-    expected = torch.from_numpy(__import__("numpy").asarray(PIL.open(tmp_path / "imgs" / "a.png"))).permute(2, 0, 1)
+    expected = torch.from_numpy(__import__("numpy").array(PIL.open(tmp_path / "imgs" / "a.png"))).permute(2, 0, 1)
     assert torch.equal(images[0], expected.float() / 255)  # a.png first (sorted), 16x16: unchanged
-    again = torch.cat(load_calibration(str(tmp_path / "imgs"), 3, ImageOptions(size=(16, 16))))
+    again = torch.cat(list(load_calibration(str(tmp_path / "imgs"), 3, ImageOptions(size=(16, 16)))))
     assert torch.equal(images, again)
-    norm = torch.cat(load_calibration(str(tmp_path / "imgs"), 5, ImageOptions(size=(16, 16), mean=(0.5, 0.4, 0.3),
-                                                                             std=(0.2,))))
+    norm = torch.cat(list(load_calibration(str(tmp_path / "imgs"), 5, ImageOptions(size=(16, 16), mean=(0.5, 0.4, 0.3),
+                                                                                  std=(0.2,)))))
     assert torch.allclose(norm, (images - torch.tensor([0.5, 0.4, 0.3]).view(3, 1, 1)) / 0.2)
     gray = load_calibration(str(tmp_path / "imgs"), 8, ImageOptions(size=(8, 12), channels=1), max_batches=1)
     assert gray[0].shape == (5, 1, 8, 12)
+
+
+def test_image_folder_is_read_batch_by_batch(tmp_path):
+    paths = _images(tmp_path / "imgs")
+    batches = load_calibration(str(tmp_path / "imgs"), 2, ImageOptions(size=(8, 8)))
+    assert len(batches) == 3 and batches[-1].shape == (1, 3, 8, 8) and len(batches[1:]) == 2
+    paths[2].unlink()  # sub/c.png (sorted last): in the last batch, read only when that batch is asked for
+    assert batches[0].shape == (2, 3, 8, 8)
+    with pytest.raises(CommandError, match=r"sub/c\.png: cannot read this image"):
+        batches[2]
+    with pytest.raises(IndexError):
+        batches[3]
 
 
 def test_image_folder_errors_name_the_problem(tmp_path, monkeypatch):

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+from collections.abc import Sequence
+from typing import overload
 
 import torch
 from torch import nn
@@ -88,9 +90,41 @@ def _read(path: pathlib.Path, size: tuple[int, int], channels: int) -> torch.Ten
     return data.reshape(height, width, channels).permute(2, 0, 1).float() / 255.0
 
 
+class ImageBatches(Sequence[torch.Tensor]):
+    """The batches of a folder's images, each read from disk when it is asked for (a folder of
+    thousands of images never sits in memory at once); iterable as often as calibration needs."""
+
+    def __init__(self, files: list[pathlib.Path], batch_size: int, size: tuple[int, int], channels: int,
+                 mean: torch.Tensor | None, std: torch.Tensor | None) -> None:
+        self.files, self.batch_size, self.size, self.channels = files, batch_size, size, channels
+        self.mean, self.std = mean, std
+
+    def __len__(self) -> int:
+        return (len(self.files) + self.batch_size - 1) // self.batch_size
+
+    @overload
+    def __getitem__(self, index: int) -> torch.Tensor: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[torch.Tensor]: ...
+
+    def __getitem__(self, index: int | slice) -> torch.Tensor | list[torch.Tensor]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"batch {index} of {len(self)}")
+        start = (index % len(self)) * self.batch_size
+        images = torch.stack([_read(f, self.size, self.channels) for f in self.files[start:start + self.batch_size]])
+        if self.mean is not None and self.std is not None:
+            images = (images - self.mean) / self.std
+        return images
+
+
 def load_image_folder(folder: str, batch_size: int, options: ImageOptions, model: nn.Module | None = None,
-                      limit: int | None = None) -> list[torch.Tensor]:
-    """Batches ``[N, C, H, W]`` of the folder's images (the first ``limit`` images when given)."""
+                      limit: int | None = None) -> ImageBatches:
+    """Batches ``[N, C, H, W]`` of the folder's images (the first ``limit`` images when given),
+    read batch by batch; every file's header is checked here, so that a file that is no image
+    fails before calibration starts."""
     try:
         import PIL  # noqa: F401
     except ImportError as e:
@@ -109,10 +143,21 @@ def load_image_folder(folder: str, batch_size: int, options: ImageOptions, model
     if not files:
         raise CommandError(f"--calib {folder}: no {' / '.join(IMAGE_SUFFIXES)} files in this folder")
     files = files[:limit] if limit is not None else files
-    images = torch.stack([_read(f, size, channels) for f in files])
-    if options.mean is not None or options.std is not None:
-        images = (images - mean) / std
-    return list(images.split(batch_size))
+    for f in files:
+        _check_header(f)
+    normalize = options.mean is not None or options.std is not None
+    return ImageBatches(files, batch_size, size, channels, mean if normalize else None, std if normalize else None)
+
+
+def _check_header(path: pathlib.Path) -> None:
+    from PIL import Image
+
+    try:
+        with Image.open(path):
+            pass
+    except Exception as e:  # PIL.UnidentifiedImageError, OSError
+        first = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        raise CommandError(f"--calib {path}: cannot read this image ({type(e).__name__}: {first})") from e
 
 
 def _per_channel(values: tuple[float, ...] | None, default: float, flag: str, channels: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ import importlib.util
 import os
 import pathlib
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -106,7 +106,7 @@ def _batches(data: Any, batch_size: int, source: str) -> list[torch.Tensor]:
 
 
 def load_calibration(path: str, batch_size: int, images: ImageOptions | None = None,
-                     model: nn.Module | None = None, max_batches: int | None = None) -> list[torch.Tensor]:
+                     model: nn.Module | None = None, max_batches: int | None = None) -> Sequence[torch.Tensor]:
     """Calibration batches from a ``.pt`` (read with ``weights_only=True``), ``.npy`` or
     ``.safetensors`` file: one tensor [N, ...] is split into batches of ``batch_size``; a list of
     tensors (several safetensors entries: in key order) is used as the batches. A folder holds
