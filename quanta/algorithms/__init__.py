@@ -9,13 +9,14 @@ from .awq import AWQOptions, awq
 from .best_calibration import best_calibration
 from .bias_correction import activation_mean, bias_correction, empirical_bias_correction
 from .equalize import absorb_high_bias, cross_layer_equalization
+from .gptq import GPTQOptions, gptq
 from .pairs import LayerPair, batchnorm_statistics, bn_pairs, find_pairs
 from .pipeline import ALGORITHMS, ALGORITHMS_ATTR, check_algorithms
 from .smoothquant import SmoothQuantOptions, smoothquant
 
 __all__ = [
-    "ALGORITHMS", "ALGORITHMS_ATTR", "AWQOptions", "AdaRoundOptions", "LayerPair", "SmoothQuantOptions",
-    "absorb_high_bias", "activation_mean", "adaround", "awq", "batchnorm_statistics", "best_calibration",
-    "bias_correction", "bn_pairs", "check_algorithms", "cross_layer_equalization", "empirical_bias_correction",
-    "find_pairs", "smoothquant",
+    "ALGORITHMS", "ALGORITHMS_ATTR", "AWQOptions", "AdaRoundOptions", "GPTQOptions", "LayerPair",
+    "SmoothQuantOptions", "absorb_high_bias", "activation_mean", "adaround", "awq", "batchnorm_statistics",
+    "best_calibration", "bias_correction", "bn_pairs", "check_algorithms", "cross_layer_equalization",
+    "empirical_bias_correction", "find_pairs", "gptq", "smoothquant",
 ]

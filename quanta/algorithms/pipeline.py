@@ -78,6 +78,8 @@ REGISTRY: tuple[Algorithm, ...] = (
               summary="learned rounding of weights, layer by layer"),
     Algorithm("empirical_bias_correction", "calibrated", "bias_correction:run_empirical", needs_data=True,
               summary="bias shift from weight quantization, measured on calibration data"),
+    Algorithm("gptq", "calibrated", "gptq:run", needs_data=True, options="gptq:GPTQOptions",
+              summary="error-compensating rounding of Linear / Conv1D weights (GPTQ), group by group of layers"),
 )
 BY_NAME: dict[str, Algorithm] = {a.name: a for a in REGISTRY}
 #: every name `QuantConfig.algorithms` accepts, in the order the pipeline runs them
@@ -85,7 +87,8 @@ ALGORITHMS = tuple(a.name for s in STAGES for a in REGISTRY if a.stage == s)
 #: pairs that must not be combined, with why
 EXCLUSIVE = ((("bias_correction", "empirical_bias_correction"),
               ("choose one of 'bias_correction' (from BatchNorm statistics) and 'empirical_bias_correction' "
-               "(measured on calibration data)")),)
+               "(measured on calibration data)")),
+             (("adaround", "gptq"), "choose one of 'adaround' and 'gptq': both learn the weights' rounding"))
 
 
 def check_algorithms(names: Any) -> tuple[str, ...]:

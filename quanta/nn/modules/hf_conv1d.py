@@ -44,6 +44,11 @@ class _HFConv1DMixin:
         view.input_quantizer, view.output_quantizer = mod.input_quantizer, mod.output_quantizer
         if mod.weight_quantizer is not None and not mod.weight_quantizer.is_enabled:
             view.weight_quantizer.disable()
+        wq = mod.weight_quantizer
+        if wq is not None and wq.amax is not None and view.weight_quantizer is not None:
+            # a fixed weight range (e.g. frozen by GPTQ): the same range on the transposed axes
+            turn = (lambda t: t.detach().t() if t.dim() == 2 else t.detach())  # [in // g, out] -> [out, in // g]
+            view.weight_quantizer.set_range(None if wq.amin is None else turn(wq.amin), turn(wq.amax))
         view.train(mod.training)
         return view
 
