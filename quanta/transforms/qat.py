@@ -103,8 +103,9 @@ def _learnable(d: QuantDescriptor | None) -> QuantDescriptor | None:
 def _learned(layer: LayerQuantConfig | None) -> LayerQuantConfig | None:
     if layer is None:
         return None
-    return LayerQuantConfig(input=_learnable(layer.input), weight=_learnable(layer.weight),
-                            output=_learnable(layer.output))
+    descriptors = {f.name: getattr(layer, f.name) for f in dataclasses.fields(layer)}
+    return dataclasses.replace(layer, **{k: _learnable(d) for k, d in descriptors.items()
+                                         if isinstance(d, QuantDescriptor)})
 
 
 def _learned_ranges(model: nn.Module) -> list[tuple[str, TensorQuantizer]]:

@@ -8,6 +8,7 @@ With every quantizer off, both classes call torch's own forward, so outputs equa
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -169,7 +170,7 @@ class QuantTransformerEncoderLayer(QuantModule, nn.TransformerEncoderLayer):
     quantize_input = False
 
     def init_quantizers(self, config: LayerQuantConfig) -> None:
-        super().init_quantizers(LayerQuantConfig(input=config.input, weight=None, output=config.output))
+        super().init_quantizers(dataclasses.replace(config, weight=None))
         self.sa_add = QuantAdd(config.input)
         self.ff_add = QuantAdd(config.input)
 
