@@ -73,7 +73,7 @@ def _inverse_rectified_sigmoid(h: torch.Tensor) -> torch.Tensor:
 
 def _unsupported(layer: nn.Module) -> str | None:
     wq = getattr(layer, "weight_quantizer", None)
-    if not isinstance(wq, TensorQuantizer) or not wq.is_enabled or not wq._if_quant:
+    if not isinstance(wq, TensorQuantizer) or not wq.quantizing:
         return "its weights are not quantized"
     if tuple(getattr(layer, "weight_names", ("weight",))) != ("weight",):
         return "it has several weights"

@@ -75,7 +75,7 @@ def _candidate(layer: nn.Module) -> bool:
     """A Linear or transformers' Conv1D with an enabled weight quantizer."""
     wq = getattr(layer, "weight_quantizer", None)
     return (isinstance(layer, nn.Linear) or _is_conv1d(layer)) and isinstance(wq, TensorQuantizer) \
-        and wq.is_enabled and wq._if_quant
+        and wq.quantizing
 
 
 def _reason(layer: nn.Module, shared_with: list[str]) -> str | None:
@@ -248,10 +248,14 @@ def _gptq_layer(layer: nn.Module, hessian: torch.Tensor, rows: int, opt: GPTQOpt
     with torch.no_grad():
         layer.weight.copy_(w_new)
     changed = int((sol.codes != nearest).sum())
-    return {"error_nearest": output_error(w_lin, w_nearest, hessian, rows),
-            "error_gptq": output_error(w_lin, w_hat, hessian, rows),
+    return {"error_nearest": _short(output_error(w_lin, w_nearest, hessian, rows)),
+            "error_gptq": _short(output_error(w_lin, w_hat, hessian, rows)),
             "codes_changed": changed, "changed_fraction": round(changed / max(nearest.numel(), 1), 4),
-            "damp": sol.damp, "dead_inputs": sol.dead, "dynamic_groups": dynamic, "rows": rows}
+            "damp": _short(sol.damp), "dead_inputs": sol.dead, "dynamic_groups": dynamic, "rows": rows}
+
+
+def _short(x: float) -> float:
+    return float(f"{x:.6g}")
 
 
 def _tied(model: nn.Module) -> dict[int, list[str]]:

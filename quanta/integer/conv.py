@@ -119,19 +119,19 @@ class _Int8ConvNd(IntegerModule):
         if problem:
             return problem
         iq, wq, oq = sim.input_quantizer, sim.weight_quantizer, sim.output_quantizer
-        if iq is None or not iq.is_enabled or not iq._if_quant:
+        if iq is None or not iq.quantizing:
             return "its input quantizer is off: there is no activation grid to compute on"
         problem = input_spec_problem(iq.spec)
         if problem:
             return problem
         if iq.amax is None:
             return "its input quantizer has no range: calibrate first"
-        if wq is None or not wq.is_enabled or not wq._if_quant:
+        if wq is None or not wq.quantizing:
             return "its weight quantizer is off (float weights)"
         problem = weight_spec_problem(wq.spec)
         if problem:
             return problem
-        if oq is not None and oq.is_enabled and oq._if_quant:
+        if oq is not None and oq.quantizing:
             problem = output_spec_problem(oq.spec)
             if problem:
                 return problem
@@ -144,7 +144,7 @@ class _Int8ConvNd(IntegerModule):
         """The integer module computing what the calibrated simulated conv ``sim`` computes."""
         cls.check_lowerable(sim)
         oq = sim.output_quantizer
-        out_on = oq is not None and oq.is_enabled and oq._if_quant
+        out_on = oq is not None and oq.quantizing
         pad = padding_of(sim, cls.dims)
         assert not isinstance(pad, str)
         mod = cls(sim.in_channels, sim.out_channels, sim.kernel_size, sim.stride, pad, sim.dilation, sim.groups,

@@ -85,12 +85,12 @@ class _DynamicInt8ConvNd(IntegerModule):
         if problem:
             return problem
         iq, wq, oq = sim.input_quantizer, sim.weight_quantizer, sim.output_quantizer
-        if iq is None or not iq.is_enabled or not iq._if_quant:
+        if iq is None or not iq.quantizing:
             return "its input quantizer is off"
         problem = _dynamic_input_problem(iq.spec)
         if problem:
             return problem
-        if wq is None or not wq.is_enabled or not wq._if_quant:
+        if wq is None or not wq.quantizing:
             return "its weight quantizer is off (float weights)"
         problem = weight_spec_problem(wq.spec)
         if problem:

@@ -34,7 +34,7 @@ def _common_problem(sim: Any) -> str | None:
     if sim.max_norm is not None:
         return "max_norm renormalizes the table during lookup; not supported"
     wq = sim.weight_quantizer
-    if wq is None or not wq.is_enabled or not wq._if_quant:
+    if wq is None or not wq.quantizing:
         return "its weight is not quantized (no enabled weight_quantizer)"
     s = wq.spec
     if s.format is not Format.INT or not s.signed:

@@ -50,7 +50,7 @@ def check_act_spec(spec: QuantSpec) -> str | None:
 
 def _weight_problem(sim: Any) -> str | None:
     wq = sim.weight_quantizer
-    if wq is None or not wq.is_enabled or not wq._if_quant:
+    if wq is None or not wq.quantizing:
         return "its weights are not quantized (no enabled weight_quantizer)"
     s = wq.spec
     if s.format is not Format.INT or s.bits > 8 or not s.signed or not s.symmetric:
@@ -66,7 +66,7 @@ def _weight_problem(sim: Any) -> str | None:
 def _act_problem(quantizers: list[Any]) -> tuple[str | None, QuantSpec | None]:
     if not quantizers or any(q is None for q in quantizers):
         return "its activations are not quantized (missing input/hidden quantizers)", None
-    if any(not q.is_enabled or not q._if_quant for q in quantizers):
+    if any(not q.quantizing for q in quantizers):
         return "some activation quantizers are disabled", None
     specs = {q.spec for q in quantizers}
     if len(specs) > 1:

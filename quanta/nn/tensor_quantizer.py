@@ -86,7 +86,18 @@ class TensorQuantizer(nn.Module):
 
     @property
     def is_enabled(self) -> bool:
+        """Not `disable`d (it may still pass data through: see `quantizing`, `active`)."""
         return not self._disabled
+
+    @property
+    def quantizing(self) -> bool:
+        """Enabled and quantizing: its forward changes the values (what an integer kernel replaces)."""
+        return not self._disabled and self._if_quant
+
+    @property
+    def active(self) -> bool:
+        """Enabled and quantizing or collecting statistics: its forward is not the identity."""
+        return not self._disabled and (self._if_quant or self._if_calib)
 
     @property
     def mode(self) -> str:

@@ -26,7 +26,7 @@ def _active(module: nn.Module) -> bool:
     """True when torch's own (possibly fused) forward would not compute what this module
     should: a quantizer inside is active, or a child was lowered to an integer module
     (``is_integer_module``; torch's fast path would read float weights it does not have)."""
-    return any((isinstance(m, TensorQuantizer) and m.is_enabled and (m._if_quant or m._if_calib))
+    return any((isinstance(m, TensorQuantizer) and m.active)
                or getattr(m, "is_integer_module", False) for m in module.modules())
 
 

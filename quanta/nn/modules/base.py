@@ -186,7 +186,7 @@ class QuantModule:
                 yield kind, q
 
     def any_quantizer_active(self) -> bool:
-        return any(q.is_enabled and (q._if_quant or q._if_calib) for _, q in self.quantizers())
+        return any(q.active for _, q in self.quantizers())
 
     def fake_quantized_weights(self) -> dict[str, torch.Tensor]:
         """``{name: fake-quantized value}`` of each weight; empty when no weight quantizer is on."""

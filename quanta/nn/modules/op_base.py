@@ -33,7 +33,7 @@ class QuantOp(nn.Module):
                 yield name, q
 
     def any_quantizer_active(self) -> bool:
-        return any(q.is_enabled and (q._if_quant or q._if_calib) for _, q in self.quantizers())
+        return any(q.active for _, q in self.quantizers())
 
     def _q(self, name: str, t: torch.Tensor) -> torch.Tensor:
         q = getattr(self, f"{name}_quantizer", None)
