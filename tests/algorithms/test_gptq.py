@@ -190,8 +190,9 @@ def test_all_zero_inputs_and_unfitting_groups_are_skipped_and_reported_unchanged
     # a layer whose inputs the group size cannot split stays float, says so, and GPTQ leaves it alone
     odd = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 8)).eval()
     with pytest.warns(UserWarning, match="group_size 64 does not divide"):
-        q = quanta.quantize(odd, "weight_only_int4", group_size=64, calib_data=[torch.randn(16, 64)] * 2,
-                            algorithms=["gptq"], speed_check=False, progress=False)
+        q = quanta.quantize(odd, "weight_only_int4", group_size=64, calib_data=[torch.randn(16, 64)],
+                            algorithms=["gptq"], algorithm_options={"gptq": {"min_samples": 16}},
+                            speed_check=False, progress=False)
     assert type(q[2]) is nn.Linear and torch.equal(q[2].weight, odd[2].weight)
     assert "group_size 64 does not divide" in {r.name: r for r in quanta.conversion_report(q)}["2"].detail
     assert [r["layer"] for r in q._quanta_algorithms[0]["layers"]] == ["0"]
@@ -266,3 +267,30 @@ def test_an_indefinite_hessian_gets_more_damping_or_a_clear_error():
     assert damp == pytest.approx(10.0) and torch.isfinite(upper).all()
     with pytest.raises(SolverError, match="not positive definite"):
         inverse_cholesky(h, 0.01, retries=2)
+
+
+def _symmetric_int4_g32() -> quanta.QuantConfig:
+    config = quanta.preset("weight_only_int4", group_size=32)
+    weight = QuantDescriptor(num_bits=4, group_size=32, symmetric=True)
+    return dataclasses.replace(config, default=dataclasses.replace(config.default, weight=weight))
+
+
+@pytest.mark.parametrize("config", ["w4a8", "dynamic_int8", "symmetric_int4_g32"])
+def test_per_channel_and_symmetric_grids_convert_to_the_simulated_model(config):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 32)).eval()
+    x = torch.randn(256, 8) @ torch.randn(8, 64)  # correlated inputs: GPTQ has room to work
+    sim = quanta.prepare(model, _symmetric_int4_g32() if config == "symmetric_int4_g32" else quanta.preset(config))
+    record = gptq(sim, list(x.split(32)), progress=False)
+    assert [r["layer"] for r in record["layers"]] == ["0", "2"] and not record["skipped"]
+    assert all(r["error_gptq"] < 0.5 * r["error_nearest"] for r in record["layers"])  # measured 8-16x
+    assert all(r["dynamic_groups"] == (config == "symmetric_int4_g32") for r in record["layers"])
+    q = quanta.convert(copy.deepcopy(sim))
+    with torch.no_grad():
+        if config == "symmetric_int4_g32":  # the same codes; bfloat16 activations: close
+            assert q[0].weight_zero_point is None
+            scale = q[0].weight_scale.repeat_interleave(32, 1)
+            assert torch.equal(_unpacked(q[0]) * scale, sim[0].weight.detach())
+            torch.testing.assert_close(q(x[:8]), sim(x[:8]), atol=2e-2, rtol=0)
+        else:
+            torch.testing.assert_close(q(x[:8]), sim(x[:8]), atol=1e-5, rtol=0)
