@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from methods import FP32, PEER, QUANTA, quanta_version
+from peers_openvino import openvino_version
 
 
 @dataclass
@@ -59,9 +60,11 @@ def header(threads: int, quick: bool, extra: list[str] | None = None) -> str:
         "",
         f"- date: {now}",
         f"- CPU: {cpu_model()} ({os.cpu_count()} logical cores; {cpu_flags()})",
-        f"- threads: torch.set_num_threads({threads}); ONNX Runtime intra_op_num_threads={threads}",
-        f"- python {platform.python_version()}, torch {torch.__version__}, torchao {_version('torchao')}, "
-        f"onnxruntime {_version('onnxruntime')}, onnx {_version('onnx')}, quanta {quanta_version()}",
+        f"- threads: torch.set_num_threads({threads}); ONNX Runtime intra_op_num_threads={threads}; OpenVINO "
+        f"INFERENCE_NUM_THREADS={threads}, PERFORMANCE_HINT=LATENCY, NUM_STREAMS=1",
+        (f"- python {platform.python_version()}, torch {torch.__version__}, torchao {_version('torchao')}, "
+         f"onnxruntime {_version('onnxruntime')}, onnx {_version('onnx')}, {openvino_version()}, "
+         f"quanta {quanta_version()}"),
         "- timing: warm-up 2 calls (compile excluded), then interleaved repeats (each round in a seeded shuffled order), median; "
         "torch.inference_mode; inductor freezing on for every `+ compile` row",
         "- ratio vs fp32 = fp32 eager ms / method ms (>1 is faster); ratio vs best peer = best peer ms / "
@@ -93,20 +96,25 @@ def _fmt_sqnr(v: float | None) -> str:
     return "exact" if math.isinf(v) else f"{v:.1f}"
 
 
-def table(title: str, notes: str, rows: list[Row]) -> str:
+def table(title: str, notes: str, rows: list[Row], idle: dict[str, float] | None = None) -> str:
+    """One Markdown table; with ``idle`` (method → idle median ms) a `× idle` column: this
+    table's median over the idle one (the --busy tables)."""
     fp32 = next((r.median_ms for r in rows if r.group == FP32 and r.median_ms), None)
     peers = [r.median_ms for r in rows if r.group == PEER and r.median_ms]
     best_peer = min(peers) if peers else None
     out = [f"### {title}", "", notes, "",
-           "| method | median ms | vs fp32 | vs best peer | size | SQNR dB | rounds |",
-           "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+           "| method | median ms | vs fp32 | vs best peer | size | SQNR dB | rounds |" + (" × idle |" if idle else ""),
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if idle else "")]
     for r in rows:
         name = f"**{r.method}**" if r.group == QUANTA else r.method
         if r.status:
-            out.append(f"| {name} | {r.status.replace('|', '/')} | | | {_fmt_size(r.size_bytes)} | | |")
+            out.append(f"| {name} | {r.status.replace('|', '/')} | | | {_fmt_size(r.size_bytes)} | | |"
+                       + (" |" if idle else ""))
             continue
         vs_fp = f"{fp32 / r.median_ms:.2f}×" if fp32 and r.median_ms else "—"
         vs_peer = f"{best_peer / r.median_ms:.2f}×" if best_peer and r.median_ms else "—"
         out.append(f"| {name} | {_fmt_ms(r.median_ms)} | {vs_fp} | {vs_peer} | {_fmt_size(r.size_bytes)} "
-                   f"| {_fmt_sqnr(r.sqnr_db)} | {r.rounds} |")
+                   f"| {_fmt_sqnr(r.sqnr_db)} | {r.rounds} |"
+                   + (f" {r.median_ms / idle[r.method]:.2f}× |" if idle and r.method in idle and r.median_ms
+                      else " — |" if idle else ""))
     return "\n".join(out) + "\n"

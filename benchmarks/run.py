@@ -3,6 +3,7 @@
     python benchmarks/run.py                       # full run (~15 min on 2 cores)
     python benchmarks/run.py --quick               # smoke run: shrunk models, no compile rows (~1 min)
     python benchmarks/run.py --workload bert --workload lstm --out /tmp/r.md
+    python benchmarks/run.py --quick --busy        # each batch timed idle, then beside one spinning process
 
 All methods of a workload run in this one process, side by side on the same input, timed in
 interleaved rounds (see timing.py). Peers (torchao, onnxruntime, ...) are optional: a missing
@@ -29,7 +30,9 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # calibration progress bars would dr
 
 import torch  # noqa: E402
 
+import busy  # noqa: E402
 import peers  # noqa: E402
+import peers_openvino  # noqa: E402
 import report  # noqa: E402
 import timing  # noqa: E402
 import workloads as W  # noqa: E402
@@ -61,6 +64,7 @@ def build_methods(wl: W.Workload, model: torch.nn.Module, threads: int, workdir:
         ("torchao", lambda: peers.torchao_rows(wl, model)),
         ("pt2e", lambda: peers.pt2e_x86(wl, model, calib)),
         ("onnxruntime", lambda: peers.ort_rows(wl, model, calib, threads, workdir)),
+        ("openvino", lambda: peers_openvino.openvino_rows(wl, model, calib, threads, workdir)),
     ]
     methods: list[Method] = []
     for label, step in steps:
@@ -123,9 +127,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="auto (default): dynamo exporter, TorchScript for LSTM or when dynamo fails; "
                     "--quick defaults to torchscript (seconds faster per model)")
     ap.add_argument("--verbose", action="store_true", help="keep torch's compile-time error logs")
+    ap.add_argument("--busy", action="store_true", help="time each batch twice: idle, then with one competing "
+                    "CPU-bound process (a pure-Python spin started and stopped here); adds the busy tables")
     args = ap.parse_args(argv)
     if args.out is None:
-        args.out = os.path.join(HERE, "results", "quick.md" if args.quick else "RESULTS.md")
+        args.out = os.path.join(HERE, "results", ("quick" if args.quick else "RESULTS") + ("_busy" if args.busy else "")
+                                + ".md")
 
     warnings.filterwarnings("ignore")
     if not args.verbose:  # a failing fake kernel is logged at ERROR by every recompile; rows say it
@@ -163,10 +170,20 @@ def main(argv: list[str] | None = None) -> int:
                 t = report.table(f"{name}, batch {b}", notes, rows)
                 print("\n" + t, flush=True)
                 tables.append(t)
+                if args.busy:
+                    with busy.competitor() as pid:
+                        print(f"[{time.perf_counter() - t_start:6.1f} s] {name} batch {b}: timing beside a "
+                              f"spinning process (pid {pid})", flush=True)
+                        busy_rows = bench_batch(wl, model, built, b, budget)
+                    t = report.table(f"{name}, batch {b}, BUSY: one competing CPU-bound process", notes, busy_rows,
+                                     idle={r.method: r.median_ms for r in rows if r.median_ms})
+                    print("\n" + t, flush=True)
+                    tables.append(t)
             del built, model
             gc.collect()
     total = time.perf_counter() - t_start
-    text = report.header(args.threads, args.quick, [f"total wall time of this run: {total:.0f} s"])
+    extra = [f"total wall time of this run: {total:.0f} s"] + ([busy.NOTE] if args.busy else [])
+    text = report.header(args.threads, args.quick, extra)
     text += "\n" + "\n".join(tables)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
