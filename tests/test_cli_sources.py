@@ -231,3 +231,14 @@ def test_export_of_a_program_file_needs_the_program(tmp_path, capsys):
     pytest.importorskip("onnx")
     assert main(["export", str(out), "--model", str(tmp_path / "net.pt2"), "-o", str(tmp_path / "q.onnx")]) == 0
     assert "QuantizeLinear" in capsys.readouterr().out and (tmp_path / "q.onnx").is_file()
+
+
+def test_image_size_and_channels_from_a_transformers_style_config(tmp_path):
+    import types
+
+    _images(tmp_path / "imgs")
+    vision = nn.Linear(3, 3)
+    vision.config = types.SimpleNamespace(image_size=20, num_channels=1)  # what e.g. ViTConfig records
+    assert load_calibration(str(tmp_path / "imgs"), 8, model=vision)[0].shape == (5, 1, 20, 20)
+    vision.config = types.SimpleNamespace(image_size=(10, 14), num_channels=3)
+    assert load_calibration(str(tmp_path / "imgs"), 8, ImageOptions(channels=1), model=vision)[0].shape == (5, 1, 10, 14)
