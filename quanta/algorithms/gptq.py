@@ -167,7 +167,7 @@ def _hessians(model: nn.Module, layers: dict[str, nn.Module], batches: list, for
                 return
             x = args[0]
             iq = getattr(mod, "input_quantizer", None)
-            if isinstance(iq, TensorQuantizer) and iq.is_enabled:
+            if isinstance(iq, TensorQuantizer) and iq.quantizing:
                 x = iq(x)
             x = x.detach().reshape(-1, x.shape[-1]).double()
             h = x.t() @ x
