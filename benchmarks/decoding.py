@@ -2,7 +2,7 @@
 quanta / peers, with memory and accuracy against fp32.
 
     python benchmarks/decoding.py                 # 12 layers, hidden 1024 -> results/DECODING.md
-    python benchmarks/decoding.py --quick         # shrunk decoder, few rounds (~1 min) -> results/decoding_quick.md
+    python benchmarks/decoding.py --quick         # shrunk decoder, few rounds (1-2 min) -> results/decoding_quick.md
     python benchmarks/decoding.py --layers 6 --threads 2 --out /tmp/d.md
 
 The decoder is ``transformers.LlamaForCausalLM`` built from a config (random weights,
