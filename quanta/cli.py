@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from .calib import RANGE_METHODS
 from .commands.errors import CommandError
 
 
@@ -216,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     _image_flags(quant)
     quant.add_argument("--calib-batch-size", type=int, default=32,
                        help="batch size a [N, ...] --calib tensor (or folder of images) is split into")
-    quant.add_argument("--calib-method", choices=("max", "moving_average", "percentile", "mse", "entropy"),
+    quant.add_argument("--calib-method", choices=RANGE_METHODS,
                        default=None, help="override each quantizer's range method (default: the preset's)")
     quant.add_argument("--calib-batches", type=int, default=None, metavar="N", help="calibrate on the first N batches")
     quant.add_argument("--no-speed-check", action="store_true",

@@ -12,12 +12,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..calib import HISTOGRAM_METHODS
 from ..core.granularity import Granularity
 from ..nn.tensor_quantizer import TensorQuantizer
 from ..progress import Progress
 from .capture import CaptureError, capture, quantizers_off
 
-METHODS = ("max", "percentile", "mse", "entropy")
+METHODS = HISTOGRAM_METHODS  # the range rules one histogram serves
 
 
 def _owners(model: nn.Module, targets: list[tuple[str, TensorQuantizer]]) -> dict[str, list[tuple[str, TensorQuantizer]]]:

@@ -9,6 +9,7 @@ Example::
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from .base import Calibrator
@@ -16,8 +17,6 @@ from .histogram import METHODS as HISTOGRAM_METHODS
 from .histogram import HistogramCalibrator
 from .max_calibrator import MaxCalibrator
 from .moving_average import MovingAverageCalibrator
-
-CALIBRATION_METHODS = ("max", "moving_average", "histogram", "percentile", "mse", "entropy")
 
 
 def _histogram_with(method: str) -> Callable[..., Calibrator]:
@@ -29,14 +28,36 @@ def _histogram_with(method: str) -> Callable[..., Calibrator]:
     return build
 
 
-_BUILDERS: dict[str, Callable[..., Calibrator]] = {
-    "max": MaxCalibrator,
-    "moving_average": MovingAverageCalibrator,
-    "histogram": HistogramCalibrator,
-    "percentile": _histogram_with("percentile"),
-    "mse": _histogram_with("mse"),
-    "entropy": _histogram_with("entropy"),
-}
+@dataclass(frozen=True)
+class CalibrationMethod:
+    """One calibration method name: how its calibrator is built and what that calibrator collects.
+
+    Methods with the same ``statistics`` can share one calibrator (one histogram serves
+    ``"percentile"``, ``"mse"`` and ``"entropy"``). ``range_rule`` is False for ``"histogram"``,
+    whose name collects statistics but leaves the range rule to its ``method`` argument."""
+
+    name: str
+    build: Callable[..., Calibrator]
+    statistics: str  # "max", "moving_average" or "histogram"
+    range_rule: bool = True
+
+
+#: the calibrator registry: every calibration method name quanta accepts, in the order it lists them
+CALIBRATORS: dict[str, CalibrationMethod] = {m.name: m for m in (
+    CalibrationMethod("max", MaxCalibrator, "max"),
+    CalibrationMethod("moving_average", MovingAverageCalibrator, "moving_average"),
+    CalibrationMethod("histogram", HistogramCalibrator, "histogram", range_rule=False),
+    *(CalibrationMethod(name, _histogram_with(name), "histogram") for name in HISTOGRAM_METHODS if name != "max"),
+)}
+#: every method name (`QuantDescriptor.calib_method`, `quanta.calibrate(method=...)`)
+CALIBRATION_METHODS = tuple(CALIBRATORS)
+#: the names that choose a range rule (what ``quanta quantize --calib-method`` offers)
+RANGE_METHODS = tuple(name for name, m in CALIBRATORS.items() if m.range_rule)
+
+
+def statistics_of(method: str) -> str:
+    """What the calibrator of ``method`` collects (an unknown name is its own kind)."""
+    return CALIBRATORS[method].statistics if method in CALIBRATORS else method
 
 
 def make_calibrator(method: str, /, **kwargs: Any) -> Calibrator:
@@ -47,19 +68,23 @@ def make_calibrator(method: str, /, **kwargs: Any) -> Calibrator:
     a `HistogramCalibrator` whose ``compute_range()`` uses that method by default (its
     parameters, e.g. ``percentile=99.9``, may be given here).
     """
-    if method not in _BUILDERS:
+    if method not in CALIBRATORS:
         raise ValueError(
             f"unknown calibration method {method!r}; choose one of {', '.join(map(repr, CALIBRATION_METHODS))}"
         )
-    return _BUILDERS[method](**kwargs)
+    return CALIBRATORS[method].build(**kwargs)
 
 
 __all__ = [
     "CALIBRATION_METHODS",
+    "CALIBRATORS",
     "HISTOGRAM_METHODS",
+    "RANGE_METHODS",
+    "CalibrationMethod",
     "Calibrator",
     "HistogramCalibrator",
     "MaxCalibrator",
     "MovingAverageCalibrator",
     "make_calibrator",
+    "statistics_of",
 ]

@@ -25,7 +25,6 @@ import torch
 from . import histogram_ranges as hr
 from .base import Calibrator
 
-METHODS = ("max", "percentile", "mse", "entropy")
 _FLOAT32_LOG2_TINY = -149  # the smallest float32 subnormal is 2^-149
 
 
@@ -248,12 +247,14 @@ def _method_kwargs(**kwargs: Any) -> dict[str, Any]:
     return kwargs
 
 
+#: the range rules a histogram computes, with the keyword arguments each takes
 _ALLOWED: dict[str, tuple[str, ...]] = {
     "max": (),
     "percentile": ("percentile",),
     "mse": ("start_bin", "stride"),
     "entropy": ("start_bin", "stride"),
 }
+METHODS = tuple(_ALLOWED)
 _SOLVERS: dict[str, Callable[..., float]] = {
     "percentile": HistogramCalibrator._percentile,
     "mse": HistogramCalibrator._mse,

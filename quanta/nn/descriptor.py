@@ -6,9 +6,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from ..calib import CALIBRATION_METHODS
 from ..core import QuantSpec
 
-CALIB_METHODS = ("max", "moving_average", "histogram", "percentile", "mse", "entropy")
+CALIB_METHODS = CALIBRATION_METHODS  # the calibrator registry's names (`quanta.calib.CALIBRATORS`)
 
 
 def _check(name: str, value: Any, types: tuple[type, ...], optional: bool = False) -> None:

@@ -8,14 +8,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..calib import HistogramCalibrator, make_calibrator
+from ..calib import CALIBRATORS, HistogramCalibrator, make_calibrator, statistics_of
 from ..core import (
     Granularity, QuantSpec, choose_qparams, compute_range, fake_quantize, lsq_grad_factor,
     max_level, quantize,
 )
 from .descriptor import CALIB_METHODS, QuantDescriptor
 
-_HISTOGRAM_METHODS = ("histogram", "percentile", "mse", "entropy")
 
 
 class TensorQuantizer(nn.Module):
@@ -71,15 +70,11 @@ class TensorQuantizer(nn.Module):
         """Collect statistics from now on; ``method`` overrides the descriptor's for this
         calibration (a fresh calibrator is made when it needs a different kind)."""
         method = method or self.desc.calib_method
-        if self._calibrator is None or self._calib_method_kind(method) != self._calib_kind:
+        if self._calibrator is None or statistics_of(method) != self._calib_kind:
             self._calibrator = self._make_calibrator(method)
-            self._calib_kind = self._calib_method_kind(method)
+            self._calib_kind = statistics_of(method)
         self._calib_method = method
         self._if_calib = True
-
-    @staticmethod
-    def _calib_method_kind(method: str) -> str:
-        return "histogram" if method in _HISTOGRAM_METHODS else method
 
     def disable_calib(self) -> None:
         self._if_calib = False
@@ -126,10 +121,10 @@ class TensorQuantizer(nn.Module):
             raise ValueError(f"{self._label()}: {gran.value} quantizers compute ranges per call or from "
                              "the tensor itself; they are not calibrated")
         method = method or self.desc.calib_method
-        if method not in CALIB_METHODS:
+        if method not in CALIBRATORS:
             raise ValueError(f"{self._label()}: unknown calibration method {method!r}; choose one of {CALIB_METHODS}")
         kwargs: dict[str, Any] = {}
-        if method in _HISTOGRAM_METHODS:
+        if statistics_of(method) == "histogram":
             if self.spec.granularity is not Granularity.PER_TENSOR:
                 raise ValueError(f"{self._label()}: calibration method {method!r} is per-tensor only; "
                                  f"this quantizer is {self.spec.granularity.value}")
@@ -176,7 +171,7 @@ class TensorQuantizer(nn.Module):
             if method == "percentile":
                 kwargs.setdefault("percentile", self.desc.percentile)
             return calib.compute_range(method=None if method == "histogram" else method, **kwargs)
-        if self._calib_method_kind(method) == "histogram":
+        if statistics_of(method) == "histogram":
             raise ValueError(f"{self._label()}: method {method!r} needs a histogram; this quantizer "
                              f"collected with {type(calib).__name__} (calibrate with method={method!r})")
         return calib.compute_range(**kwargs)
