@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -115,17 +116,21 @@ def _discover(model: nn.Module, layers: dict[str, nn.Module], batch: Any,
     its layers are called once per forward (then a pass may stop once they have all been called)."""
     order: list[str] = []
     calls: dict[str, int] = dict.fromkeys(layers, 0)
-    first_input: dict[str, int | None] = {}
-    keep: list[Any] = []  # the inputs stay alive during the pass, so that their ids stay unique
+    first_input: dict[str, int | None] = {}  # the call index of the first layer given the same tensor
+    alive: dict[int, tuple[weakref.ref, int]] = {}  # id(input) -> (weak reference, call index): holds no tensor
 
     def make_hook(name: str) -> Callable:
         def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
             calls[name] += 1
-            if calls[name] == 1:
-                order.append(name)
-                single = len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor)
-                first_input[name] = id(args[0]) if single else None
-                keep.append(args)
+            if calls[name] > 1:
+                return
+            order.append(name)
+            first_input[name] = None
+            if len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):
+                hit = alive.get(id(args[0]))
+                if hit is None or hit[0]() is not args[0]:  # (an id reused after its tensor was freed)
+                    hit = alive[id(args[0])] = (weakref.ref(args[0]), len(order) - 1)
+                first_input[name] = hit[1]
         return hook
 
     handles = [layer.register_forward_pre_hook(make_hook(n), with_kwargs=True) for n, layer in layers.items()]
@@ -320,10 +325,10 @@ def gptq(model: nn.Module, data: Iterable[Any], options: GPTQOptions | None = No
     finally:
         model.train(was_training)
     better = sum(r["error_gptq"] <= r["error_nearest"] for r in rows)
-    note = f"{len(rows)} layer(s) rounded by GPTQ on {samples} samples ({better} with less output error than " \
-        "round-to-nearest)" + (f"; {len(skipped)} skipped" if skipped else "")
+    note = f"{len(rows)} layer(s) rounded by GPTQ on {samples} samples in {len(groups)} pass(es) over them " \
+        f"({better} with less output error than round-to-nearest)" + (f"; {len(skipped)} skipped" if skipped else "")
     return {"algorithm": "gptq", "options": dataclasses.asdict(opt), "layers": rows, "skipped": skipped,
-            "note": note}
+            "groups": [g for g, _ in groups], "note": note}
 
 
 def run(model: nn.Module, ctx: Any) -> dict:

@@ -73,6 +73,9 @@ def test_gptq_beats_round_to_nearest_in_perplexity_and_layer_error(which, reques
     rtn, sim, record = request.getfixturevalue(which)
     assert not record["skipped"]
     assert len(record["layers"]) == 15  # 7 per decoder layer (q k v o gate up down) and the lm_head
+    # one pass over the data per group of layers fed the same tensor: (q k v) o (gate up) down per layer, lm_head
+    assert [len(g) for g in record["groups"]] == [3, 1, 2, 1] * 2 + [1]
+    assert record["groups"][0] == [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"]
     # every layer's output error on the calibration inputs (from H) drops; measured 20x (int4) / 40x (int3)
     assert all(r["error_gptq"] < r["error_nearest"] for r in record["layers"])
     assert sum(r["error_gptq"] for r in record["layers"]) < 0.25 * sum(r["error_nearest"] for r in record["layers"])
