@@ -283,11 +283,18 @@ def test_per_channel_and_symmetric_grids_convert_to_the_simulated_model(config):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 32)).eval()
     x = torch.randn(256, 8) @ torch.randn(8, 64)  # correlated inputs: GPTQ has room to work
-    sim = quanta.prepare(model, _symmetric_int4_g32() if config == "symmetric_int4_g32" else quanta.preset(config))
+    config_ = _symmetric_int4_g32() if config == "symmetric_int4_g32" else quanta.preset(config)
+    sim, rtn = quanta.prepare(model, config_), quanta.prepare(model, config_)
     record = gptq(sim, list(x.split(32)), progress=False)
     assert [r["layer"] for r in record["layers"]] == ["0", "2"] and not record["skipped"]
     assert all(r["error_gptq"] < 0.5 * r["error_nearest"] for r in record["layers"])  # measured 8-16x
     assert all(r["dynamic_groups"] == (config == "symmetric_int4_g32") for r in record["layers"])
+    # the recorded errors are the mean ‖ΔW x‖² over the layer's (input-quantized) calibration inputs
+    with torch.no_grad():
+        xq = sim[0].input_quantizer(x).double()
+        for key, w in (("error_gptq", sim[0].weight), ("error_nearest", rtn[0].weight_quantizer(model[0].weight))):
+            direct = float((xq @ (w - model[0].weight).double().t()).pow(2).sum(1).mean())
+            assert record["layers"][0][key] == pytest.approx(direct, rel=1e-4)
     q = quanta.convert(copy.deepcopy(sim))
     with torch.no_grad():
         if config == "symmetric_int4_g32":  # the same codes; bfloat16 activations: close
