@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, ClassVar
 
+from .dicts import check_keys, field_names
+
 
 class Format(str, Enum):
     """Number format of the quantized values."""
@@ -187,13 +189,7 @@ class QuantSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "QuantSpec":
-        if not isinstance(data, dict):
-            raise TypeError(f"QuantSpec.from_dict expects a dict, got {type(data).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"QuantSpec.from_dict: unknown field(s) {unknown}; known: {sorted(names)}")
-        return cls(**data)
+        return cls(**check_keys("QuantSpec", data, field_names(cls)))
 
     def __str__(self) -> str:
         parts = [f"{self.format.value}{self.bits}" if self.format in (Format.INT, Format.POW2) else self.format.value]

@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 
 from ..calib import CALIBRATION_METHODS
 from ..core import QuantSpec
+from ..core.dicts import check_keys, field_names
 
 CALIB_METHODS = CALIBRATION_METHODS  # the calibrator registry's names (`quanta.calib.CALIBRATORS`)
 
@@ -124,13 +125,7 @@ class QuantDescriptor:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "QuantDescriptor":
-        if not isinstance(data, dict):
-            raise TypeError(f"QuantDescriptor.from_dict expects a dict, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"QuantDescriptor.from_dict: unknown field(s) {unknown}")
-        return cls(**data)
+        return cls(**check_keys("QuantDescriptor", data, field_names(cls)))
 
 
 #: 8-bit per-tensor activations calibrated by max (the usual input quantizer).

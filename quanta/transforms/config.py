@@ -9,6 +9,7 @@ from typing import Any, Mapping
 
 from torch import nn
 
+from ..core.dicts import check_keys, field_names
 from ..nn.modules.base import LayerQuantConfig
 
 
@@ -152,11 +153,7 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "QuantConfig":
-        known = {"default", "module_types", "rules", "exclude", "fold_bn", "algorithms", "algorithm_options",
-                 "version"}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"QuantConfig.from_dict: unknown field(s) {unknown}")
+        data = check_keys("QuantConfig", data, field_names(cls))
         layer = lambda d: None if d is None else LayerQuantConfig.from_dict(d)  # noqa: E731
         return cls(
             default=LayerQuantConfig.from_dict(data.get("default", {})) if "default" in data else LayerQuantConfig(),

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ...core import compact_shape
+from ...core.dicts import check_keys, field_names
 from ..descriptor import QUANT_DESC_8BIT_PER_TENSOR, QUANT_DESC_8BIT_WEIGHT_PER_CHANNEL, QuantDescriptor
 from ..tensor_quantizer import TensorQuantizer
 from .op_base import QuantOp
@@ -33,14 +34,11 @@ class LayerQuantConfig:
                 raise TypeError(f"LayerQuantConfig.{name} must be a QuantDescriptor or None, got {type(v).__name__}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (None if getattr(self, k) is None else getattr(self, k).to_dict())
-                for k in ("input", "weight", "output")}
+        return {k: (None if getattr(self, k) is None else getattr(self, k).to_dict()) for k in field_names(type(self))}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LayerQuantConfig":
-        unknown = sorted(set(data) - {"input", "weight", "output"})
-        if unknown:
-            raise ValueError(f"LayerQuantConfig.from_dict: unknown field(s) {unknown}")
+        data = check_keys("LayerQuantConfig", data, field_names(cls))
         return cls(**{k: (None if v is None else QuantDescriptor.from_dict(v)) for k, v in data.items()})
 
 
