@@ -42,8 +42,9 @@ from torch import nn
 
 from ..core import QuantSpec, fake_quantize
 from ..kernels import native
-from ..kernels.conv import int8_conv, onednn_call, prepack
+from ..kernels.conv import int8_conv, onednn_call, onednn_weight_refusal, prepack
 from ..kernels.conv_native import compiled_run, make_plan, plan_call
+from ..kernels.u8s8_saturation import weight_code_max
 from ..nn.modules.weighted import QuantConv1d, QuantConv2d, QuantConv3d
 from .base import IntegerModule
 from .conv_specs import (
@@ -194,7 +195,10 @@ class _Int8ConvNd(IntegerModule):
         #: eager calls: ``("native", ConvPlan.arguments())`` (the ``conv_packed`` op) or
         #: ``("onednn", ())`` (oneDNN's op, traced with the module's arguments, no dispatch)
         self._compiled: dict[tuple[int, ...], tuple[str, tuple]] = {}
-        if self.weight.device.type == "cpu" and "onednn" in int8_conv.available_impls() and self.impl != "reference":
+        #: the largest |weight code|: oneDNN sums weights within ±64 (7-bit) exactly even without VNNI
+        self.weight_code_max = weight_code_max(self.weight)
+        if self.weight.device.type == "cpu" and "onednn" in int8_conv.available_impls() and self.impl != "reference" \
+                and onednn_weight_refusal(self.weight) is None:
             self._packed = prepack(self.weight, self.weight_scale, self._x_scale, self._x_zp, self.stride,
                                    self.padding, self.dilation, self.groups)
 

@@ -30,8 +30,9 @@ def input_spec_problem(spec: QuantSpec) -> str | None:
 
 
 def weight_spec_problem(spec: QuantSpec) -> str | None:
-    if spec.format is not Format.INT or spec.bits != 8 or not spec.signed or not spec.symmetric:
-        return f"weight spec {spec} is not 8-bit signed symmetric"
+    # (codes of 2..7 bits are int8 codes too; 7-bit ones run oneDNN exactly without VNNI)
+    if spec.format is not Format.INT or not 2 <= spec.bits <= 8 or not spec.signed or not spec.symmetric:
+        return f"weight spec {spec} is not 2..8-bit signed symmetric"
     if spec.dynamic:
         return f"weight spec {spec} is dynamic"
     if spec.granularity is Granularity.PER_TENSOR:

@@ -27,6 +27,8 @@ import torch
 from ..core import Format, Granularity, QuantSpec, pack_bits, unpack_bits
 from ..kernels.activation import quantize_activation
 from ..kernels.linear import GEMV_MAX_ROWS, gemm_pack, int8_linear, onednn_prepack, streaming_copy, weight_sum
+from ..kernels.linear_onednn import onednn_auto_pack
+from ..kernels.u8s8_saturation import weight_code_max
 from ..kernels.linear_native import (
     NATIVE_LINEAR_IMPLS, POST_OPS, apply_post_op, check_post_op, compiled_linear_args, native_linear_call,
 )
@@ -142,13 +144,22 @@ class Int8Linear(_LinearBase):
         else:
             self._w8 = w
         self._w_sum = weight_sum(self._w8)
-        self._packed = onednn_prepack(self._w8) if self.impl == "onednn" else None  # (gemm_pack: _packed_for)
+        #: the largest |weight code|: within ±64 (7-bit weights) oneDNN's u8×s8 sums are exact even
+        #: without VNNI, so ``impl="auto"`` packs for and runs oneDNN there (`onednn_auto_pack`)
+        self.weight_code_max = weight_code_max(self._w8)
+        self.__dict__.pop("_impl_cache", None)  # (the guards' choices depend on the packed weight)
+        if self.impl == "onednn":
+            self._packed = onednn_prepack(self._w8)
+        else:  # (gemm_pack: _packed_for)
+            per_tensor = self.act_spec.granularity is Granularity.PER_TENSOR  # (oneDNN takes one activation scale)
+            self._packed = onednn_auto_pack(self._w8) if self.impl == "auto" and per_tensor else None
+        onednn = self._packed is not None
         self._gemm_unpackable = False
         # uint8 asymmetric codes are computed as their signed twins (code - 128, zero point - 128):
         # the same grid and sums, but float -> int8 is ~5x cheaper than float -> uint8 on CPU and
         # torch._int_mm then needs no shift (onednn, which wants uint8, keeps the unsigned codes)
         spec = self.act_spec
-        twin = spec.bits == 8 and not spec.signed and not spec.symmetric and self.impl != "onednn"
+        twin = spec.bits == 8 and not spec.signed and not spec.symmetric and not onednn
         self._codes_spec = cs = spec.replace(signed=True) if twin else spec
         # quantize_activation's arguments after (x, scale, zero_point), read once here
         self._q_args = (cs.bits, cs.signed, cs.symmetric, cs.narrow_range, cs.granularity is Granularity.PER_TOKEN,

@@ -44,10 +44,11 @@ logical ``[N, O, *spatial]`` shape). A 1d convolution runs as a 2d one of unit h
 clamp of the output (exact on uint8 codes: quantization is monotone). int8 activations are shifted to uint8 exactly
 (``x ^ 0x80``, zero point + 128): oneDNN's conv takes only uint8 sources.
 
-The fast path requires exact u8 × s8 sums, which needs VNNI (or AMX): without it oneDNN computes
-u8 × s8 pairs with ``vpmaddubsw``, which saturates to int16 (measured on an AVX2 EPYC: 255 · ±127
-pairs summed to ±32767 each). `quanta.kernels.u8s8_saturation` probes the kernel once; where it
-saturates, ``onednn`` is unavailable and says why.
+The fast path requires exact u8 × s8 sums, which needs VNNI (or AMX) for full-range weights: without
+it oneDNN computes u8 × s8 pairs with ``vpmaddubsw``, which saturates to int16 (measured on an AVX2
+EPYC: 255 · ±127 pairs summed to ±32767 each). Weights within ±64 (7-bit codes) cannot saturate
+(2 · 255 · 64 = 32640). `quanta.kernels.u8s8_saturation` probes the kernel once per weight bound;
+without VNNI ``onednn`` runs weights within ±64 and its guard refuses wider ones, saying why.
 """
 
 from __future__ import annotations
@@ -189,11 +190,17 @@ def _onednn_present() -> bool:
 
 
 def _onednn_available() -> bool:
-    return _onednn_present() and ONEDNN_SATURATION.exact()
+    return _onednn_present() and ONEDNN_SATURATION.exact_bound() is not None
 
 
 def _onednn_limits() -> str | None:
-    return ONEDNN_SATURATION.reason() if _onednn_present() else "this torch has no oneDNN qconv"
+    return ONEDNN_SATURATION.limits() if _onednn_present() else "this torch has no oneDNN qconv"
+
+
+def onednn_weight_refusal(weight: torch.Tensor) -> str | None:
+    """Why oneDNN's convolution does not sum these int8 weight codes exactly on this CPU, or None
+    (full range with VNNI; within ±64, 7-bit codes, without)."""
+    return ONEDNN_SATURATION.refusal(weight)
 
 
 def _as_2d(x_or_w: torch.Tensor, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]):
@@ -242,7 +249,7 @@ def _onednn_guard(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: to
         return "packed must be the mkldnn tensor made by quanta.kernels.conv.prepack"
     if post_op not in _ATTRS:
         return f"post_op {post_op!r} is not supported"
-    return None
+    return onednn_weight_refusal(weight)
 
 
 def onednn_call(x_dim: int, x_scale: float, x_zero_point: int, weight: torch.Tensor, w_scale: torch.Tensor,
@@ -323,5 +330,5 @@ int8_conv = KernelOp(
 )
 
 __all__ = ["POST_OPS", "UINT8_SPEC", "accumulate", "apply_post_op", "check_args", "conv_output_shape",
-           "int8_conv", "onednn_call", "prepack", "reference"]
+           "int8_conv", "onednn_call", "onednn_weight_refusal", "prepack", "reference"]
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from . import native
+from . import linear_onednn, native
 from .activation import _f32
 from .conv_native import pack_weight
 from .library import Impl, KernelOp
@@ -360,7 +360,7 @@ def _guard_onednn(x, x_scale, x_zp, weight, w_scale, bias, w_sum, packed):
         return "no onednn-prepacked weight (build it with onednn_prepack in the module's pack())"
     if x_scale.numel() != 1 or x_zp.numel() != 1:
         return "per-token activation scales (onednn qlinear takes one activation scale)"
-    return None
+    return linear_onednn.onednn_weight_refusal(weight)  # (without VNNI: exact only for weights within ±64)
 
 
 def _int8_linear_fake(x, x_scale, x_zp, weight, w_scale, bias, w_sum, packed):
@@ -377,13 +377,14 @@ int8_linear = KernelOp(
              available=lambda: native.ready(), traceable=False),
         Impl("gemm_native", _int8_linear_gemm_native, _guard_gemm_native,
              available=lambda: native.ready(), traceable=False),
+        Impl("onednn", int8_linear_onednn, _guard_onednn, available=onednn_available, limits=onednn_limits,
+             prefer=linear_onednn.prefer_int_mm),
         Impl("float_sums", _int8_linear_float_sums, _guard_float_sums, available=_float_sums_available),
         Impl("int_mm_swapped", _int8_linear_int_mm_swapped, _guard_int_mm_swapped,
              available=lambda: hasattr(torch, "_int_mm")),
         Impl("int_mm_native", _int8_linear_int_mm_native, _guard_int_mm_cpu,
              available=lambda: native.ready() and hasattr(torch, "_int_mm"), traceable=False),
         Impl("int_mm", _int8_linear_int_mm, _guard_int_mm_cpu, available=lambda: hasattr(torch, "_int_mm")),
-        Impl("onednn", int8_linear_onednn, _guard_onednn, available=onednn_available, limits=onednn_limits),
         Impl("cuda_int_mm", _int8_linear_int_mm, _guard_int_mm_cuda,
              available=lambda: _cuda_capability_at_least(8, 0), devices=("cuda",)),
     ],

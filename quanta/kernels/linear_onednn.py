@@ -1,6 +1,8 @@
 """oneDNN's int8 linear (``onednn::qlinear_pointwise``) for `quanta.kernels.linear.int8_linear`:
 its prepacked weight, the kernel call, and the probe of whether its u8 x s8 sums are exact on
-this CPU (without VNNI they saturate int16 pair sums: `SaturationProbe`)."""
+this CPU (without VNNI they saturate int16 pair sums: `SaturationProbe`; weights within ±64, 7-bit
+codes, stay exact there, so the implementation is available where that bound is exact and its
+guard refuses wider weights: `onednn_weight_refusal`)."""
 
 from __future__ import annotations
 
@@ -26,15 +28,44 @@ def _onednn_sums(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 ONEDNN_SATURATION = SaturationProbe("oneDNN", _onednn_sums)
 
 
+def _onednn_present() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
+
+
 def onednn_available() -> bool:
-    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
-            and ONEDNN_SATURATION.exact())
+    """oneDNN's qlinear is here and sums exactly for some weights (full range with VNNI, 7-bit without)."""
+    return _onednn_present() and ONEDNN_SATURATION.exact_bound() is not None
 
 
 def onednn_limits() -> str | None:
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")):
+    if not _onednn_present():
         return "this torch has no oneDNN qlinear"
-    return ONEDNN_SATURATION.reason()
+    return ONEDNN_SATURATION.limits()
+
+
+def onednn_weight_refusal(weight: torch.Tensor) -> str | None:
+    """Why oneDNN's sums of these int8 weight codes are not exact on this CPU, or None."""
+    return ONEDNN_SATURATION.refusal(weight)
+
+
+def prefer_int_mm(x, x_scale, x_zp, weight, w_scale, bias, w_sum, packed):
+    """Where oneDNN sums full-range weights exactly (VNNI, AMX) torch's ``_int_mm`` paths come
+    first, as they always did; without VNNI oneDNN on 7-bit weights is the fastest exact kernel
+    (float_sums and the reference are the others there)."""
+    if ONEDNN_SATURATION.exact():
+        return "this CPU sums full-range u8×s8 products exactly: torch's int_mm kernels are preferred"
+    return None
+
+
+def onednn_auto_pack(weight: torch.Tensor) -> torch.Tensor | None:
+    """oneDNN's packed ``weight`` where ``impl="auto"`` should run oneDNN for it: a CPU without VNNI
+    (the full-range probe saturates) and weight codes within the bound that is exact there
+    (``|code| <= 64``: 7-bit weights). None elsewhere (nothing changes where the native VNNI
+    kernels or exact full-range oneDNN exist)."""
+    if weight.device.type != "cpu" or weight.dtype != torch.int8 or not onednn_available() \
+            or ONEDNN_SATURATION.exact() or onednn_weight_refusal(weight) is not None:
+        return None
+    return onednn_prepack(weight)
 
 
 def int8_linear_onednn(x, x_scale, x_zp, weight, w_scale, bias, w_sum, packed):
@@ -48,4 +79,5 @@ def int8_linear_onednn(x, x_scale, x_zp, weight, w_scale, bias, w_sum, packed):
         "none", [], "")
 
 
-__all__ = ["ONEDNN_SATURATION", "int8_linear_onednn", "onednn_available", "onednn_limits", "onednn_prepack"]
+__all__ = ["ONEDNN_SATURATION", "int8_linear_onednn", "onednn_auto_pack", "onednn_available", "onednn_limits",
+           "onednn_prepack", "onednn_weight_refusal", "prefer_int_mm"]

@@ -14,6 +14,17 @@ from .config import QuantConfig
 
 #: weights: int8 symmetric narrow range, one scale per output channel (what the kernels use)
 W8 = QuantDescriptor(per_channel=True, narrow_range=True)
+#: ``weight_bits=7``: narrow [-63, 63] codes, within ±64, where oneDNN's u8 × s8 sums cannot saturate
+#: on CPUs without VNNI (`quanta.kernels.u8s8_saturation`), so int8 layers run oneDNN there
+W7 = dataclasses.replace(W8, num_bits=7)
+
+
+def _weights(weight_bits: int) -> QuantDescriptor:
+    if isinstance(weight_bits, bool) or weight_bits not in (7, 8):
+        raise ValueError(f"weight_bits must be 8 or 7 (7: exact on oneDNN without VNNI), got {weight_bits!r}")
+    return W8 if weight_bits == 8 else W7
+
+
 #: activations after ReLU etc.: affine uint8 per tensor, calibrated (what oneDNN/x86 int8 uses)
 A8_STATIC = QuantDescriptor(unsigned=True, symmetric=False, calib_method="percentile", percentile=99.999)
 A8_DYNAMIC_TOKEN = QuantDescriptor(per_token=True, symmetric=False, unsigned=True)
@@ -36,11 +47,13 @@ def _only_linear_and_rnn(linear: LayerQuantConfig, rnn: LayerQuantConfig | None)
     return QuantConfig(default=linear, module_types=types, fold_bn=True)
 
 
-def dynamic_int8() -> QuantConfig:
+def dynamic_int8(weight_bits: int = 8) -> QuantConfig:
     """Linear: int8 per-channel weights × int8 activations quantized per token at each call;
     Conv1d/2d/3d: int8 per-channel weights × uint8 activations, one range per call (per tensor),
     on the int8 conv kernels; LSTM/GRU/RNN: int8 weights, dynamic per-tensor activations. No
-    calibration data needed. The rest stays float."""
+    calibration data needed. The rest stays float. ``weight_bits=7``: 7-bit weight codes (convs
+    then run oneDNN on CPUs without VNNI; per-token Linears keep their kernels)."""
+    W8 = _weights(weight_bits)
     config = _only_linear_and_rnn(LayerQuantConfig(input=A8_DYNAMIC_TOKEN, weight=W8),
                                   LayerQuantConfig(input=A8_DYNAMIC, weight=W8))
     conv = LayerQuantConfig(input=A8_DYNAMIC, weight=W8)
@@ -48,9 +61,12 @@ def dynamic_int8() -> QuantConfig:
                                                      "Conv3d": conv})
 
 
-def static_int8() -> QuantConfig:
+def static_int8(weight_bits: int = 8) -> QuantConfig:
     """Conv and Linear: int8 per-channel weights × uint8 activations calibrated per tensor;
-    BatchNorm folded; pools, attention and embeddings stay float; RNNs dynamic."""
+    BatchNorm folded; pools, attention and embeddings stay float; RNNs dynamic.
+    ``weight_bits=7``: 7-bit weight codes, which oneDNN sums exactly on CPUs without VNNI (there
+    int8 convs and Linears then run oneDNN instead of the slower exact paths)."""
+    W8 = _weights(weight_bits)
     float_types: dict[str, LayerQuantConfig | None] = {
         name: None for name in ("Embedding", "AvgPool1d", "AvgPool2d", "AvgPool3d", "AdaptiveAvgPool1d",
                                 "AdaptiveAvgPool2d", "AdaptiveAvgPool3d", "MultiheadAttention",

@@ -16,13 +16,15 @@ import torch
 import torch.nn.functional as F
 
 from quanta.core import quantize
-from quanta.kernels.conv import UINT8_SPEC, accumulate, int8_conv, prepack
+from quanta.kernels.conv import ONEDNN_SATURATION, UINT8_SPEC, accumulate, int8_conv, prepack
 
 FLOAT_ULPS = 4.0
 EPS = torch.finfo(torch.float32).eps
 TIE_FRACTION = 1e-4
-HAS_ONEDNN = "onednn" in int8_conv.available_impls()
-needs_onednn = pytest.mark.skipif(not HAS_ONEDNN, reason=f"oneDNN int8 conv: {int8_conv.why_not_available('onednn')}")
+# (full-range weights; without VNNI oneDNN runs only 7-bit ones: tests/kernels/test_u8s8_seven_bit.py)
+HAS_ONEDNN = "onednn" in int8_conv.available_impls() and ONEDNN_SATURATION.exact()
+needs_onednn = pytest.mark.skipif(not HAS_ONEDNN, reason=f"oneDNN int8 conv: {int8_conv.why_not_available('onednn')}"
+                                  f" / {ONEDNN_SATURATION.reason()}")
 
 # name: (dims, batch, in_ch, out_ch, size, kernel, stride, padding, dilation, groups)
 CASES = {

@@ -29,8 +29,11 @@ REL = 1e-5
 
 
 def _pairwise_saturating_sums(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """What ``vpmaddubsw`` + ``vpmaddwd`` compute: each pair of u8 × s8 products saturated to int16."""
+    """What ``vpmaddubsw`` + ``vpmaddwd`` compute: each pair of u8 × s8 products saturated to int16
+    (an odd K's last product paired with a zero, as the kernels pad their tails)."""
     prods = x.long()[:, None, :] * w.long()[None, :, :]
+    if prods.shape[-1] % 2:
+        prods = torch.nn.functional.pad(prods, (0, 1))
     pairs = prods.reshape(*prods.shape[:2], -1, 2).sum(-1).clamp(-(2**15), 2**15 - 1)
     return pairs.sum(-1).float()
 
@@ -126,9 +129,13 @@ def test_doctor_names_the_saturation():
     report = diagnose(build=False)
     states = {(op.name, i.name): i for op in report.ops for i in op.impls}
     onednn = states[("int8_linear", "onednn")]
-    assert onednn.available == L.ONEDNN_SATURATION.exact() or not torch.backends.mkldnn.is_available()
-    if not L.ONEDNN_SATURATION.exact():
-        assert onednn.why_not == L.ONEDNN_SATURATION.reason() and onednn.why_not in str(report)
+    # (available where some weight bound sums exactly: full range with VNNI, ±64 (7-bit) without)
+    assert onednn.available == (L.ONEDNN_SATURATION.exact_bound() is not None) or not torch.backends.mkldnn.is_available()
+    if not L.ONEDNN_SATURATION.exact() and onednn.available:
+        assert "7-bit weights" in onednn.limits and L.ONEDNN_SATURATION.reason() in onednn.limits
+        assert onednn.limits in str(report)
+    elif not onednn.available:
+        assert onednn.why_not == L.ONEDNN_SATURATION.reason(64) and onednn.why_not in str(report)
     fbgemm = states[("dynamic_int8_rnn", "fbgemm")]
     if fbgemm.available and not R.FBGEMM_SATURATION.exact():
         assert "7-bit" in fbgemm.limits and R.FBGEMM_SATURATION.reason() in str(report)
