@@ -217,8 +217,8 @@ def _gptq_layer(layer: nn.Module, hessian: torch.Tensor, rows: int, opt: GPTQOpt
             return lay.restore(lay.to_param(orient(p).float()).expand_as(lay.to_work(w_lin)))
 
         s_col, z_col = per_column(scale), per_column(zp)
-        nearest = quantize_w = quantize(w_lin, orient(scale), orient(zp), lspec).float()
-        w_nearest = (quantize_w - z_col) * s_col
+        nearest = quantize(w_lin, orient(scale), orient(zp), lspec).float()  # round-to-nearest codes
+        w_nearest = (nearest - z_col) * s_col
         dynamic = spec.granularity is Granularity.PER_GROUP and not opt.act_order and not opt.static_groups \
             and undo is not None
         group_ranges: list[tuple[torch.Tensor, torch.Tensor]] = []
