@@ -76,10 +76,10 @@ REGISTRY: tuple[Algorithm, ...] = (
               summary="per-quantizer calibration method chosen by its module's output error"),
     Algorithm("adaround", "calibrated", "adaround:run", needs_data=True, options="adaround:AdaRoundOptions",
               summary="learned rounding of weights, layer by layer"),
-    Algorithm("empirical_bias_correction", "calibrated", "bias_correction:run_empirical", needs_data=True,
-              summary="bias shift from weight quantization, measured on calibration data"),
     Algorithm("gptq", "calibrated", "gptq:run", needs_data=True, options="gptq:GPTQOptions",
               summary="error-compensating rounding of Linear / Conv1D weights (GPTQ), group by group of layers"),
+    Algorithm("empirical_bias_correction", "calibrated", "bias_correction:run_empirical", needs_data=True,
+              summary="bias shift from weight quantization, measured on calibration data"),
 )
 BY_NAME: dict[str, Algorithm] = {a.name: a for a in REGISTRY}
 #: every name `QuantConfig.algorithms` accepts, in the order the pipeline runs them

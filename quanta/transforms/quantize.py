@@ -37,10 +37,10 @@ def quantize(model: nn.Module, config: QuantConfig | str = "dynamic_int8", calib
     ``exclude`` (module names or globs that stay float) and ``rules`` (name or glob →
     `LayerQuantConfig`, or ``None`` for float) refine a preset or a `QuantConfig`; they win over
     its own choices. A layer whose shape the config cannot take stays float (see `quanta.prepare`)
-    and the conversion report says why. ``algorithms`` (``"cle"``, ``"high_bias_absorption"``,
-    ``"bias_correction"``, ``"best_calibration"``, ``"adaround"``, ``"empirical_bias_correction"``;
-    `quanta.algorithms`) run in the pipeline, with ``algorithm_options`` (``{"adaround":
-    {"iterations": 500}}``) over the config's own.
+    and the conversion report says why. ``algorithms`` (names in `quanta.algorithms.ALGORITHMS`:
+    ``"cle"``, ``"high_bias_absorption"``, ``"smoothquant"``, ``"awq"``, ``"bias_correction"``,
+    ``"best_calibration"``, ``"adaround"``, ``"gptq"``, ``"empirical_bias_correction"``) run in the
+    pipeline, with ``algorithm_options`` (``{"adaround": {"iterations": 500}}``) over the config's own.
 
     Speed check (see `quanta.convert`): layers whose integer kernel is slower than float on
     ``example`` (one batch of real inputs; default: the first batch of ``calib_data``, for any
