@@ -1,5 +1,6 @@
 """The numerics of quanta's dynamic int8 recurrent ops (see `quanta.kernels.recurrent`): the
-activation grid, exact integer matmuls, the gate equations, input checks, and the readable
+activation grid, exact integer matmuls (the gate equations after them are
+`quanta.core.recurrent_gates`, shared with the simulation), input checks, and the readable
 reference loops that every fast implementation is tested against."""
 
 from __future__ import annotations
@@ -9,11 +10,11 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..core import QuantSpec, choose_qparams, compute_range, quantize
+from ..core.recurrent_gates import GATES, MODES, check_mode, gate_step  # noqa: F401  (GATES, MODES: re-exported)
 
-MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
-GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 _PER = 6  # tensors per layer and direction in ``weights``
 
+_step = gate_step  # the gate equations, shared with the simulation
 Matmul = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (q, zp, w_codes) -> int32
 
 
@@ -51,32 +52,10 @@ def qlinear(x: torch.Tensor, w: torch.Tensor, s_w: torch.Tensor, b: torch.Tensor
     return acc.float() * (s_x * s_w) + b, acc
 
 
-# ---------------------------------------------------------------------------- gate math
-def _step(mode: str, gi: torch.Tensor, gh: torch.Tensor, state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """torch's equations; ``gi = x W_ih^T + b_ih``, ``gh = h W_hh^T + b_hh`` (the same
-    operation order as the simulation's ``make_step``)."""
-    if mode == "LSTM":
-        c = state[1]
-        i, f, g, o = (gh + gi).chunk(4, -1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        return torch.sigmoid(o) * torch.tanh(c), c
-    if mode == "GRU":
-        h = state[0]
-        h_r, h_z, h_n = gh.chunk(3, -1)
-        i_r, i_z, i_n = gi.chunk(3, -1)
-        r = torch.sigmoid(i_r + h_r)
-        z = torch.sigmoid(i_z + h_z)
-        n = torch.tanh(i_n + r * h_n)
-        return ((h - n) * z + n,)
-    act = torch.tanh if mode == "RNN_TANH" else torch.relu
-    return (act(gh + gi),)
-
-
 # ---------------------------------------------------------------------------- checks
 def _check(mode: str, input: torch.Tensor, hx: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
            n_cells: int, act_bits: int) -> None:
-    if mode not in MODES:
-        raise ValueError(f"unknown recurrent mode {mode!r}; choose one of {MODES}")
+    check_mode(mode)
     n_states = 2 if mode == "LSTM" else 1
     if len(hx) != n_states:
         raise ValueError(f"{mode} needs {n_states} state tensor(s), got {len(hx)}")

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...core.recurrent_gates import State, check_mode, gate_step
 from ..tensor_quantizer import TensorQuantizer
 from .base import LayerQuantConfig, QuantModule
 
@@ -81,7 +82,6 @@ class _QuantRecurrent(QuantModule):
             return super(QuantModule, self).forward(*args, **kwargs)  # type: ignore[misc]
 
 
-State = tuple[torch.Tensor, ...]  # (h,) or (h, c)
 Step = Callable[[torch.Tensor, State], State]  # (input projection gi_t, state) -> new state
 
 
@@ -93,34 +93,18 @@ def make_step(mode: str, w_hh: torch.Tensor, b_hh: torch.Tensor | None,
               hidden_q: Callable[[torch.Tensor], torch.Tensor] = _identity,
               w_hr: torch.Tensor | None = None,
               proj_q: Callable[[torch.Tensor], torch.Tensor] = _identity) -> Step:
-    """One recurrent step given the input projection ``gi = x W_ih^T + b_ih``, torch's equations
-    with only the matmul inputs quantized (``hidden_q(h)``, ``proj_q``); ``mode`` is RNNBase's
-    (``LSTM``, ``GRU``, ``RNN_TANH``, ``RNN_RELU``)."""
-    if mode == "LSTM":
-        def lstm_step(gi: torch.Tensor, state: State) -> State:
-            h, c = state
-            i, f, g, o = (F.linear(hidden_q(h), w_hh, b_hh) + gi).chunk(4, -1)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(c)
-            return (h if w_hr is None else F.linear(proj_q(h), w_hr)), c
-        return lstm_step
-    if mode == "GRU":
-        def gru_step(gi: torch.Tensor, state: State) -> State:
-            h = state[0]
-            h_r, h_z, h_n = F.linear(hidden_q(h), w_hh, b_hh).chunk(3, -1)  # h_n includes b_hn
-            i_r, i_z, i_n = gi.chunk(3, -1)
-            r = torch.sigmoid(i_r + h_r)
-            z = torch.sigmoid(i_z + h_z)
-            n = torch.tanh(i_n + r * h_n)
-            return ((h - n) * z + n,)  # = (1 - z) n + z h, with the float h
-        return gru_step
-    if mode not in ("RNN_TANH", "RNN_RELU"):
-        raise ValueError(f"unknown recurrent mode {mode!r}")
-    act = torch.tanh if mode == "RNN_TANH" else torch.relu
+    """One recurrent step given the input projection ``gi = x W_ih^T + b_ih``: torch's equations
+    (`quanta.core.recurrent_gates.gate_step`, which the integer ops share) with only the matmul
+    inputs quantized (``hidden_q(h)``, ``proj_q``); ``mode`` is RNNBase's (``LSTM``, ``GRU``,
+    ``RNN_TANH``, ``RNN_RELU``)."""
+    check_mode(mode)
 
-    def rnn_step(gi: torch.Tensor, state: State) -> State:
-        return (act(F.linear(hidden_q(state[0]), w_hh, b_hh) + gi),)
-    return rnn_step
+    def step(gi: torch.Tensor, state: State) -> State:
+        new = gate_step(mode, gi, F.linear(hidden_q(state[0]), w_hh, b_hh), state)
+        if w_hr is None:
+            return new
+        return (F.linear(proj_q(new[0]), w_hr),) + new[1:]  # LSTM's projection of h
+    return step
 
 
 _CELL_MODES = {"LSTMCell": "LSTM", "GRUCell": "GRU"}
