@@ -40,7 +40,7 @@ from ..transforms.prepare import check_float_model
 from ..transforms.presets import PRESETS, preset
 from ..transforms.quantize import quantize
 from .capture import ForwardFn, batches_of
-from .sensitivity import _checked, _proxy, sensitivity
+from .sensitivity import _metric_value, _proxy, sensitivity
 
 FLOAT = "float"
 OBJECTIVES = ("latency", "size")
@@ -186,7 +186,7 @@ def auto_quantize(model: nn.Module, data: Any, metric: Callable[[nn.Module], Any
     base = next((c for _, c in table if isinstance(c, QuantConfig)), None) or QuantConfig(fold_bn=True)
     measure = metric or _proxy(model, batches, forward_fn)
     name = getattr(metric, "__name__", "metric") if metric is not None else "output SQNR dB"
-    float_metric = _checked(measure(model), "float model", "auto_quantize") if metric is not None else math.inf
+    float_metric = _metric_value(measure(model), "float model", "auto_quantize") if metric is not None else math.inf
     if metric is not None:
         budget, meets = f"drop <= {max_drop:g}", (lambda m: float_metric - m <= max_drop)
     else:
@@ -203,7 +203,7 @@ def auto_quantize(model: nn.Module, data: Any, metric: Callable[[nn.Module], Any
                           example=batches[0])
         choices = {n: options[n][level[n]][0] for n in options}
         label = f"{len(trials)} ({note})"
-        value = _checked(measure(qmodel), label, "auto_quantize")
+        value = _metric_value(measure(qmodel), label, "auto_quantize")
         if objective == "size":
             cost = float(storage_bytes(qmodel))
         else:

@@ -83,13 +83,13 @@ def _latencies(reference: nn.Module, quant_model: nn.Module, inputs: dict[str, l
     labels, f_ms, i_ms = [], [], []
     with torch.no_grad():
         for n in names:
-            mod, twin = q_mods.get(n), ref_mods.get(n)
-            if not isinstance(mod, IntegerModule) or twin is None or not inputs.get(n):
+            mod, ref = q_mods.get(n), ref_mods.get(n)  # the layer in the float reference model
+            if not isinstance(mod, IntegerModule) or ref is None or not inputs.get(n):
                 continue
             x = inputs[n][0]
             try:
-                mod(x), twin(x)  # warm-up
-                ti, tf = _time_pair(functools.partial(mod, x), functools.partial(twin, x), LATENCY_ROUNDS,
+                mod(x), ref(x)  # warm-up
+                ti, tf = _time_pair(functools.partial(mod, x), functools.partial(ref, x), LATENCY_ROUNDS,
                                     _perf_counter)
             except (RuntimeError, TypeError, ValueError):
                 continue

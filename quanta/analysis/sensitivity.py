@@ -89,7 +89,7 @@ class SensitivityReport:
                 f"all quantized {f(self.quantized_metric)}\n" + "\n".join(out))
 
 
-def _checked(value: Any, trial: str, who: str = "sensitivity") -> float:
+def _metric_value(value: Any, trial: str, who: str = "sensitivity") -> float:
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -162,7 +162,7 @@ def sensitivity(float_model: nn.Module, config: QuantConfig | str, data: Any,
 
     def trial(label: str, on: list[str], kinds: str) -> float:
         with quantizing_only(sim, on, kinds):
-            return _checked(measure(sim), label)
+            return _metric_value(measure(sim), label)
 
     float_metric = trial("float (no quantizer)", [], "both")
     full = trial(f"all layers ({what})", list(layers), what)

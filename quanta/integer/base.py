@@ -27,7 +27,7 @@ class IntegerModule(nn.Module):
     """Base of modules that hold integer weights and call integer kernels.
 
     *Save canonical, run packed*: persistent buffers hold kernel-independent tensors (int8
-    codes, int4 codes packed two per byte, float scales, zero points, bias); ``pack()`` builds
+    codes, int4 codes bit-packed two per byte, float scales, zero points, bias); ``pack()`` builds
     whatever the chosen kernel needs (prepacked weights, layouts) as non-persistent state, and
     runs after construction and after ``load_state_dict``. ``kernel_counts`` counts which
     implementation ran per call, so tests and reports can say which kernel actually ran.
@@ -70,7 +70,12 @@ class IntegerModule(nn.Module):
             raise ValueError(f"{cls.__name__} cannot lower this {type(sim).__name__}: {reason}")
 
     def pack(self) -> None:
-        """Rebuild the runtime (packed) form from the canonical buffers."""
+        """Rebuild the runtime (packed) form from the canonical buffers.
+
+        In quanta, *pack* means this: lay the canonical buffers out for the kernels of this
+        machine (prepacked weights, column sums, layouts), at convert and load time. Storing
+        several low-bit codes per byte is *bit packing* (`quanta.core.pack_bits`), which the
+        canonical buffers already hold."""
 
     def config(self) -> dict[str, Any]:
         """The constructor's arguments as JSON values (specs as dicts, dtypes by name): enough

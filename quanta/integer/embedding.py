@@ -1,5 +1,5 @@
 """Integer embeddings: ``Int8Embedding`` (one scale per row) and ``Int4Embedding`` (one scale
-per group of ``group_size`` along the embedding dim, codes packed two per byte).
+per group of ``group_size`` along the embedding dim, codes bit-packed two per byte).
 
 Canonical state::
 

@@ -44,7 +44,7 @@ class Int8Linear(_LinearBase):
 
     Activations: static per-tensor (``input_scale`` / ``input_zero_point`` from calibration) or
     dynamic per-tensor / per-token (``act_spec.dynamic``), symmetric or asymmetric, signed or
-    unsigned. Weights of <= 4 bits (w4a8) are stored packed two per byte and unpacked to int8
+    unsigned. Weights of <= 4 bits (w4a8) are stored bit-packed two per byte and unpacked to int8
     codes in ``pack()``.
 
     ``post_op`` (``"relu"``, ``"gelu"``, ``"gelu_tanh"``; set by `quanta.transforms.fuse` when
@@ -155,12 +155,12 @@ class Int8Linear(_LinearBase):
             self._packed = onednn_auto_pack(self._w8) if self.impl == "auto" and per_tensor else None
         onednn = self._packed is not None
         self._gemm_unpackable = False
-        # uint8 asymmetric codes are computed as their signed twins (code - 128, zero point - 128):
+        # uint8 asymmetric codes are computed shifted to signed (code - 128, zero point - 128):
         # the same grid and sums, but float -> int8 is ~5x cheaper than float -> uint8 on CPU and
         # torch._int_mm then needs no shift (onednn, which wants uint8, keeps the unsigned codes)
         spec = self.act_spec
-        twin = spec.bits == 8 and not spec.signed and not spec.symmetric and not onednn
-        self._codes_spec = cs = spec.replace(signed=True) if twin else spec
+        shifted = spec.bits == 8 and not spec.signed and not spec.symmetric and not onednn
+        self._codes_spec = cs = spec.replace(signed=True) if shifted else spec
         # quantize_activation's arguments after (x, scale, zero_point), read once here
         self._q_args = (cs.bits, cs.signed, cs.symmetric, cs.narrow_range, cs.granularity is Granularity.PER_TOKEN,
                         cs.rounding.value)
@@ -172,7 +172,7 @@ class Int8Linear(_LinearBase):
         self._compiled: dict[tuple[Any, ...], tuple[Any, ...]] = {}
         if not spec.dynamic:
             zp = self.input_zero_point
-            self._codes_zp = zp - 128 if twin else zp
+            self._codes_zp = zp - 128 if shifted else zp
 
     def _packed_for(self, rows: int) -> torch.Tensor | None:
         """``int8_linear``'s ``packed`` argument: onednn's prepacked weight (``impl="onednn"``),

@@ -80,13 +80,13 @@ CODES_POOL = {nn.MaxPool1d: CodesMaxPool1d, nn.MaxPool2d: CodesMaxPool2d, nn.Max
 
 
 def codes_pool(pool: nn.Module) -> nn.Module:
-    """The codes-safe twin of a ``nn.MaxPoolNd`` (same settings, same hooks); other modules as is."""
+    """The codes-safe copy of a ``nn.MaxPoolNd`` (same settings, same hooks); other modules as is."""
     cls = CODES_POOL.get(type(pool))
     if cls is None:
         return pool
-    twin = cls.__new__(cls)
-    twin.__dict__.update(pool.__dict__)
-    return twin
+    copy = cls.__new__(cls)
+    copy.__dict__.update(pool.__dict__)
+    return copy
 
 
 __all__ = ["CodesMaxPool1d", "CodesMaxPool2d", "CodesMaxPool3d", "codes_pool"]

@@ -278,8 +278,8 @@ def _replaceable(current: nn.Module, recorded: str) -> bool:
     from ..nn.modules.functional import Add, QuantAdd
     if isinstance(current, Add) and recorded == class_path(QuantAdd):  # what prepare made of it
         return True
-    twin = CODES_POOL.get(type(current))  # a max-pool on a uint8 path (quanta.transforms.fuse)
-    if twin is not None and recorded == class_path(twin):
+    codes_pool_cls = CODES_POOL.get(type(current))  # a max-pool on a uint8 path (quanta.transforms.fuse)
+    if codes_pool_cls is not None and recorded == class_path(codes_pool_cls):
         return True
     return recorded in _TRANSFORM_RESULTS
 

@@ -1,6 +1,6 @@
 """`save` / `load`: a quantized (or float, or simulated) model in one safe file.
 
-``save`` writes the model's tensors (integer weights stay integer, int4 packed two per byte)
+``save`` writes the model's tensors (integer weights stay integer, int4 bit-packed two per byte)
 and a manifest describing every module (see `records`). ``load`` rebuilds the model from the
 manifest, on the caller's freshly built float model (``model=``, or a factory) or on one it
 constructs from the recorded classes (an allow-list of imports), then fills in the tensors.

@@ -282,7 +282,7 @@ def _onednn_run(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: torc
                 bias: torch.Tensor | None, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
                 groups: int, post_op: str, out_scale: float | None, out_zero_point: int,
                 packed: torch.Tensor | None) -> torch.Tensor:
-    """The ``onednn`` implementation without validating its arguments (see `checked`)."""
+    """The ``onednn`` implementation without validating its arguments (see `validating`)."""
     if x.dtype == torch.int8:  # oneDNN takes uint8 sources: x + 128 exactly, as a bit flip
         x = torch.bitwise_xor(x.view(torch.uint8), 128)
         x_zero_point += 128
@@ -309,22 +309,22 @@ def _post_op_after(y: torch.Tensor, post_op: str, out_scale: float | None, out_z
     return y.clamp_(lo, hi)
 
 
-def checked(run: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+def validating(run: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     """An implementation's op entry point: `check_args` (named errors for any caller), then
     ``run``, the form without validation that integer modules call with arguments they built."""
     def fn(*args: Any) -> torch.Tensor:
         check_args(*args[:13])
         return run(*args)
-    fn.__name__ = f"checked_{run.__name__}"
+    fn.__name__ = f"validating_{run.__name__}"
     return fn
 
 
 int8_conv = KernelOp(
     "int8_conv", SCHEMA, reference,
-    impls=[Impl("native", checked(conv_native.run_native), conv_native.guard_native,
+    impls=[Impl("native", validating(conv_native.run_native), conv_native.guard_native,
                 available=conv_native.native_available, unchecked=conv_native.run_native, traceable=False,
                 prefer=conv_native.prefer_onednn),
-           Impl("onednn", checked(_onednn_run), _onednn_guard, available=_onednn_available, unchecked=_onednn_run,
+           Impl("onednn", validating(_onednn_run), _onednn_guard, available=_onednn_available, unchecked=_onednn_run,
                 limits=_onednn_limits)],
     fake=_fake,
 )

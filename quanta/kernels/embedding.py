@@ -6,7 +6,7 @@ Ops (``torch.ops.quanta.*``; the last argument is ``impl``)::
         codes int8 [num, dim]; scale f32 [num] (one per row); zero_point int32 [num] or None
         (symmetric); out[..., :] = (codes[i] - zp[i]) * scale[i], shape [*indices.shape, dim].
     int4_embedding(Tensor indices, Tensor packed, Tensor scale, Tensor? zero_point, int dim, str impl) -> Tensor
-        packed uint8 [num, ceil(dim / 2)]: signed int4 codes two per byte (`quanta.core.pack_bits`,
+        packed uint8 [num, ceil(dim / 2)]: signed int4 codes bit-packed two per byte (`quanta.core.pack_bits`,
         first code in the low nibble); scale f32 [num, dim / group]; zero_point int8 [num, dim / group]
         or None; each code is dequantized with its group's scale: (q - zp) * scale.
 

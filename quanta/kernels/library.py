@@ -159,7 +159,9 @@ class KernelOp:
         dispatcher's boxing costs ~10-30 µs a call, much of a small layer's time); under
         ``torch.compile`` / export the registered op is called, so graphs see ``quanta::<name>``.
         ``checked=True``: ``impl`` is what `choose` just returned for these arguments, so its
-        guard is not run a second time."""
+        guard is not run a second time and its ``unchecked`` form runs. In quanta's kernels,
+        *checked* always means this: arguments already validated by the implementation's guard
+        (a function that validates before running is *validating*, as `conv.validating`)."""
         if torch.compiler.is_compiling():
             chosen = self._by_name.get(impl)
             if chosen is not None and not chosen.traceable and not (chosen.graph_safe and not self.traceable):

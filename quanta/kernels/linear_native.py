@@ -110,7 +110,7 @@ def compiled_linear_args(impl, weight, w_scale, bias, w_sum, bits, signed, symme
     """The arguments after ``x`` of ``quanta_native::linear_packed`` (csrc/linear_op.cpp), the
     operator by which a compiled graph runs what `native_linear_call` runs eagerly (same
     arguments, same kernels, same bits), or None where it does not apply (unsigned codes: the
-    operator quantizes to signed ones, as the uint8 asymmetric twin does)."""
+    operator quantizes to signed ones, as the shifted uint8 asymmetric codes are)."""
     if impl not in NATIVE_LINEAR_IMPLS or not signed or bits > 8:
         return None
     _check_impl(impl, packed, weight, "compiled_linear_args")

@@ -91,8 +91,11 @@ def _forward_overrider(module: nn.Module) -> str | None:
 
 
 def _float_twin(module: nn.Module) -> nn.Module:
-    """What a never-calibrated quantized module computes in float: its float class (sharing
-    weights), a plain `Add`, or the op with its quantizers disabled."""
+    """The float twin of a never-calibrated quantized module: what it computes in float (its
+    float class sharing its weights, a plain `Add`, or the op with its quantizers disabled).
+
+    In quanta, a *float twin* is always this: the float module, sharing the weights, that stands
+    for a quantized or integer layer (here, and where the speed check puts it back)."""
     if isinstance(module, QuantModule):
         return module.to_float()
     if isinstance(module, QuantAdd):
