@@ -53,7 +53,7 @@ def _config_choice(args: argparse.Namespace) -> Any:
     from .commands.quantize_cmd import ConfigChoice
 
     return ConfigChoice(preset=args.preset, config_file=getattr(args, "config", None), group_size=args.group_size,
-                        exclude=tuple(args.exclude), algorithms=tuple(getattr(args, "algorithm", ())))
+                        weight_bits=args.weight_bits, exclude=tuple(args.exclude), algorithms=tuple(getattr(args, "algorithm", ())))
 
 
 def _quantize(args: argparse.Namespace) -> int:
@@ -136,6 +136,11 @@ def _image_flags(p: argparse.ArgumentParser) -> None:
                    help="images are divided by it after --mean (one value or one per channel)")
 
 
+def _weight_bits_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weight-bits", type=int, default=None, choices=(7, 8),
+                   help="static_int8 / dynamic_int8 weight codes: 7 runs oneDNN exactly on CPUs without VNNI")
+
+
 def _preset_options(p: argparse.ArgumentParser, with_config: bool) -> None:
     from .transforms import PRESETS
 
@@ -147,6 +152,7 @@ def _preset_options(p: argparse.ArgumentParser, with_config: bool) -> None:
                    help="module name or glob that stays float (repeatable)")
     p.add_argument("--group-size", type=int, default=None, choices=(32, 64, 128, 256),
                    help="int4 group size of the weight_only_int4 preset")
+    _weight_bits_option(p)
     _algorithm_option(p)
 
 
@@ -236,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="module name or glob that stays float (repeatable)")
     dump.add_argument("--group-size", type=int, default=None, choices=(32, 64, 128, 256),
                       help="int4 group size of the weight_only_int4 preset")
+    _weight_bits_option(dump)
     _algorithm_option(dump)
     dump.set_defaults(func=_config_dump)
 

@@ -25,6 +25,8 @@ class ConfigChoice:
     preset: str | None = None
     config_file: str | None = None
     group_size: int | None = None
+    #: static_int8 / dynamic_int8: 7 for weights oneDNN sums exactly on CPUs without VNNI
+    weight_bits: int | None = None
     exclude: tuple[str, ...] = ()
     algorithms: tuple[str, ...] = ()
 
@@ -33,6 +35,9 @@ class ConfigChoice:
             raise CommandError("give --preset or --config, not both")
         if self.config_file is not None and self.group_size is not None:
             raise CommandError("--group-size applies to the weight_only_int4 preset; set it in the config file instead")
+        if self.config_file is not None and self.weight_bits is not None:
+            raise CommandError("--weight-bits applies to the static_int8 / dynamic_int8 presets; set the weight "
+                               "num_bits in the config file instead")
 
     def resolve(self) -> QuantConfig:
         """The `QuantConfig` this choice means (the same for a preset with flags and for its
@@ -40,6 +45,8 @@ class ConfigChoice:
         if self.config_file is None:
             name = self.preset or DEFAULT_PRESET
             options: dict[str, Any] = {"group_size": self.group_size} if self.group_size is not None else {}
+            if self.weight_bits is not None:
+                options["weight_bits"] = self.weight_bits
             if self.exclude:
                 options["exclude"] = list(self.exclude)
             if self.algorithms:

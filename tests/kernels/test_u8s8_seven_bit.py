@@ -10,6 +10,7 @@ that nothing changed in the choice order.
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -241,9 +242,16 @@ def test_seven_bit_accuracy_within_half_a_point_of_eight_bit(trained_cnn, digits
     assert acc[7] >= accuracy(trained_cnn, digits_data.x_test, digits_data.y_test) - 1.5, acc
 
 
-def test_weight_bits_option_is_validated():
+def test_weight_bits_option_is_validated_and_reaches_the_cli(capsys):
     with pytest.raises(ValueError, match="weight_bits must be 8 or 7"):
         quanta.preset("static_int8", weight_bits=6)
     with pytest.raises(ValueError, match="weight_bits"):
         quanta.preset("dynamic_int8", weight_bits=True)
     assert quanta.preset("dynamic_int8", weight_bits=7).module_types["Conv2d"].weight.num_bits == 7
+    from quanta.cli import main
+
+    assert main(["config", "dump", "static_int8", "--weight-bits", "7"]) == 0
+    dumped = json.loads(capsys.readouterr().out)
+    assert dumped == quanta.preset("static_int8", weight_bits=7).to_dict()
+    assert main(["config", "dump", "w4a8", "--weight-bits", "7"]) != 0
+    assert "takes no option 'weight_bits'" in capsys.readouterr().err
