@@ -260,7 +260,7 @@ def header(args: argparse.Namespace, command: str, total_s: float) -> str:
         ("- rows: the integer model from `quanta.quantize(model, config, calib_data, speed_check=False)` with "
          "static_int8's rules (BatchNorm folded, uint8 activations calibrated per tensor, percentile 99.999) and "
          "the weight format and algorithms named; `+ x` rows add algorithms to the row above them (their base); "
-         "4-bit convs have no integer kernel and stay simulated (fake-quantized), as `integer layers` shows"),
+         "integer layers: layers lowered to integer kernels / layers quantized (the rest stay simulated)"),
         ("- gain: accuracy minus the base row's; ± is twice the paired standard error 100·√d/n (d = test images "
          "on which the two rows differ in correctness); a gain under it is within noise"),
         ("- agreement: share of test images where the row's top-1 equals fp32's; SQNR: "
