@@ -12,7 +12,10 @@ attention's input grid), ``out_proj`` an `Int8Linear` ``[E → E]``; between the
 runs in float exactly as the simulation does (the same `mha_forward`, the simulated
 ``qk_matmul`` / ``av_matmul`` quantizers applied where enabled), so masks, ``batch_first``,
 unbatched inputs and ``need_weights`` behave as torch's. Cross-attention (``key is not query``)
-is refused with a clear error: the in-projection was calibrated on the query only.
+runs when the in-projection's input grid is dynamic (each input is quantized on its own at each
+call, as the simulation's key / value quantizers of the same spec do; see `packed_projection`);
+with a static grid it is refused with a clear error: the in-projection was calibrated on the
+query only.
 """
 
 from __future__ import annotations
@@ -44,6 +47,27 @@ def _in_proj_view(sim: QuantMultiheadAttention) -> QuantLinear:
     view.input_quantizer, view.weight_quantizer, view.output_quantizer = (
         sim.input_quantizer, sim.weight_quantizer, None)
     return view
+
+
+def packed_projection(in_proj: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, same_k: bool,
+                      same_v: bool, per_call_grid: bool, owner: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(q, k, v)`` from the packed ``[E → 3E]`` in-projection (an integer Linear or its ONNX
+    export form). Self-attention (``key is query``, ``value is key``): one call, split in three.
+    Otherwise only when ``per_call_grid`` (the projection's input range is taken per call or per
+    token): a distinct key / value input then goes through the projection on its own and its
+    part of the result is kept, which is what the simulation computes (its key / value
+    quantizers have the projection's input spec); it costs a full projection per distinct input."""
+    q, k, v = in_proj(query).chunk(3, dim=-1)
+    if same_k and same_v:
+        return q, k, v
+    if not per_call_grid:
+        raise ValueError(f"{owner} was lowered from self-attention with a calibrated (static) input grid: call it "
+                         "with key and value being the query tensor itself (m(x, x, x))")
+    if not same_k:
+        _, k, v = in_proj(key).chunk(3, dim=-1)
+    if not same_v:
+        v = in_proj(value).chunk(3, dim=-1)[2]
+    return q, k, v
 
 
 class Int8MultiheadAttention(IntegerModule):
@@ -85,9 +109,15 @@ class Int8MultiheadAttention(IntegerModule):
             return "add_bias_kv / add_zero_attn are not supported by the integer attention"
         if sim.training and sim.dropout > 0:
             return "attention dropout in training mode"
+        iq = sim.input_quantizer
         for kind in ("key_input", "value_input"):
             q = getattr(sim, f"{kind}_quantizer", None)
-            if q is not None and q.is_enabled and not q.needs_calibration:
+            if q is None or not q.is_enabled:
+                continue
+            if q.spec.dynamic:  # cross-attention runs through the in-projection (packed_projection)
+                if iq is None or q.spec != iq.spec:
+                    return f"its {kind} grid differs from its input grid (the packed in-projection has one)"
+            elif not q.needs_calibration:
                 return "used as cross-attention (its key/value inputs were calibrated): only self-attention lowers"
         reason = Int8Linear.accepts(_in_proj_view(sim))
         if reason:
@@ -122,10 +152,8 @@ class Int8MultiheadAttention(IntegerModule):
 
     def _project(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, same_k: bool,
                  same_v: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if not (same_k and same_v):
-            raise ValueError(f"{type(self).__name__} was lowered from self-attention: call it with key and value "
-                             "being the query tensor itself (m(x, x, x))")
-        return self.in_proj(query).chunk(3, dim=-1)  # type: ignore[return-value]
+        return packed_projection(self.in_proj, query, key, value, same_k, same_v, self.in_proj.act_spec.dynamic,
+                                 type(self).__name__)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
@@ -142,4 +170,4 @@ class Int8MultiheadAttention(IntegerModule):
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}"
 
 
-__all__ = ["Int8MultiheadAttention"]
+__all__ = ["Int8MultiheadAttention", "packed_projection"]

@@ -36,6 +36,8 @@ from ..nn.modules.base import QuantModule
 from ..nn.modules.functional import QuantBMM, QuantMatMul, QuantOp
 from ..nn.tensor_quantizer import TensorQuantizer
 from .onnx_export import require_onnx
+from .onnx_forms import channel_view as _channel_view
+from .onnx_forms import inexact_reason, integer_step
 
 _SCOPES = "pkg.torch.onnx.name_scopes"
 
@@ -49,7 +51,7 @@ class ParityRow:
     max_steps: float | None
     step: str
     max_rel_diff: float = 0.0  # max |diff| relative to the largest |value| quanta gives
-    note: str = ""  # why this layer cannot be bit-exact in ONNX (see `inexact_reason`)
+    note: str = ""  # why this layer cannot be bit-exact in ONNX (see `onnx_forms.inexact_reason`)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -109,19 +111,8 @@ def _grid_name(spec: Any) -> str:
     return f"one {spec.format.value} ulp (output cast)" if not spec.has_scale else "output quantizer"
 
 
-def _channel_view(scale: torch.Tensor, y: torch.Tensor, dim: int) -> torch.Tensor:
-    if scale.numel() == 1:
-        return scale.reshape(())
-    shape = [1] * y.dim()
-    shape[dim] = -1
-    return scale.reshape(shape)
-
-
 def _step(mod: nn.Module, x: Any, y: torch.Tensor) -> tuple[torch.Tensor | Format | None, str]:
     """Step of ``mod``'s output ``y`` (see the module docstring) and where it comes from."""
-    from ..integer.conv import _Int8ConvNd
-    from ..integer.linear import Int8Linear
-
     oq = getattr(mod, "output_quantizer", None)
     if isinstance(oq, TensorQuantizer) and oq.mode == "quantize":
         s = _grid_step(oq.spec, y, None if oq.spec.dynamic or not oq.spec.has_scale else oq.qparams()[0])
@@ -129,17 +120,9 @@ def _step(mod: nn.Module, x: Any, y: torch.Tensor) -> tuple[torch.Tensor | Forma
     if getattr(mod, "output_spec", None) is not None and getattr(mod, "output_kind", "float") == "float":
         spec = mod.output_spec
         return _grid_step(spec, y, None if spec.dynamic else getattr(mod, "output_scale", None)), _grid_name(spec)
-    if isinstance(mod, _Int8ConvNd):
-        if mod.output_kind == "uint8":
-            return mod.emit_scale.float(), "uint8 codes handed to the next conv"
-        return mod.input_scale.float() * _channel_view(mod.weight_scale, y, 1), "accumulator unit"
-    if isinstance(mod, Int8Linear) and isinstance(x, torch.Tensor):
-        spec = mod.act_spec
-        xs = choose_qparams(*compute_range(x.reshape(-1, x.shape[-1]).float(), spec), spec)[0] if spec.dynamic \
-            else mod.input_scale.float()
-        unit = xs.reshape(-1, 1) * mod.weight_scale.float().reshape(1, -1)
-        return unit.reshape(*y.shape[:-1], -1) if unit.dim() == 2 and unit.shape[0] > 1 else unit.reshape(-1), \
-            "accumulator unit"
+    registered = integer_step(mod, x, y)  # the integer class's own (quanta.io.onnx_forms)
+    if registered is not None:
+        return registered
     if isinstance(mod, (QuantMatMul, QuantBMM)):
         a, b = mod.input_quantizer, mod.other_quantizer
         if all(q is not None and q.mode == "quantize" and q.spec.format is Format.INT and not q.spec.dynamic
@@ -180,26 +163,6 @@ def _row(name: str, a: Any, b: Any, step: torch.Tensor | Format | None, how: str
     rel = float(diff.max()) / peak if peak > 0 else 0.0
     return ParityRow(name, tuple(a.shape), float(diff.max()) if diff.size else 0.0,
                      float((a == b).mean()) if diff.size else 1.0, steps, how, rel)
-
-
-def inexact_reason(mod: nn.Module) -> str:
-    """Why ONNX cannot reproduce ``mod``'s numbers bit for bit ("" when it can, up to float32
-    summation order): torch's int4 weight-only kernel on bfloat16 activations computes
-    ``(u - 8) * bf16(scale) + bf16((8 - zp) * scale)``, a zero term rounded apart from the scale,
-    which no DequantizeLinear (``(q - zp) * scale``, integer zp) expresses."""
-    from ..integer.weight_only import Int4WeightOnlyLinear
-    from ..kernels.weight_only import int4_weight_only_linear
-
-    if not isinstance(mod, Int4WeightOnlyLinear) or mod.activation != "bfloat16":
-        return ""
-    probe = torch.zeros(1, mod.in_features, dtype=torch.bfloat16, device=mod.weight.device)
-    ran = mod.impl if mod.impl != "auto" else int4_weight_only_linear.choose(
-        probe, mod.weight, mod.weight_scale, mod.weight_zero_point, mod.group_size, mod.signed, mod.bias,
-        mod._packed, mod._scales_zeros)
-    if ran != "int4pack_mm":
-        return ""
-    return ("not bit-exact: torch's int4 kernel (bfloat16) uses bfloat16 scales and zero terms "
-            "(8 - zp) * scale rounded apart; ONNX DequantizeLinear computes (q - zp) * scale")
 
 
 def _layers(model: nn.Module) -> dict[str, nn.Module]:

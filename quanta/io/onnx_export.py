@@ -7,7 +7,8 @@ integer initializer (int8, or INT4 / UINT4) followed by ``DequantizeLinear`` wit
 ``axis`` (or ``block_size`` for per-group scales). Everything else stays float.
 
 How: on a deep copy, each quanta quantizer and integer module is replaced by an export-only module
-(`quanta.io.onnx_qdq`) whose forward computes the same numbers with two custom ops, and the copy
+(`quanta.io.onnx_qdq`; an integer class's is the one registered for it in `quanta.io.onnx_forms`)
+whose forward computes the same numbers with two custom ops (`quanta.io.onnx_ops`), and the copy
 goes through ``torch.onnx.export(..., dynamo=True)`` with translations of those ops. The opset is
 the lowest the model needs: 18 (the exporter's own floor; per-channel int8 QDQ exists since 13),
 21 for int4 weights, per-group weights or per-token (dynamic) activations.
@@ -32,13 +33,15 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from ..core import QuantSpec, unpack_bits
 from ..integer.base import IntegerModule
 from ..nn.modules.base import QuantModule, runs_float_forward
 from ..nn.modules.functional import QuantOp
 from ..nn.modules.rnn_cells import _QuantRecurrent
 from ..nn.tensor_quantizer import TensorQuantizer
+from . import onnx_ops
 from . import onnx_qdq as Q
+from .onnx_forms import from_integer
+from .onnx_ops import OPSET_BLOCKED, OPSET_MIN
 
 _DEPENDENCIES = ("onnx", "onnxruntime", "onnxscript")
 
@@ -122,7 +125,7 @@ def _layer(module: nn.Module, path: str) -> nn.Module | None:
 
 def _swap(module: nn.Module, prefix: str, layers: list[tuple[str, str, str]]) -> None:
     if isinstance(module, _QuantRecurrent):
-        raise Q.unsupported(prefix, f"{type(module).__name__} quantizes inside the recurrence, at every time "
+        raise onnx_ops.unsupported(prefix, f"{type(module).__name__} quantizes inside the recurrence, at every time "
                                     "step; ONNX's LSTM / GRU / RNN operators take float weights and have no place "
                                     "for that. Keep the layer float (QuantConfig(exclude=...)) to export the model")
     for name, child in list(module.named_children()):
@@ -147,7 +150,7 @@ def _swap(module: nn.Module, prefix: str, layers: list[tuple[str, str, str]]) ->
 def _weight_export(owner: QuantModule, wq: TensorQuantizer, path: str) -> nn.Module | None:
     params = [n for n in owner.weight_names if owner._parameters.get(n) is not None]  # type: ignore[attr-defined]
     if len(params) > 1:
-        raise Q.unsupported(path, f"one weight quantizer serves {len(params)} weights ({', '.join(params)}); "
+        raise onnx_ops.unsupported(path, f"one weight quantizer serves {len(params)} weights ({', '.join(params)}); "
                                   "export handles one quantized weight per module")
     if not params:
         return None
@@ -175,112 +178,19 @@ def from_simulated(mod: Any, path: str) -> Q._ExportPart | None:
     return Q.ExportConv(dims, vars(mod), weight, mod.bias, inp, out)
 
 
-def _per_channel(codes: torch.Tensor, scale: torch.Tensor, bits: int, path: str) -> Q.ExportWeight:
-    spec = QuantSpec(bits=bits, granularity="per_channel", axis=0)
-    return Q.weight_codes(codes, scale.reshape(-1), None, spec, path)
-
-
-def _out(mod: Any, path: str) -> Q.ExportQuantizer | None:
-    spec = mod.output_spec
-    if spec is None:
-        return None
-    if spec.dynamic or not spec.has_scale:
-        return Q.activation(spec, path, role="output")
-    return Q.activation(spec, path, mod.output_scale, mod.output_zero_point, role="output")
-
-
-def _int8_weight_only(mod: Any, path: str) -> Q._ExportPart:
-    """On bfloat16 activations torch's kernel (``_weight_int8pack_mm``) computes
-    ``bf16((x @ codes^T) * bf16(scale))``, then adds the bias in bfloat16: the graph does the same
-    (scales rounded to bfloat16, a bfloat16 cast before the bias Add, the bias rounded), which
-    leaves only float32 summation order between them. Other inputs run the float32 reference
-    (dequantized weights, then the matmul), the plain form."""
-    from ..kernels.weight_only import int8_weight_only_linear
-
-    bf16 = QuantSpec(format="bf16", bits=16)
-    if mod.activation != "bfloat16":
-        return Q.ExportLinear(_per_channel(mod.weight, mod.weight_scale, 8, path), mod.bias, None, _out(mod, path))
-    probe = torch.zeros(1, mod.in_features, dtype=torch.bfloat16, device=mod.weight.device)
-    ran = mod.impl if mod.impl != "auto" else int8_weight_only_linear.choose(
-        probe, mod.weight, mod.weight_scale, mod.bias)
-    inp = Q.activation(bf16, path)
-    if ran != "int8pack_mm":
-        return Q.ExportLinear(_per_channel(mod.weight, mod.weight_scale, 8, path), mod.bias, inp, _out(mod, path))
-    scale = mod.weight_scale.to(torch.bfloat16).float()
-    bias = None if mod.bias is None else mod.bias.to(torch.bfloat16).float()
-    return Q.ExportLinear(_per_channel(mod.weight, scale, 8, path), bias, inp, _out(mod, path),
-                          product_q=Q.activation(bf16, path))
-
-
-def from_integer(mod: IntegerModule, path: str) -> Q._ExportPart:
-    """The export form of an integer module, or a ValueError saying why there is none."""
-    from ..integer.add import Int8Add
-    from ..integer.conv import _Int8ConvNd
-    from ..integer.embedding import Int4Embedding, Int8Embedding
-    from ..integer.linear import Int8Linear
-    from ..integer.recurrent import _Recurrent
-    from ..integer.weight_only import HalfLinear, Int4WeightOnlyLinear, Int8WeightOnlyLinear
-
-    name = type(mod).__name__
-    if isinstance(mod, Int8Linear):
-        act = mod.act_spec
-        inp = Q.activation(act, path, None if act.dynamic else mod.input_scale,
-                           None if act.dynamic else mod.input_zero_point, role="input")
-        codes = unpack_bits(mod.weight, 4, True, mod.in_features) if mod.weight_bits <= 4 else mod.weight
-        w = _per_channel(codes, mod.weight_scale, mod.weight_bits, path)
-        return Q.ExportLinear(w, mod.bias, inp, _out(mod, path), mod.post_op)
-    if isinstance(mod, Int8WeightOnlyLinear):
-        return _int8_weight_only(mod, path)
-    if isinstance(mod, Int4WeightOnlyLinear):
-        spec = QuantSpec(bits=4, signed=mod.signed, symmetric=mod.symmetric, granularity="per_group",
-                         group_size=mod.group_size)
-        codes = unpack_bits(mod.weight, 4, mod.signed, mod.in_features)
-        inp = Q.activation(QuantSpec(format="bf16", bits=16), path) if mod.activation == "bfloat16" else None
-        w = Q.weight_codes(codes, mod.weight_scale, mod.weight_zero_point, spec, path)
-        return Q.ExportLinear(w, mod.bias, inp, _out(mod, path))
-    if isinstance(mod, HalfLinear):
-        fmt = "fp16" if mod.input_dtype == torch.float16 else "bf16"
-        inp = Q.activation(QuantSpec(format=fmt, bits=16), path) if mod.cast_input else None
-        return Q.ExportLinear(Q.ExportWeight(mod.weight, None, None), mod.bias, inp, _out(mod, path))
-    if isinstance(mod, _Int8ConvNd):
-        inp = Q.activation(mod.input_spec, path, mod.input_scale, mod.input_zero_point, role="input")
-        w = Q.weight_codes(mod.weight, mod.weight_scale, None, QuantSpec(granularity="per_channel", axis=0), path)
-        # uint8 hand-off (quanta.transforms.fuse): the codes are on the next conv's input grid, so
-        # the next conv's own QuantizeLinear re-creates them; in float mode the output quantizer applies
-        out = _out(mod, path) if mod.output_kind == "float" else None
-        return Q.ExportConv(mod.dims, vars(mod), w, mod.bias, inp, out, mod.post_op)
-    if isinstance(mod, Int8Add):
-        a, b = (Q.activation(getattr(mod, f"{n}_spec"), path, getattr(mod, f"{n}_scale"),
-                             getattr(mod, f"{n}_zero_point"), role=n) for n in mod.operand_names)
-        return Q.ExportAdd(a, b, mod.post_op)
-    if isinstance(mod, Int8Embedding):
-        spec = QuantSpec(granularity="per_channel", axis=0, symmetric=mod.symmetric)
-        return Q.ExportEmbedding(Q.weight_codes(mod.weight, mod.weight_scale, mod.weight_zero_point, spec, path))
-    if isinstance(mod, Int4Embedding):
-        spec = QuantSpec(bits=4, symmetric=mod.symmetric, granularity="per_group", group_size=mod.group_size)
-        codes = unpack_bits(mod.weight, 4, True, mod.embedding_dim)
-        return Q.ExportEmbedding(Q.weight_codes(codes, mod.weight_scale, mod.weight_zero_point, spec, path))
-    if isinstance(mod, _Recurrent):
-        raise Q.unsupported(path, f"{name} runs fbgemm's dynamic int8 recurrence, which re-quantizes the input "
-                                  "and hidden state at every time step with per-call ranges; ONNX's LSTM / GRU / "
-                                  "RNN operators take float weights and have no place for that. Keep the layer "
-                                  "float (QuantConfig(exclude=...)) to export the model")
-    raise Q.unsupported(path, f"no ONNX form for the integer module {name}")
-
-
 # ----------------------------------------------------------------------------- export
 def _choose_opset(opset: int | None, needs: list[tuple[int, str, str]]) -> int:
-    need = max([Q.OPSET_MIN] + [n for n, _, _ in needs])
+    need = max([OPSET_MIN] + [n for n, _, _ in needs])
     if opset is None:
         return need
-    if opset < Q.OPSET_MIN:
-        raise ValueError(f"opset {opset}: torch.onnx's exporter (dynamo=True) writes opset {Q.OPSET_MIN} and later "
-                         f"(its version converter cannot lower these graphs); use opset >= {Q.OPSET_MIN}")
+    if opset < OPSET_MIN:
+        raise ValueError(f"opset {opset}: torch.onnx's exporter (dynamo=True) writes opset {OPSET_MIN} and later "
+                         f"(its version converter cannot lower these graphs); use opset >= {OPSET_MIN}")
     short = [f"{p} ({what}, opset {n})" for n, what, p in needs if n > opset]
     if short:
         raise ValueError(f"opset {opset} cannot express: {'; '.join(short[:5])}"
                          f"{' ...' if len(short) > 5 else ''}. INT4 tensors and blocked Quantize/DequantizeLinear "
-                         f"arrive in opset {Q.OPSET_BLOCKED}: pass opset=None (automatic) or {need}")
+                         f"arrive in opset {OPSET_BLOCKED}: pass opset=None (automatic) or {need}")
     return opset
 
 
@@ -363,7 +273,7 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.
             program = torch.onnx.export(exp, args, dynamo=True, opset_version=chosen, verbose=False, optimize=False,
                                         input_names=list(input_names) if input_names else None,
                                         output_names=list(output_names), dynamic_shapes=dynamic,
-                                        custom_translation_table=Q.translation_table(chosen))
+                                        custom_translation_table=onnx_ops.translation_table(chosen))
             assert program is not None
             _fold_int4_casts(program.model)  # before the optimizer folds small ones under generated names
             program.optimize()

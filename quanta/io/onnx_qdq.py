@@ -1,118 +1,26 @@
-"""Export-only modules: quanta's numbers written with ops that ``torch.onnx`` turns into
-QuantizeLinear / DequantizeLinear, and the builders that make them from quanta's quantizers
-(`onnx_export` builds whole layers from them).
-
-Two custom ops carry the quantization through ``torch.export`` (their eager forms compute
-quanta's own numerics, so an export model still runs in PyTorch):
-
-- ``quanta_onnx::fake_quant(x, scale, zero_point, axis, block_size, qmin, qmax)``: an
-  activation quantizer, translated to ``QuantizeLinear → DequantizeLinear`` (plus a ``Clip`` on
-  the codes when the grid is narrower than int8 / uint8). The zero point's dtype (int8 / uint8)
-  is the code type. ``block_size`` > 0 is ONNX's blocked form (opset 21): per-token scales
-  ``[..., 1]`` are blocks of the whole last axis.
-- ``quanta_onnx::dequantize(codes, scale, zero_point, axis, block_size, bits, signed)``: a
-  weight, stored as an integer initializer and translated to ``DequantizeLinear`` (codes of
-  <= 4 bits become INT4 / UINT4 tensors, see `onnx_export`).
+"""Export-only modules: quanta's numbers written with the custom ops of `onnx_ops` (which
+``torch.onnx`` turns into QuantizeLinear / DequantizeLinear), and the builders that make them
+from quanta's quantizers (`onnx_forms` builds whole integer layers from them).
 
 Builders raise ``ValueError`` naming the module path and what ONNX cannot express.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..core import Format, Granularity, QuantSpec, Rounding, normalize_axis, quantize
+from ..integer.attention import packed_projection
+from ..nn.modules.attention import mha_forward
 from ..nn.tensor_quantizer import TensorQuantizer
+from .onnx_ops import OPSET_BLOCKED, OPSET_MIN, unsupported
 
-#: torch.onnx's exporter (dynamo=True) implements opset 18 and later (lower targets go through a
-#: version converter that cannot lower these graphs)
-OPSET_MIN = 18
-#: INT4 / UINT4 tensors and blocked (per-group, per-token) Quantize/DequantizeLinear
-OPSET_BLOCKED = 21
 _TINY = torch.finfo(torch.float32).tiny
 _HALF = {Format.FP16: torch.float16, Format.BF16: torch.bfloat16}
-
-
-def unsupported(path: str, why: str) -> ValueError:
-    return ValueError(f"cannot export {path or '(root)'!r} to ONNX: {why}")
-
-
-# ----------------------------------------------------------------------------- custom ops
-def _expand(p: torch.Tensor, x: torch.Tensor, axis: int, block: int) -> torch.Tensor:
-    """``p`` broadcast against ``x`` the way ONNX reads a scale: scalar, per axis, or blocked."""
-    if p.dim() == 0:
-        return p
-    axis = axis % x.dim()
-    if block:
-        return p.repeat_interleave(block, dim=axis).narrow(axis, 0, x.shape[axis])
-    shape = [1] * x.dim()
-    shape[axis] = -1
-    return p.reshape(shape)
-
-
-@torch.library.custom_op("quanta_onnx::fake_quant", mutates_args=())
-def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int, block_size: int,
-               qmin: int, qmax: int) -> torch.Tensor:
-    s = _expand(scale.float(), x, axis, block_size)
-    z = _expand(zero_point.float(), x, axis, block_size)
-    q = torch.clamp(torch.round(x.float() * (1.0 / s)) + z, qmin, qmax)  # quanta.core's order
-    return ((q - z) * s).to(x.dtype)
-
-
-@fake_quant.register_fake
-def _(x, scale, zero_point, axis, block_size, qmin, qmax):  # type: ignore[no-untyped-def]
-    return torch.empty_like(x)
-
-
-@torch.library.custom_op("quanta_onnx::dequantize", mutates_args=())
-def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor], axis: int,
-               block_size: int, bits: int, signed: bool) -> torch.Tensor:
-    s = _expand(scale.float(), codes, axis, block_size)
-    level = codes.float() if zero_point is None else codes.float() - _expand(zero_point.float(), codes, axis,
-                                                                             block_size)
-    return level * s
-
-
-@dequantize.register_fake
-def _(codes, scale, zero_point, axis, block_size, bits, signed):  # type: ignore[no-untyped-def]
-    return torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
-
-
-def translation_table(opset: int) -> dict[Any, Callable[..., Any]]:
-    """onnxscript translations of the two ops for ``torch.onnx.export(custom_translation_table=...)``."""
-    import numpy as np
-    from onnxscript import ir, values
-
-    op = values.Opset("", opset)
-
-    def attrs(axis: int, block_size: int) -> dict[str, int]:
-        return {"axis": axis, **({"block_size": block_size} if block_size else {})}
-
-    def fake_quant_onnx(x, scale, zero_point, axis: int, block_size: int, qmin: int, qmax: int):  # type: ignore[no-untyped-def]
-        q = op.QuantizeLinear(x, scale, zero_point, **attrs(axis, block_size))
-        dtype = np.int8 if qmin < 0 else np.uint8
-        info = np.iinfo(dtype)
-        if (qmin, qmax) != (info.min, info.max):  # narrower grid: QuantizeLinear saturates to the type
-            lo = op.Constant(value=ir.tensor(np.array(qmin, dtype=dtype)))
-            hi = op.Constant(value=ir.tensor(np.array(qmax, dtype=dtype)))
-            q = op.Clip(q, lo, hi)
-        return op.DequantizeLinear(q, scale, zero_point, **attrs(axis, block_size))
-
-    def dequantize_onnx(codes, scale, zero_point, axis: int, block_size: int, bits: int, signed: bool):  # type: ignore[no-untyped-def]
-        if bits <= 4:  # folded into an INT4 / UINT4 initializer after export
-            to = ir.DataType.INT4 if signed else ir.DataType.UINT4
-            codes = op.Cast(codes, to=to)
-            zero_point = None if zero_point is None else op.Cast(zero_point, to=to)
-        if zero_point is None:
-            return op.DequantizeLinear(codes, scale, **attrs(axis, block_size))
-        return op.DequantizeLinear(codes, scale, zero_point, **attrs(axis, block_size))
-
-    return {torch.ops.quanta_onnx.fake_quant.default: fake_quant_onnx,
-            torch.ops.quanta_onnx.dequantize.default: dequantize_onnx}
 
 
 # ----------------------------------------------------------------------------- export modules
@@ -156,6 +64,11 @@ class ExportQuantizer(_ExportPart):
         spec = self.spec
         if not self.dynamic:
             return torch.ops.quanta_onnx.fake_quant(x, self.scale, self.zero_point, self.axis, 0, spec.qmin, spec.qmax)
+        if self.per_token and x.dim() > 2:
+            # on a 2-D [tokens, K] view (a Reshape between the DequantizeLinear and a 3-D MatMul):
+            # ONNX Runtime 1.31 fuses a per-token DequantizeLinear feeding a 3-D MatMul into
+            # MatMulIntegerToFloat, which rejects per-row zero points (attention's matmuls)
+            return self(x.reshape(-1, x.shape[-1])).reshape(x.shape)
         scale, zp = self._dynamic_qparams(x)
         axis, block = (x.dim() - 1, int(x.shape[-1])) if self.per_token else (0, 0)
         return torch.ops.quanta_onnx.fake_quant(x, scale, zp, axis, block, spec.qmin, spec.qmax)
@@ -163,7 +76,9 @@ class ExportQuantizer(_ExportPart):
     def _dynamic_qparams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`quanta.core.choose_qparams` of the per-call range, as graph ops (same float32 arithmetic)."""
         spec, xf = self.spec, x.float()
-        kw: dict[str, Any] = {"dim": -1, "keepdim": True} if self.per_token else {}
+        if not self.per_token:  # one range over the whole tensor (ONNX's ReduceMin/Max take the flat axis)
+            xf = xf.reshape(-1)
+        kw: dict[str, Any] = {"dim": -1, "keepdim": self.per_token}
         if spec.symmetric:
             amax = xf.abs().amax(**kw)
             scale = torch.where(amax > 0, (amax / float(spec.qmax)).clamp_min(_TINY), torch.ones_like(amax))
@@ -249,16 +164,26 @@ class ExportLinear(_ExportPart):
 
 
 class ExportConv(_ExportPart):
+    """A convolution on dequantized codes. ``extra_padding`` (``F.pad`` order) pads the float
+    input with 0.0 before its QuantizeLinear, which gives the zero point's code: the same codes
+    as `quanta.integer.padded_conv` padding uint8 codes with the zero point."""
+
     def __init__(self, dims: int, conv: dict[str, Any], weight: ExportWeight, bias: torch.Tensor | None,
-                 input_q: nn.Module | None, output_q: nn.Module | None, post_op: str = "none") -> None:
+                 input_q: nn.Module | None, output_q: nn.Module | None, post_op: str = "none",
+                 extra_padding: tuple[int, ...] = ()) -> None:
         super().__init__()
         self.input_quantizer, self.weight_quantizer, self.output_quantizer = input_q, weight, output_q
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
         self.kwargs = {k: conv[k] for k in ("stride", "padding", "dilation", "groups")}
         self.post_op = post_op
+        self.extra_padding = tuple(extra_padding) if any(extra_padding) else ()
+        if self.extra_padding:
+            self.form = f"Pad {list(self.extra_padding)} by 0.0, then the conv"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.extra_padding:
+            x = F.pad(x, self.extra_padding)
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         y = _add_bias(self.conv(x, self.weight_quantizer(), None, **self.kwargs), self.bias, 1)
@@ -284,6 +209,35 @@ class ExportAdd(_ExportPart):
         elif self.post_op == "relu6":
             y = torch.clamp(y, 0.0, 6.0)
         return y
+
+
+class ExportAttention(_ExportPart):
+    """`quanta.integer.Int8MultiheadAttention` for export: its in- and out-projections as QDQ
+    Linears (``in_proj``, ``out_proj``), the attention between as float ops with the simulated
+    matmul quantizers (as export parts) where the integer module applies them; the same
+    `mha_forward` the integer module runs."""
+
+    def __init__(self, attn: Any, in_proj: nn.Module, out_proj: nn.Module, qk_matmul: nn.Module,
+                 av_matmul: nn.Module) -> None:
+        super().__init__()
+        for name in ("embed_dim", "num_heads", "head_dim", "batch_first"):
+            setattr(self, name, getattr(attn, name))
+        self.per_call_grid = bool(attn.in_proj.act_spec.dynamic)
+        self.in_proj, self.out_proj, self.qk_matmul, self.av_matmul = in_proj, out_proj, qk_matmul, av_matmul
+        self.bias_k = self.bias_v = None
+        self.add_zero_attn, self.dropout = False, 0.0
+
+    def _project(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, same_k: bool,
+                 same_v: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return packed_projection(self.in_proj, query, key, value, same_k, same_v, self.per_call_grid,
+                                 type(self).__name__)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
+                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return mha_forward(self, self._project, query, key, value, key_padding_mask, need_weights, attn_mask,
+                           average_attn_weights, is_causal)
 
 
 class ExportEmbedding(_ExportPart):

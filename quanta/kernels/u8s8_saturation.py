@@ -79,6 +79,8 @@ def weight_code_max(weight: torch.Tensor) -> int:
     cached = getattr(weight, "_quanta_code_max", None)
     if torch.compiler.is_compiling():
         return cached[1] if cached is not None else -1
+    if weight.is_meta:  # shape-only construction (quanta.load's record checks): no codes to read
+        return -1
     version = weight._version
     if cached is not None and cached[0] == version:
         return cached[1]

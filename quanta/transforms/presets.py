@@ -48,28 +48,33 @@ def _only_linear_and_rnn(linear: LayerQuantConfig, rnn: LayerQuantConfig | None)
 
 
 def dynamic_int8(weight_bits: int = 8) -> QuantConfig:
-    """Linear: int8 per-channel weights × int8 activations quantized per token at each call;
-    Conv1d/2d/3d: int8 per-channel weights × uint8 activations, one range per call (per tensor),
-    on the int8 conv kernels; LSTM/GRU/RNN: int8 weights, dynamic per-tensor activations. No
-    calibration data needed. The rest stays float. ``weight_bits=7``: 7-bit weight codes (convs
-    then run oneDNN on CPUs without VNNI; per-token Linears keep their kernels)."""
+    """Linear (and MultiheadAttention's in/out projections): int8 per-channel weights × int8
+    activations quantized per token at each call; Conv1d/2d/3d: int8 per-channel weights × uint8
+    activations, one range per call (per tensor), on the int8 conv kernels; LSTM/GRU/RNN: int8
+    weights, dynamic per-tensor activations. No calibration data needed. The rest stays float.
+    ``weight_bits=7``: 7-bit weight codes (convs then run oneDNN on CPUs without VNNI; per-token
+    Linears keep their kernels)."""
     W8 = _weights(weight_bits)
     config = _only_linear_and_rnn(LayerQuantConfig(input=A8_DYNAMIC_TOKEN, weight=W8),
                                   LayerQuantConfig(input=A8_DYNAMIC, weight=W8))
     conv = LayerQuantConfig(input=A8_DYNAMIC, weight=W8)
+    # MultiheadAttention: its in/out projections on the integer Linear kernels, per token
+    # (quanta.integer.attention; cross-attention too: each input gets its own per-token ranges)
+    attention = LayerQuantConfig(input=A8_DYNAMIC_TOKEN, weight=W8)
     return dataclasses.replace(config, module_types={**config.module_types, "Conv1d": conv, "Conv2d": conv,
-                                                     "Conv3d": conv})
+                                                     "Conv3d": conv, "MultiheadAttention": attention})
 
 
 def static_int8(weight_bits: int = 8) -> QuantConfig:
     """Conv and Linear: int8 per-channel weights × uint8 activations calibrated per tensor;
-    BatchNorm folded; pools, attention and embeddings stay float; RNNs dynamic.
+    BatchNorm folded; MultiheadAttention's in/out projections on the same grids (self-attention;
+    the attention between in float); pools and embeddings stay float; RNNs dynamic.
     ``weight_bits=7``: 7-bit weight codes, which oneDNN sums exactly on CPUs without VNNI (there
     int8 convs and Linears then run oneDNN instead of the slower exact paths)."""
     W8 = _weights(weight_bits)
     float_types: dict[str, LayerQuantConfig | None] = {
         name: None for name in ("Embedding", "AvgPool1d", "AvgPool2d", "AvgPool3d", "AdaptiveAvgPool1d",
-                                "AdaptiveAvgPool2d", "AdaptiveAvgPool3d", "MultiheadAttention",
+                                "AdaptiveAvgPool2d", "AdaptiveAvgPool3d",
                                 "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d")}
     float_types["TransformerEncoderLayer"] = _ENCODER_LAYER
     for name in _RNN:
@@ -126,8 +131,9 @@ PRESETS: dict[str, Callable[..., QuantConfig]] = {
 _LINEAR_ONLY = "Linear layers (and transformers' Conv1D)"
 #: what each preset quantizes, in words (for the error when a model has none of it)
 COVERS: dict[str, str] = {
-    "dynamic_int8": "Linear (and transformers' Conv1D), Conv1d/2d/3d and LSTM/GRU/RNN layers",
-    "static_int8": "Linear (and transformers' Conv1D), Conv1d/2d/3d, quanta.nn.Add and LSTM/GRU/RNN layers",
+    "dynamic_int8": "Linear (and transformers' Conv1D), MultiheadAttention, Conv1d/2d/3d and LSTM/GRU/RNN layers",
+    "static_int8": "Linear (and transformers' Conv1D), MultiheadAttention, Conv1d/2d/3d, quanta.nn.Add and "
+                   "LSTM/GRU/RNN layers",
     "weight_only_int8": _LINEAR_ONLY, "weight_only_int4": _LINEAR_ONLY, "w4a8": _LINEAR_ONLY,
     "fp16": _LINEAR_ONLY, "bf16": _LINEAR_ONLY,
 }

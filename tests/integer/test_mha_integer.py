@@ -1,10 +1,10 @@
-"""`nn.TransformerEncoderLayer` models under static_int8 with MultiheadAttention quantized: MultiheadAttention's in- and
-out-projections run on the integer Linear kernels (`Int8MultiheadAttention`), float attention
-between (the simulation's quantizers applied), masks and layouts as torch's; save/load exact."""
+"""`nn.TransformerEncoderLayer` models under static_int8 (which quantizes MultiheadAttention by default):
+MultiheadAttention's in- and out-projections run on the integer Linear kernels
+(`Int8MultiheadAttention`), float attention between (the simulation's quantizers applied), masks
+and layouts as torch's; save/load exact. Under dynamic_int8 (per-token projections) a decoder's
+cross-attention lowers too; under static_int8 it stays simulated and the report says why."""
 
 from __future__ import annotations
-
-import dataclasses
 
 import pytest
 import torch
@@ -14,16 +14,10 @@ from torch import nn
 import quanta
 from quanta.integer.attention import Int8MultiheadAttention
 from quanta.integer.linear import Int8Linear
-from quanta.nn import LayerQuantConfig
-from quanta.transforms.presets import A8_STATIC, W8
 
 
 def _config() -> quanta.QuantConfig:
-    """static_int8 with MultiheadAttention quantized (the preset keeps it float until the integer
-    attention has an ONNX form: export would refuse it)."""
-    cfg = quanta.preset("static_int8")
-    return dataclasses.replace(cfg, module_types={**cfg.module_types, "MultiheadAttention": LayerQuantConfig(
-        input=A8_STATIC, weight=W8)})
+    return quanta.preset("static_int8")
 
 
 def _model(batch_first: bool, norm_first: bool) -> nn.Module:
@@ -97,3 +91,58 @@ def test_save_load_bit_identical(encoder, tmp_path):
     with torch.no_grad():
         assert torch.equal(back(x, src_key_padding_mask=mask), q(x, src_key_padding_mask=mask))
     assert isinstance(back.layers[1].self_attn, Int8MultiheadAttention)
+
+
+class Decoder(nn.Module):
+    """A decoder layer (self-attention, cross-attention on ``memory``, feed-forward) and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.TransformerDecoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer(x, memory))
+
+
+def _decoder_inputs(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(3, 7, 32, generator=g), torch.randn(3, 5, 32, generator=g)
+
+
+def _decoder(preset: str):
+    torch.manual_seed(0)
+    model = Decoder().eval()
+    sim = quanta.prepare(model, quanta.preset(preset))
+    if preset == "static_int8":
+        sim = quanta.calibrate(sim, [_decoder_inputs(s) for s in range(2)], forward_fn=lambda m, b: m(*b),
+                               progress=False)
+    return model, sim, quanta.convert(sim, speed_check=False)
+
+
+def test_dynamic_int8_lowers_self_and_cross_attention_as_the_simulation_computes(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    model, sim, q = _decoder("dynamic_int8")
+    for name in ("self_attn", "multihead_attn"):
+        attn = getattr(q.layer, name)
+        assert isinstance(attn, Int8MultiheadAttention) and attn.in_proj.act_spec.dynamic, name
+    x = _decoder_inputs(5)
+    with torch.no_grad():
+        ref, simulated, out = model(*x), sim(*x), q(*x)
+    # each input (query; key = value = memory) quantized per token on its own, as the simulation's
+    # key / value quantizers do: the same codes, float32 summation order apart
+    torch.testing.assert_close(out, simulated, atol=1e-4, rtol=1e-4)
+    assert F.cosine_similarity(ref.flatten(), out.flatten(), dim=0) > 0.99
+    assert q.layer.multihead_attn.in_proj.kernel_counts.total() == 2  # the query's call, then memory's
+    quanta.export_onnx(q, x, tmp_path / "decoder.onnx")
+    report = quanta.compare_onnx(q, tmp_path / "decoder.onnx", x, layers=False)
+    assert report.outputs[0].max_rel_diff < 1e-3, report
+
+
+def test_static_int8_keeps_cross_attention_simulated_and_says_why():
+    _, _, q = _decoder("static_int8")
+    assert isinstance(q.layer.self_attn, Int8MultiheadAttention)
+    assert not isinstance(q.layer.multihead_attn, Int8MultiheadAttention)
+    row = {r.name: r for r in quanta.conversion_report(q)}["layer.multihead_attn"]
+    assert row.result == "simulated" and "cross-attention" in row.detail

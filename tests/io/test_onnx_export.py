@@ -192,7 +192,9 @@ def test_per_token_and_int4_layouts(transformer, ort, trained_transformer, token
     proto, producer, _ = _graph(transformer.files["dynamic_int8/integer"].path)
     assert proto.opset_import[0].version == 21
     blocked = [n for n in proto.graph.node if n.op_type == "QuantizeLinear" and _attr(n, "block_size")]
-    assert {_attr(n, "block_size") for n in blocked} == {32, 64} and len(blocked) == 3  # linear1, linear2, head
+    # linear1, linear2, head and the attention's in/out projections (32 / 64 inputs), and the
+    # attention matmuls' four inputs (q and v per head: 8; k^T and the probabilities: 16 tokens)
+    assert {_attr(n, "block_size") for n in blocked} == {8, 16, 32, 64} and len(blocked) == 9
     # int4 weight-only: INT4 initializers, DequantizeLinear per group of 32 along the input axis
     integer = quanta.quantize(trained_transformer, "weight_only_int4", group_size=32, progress=False)
     with pytest.raises(ValueError, match=r"encoder\.linear1.*int4 weights.*opset 21"):

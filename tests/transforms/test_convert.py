@@ -11,6 +11,7 @@ from torch import nn
 
 import quanta
 from quanta.demo import accuracy
+from quanta.integer.attention import Int8MultiheadAttention
 from quanta.integer.conv import Int8Conv2d
 from quanta.integer.linear import Int8Linear
 from quanta.kernels.conv import ONEDNN_SATURATION, int8_conv
@@ -91,7 +92,8 @@ def test_dynamic_int8_lstm_and_transformer(trained_lstm, sequence_data, trained_
     q_tf = quanta.quantize(trained_transformer, "dynamic_int8")
     enc = q_tf.encoder
     assert isinstance(enc.linear1, Int8Linear) and isinstance(enc.linear2, Int8Linear)
-    assert type(enc.self_attn) is nn.MultiheadAttention  # attention stays float in this preset
+    assert isinstance(enc.self_attn, Int8MultiheadAttention)  # in/out projections per token, integer
+    assert enc.self_attn.in_proj.act_spec.dynamic
     base = accuracy(trained_transformer, token_data.x_test, token_data.y_test)
     with torch.no_grad():  # eval + no_grad is where torch's fused path would have been taken
         assert accuracy(q_tf, token_data.x_test, token_data.y_test) >= base - 1.0
