@@ -23,7 +23,7 @@ def accuracy(row: Row, ref: Row) -> tuple[str, str, str]:
     if row.runner is None or ref.runner is None:
         return "—", "—", "—"
     a, b = row.runner.logits.flatten(), ref.runner.logits.flatten()
-    cos = torch.nn.functional.cosine_similarity(a, b, dim=0).item()
+    cos = torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=0).item()  # fp32 sums exceed 1
     top1 = (row.runner.logits.argmax(-1) == ref.runner.logits.argmax(-1)).float().mean().item()
     prefix = next((i for i, (x, y) in enumerate(zip(row.tokens, ref.tokens)) if x != y), len(ref.tokens))
     return f"{cos:.5f}", f"{100 * top1:.1f}%", f"{prefix}/{len(ref.tokens)}"
@@ -51,8 +51,14 @@ def table(rows: list[Row], shape: DecoderShape) -> str:
     return "\n".join(out) + "\n"
 
 
+def weight_bits(name: str) -> int:
+    """Weight width a row's name says: 4 for int4 / nf4 rows, else 8 (for quantized rows)."""
+    return 4 if any(k in name.lower() for k in ("int4", "nf4")) else 8
+
+
 def findings(rows: list[Row], shape: DecoderShape) -> list[str]:
-    """Plain statements computed from the table: each quanta row against fp32, bf16 and the peers."""
+    """Plain statements computed from the table: each quanta row against fp32, bf16 and the peers
+    (all of them, and those storing weights at the same width), its memory, and the CPU's limits."""
     ok = {r.name: r for r in rows if not r.error and r.decode_s and r.prefill_s}
     fp32, bf16 = ok.get("torch fp32"), ok.get("torch bf16")
     peers = [r for r in ok.values() if r.group == "peer"]
@@ -67,10 +73,29 @@ def findings(rows: list[Row], shape: DecoderShape) -> list[str]:
         if peers:
             best = min(peers, key=lambda p: p.decode_s)
             parts.append(f"decode {best.decode_s / r.decode_s:.2f}× the fastest peer ({best.name})")
+            bits = weight_bits(r.name)
+            same = min((p for p in peers if weight_bits(p.name) == bits), key=lambda p: p.decode_s, default=None)
+            if same is not None and same is not best:
+                parts.append(f"{same.decode_s / r.decode_s:.2f}× the fastest {bits}-bit peer ({same.name})")
+        if r.peak_growth_kb and r.weight_bytes and fp32 and fp32.weight_bytes:
+            parts.append(f"building it peaked at {r.peak_growth_kb * 1024 / fp32.weight_bytes:.1f}× the fp32 "
+                         "weights of extra resident memory")
         behind = [n for n, x in (("fp32", fp32), ("bf16", bf16)) if x and r.decode_s > x.decode_s]
         behind += [p.name for p in peers if r.decode_s > p.decode_s]
         verdict = f" Behind on decode: {', '.join(behind)}." if behind else " Fastest decode of the rows compared."
         lines.append(f"{r.name}: " + ", ".join(p for p in parts if p) + "." + verdict)
+    flags = cpu_flags()
+    if bf16 and fp32 and bf16.decode_s > fp32.decode_s and "avx512_bf16" not in flags and "amx_int8" not in flags:
+        lines.append("bf16 decodes slower than fp32 here: this CPU has no AVX512-BF16 / AMX instructions, so bf16 "
+                     "matmuls have no native path; on a CPU with them the bf16 and bf16-activation rows gain.")
+    cos = {r.name: accuracy(r, rows[0])[0] for r in ok.values() if r.group != "fp32"}
+    by_bits = {b: [float(c) for n, c in cos.items() if c != "—" and weight_bits(n) == b and n != "torch bf16"]
+               for b in (4, 8)}
+    if by_bits[4] and by_bits[8]:
+        lines.append(f"Accuracy: prefill-logits cosine {min(by_bits[4]):.4f}–{max(by_bits[4]):.4f} for the 4-bit rows "
+                     f"vs {min(by_bits[8]):.4f}–{max(by_bits[8]):.4f} for the 8-bit ones. Random weights make "
+                     "near-flat logits, so greedy prefixes end early even at 8 bits; the perplexity of trained "
+                     "decoders (round-to-nearest vs GPTQ/AWQ) is measured by the tests, not here.")
     return lines
 
 
