@@ -378,7 +378,7 @@ int8_linear = KernelOp(
         Impl("gemm_native", _int8_linear_gemm_native, _guard_gemm_native,
              available=lambda: native.ready(), traceable=False),
         Impl("onednn", int8_linear_onednn, _guard_onednn, available=onednn_available, limits=onednn_limits,
-             prefer=linear_onednn.prefer_int_mm),
+             prefer=linear_onednn.prefer_int_mm, traceable=False),  # (inductor needs its packed weight frozen)
         Impl("float_sums", _int8_linear_float_sums, _guard_float_sums, available=_float_sums_available),
         Impl("int_mm_swapped", _int8_linear_int_mm_swapped, _guard_int_mm_swapped,
              available=lambda: hasattr(torch, "_int_mm")),
