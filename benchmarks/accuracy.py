@@ -304,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         d = datasets[0]
         datasets = [dataclasses.replace(d, x_test=d.x_test[:128], y_test=d.y_test[:128])]
+    print(f"quanta {report.quanta_version()}", flush=True)  # a native build waited on here is not timed below
     t0 = time.perf_counter()
     tables = [run_model(arch, d, args.quick, ada, lambda s: print(s, flush=True), args.cache_dir)
               for d in datasets for arch in (args.arch or (['mobilenet_v2'] if args.quick else list(AM.ARCHITECTURES)))]
