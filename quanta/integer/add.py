@@ -31,11 +31,12 @@ import torch
 
 from ..core import Format, Granularity, QuantSpec, Rounding
 from ..kernels import native
+from ..kernels.post_ops import CLAMP_POST_OPS, codes_for
 from ..nn.modules.functional import QuantAdd
 from .base import IntegerModule
 from .conv_specs import check_output_mode
 
-_POST = {"none": 0, "relu": 1, "relu6": 2}
+_POST = codes_for(CLAMP_POST_OPS)  # the native add_codes' codes (csrc/post_op.h)
 
 
 def _operand_problem(spec: QuantSpec) -> str | None:

@@ -30,8 +30,9 @@ import torch
 
 from . import native
 from .conv_shapes import conv_output_shape
+from .post_ops import CLAMP_POST_OPS, codes_for
 
-_POST = {"none": 0, "relu": 1, "relu6": 2}
+_POST = codes_for(CLAMP_POST_OPS)  # csrc/post_op.h
 #: largest |x - zp| · |w| of one product (as in conv.py): sums of up to 2^31 / this many fit int32
 _MAX_PRODUCT = 255 * 128
 

@@ -16,12 +16,13 @@ import torch
 from . import native
 from .activation import _act_spec, _f32, _quantize_activation_native
 from .linear import _int8_operand, _is_gemm_pack, _mm_rescale_native, _native_weight_args
+from .post_ops import LINEAR_POST_OPS, codes_for
 
 
 # ----------------------------------------------------------------- activations after a linear
 #: activations an integer Linear can apply to its float output (`quanta.integer.Int8Linear`'s
-#: ``post_op``), with their codes in the native epilogue (``csrc/activation.h``)
-POST_OPS = {"none": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3}
+#: ``post_op``), with their codes in the native epilogue (`post_ops.POST_OP_CODES`, ``csrc/post_op.h``)
+POST_OPS = codes_for(LINEAR_POST_OPS)
 
 
 def check_post_op(post_op: str, who: str) -> str:

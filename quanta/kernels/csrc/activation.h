@@ -9,6 +9,7 @@
 // left tail's small values accurate instead of cancelling them against 1.
 // The tanh form: x * (1 + tanh(u)) / 2 = x / (1 + e^(-2u)), u = sqrt(2 / pi) (x + 0.044715 x^3).
 #pragma once
+#include "post_op.h"
 #include "simd.h"
 
 #include <cmath>
@@ -18,8 +19,6 @@
 #endif
 
 namespace quanta_native {
-
-enum PostOp : int64_t { kPostNone = 0, kPostRelu = 1, kPostGelu = 2, kPostGeluTanh = 3 };
 
 namespace act {
 
@@ -127,7 +126,7 @@ inline void apply_span(float* y, int64_t n) {
 
 }  // namespace act
 
-// The post-op `op` (PostOp) over n floats in place.
+// The post-op `op` (post_op.h: none, relu, gelu, gelu tanh) over n floats in place.
 inline void apply_post_op(int64_t op, float* y, int64_t n) {
   switch (op) {
     case kPostRelu: return act::apply_span<kPostRelu>(y, n);

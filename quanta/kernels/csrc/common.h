@@ -139,9 +139,9 @@ void gemv_u8s8_rows(const uint8_t* x, int64_t M, int64_t K, const int8_t* w, int
 void rescale_rows_raw(int32_t* acc, int64_t M, int64_t N, const int32_t* zp, bool zrow, const int32_t* ws,
                       const float* xs, bool srow, const float* wsc, const float* b, int64_t post_op = kPostNone);
 
-// Checks a post-op code (0 none, 1 relu, 2 gelu, 3 gelu tanh) given to `what`.
+// Checks a linear post-op code (post_op.h: 0 none, 1 relu, 2 gelu, 3 gelu tanh) given to `what`.
 inline void check_post_op(const char* what, int64_t post_op) {
-  TORCH_CHECK(post_op >= kPostNone && post_op <= kPostGeluTanh, what,
+  TORCH_CHECK(linear_post_op_ok(post_op), what,
               ": post_op must be 0 (none), 1 (relu), 2 (gelu) or 3 (gelu tanh), got ", post_op);
 }
 

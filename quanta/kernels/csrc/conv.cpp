@@ -32,6 +32,8 @@ torch::Tensor conv_packed(const torch::Tensor& x, const torch::Tensor& wpack, co
   TORCH_CHECK(params.size() == 13, "conv_packed: params must hold 13 values");
   const int64_t C = params[0], O = params[1];
   const bool depthwise = params[10] != 0, codes = params[12] != 0;
+  TORCH_CHECK(clamp_post_op_ok(params[11]), "conv_packed: post must be 0 (none), 1 (relu) or 4 (relu6), got ",
+              params[11]);
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kUInt8 && x.dim() == 4 && x.size(1) == C &&
               x.is_contiguous(at::MemoryFormat::ChannelsLast),
               "ConvPlan.run: x must be channels-last uint8 codes [N, ", C, ", H, W], got ", x.scalar_type(), " ",
@@ -74,7 +76,7 @@ class ConvPlan {
   // wpack: dense int8 [O / 16, T, C / 4, 16, 4] / depthwise int8 [C / 64, T / 4, 4, 64] (see
   // conv_native.pack_weight; channels and taps padded with zero weights); w_sum: int32 [O] (sum
   // of each output channel's weights); w_scale: float32 [O]; bias: float32 [O] or None; post:
-  // 0 none / 1 relu / 2 relu6; out_scale None: float32 output, else uint8 codes on (out_scale, out_zp).
+  // post_op.h's kPostNone / kPostRelu / kPostRelu6; out_scale None: float32 output, else uint8 codes on (out_scale, out_zp).
   ConvPlan(torch::Tensor wpack, const torch::Tensor& w_sum, double x_scale, int64_t x_zp,
            const torch::Tensor& w_scale, const c10::optional<torch::Tensor>& bias, int64_t C, int64_t O,
            std::vector<int64_t> kernel, std::vector<int64_t> stride, std::vector<int64_t> padding,
@@ -88,8 +90,8 @@ class ConvPlan {
     TORCH_CHECK(T > 0 && stride[0] > 0 && stride[1] > 0 && padding[0] >= 0 && padding[1] >= 0 && dilation[0] > 0 &&
                     dilation[1] > 0,
                 "ConvPlan: invalid kernel / stride / padding / dilation");
-    TORCH_CHECK(0 <= x_zp && x_zp <= 255 && post >= 0 && post <= 2 && 0 <= out_zp && out_zp <= 255,
-                "ConvPlan: zero points must be uint8 codes and post 0, 1 or 2");
+    TORCH_CHECK(0 <= x_zp && x_zp <= 255 && clamp_post_op_ok(post) && 0 <= out_zp && out_zp <= 255,
+                "ConvPlan: zero points must be uint8 codes and post 0 (none), 1 (relu) or 4 (relu6)");
     TORCH_CHECK(!depthwise || C == O, "ConvPlan: a depthwise conv has as many outputs as inputs");
     TORCH_CHECK(depthwise || C % 4 == 0, "ConvPlan: a dense conv needs a multiple of 4 input channels");
     const std::vector<int64_t> shape = depthwise ? std::vector<int64_t>{O64 / 64, (T + 3) / 4, 4, 64}

@@ -68,8 +68,8 @@ struct Vec<32> {
   static F values(I acc, int64_t o, const Epilogue& e) {
     const I a = _mm256_sub_epi32(acc, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(e.corr + o)));
     F y = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(a), _mm256_loadu_ps(e.mult + o)), _mm256_loadu_ps(e.bias + o));
-    if (e.post) y = _mm256_max_ps(y, _mm256_setzero_ps());
-    if (e.post == 2) y = _mm256_min_ps(y, _mm256_set1_ps(6.f));
+    if (e.post != kPostNone) y = _mm256_max_ps(y, _mm256_setzero_ps());  // relu or relu6 (conv_packed checks)
+    if (e.post == kPostRelu6) y = _mm256_min_ps(y, _mm256_set1_ps(6.f));
     return y;
   }
   static I codes(F y, const Epilogue& e) {

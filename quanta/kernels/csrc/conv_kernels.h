@@ -11,7 +11,7 @@ struct Epilogue {
   const int32_t* corr;  // x_zp * sum of the channel's weights
   const float* mult;    // float32(x_scale * w_scale[o])
   const float* bias;    // bias[o], 0 without bias (adding +0.0 changes no value here: y is never -0.0)
-  int post;             // 0 none, 1 relu, 2 relu6
+  int post;             // post_op.h: kPostNone, kPostRelu or kPostRelu6
   bool codes;           // uint8 output, else float32
   float inv, z;         // 1 / out_scale (float32), out_zp
 };
@@ -71,8 +71,8 @@ inline __mmask64 bytes(int64_t n) { return n >= 64 ? ~__mmask64(0) : ((__mmask64
 inline __m512 values16_corrected(__m512i a, int64_t o, const Epilogue& e) {
   __m512 y = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(a), _mm512_loadu_ps(e.mult + o)),
                            _mm512_loadu_ps(e.bias + o));
-  if (e.post) y = _mm512_max_ps(y, _mm512_setzero_ps());
-  if (e.post == 2) y = _mm512_min_ps(y, _mm512_set1_ps(6.f));
+  if (e.post != kPostNone) y = _mm512_max_ps(y, _mm512_setzero_ps());  // relu or relu6 (conv_packed checks)
+  if (e.post == kPostRelu6) y = _mm512_min_ps(y, _mm512_set1_ps(6.f));
   return y;
 }
 

@@ -103,7 +103,7 @@ torch::Tensor rescale_rows(torch::Tensor acc, const torch::Tensor& x_zp, const t
   return acc.view(torch::kFloat32);
 }
 
-// The activation post_op (1 relu, 2 gelu, 3 gelu tanh; activation.h) in place over a contiguous
+// The activation post_op (post_op.h: 1 relu, 2 gelu, 3 gelu tanh; activation.h) in place over a contiguous
 // float32 tensor: what rescale_rows / int8_gemv apply after their epilogue, for callers that
 // rescale otherwise and for tests.
 torch::Tensor apply_post_op_(torch::Tensor y, int64_t post_op) {
@@ -125,8 +125,8 @@ void add_span(const uint8_t* __restrict__ a, const uint8_t* __restrict__ b, T* _
     float y = (static_cast<float>(a[k]) - za) * sa;
     const float yb = (static_cast<float>(b[k]) - zb) * sb;
     y = y + yb;
-    if (POST >= 1) y = y < 0.f ? 0.f : y;
-    if (POST == 2) y = y > 6.f ? 6.f : y;
+    if (POST == kPostRelu || POST == kPostRelu6) y = y < 0.f ? 0.f : y;
+    if (POST == kPostRelu6) y = y > 6.f ? 6.f : y;
     if constexpr (std::is_same_v<T, uint8_t>) {
       float q = round_half_even(y * inv) + zo;
       q = q < lo ? lo : (q > hi ? hi : q);
@@ -151,8 +151,8 @@ void add_span_u8(const uint8_t* __restrict__ a, const uint8_t* __restrict__ b, u
     const __m512 fb = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + k))));
     __m512 y = _mm512_mul_ps(_mm512_sub_ps(fa, vza), vsa);
     y = _mm512_add_ps(y, _mm512_mul_ps(_mm512_sub_ps(fb, vzb), vsb));
-    if (POST >= 1) y = _mm512_max_ps(y, _mm512_setzero_ps());
-    if (POST == 2) y = _mm512_min_ps(y, _mm512_set1_ps(6.f));
+    if (POST == kPostRelu || POST == kPostRelu6) y = _mm512_max_ps(y, _mm512_setzero_ps());
+    if (POST == kPostRelu6) y = _mm512_min_ps(y, _mm512_set1_ps(6.f));
     __m512 q = _mm512_roundscale_ps(_mm512_mul_ps(y, vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     q = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(q, vzo), vlo), vhi);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k), _mm512_cvtusepi32_epi8(_mm512_cvttps_epi32(q)));
@@ -178,20 +178,20 @@ void add_all(const uint8_t* a, const uint8_t* b, T* out, int64_t n, float sa, fl
 template <typename T>
 void add_dispatch(int64_t post_op, const uint8_t* a, const uint8_t* b, T* out, int64_t n, float sa, float za,
                   float sb, float zb, float inv, float zo, float lo, float hi) {
-  if (post_op == 1) add_all<T, 1>(a, b, out, n, sa, za, sb, zb, inv, zo, lo, hi);
-  else if (post_op == 2) add_all<T, 2>(a, b, out, n, sa, za, sb, zb, inv, zo, lo, hi);
-  else add_all<T, 0>(a, b, out, n, sa, za, sb, zb, inv, zo, lo, hi);
+  if (post_op == kPostRelu) add_all<T, kPostRelu>(a, b, out, n, sa, za, sb, zb, inv, zo, lo, hi);
+  else if (post_op == kPostRelu6) add_all<T, kPostRelu6>(a, b, out, n, sa, za, sb, zb, inv, zo, lo, hi);
+  else add_all<T, kPostNone>(a, b, out, n, sa, za, sb, zb, inv, zo, lo, hi);
 }
 
 // Residual addition of two uint8 code tensors of the same shape and memory order (each on its
-// own grid): y = (float(a) - za) * sa + (float(b) - zb) * sb, then ReLU / ReLU6 if asked, then
+// own grid): y = (float(a) - za) * sa + (float(b) - zb) * sb, then ReLU / ReLU6 if asked (post_op.h), then
 // float32 y, or uint8 codes clamp(round(y * out_inv) + out_zp, lo, hi) when out_inv > 0.
 torch::Tensor add_codes(const torch::Tensor& a, double sa, int64_t za, const torch::Tensor& b, double sb, int64_t zb,
                         int64_t post_op, double out_inv, int64_t out_zp, int64_t lo, int64_t hi) {
   TORCH_CHECK(a.scalar_type() == torch::kUInt8 && b.scalar_type() == torch::kUInt8, "add_codes: needs uint8 codes");
   TORCH_CHECK(a.sizes() == b.sizes() && a.strides() == b.strides() && a.is_non_overlapping_and_dense(),
               "add_codes: needs two dense tensors of the same shape and strides");
-  TORCH_CHECK(post_op >= 0 && post_op <= 2, "add_codes: post_op must be 0, 1 or 2");
+  TORCH_CHECK(clamp_post_op_ok(post_op), "add_codes: post_op must be 0 (none), 1 (relu) or 4 (relu6), got ", post_op);
   const bool codes_out = out_inv > 0;
   auto out = at::empty_like(a, a.options().dtype(codes_out ? torch::kUInt8 : torch::kFloat32));
   TORCH_CHECK(out.strides() == a.strides(), "add_codes: could not keep the input's strides");
@@ -292,7 +292,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rescale_rows", &rescale_rows, "int32 accumulator -> float32 output, in place", py::arg("acc"),
         py::arg("x_zp"), py::arg("w_sum"), py::arg("x_scale"), py::arg("w_scale"), py::arg("bias"),
         py::arg("post_op") = 0);
-  m.def("apply_post_op_", &apply_post_op_, "activation post-op (1 relu, 2 gelu, 3 gelu tanh) in place");
+  m.def("apply_post_op_", &apply_post_op_, "activation post-op (post_op.h: 1 relu, 2 gelu, 3 gelu tanh) in place");
   bind_conv(m);
 }
 
