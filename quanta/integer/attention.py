@@ -49,14 +49,23 @@ def _in_proj_view(sim: QuantMultiheadAttention) -> QuantLinear:
     return view
 
 
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b))
+
+
 def packed_projection(in_proj: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, same_k: bool,
                       same_v: bool, per_call_grid: bool, owner: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(q, k, v)`` from the packed ``[E → 3E]`` in-projection (an integer Linear or its ONNX
-    export form). Self-attention (``key is query``, ``value is key``): one call, split in three.
+    export form). Self-attention (``key`` is ``query``, ``value`` is ``key``, or equal to them):
+    one call, split in three.
     Otherwise only when ``per_call_grid`` (the projection's input range is taken per call or per
     token): a distinct key / value input then goes through the projection on its own and its
     part of the result is kept, which is what the simulation computes (its key / value
     quantizers have the projection's input spec); it costs a full projection per distinct input."""
+    # equal values count as the same input (a caller that copies its arguments, e.g. the speed
+    # check replaying recorded calls): the projection depends on the values only
+    same_k = same_k or _same_values(key, query)
+    same_v = same_v or _same_values(value, key)
     q, k, v = in_proj(query).chunk(3, dim=-1)
     if same_k and same_v:
         return q, k, v

@@ -79,8 +79,11 @@ def test_need_weights_and_unbatched_inputs_behave_as_torch(encoder):
         single = x[0] if batch_first else x[:, 0]
         out1, none = attn(single, single, single, need_weights=False)
         assert none is None and out1.shape == single.shape
+        copied, _ = attn(x, x.clone(), x.clone(), need_weights=False)  # equal values: self-attention
+        assert torch.equal(copied, attn(x, x, x, need_weights=False)[0])
+    other = x + 1
     with pytest.raises(ValueError, match="self-attention"):
-        attn(x, x.clone(), x.clone())
+        attn(x, other, other)
 
 
 def test_save_load_bit_identical(encoder, tmp_path):
@@ -146,3 +149,16 @@ def test_static_int8_keeps_cross_attention_simulated_and_says_why():
     assert not isinstance(q.layer.multihead_attn, Int8MultiheadAttention)
     row = {r.name: r for r in quanta.conversion_report(q)}["layer.multihead_attn"]
     assert row.result == "simulated" and "cross-attention" in row.detail
+
+
+def test_quantize_with_the_speed_check_replays_the_attention():
+    """`quanta.quantize` times each integer module on copies of its recorded inputs (the query,
+    key and value arrive as three equal tensors): the attention runs, kept or put back as float."""
+    torch.manual_seed(0)
+    model = _model(True, False)
+    q = quanta.quantize(model, "static_int8", [_inputs(True, s) for s in range(2)], progress=False)
+    report = {r.name: r.result for r in quanta.conversion_report(q)}
+    assert report["layers.0.self_attn"] in ("Int8MultiheadAttention", "float")
+    x = _inputs(True, 5)
+    with torch.no_grad():
+        assert F.cosine_similarity(model(x).flatten(), q(x).flatten(), dim=0) > 0.99
