@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, help="new tokens per row (default 32; quick 8)")
     ap.add_argument("--rows", action="append", metavar="TEXT", help="only rows whose name contains TEXT "
                     "(repeatable, case-insensitive; fp32 always runs)")
+    ap.add_argument("--note", default="", help="a sentence for the report's header (why a run was reduced...)")
     ap.add_argument("--repeats", type=int, help="exactly this many timed rounds")
     ap.add_argument("--out", help="Markdown file (default results/DECODING.md, quick: results/decoding_quick.md)")
     args = ap.parse_args(argv)

@@ -82,7 +82,8 @@ def findings(rows: list[Row], shape: DecoderShape) -> list[str]:
                          "weights of extra resident memory")
         behind = [n for n, x in (("fp32", fp32), ("bf16", bf16)) if x and r.decode_s > x.decode_s]
         behind += [p.name for p in peers if r.decode_s > p.decode_s]
-        verdict = f" Behind on decode: {', '.join(behind)}." if behind else " Fastest decode of the rows compared."
+        verdict = (f" Behind on decode: {', '.join(behind)}." if behind else
+                   " Ahead of fp32, bf16 and every peer on decode.")
         lines.append(f"{r.name}: " + ", ".join(p for p in parts if p) + "." + verdict)
     flags = cpu_flags()
     if bf16 and fp32 and bf16.decode_s > fp32.decode_s and "avx512_bf16" not in flags and "amx_int8" not in flags:
@@ -121,7 +122,8 @@ def header(args: argparse.Namespace, shape: DecoderShape, load: tuple[float, ...
         f"time (`logits_to_keep=1`); decode tok/s = {shape.new_tokens - 1} / decode time; medians of interleaved "
         f"shuffled rounds (benchmarks/timing.py); total wall time {total_s:.0f} s"),
         ("- weights: bytes of the saved state (quanta: `quanta.storage_bytes`; others: state_dict tensors by their "
-        "stored components), embeddings included (they stay float in every quantized row); every quantized row "
+        "stored components), embeddings included (they stay float: fp32 in the quanta and bitsandbytes rows, "
+         "bf16 in torchao's, which quantize the bf16 model); every quantized row "
         "quantizes every Linear, lm_head included; quanta rows use `quanta.quantize(model, preset, "
         "speed_check=False)` so every Linear is integer"),
         ("- peak RSS growth: peak resident memory while building the row (copy + quantize) and running its first "
@@ -131,6 +133,13 @@ def header(args: argparse.Namespace, shape: DecoderShape, load: tuple[float, ...
         "share of prompt positions whose argmax matches; greedy tokens = fp32: length of the common prefix of "
         "the generated tokens (random weights give near-flat logits, so one flip ends the prefix early)"),
     ]
+    full = DecoderShape()
+    if shape != full:
+        lines.append(f"- REDUCED configuration: full is {full.layers} layers, prompt {full.prompt}, {full.new_tokens} "
+                     f"new tokens (`python benchmarks/decoding.py`); this run: {shape.layers} layers, prompt "
+                     f"{shape.prompt}, {shape.new_tokens} new tokens" + (f". {args.note}" if args.note else ""))
+    elif args.note:
+        lines.append(f"- note: {args.note}")
     if "avx512_vnni" not in flags and "amx_int8" not in flags:
         lines.append("- this CPU has no AVX-512 VNNI / AMX: quanta's weight-only rows run torch's "
                      "`_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` on bf16 activations, W8A8 "
