@@ -25,21 +25,25 @@ from torch import nn
 
 from ..progress import Progress, echo
 from ..transforms import conversion_report, quantize
+from ..transforms import preset as make_preset
 from .cache import load_or_train
 from .data import digits, fashion_mnist, stdlib_docstrings
 from .models import DigitsCNN, DocstringTransformer
 from .table import DemoRow, format_table, machine_line
 from .train import accuracy, train_classifier
 
-#: method label → (preset, options); every label but "fp32" is one `quanta.quantize` call
+#: method label → (preset, its options); every label but "fp32" is one `quanta.quantize` call
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "static_int8": ("static_int8", {}),
     "static_int8 + cle, bias_correction": ("static_int8", {"algorithms": ["cle", "bias_correction"]}),
+    # 7-bit weight codes keep oneDNN's u8 x s8 sums exact on CPUs without VNNI (no int16 pair saturation)
+    "static_int8, 7-bit weights": ("static_int8", {"weight_bits": 7}),
     "dynamic_int8": ("dynamic_int8", {}),
     "weight_only_int4": ("weight_only_int4", {"group_size": 32}),
 }
-CNN_METHODS = ("fp32", "static_int8", "static_int8 + cle, bias_correction", "dynamic_int8", "weight_only_int4")
-TEXT_METHODS = ("fp32", "static_int8", "dynamic_int8", "weight_only_int4")
+CNN_METHODS = ("fp32", "static_int8", "static_int8 + cle, bias_correction", "static_int8, 7-bit weights",
+               "dynamic_int8", "weight_only_int4")
+TEXT_METHODS = ("fp32", "static_int8", "static_int8, 7-bit weights", "dynamic_int8", "weight_only_int4")
 BATCH = 64  # the batch every latency is measured on
 
 
@@ -111,15 +115,28 @@ def _tasks(quick: bool, log: Callable[[str], None], progress: bool, cache_dir: P
 
 
 def _quantize(model: nn.Module, method: str, calib: list[torch.Tensor], progress: bool) -> nn.Module:
-    preset, options = METHODS[method]
+    name, options = METHODS[method]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return quantize(model, preset, calib, progress=progress, speed_check=False, **options)
+        return quantize(model, make_preset(name, **options), calib, progress=progress, speed_check=False)
 
 
 def _integer_layers(model: nn.Module) -> str:
     lowered = [r for r in conversion_report(model) if r.result != "simulated"]
     return f"{sum(r.result != 'float' for r in lowered)}/{len(lowered)}"
+
+
+def _kernels(model: nn.Module) -> str:
+    """What the integer modules ran, summed over the model (``"onednn×4, reference×1"``)."""
+    from collections import Counter
+
+    from ..integer.base import IntegerModule
+
+    total: Counter[str] = Counter()
+    for m in model.modules():
+        if isinstance(m, IntegerModule):
+            total.update({k: 1 for k in m.kernel_counts})  # (per layer: which kernel, not how often)
+    return ", ".join(f"{k}×{v}" for k, v in total.most_common())
 
 
 def _file_bytes(model: nn.Module) -> int:
@@ -182,7 +199,8 @@ def run_demo(quick: bool = False, log: Callable[[str], None] = echo, progress: b
             acc, ms = _acc(logits[m], task.y), statistics.median(times[m])
             row = DemoRow(task.name, m, acc, acc - base_acc, _file_bytes(q), ms, (min(times[m]), max(times[m])),
                           base_ms / ms, sqnr_db(logits["fp32"], logits[m]),
-                          "" if m == "fp32" else _integer_layers(q), task.weights)
+                          "" if m == "fp32" else _integer_layers(q), task.weights,
+                          "" if m == "fp32" else _kernels(q))
             rows.append(row)
             log(f"  {task.name:<44} {m:<36} acc {acc:6.2f}% ({acc - base_acc:+.2f})  "
                 f"file {row.file_bytes / 1024:8.1f} KiB  {ms:8.2f} ms ({row.speedup:.2f}x)")

@@ -22,6 +22,7 @@ class DemoRow:
     sqnr_db: float          # SQNR of the logits against fp32 (inf for fp32 itself)
     integer_layers: str     # "integer / quantizable" layers after conversion ("" for fp32)
     weights: str            # "trained" now or "cached"
+    kernels: str = ""       # the integer kernels that ran in the timed calls ("onednn×4"; "" for fp32)
 
 
 def machine_line(native_status: str) -> str:
@@ -39,11 +40,11 @@ def format_table(rows: list[DemoRow], machine: str = "", rounds: int = 0) -> str
     if machine:
         lines += [f"Measured {machine}; latency: median of {rounds} interleaved rounds (fastest–slowest).", ""]
     lines += [("| model | method | accuracy % (Δ vs fp32) | file KiB | latency ms (spread) | speed-up "
-               "| logits SQNR dB | integer layers |"),
-              "|---|---|---|---|---|---|---|---|"]
+               "| logits SQNR dB | integer layers | kernels |"),
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         sqnr = "—" if r.sqnr_db == float("inf") else f"{r.sqnr_db:.1f}"
         lines.append(f"| {r.model} | {r.method} | {r.accuracy:.2f} ({r.delta:+.2f}) | {r.file_bytes / 1024:.1f} | "
                      f"{r.latency_ms:.2f} ({r.spread_ms[0]:.2f}–{r.spread_ms[1]:.2f}) | {r.speedup:.2f}x | {sqnr} | "
-                     f"{r.integer_layers or '—'} |")
+                     f"{r.integer_layers or '—'} | {r.kernels or '—'} |")
     return "\n".join(lines)
