@@ -22,7 +22,7 @@ from quanta.kernels.build import cache_root
 
 #: where Debian's ``dataset-fashion-mnist`` puts the files (the package installs them under
 #: /usr/share/datasets/fashion-mnist; quanta.demo.data looks in its own default first)
-FASHION_DIRS = (FASHION_MNIST_DIR, "/usr/share/datasets/fashion-mnist")
+FASHION_DIRS = (FASHION_MNIST_DIR,)
 
 
 def conv_bn(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:

@@ -113,3 +113,25 @@ def test_seven_bit_rows_run_onednn_where_only_seven_bit_weights_are_exact(quick_
         eight = rows[(cnn.model, "static_int8")]
         assert "onednn" not in eight.kernels, eight
     assert "| kernels |" in quick_runs[0].markdown()
+
+
+def test_fashion_mnist_reader_parses_the_debian_files(tmp_path):
+    """The idx files as the Debian package ships them (gzip, big-endian headers): images in [0, 1] as
+    [n, 1, 28, 28], labels as int64; a folder without them gives None."""
+    import gzip
+    import struct
+
+    from quanta.demo.data import FASHION_MNIST_DIR, fashion_mnist
+
+    assert FASHION_MNIST_DIR == "/usr/share/datasets/fashion-mnist"  # (dpkg -L dataset-fashion-mnist)
+    assert fashion_mnist(root=str(tmp_path)) is None
+    pixels = {"train": bytes(range(256)) * 3 + bytes(2 * 28 * 28 * 3 - 768), "t10k": bytes([255]) * 28 * 28}
+    for split, n in (("train", 3), ("t10k", 1)):
+        with gzip.open(tmp_path / f"{split}-images-idx3-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">IIII", 2051, n, 28, 28) + pixels[split][:n * 28 * 28])
+        with gzip.open(tmp_path / f"{split}-labels-idx1-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">II", 2049, n) + bytes(range(n)))
+    xtr, ytr, xte, yte = fashion_mnist(root=str(tmp_path), train_images=2)
+    assert xtr.shape == (2, 1, 28, 28) and xte.shape == (1, 1, 28, 28)
+    assert float(xtr[0, 0, 0, 1]) == float(torch.tensor(1.0) / 255) and float(xte.min()) == 1.0
+    assert ytr.tolist() == [0, 1] and yte.tolist() == [0] and ytr.dtype == torch.int64

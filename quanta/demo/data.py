@@ -107,8 +107,8 @@ def stdlib_docstrings(length: int = 32, vocab: int = 4096, min_chars: int = 24, 
     return torch.tensor(rows, dtype=torch.long)[order], torch.tensor(labels)[order], DOCSTRING_MODULES
 
 
-#: where the Debian package ``dataset-fashion-mnist`` puts the data
-FASHION_MNIST_DIR = "/usr/share/dataset-fashion-mnist"
+#: where the Debian package ``dataset-fashion-mnist`` puts the data (its ``*-ubyte.gz`` files)
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 
 def fashion_mnist(root: str = FASHION_MNIST_DIR, train_images: int = 6000) -> tuple[torch.Tensor, ...] | None:
