@@ -186,7 +186,7 @@ def _fused(model: nn.Module, node: fx.Node, producer: str) -> None:
     """The activation module ``node`` calls, now applied by ``producer``'s kernel, becomes a
     `FusedActivation` (an identity that says so)."""
     old = model.get_submodule(str(node.target))
-    _replace(model, str(node.target), FusedActivation(type(old).__name__, producer))
+    _replace(model, str(node.target), FusedActivation(type(old).__name__, producer, old))
 
 
 def _replace(model: nn.Module, target: str, new: nn.Module) -> None:

@@ -50,4 +50,8 @@ def collapse_wrappers(model: nn.Module) -> dict[str, str]:
 
     visit(model)
     after = {id(m): n for n, m in model.named_modules() if isinstance(m, IntegerModule)}
-    return {before[i]: after[i] for i in before if i in after and before[i] != after[i]}
+    renamed = {before[i]: after[i] for i in before if i in after and before[i] != after[i]}
+    for m in model.modules():  # a fused activation names the module whose kernel applies it
+        if isinstance(m, FusedActivation) and m.into in renamed:
+            m.into = renamed[m.into]
+    return renamed

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from ..integer.base import IntegerModule
+from ..nn.modules.fused import FusedActivation
 from .calibrate import default_forward
 from .speed_cache import DecisionCache, decision_key
 
@@ -111,6 +112,18 @@ def _with_post_op(twin: nn.Module, mod: nn.Module) -> nn.Module:
     """The float twin of ``mod``, followed by the activation ``mod`` has fused (if any)."""
     post = getattr(mod, "post_op", "none")
     return twin if post == "none" else nn.Sequential(twin, _POST_OP_MODULES[post]())
+
+
+def _restore_activations(model: nn.Module, producer: str) -> bool:
+    """Put back the user's activation module(s) that ``producer``'s kernel had taken over
+    (`FusedActivation.original`), so that the float twin alone restores the model as it was (a saved
+    file then matches the user's architecture). False where there is none to put back."""
+    fused = [(n, m) for n, m in model.named_modules()
+             if isinstance(m, FusedActivation) and m.into == producer and m.original is not None]
+    for n, m in fused:
+        parent, _, leaf = n.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, m.original)
+    return bool(fused)
 
 
 def _in_uint8_chain(mod: nn.Module, args: tuple[Any, ...]) -> bool:
@@ -254,6 +267,7 @@ def _choose(model: nn.Module, modules: dict[str, IntegerModule], twins: dict[str
         _log.info("quanta speed check: %s: %s", name, choice.describe())
         choices.append(choice)
         if choice.picked == "float":
+            restored = _restore_activations(model, name)
             parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, leaf, twin)
+            setattr(model.get_submodule(parent) if parent else model, leaf, twins[name].eval() if restored else twin)
     return choices

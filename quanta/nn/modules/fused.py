@@ -14,12 +14,15 @@ from torch import nn
 class FusedActivation(nn.Identity):
     """An activation module (``activation``: its class name) applied by ``into``'s kernel."""
 
-    def __init__(self, activation: str = "", into: str = "") -> None:
+    def __init__(self, activation: str = "", into: str = "", original: nn.Module | None = None) -> None:
         super().__init__()
         if not isinstance(activation, str) or not isinstance(into, str):
             raise TypeError("FusedActivation(activation, into) takes two strings")
         self.activation = activation
         self.into = into
+        # the user's activation module, kept out of the module tree (no record, no state): what the
+        # speed check puts back if ``into`` goes back to float (absent in a loaded model)
+        object.__setattr__(self, "original", original)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 (nn.Identity's name)
         return input
