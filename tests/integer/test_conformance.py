@@ -4,7 +4,9 @@ model built the way users write it, and agrees with its simulation.
 
 ``CASES`` maps each class to (model factory, config, inputs); a class without an entry fails
 `test_every_lowering_class_has_a_case`, so a new integer module cannot be added without going
-through all of it. A class whose ONNX form is a registered refusal (`quanta.io.onnx_forms`) must
+through all of it. Classes that lower from one model under one config share its case (the
+convolutions of each preset, the encoder's Linear and attention): it is converted, saved and
+exported once, and each class's tests check that class. A class whose ONNX form is a registered refusal (`quanta.io.onnx_forms`) must
 be refused with that reason, naming the module.
 """
 
@@ -15,6 +17,7 @@ import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -121,6 +124,29 @@ class Encoder(nn.Module):
         return self.head(self.layer(x))
 
 
+class Branches(nn.Module):
+    """Independent small models side by side, one input each, a tuple of their outputs."""
+
+    def __init__(self, *parts: tuple[nn.Module, int]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(m for m, _ in parts)
+        self.feeds = [i for _, i in parts]  # which input each part takes
+
+    def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(m(xs[i]) for m, i in zip(self.parts, self.feeds))
+
+
+def _static_convs() -> nn.Module:
+    """Int8Conv1d/2d/3d, Int8PaddedConv1d/2d/3d (TF-"same" subclasses) and an Int8Add residual."""
+    return Branches(*((_convs(d), d - 1) for d in (1, 2, 3)), *((_convs(d, padded=True), d - 1) for d in (1, 2, 3)),
+                    (Residual(), 1))
+
+
+def _conv_inputs(seed: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(*shape, generator=g) for shape in ((2, 3, 16), (2, 3, 8, 8), (2, 3, 4, 4, 4)))
+
+
 def _rand(*shape: int) -> Callable[[int], tuple[torch.Tensor, ...]]:
     return lambda seed: (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)),)
 
@@ -149,29 +175,27 @@ def _recurrent(kind: str) -> Case:
                 _rand(2, 5, 8))
 
 
-_CONV_INPUTS = {1: _rand(2, 3, 16), 2: _rand(2, 3, 8, 8), 3: _rand(2, 3, 4, 4, 4)}
+STATIC_CONVS = Case(_static_convs, _preset("static_int8"), _conv_inputs)
+DYNAMIC_CONVS = Case(lambda: Branches(*((_convs(d), d - 1) for d in (1, 2, 3))), _preset("dynamic_int8"),
+                     _conv_inputs)
+ENCODER = Case(Encoder, _preset("static_int8"), _rand(2, 6, 16))
 
 CASES: dict[type, Case] = {
-    Int8Linear: Case(lambda: nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)), _preset("static_int8"),
-                     _rand(4, 16)),
+    Int8Linear: ENCODER,
+    Int8MultiheadAttention: ENCODER,
     Int4WeightOnlyLinear: Case(lambda: nn.Sequential(nn.Linear(64, 32)), _preset("weight_only_int4", group_size=32),
                                _rand(4, 64)),
     Int8WeightOnlyLinear: Case(lambda: nn.Sequential(nn.Linear(64, 32)), _preset("weight_only_int8"), _rand(4, 64)),
     HalfLinear: Case(lambda: nn.Sequential(nn.Linear(16, 8)), _preset("fp16"), _rand(4, 16)),
-    **{cls: Case(lambda d=d: _convs(d), _preset("static_int8"), _CONV_INPUTS[d])
-       for d, cls in ((1, Int8Conv1d), (2, Int8Conv2d), (3, Int8Conv3d))},
-    **{cls: Case(lambda d=d: _convs(d, padded=True), _preset("static_int8"), _CONV_INPUTS[d])
-       for d, cls in ((1, Int8PaddedConv1d), (2, Int8PaddedConv2d), (3, Int8PaddedConv3d))},
-    **{cls: Case(lambda d=d: _convs(d), _preset("dynamic_int8"), _CONV_INPUTS[d])
-       for d, cls in ((1, DynamicInt8Conv1d), (2, DynamicInt8Conv2d), (3, DynamicInt8Conv3d))},
+    **dict.fromkeys((Int8Conv1d, Int8Conv2d, Int8Conv3d, Int8PaddedConv1d, Int8PaddedConv2d, Int8PaddedConv3d,
+                     Int8Add), STATIC_CONVS),
+    **dict.fromkeys((DynamicInt8Conv1d, DynamicInt8Conv2d, DynamicInt8Conv3d), DYNAMIC_CONVS),
     **{cls: _recurrent(cls.__name__.removeprefix("DynamicInt8"))
        for cls in (DynamicInt8LSTM, DynamicInt8GRU, DynamicInt8RNN, DynamicInt8LSTMCell, DynamicInt8GRUCell,
                    DynamicInt8RNNCell)},
     Int8Embedding: Case(lambda: nn.Sequential(nn.Embedding(20, 16)), _embedding_config(None), _tokens(20)),
     Int4Embedding: Case(lambda: nn.Sequential(nn.Embedding(20, 64)),
                         _embedding_config(QuantDescriptor(num_bits=4, group_size=32)), _tokens(20)),
-    Int8Add: Case(Residual, _preset("static_int8"), _rand(2, 3, 8, 8)),
-    Int8MultiheadAttention: Case(Encoder, _preset("static_int8"), _rand(2, 6, 16)),
 }
 
 
@@ -189,21 +213,31 @@ def test_every_lowering_class_has_a_case():
     assert not no_form, f"integer classes without an ONNX form or refusal (quanta.io.onnx_forms): {no_form}"
 
 
+@pytest.fixture(scope="module")
+def shared() -> dict[tuple[str, int], object]:
+    """What cases shared by several classes compute once: (stage, id(case)) -> result."""
+    return {}
+
+
 @pytest.fixture(scope="module", params=lowering_classes(), ids=lambda c: c.__name__)
-def lowered(request):
+def lowered(request, shared):
     cls = request.param
     case = CASES[cls]
-    model = _build(case)
-    with warnings.catch_warnings():  # dynamic / weight-only models: "nothing needs calibration data"
-        warnings.filterwarnings("ignore", message=".*nothing needs calibration data")
-        sim = quanta.calibrate(quanta.prepare(model, case.config()), [case.inputs(s) for s in range(3)],
-                               progress=False)
-    return cls, case, sim, quanta.convert(sim, speed_check=False)
+    key = ("lowered", id(case))
+    if key not in shared:
+        with warnings.catch_warnings():  # dynamic / weight-only models: "nothing needs calibration data"
+            warnings.filterwarnings("ignore", message=".*nothing needs calibration data")
+            sim = quanta.calibrate(quanta.prepare(_build(case), case.config()), [case.inputs(s) for s in range(3)],
+                                   forward_fn=lambda m, batch: m(*batch), progress=False)
+        shared[key] = (sim, quanta.convert(sim, speed_check=False))
+    sim, q = shared[key]
+    return cls, case, sim, q
 
 
-def _run(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+def _outputs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
     with torch.no_grad():
-        return model(*inputs)
+        out = model(*inputs)
+    return list(out) if isinstance(out, tuple) else [out]
 
 
 def test_converts_to_the_class(lowered):
@@ -218,34 +252,41 @@ def test_save_load_bit_identical(lowered, tmp_path):
     back = quanta.load(tmp_path / "m.quanta", model=_build(case))
     assert any(type(m) is cls for m in back.modules())
     x = case.inputs(7)
-    assert torch.equal(_run(back, x), _run(q, x))
+    for a, b in zip(_outputs(back, x), _outputs(q, x), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_integer_agrees_with_simulation(lowered):
     _, case, sim, q = lowered
     x = case.inputs(7)
-    ref, out = _run(sim, x).float(), _run(q, x).float()
-    assert out.shape == ref.shape
-    assert sqnr_db(ref, out) > 40.0, sqnr_db(ref, out)
+    for ref, out in zip(_outputs(sim, x), _outputs(q, x), strict=True):
+        assert out.shape == ref.shape
+        assert sqnr_db(ref.float(), out.float()) > 40.0, sqnr_db(ref.float(), out.float())
 
 
-def test_onnx_export_and_runtime_parity(lowered, tmp_path):
+def _exported(case: Case, q: nn.Module, folder: Path, shared: dict) -> tuple[object, object]:
+    key = ("exported", id(case))
+    if key not in shared:
+        path, x = folder / f"case{len(shared)}.onnx", case.inputs(7)
+        shared[key] = (quanta.export_onnx(q, x, path), quanta.compare_onnx(q, path, x, layers=False))
+    return shared[key]
+
+
+def test_onnx_export_and_runtime_parity(lowered, shared, tmp_path, tmp_path_factory):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxscript")
     pytest.importorskip("onnxruntime")
     cls, case, _, q = lowered
-    x = case.inputs(7)
-    path = tmp_path / "m.onnx"
     reason = refusal_of(cls)
     if reason is not None:
         with pytest.raises(ValueError, match=r"cannot export '.+' to ONNX: " + re.escape(f"{cls.__name__} {reason}")):
-            quanta.export_onnx(q, x, path)
-        assert not os.path.exists(path)
+            quanta.export_onnx(q, case.inputs(7), tmp_path / "m.onnx")
+        assert not os.path.exists(tmp_path / "m.onnx")
         return
-    exported = quanta.export_onnx(q, x, path)
+    exported, report = _exported(case, q, tmp_path_factory.mktemp("onnx"), shared)
+    assert any(c == cls.__name__ for _, c, _ in exported.layers), exported  # exported by its own form
     if cls in PADDED.values():  # the asymmetric padding: a Pad of the float input before its QuantizeLinear
         assert exported.op_counts.get("Pad", 0) >= 1, exported
-    report = quanta.compare_onnx(q, path, x, layers=False)
     inexact = {inexact_reason(m) for m in q.modules()} - {""}
     for row in report.outputs:
         if inexact:  # a form registered as not bit-exact (torch's int4 bf16 kernel): relative bound
