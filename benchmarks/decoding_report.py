@@ -93,10 +93,15 @@ def findings(rows: list[Row], shape: DecoderShape) -> list[str]:
     by_bits = {b: [float(c) for n, c in cos.items() if c != "—" and weight_bits(n) == b and n != "torch bf16"]
                for b in (4, 8)}
     if by_bits[4] and by_bits[8]:
+        n = len(rows[0].tokens)
+        short = [r.name for r in ok.values() if r.group != "fp32" and r.runner is not None
+                 and accuracy(r, rows[0])[2] != f"{n}/{n}"]
+        greedy = (f"greedy prefixes shorter than {n}/{n}: {', '.join(short)} (random weights make near-flat logits, "
+                  "so one flip ends a prefix)" if short else
+                  f"every row's greedy tokens equal fp32's for all {n} tokens; the top-1 column is the finer measure")
         lines.append(f"Accuracy: prefill-logits cosine {min(by_bits[4]):.4f}–{max(by_bits[4]):.4f} for the 4-bit rows "
-                     f"vs {min(by_bits[8]):.4f}–{max(by_bits[8]):.4f} for the 8-bit ones. Random weights make "
-                     "near-flat logits, so greedy prefixes end early even at 8 bits; the perplexity of trained "
-                     "decoders (round-to-nearest vs GPTQ/AWQ) is measured by the tests, not here.")
+                     f"vs {min(by_bits[8]):.4f}–{max(by_bits[8]):.4f} for the 8-bit ones; {greedy}. The perplexity of "
+                     "trained decoders (round-to-nearest vs GPTQ/AWQ) is measured by the tests, not here.")
     return lines
 
 
@@ -131,7 +136,7 @@ def header(args: argparse.Namespace, shape: DecoderShape, load: tuple[float, ...
         "- KV cache / token: bytes of HF's cache after the prefill / prompt length",
         ("- accuracy vs fp32 on the same prompt: cosine of the prefill logits (all positions); top-1 = fp32: "
         "share of prompt positions whose argmax matches; greedy tokens = fp32: length of the common prefix of "
-        "the generated tokens (random weights give near-flat logits, so one flip ends the prefix early)"),
+        "the generated tokens (random weights give near-flat logits, where one flip ends the prefix)"),
     ]
     full = DecoderShape()
     if shape != full:
