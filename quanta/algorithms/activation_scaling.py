@@ -27,6 +27,7 @@ from .scale_migration import (
     ConsumerStats,
     Snapshot,
     apply_scale,
+    group_error,
     weight_2d,
     weight_fits,
 )
@@ -148,3 +149,17 @@ def _undo_imprecise(model: nn.Module, batch: Any, forward: Callable[[nn.Module, 
             row["scaled"] = False
             skipped.append({"group": g.describe(), "reason": f"its scales ({row['scale_min']:.3g} .. "
                             f"{row['scale_max']:.3g}) move the float output by {err:.2g} (float32 round-off): undone"})
+
+
+def best_alpha(g: Any, alphas: list[float], scales: Callable[[float], torch.Tensor],
+               before: float) -> tuple[torch.Tensor | None, dict]:
+    """Search ``alphas`` for the group ``g``: the scales ``scales(α)`` with the smallest output error of
+    the group quantized as the config says, or no migration (``None``) when none beats ``before``."""
+    best: tuple[float, float | None, torch.Tensor | None] = (before, None, None)
+    for alpha in alphas:
+        s = scales(alpha)
+        err = group_error(g.configs, g.x, g.weights, s)
+        if err < best[0]:
+            best = (err, alpha, s)
+    return best[2], {"alpha": best[1], "error_before": before, "error_after": best[0]}
+

@@ -13,7 +13,6 @@ a layer that would not is skipped and reported, never half-changed)."""
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -26,7 +25,7 @@ from ..core.quantize import quantize
 from ..core.spec import Format
 from ..nn.tensor_quantizer import TensorQuantizer
 from ..progress import Progress
-from .capture import CaptureError, batch_size, capture, quantizers_off
+from .capture import CaptureError, calibration_batches, capture, quantizers_off
 
 ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch
 
@@ -218,15 +217,8 @@ def adaround(model: nn.Module, data: Iterable[Any], options: AdaRoundOptions | N
     cannot handle are listed under ``skipped`` with the reason, unchanged."""
     from ..transforms.calibrate import default_forward
 
-    opt = AdaRoundOptions() if options is None else options
-    if not isinstance(opt, AdaRoundOptions):
-        raise TypeError(f"adaround: options must be an AdaRoundOptions, got {type(opt).__name__}")
+    opt, batches, samples = calibration_batches("adaround", data, options, AdaRoundOptions, num_batches)
     forward = forward_fn or default_forward
-    batches = list(itertools.islice(data, num_batches)) if num_batches else list(data)
-    samples = sum(batch_size(b) for b in batches)
-    if samples < opt.min_samples:
-        raise ValueError(f"adaround needs at least {opt.min_samples} calibration samples, got {samples}: "
-                         "pass more calib_data (or lower AdaRoundOptions.min_samples)")
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))]
     owners: dict[int, list[str]] = {}
     for n, m in layers:

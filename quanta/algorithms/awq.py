@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .activation_scaling import GroupInput, migrate_scales
+from .activation_scaling import GroupInput, best_alpha, migrate_scales
 from .scale_migration import group_error
 from .smoothquant import resolve_config
 
@@ -52,14 +52,8 @@ def awq_scales(x_absmean: torch.Tensor, alpha: float) -> torch.Tensor:
 def _rule(options: AWQOptions) -> Callable[[GroupInput], tuple[torch.Tensor | None, dict]]:
     def choose(g: GroupInput) -> tuple[torch.Tensor | None, dict]:
         before = group_error(g.configs, g.x, g.weights, None)
-        best: tuple[float, float, torch.Tensor | None] = (before, 0.0, None)
-        for i in range(1, options.grid):
-            alpha = i / options.grid
-            s = awq_scales(g.stats.absmean, alpha)
-            err = group_error(g.configs, g.x, g.weights, s)
-            if err < best[0]:
-                best = (err, alpha, s)
-        return best[2], {"alpha": best[1], "error_before": before, "error_after": best[0]}
+        return best_alpha(g, [i / options.grid for i in range(1, options.grid)],
+                          lambda alpha: awq_scales(g.stats.absmean, alpha), before)
 
     return choose
 

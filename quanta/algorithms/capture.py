@@ -75,3 +75,22 @@ def batch_size(batch: Any) -> int:
             if isinstance(v, torch.Tensor):
                 return batch_size(v)
     return 1
+
+
+def calibration_batches(algorithm: str, data: Any, options: Any, options_cls: type,
+                        num_batches: int | None) -> tuple[Any, list, int]:
+    """``(options, batches, samples)`` for a data-driven algorithm: ``options`` checked to be an
+    ``options_cls`` (defaults when None), ``data`` read once into a list (the first ``num_batches``),
+    and a ``ValueError`` naming the numbers when it holds fewer than ``options.min_samples`` samples."""
+    import itertools
+
+    opt = options_cls() if options is None else options
+    if not isinstance(opt, options_cls):
+        raise TypeError(f"{algorithm}: options must be {options_cls.__name__}(...), got {type(opt).__name__}")
+    batches = list(itertools.islice(data, num_batches)) if num_batches else list(data)
+    samples = sum(batch_size(b) for b in batches)
+    if samples < opt.min_samples:
+        raise ValueError(f"{algorithm} needs at least {opt.min_samples} calibration samples, got {samples}: "
+                         f"pass more calib_data (or lower {options_cls.__name__}.min_samples)")
+    return opt, batches, samples
+

@@ -19,7 +19,6 @@ the layers skipped with the reason."""
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -34,7 +33,7 @@ from ..core.spec import Granularity
 from ..nn.tensor_quantizer import TensorQuantizer
 from ..progress import Progress
 from .adaround import _freeze_range, _unsupported
-from .capture import CaptureError, batch_size
+from .capture import CaptureError, calibration_batches
 from .gptq_solver import SolverError, output_error, solve
 
 
@@ -64,7 +63,7 @@ class GPTQOptions:
             raise ValueError(f"GPTQOptions.percdamp must be a number in (0, 1], got {self.percdamp!r}")
         for name in ("act_order", "static_groups"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(  # noqa: TRY004 (configs raise ValueError naming the field)
+                raise ValueError(
                     f"GPTQOptions.{name} must be True or False, got {getattr(self, name)!r}")
 
 
@@ -282,15 +281,8 @@ def gptq(model: nn.Module, data: Iterable[Any], options: GPTQOptions | None = No
     unchanged."""
     from ..transforms.calibrate import default_forward
 
-    opt = GPTQOptions() if options is None else options
-    if not isinstance(opt, GPTQOptions):
-        raise TypeError(f"gptq: options must be a GPTQOptions, got {type(opt).__name__}")
+    opt, batches, samples = calibration_batches("gptq", data, options, GPTQOptions, num_batches)
     forward = forward_fn or default_forward
-    batches = list(itertools.islice(data, num_batches)) if num_batches else list(data)
-    samples = sum(batch_size(b) for b in batches)
-    if samples < opt.min_samples:
-        raise ValueError(f"gptq needs at least {opt.min_samples} calibration samples, got {samples}: "
-                         "pass more calib_data (or lower GPTQOptions.min_samples)")
     named = [(n, m) for n, m in model.named_modules() if _candidate(m)]
     if not named:
         raise ValueError("gptq: the model has no weight-quantized Linear / Conv1D layer (prepare it first: "

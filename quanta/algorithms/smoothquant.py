@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .activation_scaling import GroupInput, migrate_scales
+from .activation_scaling import GroupInput, best_alpha, migrate_scales
 from .scale_migration import group_error
 
 
@@ -64,14 +64,8 @@ def _rule(options: SmoothQuantOptions) -> Callable[[GroupInput], tuple[torch.Ten
             s = smoothing_scales(g.stats.absmax, g.weights, float(options.alpha))
             after = group_error(g.configs, g.x, g.weights, s)
             return s, {"alpha": float(options.alpha), "error_before": before, "error_after": after}
-        best: tuple[float, float | None, torch.Tensor | None] = (before, None, None)
-        for i in range(options.alpha_steps + 1):
-            alpha = i / options.alpha_steps
-            s = smoothing_scales(g.stats.absmax, g.weights, alpha)
-            err = group_error(g.configs, g.x, g.weights, s)
-            if err < best[0]:
-                best = (err, alpha, s)
-        return best[2], {"alpha": best[1], "error_before": before, "error_after": best[0]}
+        return best_alpha(g, [i / options.alpha_steps for i in range(options.alpha_steps + 1)],
+                          lambda alpha: smoothing_scales(g.stats.absmax, g.weights, alpha), before)
 
     return choose
 

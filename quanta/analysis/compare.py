@@ -207,6 +207,10 @@ def _layer_row(name: str, mods_a: dict[str, nn.Module], mods_b: dict[str, nn.Mod
             return _nan_row(name, kinds, f"not compared: the {side} model returns integer codes of no known grid here", quantized)
     if not outs_a and not outs_b:
         return _nan_row(name, kinds, "not compared: never called as a module (its parent uses its weights directly)", quantized)
+    if not outs_a or not outs_b:  # e.g. torch's MultiheadAttention reads out_proj's weights; the integer one calls it
+        side = "first" if not outs_a else "second"
+        return _nan_row(name, kinds, f"not compared: never called as a module in the {side} model (its parent "
+                                     "uses its weights directly)", quantized)
     if len(outs_a) != len(outs_b):
         return _nan_row(name, kinds, f"not compared: called {len(outs_a)} vs {len(outs_b)} times", quantized)
     # the activation each side applies here: its own fused one, or that of the module whose
