@@ -67,7 +67,7 @@ def _native_extension() -> tuple[list, dict]:
             start = time.monotonic()
             try:
                 super().build_extensions()
-            except Exception as e:  # noqa: BLE001  (no working compiler, a compile error: install without it)
+            except Exception as e:
                 _note(f"could not compile the native CPU kernels ({' '.join(str(e).split())[:300]}); quanta "
                       "installs without them and tries again on first use (`quanta doctor --build` shows why)")
                 return

@@ -195,7 +195,7 @@ def measure(recipe: Recipe, model: torch.nn.Module, data: AM.Dataset, calib: lis
                 res.seconds = time.perf_counter() - t0
             res.peak_mib, res.integer = mem.mib, integer_count(q)
         out = logits_of(q, data.x_test)
-    except Exception as e:  # noqa: BLE001 - a failing recipe is a row that says why
+    except Exception as e:
         res.error = f"failed: {type(e).__name__}: {' '.join(str(e).split())[:140]}"
         return res
     pred = out.argmax(1)

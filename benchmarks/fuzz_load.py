@@ -270,7 +270,7 @@ def worker(workdir: str, seed: int, start: int, stop: int, names: list[str], sha
             msg = ""
         except QuantaFileError as e:
             outcome, msg = "refused", str(e)[:200]
-        except Exception as e:  # noqa: BLE001 - what the fuzzer is looking for
+        except Exception as e:
             outcome, msg = "error", f"{type(e).__name__}: {str(e)[:200]}"
         grew = _peak_mb() - baseline
         print(json.dumps({"i": i, "outcome": outcome, "msg": msg, "rss_mb": _peak_mb(), "grew_mb": grew}),

@@ -13,10 +13,9 @@ import tempfile
 import warnings
 
 import torch
-from torch import nn
-
 import workloads as W
 from methods import PEER, Method, Skipped, compile_model, guarded, short_error, state_dict_bytes
+from torch import nn
 
 
 # ---------------------------------------------------------------- torch.ao eager mode
@@ -47,8 +46,12 @@ def torch_ao(wl: W.Workload, model: nn.Module, calib: list[torch.Tensor]) -> lis
 
 # ---------------------------------------------------------------- torchao quantize_
 def _torchao_configs(kind: str) -> list[tuple[str, object]]:
-    from torchao.quantization import (Int4WeightOnlyConfig, Int8DynamicActivationInt8WeightConfig,
-                                      Int8WeightOnlyConfig, IntxWeightOnlyConfig)
+    from torchao.quantization import (
+        Int4WeightOnlyConfig,
+        Int8DynamicActivationInt8WeightConfig,
+        Int8WeightOnlyConfig,
+        IntxWeightOnlyConfig,
+    )
     from torchao.quantization.granularity import PerGroup
 
     cfgs = [("Int8DynamicActivationInt8WeightConfig()", Int8DynamicActivationInt8WeightConfig(set_inductor_config=False))]
@@ -175,8 +178,13 @@ def _file_bytes(path: str) -> int:
 def ort_rows(wl: W.Workload, model: nn.Module, calib: list[torch.Tensor], threads: int, workdir: str) -> list[Method]:
     try:
         import onnxruntime as ort
-        from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
-                                              quantize_dynamic, quantize_static)
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            QuantFormat,
+            QuantType,
+            quantize_dynamic,
+            quantize_static,
+        )
     except Exception as e:
         return [Method("onnxruntime", PEER, error=f"not installed: {short_error(e)}")]
     d = tempfile.mkdtemp(prefix=f"{wl.name}_", dir=workdir)

@@ -9,7 +9,6 @@ import platform
 from dataclasses import dataclass
 
 import torch
-
 from methods import FP32, PEER, QUANTA, quanta_version
 from peers_openvino import openvino_version
 

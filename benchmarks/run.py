@@ -28,16 +28,15 @@ if HERE not in sys.path:
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # calibration progress bars would drown the log
 
-import torch  # noqa: E402
-
-import busy  # noqa: E402
-import peers  # noqa: E402
-import peers_openvino  # noqa: E402
-import report  # noqa: E402
-import timing  # noqa: E402
-import workloads as W  # noqa: E402
-import methods  # noqa: E402
-from methods import Method, quanta_rows, torch_fp32, torch_fp32_channels_last  # noqa: E402
+import busy
+import methods
+import peers
+import peers_openvino
+import report
+import timing
+import torch
+import workloads as W
+from methods import Method, quanta_rows, torch_fp32, torch_fp32_channels_last
 
 QUANTA_PRESETS = {
     "cnn": [("static_int8", {})],

@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 Runner = Callable[[], object]
 

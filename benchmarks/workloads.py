@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
@@ -198,7 +198,7 @@ def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
 def qready_cnn(model: nn.Module) -> nn.Module:
     """A deep copy whose ``Add`` modules are torch.ao ``FloatFunctional`` adds."""
     model = copy.deepcopy(model)
-    for name, mod in list(model.named_modules()):
+    for _, mod in list(model.named_modules()):
         for cname, child in list(mod.named_children()):
             if isinstance(child, Add):
                 setattr(mod, cname, QAdd())

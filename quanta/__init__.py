@@ -1,16 +1,28 @@
 """quanta: quantize trained PyTorch models, with the accuracy loss measured and under control."""
 
+from ._version import __version__
+from .analysis import auto_quantize, compare, report, sensitivity
 from .core import QuantSpec
-from .nn import LayerQuantConfig, QuantDescriptor, TensorQuantizer
 from .integer import storage_bytes
 from .io import compare_onnx, export_onnx, inspect, load, save
-from .analysis import auto_quantize, compare, report, sensitivity
+from .nn import LayerQuantConfig, QuantDescriptor, TensorQuantizer
 from .transforms import (
-    PRESETS, CoverageReport, QATConfig, QuantConfig, calibrate, conversion_report, convert, coverage, fold_batchnorm,
-    finalize_qat, preset, prepare, prepare_qat, quant_modules, quantize,
+    PRESETS,
+    CoverageReport,
+    QATConfig,
+    QuantConfig,
+    calibrate,
+    conversion_report,
+    convert,
+    coverage,
+    finalize_qat,
+    fold_batchnorm,
+    prepare,
+    prepare_qat,
+    preset,
+    quant_modules,
+    quantize,
 )
-
-from ._version import __version__
 
 __all__ = [
     "CoverageReport", "LayerQuantConfig", "__version__", "algorithms", "auto_quantize", "compare", "compare_onnx", "report", "sensitivity", "export_onnx", "inspect", "load", "save", "QuantConfig", "QuantDescriptor", "QuantSpec",

@@ -9,15 +9,14 @@ the session fails at teardown if one did.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, NamedTuple
-
 import os
 import tempfile
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import pytest
 import torch
 from hypothesis import settings
-
 
 from quanta import demo
 from quanta.kernels import native

@@ -47,4 +47,4 @@ def test_page_snippets_run(name, tmp_path, monkeypatch):
     with torch.random.fork_rng(devices=[]):
         for i, block in enumerate(blocks):
             code = compile(block, f"docs/{name}.md[python block {i + 1}]", "exec")
-            exec(code, namespace)  # noqa: S102 - the documentation's own examples
+            exec(code, namespace)

@@ -78,7 +78,7 @@ def best_calibration(model: nn.Module, data: Iterable[Any], methods: tuple[str, 
                 try:
                     x = capture(model, module, batches, forward, "input")
                 except CaptureError as e:
-                    for name, q in quantizers:  # keep the histogram's MSE range calibrate loaded
+                    for name, _q in quantizers:  # keep the histogram's MSE range calibrate loaded
                         skipped.append({"quantizer": name, "reason": f"its module: {e}"})
                     bar.update()
                     continue

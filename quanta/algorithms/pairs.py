@@ -59,7 +59,7 @@ def find_pairs(model: nn.Module) -> tuple[list[LayerPair], list[str]]:
     traced falls back to adjacency inside ``nn.Sequential``."""
     try:
         graph = _LeafTracer().trace(model)
-    except Exception as e:  # noqa: BLE001 - data-dependent control flow etc.: fall back
+    except Exception as e:
         note = f"torch.fx could not trace the model ({type(e).__name__}); pairs found by nn.Sequential order only"
         return _pairs_sequential(model), [note]
     mods = dict(model.named_modules())

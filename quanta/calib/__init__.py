@@ -9,8 +9,9 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from .base import Calibrator
 from .histogram import METHODS as HISTOGRAM_METHODS

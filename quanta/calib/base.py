@@ -13,7 +13,8 @@ gives ranges of shape ``[out]``, an NCHW activation with ``axis=1`` gives ``[C]`
 from __future__ import annotations
 
 import abc
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -159,7 +160,7 @@ class Calibrator(abc.ABC):
         self._state = new_state
         self._num_batches, self._num_samples = counts["num_batches"], counts["num_samples"]
 
-    def merge(self, other: "Calibrator") -> None:
+    def merge(self, other: Calibrator) -> None:
         """Add ``other``'s data to this calibrator, in place (``other`` is unchanged)."""
         if type(other) is not type(self):
             raise TypeError(f"{self.label}: cannot merge a {type(other).__name__} into a {type(self).__name__}")

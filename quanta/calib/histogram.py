@@ -18,7 +18,8 @@ non-zero values (NVIDIA's pytorch-quantization patches the same spike with ``bin
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

@@ -176,7 +176,7 @@ class QuantSpec:
     def qmax(self) -> int:
         return qrange(self.bits, self.signed, self.narrow_range)[1]
 
-    def replace(self, **changes: Any) -> "QuantSpec":
+    def replace(self, **changes: Any) -> QuantSpec:
         return dataclasses.replace(self, **changes)
 
     # ----------------------------------------------------------------- (de)serialisation
@@ -188,7 +188,7 @@ class QuantSpec:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "QuantSpec":
+    def from_dict(cls, data: dict[str, Any]) -> QuantSpec:
         return cls(**check_keys("QuantSpec", data, field_names(cls)))
 
     def __str__(self) -> str:

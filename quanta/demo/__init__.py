@@ -12,7 +12,9 @@ _WHERE = {"digits": "data", "fashion_mnist": "data", "majority_tokens": "data", 
           "stdlib_docstrings": "data", "DigitsCNN": "models", "DocstringTransformer": "models",
           "SequenceLSTM": "models", "TinyTransformer": "models", "accuracy": "train", "train_classifier": "train"}
 
-__all__ = sorted(_WHERE)
+__all__ = ["accuracy", "digits", "DigitsCNN", "DocstringTransformer", "fashion_mnist", "majority_tokens",
+           "SequenceLSTM", "sine_sequences", "stdlib_docstrings", "TinyTransformer", "train_classifier"]
+assert sorted(__all__) == sorted(_WHERE)  # (one list of the lazily imported names)
 
 
 def __getattr__(name: str) -> Any:

@@ -45,7 +45,7 @@ def load_or_train(model: nn.Module, init: dict[str, Any], data: tuple[torch.Tens
             state = torch.load(path, map_location="cpu", weights_only=True)
             model.load_state_dict(state)
             return model.eval(), True
-        except Exception as e:  # noqa: BLE001 - any unreadable file is rebuilt, never fatal
+        except Exception as e:
             log(f"cached weights {path} unreadable ({type(e).__name__}); training again")
     trained = train(model).eval()
     try:

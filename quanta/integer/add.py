@@ -49,13 +49,16 @@ def _operand_problem(spec: QuantSpec) -> str | None:
     return None
 
 
+#: the default grid of each operand: affine uint8 per tensor (a frozen spec, shared safely)
+_UINT8_AFFINE = QuantSpec(bits=8, signed=False, symmetric=False)
+
+
 class Int8Add(IntegerModule):
     """``a + b`` on two per-tensor 8-bit grids; float or uint8 output (see the module doc)."""
 
     operand_names = ("input", "other")
 
-    def __init__(self, *, input_spec: QuantSpec = QuantSpec(bits=8, signed=False, symmetric=False),
-                 other_spec: QuantSpec = QuantSpec(bits=8, signed=False, symmetric=False),
+    def __init__(self, *, input_spec: QuantSpec = _UINT8_AFFINE, other_spec: QuantSpec = _UINT8_AFFINE,
                  output: str = "float", post_op: str = "none") -> None:
         super().__init__()
         for arg, spec in (("input_spec", input_spec), ("other_spec", other_spec)):
@@ -90,7 +93,7 @@ class Int8Add(IntegerModule):
         return None
 
     @classmethod
-    def from_simulated(cls, sim: Any) -> "Int8Add":
+    def from_simulated(cls, sim: Any) -> Int8Add:
         cls.check_lowerable(sim)
         mod = cls(input_spec=sim.input_quantizer.spec, other_spec=sim.other_quantizer.spec)
         for name in cls.operand_names:
@@ -122,7 +125,7 @@ class Int8Add(IntegerModule):
         return scale, zp
 
     def set_output(self, kind: str = "float", scale: float | torch.Tensor | None = None,
-                   zero_point: int | torch.Tensor | None = None, post_op: str = "none") -> "Int8Add":
+                   zero_point: int | torch.Tensor | None = None, post_op: str = "none") -> Int8Add:
         """``"float"``: the sum (after ``post_op``); ``"uint8"``: its codes on the grid
         ``(scale, zero_point)`` (the consumers' input grid), ``post_op`` fused."""
         if kind == "uint8":

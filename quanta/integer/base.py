@@ -84,7 +84,7 @@ class IntegerModule(nn.Module):
                         "to save it with quanta.save")
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "IntegerModule":
+    def from_config(cls, config: dict[str, Any]) -> IntegerModule:
         """An empty module (zeros) from `config`'s output; ``load_state_dict`` fills it."""
         from ..core import QuantSpec
 

@@ -101,7 +101,7 @@ class Int8Embedding(_IntEmbedding):
         return None
 
     @classmethod
-    def from_simulated(cls, sim: Any) -> "Int8Embedding":
+    def from_simulated(cls, sim: Any) -> Int8Embedding:
         cls.check_lowerable(sim)
         wq, w = sim.weight_quantizer, sim.weight.detach()
         scale, zp = wq.qparams(w)
@@ -159,7 +159,7 @@ class Int4Embedding(_IntEmbedding):
         return None
 
     @classmethod
-    def from_simulated(cls, sim: Any) -> "Int4Embedding":
+    def from_simulated(cls, sim: Any) -> Int4Embedding:
         cls.check_lowerable(sim)
         wq, w = sim.weight_quantizer, sim.weight.detach()
         s = wq.spec

@@ -27,13 +27,24 @@ import torch
 from ..core import Format, Granularity, QuantSpec, pack_bits, unpack_bits
 from ..kernels.activation import quantize_activation
 from ..kernels.linear import GEMV_MAX_ROWS, gemm_pack, int8_linear, onednn_prepack, streaming_copy, weight_sum
+from ..kernels.linear_native import (
+    NATIVE_LINEAR_IMPLS,
+    POST_OPS,
+    apply_post_op,
+    check_post_op,
+    compiled_linear_args,
+    native_linear_call,
+)
 from ..kernels.linear_onednn import onednn_auto_pack
 from ..kernels.u8s8_saturation import weight_code_max
-from ..kernels.linear_native import (
-    NATIVE_LINEAR_IMPLS, POST_OPS, apply_post_op, check_post_op, compiled_linear_args, native_linear_call,
-)
 from .linear_common import (
-    _LinearBase, _active, _bias_of, _common_reason, _int_weight_reason, _output_spec_of, _per_channel_weight,
+    _active,
+    _bias_of,
+    _common_reason,
+    _int_weight_reason,
+    _LinearBase,
+    _output_spec_of,
+    _per_channel_weight,
 )
 from .validate import bits_in, one_of
 
@@ -78,7 +89,7 @@ class Int8Linear(_LinearBase):
         self.post_op = "none"
         self.set_post_op(post_op)
 
-    def set_post_op(self, post_op: str) -> "Int8Linear":
+    def set_post_op(self, post_op: str) -> Int8Linear:
         """Fuse the activation ``post_op`` (``"none"`` to unfuse) into this layer's output. Only
         for a float output: a layer with an output quantizer keeps its activations separate."""
         check_post_op(post_op, type(self).__name__)
@@ -110,7 +121,7 @@ class Int8Linear(_LinearBase):
         return None
 
     @classmethod
-    def from_simulated(cls, sim: Any) -> "Int8Linear":
+    def from_simulated(cls, sim: Any) -> Int8Linear:
         cls.check_lowerable(sim)
         mod = cls(sim.in_features, sim.out_features, sim.bias is not None, act_spec=sim.input_quantizer.spec,
                   weight_bits=max(sim.weight_quantizer.spec.bits, 2), output_spec=_output_spec_of(sim))

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..core import Format, Granularity, QuantSpec, compute_range, choose_qparams, fake_quantize, quantize
+from ..core import Format, Granularity, QuantSpec, choose_qparams, compute_range, fake_quantize, quantize
 from ..nn.modules.weighted import QuantLinear
 from .base import IntegerModule
 from .validate import flag, positive_int

@@ -210,7 +210,7 @@ class _DynamicInt8RNNBase(_Recurrent):
                 "act_spec": self.act_spec.to_dict(), **self._extra_kwargs(self)}
 
     @classmethod
-    def from_simulated(cls, sim: Any) -> "_DynamicInt8RNNBase":
+    def from_simulated(cls, sim: Any) -> _DynamicInt8RNNBase:
         cls.check_lowerable(sim)
         spec = _act_problem(list(sim.layer_input_quantizers) + list(sim.hidden_quantizers))[1]
         new = cls(sim.input_size, sim.hidden_size, sim.num_layers, sim.bias, sim.batch_first, sim.bidirectional,
@@ -319,7 +319,7 @@ class _DynamicInt8CellBase(_Recurrent):
                 "act_spec": self.act_spec.to_dict(), **self._extra_kwargs(self)}
 
     @classmethod
-    def from_simulated(cls, sim: Any) -> "_DynamicInt8CellBase":
+    def from_simulated(cls, sim: Any) -> _DynamicInt8CellBase:
         cls.check_lowerable(sim)
         spec = _act_problem([sim.input_quantizer, sim.hidden_quantizer])[1]
         new = cls(sim.input_size, sim.hidden_size, sim.bias, act_spec=spec, **cls._extra_kwargs(sim))

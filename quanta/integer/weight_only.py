@@ -13,11 +13,19 @@ from ..core import Format, Granularity, QuantSpec, pack_bits, quantize
 from ..kernels.linear import streaming_copy
 from ..kernels.weight_only import int4_weight_only_linear, int4pack_for_cpu, int8_weight_only_linear
 from .base import dtype_name
-from .validate import flag, positive_int
 from .linear_common import (
-    _LinearBase, _active, _bias_of, _check_activation, _common_reason, _int_weight_reason, _output_spec_of,
-    _per_channel_weight, _weight_only_activation, _weight_only_reason,
+    _active,
+    _bias_of,
+    _check_activation,
+    _common_reason,
+    _int_weight_reason,
+    _LinearBase,
+    _output_spec_of,
+    _per_channel_weight,
+    _weight_only_activation,
+    _weight_only_reason,
 )
+from .validate import flag, positive_int
 
 
 # ----------------------------------------------------------------------------- weight-only int8
@@ -59,7 +67,7 @@ class Int8WeightOnlyLinear(_LinearBase):
         return _int_weight_reason(spec)
 
     @classmethod
-    def from_simulated(cls, sim: Any) -> "Int8WeightOnlyLinear":
+    def from_simulated(cls, sim: Any) -> Int8WeightOnlyLinear:
         cls.check_lowerable(sim)
         mod = cls(sim.in_features, sim.out_features, sim.bias is not None, output_spec=_output_spec_of(sim),
                   activation=_weight_only_activation(sim)[0] or "float32")
@@ -125,7 +133,7 @@ class Int4WeightOnlyLinear(_LinearBase):
         return None
 
     @classmethod
-    def from_simulated(cls, sim: Any) -> "Int4WeightOnlyLinear":
+    def from_simulated(cls, sim: Any) -> Int4WeightOnlyLinear:
         cls.check_lowerable(sim)
         wq = sim.weight_quantizer
         spec = wq.spec
@@ -221,7 +229,7 @@ class HalfLinear(_LinearBase):
         return None
 
     @classmethod
-    def from_simulated(cls, sim: Any) -> "HalfLinear":
+    def from_simulated(cls, sim: Any) -> HalfLinear:
         cls.check_lowerable(sim)
         dt = cls._dtype_of(sim.weight_quantizer.spec)
         iq = sim.input_quantizer

@@ -173,5 +173,5 @@ def construct(path: str, kwargs: dict[str, Any] | None, where: str, trusted: Ite
             with torch.device("meta"):
                 return cls(**args)
         return cls(**args)
-    except Exception as e:  # noqa: BLE001 - the user's constructor: say where it failed
+    except Exception as e:
         raise ArchitectureError(f"constructing {where!r} as {path}({str(kwargs)[:200]}) failed: {e}") from e

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -21,6 +21,10 @@ from torch import nn
 from ..integer.base import IntegerModule
 from .architecture import ArchitectureError
 from .safe_file import QuantaFileError, TensorEntry
+
+if TYPE_CHECKING:  # (annotations only: io must not import transforms at run time)
+    from ..transforms.config import QuantConfig
+    from ..transforms.convert import Lowering
 
 KINDS = ("integer", "quant", "quantizer", "module")
 #: float-module attributes quanta's transforms change and a rebuild must restore: class, name, type

@@ -12,7 +12,8 @@ record), so that ``load_state_dict`` then fills in exactly the saved tensors.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from torch import nn
 
@@ -25,7 +26,6 @@ from ..nn.tensor_quantizer import TensorQuantizer
 from .architecture import ArchitectureError, class_path, construct, float_class, infer_kwargs
 from .record_checks import RESTORED_ATTRS, ShapeBudget, check_records, integer_record, restore_attrs
 from .safe_file import TensorEntry
-
 
 
 class UnsupportedModuleError(ValueError):
@@ -289,7 +289,7 @@ def _check_shape_attrs(current: nn.Module, config: dict[str, Any], where: str, c
     for name in _SHAPE_ATTRS:
         if name in config and hasattr(current, name):
             mine, theirs = getattr(current, name), config[name]
-            norm = lambda v: list(v) if isinstance(v, (tuple, list)) else v  # noqa: E731
+            norm = lambda v: list(v) if isinstance(v, (tuple, list)) else v
             if norm(mine) != norm(theirs):
                 raise ArchitectureError(f"module {where!r} has {name}={mine!r} in the model, but the file's {cls} "
                                         f"has {name}={theirs!r}: is this the same architecture?")

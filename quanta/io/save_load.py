@@ -14,7 +14,8 @@ import dataclasses
 import os
 import pathlib
 import re
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,7 +26,7 @@ from ..nn.modules.base import QuantModule
 from ..nn.modules.functional import QuantOp
 from ..nn.tensor_quantizer import TensorQuantizer
 from ..transforms.config import QuantConfig
-from ..transforms.convert import REPORT_ATTR, Lowering
+from ..transforms.convert import REPORT_ATTR
 from ..transforms.prepare import CONFIG_ATTR
 from . import safe_file
 from .architecture import ArchitectureError, _jsonable, normalize_trusted

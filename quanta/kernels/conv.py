@@ -53,7 +53,8 @@ without VNNI ``onednn`` runs weights within ±64 and its guard refuses wider one
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F

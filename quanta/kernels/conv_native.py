@@ -24,7 +24,7 @@ AVX-512 VNNI; 3d convolutions and other groupings run on oneDNN.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -132,7 +132,7 @@ def pack_weight(weight: torch.Tensor, kind: str) -> torch.Tensor:
 
 def make_plan(weight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, x_scale: float,
               x_zero_point: int, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
-              groups: int, post_op: str, out_scale: float | None, out_zero_point: int) -> "object":
+              groups: int, post_op: str, out_scale: float | None, out_zero_point: int) -> object:
     """A native ``ConvPlan`` for uint8 codes on ``(x_scale, x_zero_point)`` (a 1d convolution
     as a 2d one of unit height)."""
     if weight.dim() == 3:

@@ -11,8 +11,9 @@ modules count which implementation ran (see `quanta.integer.base.IntegerModule`)
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

@@ -18,7 +18,6 @@ from .activation import _act_spec, _f32, _quantize_activation_native
 from .linear import _int8_operand, _is_gemm_pack, _mm_rescale_native, _native_weight_args
 from .post_ops import LINEAR_POST_OPS, codes_for
 
-
 # ----------------------------------------------------------------- activations after a linear
 #: activations an integer Linear can apply to its float output (`quanta.integer.Int8Linear`'s
 #: ``post_op``), with their codes in the native epilogue (`post_ops.POST_OP_CODES`, ``csrc/post_op.h``)

@@ -54,24 +54,38 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from .library import Impl, KernelOp
 from .recurrent_math import (  # the numerics, re-exported (see __all__)
-    GATES, MODES, _PER, Matmul, _cell_op, _check, _sequence_op, _step, act_spec, cell_reference, exact_matmul,
-    int_mm_matmul, qlinear, rnn_reference,
+    _PER,
+    GATES,
+    MODES,
+    Matmul,
+    _cell_op,
+    _check,
+    _sequence_op,
+    _step,
+    act_spec,
+    cell_reference,
+    exact_matmul,
+    int_mm_matmul,
+    qlinear,
+    rnn_reference,
 )
 from .recurrent_native import cell_native, guard_native, native_available, rnn_native
 from .u8s8_saturation import SaturationProbe
+
 
 # ---------------------------------------------------------------------------- int_mm
 def _int_mm_available() -> bool:
     try:
         a = torch.ones(1, 8, dtype=torch.int8)
         return int(torch._int_mm(a, a.t())[0, 0]) == 8
-    except Exception:  # noqa: BLE001 - any failure means "not on this build"
+    except Exception:
         return False
 
 

@@ -5,7 +5,8 @@ reference loops that every fast implementation is tested against."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 

@@ -23,9 +23,9 @@ import torch
 
 from . import native
 from .linear import GEMV_MAX_ROWS, INT32_EXACT_MAX_K, _dense, _int8_operand
+from .recurrent_math import _PER, _check, act_spec, exact_matmul, qlinear
 
 _ONE = torch.ones(1)  # (rescale_rows' x_scale: the scales are applied as one per-channel product)
-from .recurrent_math import _PER, _check, act_spec, exact_matmul, qlinear
 
 
 def native_available() -> bool:

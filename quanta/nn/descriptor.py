@@ -117,14 +117,14 @@ class QuantDescriptor:
             dynamic=self.dynamic or self.per_token,
         )
 
-    def replace(self, **changes: Any) -> "QuantDescriptor":
+    def replace(self, **changes: Any) -> QuantDescriptor:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "QuantDescriptor":
+    def from_dict(cls, data: dict[str, Any]) -> QuantDescriptor:
         return cls(**check_keys("QuantDescriptor", data, field_names(cls)))
 
 

@@ -10,11 +10,16 @@ from torch import nn
 
 from ..calib import CALIBRATORS, HistogramCalibrator, make_calibrator, statistics_of
 from ..core import (
-    Granularity, QuantSpec, choose_qparams, compute_range, fake_quantize, lsq_grad_factor,
-    max_level, quantize,
+    Granularity,
+    QuantSpec,
+    choose_qparams,
+    compute_range,
+    fake_quantize,
+    lsq_grad_factor,
+    max_level,
+    quantize,
 )
 from .descriptor import CALIB_METHODS, QuantDescriptor
-
 
 
 class TensorQuantizer(nn.Module):

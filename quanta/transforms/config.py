@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from torch import nn
 
@@ -99,7 +100,7 @@ class QuantConfig:
 
     def extended(self, exclude: Any = (), rules: Mapping[str, LayerQuantConfig | None] | None = None,
                  algorithms: Any = (), algorithm_options: Mapping[str, Mapping[str, Any]] | None = None
-                 ) -> "QuantConfig":
+                 ) -> QuantConfig:
         """This config with more ``exclude`` patterns and ``rules`` (the new ones come first, so
         they win over rules already there: a rule's first match wins) and more ``algorithms``
         (after its own; validated) and ``algorithm_options`` (per algorithm, over its own)."""
@@ -138,7 +139,7 @@ class QuantConfig:
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
-        layer = lambda c: None if c is None else c.to_dict()  # noqa: E731
+        layer = lambda c: None if c is None else c.to_dict()
         return {
             "default": self.default.to_dict(),
             "module_types": {k: layer(v) for k, v in self.module_types.items()},
@@ -152,9 +153,9 @@ class QuantConfig:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "QuantConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> QuantConfig:
         data = check_keys("QuantConfig", data, field_names(cls))
-        layer = lambda d: None if d is None else LayerQuantConfig.from_dict(d)  # noqa: E731
+        layer = lambda d: None if d is None else LayerQuantConfig.from_dict(d)
         return cls(
             default=LayerQuantConfig.from_dict(data.get("default", {})) if "default" in data else LayerQuantConfig(),
             module_types={k: layer(v) for k, v in data.get("module_types", {}).items()},

@@ -18,8 +18,9 @@ float module again (simulating it would be slower than float), and the report sa
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn

@@ -6,7 +6,8 @@ import dataclasses
 import itertools
 import warnings
 from collections import Counter
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import nn

@@ -174,4 +174,5 @@ def test_cuda_matches_cpu_and_merges_across_devices(build):
         torch.testing.assert_close(g_lo.cpu(), c_lo, rtol=0, atol=0)
         torch.testing.assert_close(g_hi.cpu(), c_hi, rtol=0, atol=0)
         if not (isinstance(cpu, MovingAverageCalibrator) and cpu.momentum is not None):  # EMA merge approximates
+            torch.testing.assert_close(m_lo.cpu(), c_lo, rtol=0, atol=0)
             torch.testing.assert_close(m_hi.cpu(), c_hi, rtol=0, atol=0)

@@ -10,7 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from quanta.calib import HistogramCalibrator, histogram_ranges as hr
+from quanta.calib import HistogramCalibrator
+from quanta.calib import histogram_ranges as hr
 from quanta.core import QuantSpec, choose_qparams, fake_quantize
 
 

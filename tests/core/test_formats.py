@@ -8,7 +8,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from quanta.core import (
-    QuantSpec, choose_qparams, compute_range, dequantize, fake_quantize, max_level, quantize, quantize_tensor,
+    QuantSpec,
+    choose_qparams,
+    compute_range,
+    dequantize,
+    fake_quantize,
+    max_level,
+    quantize,
+    quantize_tensor,
     storage_dtype,
 )
 

@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from quanta.core import (
-    QuantSpec, choose_qparams, compact_shape, compute_range, dequantize, global_range, quantize, quantize_tensor,
+    QuantSpec,
+    choose_qparams,
+    compact_shape,
+    compute_range,
+    dequantize,
+    global_range,
+    quantize,
+    quantize_tensor,
 )
 
 from .helpers import expand_param, ref_range

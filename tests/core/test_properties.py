@@ -6,7 +6,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from quanta.core import QuantSpec, compute_range, choose_qparams, dequantize, fake_quantize, quantize, quantize_tensor
+from quanta.core import QuantSpec, choose_qparams, compute_range, dequantize, fake_quantize, quantize, quantize_tensor
 
 from .helpers import FAST, MEDIUM, expand_param, int_cases
 

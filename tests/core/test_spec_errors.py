@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from quanta.core import (
-    Format, Granularity, QuantSpec, Rounding, choose_qparams, compute_range, dequantize, fake_quantize, quantize,
+    Format,
+    Granularity,
+    QuantSpec,
+    Rounding,
+    choose_qparams,
+    compute_range,
+    dequantize,
+    fake_quantize,
+    quantize,
     quantize_tensor,
 )
 
@@ -114,8 +122,8 @@ def test_layout_errors_at_every_entry_point(spec, match):
 def test_non_floating_inputs_raise_type_error():
     spec = QuantSpec()
     for bad in (torch.arange(6), torch.ones(3, dtype=torch.bool), torch.ones(3, dtype=torch.uint8)):
-        for call in (lambda: quantize(bad, 1.0, 0, spec), lambda: fake_quantize(bad, 1.0, 0, spec),
-                     lambda: compute_range(bad, spec), lambda: quantize_tensor(bad, spec)):
+        for call in (lambda bad=bad: quantize(bad, 1.0, 0, spec), lambda bad=bad: fake_quantize(bad, 1.0, 0, spec),
+                     lambda bad=bad: compute_range(bad, spec), lambda bad=bad: quantize_tensor(bad, spec)):
             with pytest.raises(TypeError, match="floating"):
                 call()
     with pytest.raises(TypeError, match="torch.Tensor"):

@@ -117,6 +117,7 @@ def test_compiled_graph_calls_the_settled_native_conv_with_eager_bits(cnn_int8, 
     convs' bit for bit; the traced linear head's float epilogue may round differently)."""
 
     import torch._dynamo
+
     from quanta.integer.conv import Int8Conv2d
 
     if "native" not in int8_conv.available_impls():
@@ -184,6 +185,7 @@ def test_compiled_graph_calls_the_settled_native_linear_with_eager_bits(preset, 
     the fused GELU in the epilogue) run them in the compiled graph as one operator,
     ``quanta_native::linear_packed``: one graph, eager's bits, kernel counters untouched."""
     import torch._dynamo
+
     from quanta.kernels import native
 
     if not native.ready():
@@ -267,6 +269,7 @@ def test_compiled_graph_runs_the_native_add_pool_and_input_quantization_with_eag
     loops for the traced reference cost several times more (ResNet-18 at batch 16: 106 ms
     compiled vs 76 ms eager before): one graph, eager's bits."""
     import torch._dynamo
+
     from quanta.kernels import native
 
     if not native.ready():
@@ -317,6 +320,7 @@ def test_compiled_recurrent_layer_runs_the_native_time_loop_with_eager_bits(kind
     a compiled graph's opaque ``quanta::dynamic_int8_rnn`` runs it, not fbgemm's
     ``quantized_lstm`` (2.5x slower on the benchmark LSTM): eager's bits, no fbgemm op."""
     import torch._dynamo
+
     from quanta.kernels.recurrent import dynamic_int8_rnn
 
     if "native" not in dynamic_int8_rnn.available_impls():

@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 import quanta
-from quanta import LayerQuantConfig as LC, QuantConfig, QuantDescriptor as QD
+from quanta import LayerQuantConfig as LC
+from quanta import QuantConfig
+from quanta import QuantDescriptor as QD
 from quanta.integer.linear import Int8Linear
 from quanta.integer.weight_only import HalfLinear, Int4WeightOnlyLinear, Int8WeightOnlyLinear
 from quanta.kernels import native

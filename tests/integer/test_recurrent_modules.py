@@ -17,7 +17,12 @@ from torch import nn
 import quanta
 from quanta import LayerQuantConfig, QuantConfig, QuantDescriptor
 from quanta.integer.recurrent import (
-    DynamicInt8GRU, DynamicInt8GRUCell, DynamicInt8LSTM, DynamicInt8LSTMCell, DynamicInt8RNN, DynamicInt8RNNCell,
+    DynamicInt8GRU,
+    DynamicInt8GRUCell,
+    DynamicInt8LSTM,
+    DynamicInt8LSTMCell,
+    DynamicInt8RNN,
+    DynamicInt8RNNCell,
 )
 
 SYM = QuantDescriptor(dynamic=True)  # signed symmetric int8 -> native, else the int_mm kernel

@@ -9,8 +9,14 @@ from torch import nn
 import quanta
 from quanta.core import choose_qparams, compute_range, fake_quantize
 from quanta.nn import (
-    LayerQuantConfig, QuantLinear, QuantModule, TensorQuantizer, lookup, register_quant_module,
-    registered_types, unregister_quant_module,
+    LayerQuantConfig,
+    QuantLinear,
+    QuantModule,
+    TensorQuantizer,
+    lookup,
+    register_quant_module,
+    registered_types,
+    unregister_quant_module,
 )
 
 
@@ -123,7 +129,7 @@ def test_prepare_twice_does_not_quantize_twice():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     once = quanta.prepare(model)
     twice = quanta.prepare(once)
-    count = lambda m: sum(isinstance(q, TensorQuantizer) for q in m.modules())  # noqa: E731
+    count = lambda m: sum(isinstance(q, TensorQuantizer) for q in m.modules())
     assert count(once) == count(twice) == 4
     assert lookup(QuantLinear) is None
     assert [type(m) for m in twice] == [QuantLinear, nn.ReLU, QuantLinear]

@@ -12,7 +12,12 @@ from quanta.core import fake_quantize
 from quanta.nn.descriptor import QuantDescriptor
 from quanta.nn.modules.base import LayerQuantConfig
 from quanta.nn.modules.rnn import (
-    QuantGRU, QuantGRUCell, QuantLSTM, QuantLSTMCell, QuantRNN, QuantRNNCell,
+    QuantGRU,
+    QuantGRUCell,
+    QuantLSTM,
+    QuantLSTMCell,
+    QuantRNN,
+    QuantRNNCell,
 )
 from quanta.nn.tensor_quantizer import TensorQuantizer
 

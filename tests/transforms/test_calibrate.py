@@ -98,7 +98,7 @@ def test_histogram_methods_give_tighter_ranges_than_max_with_outliers(method, bi
     x = torch.cat(data)
     with torch.no_grad():  # a smaller error on the bulk of the data than the max range gives
         bulk = x[x.abs() < 4]
-        err = lambda m: float((m[0].input_quantizer(bulk) - bulk).pow(2).mean())  # noqa: E731
+        err = lambda m: float((m[0].input_quantizer(bulk) - bulk).pow(2).mean())
         assert err(model) < err(ref)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -174,5 +175,5 @@ def test_configs_are_frozen_and_applying_one_does_not_change_it():
     before = config.to_dict()
     _prepare(config)
     assert config.to_dict() == before
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         config.fold_bn = True  # type: ignore[misc]

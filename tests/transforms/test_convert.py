@@ -14,9 +14,9 @@ from quanta.demo import accuracy
 from quanta.integer.attention import Int8MultiheadAttention
 from quanta.integer.conv import Int8Conv2d
 from quanta.integer.linear import Int8Linear
-from quanta.kernels.conv import ONEDNN_SATURATION, int8_conv
-from quanta.integer.weight_only import Int4WeightOnlyLinear, Int8WeightOnlyLinear
 from quanta.integer.recurrent import DynamicInt8LSTM
+from quanta.integer.weight_only import Int4WeightOnlyLinear, Int8WeightOnlyLinear
+from quanta.kernels.conv import ONEDNN_SATURATION, int8_conv
 
 
 def _kernels(model: nn.Module) -> dict[str, dict[str, int]]:

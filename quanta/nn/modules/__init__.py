@@ -4,13 +4,23 @@ from .attention import QuantMultiheadAttention, QuantTransformerEncoderLayer
 from .base import LayerQuantConfig, QuantModule
 from .functional import Add, QuantAdd, QuantBMM, QuantCat, QuantMatMul, QuantOp
 from .pooling import (
-    QuantAdaptiveAvgPool1d, QuantAdaptiveAvgPool2d, QuantAdaptiveAvgPool3d, QuantAvgPool1d,
-    QuantAvgPool2d, QuantAvgPool3d,
+    QuantAdaptiveAvgPool1d,
+    QuantAdaptiveAvgPool2d,
+    QuantAdaptiveAvgPool3d,
+    QuantAvgPool1d,
+    QuantAvgPool2d,
+    QuantAvgPool3d,
 )
 from .rnn import QuantGRU, QuantGRUCell, QuantLSTM, QuantLSTMCell, QuantRNN, QuantRNNCell
 from .weighted import (
-    QuantConv1d, QuantConv2d, QuantConv3d, QuantConvTranspose1d, QuantConvTranspose2d,
-    QuantConvTranspose3d, QuantEmbedding, QuantLinear,
+    QuantConv1d,
+    QuantConv2d,
+    QuantConv3d,
+    QuantConvTranspose1d,
+    QuantConvTranspose2d,
+    QuantConvTranspose3d,
+    QuantEmbedding,
+    QuantLinear,
 )
 
 __all__ = [

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -37,7 +38,7 @@ class LayerQuantConfig:
         return {k: (None if getattr(self, k) is None else getattr(self, k).to_dict()) for k in field_names(type(self))}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "LayerQuantConfig":
+    def from_dict(cls, data: dict[str, Any]) -> LayerQuantConfig:
         data = check_keys("LayerQuantConfig", data, field_names(cls))
         return cls(**{k: (None if v is None else QuantDescriptor.from_dict(v)) for k, v in data.items()})
 

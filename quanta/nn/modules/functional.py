@@ -6,13 +6,13 @@ quantized too (attention scores, attention × values, residual additions).
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..descriptor import QUANT_DESC_8BIT_PER_TENSOR, QuantDescriptor
-from ..tensor_quantizer import TensorQuantizer
 from .base import LayerQuantConfig
 from .op_base import QuantOp
 
@@ -45,7 +45,7 @@ class QuantAdd(QuantOp):
     """``quant(a) + quant(b)``: a residual connection."""
 
     @classmethod
-    def from_float(cls, module: nn.Module, config: Any = None) -> "QuantAdd":
+    def from_float(cls, module: nn.Module, config: Any = None) -> QuantAdd:
         """From an `Add`: both operands quantized with ``config.input`` (a `LayerQuantConfig`)."""
         if not isinstance(module, Add):
             raise TypeError(f"QuantAdd.from_float expects a quanta.nn.Add, got {type(module).__name__}")

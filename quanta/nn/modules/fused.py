@@ -24,7 +24,7 @@ class FusedActivation(nn.Identity):
         # speed check puts back if ``into`` goes back to float (absent in a loaded model)
         object.__setattr__(self, "original", original)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 (nn.Identity's name)
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
         return input
 
     def extra_repr(self) -> str:

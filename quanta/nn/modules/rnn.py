@@ -22,7 +22,8 @@ returned final states). See ``rnn_cells.py`` for the class layout shared with th
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,14 @@ from torch.nn.utils.rnn import PackedSequence
 from ..tensor_quantizer import TensorQuantizer
 from .base import LayerQuantConfig
 from .rnn_cells import (
-    QuantGRUCell, QuantLSTMCell, QuantRNNCell, State, Step, _identity, _QuantRecurrent, make_step,
+    QuantGRUCell,
+    QuantLSTMCell,
+    QuantRNNCell,
+    State,
+    Step,
+    _identity,
+    _QuantRecurrent,
+    make_step,
 )
 
 __all__ = ["QuantGRU", "QuantGRUCell", "QuantLSTM", "QuantLSTMCell", "QuantRNN", "QuantRNNCell"]
@@ -175,7 +183,7 @@ class _QuantRNNBase(_QuantRecurrent):
             outs = []
             for d in range(n_dirs):
                 index, sfx = layer * n_dirs + d, f"_l{layer}" + ("_reverse" if d else "")
-                bias = (lambda n: getattr(self, n + sfx)) if mod.bias else (lambda n: None)
+                bias = (lambda n, sfx=sfx: getattr(self, n + sfx)) if mod.bias else (lambda n: None)
                 gi = F.linear(xq, getattr(self, "weight_ih" + sfx), bias("bias_ih"))
                 step = make_step(mod.mode, getattr(self, "weight_hh" + sfx), bias("bias_hh"),
                                  self._get(self.hidden_quantizers, index),

@@ -24,7 +24,8 @@ kernels, bit-identical to float); otherwise it runs `make_step` on the shadowed 
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
