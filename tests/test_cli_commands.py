@@ -312,3 +312,25 @@ def test_algorithm_flags_run_in_the_pipeline_and_equal_the_config_file(models, t
     assert main(["quantize", spec, "--config", str(tmp_path / "cfg.json"), "--no-speed-check", "-q",
                  "-o", str(from_file)]) == 0
     assert flags.read_bytes() == from_file.read_bytes()
+
+
+def test_algorithm_options_in_a_config_file_reach_gptq(models, tmp_path, capsys):
+    """`config dump` → edit `algorithm_options` → `quantize --config`: GPTQ runs with those options
+    (recorded in the file), and an unknown option fails on one line like any bad config file."""
+    assert main(["config", "dump", "weight_only_int4", "--group-size", "32", "--algorithm", "gptq"]) == 0
+    config = json.loads(capsys.readouterr().out)
+    config["algorithm_options"] = {"gptq": {"act_order": True, "min_samples": 8}}
+    (tmp_path / "cfg.json").write_text(json.dumps(config))
+    out = tmp_path / "m.safetensors"
+    assert main(["quantize", f"{models}:mlp_with_data", "--config", str(tmp_path / "cfg.json"),
+                 "--no-speed-check", "-q", "-o", str(out)]) == 0
+    manifest = quanta.inspect(out, show=False).to_dict()["manifest"]
+    record = next(r for r in manifest["algorithms"] if r["algorithm"] == "gptq")
+    assert record["options"]["act_order"] is True and record["options"]["min_samples"] == 8
+    assert manifest["config"]["algorithm_options"] == {"gptq": {"act_order": True, "min_samples": 8}}
+    config["algorithm_options"] = {"gptq": {"act_ordr": True}}
+    (tmp_path / "bad.json").write_text(json.dumps(config))
+    err = _fails(capsys, ["quantize", f"{models}:mlp_with_data", "--config", str(tmp_path / "bad.json"),
+                          "-o", str(tmp_path / "bad.safetensors")], 1)
+    assert err.startswith("quanta quantize: --config") and "unknown option(s) ['act_ordr']" in err
+    assert "act_order" in err and not (tmp_path / "bad.safetensors").exists()
