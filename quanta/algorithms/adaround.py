@@ -26,6 +26,7 @@ from ..core.spec import Format
 from ..nn.tensor_quantizer import TensorQuantizer
 from ..progress import Progress
 from .capture import CaptureError, calibration_batches, capture, quantizers_off
+from .fixed_codes import check_codes, freeze_range
 
 ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch
 
@@ -155,20 +156,6 @@ def _learn(layer: nn.Module, grid: _Grid, x: torch.Tensor, target: torch.Tensor,
     return (rectified_sigmoid(v.detach()) >= 0.5).float()
 
 
-def _freeze_range(wq: TensorQuantizer, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
-    """The weight quantizer's scale / zero point for ``w``, made independent of the weight (a
-    tracked range is stored on the quantizer). Returns them and how to undo the freeze."""
-    scale, zp = (t.clone() for t in wq.qparams(w))
-    if wq.amax is not None or not wq.track_tensor:
-        return scale, zp, None
-    wq.set_range(*wq.range_of(w))
-
-    def undo() -> None:
-        wq.amax, wq.amin, wq._cache = None, None, None
-
-    return scale, zp, undo
-
-
 def _adaround_layer(model: nn.Module, layer: nn.Module, batches: list, forward: Callable,
                     opt: AdaRoundOptions) -> dict:
     wq: TensorQuantizer = layer.weight_quantizer
@@ -176,7 +163,7 @@ def _adaround_layer(model: nn.Module, layer: nn.Module, batches: list, forward: 
     with quantizers_off(model):
         target = capture(model, layer, batches, forward, "output")
     w = layer.weight.detach()
-    scale, zp, undo = _freeze_range(wq, w)
+    scale, zp, undo = freeze_range(wq, w)
     try:
         frozen_scale, frozen_zp = wq.qparams(w)
         if not (torch.equal(frozen_scale, scale) and torch.equal(frozen_zp, zp)):
@@ -192,10 +179,7 @@ def _adaround_layer(model: nn.Module, layer: nn.Module, batches: list, forward: 
             up, after = up_nearest, before
         codes, w_new = grid.codes(up), grid.weight(up).to(w.dtype)
         # faithful by construction, and checked: the frozen quantizer gives back exactly these codes
-        s2, z2 = wq.qparams(w_new)
-        if not (torch.equal(s2, scale) and torch.equal(z2, zp)
-                and torch.equal(quantize(w_new.float(), scale, zp, wq.spec).float(), codes)):
-            raise CaptureError("its learned weight does not re-quantize to the learned codes")
+        check_codes(wq, w_new, scale, zp, codes, "the learned codes")
     except BaseException:
         if undo is not None:
             undo()

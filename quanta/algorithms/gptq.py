@@ -32,8 +32,9 @@ from ..core.quantize import quantize
 from ..core.spec import Granularity
 from ..nn.tensor_quantizer import TensorQuantizer
 from ..progress import Progress
-from .adaround import _freeze_range, _unsupported
+from .adaround import _unsupported
 from .capture import CaptureError, calibration_batches
+from .fixed_codes import check_codes, freeze_range
 from .gptq_solver import SolverError, output_error, solve
 
 
@@ -206,7 +207,7 @@ def _gptq_layer(layer: nn.Module, hessian: torch.Tensor, rows: int, opt: GPTQOpt
         raise CaptureError("its inputs are all zero on the calibration data")
     spec, lspec = wq.spec, _linear_spec(wq.spec)
     w_lin = orient(w).float().clone()  # (the weight is overwritten below; errors compare against this copy)
-    scale, zp, undo = _freeze_range(wq, w)  # compact, in the quantizer's orientation
+    scale, zp, undo = freeze_range(wq, w)  # compact, in the quantizer's orientation
     try:
         if not all(torch.equal(a, b) for a, b in zip(wq.qparams(w), (scale, zp))):
             raise CaptureError("its weight range cannot be frozen without changing its scale")
@@ -241,10 +242,7 @@ def _gptq_layer(layer: nn.Module, hessian: torch.Tensor, rows: int, opt: GPTQOpt
         w_hat = (sol.codes - sol.zero_point) * sol.scale
         w_new = orient(w_hat).to(w.dtype).contiguous()
         # faithful by construction, and checked: the frozen quantizer gives back exactly these codes
-        s2, z2 = wq.qparams(w_new)
-        if not (torch.equal(s2, scale) and torch.equal(z2, zp)
-                and torch.equal(quantize(w_new.float(), scale, zp, spec).float(), orient(sol.codes))):
-            raise CaptureError("its GPTQ weight does not re-quantize to GPTQ's codes")
+        check_codes(wq, w_new, scale, zp, orient(sol.codes), "GPTQ's codes")
     except BaseException:
         if undo is not None:
             undo()
