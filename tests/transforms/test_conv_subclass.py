@@ -115,6 +115,13 @@ def test_pad_then_conv_is_recognised_with_its_padding(module, conv_padding, extr
         assert torch.equal(module(x), expected)
 
 
+class GatedInputConv2d(nn.Conv2d):
+    """A forward with a second input (a gate): not one padding-then-conv of its input."""
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x * gate, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
 @pytest.mark.parametrize("module,reason", [
     (DoubledConv2d(4, 4, 3), "self.weight"),
     (ScaledOutConv2d(4, 4, 3), "does not return conv2d"),
@@ -122,7 +129,9 @@ def test_pad_then_conv_is_recognised_with_its_padding(module, conv_padding, extr
     (DynamicSameConv2d(4, 4, 3, stride=2), "torch.fx cannot trace"),
     (OnesPadConv2d(4, 4, 3), "value 1.0"),
     (ReflectConv2d(4, 4, 3), "mode='reflect'"),
-], ids=["weight*2", "learned-scale", "weight-standardization", "input-dependent-pad", "ones-pad", "reflect"])
+    (GatedInputConv2d(4, 4, 3), "its forward takes 2 inputs, not one"),
+], ids=["weight*2", "learned-scale", "weight-standardization", "input-dependent-pad", "ones-pad", "reflect",
+        "two-inputs"])
 def test_anything_else_is_not_lowerable_with_a_reason(module, reason):
     plan = analyse_conv_subclass(module)
     assert isinstance(plan, str) and reason in plan
