@@ -5,33 +5,15 @@ from __future__ import annotations
 import pathlib
 
 import pytest
+from test_cli_commands import MODELS  # the user's model file the CLI tests write (its cnn: Conv2d → Linear)
 
 from quanta.cli import main
-
-MODEL = '''
-import torch
-from torch import nn
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.fc = nn.Linear(8, 4)
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
-
-def cnn():
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(1)
-    return Net().eval(), [torch.randn(4, 3, 8, 8, generator=g) for _ in range(3)]
-'''
 
 
 @pytest.fixture
 def quantized(tmp_path: pathlib.Path) -> tuple[str, str]:
     """``(file, spec)``: the spec's model quantized static int8 by the CLI."""
-    (tmp_path / "analysismodels.py").write_text(MODEL)
+    (tmp_path / "analysismodels.py").write_text(MODELS)
     spec = f"{tmp_path / 'analysismodels.py'}:cnn"
     out = str(tmp_path / "m.safetensors")
     assert main(["quantize", spec, "--preset", "static_int8", "--no-speed-check", "-q", "-o", out]) == 0

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..transforms.conv_subclass import runs_layer_op
+from ..transforms.conv_subclass import runs_layer_op, traced_calls
 
 _WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -58,15 +58,10 @@ def find_pairs(model: nn.Module) -> tuple[list[LayerPair], list[str]]:
     and notes on what could not be analysed. Traces with ``torch.fx``; a model that cannot be
     traced falls back to adjacency inside ``nn.Sequential``."""
     try:
-        graph = _LeafTracer().trace(model)
+        graph, mods, calls = traced_calls(model, _LeafTracer())
     except Exception as e:
         note = f"torch.fx could not trace the model ({type(e).__name__}); pairs found by nn.Sequential order only"
         return _pairs_sequential(model), [note]
-    mods = dict(model.named_modules())
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
     pairs = []
     for node in graph.nodes:
         if node.op != "call_module" or not isinstance(mods.get(node.target), _WEIGHTED) or calls[node.target] != 1:

@@ -237,5 +237,16 @@ class LayerLeafTracer(fx.Tracer):
         return (isinstance(m, _WEIGHTED) and runs_layer_op(m)) or super().is_leaf_module(m, qualname)
 
 
+def traced_calls(model: nn.Module, tracer: fx.Tracer) -> tuple[fx.Graph, dict[str, nn.Module], dict[str, int]]:
+    """``model`` traced by ``tracer`` (raises what tracing raises), its modules by name, and how
+    many times the graph calls each module (a module called twice cannot be paired at one site)."""
+    graph = tracer.trace(model)
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    return graph, dict(model.named_modules()), calls
+
+
 __all__ = ["LayerLeafTracer", "PadThenConv", "analyse_conv_subclass", "conv_subclass_reason", "plain_view",
-           "runs_layer_op"]
+           "runs_layer_op", "traced_calls"]

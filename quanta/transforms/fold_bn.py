@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .conv_subclass import LayerLeafTracer, runs_layer_op
+from .conv_subclass import LayerLeafTracer, runs_layer_op, traced_calls
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -26,14 +26,10 @@ def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
 
 def _pairs_fx(model: nn.Module) -> list[tuple[str, str]] | None:
     try:
-        graph = LayerLeafTracer().trace(model)  # (a user conv subclass that pads, then convolves: one node)
+        # (a user conv subclass that pads, then convolves: one node)
+        graph, mods, calls = traced_calls(model, LayerLeafTracer())
     except Exception:  # data-dependent control flow etc.: fall back to Sequential adjacency
         return None
-    mods = dict(model.named_modules())
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
     pairs = []
     for node in graph.nodes:
         if node.op != "call_module" or not isinstance(mods.get(node.target), _BN) or not node.args:
