@@ -56,6 +56,7 @@ _UINT8_AFFINE = QuantSpec(bits=8, signed=False, symmetric=False)
 class Int8Add(IntegerModule):
     """``a + b`` on two per-tensor 8-bit grids; float or uint8 output (see the module doc)."""
 
+    simulated_type = QuantAdd
     operand_names = ("input", "other")
 
     def __init__(self, *, input_spec: QuantSpec = _UINT8_AFFINE, other_spec: QuantSpec = _UINT8_AFFINE,

@@ -82,6 +82,8 @@ def packed_projection(in_proj: nn.Module, query: torch.Tensor, key: torch.Tensor
 class Int8MultiheadAttention(IntegerModule):
     """Self-attention with integer in/out projections (see the module docstring)."""
 
+    simulated_type = QuantMultiheadAttention
+
     def __init__(self, embed_dim: int, num_heads: int, bias: bool = True, batch_first: bool = False, *,
                  matmul_descs: Sequence[dict[str, Any] | QuantDescriptor | None] = (None,) * 4,
                  in_proj: Int8Linear | None = None, out_proj: Int8Linear | None = None,

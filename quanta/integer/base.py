@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -37,6 +37,9 @@ class IntegerModule(nn.Module):
     impl: str = "auto"
     #: marker read by simulated containers (which must not take torch's fused float paths)
     is_integer_module = True
+    #: the simulated class this integer class lowers (`convert` asks ``accepts`` only of the
+    #: classes whose ``simulated_type`` the module is an instance of)
+    simulated_type: ClassVar[type]
 
     #: attributes ``pack()`` builds that a copy (deepcopy, pickle) must not share or cannot
     #: hold (oneDNN's packed weights; settled calls holding this module's tensors): dropped

@@ -45,6 +45,8 @@ def _common_problem(sim: Any) -> str | None:
 
 
 class _IntEmbedding(IntegerModule):
+    simulated_type = QuantEmbedding
+
     def _init_common(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None,
                      symmetric: bool) -> None:
         owner = type(self).__name__

@@ -132,6 +132,7 @@ def _bias_of(sim: Any) -> torch.Tensor | None:
 
 
 class _LinearBase(_OutputQuant, IntegerModule):
+    simulated_type = QuantLinear
     in_features: int
     out_features: int
 

@@ -86,7 +86,6 @@ def _codes(sim: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 class _Recurrent(IntegerModule):
     mode: str
-    _sim_classes: tuple[type, ...]
     _gates: int
 
     def _init_common(self, input_size: int, hidden_size: int, bias: bool, act_spec: QuantSpec | None) -> None:
@@ -189,8 +188,8 @@ class _DynamicInt8RNNBase(_Recurrent):
 
     @classmethod
     def accepts(cls, sim: Any) -> str | None:
-        if not isinstance(sim, cls._sim_classes):
-            return f"{cls.__name__} lowers {' / '.join(c.__name__ for c in cls._sim_classes)}, got {type(sim).__name__}"
+        if not isinstance(sim, cls.simulated_type):
+            return f"{cls.__name__} lowers {cls.simulated_type.__name__}, got {type(sim).__name__}"
         if getattr(sim, "proj_size", 0):
             return "LSTM projections (proj_size > 0) are not supported"
         if sim.output_quantizer is not None:
@@ -259,19 +258,19 @@ class _DynamicInt8RNNBase(_Recurrent):
 class DynamicInt8LSTM(_DynamicInt8RNNBase):
     """``nn.LSTM`` with int8 weights and dynamically quantized activations (inference)."""
 
-    mode, _gates, _sim_classes = "LSTM", 4, (QuantLSTM,)
+    mode, _gates, simulated_type = "LSTM", 4, QuantLSTM
 
 
 class DynamicInt8GRU(_DynamicInt8RNNBase):
     """``nn.GRU`` with int8 weights and dynamically quantized activations (inference)."""
 
-    mode, _gates, _sim_classes = "GRU", 3, (QuantGRU,)
+    mode, _gates, simulated_type = "GRU", 3, QuantGRU
 
 
 class DynamicInt8RNN(_DynamicInt8RNNBase):
     """``nn.RNN`` (tanh or relu) with int8 weights and dynamically quantized activations."""
 
-    _gates, _sim_classes = 1, (QuantRNN,)
+    _gates, simulated_type = 1, QuantRNN
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, bidirectional: bool = False, act_spec: QuantSpec | None = None,
@@ -301,8 +300,8 @@ class _DynamicInt8CellBase(_Recurrent):
 
     @classmethod
     def accepts(cls, sim: Any) -> str | None:
-        if not isinstance(sim, cls._sim_classes):
-            return f"{cls.__name__} lowers {' / '.join(c.__name__ for c in cls._sim_classes)}, got {type(sim).__name__}"
+        if not isinstance(sim, cls.simulated_type):
+            return f"{cls.__name__} lowers {cls.simulated_type.__name__}, got {type(sim).__name__}"
         if sim.output_quantizer is not None:
             return "an output quantizer is not supported by the dynamic kernel"
         problem = _weight_problem(sim)
@@ -354,15 +353,15 @@ class _DynamicInt8CellBase(_Recurrent):
 class DynamicInt8LSTMCell(_DynamicInt8CellBase):
     """``nn.LSTMCell`` with int8 weights and dynamically quantized activations; returns ``(h', c')``."""
 
-    mode, _gates, _sim_classes = "LSTM", 4, (QuantLSTMCell,)
+    mode, _gates, simulated_type = "LSTM", 4, QuantLSTMCell
 
 
 class DynamicInt8GRUCell(_DynamicInt8CellBase):
-    mode, _gates, _sim_classes = "GRU", 3, (QuantGRUCell,)
+    mode, _gates, simulated_type = "GRU", 3, QuantGRUCell
 
 
 class DynamicInt8RNNCell(_DynamicInt8CellBase):
-    _gates, _sim_classes = 1, (QuantRNNCell,)
+    _gates, simulated_type = 1, QuantRNNCell
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, act_spec: QuantSpec | None = None,
                  nonlinearity: str = "tanh") -> None:

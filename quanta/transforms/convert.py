@@ -172,6 +172,21 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False, fuse
     return target
 
 
+def handles(cls: type, sim: nn.Module) -> bool:
+    """Whether the lowering class ``cls`` is meant for ``sim``: ``sim`` is an instance of the
+    class's declared ``simulated_type``; the padded convs lower only a padded view (one with
+    ``extra_padding``, built by `plain_view` for an asymmetric subclass), the other convs never
+    one. Only these classes' ``accepts`` is asked, so its refusal is about this module."""
+    declared = getattr(cls, "simulated_type", None)
+    if not isinstance(declared, type):
+        raise TypeError(f"lowering class {cls.__name__} declares no simulated_type (the simulated class it lowers)")
+    padded_view = any(getattr(sim, "extra_padding", None) or ())
+    return isinstance(sim, declared) and (cls in _PADDED_CLASSES) == padded_view
+
+
+_PADDED_CLASSES = frozenset(PADDED.values())
+
+
 def _with_choice(lowering: Lowering, choice: SpeedChoice | None) -> Lowering:
     if choice is None:
         return lowering
@@ -215,13 +230,11 @@ class _Walk:
                                         f"({plan}): kept float"))
             self.children(twin, name)  # (quantized modules inside it still lower)
             return twin
-        view = plain_view(module, plan)
-        classes = self.classes if plan.symmetric else [c for c in self.classes if c in PADDED.values()]
-        return self._lower_as(view, module, name, classes)
+        return self._lower_as(plain_view(module, plan), module, name, self.classes)
 
     def _lower_as(self, sim: nn.Module, module: nn.Module, name: str, classes: list[type]) -> nn.Module | None:
         reasons = []
-        for cls in classes:
+        for cls in (c for c in classes if handles(c, sim)):  # only the classes meant for this type explain
             reason = cls.accepts(sim)
             if reason is None:
                 new = cls.from_simulated(sim)
@@ -231,9 +244,7 @@ class _Walk:
                 self.report.append(Lowering(name or "(root)", type(module).__name__, type(new).__name__,
                                             new.extra_repr()))
                 return new
-            wrong_type = " is not a " in reason or reason.endswith(f"got {type(sim).__name__}")
-            if not wrong_type:  # only the classes meant for this module type explain
-                reasons.append(f"{cls.__name__}: {reason}")
+            reasons.append(f"{cls.__name__}: {reason}")
         detail = "; ".join(reasons) or "no integer kernel for this module type"
         if name in self.gaps:  # (some inputs of a called module saw no data: e.g. self-attention's key)
             detail += f"; quantizer(s) {', '.join(self.gaps[name])} saw no calibration data"
