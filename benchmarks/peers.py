@@ -22,6 +22,8 @@ from torch import nn
 def torch_ao(wl: W.Workload, model: nn.Module, calib: list[torch.Tensor]) -> list[Method]:
     import torch.ao.quantization as tq
 
+    if wl.kind == "cnn" and W.has_conv_subclass(model):
+        return [guarded("torch.ao FX static int8 (x86)", PEER, lambda: _torch_ao_fx(model, calib))]
     if wl.kind == "cnn":
         def build() -> Method:
             torch.backends.quantized.engine = "x86"
@@ -42,6 +44,25 @@ def torch_ao(wl: W.Workload, model: nn.Module, calib: list[torch.Tensor]) -> lis
         q = tq.quantize_dynamic(copy.deepcopy(model), {nn.Linear, nn.LSTM}, dtype=torch.qint8)
         return Method("torch.ao quantize_dynamic int8", PEER, fn=q, size_bytes=state_dict_bytes(q))
     return [guarded("torch.ao quantize_dynamic int8", PEER, build_dyn)]
+
+
+def _torch_ao_fx(model: nn.Module, calib: list[torch.Tensor]) -> Method:
+    """torch.ao FX graph mode (x86 qconfig mapping): eager mode swaps modules by exact type and
+    cannot quantize ``nn.Conv2d`` subclasses; FX traces through their ``forward`` (pad, then
+    ``F.conv2d``) and quantizes the functional convs and ``x + y`` adds."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.backends.quantized.engine = "x86"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p = prepare_fx(copy.deepcopy(model), get_default_qconfig_mapping("x86"), (calib[0],))
+        with torch.no_grad():
+            for c in calib:
+                p(c)
+        q = convert_fx(p)
+    return Method("torch.ao FX static int8 (x86)", PEER, fn=q, size_bytes=state_dict_bytes(q),
+                  notes=["torch.ao eager mode cannot swap Conv2d subclasses; FX graph mode used"])
 
 
 # ---------------------------------------------------------------- torchao quantize_
@@ -68,7 +89,7 @@ def _torchao_configs(kind: str) -> list[tuple[str, object]]:
 
 
 def torchao_rows(wl: W.Workload, model: nn.Module) -> list[Method]:
-    if wl.kind not in ("transformer", "linear"):
+    if not (wl.attention or wl.kind == "linear"):
         return []
     try:
         with warnings.catch_warnings():
@@ -104,9 +125,9 @@ def pt2e_x86(wl: W.Workload, model: nn.Module, calib: list[torch.Tensor]) -> lis
     """torch.export -> X86InductorQuantizer -> prepare_pt2e -> calibrate -> convert_pt2e ->
     torch.compile (inductor freezing on). torch.export specializes the batch size, so this
     exports, calibrates and converts once per benchmarked batch size, at build time."""
-    if wl.kind not in ("cnn", "transformer"):
+    if wl.kind != "cnn" and not wl.attention:
         return []
-    dynamic = wl.kind == "transformer"
+    dynamic = wl.attention
     name = f"pt2e X86InductorQuantizer {'dynamic' if dynamic else 'static'} int8 + compile"
 
     def build() -> Method:

@@ -81,7 +81,7 @@ def openvino_rows(wl: W.Workload, model: nn.Module, calib: list[torch.Tensor], t
         except Exception as e:
             raise RuntimeError(f"nncf not installed: {short_error(e)}") from e
         nncf.set_log_level(logging.ERROR)
-        kind = {"model_type": nncf.ModelType.TRANSFORMER} if wl.kind == "transformer" else {}
+        kind = {"model_type": nncf.ModelType.TRANSFORMER} if wl.attention else {}
         data = nncf.Dataset([c.numpy() for c in calib])
         q = nncf.quantize(converted[0], data, subset_size=len(calib), **kind)
         label = "OpenVINO int8 (nncf.quantize" + (", TRANSFORMER" if kind else "") + ", runs in {precision})"

@@ -4,6 +4,7 @@
     python benchmarks/run.py --quick               # smoke run: shrunk models, no compile rows (~1 min)
     python benchmarks/run.py --workload bert --workload lstm --out /tmp/r.md
     python benchmarks/run.py --quick --busy        # each batch timed idle, then beside one spinning process
+    python benchmarks/run.py --quick --workload tf_mobile --methods fp32,quanta,openvino   # only these rows
 
 All methods of a workload run in this one process, side by side on the same input, timed in
 interleaved rounds (see timing.py). Peers (torchao, onnxruntime, ...) are optional: a missing
@@ -41,6 +42,7 @@ from methods import Method, quanta_rows, torch_fp32, torch_fp32_channels_last
 QUANTA_PRESETS = {
     "cnn": [("static_int8", {})],
     "transformer": [("dynamic_int8", {})],
+    "speech": [("dynamic_int8", {}), ("static_int8", {})],
     "rnn": [("dynamic_int8", {})],
     "linear": [("dynamic_int8", {}), ("weight_only_int8", {}), ("weight_only_int4", {"group_size": 128})],
 }
@@ -52,8 +54,23 @@ def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
     return math.inf if noise == 0 else 10 * math.log10(ref.pow(2).sum().item() / noise)
 
 
+#: the row families of ``build_methods``, in build order (``--methods`` picks among them)
+FAMILIES = ("fp32", "quanta", "torch.ao", "torchao", "pt2e", "onnxruntime", "openvino")
+
+
+def parse_methods(text: str) -> tuple[str, ...]:
+    """``--methods fp32,quanta,openvino`` -> the families, validated (an unknown one names the choices)."""
+    picked = tuple(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))
+    unknown = [p for p in picked if p not in FAMILIES]
+    if unknown or not picked:
+        raise argparse.ArgumentTypeError(f"unknown method famil{'ies' if len(unknown) > 1 else 'y'} "
+                                         f"{', '.join(map(repr, unknown)) or '(none given)'}; choose from "
+                                         f"{','.join(FAMILIES)}")
+    return picked
+
+
 def build_methods(wl: W.Workload, model: torch.nn.Module, threads: int, workdir: str,
-                  log=print) -> list[Method]:
+                  log=print, families: tuple[str, ...] = FAMILIES) -> list[Method]:
     calib = wl.calib_data()
     steps = [
         ("fp32", lambda: [torch_fp32(model)] + ([torch_fp32_channels_last(model)] if wl.kind == "cnn" else [])),
@@ -65,8 +82,11 @@ def build_methods(wl: W.Workload, model: torch.nn.Module, threads: int, workdir:
         ("onnxruntime", lambda: peers.ort_rows(wl, model, calib, threads, workdir)),
         ("openvino", lambda: peers_openvino.openvino_rows(wl, model, calib, threads, workdir)),
     ]
+    assert [label for label, _ in steps] == list(FAMILIES)
     methods: list[Method] = []
     for label, step in steps:
+        if label not in families:
+            continue
         t0 = time.perf_counter()
         try:
             rows = step()
@@ -126,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="auto (default): dynamo exporter, TorchScript for LSTM or when dynamo fails; "
                     "--quick defaults to torchscript (seconds faster per model)")
     ap.add_argument("--verbose", action="store_true", help="keep torch's compile-time error logs")
+    ap.add_argument("--methods", type=parse_methods, default=FAMILIES, metavar="F1,F2,...",
+                    help=f"only these row families (comma-separated; default all): {','.join(FAMILIES)}")
     ap.add_argument("--busy", action="store_true", help="time each batch twice: idle, then with one competing "
                     "CPU-bound process (a pure-Python spin started and stopped here); adds the busy tables")
     args = ap.parse_args(argv)
@@ -161,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             wl = wls[name]
             print(f"[{time.perf_counter() - t_start:6.1f} s] {name}: building", flush=True)
             model = wl.model()
-            built = build_methods(wl, model, args.threads, workdir)
+            built = build_methods(wl, model, args.threads, workdir, families=args.methods)
             for b in wl.batches:
                 print(f"[{time.perf_counter() - t_start:6.1f} s] {name} batch {b}: timing", flush=True)
                 rows = bench_batch(wl, model, built, b, budget)

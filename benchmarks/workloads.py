@@ -221,6 +221,12 @@ def quanta_ready(model: nn.Module) -> nn.Module:
     return model
 
 
+def has_conv_subclass(model: nn.Module) -> bool:
+    """Whether a model holds convs written as subclasses of ``nn.Conv1d/2d/3d`` (TF ports)."""
+    plain = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    return any(isinstance(m, plain) and type(m) not in plain for m in model.modules())
+
+
 def fuse_patterns(model: nn.Module) -> list[list[str]]:
     """Module-name groups for ``torch.ao.quantization.fuse_modules``: conv+bn(+relu)."""
     groups: list[list[str]] = []
@@ -240,7 +246,7 @@ def fuse_patterns(model: nn.Module) -> list[list[str]]:
 @dataclass
 class Workload:
     name: str
-    kind: str  # "cnn" | "transformer" | "rnn" | "linear"
+    kind: str  # "cnn" | "transformer" | "speech" (conv stem + transformer) | "rnn" | "linear"
     build: Callable[[], nn.Module]
     input_shape: Callable[[int], tuple[int, ...]]  # batch -> input shape
     batches: list[int]
@@ -248,6 +254,11 @@ class Workload:
     calib_count: int = 4
     notes: str = ""
     extra: dict = field(default_factory=dict)
+
+    @property
+    def attention(self) -> bool:
+        """A transformer-shaped workload (peers quantize its Linears dynamically, NNCF as TRANSFORMER)."""
+        return self.kind in ("transformer", "speech")
 
     def model(self) -> nn.Module:
         torch.manual_seed(0)
@@ -266,6 +277,8 @@ class Workload:
 
 def workloads(quick: bool = False) -> dict[str, Workload]:
     """All workloads; ``quick`` shrinks them (fewer layers, smaller images) for smoke runs."""
+    import workloads_real as R
+
     if quick:
         ws = [
             Workload("bert", "transformer", lambda: BertEncoder(layers=2), lambda b: (b, 32, 768), [2],
@@ -278,6 +291,12 @@ def workloads(quick: bool = False) -> dict[str, Workload]:
                      notes="2-layer LSTM, hidden 256, seq 16 (quick)"),
             Workload("linear_stack", "linear", lambda: LinearStack(1024, 4), lambda b: (b, 1024), [1],
                      notes="4 x Linear(1024, 1024), one token (quick)"),
+            Workload("tf_mobile", "cnn", R.TFMobileNet, lambda b: (b, 3, 64, 64), [1],
+                     notes="TF-ported MobileNetV2: Conv2d subclasses with TF same padding, x + y adds, 64x64 (quick)"),
+            Workload("sentence_encoder", "transformer", lambda: R.SentenceEncoder(layers=2), lambda b: (b, 32, 384),
+                     [2], notes="MiniLM-shaped sentence encoder, 2 layers, hidden 384, seq 32, mean pool (quick)"),
+            Workload("speech_encoder", "speech", lambda: R.SpeechEncoder(layers=2), lambda b: (b, 80, 100), [1],
+                     notes="Conv1d stem + 2 nn.TransformerEncoderLayer(256, 4), 80x100 frames (quick)"),
         ]
         for w in ws:
             w.calib_count = 2
@@ -293,5 +312,15 @@ def workloads(quick: bool = False) -> dict[str, Workload]:
                      notes="LSTM: 2 layers, input 512, hidden 512, seq 64"),
             Workload("linear_stack", "linear", LinearStack, lambda b: (b, 4096), [1],
                      notes="decoder-style: 4 x Linear(4096, 4096, bias=False), batch 1, one token"),
+            Workload("tf_mobile", "cnn", R.TFMobileNet, lambda b: (b, 3, 224, 224), [1, 8],
+                     notes="TF-ported MobileNetV2 (width 1.0): 52 Conv2d subclasses applying TF same padding "
+                     "(ZeroPad2d / F.pad, asymmetric at stride 2) before F.conv2d, BN eps 1e-3, ReLU6, x + y "
+                     "residual adds, 1001 classes, 224x224"),
+            Workload("sentence_encoder", "transformer", R.SentenceEncoder, lambda b: (b, 128, 384), [1, 8],
+                     notes="MiniLM-shaped sentence encoder: 6 post-LN layers, hidden 384, 12 heads, FFN 1536, "
+                     "seq 128, mean pooling + L2 norm"),
+            Workload("speech_encoder", "speech", R.SpeechEncoder, lambda b: (b, 80, 400), [1, 4],
+                     notes="speech encoder: 2 x (Conv1d k3 s2 + GELU) over 80 x 400 log-mel-like frames, then "
+                     "4 x nn.TransformerEncoderLayer(d_model=256, nhead=4, batch_first=True)"),
         ]
     return {w.name: w for w in ws}
