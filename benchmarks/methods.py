@@ -131,12 +131,17 @@ def torch_fp32_channels_last(model: nn.Module) -> Method:
 
 
 # ---------------------------------------------------------------- quanta rows
+#: at most this many kept-float layers named in a row's notes (the rest counted)
+NOTED_KEPT_FLOAT = 6
+
+
 def quanta_rows(model: nn.Module, presets: list[tuple[str, dict]], calib: list[torch.Tensor],
                 example: torch.Tensor | None = None) -> list[Method]:
     """One eager and one ``torch.compile`` row per preset, via quanta's public API.
 
     ``example`` (a benchmark input) drives quanta's speed check: layers whose integer kernel
-    is slower than float on it stay float; the row's notes count them."""
+    is slower than float on it stay float; the row's notes name each layer kept float with both
+    timings and its input (`quanta.kept_float`)."""
     try:
         import quanta
         quantize = quanta.quantize
@@ -150,9 +155,10 @@ def quanta_rows(model: nn.Module, presets: list[tuple[str, dict]], calib: list[t
         def build(preset=preset, kwargs=kwargs, label=label) -> Method:
             q = quantize(copy.deepcopy(model), preset, calib_data=list(calib), example=example, **kwargs)
             q.eval()
-            kept = [r.name for r in quanta.conversion_report(q) if r.result == "float"]
-            notes = [f"speed check kept {len(kept)} layer(s) float: {', '.join(kept[:4])}"
-                     f"{' …' if len(kept) > 4 else ''}"] if kept else []
+            kept = quanta.kept_float(q)
+            notes = [f"kept float: {k.describe()}" for k in kept[:NOTED_KEPT_FLOAT]]
+            notes += [f"kept float: {len(kept) - NOTED_KEPT_FLOAT} more layer(s) (quanta.kept_float)"] \
+                if len(kept) > NOTED_KEPT_FLOAT else []
             return Method(label, QUANTA, fn=q, size_bytes=quanta_size(q), notes=notes)
 
         eager = guarded(label, QUANTA, build, prefix="not available")

@@ -9,7 +9,7 @@ import pathlib
 from typing import Any
 
 from ..io import save
-from ..transforms import QuantConfig, conversion_report, preset, quantize
+from ..transforms import QuantConfig, conversion_report, kept_float, preset, quantize
 from .errors import CommandError
 from .images import ImageOptions
 from .sources import example_input, load_calibration, load_hf, load_spec
@@ -122,7 +122,8 @@ class QuantizeJob:
 
 
 def quantize_file(job: QuantizeJob) -> str:
-    """Quantize the job's model and write it; returns a one-line summary."""
+    """Quantize the job's model and write it; returns a summary: one line, then one line per layer
+    kept float (`quanta.kept_float`: the speed check's timings, or why it could not be lowered)."""
     config = job.config.resolve()  # config errors before the (possibly slow) model load
     if job.calib is not None and not pathlib.Path(job.calib).exists():
         raise CommandError(f"--calib {job.calib}: no such file or folder")
@@ -137,8 +138,9 @@ def quantize_file(job: QuantizeJob) -> str:
                             speed_check=job.speed_check, progress=job.progress, example=example)
     path = save(qmodel, job.output)
     integer, quantized = integer_layers(qmodel)
+    kept = kept_float(qmodel)
     return (f"wrote {path} ({path.stat().st_size:,} bytes): {integer} of {quantized} quantized layers "
-            f"run on integer kernels")
+            f"run on integer kernels" + "".join(f"\n  kept float: {k.describe()}" for k in kept))
 
 
 def quantize_model(model: Any, config: QuantConfig, calib: Any, **options: Any) -> Any:

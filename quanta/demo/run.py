@@ -29,7 +29,7 @@ from ..transforms import preset as make_preset
 from .cache import load_or_train
 from .data import digits, fashion_mnist, stdlib_docstrings
 from .models import DigitsCNN, DocstringTransformer
-from .table import DemoRow, format_table, machine_line
+from .table import DemoRow, format_table, kept_float_notes, machine_line
 from .train import accuracy, train_classifier
 
 #: method label → (preset, its options); every label but "fp32" is one `quanta.quantize` call
@@ -200,10 +200,12 @@ def run_demo(quick: bool = False, log: Callable[[str], None] = echo, progress: b
             row = DemoRow(task.name, m, acc, acc - base_acc, _file_bytes(q), ms, (min(times[m]), max(times[m])),
                           base_ms / ms, sqnr_db(logits["fp32"], logits[m]),
                           "" if m == "fp32" else _integer_layers(q), task.weights,
-                          "" if m == "fp32" else _kernels(q))
+                          "" if m == "fp32" else _kernels(q), () if m == "fp32" else kept_float_notes(q))
             rows.append(row)
             log(f"  {task.name:<44} {m:<36} acc {acc:6.2f}% ({acc - base_acc:+.2f})  "
                 f"file {row.file_bytes / 1024:8.1f} KiB  {ms:8.2f} ms ({row.speedup:.2f}x)")
+            for note in row.kept_float:
+                log(f"    kept float: {note}")
     return DemoReport(rows, machine, rounds, skipped)
 
 

@@ -23,6 +23,14 @@ class DemoRow:
     integer_layers: str     # "integer / quantizable" layers after conversion ("" for fp32)
     weights: str            # "trained" now or "cached"
     kernels: str = ""       # the integer kernels that ran in the timed calls ("onednn×4"; "" for fp32)
+    kept_float: tuple[str, ...] = ()  # `KeptFloat.describe()` of each layer the method keeps float
+
+
+def kept_float_notes(model: torch.nn.Module) -> tuple[str, ...]:
+    """What `DemoRow.kept_float` holds for a quantized ``model`` (`quanta.kept_float`)."""
+    from ..transforms import kept_float
+
+    return tuple(k.describe() for k in kept_float(model))
 
 
 def machine_line(native_status: str) -> str:
@@ -47,4 +55,8 @@ def format_table(rows: list[DemoRow], machine: str = "", rounds: int = 0) -> str
         lines.append(f"| {r.model} | {r.method} | {r.accuracy:.2f} ({r.delta:+.2f}) | {r.file_bytes / 1024:.1f} | "
                      f"{r.latency_ms:.2f} ({r.spread_ms[0]:.2f}–{r.spread_ms[1]:.2f}) | {r.speedup:.2f}x | {sqnr} | "
                      f"{r.integer_layers or '—'} | {r.kernels or '—'} |")
+    notes = [f"- {r.model}, {r.method}: kept float: {k}" for r in rows for k in r.kept_float]
+    if notes:
+        lines += ["", "Layers kept float (integer vs float time on their input, or why they could not be lowered):",
+                  *notes]
     return "\n".join(lines)

@@ -10,6 +10,7 @@ from .prepare import prepare
 from .presets import PRESETS, preset
 from .qat import QATConfig, finalize_qat, prepare_qat
 from .quantize import quantize
+from .speed_check import KeptFloat, kept_float
 
-__all__ = ["CoverageReport", "PRESETS", "QATConfig", "QuantConfig", "calibrate", "conversion_report", "convert", "coverage",
-           "finalize_qat", "fold_batchnorm", "prepare", "prepare_qat", "preset", "quant_modules", "quantize"]
+__all__ = ["CoverageReport", "KeptFloat", "PRESETS", "QATConfig", "QuantConfig", "calibrate", "conversion_report", "convert", "coverage",
+           "finalize_qat", "fold_batchnorm", "kept_float", "prepare", "prepare_qat", "preset", "quant_modules", "quantize"]

@@ -12,7 +12,8 @@ from ..nn.modules.base import QuantModule
 from ..nn.modules.functional import QuantOp
 from ..nn.modules.fused import FusedActivation
 from ..nn.tensor_quantizer import TensorQuantizer
-from .decisions import DECISIONS_ATTR, REPORT_ATTR, UNSUPPORTED
+from .decisions import DECISIONS_ATTR, UNSUPPORTED
+from .speed_check import kept_float
 
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
 
@@ -73,7 +74,7 @@ def coverage(model: nn.Module) -> CoverageReport:
     """List every module: quantized (with its quantizers), excluded by a rule, or float
     because nothing quantizes its type. Unsupported modules are never an error."""
     decisions: dict[str, str] = getattr(model, DECISIONS_ATTR, {})
-    kept_float = {r.name: r.detail for r in getattr(model, REPORT_ATTR, []) if r.result == "float"}
+    kept = {k.name: k.reason for k in kept_float(model)}
     entries: list[CoverageEntry] = []
     skip: list[str] = []
     for name, mod in model.named_modules():
@@ -96,8 +97,8 @@ def coverage(model: nn.Module) -> CoverageReport:
             entries.append(CoverageEntry(name or "(root)", tname, "integer", f"{mod.extra_repr()}; kernels: {ran}"))
         elif quantized:
             entries.append(CoverageEntry(name, tname, "quantized", _describe(mod)))
-        elif name in kept_float:
-            entries.append(CoverageEntry(name, tname, "float", kept_float[name]))
+        elif name in kept:
+            entries.append(CoverageEntry(name, tname, "float", kept[name]))
         elif decisions.get(name, "").startswith(UNSUPPORTED):
             entries.append(CoverageEntry(name, tname, "float", decisions[name]))
         elif name in decisions and decisions[name].startswith(("exclude", "rule", "type")):

@@ -7,8 +7,9 @@ records what each integer module receives, times the integer module against its 
 (the simulated module's own float class, sharing the original float weights) on exactly those
 inputs, and puts the float twin back where the integer module is *clearly* slower (followed by
 the activation the integer module had fused, whose own module `fuse_activations` replaced by
-``Identity``). The choice is reported (`conversion_report`, `coverage`, without timings: they
-would make saved files differ from run to run): the layer then computes in float, unquantized.
+``Identity``). The choice is reported with both timings and the input (`conversion_report`,
+`coverage`, `kept_float`; `quanta.save` drops the timings, which would make files differ from run
+to run): the layer then computes in float, unquantized.
 
 Robust by construction: at least `MIN_ROUNDS` interleaved rounds (alternating which side goes
 first) and about `BUDGET_S` of each side; a layer goes float only when both the ratio of the
@@ -38,7 +39,8 @@ from torch import nn
 
 from ..integer.base import IntegerModule
 from ..nn.modules.fused import FusedActivation
-from .calibrate import default_forward
+from .capture import first_calls
+from .decisions import REPORT_ATTR
 from .speed_cache import DecisionCache, decision_key
 
 _log = logging.getLogger(__name__)
@@ -58,6 +60,8 @@ MIN_ROUNDS, BUDGET_S, MAX_ROUNDS = 15, 0.05, 400
 #: ``measure(kind, fn) -> seconds`` for one call of ``fn``; ``kind`` is "integer" or "float"
 #: (tests inject their own)
 Measure = Callable[[str, Callable[[], Any]], float]
+#: attribute of a float twin the speed check put back: its `SpeedChoice` (read by `kept_float`)
+SPEED_CHOICE_ATTR = "_quanta_speed_choice"
 
 
 @dataclass(frozen=True)
@@ -73,18 +77,22 @@ class SpeedChoice:
     tolerance: float = DEFAULT_TOLERANCE
     cached: bool = False  # reused from this machine's cache, not measured now
 
+    def timings(self) -> str:
+        """``"(0.123 ms vs float 0.045 ms)"``: the one way timings are written (`quanta.save` strips
+        exactly this from a report's detail, so a saved file stays a function of the model)."""
+        return f"({self.integer_ms:.3f} ms vs float {self.float_ms:.3f} ms)"
+
     def describe(self) -> str:
-        """With timings: for logs, never for the report that `quanta.save` writes."""
-        return (f"{self.integer} {self.integer_ms:.3f} ms vs float {self.float_ms:.3f} ms on input "
-                f"{list(self.input_shape)}: {self.picked} kept{' (cached)' if self.cached else ''}")
+        """For the log: the decision with its timings."""
+        return f"{self.report_detail()}{' (cached)' if self.cached else ''}"
 
     def report_detail(self) -> str:
-        """The reason without timings (the same on every run that decides the same)."""
+        """The reason, with both timings and the input (the conversion report's detail)."""
         kernel = f" ({self.kernel})" if self.kernel else ""
         if self.picked == "float":
-            return (f"{self.integer}{kernel} on input {list(self.input_shape)}: more than "
+            return (f"{self.integer}{kernel} on input {list(self.input_shape)} {self.timings()}: more than "
                     f"{self.tolerance:.2f}x float's time on this machine; float kept")
-        return f"speed-checked: at most {self.tolerance:.2f}x float's time"
+        return f"speed-checked {self.timings()}: at most {self.tolerance:.2f}x float's time"
 
 
 def _perf_counter(kind: str, fn: Callable[[], Any]) -> float:
@@ -133,28 +141,6 @@ def _in_uint8_chain(mod: nn.Module, args: tuple[Any, ...]) -> bool:
     return takes or getattr(mod, "output_kind", "float") == "uint8"
 
 
-def _capture(model: nn.Module, batch: Any, forward_fn: Callable[[nn.Module, Any], Any] | None,
-             names: dict[nn.Module, str]) -> dict[str, tuple[tuple[Any, ...], dict[str, Any]]]:
-    seen: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
-
-    def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        name = names[mod]
-        if name not in seen:
-            seen[name] = (tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args), dict(kwargs))
-
-    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in names]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            (forward_fn or default_forward)(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    return seen
-
-
 _MACHINE_CACHE: Any = object()  # keep_faster's default: this machine's cache when timing for real
 
 
@@ -177,7 +163,7 @@ def keep_faster(model: nn.Module, twins: dict[str, nn.Module], example: Any, *,
     modules = {n: m for n, m in model.named_modules() if n in twins and isinstance(m, IntegerModule)}
     counts = {m: m.kernel_counts.copy() for m in model.modules() if isinstance(m, IntegerModule)}
     try:
-        inputs = _capture(model, example, forward_fn, {m: n for n, m in modules.items()})
+        inputs = first_calls(model, example, modules, forward_fn)
         return _choose(model, modules, twins, inputs, repeats, measure, cache)
     finally:  # the example and timing runs are not calls of the model
         for m, c in counts.items():
@@ -269,6 +255,53 @@ def _choose(model: nn.Module, modules: dict[str, IntegerModule], twins: dict[str
         choices.append(choice)
         if choice.picked == "float":
             restored = _restore_activations(model, name)
+            placed = twins[name].eval() if restored else twin
+            # (a plain attribute: it follows the module through renames and copies, never into a file)
+            placed.__dict__[SPEED_CHOICE_ATTR] = choice
             parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, leaf, twins[name].eval() if restored else twin)
+            setattr(model.get_submodule(parent) if parent else model, leaf, placed)
     return choices
+
+
+@dataclass(frozen=True)
+class KeptFloat:
+    """A layer quanta was asked to quantize and keeps float, and why: the speed check measured its
+    integer kernel slower (``integer_ms`` / ``float_ms`` on ``input_shape``, fastest rounds), or it
+    could not be lowered (its shape does not fit the config, calibration never reached it, a
+    subclass ``forward`` quanta cannot follow: no timings). A model loaded from a file has the
+    reasons without the timings (files hold no timings)."""
+
+    name: str
+    type: str  # the float module's class
+    reason: str  # the conversion report's detail
+    integer: str = ""  # the integer class the speed check timed ("" when none was)
+    integer_ms: float | None = None
+    float_ms: float | None = None
+    input_shape: tuple[int, ...] | None = None
+
+    def describe(self) -> str:
+        """``"head (Linear): integer kernel slower: Int8Linear on input [64, 10] (0.031 ms vs float 0.012 ms):
+        ..."``: the one line every consumer (CLI, demo, benchmark notes) prints."""
+        return f"{self.name} ({self.type}): {self.reason}"
+
+
+def kept_float(model: nn.Module) -> list[KeptFloat]:
+    """The layers of a converted ``model`` that stay float, in conversion order, with the speed
+    check's timings where it decided (see `KeptFloat`); ``[]`` for a model not converted by quanta."""
+    out = []
+    for row in getattr(model, REPORT_ATTR, []):
+        if row.result != "float":
+            continue
+        try:
+            mod: nn.Module | None = model.get_submodule(row.name) if row.name else model
+        except AttributeError:
+            mod = None
+        choice = getattr(mod, SPEED_CHOICE_ATTR, None) if mod is not None else None
+        layer = mod[0] if isinstance(mod, nn.Sequential) and choice is not None else mod  # (twin, its activation)
+        kind = type(layer).__name__ if layer is not None else row.simulated
+        if isinstance(choice, SpeedChoice):
+            out.append(KeptFloat(row.name, kind, row.detail, choice.integer, choice.integer_ms, choice.float_ms,
+                                 choice.input_shape))
+        else:
+            out.append(KeptFloat(row.name, kind, row.detail))
+    return out
