@@ -9,6 +9,7 @@ from .nn import LayerQuantConfig, QuantDescriptor, TensorQuantizer
 from .transforms import (
     PRESETS,
     CoverageReport,
+    KeptFloat,
     QATConfig,
     QuantConfig,
     calibrate,
@@ -17,6 +18,7 @@ from .transforms import (
     coverage,
     finalize_qat,
     fold_batchnorm,
+    kept_float,
     prepare,
     prepare_qat,
     preset,
@@ -27,5 +29,5 @@ from .transforms import (
 __all__ = [
     "CoverageReport", "LayerQuantConfig", "__version__", "algorithms", "auto_quantize", "compare", "compare_onnx", "report", "sensitivity", "export_onnx", "inspect", "load", "save", "QuantConfig", "QuantDescriptor", "QuantSpec",
     "PRESETS", "QATConfig", "TensorQuantizer", "finalize_qat", "prepare_qat", "calibrate", "conversion_report", "convert", "coverage", "fold_batchnorm",
-    "prepare", "preset", "quant_modules", "quantize", "storage_bytes",
+    "KeptFloat", "kept_float", "prepare", "preset", "quant_modules", "quantize", "storage_bytes",
 ]
