@@ -7,7 +7,7 @@
   (``INFERENCE_PRECISION_HINT``: f32 on AVX2/AVX-512 CPUs, bf16 where the CPU has AMX / AVX-512
   BF16); the row names the precision it ran in.
 - int8: ``nncf.quantize`` on that OpenVINO model with the same calibration batches every other
-  row uses (``ModelType.TRANSFORMER`` for the transformer workload; NNCF's defaults otherwise,
+  row uses (``ModelType.TRANSFORMER`` for the transformer and speech workloads; NNCF's defaults otherwise,
   which include its fast bias correction), compiled the same way.
 Size: the saved IR (``.xml`` + ``.bin``, fp32 weights kept as fp32).
 """
@@ -45,6 +45,32 @@ def _ir_bytes(ov, ov_model, path: str) -> int:
     return os.path.getsize(path) + os.path.getsize(path[:-4] + ".bin")
 
 
+def cpu_config(threads: int) -> dict:
+    """The CPU plugin settings every OpenVINO row (and the per-layer profile) compiles with."""
+    return {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+
+
+def convert(wl: W.Workload, model: nn.Module):
+    """``openvino.convert_model`` with a batch-2 example (the batch dimension stays dynamic)."""
+    import openvino as ov
+
+    example = wl.input(max(2, wl.batches[0]))
+    with torch.no_grad():
+        return ov.convert_model(model, example_input=example)
+
+
+def nncf_int8(wl: W.Workload, ov_model, calib: list[torch.Tensor]):
+    """``nncf.quantize`` with the run's calibration batches (TRANSFORMER for attention workloads)."""
+    try:
+        import nncf
+    except Exception as e:
+        raise RuntimeError(f"nncf not installed: {short_error(e)}") from e
+    nncf.set_log_level(logging.ERROR)
+    kind = {"model_type": nncf.ModelType.TRANSFORMER} if wl.attention else {}
+    data = nncf.Dataset([c.numpy() for c in calib])
+    return nncf.quantize(ov_model, data, subset_size=len(calib), **kind)
+
+
 def openvino_rows(wl: W.Workload, model: nn.Module, calib: list[torch.Tensor], threads: int,
                   workdir: str) -> list[Method]:
     try:
@@ -52,7 +78,7 @@ def openvino_rows(wl: W.Workload, model: nn.Module, calib: list[torch.Tensor], t
     except Exception as e:
         return [Method("OpenVINO", PEER, error=f"not installed: {short_error(e)}")]
     core = ov.Core()
-    config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+    config = cpu_config(threads)
     d = tempfile.mkdtemp(prefix=f"{wl.name}_ov_", dir=workdir)
     converted: list = []
 
@@ -66,9 +92,7 @@ def openvino_rows(wl: W.Workload, model: nn.Module, calib: list[torch.Tensor], t
                       size_bytes=_ir_bytes(ov, ov_model, path), prep=lambda x: x.numpy(), post=torch.from_numpy)
 
     def build_fp32() -> Method:
-        example = wl.input(max(2, wl.batches[0]))  # batch 2: the batch dimension stays dynamic
-        with torch.no_grad():
-            converted.append(ov.convert_model(model, example_input=example))
+        converted.append(convert(wl, model))
         return method(converted[0], "OpenVINO fp32 model (runs in {precision})", os.path.join(d, "fp32.xml"))
 
     rows = [guarded("OpenVINO fp32 model", PEER, build_fp32)]
@@ -76,15 +100,8 @@ def openvino_rows(wl: W.Workload, model: nn.Module, calib: list[torch.Tensor], t
         return rows + [Method("OpenVINO int8 (NNCF)", PEER, error=rows[0].error)]
 
     def build_int8() -> Method:
-        try:
-            import nncf
-        except Exception as e:
-            raise RuntimeError(f"nncf not installed: {short_error(e)}") from e
-        nncf.set_log_level(logging.ERROR)
-        kind = {"model_type": nncf.ModelType.TRANSFORMER} if wl.attention else {}
-        data = nncf.Dataset([c.numpy() for c in calib])
-        q = nncf.quantize(converted[0], data, subset_size=len(calib), **kind)
-        label = "OpenVINO int8 (nncf.quantize" + (", TRANSFORMER" if kind else "") + ", runs in {precision})"
+        q = nncf_int8(wl, converted[0], calib)
+        label = "OpenVINO int8 (nncf.quantize" + (", TRANSFORMER" if wl.attention else "") + ", runs in {precision})"
         return method(q, label, os.path.join(d, "int8.xml"))
 
     rows.append(guarded("OpenVINO int8 (NNCF)", PEER, build_int8))
