@@ -9,11 +9,14 @@ import torch
 from torch import nn
 
 from ..kernels import native
+from ..kernels.binding import Binding
 
 
 def _repack_after_load(module: IntegerModule, incompatible: Any) -> None:
-    """``load_state_dict`` post-hook: rebuild the runtime form from the loaded canonical buffers."""
+    """``load_state_dict`` post-hook: rebuild the runtime form from the loaded canonical buffers
+    (at once: a loaded model is ready, e.g. for torch.compile, before its first call)."""
     module.pack()
+    module.ensure_packed()
 
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -27,10 +30,15 @@ class IntegerModule(nn.Module):
     """Base of modules that hold integer weights and call integer kernels.
 
     *Save canonical, run packed*: persistent buffers hold kernel-independent tensors (int8
-    codes, int4 codes bit-packed two per byte, float scales, zero points, bias); ``pack()`` builds
-    whatever the chosen kernel needs (prepacked weights, layouts) as non-persistent state, and
-    runs after construction and after ``load_state_dict``. ``kernel_counts`` counts which
-    implementation ran per call, so tests and reports can say which kernel actually ran.
+    codes, int4 codes bit-packed two per byte, float scales, zero points, bias); the runtime
+    (packed) form is whatever the chosen kernel needs (prepacked weights, layouts), held as
+    non-persistent state, built by ``build_packed()``. ``pack()`` runs after every change it
+    depends on (``load_state_dict``, ``.to()``, a new implementation preference, a copy) and
+    forgets the module's `Binding` (``binding``: the settled kernel choices and calls). A module
+    never built yet (from construction until `convert` or ``load_state_dict`` ends, or its
+    first call) stays so: ``ensure_packed()`` builds it once, however many times ``pack()`` ran
+    before; a built module is rebuilt at once. ``kernel_counts`` counts which implementation
+    ran per call, so tests and reports can say which kernel actually ran.
     """
 
     #: preferred implementation: "auto" (guards decide), "reference", or a kernel name
@@ -45,15 +53,18 @@ class IntegerModule(nn.Module):
     #: hold (oneDNN's packed weights; settled calls holding this module's tensors): dropped
     #: from the state, and the copy packs its own
     _RUNTIME: tuple[str, ...] = ()
+    #: at most this many input signatures settled per module (`Binding.limit`; None: no bound)
+    _SETTLED_LIMIT: int | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(super().__getstate__())
-        for key in self._RUNTIME:
+        for key in ("binding", *self._RUNTIME):  # (settled calls hold this module's tensors)
             state.pop(key, None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.binding = Binding(self.kernel_counts, self._SETTLED_LIMIT)
         if self._RUNTIME:
             self.pack()
 
@@ -61,6 +72,10 @@ class IntegerModule(nn.Module):
         super().__init__()
         native.ensure()  # the fused CPU kernels: built once per machine, loaded once per process
         self.kernel_counts: Counter[str] = Counter()
+        #: the settled kernel choices and calls (`quanta.kernels.binding`), replaced by pack()
+        self.binding = Binding(self.kernel_counts, self._SETTLED_LIMIT)
+        #: the runtime form must be (re)built from the canonical buffers before the next call
+        self._stale = True
         # a module-level function, not a lambda: copies (pickle, torch.save) must be able to hold it
         self.register_load_state_dict_post_hook(_repack_after_load)
 
@@ -73,12 +88,38 @@ class IntegerModule(nn.Module):
             raise ValueError(f"{cls.__name__} cannot lower this {type(sim).__name__}: {reason}")
 
     def pack(self) -> None:
-        """Rebuild the runtime (packed) form from the canonical buffers.
+        """The canonical buffers (or the device, ``impl``, a fused activation) changed: forget
+        what the binding settled and rebuild the runtime (packed) form before the next call.
 
         In quanta, *pack* means this: lay the canonical buffers out for the kernels of this
         machine (prepacked weights, column sums, layouts), at convert and load time. Storing
         several low-bit codes per byte is *bit packing* (`quanta.core.pack_bits`), which the
-        canonical buffers already hold."""
+        canonical buffers already hold. The layout work is ``build_packed``: at once where it
+        was built before (so that nothing stale is ever served), else left to ``ensure_packed``
+        (convert's end, a load, the first call), so that building a module packs it once. A
+        subclass overriding ``pack()`` calls ``super().pack()`` (its binding is forgotten there)."""
+        self.forget_settled()
+        if getattr(self, "_stale", True):  # never built (or pending): built once, when first needed
+            return
+        self._stale = True
+        self.ensure_packed()
+
+    def forget_settled(self) -> None:
+        """Forget what the binding settled (a new `Binding`), keeping the packed form: for changes
+        that settled calls carry but the packed form does not (a fused activation)."""
+        self.binding = Binding(self.kernel_counts, self._SETTLED_LIMIT)
+
+    def build_packed(self) -> None:
+        """Build the runtime (packed) form from the canonical buffers (subclasses with one)."""
+
+    @torch.compiler.disable  # (a first call under torch.compile builds eagerly, then traces)
+    def ensure_packed(self) -> None:
+        """Run ``build_packed()`` if ``pack()`` ran since the last build. Callers test ``_stale``
+        first (``if self._stale: self.ensure_packed()``): under torch.compile that is a guard, not
+        a graph break."""
+        if self._stale:
+            self.build_packed()
+            self._stale = False  # (last: a concurrent caller never sees a half-built form as fresh)
 
     def config(self) -> dict[str, Any]:
         """The constructor's arguments as JSON values (specs as dicts, dtypes by name): enough
@@ -111,7 +152,10 @@ class IntegerModule(nn.Module):
         """``(implementation, chosen_by_guards)`` for a call of ``op`` with ``args``. With
         ``impl="auto"`` the guards' choice is remembered per ``key``, which must hold everything
         about ``args`` that can change between calls and that the guards read (dtype, rank,
-        emptiness...); ``pack()`` forgets it."""
+        emptiness...); the subclass's ``pack()`` forgets it (``_impl_cache``).
+
+        Deprecated: the integer convolutions' own cache until they move to ``self.binding``
+        (`Binding.choose`, forgotten by `IntegerModule.pack`); then this method goes."""
         if self.impl != "auto":
             return self.impl, False
         cache = self.__dict__.setdefault("_impl_cache", {})
@@ -123,11 +167,8 @@ class IntegerModule(nn.Module):
         return impl, True
 
     def record(self, impl: str) -> str:
-        # Not while torch.compile traces: mutating module state there would invalidate the
-        # compiled graph's guards and recompile on every call.
-        if not torch.compiler.is_compiling():
-            self.kernel_counts[impl] += 1
-        return impl
+        """Count one call of ``impl`` (`Binding.record`: not while torch.compile traces)."""
+        return self.binding.record(impl)
 
     def storage_bytes(self) -> int:
         """Bytes of the canonical state (what a saved file holds for this module; a tensor held

@@ -87,7 +87,7 @@ class Int8Linear(_LinearBase):
             self.register_buffer("input_zero_point", torch.zeros((), dtype=torch.int32))
         self._init_output(output_spec, out_features)
         self.post_op = "none"
-        self.set_post_op(post_op)
+        self.set_post_op(post_op)  # (the runtime form is built by the first call: IntegerModule.pack)
 
     def set_post_op(self, post_op: str) -> Int8Linear:
         """Fuse the activation ``post_op`` (``"none"`` to unfuse) into this layer's output. Only
@@ -97,7 +97,7 @@ class Int8Linear(_LinearBase):
             raise ValueError(f"{type(self).__name__}: cannot fuse {post_op!r} after an output quantizer "
                              f"({self.output_spec}); the activation would run after quantization")
         self.post_op = post_op
-        self.pack()  # settled calls carry the activation: rebuilt
+        self.forget_settled()  # settled calls carry the activation (the packed weight does not)
         return self
 
     @classmethod
@@ -135,30 +135,35 @@ class Int8Linear(_LinearBase):
             mod.input_scale.copy_(s.reshape(()))
             mod.input_zero_point.copy_(z.reshape(()))
         mod._copy_output(sim)
-        mod.to(sim.weight.device)
-        mod.pack()
-        return mod
+        return mod.to(sim.weight.device)  # (`_apply`: pack)
 
-    _RUNTIME = ("_packed", "_calls", "_impl_cache", "_homed", "_compiled", "_gemm_unpackable")
+    _RUNTIME = ("_packed", "_homed", "_gemm_unpackable", "_w8", "_w_sum")
 
     def config(self) -> dict[str, Any]:
         return self._linear_config(act_spec=self.act_spec.to_dict(), weight_bits=self.weight_bits,
                                    post_op=self.post_op)
 
     def pack(self) -> None:
+        # the int8 weight buffer itself is re-homed at once (same values, one copy in memory): a
+        # holder of a tied weight re-points its buffer at the re-homed tensor after this
         w = self.weight
-        if self.weight_bits <= 4:
-            self._w8 = streaming_copy(unpack_bits(w, 4, True, self.in_features))
-        elif w.data_ptr() != self.__dict__.get("_homed"):  # the buffer itself is re-homed (same
-            self._w8 = self._buffers["weight"] = streaming_copy(w.contiguous())  # values, one copy in memory)
-            self._homed = self._w8.data_ptr()
-        else:
-            self._w8 = w
+        if self.weight_bits > 4 and w.data_ptr() != self.__dict__.get("_homed"):
+            self._buffers["weight"] = streaming_copy(w.contiguous())
+            self._homed = self._buffers["weight"].data_ptr()
+        super().pack()
+
+    @property
+    def weight_code_max(self) -> int:
+        """The largest |weight code|: within ±64 (7-bit weights) oneDNN's u8×s8 sums are exact even
+        without VNNI, so ``impl="auto"`` packs for and runs oneDNN there (`onednn_auto_pack`)."""
+        if self._stale:
+            self.ensure_packed()
+        return weight_code_max(self._w8)  # (remembered on the tensor)
+
+    def build_packed(self) -> None:
+        w = self.weight
+        self._w8 = streaming_copy(unpack_bits(w, 4, True, self.in_features)) if self.weight_bits <= 4 else w
         self._w_sum = weight_sum(self._w8)
-        #: the largest |weight code|: within ±64 (7-bit weights) oneDNN's u8×s8 sums are exact even
-        #: without VNNI, so ``impl="auto"`` packs for and runs oneDNN there (`onednn_auto_pack`)
-        self.weight_code_max = weight_code_max(self._w8)
-        self.__dict__.pop("_impl_cache", None)  # (the guards' choices depend on the packed weight)
         if self.impl == "onednn":
             self._packed = onednn_prepack(self._w8)
         else:  # (gemm_pack: _packed_for)
@@ -176,11 +181,6 @@ class Int8Linear(_LinearBase):
         self._q_args = (cs.bits, cs.signed, cs.symmetric, cs.narrow_range, cs.granularity is Granularity.PER_TOKEN,
                         cs.rounding.value)
         self._codes_zp = None
-        #: settled native calls per input signature (dtype, device, row-major, row bucket), made
-        #: by the first eager call that ran the native kernels; forgotten by pack()
-        self._calls: dict[tuple[Any, ...], Any] = {}
-        #: the same, as arguments of quanta_native::linear_packed for compiled graphs
-        self._compiled: dict[tuple[Any, ...], tuple[Any, ...]] = {}
         if not spec.dynamic:
             zp = self.input_zero_point
             self._codes_zp = zp - 128 if shifted else zp
@@ -197,11 +197,6 @@ class Int8Linear(_LinearBase):
             self._gemm_unpackable = self._packed is None
         return self._packed
 
-    def _apply(self, fn: Any, recurse: bool = True) -> Any:  # .to(device) keeps the runtime form in step
-        out = super()._apply(fn, recurse)
-        self.pack()
-        return out
-
     def _signature(self, x2: torch.Tensor) -> tuple[Any, ...]:
         """What the guards read (the rest is fixed per module): dtype, device, row-major layout,
         row count. With those settled by a first call, a call is one lookup and the kernels."""
@@ -209,38 +204,39 @@ class Int8Linear(_LinearBase):
         return (x2.dtype, x2.device, x2.stride() == (self.in_features, 1), rows if rows <= 32 else 33)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._calls and isinstance(x, torch.Tensor) and x.dim() and x.shape[-1] == self.in_features \
+        calls = self.binding.calls
+        if calls and isinstance(x, torch.Tensor) and x.dim() and x.shape[-1] == self.in_features \
                 and not torch.compiler.is_compiling():
             # (a settled signature has passed `_check`: its dtype and device are valid)
             x2 = x.reshape(-1, self.in_features)
-            settled = self._calls.get(self._signature(x2))
+            settled = calls.get(self._signature(x2))
             if settled is not None:
                 self.kernel_counts[settled[0]] += 1
                 return self._finish(settled[1](x2), x)
         x2 = self._check(x)
-        sig = self._signature(x2)
+        if self._stale:
+            self.ensure_packed()
+        binding, sig = self.binding, self._signature(x2)
         if torch.compiler.is_compiling():
-            arguments = self.__dict__.get("_compiled", {}).get(sig)
+            arguments = binding.compiled.get(sig)
             if arguments is not None:  # eager calls settled on the native kernels: the graph calls them too
                 return self._finish(torch.ops.quanta_native.linear_packed.default(x2, *arguments), x)
         static = not self.act_spec.dynamic
         s_in, z_in = (self.input_scale, self._codes_zp) if static else (None, None)
         q_impl, checked = "auto", False  # (a preferred int8_linear kernel says nothing about this op)
         if self.impl == "auto":
-            q_impl, checked = self.choose_impl(quantize_activation, ("quantize",) + sig[:3], x2, s_in, z_in,
-                                               *self._q_args)
+            q_impl, checked = binding.choose(quantize_activation, sig[:3], x2, s_in, z_in, *self._q_args)
         codes, s, z = quantize_activation(x2, s_in, z_in, *self._q_args, impl=q_impl, checked=checked)
         args = (codes, s, z, self._w8, self.weight_scale, self.bias, self._w_sum, self._packed_for(x2.shape[0]))
-        mm_impl, mm_checked = self.choose_impl(int8_linear, self._run_key(*args), *args)
-        y = int8_linear(*args, impl=self.record(mm_impl), checked=mm_checked)
+        mm_impl, mm_checked = binding.choose(int8_linear, self._run_key(*args), *args, preferred=self.impl)
+        y = int8_linear(*args, impl=binding.record(mm_impl), checked=mm_checked)
         compiling = torch.compiler.is_compiling()
         y = apply_post_op(y, self.post_op, native_ran=mm_impl in NATIVE_LINEAR_IMPLS and not compiling)
         if q_impl == "native" and mm_impl in NATIVE_LINEAR_IMPLS and checked and mm_checked and not compiling:
+            # settled: later calls of this signature are one lookup and these kernels, eager or compiled
             settled = (mm_impl, self._w8, self.weight_scale, self.bias, self._w_sum, *self._q_args, s_in, z_in)
-            self._calls[sig] = (mm_impl, native_linear_call(*settled, post_op=self.post_op, packed=args[7]))
-            compiled = compiled_linear_args(*settled, post_op=self.post_op, packed=args[7])
-            if compiled is not None:
-                self._compiled[sig] = compiled
+            binding.settle(sig, mm_impl, native_linear_call(*settled, post_op=self.post_op, packed=args[7]),
+                           compiled_linear_args(*settled, post_op=self.post_op, packed=args[7]))
         return self._finish(y, x)
 
     def extra_repr(self) -> str:

@@ -161,9 +161,13 @@ class _LinearBase(_OutputQuant, IntegerModule):
         return (x.dtype, x.device, rows if rows <= 32 else 33, tuple(a is None for a in args))
 
     def _run(self, op: Any, *args: Any) -> torch.Tensor:
-        impl, checked = self.choose_impl(op, self._run_key(*args), *args)
-        self.record(impl)
-        return op(*args, impl=impl, checked=checked)
+        """``op(*args)`` through the module's binding (guards choose once per `_run_key`)."""
+        return self.binding.run(op, self._run_key(*args), *args, preferred=self.impl)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:  # .to(device) keeps the runtime form in step
+        out = super()._apply(fn, recurse)
+        self.pack()
+        return out
 
     def _finish(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         # an output quantizer that is a plain cast to the dtype the kernel returned (weight-only
@@ -185,5 +189,4 @@ class _LinearBase(_OutputQuant, IntegerModule):
     def set_impl(self, impl: str) -> None:
         """Prefer a kernel ("auto", "reference" or an implementation name) and repack for it."""
         self.impl = impl
-        self.__dict__.pop("_impl_cache", None)
         self.pack()

@@ -50,11 +50,7 @@ class Int8WeightOnlyLinear(_LinearBase):
         if w.data_ptr() != self.__dict__.get("_homed"):
             self._buffers["weight"] = streaming_copy(w.contiguous())
             self._homed = self._buffers["weight"].data_ptr()
-
-    def _apply(self, fn: Any, recurse: bool = True) -> Any:  # .to(device) keeps the runtime form in step
-        out = super()._apply(fn, recurse)
-        self.pack()
-        return out
+        super().pack()
 
     @classmethod
     def accepts(cls, sim: Any) -> str | None:
@@ -118,7 +114,6 @@ class Int4WeightOnlyLinear(_LinearBase):
         else:
             self.register_buffer("weight_zero_point", torch.zeros(out_features, groups, dtype=torch.int8))
         self._init_output(output_spec, out_features)
-        self.pack()
 
     @classmethod
     def accepts(cls, sim: Any) -> str | None:
@@ -150,15 +145,15 @@ class Int4WeightOnlyLinear(_LinearBase):
         if sim.bias is not None:
             mod.bias.copy_(_bias_of(sim))
         mod._copy_output(sim)
-        mod.to(w.device)
-        mod.pack()
-        return mod
+        return mod.to(w.device)  # (`_apply`: pack)
 
     def config(self) -> dict[str, Any]:
         return self._linear_config(group_size=self.group_size, symmetric=self.symmetric, signed=self.signed,
                                    activation=self.activation)
 
-    def pack(self) -> None:
+    _RUNTIME = ("_packed", "_scales_zeros")
+
+    def build_packed(self) -> None:
         self._packed = self._scales_zeros = None
         if self.weight.device.type == "cpu" and self.impl in ("auto", "int4pack_mm") and \
                 hasattr(torch, "_convert_weight_to_int4pack_for_cpu") and self.out_features % 16 == 0:
@@ -167,13 +162,10 @@ class Int4WeightOnlyLinear(_LinearBase):
                 self.in_features)
             self._packed = streaming_copy(packed)  # (streamed at every decoding call: huge pages)
 
-    def _apply(self, fn: Any, recurse: bool = True) -> Any:
-        out = super()._apply(fn, recurse)
-        self.pack()
-        return out
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = self._check(x, (torch.float32, torch.bfloat16))
+        if self._stale:
+            self.ensure_packed()
         if self.activation == "bfloat16":
             x2 = x2.to(torch.bfloat16)
         y = self._run(int4_weight_only_linear, x2, self.weight, self.weight_scale, self.weight_zero_point,
@@ -254,7 +246,7 @@ class HalfLinear(_LinearBase):
             dt = self.input_dtype
             m = torch.finfo(dt).max
             xf = xf.clamp(-m, m).to(dt).float()
-        self.record("float32_upcast")
+        self.binding.record("float32_upcast")
         y = F.linear(xf, self.weight.float(), self.bias)
         return self._finish(y, x)
 

@@ -168,6 +168,9 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False, fuse
     if fuse:  # (after the speed check, which names layers as they were lowered)
         renamed = collapse_wrappers(target)
         report = [replace(r, name=renamed.get(r.name, r.name)) for r in report]
+    for m in target.modules():  # the runtime (packed) forms, built once, after every change above
+        if isinstance(m, IntegerModule):
+            m.ensure_packed()
     setattr(target, REPORT_ATTR, report)
     return target
 

@@ -153,7 +153,7 @@ def test_compiled_int8_linear_traced_when_nothing_settled_keeps_the_numbers():
     fresh = copy.deepcopy(q)
     with torch.inference_mode():
         got = torch.compile(fresh)(x)
-        assert not any(m._compiled for m in fresh.modules() if hasattr(m, "_compiled"))
+        assert not any(m.binding.compiled for m in fresh.modules() if isinstance(m, IntegerModule))
         expected = q(x)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
 

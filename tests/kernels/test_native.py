@@ -224,22 +224,22 @@ def test_int8_linear_settles_its_native_call_with_the_same_bits(preset):
     assert isinstance(lin, Int8Linear)
     x, big = torch.randn(3, 5, 40), torch.randn(70, 40)
     first = lin(x)
-    assert len(lin._calls) == 1
+    assert len(lin.binding.calls) == 1
     guarded = copy.deepcopy(lin)
-    assert guarded._calls == {}
+    assert guarded.binding.calls == {}
     for _ in range(2):
         assert torch.equal(lin(x), first)
         assert torch.equal(lin(big), guarded(big))  # another row bucket: its own settled call
-    assert len(lin._calls) == 2 and lin.kernel_counts[_MM] == 5
+    assert len(lin.binding.calls) == 2 and lin.kernel_counts[_MM] == 5
     assert torch.equal(guarded(x), first)
     if native.module().gemv_has_vnni():  # a few rows: the VNNI gemv is settled, same bits as the guarded path
         few = torch.randn(2, 40)
         for _ in range(2):
             assert torch.equal(lin(few), guarded(few))
-        assert lin.kernel_counts["gemv_native"] == 2 and len(lin._calls) == 3
+        assert lin.kernel_counts["gemv_native"] == 2 and len(lin.binding.calls) == 3
     assert torch.equal(lin(x.transpose(0, 1).contiguous().transpose(0, 1)), first)  # non-contiguous input
     lin.pack()
-    assert lin._calls == {}
+    assert lin.binding.calls == {}
     if native.module().gemv_has_vnni():  # the GEMM asked for: packed for any row count, same bits
         forced = copy.deepcopy(guarded)
         forced.set_impl("gemm_native")
