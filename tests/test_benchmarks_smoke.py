@@ -9,6 +9,7 @@ left behind).
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import subprocess
@@ -180,3 +181,64 @@ def test_openvino_rows_on_a_small_cnn(tmp_path):
             assert y.shape == ref.shape
             snr = 10 * torch.log10(ref.pow(2).sum() / (ref - y).pow(2).sum()).item()
             assert snr > min_db, (m.name, batch, snr)
+
+
+@pytest.mark.skipif(not RUN.exists(), reason="benchmarks/ not present")
+def test_real_model_workloads_with_a_methods_filter(tmp_path):
+    """The real-model-shaped workloads run end to end; ``--methods fp32,quanta`` builds only those rows."""
+    out = tmp_path / "real.md"
+    env = dict(os.environ, PYTHONWARNINGS="ignore", TQDM_DISABLE="1")
+    proc = subprocess.run(
+        [sys.executable, str(RUN), "--quick", "--workload", "tf_mobile", "--workload", "sentence_encoder",
+         "--workload", "speech_encoder", "--methods", "fp32,quanta", "--repeats", "1", "--threads", "1",
+         "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = out.read_text()
+    for title in ("tf_mobile, batch 1", "sentence_encoder, batch 2", "speech_encoder, batch 1"):
+        assert f"### {title}" in text
+    fp32 = _row(text, "torch fp32 eager")
+    assert float(fp32[1]) > 0 and fp32[5] == "exact"
+    for method in ("quanta static_int8", "quanta dynamic_int8"):
+        row = _row(text, method)
+        assert re.match(r"[\d.]+$", row[1]) and (row[5] == "exact" or float(row[5]) > 25), row
+    for peer in ("torch.ao", "torchao", "pt2e", "onnxruntime", "OpenVINO"):  # filtered out: not built at all
+        assert peer not in text.split("- total wall time")[1], peer
+    assert "built torch.ao" not in proc.stdout and "built openvino" not in proc.stdout
+
+
+def test_methods_filter_rejects_an_unknown_family_on_one_line(capsys):
+    import run
+
+    assert run.parse_methods("fp32, quanta,openvino,quanta") == ("fp32", "quanta", "openvino")
+    with pytest.raises(Exception, match=r"unknown method family 'ort'; choose from fp32,quanta,torch.ao"):
+        run.parse_methods("fp32,ort")
+    with pytest.raises(SystemExit) as exit_info:
+        run.main(["--quick", "--methods", "fp32,bogus"])
+    assert exit_info.value.code == 2
+    assert "unknown method family 'bogus'" in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_tf_mobile_convs_pad_like_tensorflow_and_all_become_integer():
+    """Each TF-style conv subclass computes "same" padding (asymmetric at stride 2) and quanta lowers
+    all 52 of them to integer convs, BatchNorm folded (the conversion report says so)."""
+    import torch
+    import workloads as W
+    import workloads_real as R
+    from torch import nn
+
+    conv = R.Conv2dSameFunctional(4, 4, 3, stride=2, groups=4)
+    x = torch.randn(1, 4, 8, 8)
+    plain = nn.functional.conv2d(nn.functional.pad(x, (0, 1, 0, 1)), conv.weight, None, 2, 0, 1, 4)
+    assert torch.equal(conv(x), plain) and conv(x).shape[-1] == 4  # TF: ceil(8 / 2)
+    assert R.Conv2dSamePad(4, 4, 3)(x).shape == x.shape
+
+    quanta = pytest.importorskip("quanta")
+    wl = W.workloads(quick=True)["tf_mobile"]
+    model = wl.model()
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 52 and all(type(m) is not nn.Conv2d for m in convs) and W.has_conv_subclass(model)
+    q = quanta.quantize(copy.deepcopy(model), "static_int8", calib_data=wl.calib_data()[:1])
+    results = {r.name: r.result for r in quanta.conversion_report(q)}
+    conv_results = [v for k, v in results.items() if k.startswith("features.")]
+    assert len(conv_results) == 52 and all(v in ("Int8Conv2d", "Int8PaddedConv2d") for v in conv_results), results
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in q.modules())
