@@ -53,7 +53,8 @@ def _config_choice(args: argparse.Namespace) -> Any:
     from .commands.quantize_cmd import ConfigChoice
 
     return ConfigChoice(preset=args.preset, config_file=getattr(args, "config", None), group_size=args.group_size,
-                        weight_bits=args.weight_bits, exclude=tuple(args.exclude), algorithms=tuple(getattr(args, "algorithm", ())))
+                        weight_bits=args.weight_bits, exclude=tuple(args.exclude), algorithms=tuple(getattr(args, "algorithm", ())),
+                        attention_matmuls=getattr(args, "attention_matmuls", None))
 
 
 def _quantize(args: argparse.Namespace) -> int:
@@ -217,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--hf", metavar="DIR", help="a transformers model directory (save_pretrained), loaded offline")
     quant.add_argument("-o", "--output", required=True, metavar="OUT.safetensors", help="file to write")
     _preset_options(quant, with_config=True)
+    quant.add_argument("--attention-matmuls", choices=("on", "off"), default=None,
+                       help="static_int8 / dynamic_int8: quantize MultiheadAttention's Q·Kᵀ and softmax·V inputs "
+                            "(on, the default) or compute them in float (off)")
     quant.add_argument("--calib", metavar="PATH", help="calibration inputs (instead of the spec's data): .pt, .npy or "
                                                         ".safetensors, a tensor [N, ...] or a list of tensors; or a "
                                                         "folder of .png/.jpg images")

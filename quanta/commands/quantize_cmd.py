@@ -29,8 +29,15 @@ class ConfigChoice:
     weight_bits: int | None = None
     exclude: tuple[str, ...] = ()
     algorithms: tuple[str, ...] = ()
+    #: static_int8 / dynamic_int8: "on" (default) quantizes MultiheadAttention's matmul inputs, "off" keeps them float
+    attention_matmuls: str | None = None
 
     def __post_init__(self) -> None:
+        if self.attention_matmuls not in (None, "on", "off"):
+            raise CommandError(f"--attention-matmuls must be on or off, got {self.attention_matmuls!r}")
+        if self.config_file is not None and self.attention_matmuls is not None:
+            raise CommandError("--attention-matmuls applies to the static_int8 / dynamic_int8 presets; in a config "
+                               "file map the type QuantMatMul to null in module_types instead")
         if self.preset is not None and self.config_file is not None:
             raise CommandError("give --preset or --config, not both")
         if self.config_file is not None and self.group_size is not None:
@@ -47,6 +54,8 @@ class ConfigChoice:
             options: dict[str, Any] = {"group_size": self.group_size} if self.group_size is not None else {}
             if self.weight_bits is not None:
                 options["weight_bits"] = self.weight_bits
+            if self.attention_matmuls is not None:
+                options["attention_matmuls"] = self.attention_matmuls == "on"
             if self.exclude:
                 options["exclude"] = list(self.exclude)
             if self.algorithms:

@@ -95,6 +95,9 @@ def coverage(model: nn.Module) -> CoverageReport:
         elif isinstance(mod, IntegerModule):
             ran = ", ".join(f"{k}×{v}" for k, v in mod.kernel_counts.most_common()) or "not run yet"
             entries.append(CoverageEntry(name or "(root)", tname, "integer", f"{mod.extra_repr()}; kernels: {ran}"))
+        elif isinstance(mod, QuantOp) and decisions.get(name) == f"type:{tname}" and not any(True for _ in mod.quantizers()):
+            # an op its quantized parent made, switched off by type (the presets' attention_matmuls=False)
+            entries.append(CoverageEntry(name, tname, "excluded", f"type:{tname} mapped to None: computes in float"))
         elif quantized:
             entries.append(CoverageEntry(name, tname, "quantized", _describe(mod)))
         elif name in kept:

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..algorithms.pipeline import AlgorithmContext, at_stage, before_quantizers, needs_data, run_stage
 from ..integer.base import IntegerModule
+from ..nn.modules.op_base import QuantOp
 from ..nn.registry import known_type_names, lookup
 from ..nn.tensor_quantizer import TensorQuantizer
 from .config import QuantConfig, _matches
@@ -131,6 +132,13 @@ def _swap(module: nn.Module, prefix: str, config: QuantConfig, decisions: dict[s
         if isinstance(child, TensorQuantizer):
             continue
         full = f"{prefix}.{name}" if prefix else name
+        if isinstance(child, QuantOp) and config.module_types.get(type(child).__name__, child) is None:
+            # an op a quantized module made (MultiheadAttention's qk / av matmuls) whose type the
+            # config maps to None: it computes in float (whatever rules say of its scopes)
+            for kind, _ in list(child.quantizers()):
+                setattr(child, f"{kind}_quantizer", None)
+            decisions[full] = f"type:{type(child).__name__}"
+            continue
         decision = config.decide(full, child)
         qcls = lookup(child)
         if decision.config is None:  # excluded: it stays float
@@ -158,7 +166,7 @@ def _check_type_names(model: nn.Module, config: QuantConfig) -> None:
     model is a typo or a class quanta does not know: it would be silently ignored, so raise."""
     if not config.module_types:
         return
-    known = known_type_names() | {c.__name__ for m in model.modules() for c in type(m).__mro__}
+    known = known_type_names() | {c.__name__ for m in model.modules() for c in type(m).__mro__} | _op_type_names()
     for name in config.module_types:
         if name in known:
             continue
@@ -167,6 +175,14 @@ def _check_type_names(model: nn.Module, config: QuantConfig) -> None:
         hint = f"; close names: {', '.join(close)}" if close else ""
         raise ValueError(f"QuantConfig.module_types: unknown type name {name!r}: no quantizable class is "
                          f"registered under it and no module of {type(model).__name__} has it{hint}")
+
+
+def _op_type_names(cls: type = QuantOp) -> set[str]:
+    """``QuantOp`` and its subclasses' names: a quantized module may create them (``QuantMatMul``)."""
+    names = {cls.__name__}
+    for sub in cls.__subclasses__():
+        names |= _op_type_names(sub)
+    return names
 
 
 def _warn_unmatched(model: nn.Module, config: QuantConfig) -> None:

@@ -48,14 +48,26 @@ def _only_linear_and_rnn(linear: LayerQuantConfig, rnn: LayerQuantConfig | None)
     return QuantConfig(default=linear, module_types=types, fold_bn=True)
 
 
-def dynamic_int8(weight_bits: int = 8) -> QuantConfig:
+def _attention_matmuls(attention_matmuls: bool) -> dict[str, LayerQuantConfig | None]:
+    """The `QuantConfig.module_types` entry for ``attention_matmuls``: none when on (the default:
+    `QuantMultiheadAttention` quantizes both matmul inputs on its input grid), ``QuantMatMul: None``
+    when off (``Q·Kᵀ`` and ``softmax·V`` compute in float; `quanta.prepare`)."""
+    if not isinstance(attention_matmuls, bool):
+        raise ValueError(f"attention_matmuls must be True or False, got {attention_matmuls!r}")
+    return {} if attention_matmuls else {"QuantMatMul": None}
+
+
+def dynamic_int8(weight_bits: int = 8, attention_matmuls: bool = True) -> QuantConfig:
     """Linear (and MultiheadAttention's in/out projections): int8 per-channel weights × int8
     activations quantized per token at each call; Conv1d/2d/3d: int8 per-channel weights × uint8
     activations, one range per call (per tensor), on the int8 conv kernels; LSTM/GRU/RNN: int8
     weights, dynamic per-tensor activations. No calibration data needed. The rest stays float.
     ``weight_bits=7``: 7-bit weight codes (convs then run oneDNN on CPUs without VNNI; per-token
-    Linears keep their kernels)."""
+    Linears keep their kernels). ``attention_matmuls``: MultiheadAttention's ``Q·Kᵀ`` and
+    ``softmax·V`` inputs quantized per token (simulated in float between the integer projections);
+    ``False``: both matmuls in float."""
     W8 = _weights(weight_bits)
+    matmuls = _attention_matmuls(attention_matmuls)
     config = _only_linear_and_rnn(LayerQuantConfig(input=A8_DYNAMIC_TOKEN, weight=W8),
                                   LayerQuantConfig(input=A8_DYNAMIC, weight=W8))
     conv = LayerQuantConfig(input=A8_DYNAMIC, weight=W8)
@@ -63,16 +75,19 @@ def dynamic_int8(weight_bits: int = 8) -> QuantConfig:
     # (quanta.integer.attention; cross-attention too: each input gets its own per-token ranges)
     attention = LayerQuantConfig(input=A8_DYNAMIC_TOKEN, weight=W8)
     return dataclasses.replace(config, module_types={**config.module_types, "Conv1d": conv, "Conv2d": conv,
-                                                     "Conv3d": conv, "MultiheadAttention": attention})
+                                                     "Conv3d": conv, "MultiheadAttention": attention, **matmuls})
 
 
-def static_int8(weight_bits: int = 8) -> QuantConfig:
+def static_int8(weight_bits: int = 8, attention_matmuls: bool = True) -> QuantConfig:
     """Conv and Linear: int8 per-channel weights × uint8 activations calibrated per tensor;
-    BatchNorm folded; MultiheadAttention's in/out projections on the same grids (self-attention;
-    the attention between in float); pools and embeddings stay float; RNNs dynamic.
+    BatchNorm folded; MultiheadAttention's in/out projections on the same grids (self-attention);
+    pools and embeddings stay float; RNNs dynamic.
     ``weight_bits=7``: 7-bit weight codes, which oneDNN sums exactly on CPUs without VNNI (there
-    int8 convs and Linears then run oneDNN instead of the slower exact paths)."""
+    int8 convs and Linears then run oneDNN instead of the slower exact paths).
+    ``attention_matmuls``: MultiheadAttention's ``Q·Kᵀ`` and ``softmax·V`` inputs on calibrated
+    grids (simulated in float between the integer projections); ``False``: both in float."""
     W8 = _weights(weight_bits)
+    matmuls = _attention_matmuls(attention_matmuls)
     float_types: dict[str, LayerQuantConfig | None] = {
         name: None for name in ("Embedding", "AvgPool1d", "AvgPool2d", "AvgPool3d", "AdaptiveAvgPool1d",
                                 "AdaptiveAvgPool2d", "AdaptiveAvgPool3d",
@@ -80,7 +95,7 @@ def static_int8(weight_bits: int = 8) -> QuantConfig:
     float_types["TransformerEncoderLayer"] = _ENCODER_LAYER
     for name in _RNN:
         float_types[name] = LayerQuantConfig(input=A8_DYNAMIC, weight=W8)
-    return QuantConfig(default=LayerQuantConfig(input=A8_STATIC, weight=W8), module_types=float_types,
+    return QuantConfig(default=LayerQuantConfig(input=A8_STATIC, weight=W8), module_types={**float_types, **matmuls},
                        fold_bn=True)
 
 
@@ -163,7 +178,9 @@ def preset(name: str, **options: Any) -> QuantConfig:
     Options: ``exclude=[names or globs]`` (those modules stay float), ``rules={name or glob:
     LayerQuantConfig or None}`` (they win over the preset's choices), ``algorithms=["cle",
     "bias_correction", ...]`` (`quanta.algorithms`) with ``algorithm_options={name: {option: value}}``,
-    and ``group_size=`` for ``weight_only_int4``. An option a preset does not take raises ``ValueError``.
+    ``group_size=`` for ``weight_only_int4``, ``weight_bits=`` (8 or 7) and ``attention_matmuls=``
+    (MultiheadAttention's ``Q·Kᵀ`` / ``softmax·V`` inputs quantized, the default, or float) for
+    ``static_int8`` / ``dynamic_int8``. An option a preset does not take raises ``ValueError``.
     """
     if not isinstance(name, str):
         raise TypeError(f"preset name must be a str, got {type(name).__name__}")
