@@ -13,10 +13,11 @@ following ReLU / ReLU6 fused. Per element, in float32, the simulation's own oper
     codes = clamp(round_half_even(y · (1 / s_out)) + z_out, 0, 255)    (uint8 output)
 
 so the float output equals the simulation exactly, and the uint8 output equals what the
-consumer's own quantizer would make of it. One pass in the native kernels
-(``quanta.kernels.native.add_codes``) when both operands are codes of the same shape and
-memory order (in compiled graphs too, as the ``quanta_native::add_codes`` operator); tensor
-operations with the same float32 arithmetic otherwise.
+consumer's own quantizer would make of it. The arithmetic is the op
+`quanta.kernels.codes.add_codes` (float operands: `quantize_codes`): one native pass when both
+operands are codes of the same shape and memory order (in compiled graphs too, as the
+``quanta_native::add_codes`` operator), its reference's tensor operations otherwise;
+``kernel_counts`` says which ran.
 
 Canonical state: ``input_scale`` / ``input_zero_point`` and ``other_scale`` /
 ``other_zero_point`` (the operand grids, the specs' own codes), ``emit_scale`` /
@@ -30,13 +31,10 @@ from typing import Any
 import torch
 
 from ..core import Format, Granularity, QuantSpec, Rounding
-from ..kernels import native
-from ..kernels.post_ops import CLAMP_POST_OPS, codes_for
+from ..kernels.codes import add_codes, dense, quantize_codes
 from ..nn.modules.functional import QuantAdd
 from .base import IntegerModule
 from .conv_specs import check_output_mode
-
-_POST = codes_for(CLAMP_POST_OPS)  # the native add_codes' codes (csrc/post_op.h)
 
 
 def _operand_problem(spec: QuantSpec) -> str | None:
@@ -110,6 +108,7 @@ class Int8Add(IntegerModule):
 
     def pack(self) -> None:
         """Python numbers of the grids: kernel codes are uint8 (signed codes + 128)."""
+        self._impl_cache: dict[tuple[Any, ...], str] = {}  # (choose_impl's settled choices)
         self._grids = []
         for name, spec in zip(self.operand_names, (self.input_spec, self.other_spec)):
             offset = 128 if spec.signed else 0
@@ -157,11 +156,9 @@ class Int8Add(IntegerModule):
         if not t.is_floating_point():
             raise TypeError(f"Int8Add expects float tensors or uint8 codes, got {t.dtype} for {name!r}")
         _, inv, zp, lo, hi = self._grids[index]
-        xf = t if t.dtype == torch.float32 else t.float()
-        if native.ready() and xf.device.type == "cpu" and _dense(xf):
-            lib = torch.ops.quanta_native if torch.compiler.is_compiling() else native.module()
-            return lib.quantize_static(xf, inv, zp, lo, hi, False)
-        return torch.mul(xf, inv).round_().add_(zp).clamp_(lo, hi).to(torch.uint8)
+        args = (t, inv, zp, lo, hi, False, False)
+        impl, checked = self.choose_impl(quantize_codes, ("operand", t.dtype, t.device, t.dim(), dense(t)), *args)
+        return quantize_codes(*args, impl=impl, checked=checked)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         ca, cb = self._codes(a, 0), self._codes(b, 1)
@@ -169,24 +166,12 @@ class Int8Add(IntegerModule):
             raise ValueError(f"Int8Add holds its grids on {self.input_scale.device} but got inputs on "
                              f"{ca.device} / {cb.device}")
         (sa, _, za, _, _), (sb, _, zb, _, _) = self._grids
-        uint8_out = self.output_kind == "uint8"
         _, inv, zo = self._emit
-        if native.ready() and ca.device.type == "cpu" and ca.shape == cb.shape and ca.stride() == cb.stride() \
-                and _dense(ca):
-            # one native pass; a compiled graph calls the same function as the quanta_native::add_codes op
-            compiling = torch.compiler.is_compiling()
-            add = torch.ops.quanta_native.add_codes.default if compiling else native.module().add_codes
-            if not compiling:
-                self.record("native")
-            return add(ca, sa, za, cb, sb, zb, _POST[self.post_op], inv if uint8_out else 0.0, zo, 0, 255)
-        self.record("reference")
-        y = (ca.float() - za) * sa
-        y = y + (cb.float() - zb) * sb
-        if self.post_op != "none":
-            y = y.clamp_(0.0, 6.0 if self.post_op == "relu6" else None)
-        if not uint8_out:
-            return y
-        return y.mul_(inv).round_().add_(zo).clamp_(0, 255).to(torch.uint8)
+        args = (ca, sa, za, cb, sb, zb, self.post_op, inv if self.output_kind == "uint8" else None, zo, 0, 255)
+        # (what the guards read: device, layouts; post_op and output kind reset the cache in pack())
+        key = (ca.device, ca.shape, ca.stride(), cb.shape, cb.stride())
+        impl, checked = self.choose_impl(add_codes, key, *args)
+        return add_codes(*args, impl=self.record(impl), checked=checked)
 
     def extra_repr(self) -> str:
         (sa, _, za, _, _), (sb, _, zb, _, _) = self._grids
@@ -196,11 +181,6 @@ class Int8Add(IntegerModule):
         if self.post_op != "none":
             parts.append(f"post_op={self.post_op}")
         return ", ".join(parts)
-
-
-def _dense(t: torch.Tensor) -> bool:
-    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)) or \
-        (t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d))
 
 
 __all__ = ["Int8Add"]

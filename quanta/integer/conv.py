@@ -16,9 +16,10 @@ spec's own codes; for a signed 8-bit spec they are ``code + 128`` with zero poin
 (oneDNN's convolution takes only unsigned sources). `input_code_qparams` says which grid a
 module expects; an int8 tensor is also accepted by a module whose input spec is signed.
 
-Float inputs are quantized with the input qparams in place on one float32 buffer:
+Float inputs are quantized with the input qparams by `quanta.kernels.codes.quantize_codes`:
 ``clamp(round_half_even(x · (1/scale)) + zp, qmin, qmax)`` with the reciprocal taken in float32,
-the same numbers as `quanta.core.quantize` (tests check equality).
+the same numbers as `quanta.core.quantize` (tests check equality); 4-D inputs give channels-last
+codes (one native pass from NCHW floats).
 
 Outputs come back in oneDNN's channels-last strides (logical shape ``[N, O, *spatial]``): a
 following integer conv wants exactly that, and a copy to contiguous NCHW would cost about half
@@ -41,7 +42,7 @@ import torch
 from torch import nn
 
 from ..core import QuantSpec, fake_quantize
-from ..kernels import native
+from ..kernels.codes import dense, quantize_codes
 from ..kernels.conv import int8_conv, onednn_call, onednn_weight_refusal, prepack
 from ..kernels.conv_native import compiled_run, make_plan, plan_call
 from ..kernels.u8s8_saturation import weight_code_max
@@ -54,7 +55,6 @@ from .conv_specs import (
     check_output_mode,
     conv_lowering_problem,
     copy_conv_weights,
-    dense,
     input_spec_problem,
     output_spec_problem,
     padding_of,
@@ -184,11 +184,13 @@ class _Int8ConvNd(IntegerModule):
         self._x_inv = float(1.0 / self.input_scale.float())  # float32 reciprocal, as quanta.core does
         self._x_zp = int(self.input_zero_point) + offset
         self._x_lo, self._x_hi = self.input_spec.qmin + offset, self.input_spec.qmax + offset
+        self._x_codes = (self._x_inv, self._x_zp, self._x_lo, self._x_hi, False)  # quantize_codes' grid
         self._emit = (float(self.emit_scale), int(self.emit_zero_point))
         self._packed = None
         self._impl_cache = {}
         self._packed_for: dict[tuple[int, ...], torch.Tensor] = {}  # per input spatial size (oneDNN's hint)
-        #: settled (implementation, kernel call) per input signature (dtype, device, shape, impl),
+        #: settled (implementation, kernel call, input quantize_codes implementation or None) per input
+        #: signature (dtype, device, shape, strides, impl),
         #: made by the first eager call with that signature; forgotten by pack() / set_output()
         self._calls: dict[tuple[Any, ...], Any] = {}
         #: what a compiled graph of this module calls per uint8 input shape, kept with the settled
@@ -259,28 +261,34 @@ class _Int8ConvNd(IntegerModule):
 
     # ------------------------------------------------------------------ forward
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 kernel codes of a float input (same numbers as `quanta.core.quantize`): one pass
-        in the native kernels where they are loaded (codes in the input's memory order), else
-        a few in-place tensor ops."""
-        if x.dtype == torch.float32 and x.device.type == "cpu" and native.ready() and dense(x):
-            # (compiled graphs call the same functions as quanta_native operators)
-            lib = torch.ops.quanta_native if torch.compiler.is_compiling() else native.module()
-            if x.dim() == 4 and x.shape[1] > 1 and x.is_contiguous():  # NCHW: codes straight into channels-last
-                return lib.quantize_to_channels_last(x, self._x_inv, self._x_zp, self._x_lo, self._x_hi)
-            return lib.quantize_static(x, self._x_inv, self._x_zp, self._x_lo, self._x_hi, False)
-        q = torch.mul(x if x.dtype == torch.float32 else x.float(), self._x_inv)
-        q.round_()
-        if self._x_zp:
-            q.add_(self._x_zp)
-        return q.clamp_(self._x_lo, self._x_hi).to(torch.uint8)
+        """uint8 kernel codes of a float input, `quanta.kernels.codes.quantize_codes` (same numbers
+        as `quanta.core.quantize`; 4-D inputs give channels-last codes, what the kernels read)."""
+        impl, args = self._input_codes(x)
+        return quantize_codes(*args, impl=impl, checked=impl != "reference")
+
+    def _input_codes(self, x: torch.Tensor) -> tuple[str, tuple[Any, ...]]:
+        """``(implementation, arguments)`` of `quantize_codes` for the float input ``x``: the guards'
+        choice, settled per input signature (the reference where the module's ``impl`` is)."""
+        args = (x, self._x_inv, self._x_zp, self._x_lo, self._x_hi, False, x.dim() == 4)
+        if self.impl == "reference":
+            return "reference", args
+        key = ("quantize_codes", x.dtype, x.device, x.dim(), dense(x))
+        impl = self._impl_cache.get(key)
+        if impl is None:
+            impl = quantize_codes.choose(*args)
+            if not torch.compiler.is_compiling():
+                self._impl_cache[key] = impl
+        return impl, args
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the common eager call, once a first call settled its kernel: one dict lookup, the kernel
         if not torch.compiler.is_compiling() and self._calls and isinstance(x, torch.Tensor):
-            settled = self._calls.get((x.dtype, x.device, x.shape, self.impl))
+            settled = self._calls.get((x.dtype, x.device, x.shape, x.stride(), self.impl))
             if settled is not None:
                 self.kernel_counts[settled[0]] += 1
-                y = settled[1](self.quantize_input(x) if x.is_floating_point() else x)
+                codes_impl = settled[2]  # (the input's quantize_codes, for a float input)
+                y = settled[1](x if codes_impl is None else quantize_codes(x, *self._x_codes, x.dim() == 4,
+                                                                           impl=codes_impl, checked=True))
                 if self.output_kind == "float" and self.output_spec is not None:
                     y = fake_quantize(y, self.output_scale, self.output_zero_point, self.output_spec)
                 return y
@@ -295,6 +303,7 @@ class _Int8ConvNd(IntegerModule):
                 ["N", "C", "D", "H", "W"]
             raise ValueError(f"{name} expects [{', '.join(layout)}] with C={self.in_channels}, got shape "
                              f"{tuple(x.shape)}")
+        codes_impl = None
         if x.dtype == torch.uint8:
             codes, zp = x, self._x_zp
         elif x.dtype == torch.int8:
@@ -303,7 +312,8 @@ class _Int8ConvNd(IntegerModule):
                                 "not int8")
             codes, zp = x, self._x_zp - 128
         elif x.dtype in (torch.float32, torch.float16, torch.bfloat16):
-            codes, zp = self.quantize_input(x), self._x_zp
+            codes_impl, codes_args = self._input_codes(x)
+            codes, zp = quantize_codes(*codes_args, impl=codes_impl, checked=codes_impl != "reference"), self._x_zp
         else:
             raise TypeError(f"{name} expects a float tensor or uint8 activation codes"
                             f"{' (or int8)' if self.input_spec.signed else ''}, got {x.dtype}")
@@ -336,7 +346,7 @@ class _Int8ConvNd(IntegerModule):
                 call = onednn_call(codes.dim(), *args[1:])
                 self._compiled[tuple(codes.shape)] = ("onednn", ())
             if call is not None:
-                self._calls[(x.dtype, x.device, x.shape, self.impl)] = (impl, call)
+                self._calls[(x.dtype, x.device, x.shape, x.stride(), self.impl)] = (impl, call, codes_impl)
         if self.output_kind == "float" and self.output_spec is not None:
             y = fake_quantize(y, self.output_scale, self.output_zero_point, self.output_spec)
         return y

@@ -48,14 +48,6 @@ def output_spec_problem(spec: QuantSpec) -> str | None:
     return None
 
 
-def dense(x: torch.Tensor) -> bool:
-    """Contiguous, or channels-last: the layouts a one-pass quantization walks in memory order."""
-    if x.is_contiguous():
-        return True
-    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
-    return fmt is not None and x.is_contiguous(memory_format=fmt)
-
-
 def check_output_mode(owner: nn.Module, kind: str, post_op: str) -> None:
     """What a uint8-emitting integer module (conv, addition) may be set to output."""
     one_of(type(owner).__name__, "output kind", kind, OUTPUT_KINDS)
@@ -78,7 +70,7 @@ def padding_of(sim: nn.Module, n: int) -> tuple[int, ...] | str:
     return tuple(int(p) for p in pad)
 
 
-__all__ = ["DEFAULT_INPUT_SPEC", "DEFAULT_WEIGHT_SPEC", "OUTPUT_KINDS", "check_output_mode", "dense", "input_spec_problem",
+__all__ = ["DEFAULT_INPUT_SPEC", "DEFAULT_WEIGHT_SPEC", "OUTPUT_KINDS", "check_output_mode", "input_spec_problem",
            "output_spec_problem", "padding_of", "weight_spec_problem"]
 
 

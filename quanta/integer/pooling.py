@@ -5,16 +5,20 @@ and `quanta.transforms.fuse` lets uint8 codes flow through a max-pool between in
 torch 2.13's CPU max-pool on a channels-last uint8 / int8 tensor fails once ``H * W`` exceeds
 255 (its index type is the element type), and integer convolutions produce channels-last
 codes; these classes, which `fuse_activations` puts in place of a ``nn.MaxPoolNd`` on such a
-path, pool 8-bit codes in int16 there (exact: a widening and a narrowing of the same values).
+path, pool 8-bit codes widened to int32 there (exact: a widening and a narrowing of the same
+values; `quanta.kernels.codes.pool_widened`), and 2d codes through the op
+`quanta.kernels.codes.max_pool2d_codes` (one native pass on channels-last uint8 codes).
 Anything else goes to ``nn.MaxPoolNd`` unchanged.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 from torch import nn
 
-from ..kernels import native
+from ..kernels.codes import max_pool2d_codes, pool_widened
 from .validate import flag, geometry
 
 
@@ -24,16 +28,13 @@ def _pair(v: int | tuple[int, ...]) -> list[int]:
 
 def _pool_codes(pool: nn.Module, x: torch.Tensor, forward) -> torch.Tensor:
     if x.dtype in (torch.uint8, torch.int8) and not pool.return_indices:
-        # 8-bit codes pooled as int32 (float32 for 1d, which has no integer kernel): exact, and
-        # measured on [1, 64, 112, 112] channels-last codes 0.2 ms, where torch's own max-pool
-        # fails (channels-last) or takes 3 ms (contiguous, a scalar loop)
-        wide = x.float() if x.dim() == 3 else x.to(torch.int32)
-        return forward(wide).to(x.dtype)
+        return pool_widened(x, forward)  # (exact; measured on [1, 64, 112, 112] channels-last codes
+        # 0.2 ms, where torch's own max-pool fails (channels-last) or takes 3 ms (contiguous))
     return forward(x)
 
 
 class _CodesPool:
-    """The range checks of a codes max-pool's settings (the native kernel trusts them)."""
+    """The range checks of a codes max-pool's settings."""
 
     dims = 2
 
@@ -56,17 +57,23 @@ class CodesMaxPool1d(_CodesPool, nn.MaxPool1d):
 
 
 class CodesMaxPool2d(_CodesPool, nn.MaxPool2d):
+    """8-bit codes through `quanta.kernels.codes.max_pool2d_codes` (native on channels-last uint8,
+    what integer convs emit; ``kernel_counts`` says which implementation ran)."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.uint8 and x.dim() == 4 and not self.ceil_mode and not self.return_indices and \
-                x.device.type == "cpu" and native.ready() and x.is_contiguous(memory_format=torch.channels_last):
-            # one pass in the native kernels (channels-last uint8 codes: what integer convs emit); a
-            # compiled graph calls the same function as the quanta_native::max_pool2d_codes operator
-            k, s, p, d = (_pair(v) for v in (self.kernel_size, self.stride or self.kernel_size, self.padding,
-                                              self.dilation))
-            pool = torch.ops.quanta_native.max_pool2d_codes.default if torch.compiler.is_compiling() \
-                else native.module().max_pool2d_codes
-            return pool(x, k, s, p, d)
-        return _pool_codes(self, x, super().forward)
+        if not isinstance(x, torch.Tensor) or x.dtype not in (torch.uint8, torch.int8) or self.return_indices:
+            return super().forward(x)
+        args = (x, *(_pair(v) for v in (self.kernel_size, self.stride or self.kernel_size, self.padding,
+                                         self.dilation)), self.ceil_mode)
+        if torch.compiler.is_compiling():
+            return max_pool2d_codes(*args)
+        cache = self.__dict__.setdefault("_impl_cache", {})  # the guards' choice per input signature
+        key = (x.dtype, x.device, x.shape, x.stride())
+        impl = cache.get(key)
+        if impl is None:
+            impl = cache[key] = max_pool2d_codes.choose(*args)
+        self.__dict__.setdefault("kernel_counts", Counter())[impl] += 1
+        return max_pool2d_codes(*args, impl=impl, checked=True)
 
 
 class CodesMaxPool3d(_CodesPool, nn.MaxPool3d):
