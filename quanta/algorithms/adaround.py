@@ -25,7 +25,8 @@ from ..core.quantize import quantize
 from ..core.spec import Format
 from ..nn.tensor_quantizer import TensorQuantizer
 from ..progress import Progress
-from .capture import CaptureError, calibration_batches, capture, quantizers_off
+from ..transforms.capture import CaptureError, capture_layer
+from .capture import calibration_batches, quantizers_off
 from .fixed_codes import check_codes, freeze_range
 
 ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch
@@ -159,9 +160,9 @@ def _learn(layer: nn.Module, grid: _Grid, x: torch.Tensor, target: torch.Tensor,
 def _adaround_layer(model: nn.Module, layer: nn.Module, batches: list, forward: Callable,
                     opt: AdaRoundOptions) -> dict:
     wq: TensorQuantizer = layer.weight_quantizer
-    x = capture(model, layer, batches, forward, "input")
+    x = capture_layer(model, layer, batches, forward, "input")
     with quantizers_off(model):
-        target = capture(model, layer, batches, forward, "output")
+        target = capture_layer(model, layer, batches, forward, "output")
     w = layer.weight.detach()
     scale, zp, undo = freeze_range(wq, w)
     try:

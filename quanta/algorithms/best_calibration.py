@@ -16,7 +16,8 @@ from ..calib import HISTOGRAM_METHODS
 from ..core.granularity import Granularity
 from ..nn.tensor_quantizer import TensorQuantizer
 from ..progress import Progress
-from .capture import CaptureError, capture, quantizers_off
+from ..transforms.capture import CaptureError, capture_layer
+from .capture import quantizers_off
 
 METHODS = HISTOGRAM_METHODS  # the range rules one histogram serves
 
@@ -76,7 +77,7 @@ def best_calibration(model: nn.Module, data: Iterable[Any], methods: tuple[str, 
             for owner, quantizers in groups.items():
                 module = model.get_submodule(owner)
                 try:
-                    x = capture(model, module, batches, forward, "input")
+                    x = capture_layer(model, module, batches, forward, "input")
                 except CaptureError as e:
                     for name, _q in quantizers:  # keep the histogram's MSE range calibrate loaded
                         skipped.append({"quantizer": name, "reason": f"its module: {e}"})

@@ -1,11 +1,12 @@
-"""Minimal activation capture for the layer-wise algorithms: one layer's inputs or outputs over
-calibration batches, in the simulated model as it is or with every quantizer off (the float
-model). Algorithms sit below `quanta.analysis`, so this is their own small copy of the idea."""
+"""What the data-driven algorithms need around a capture: the calibration batches read and
+checked once (`calibration_batches`), and the float model seen through the simulated one
+(`quantizers_off`). The capture itself is `quanta.transforms.capture.capture_layer`, the one
+hook utility quanta's passes and analyses share."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -26,41 +27,6 @@ def quantizers_off(model: nn.Module) -> Iterator[None]:
     finally:
         for q in turned:
             q.enable()
-
-
-class CaptureError(ValueError):
-    """A layer's calls cannot be captured (not called, called with several or keyword inputs)."""
-
-
-@torch.no_grad()
-def capture(model: nn.Module, layer: nn.Module, batches: list, forward: Callable[[nn.Module, Any], Any],
-            what: str) -> torch.Tensor:
-    """``layer``'s first positional input (``what="input"``) or its output (``"output"``) on every
-    call while ``forward(model, batch)`` runs over ``batches``, concatenated along dim 0."""
-    if what not in ("input", "output"):
-        raise ValueError(f"capture: what must be 'input' or 'output', got {what!r}")
-    seen: list[torch.Tensor] = []
-    problem: list[str] = []
-
-    def hook(mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
-        if len(args) != 1 or kwargs or not isinstance(args[0], torch.Tensor) or not isinstance(out, torch.Tensor):
-            problem.append("it is called with other than one tensor input and one tensor output")
-            return
-        seen.append((args[0] if what == "input" else out).detach().clone())
-
-    handle = layer.register_forward_hook(hook, with_kwargs=True)
-    try:
-        for batch in batches:
-            forward(model, batch)
-    finally:
-        handle.remove()
-    if problem:
-        raise CaptureError(problem[0])
-    if not seen:
-        raise CaptureError("the calibration data never reaches it")
-    if len({t.shape[1:] for t in seen}) != 1:
-        raise CaptureError("its inputs change shape between calls")
-    return torch.cat(seen)
 
 
 def batch_size(batch: Any) -> int:

@@ -11,7 +11,7 @@ import torch
 
 from ..core.quantize import quantize
 from ..nn.tensor_quantizer import TensorQuantizer
-from .capture import CaptureError
+from ..transforms.capture import CaptureError
 
 
 def freeze_range(wq: TensorQuantizer, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:

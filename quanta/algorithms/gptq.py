@@ -32,8 +32,9 @@ from ..core.quantize import quantize
 from ..core.spec import Granularity
 from ..nn.tensor_quantizer import TensorQuantizer
 from ..progress import Progress
+from ..transforms.capture import CaptureError
 from .adaround import _unsupported
-from .capture import CaptureError, calibration_batches
+from .capture import calibration_batches
 from .fixed_codes import check_codes, freeze_range
 from .gptq_solver import SolverError, output_error, solve
 

@@ -4,13 +4,15 @@
 returns ``{name: [output of each call, ...]}`` as float tensors: the first tensor of a tuple or
 list output (an ``nn.LSTM``'s ``output``, an attention's ``attn_output``), uint8 codes an integer
 conv hands to the next one put back on their grid (``(q - zero_point) · scale``), copied so that
-a later in-place op (``nn.ReLU(inplace=True)``) cannot change them. The hooks are removed and
-the model's train/eval modes restored in ``finally``, whatever the forward pass raises.
+a later in-place op (``nn.ReLU(inplace=True)``) cannot change them. The hooks and the eval mode
+are quanta's one capture utility (`quanta.transforms.capture`: `hooked`, `evaluating`): hooks
+removed and every module's train/eval mode restored in ``finally``, whatever the forward pass
+raises.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 import torch
@@ -18,8 +20,7 @@ from torch import nn
 
 from ..nn.tensor_quantizer import TensorQuantizer
 from ..transforms.calibrate import default_forward
-
-ForwardFn = Callable[[nn.Module, Any], Any]
+from ..transforms.capture import ForwardFn, evaluating, hooked
 
 
 class Captured(NamedTuple):
@@ -98,41 +99,29 @@ def capture_outputs(model: nn.Module, data: Any, names: Iterable[str] | None = N
     aliases: dict[str, str] = {}
     unknown: set[str] = set()
 
-    def hook(name: str) -> Callable[..., None]:
-        def record(mod: nn.Module, inp: Any, out: Any) -> None:
-            t = first_tensor(out)
-            if t is None:
-                return
-            held = owner.get(id(t))
-            if held is not None and held[0] is t:
-                aliases[name] = held[1]
-            else:
-                owner[id(t)] = (t, name)
-            producer = modules[aliases.get(name, name)]
-            if t.dtype == torch.uint8 and getattr(producer, "output_kind", "float") != "uint8":
-                unknown.add(name)
-                return
-            seen[name].append(as_float(producer, t))
-            if inputs and len(inp) == 1 and isinstance(inp[0], torch.Tensor) \
-                    and (inp[0].dtype != torch.uint8 or hasattr(mod, "input_scale")):
-                seen_in[name].append(as_float(mod, inp[0], "input"))
-        return record
+    def record(name: str, mod: nn.Module, inp: tuple, kwargs: dict, out: Any) -> None:
+        t = first_tensor(out)
+        if t is None:
+            return
+        held = owner.get(id(t))
+        if held is not None and held[0] is t:
+            aliases[name] = held[1]
+        else:
+            owner[id(t)] = (t, name)
+        producer = modules[aliases.get(name, name)]
+        if t.dtype == torch.uint8 and getattr(producer, "output_kind", "float") != "uint8":
+            unknown.add(name)
+            return
+        seen[name].append(as_float(producer, t))
+        if inputs and len(inp) == 1 and isinstance(inp[0], torch.Tensor) \
+                and (inp[0].dtype != torch.uint8 or hasattr(mod, "input_scale")):
+            seen_in[name].append(as_float(mod, inp[0], "input"))
 
-    modes = [(m, m.training) for m in model.modules()]
-    handles = []
     finals: list[torch.Tensor] = []
-    try:
-        handles = [modules[n].register_forward_hook(hook(n)) for n in wanted]
-        model.eval()
-        with torch.no_grad():
-            for batch in batches_of(data):
-                owner.clear()
-                out = first_tensor(forward(model, batch))
-                if out is not None:
-                    finals.append(out.detach().float().clone())
-    finally:
-        for h in handles:
-            h.remove()
-        for m, mode in modes:
-            m.training = mode
+    with hooked({n: modules[n] for n in wanted}, record), evaluating(model), torch.no_grad():
+        for batch in batches_of(data):
+            owner.clear()
+            out = first_tensor(forward(model, batch))
+            if out is not None:
+                finals.append(out.detach().float().clone())
     return Captured(seen, seen_in, finals, aliases, unknown)
