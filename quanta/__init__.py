@@ -1,10 +1,10 @@
 """quanta: quantize trained PyTorch models, with the accuracy loss measured and under control."""
 
 from ._version import __version__
-from .analysis import auto_quantize, compare, report, sensitivity
+from .analysis import auto_quantize, compare, compare_onnx, report, sensitivity
 from .core import QuantSpec
 from .integer import storage_bytes
-from .io import compare_onnx, export_onnx, inspect, load, save
+from .io import export_onnx, inspect, load, save
 from .nn import LayerQuantConfig, QuantDescriptor, TensorQuantizer
 from .transforms import (
     PRESETS,

@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..io.onnx_compare import OnnxParityReport, compare_onnx
 from .capture import ForwardFn, batches_of
 from .compare import CompareReport, compare
+from .onnx_parity import OnnxParityReport, compare_onnx
 
 
 @dataclass

@@ -19,8 +19,10 @@ def export_onnx(*args: Any, **kwargs: Any) -> Any:
 
 
 def compare_onnx(*args: Any, **kwargs: Any) -> Any:
-    """See `quanta.io.onnx_compare.compare_onnx` (needs the ``onnx`` extra)."""
-    from .onnx_compare import compare_onnx as _compare
+    """See `quanta.analysis.onnx_parity.compare_onnx` (needs the ``onnx`` extra); kept here
+    because ``quanta.io.compare_onnx`` was public before the parity report moved to analysis
+    (imported when called: io does not import analysis at import time)."""
+    from ..analysis.onnx_parity import compare_onnx as _compare
 
     return _compare(*args, **kwargs)
 

@@ -6,7 +6,7 @@ inherits its base's form unless it registers its own (``Int8PaddedConv2d`` befor
 ``Int8Conv2d``). A class ONNX cannot express exactly registers its one-line reason with
 `onnx_refusal`. A class with neither gets the "no ONNX form" error. Adding an integer module type
 adds its form here (and its entry in ``tests/integer/test_conformance.py``). Beside the form, the
-parity step (`quanta.io.onnx_compare`) reads two per-class settings from here: ``@parity_step``
+parity step (`quanta.analysis.onnx_parity`) reads two per-class settings from here: ``@parity_step``
 (the unit a float output is compared in: the accumulator unit ``input step × weight scale``) and
 ``@inexact_form`` (why a form cannot be bit-exact; the comparison then says so and tests bound
 the relative difference instead)::

@@ -20,7 +20,7 @@ from torch import nn
 
 import quanta
 from quanta import LayerQuantConfig, QuantConfig, QuantDescriptor
-from quanta.io.onnx_compare import compare_onnx
+from quanta.analysis.onnx_parity import compare_onnx
 from quanta.io.onnx_export import export_onnx
 from quanta.transforms.presets import A8_DYNAMIC_TOKEN, A8_STATIC, W8
 

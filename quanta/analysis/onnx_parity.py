@@ -33,12 +33,13 @@ from torch import nn
 
 from ..core import Format, choose_qparams, compute_range
 from ..integer.base import IntegerModule
+from ..io.onnx_export import require_onnx
+from ..io.onnx_forms import channel_view as _channel_view
+from ..io.onnx_forms import inexact_reason, integer_step
 from ..nn.modules.base import QuantModule
 from ..nn.modules.functional import QuantBMM, QuantMatMul, QuantOp
 from ..nn.tensor_quantizer import TensorQuantizer
-from .onnx_export import require_onnx
-from .onnx_forms import channel_view as _channel_view
-from .onnx_forms import inexact_reason, integer_step
+from ..transforms.capture import evaluating, hooked
 
 _SCOPES = "pkg.torch.onnx.name_scopes"
 
@@ -226,31 +227,21 @@ def compare_onnx(model: nn.Module, path: str | os.PathLike, inputs: torch.Tensor
 
     path = os.fspath(path)
     args = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
-    hooked = _layers(model)
+    layers = _layers(model)
     seen: dict[str, list[tuple[Any, Any]]] = {}
     ident: dict[str, list[Any]] = {}  # the returned objects themselves: which layer returned an output
     order: list[str] = []
 
-    def hook(name: str) -> Any:
-        def record(mod: nn.Module, inp: tuple[Any, ...], out: Any) -> None:
-            # copies: a later in-place op (nn.ReLU(inplace=True)) may overwrite what a layer returned
-            x = inp[0].clone() if inp and isinstance(inp[0], torch.Tensor) else (inp[0] if inp else None)
-            seen.setdefault(name, []).append((x, out.clone() if isinstance(out, torch.Tensor) else out))
-            ident.setdefault(name, []).append(out)
-            order.append(name)
-        return record
+    def record(name: str, mod: nn.Module, inp: tuple[Any, ...], kwargs: dict, out: Any) -> None:
+        # copies: a later in-place op (nn.ReLU(inplace=True)) may overwrite what a layer returned
+        x = inp[0].clone() if inp and isinstance(inp[0], torch.Tensor) else (inp[0] if inp else None)
+        seen.setdefault(name, []).append((x, out.clone() if isinstance(out, torch.Tensor) else out))
+        ident.setdefault(name, []).append(out)
+        order.append(name)
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in hooked.items()]
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()  # what the export computes (dropout off); restored below
-    try:
-        with torch.no_grad():
-            result = model(*args)
-    finally:
-        for m, mode in modes:
-            m.training = mode
-        for h in handles:
-            h.remove()
+    # eval mode: what the export computes (dropout off); modes and hooks restored in finally
+    with hooked(layers, record), evaluating(model), torch.no_grad():
+        result = model(*args)
     leaves = [result] if isinstance(result, torch.Tensor) else torch.utils._pytree.tree_leaves(result)
     providers = list(providers) if providers else ["CPUExecutionProvider"]
     session = ort.InferenceSession(path, session_options, providers=providers)
@@ -262,28 +253,28 @@ def compare_onnx(model: nn.Module, path: str | os.PathLike, inputs: torch.Tensor
         name = session.get_outputs()[i].name
         if owner is not None:
             x = seen[owner][next(k for k, out in enumerate(ident[owner]) if out is y)][0]
-            step, how = _step(hooked[owner], x, y)
+            step, how = _step(layers[owner], x, y)
             rows.append(_row(name, y, b, step, f"{how} of {owner!r}" if step is not None else
                              f"no step ({owner!r} has no output or input grid)"))
         elif order:
             last = order[-1]
             x, out = seen[last][-1]
-            step, how = _step(hooked[last], x, out) if isinstance(out, torch.Tensor) else (None, "")
+            step, how = _step(layers[last], x, out) if isinstance(out, torch.Tensor) else (None, "")
             step = step.max() if isinstance(step, torch.Tensor) else step
             rows.append(_row(name, y, b, step, f"estimate: largest {how} of {last!r} (float ops follow it)"))
         else:
             rows.append(_row(name, y, b, None, "no step (no quantized layer ran)"))
     report = OnnxParityReport(path, rows)
     if layers:
-        report.layers = _compare_layers(onnx, ort, path, hooked, seen, feed, providers, session_options)
+        report.layers = _compare_layers(onnx, ort, path, layers, seen, feed, providers, session_options)
     return report
 
 
-def _compare_layers(onnx: Any, ort: Any, path: str, hooked: dict[str, nn.Module],
+def _compare_layers(onnx: Any, ort: Any, path: str, layers: dict[str, nn.Module],
                     seen: dict[str, list[tuple[Any, Any]]], feed: dict[str, Any], providers: list[str],
                     session_options: Any) -> list[ParityRow]:
     proto = onnx.load(path)
-    once = [p for p in hooked if len(seen.get(p, ())) == 1 and isinstance(seen[p][0][1], torch.Tensor)]
+    once = [p for p in layers if len(seen.get(p, ())) == 1 and isinstance(seen[p][0][1], torch.Tensor)]
     candidates = _layer_values(proto, once)
     known = {v.name: v for v in list(proto.graph.value_info) + list(proto.graph.output)}
     existing = {o.name for o in proto.graph.output}
@@ -298,7 +289,7 @@ def _compare_layers(onnx: Any, ort: Any, path: str, hooked: dict[str, nn.Module]
     rows = []
     for p, chain in candidates.items():
         x, y = seen[p][0]
-        mod = hooked[p]
+        mod = layers[p]
         step, how = _step(mod, x, y)
         codes = (float(mod.emit_scale), int(mod.emit_zero_point)) if y.dtype == torch.uint8 else None
         options = []
