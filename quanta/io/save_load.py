@@ -27,6 +27,7 @@ from ..nn.modules.functional import QuantOp
 from ..nn.tensor_quantizer import TensorQuantizer
 from ..transforms.config import QuantConfig
 from ..transforms.convert import REPORT_ATTR
+from ..transforms.float_dtype import FLOAT_DTYPE_ATTR, FLOAT_DTYPES, float_dtype_of, run_float_work_in
 from ..transforms.prepare import CONFIG_ATTR
 from . import safe_file
 from .architecture import ArchitectureError, _jsonable, normalize_trusted
@@ -75,6 +76,8 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, init_kwargs: dict[st
         "modules": records,
         "aliases": aliases,
     }
+    if float_dtype_of(model) != torch.float32:  # (only then: other files stay byte for byte as they were)
+        manifest["float_dtype"] = getattr(model, FLOAT_DTYPE_ATTR)
     safe_file.write(path, tensors, manifest)
     return pathlib.Path(path)
 
@@ -198,6 +201,11 @@ def load(path: str | os.PathLike[str], model: nn.Module | Callable[[], nn.Module
     algorithms = manifest.get("algorithms")
     if isinstance(algorithms, list) and algorithms and all(isinstance(r, dict) for r in algorithms):
         setattr(built, ALGORITHMS_ATTR, algorithms)  # what the PTQ algorithms changed (the weights carry it)
+    if "float_dtype" in manifest:  # the float work between integer layers in bfloat16, as saved
+        if manifest["float_dtype"] not in FLOAT_DTYPES:
+            raise safe_file.QuantaFileError(f"{source}: unknown float_dtype {manifest['float_dtype']!r} "
+                                            f"(this quanta knows {', '.join(FLOAT_DTYPES)})")
+        run_float_work_in(built, manifest["float_dtype"])
     if device is not None:
         built.to(device)
     return built

@@ -5,6 +5,7 @@ from .calibrate import calibrate
 from .config import QuantConfig
 from .convert import conversion_report, convert
 from .coverage import CoverageReport, coverage
+from .float_dtype import run_float_work_in
 from .fold_bn import fold_batchnorm
 from .prepare import prepare
 from .presets import PRESETS, preset
@@ -13,4 +14,4 @@ from .quantize import quantize
 from .speed_check import KeptFloat, kept_float
 
 __all__ = ["CoverageReport", "KeptFloat", "PRESETS", "QATConfig", "QuantConfig", "calibrate", "conversion_report", "convert", "coverage",
-           "finalize_qat", "fold_batchnorm", "kept_float", "prepare", "prepare_qat", "preset", "quant_modules", "quantize"]
+           "finalize_qat", "fold_batchnorm", "kept_float", "prepare", "prepare_qat", "preset", "quant_modules", "quantize", "run_float_work_in"]

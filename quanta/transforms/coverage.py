@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import torch
 from torch import nn
 
 from ..integer.base import IntegerModule
@@ -13,7 +14,10 @@ from ..nn.modules.functional import QuantOp
 from ..nn.modules.fused import FusedActivation
 from ..nn.tensor_quantizer import TensorQuantizer
 from .decisions import DECISIONS_ATTR, UNSUPPORTED
+from .float_dtype import FLOAT_DTYPES, float_dtype_of
 from .speed_check import kept_float
+
+_DTYPE_NAMES = {v: k for k, v in FLOAT_DTYPES.items()}
 
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
 
@@ -110,4 +114,9 @@ def coverage(model: nn.Module) -> CoverageReport:
         elif not any(True for _ in mod.children()) and not isinstance(mod, _CONTAINERS):
             # (an empty container, e.g. a quantized LSTM's unused proj_quantizers, is no layer)
             entries.append(CoverageEntry(name, tname, "float", f"no quantized {tname}"))
+    dtype = float_dtype_of(model)
+    if dtype != torch.float32:  # `run_float_work_in`: say which layers compute in it
+        said = {"float": f"computes in {_DTYPE_NAMES[dtype]}", "excluded": f"computes in {_DTYPE_NAMES[dtype]}",
+                "integer": f"{_DTYPE_NAMES[dtype]} in and out"}
+        entries = [replace(e, detail=f"{e.detail}; {said[e.status]}") if e.status in said else e for e in entries]
     return CoverageReport(tuple(entries))

@@ -17,6 +17,7 @@ from ..nn import LayerQuantConfig
 from .calibrate import calibrate, calibration_targets
 from .config import QuantConfig
 from .convert import convert
+from .float_dtype import check_float_dtype, run_float_work_in
 from .prepare import check_float_model, prepare
 from .presets import COVERS, PRESETS, preset, quantizes_any
 
@@ -28,7 +29,8 @@ def quantize(model: nn.Module, config: QuantConfig | str = "dynamic_int8", calib
              exclude: Iterable[str] | str | None = None,
              rules: Mapping[str, LayerQuantConfig | None] | None = None,
              algorithms: Iterable[str] | str | None = None,
-             algorithm_options: Mapping[str, Mapping[str, Any]] | None = None) -> nn.Module:
+             algorithm_options: Mapping[str, Mapping[str, Any]] | None = None,
+             float_dtype: torch.dtype | None = None) -> nn.Module:
     """Return an integer copy of ``model`` (the float model is not modified).
 
     ``config``: a `QuantConfig` or a preset name: ``dynamic_int8``, ``static_int8``,
@@ -47,8 +49,15 @@ def quantize(model: nn.Module, config: QuantConfig | str = "dynamic_int8", calib
     ``example`` (one batch of real inputs; default: the first batch of ``calib_data``, for any
     preset) stay float, and `quanta.conversion_report` says so. Without either, or with
     ``speed_check=False``, every lowerable layer becomes integer.
+
+    ``float_dtype=torch.bfloat16``: the float work between the integer layers (LayerNorm,
+    attention, GELU, residual additions, layers kept float) runs in bfloat16, and so do the
+    model's inputs and outputs (`quanta.transforms.float_dtype`; fast only on CPUs with native
+    bfloat16, logged otherwise).
     """
     check_float_model(model, "quantize")
+    if float_dtype is not None:
+        float_dtype = check_float_dtype(float_dtype)
     refine = {k: v for k, v in (("exclude", exclude), ("rules", rules), ("algorithms", algorithms),
                                 ("algorithm_options", algorithm_options)) if v is not None}
     name = config if isinstance(config, str) else None
@@ -89,8 +98,9 @@ def quantize(model: nn.Module, config: QuantConfig | str = "dynamic_int8", calib
     run_stage(sim, "calibrated", config.algorithms,
               AlgorithmContext(config=config, data=calib_data if needs_data(config.algorithms) else None, num_batches=num_batches,
                                forward_fn=forward_fn, progress=progress), config.algorithm_options)
-    return convert(sim, backend=backend, inplace=True, example=first if example is None else example,
-                   forward_fn=forward_fn, speed_check=speed_check)
+    converted = convert(sim, backend=backend, inplace=True, example=first if example is None else example,
+                        forward_fn=forward_fn, speed_check=speed_check)
+    return converted if float_dtype is None else run_float_work_in(converted, float_dtype)
 
 
 def _nothing_covered(model: nn.Module, name: str | None) -> None:
