@@ -3,8 +3,9 @@
 - ``TFMobileNet``: a MobileNetV2-shaped network as it looks once ported from TensorFlow: every
   conv is an ``nn.Conv2d`` subclass whose ``forward`` applies TF "same" padding itself (static,
   asymmetric for stride 2: ``(0, 1, 0, 1)`` for a 3x3 conv on an even input) and calls
-  ``F.conv2d`` with padding 0 — one class pads with an ``nn.ZeroPad2d`` module, the other with
-  ``F.pad`` (both styles are common in ports and in timm's ``Conv2dSame``) —, BatchNorm with
+  ``F.conv2d`` with padding ``(0, 0)`` (as timm's ``conv2d_same`` writes it; torch.ao FX rejects an
+  int there) — one class pads with an ``nn.ZeroPad2d`` module, the other with ``F.pad`` (both
+  styles are common in ports and in timm's ``Conv2dSame``) —, BatchNorm with
   TF's eps 1e-3, ReLU6, residual adds written as ``x + y`` in ``forward``, global average pool
   and a 1001-class classifier (TF's ImageNet head).
 - ``SentenceEncoder``: a MiniLM / BERT-mini-shaped sentence-embedding encoder: embedding
@@ -38,7 +39,7 @@ class Conv2dSamePad(nn.Conv2d):
         self.pad = nn.ZeroPad2d(tf_same_padding(kernel, stride))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(self.pad(x), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        return F.conv2d(self.pad(x), self.weight, self.bias, self.stride, (0, 0), self.dilation, self.groups)
 
 
 class Conv2dSameFunctional(nn.Conv2d):
@@ -49,7 +50,7 @@ class Conv2dSameFunctional(nn.Conv2d):
         self.same = tf_same_padding(kernel, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(F.pad(x, self.same), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        return F.conv2d(F.pad(x, self.same), self.weight, self.bias, self.stride, (0, 0), self.dilation, self.groups)
 
 
 class TFConvBNReLU6(nn.Sequential):
