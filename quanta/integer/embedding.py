@@ -73,11 +73,10 @@ class _IntEmbedding(IntegerModule):
             raise TypeError(f"{type(self).__name__} expects a tensor of indices, got {type(input).__name__}")
         self.check_input(input, (torch.int64, torch.int32))
 
-    def _run(self, op: K.KernelOp, *args: Any) -> torch.Tensor:
-        impl = op.choose(*args) if self.impl == "auto" else self.impl
-        out = op(*args, impl=impl, checked=self.impl == "auto")
-        self.record(impl)
-        return out
+    def _run(self, op: K.KernelOp, indices: torch.Tensor, *args: Any) -> torch.Tensor:
+        """``op(indices, *args)`` through the module's binding (the guards' choice per index dtype and
+        device; the table is fixed)."""
+        return self.binding.run(op, (indices.dtype, indices.device), indices, *args, preferred=self.impl)
 
 
 class Int8Embedding(_IntEmbedding):

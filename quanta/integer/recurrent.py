@@ -22,6 +22,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from ..core import Format, Granularity, QuantSpec, Rounding, quantize
 from ..kernels import recurrent as K
+from ..kernels.linear import GEMV_MAX_ROWS
 from ..nn.modules.rnn import QuantGRU, QuantGRUCell, QuantLSTM, QuantLSTMCell, QuantRNN, QuantRNNCell
 from .base import IntegerModule
 from .validate import flag, one_of, positive_int
@@ -119,7 +120,9 @@ class _Recurrent(IntegerModule):
         s = self.act_spec
         return s.bits, s.signed, s.symmetric, s.narrow_range
 
-    def pack(self) -> None:
+    _RUNTIME = ("_weights", "_zero_bias")
+
+    def build_packed(self) -> None:
         self._zero_bias = torch.zeros(self._gates * self.hidden_size, device=self._device())
         self._weights = [t for sfx in self._suffixes() for t in self._weights_of(sfx)]
         bits, signed, sym, narrow = self._act_args()
@@ -143,11 +146,16 @@ class _Recurrent(IntegerModule):
                         getattr(self, f"bias_{kind}{sfx}").copy_(getattr(sim, f"bias_{kind}{sfx}").detach().float())
         self.pack()
 
-    def _run(self, op: K.KernelOp, *args: Any) -> list[torch.Tensor]:
-        impl = op.choose(*args) if self.impl == "auto" else self.impl
-        out = op(*args, impl=impl, checked=self.impl == "auto")
-        self.record(impl)
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:  # .to(device): the kernels' weights follow
+        out = super()._apply(fn, recurse)
+        self.pack()
         return out
+
+    def _run(self, op: K.KernelOp, input: torch.Tensor, batch: int, *args: Any) -> list[torch.Tensor]:
+        """``op(mode, input, *args)`` through the module's binding: the guards read the input's
+        dtype, device, emptiness and ``batch`` (up to the native loop's limit), the rest is fixed."""
+        key = (input.dtype, input.device, input.numel() == 0, min(batch, GEMV_MAX_ROWS + 1))
+        return self.binding.run(op, key, self.mode, input, *args, preferred=self.impl)
 
     def _check_state(self, hx: Any, want_shape: tuple[int, ...], x: torch.Tensor) -> list[torch.Tensor]:
         n = 2 if self.mode == "LSTM" else 1
@@ -246,7 +254,9 @@ class _DynamicInt8RNNBase(_Recurrent):
         b = input.shape[0 if self.batch_first else 1]
         n = self.num_layers * (2 if self.bidirectional else 1)
         states = self._check_state(hx, (n, b, self.hidden_size), input)
-        out = self._run(K.dynamic_int8_rnn, self.mode, input.contiguous(), states, self._weights, self.num_layers,
+        if self._stale:
+            self.ensure_packed()
+        out = self._run(K.dynamic_int8_rnn, input.contiguous(), b, states, self._weights, self.num_layers,
                         self.bidirectional, self.batch_first, *self._act_args())
         output, finals = out[0], out[1:]
         if not batched:
@@ -343,7 +353,9 @@ class _DynamicInt8CellBase(_Recurrent):
             if hx is not None:
                 hx = tuple(s.unsqueeze(0) for s in hx) if self.mode == "LSTM" else hx.unsqueeze(0)
         states = self._check_state(hx, (input.shape[0], self.hidden_size), input)
-        out = self._run(K.dynamic_int8_rnn_cell, self.mode, input.contiguous(), states, self._weights,
+        if self._stale:
+            self.ensure_packed()
+        out = self._run(K.dynamic_int8_rnn_cell, input.contiguous(), input.shape[0], states, self._weights,
                         *self._act_args())
         if not batched:
             out = [o.squeeze(0) for o in out]

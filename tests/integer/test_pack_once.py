@@ -177,3 +177,48 @@ def test_int4_weight_change_then_pack_repacks(builds):
     fresh = Int4WeightOnlyLinear(64, 32, group_size=32)
     fresh.load_state_dict(m.state_dict())
     assert torch.equal(m(x), fresh(x)) and not torch.equal(m(x), y)
+
+
+# ----------------------------------------------------------------------------- recurrent modules
+class _Tagger(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(8, 16, num_layers=2, batch_first=True)
+        self.cell = nn.GRUCell(16, 16)
+        self.head = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(x)
+        return self.head(self.cell(out[:, -1]))
+
+
+def test_quantize_packs_each_recurrent_module_once(monkeypatch):
+    from quanta.integer.recurrent import _Recurrent
+
+    builds: list[str] = []
+    weights_of = _Recurrent._weights_of
+
+    def counted(self, sfx):  # (once per layer and direction at every build)
+        if sfx in ("", "_l0"):
+            builds.append(type(self).__name__)
+        return weights_of(self, sfx)
+
+    monkeypatch.setattr(_Recurrent, "_weights_of", counted)
+    q = quanta.quantize(_Tagger().eval(), "dynamic_int8", progress=False, speed_check=False)
+    x = torch.randn(3, 5, 8)
+    with torch.no_grad():
+        y = q(x)
+        assert torch.equal(q(x), y)
+    assert sorted(builds) == ["DynamicInt8GRUCell", "DynamicInt8LSTM"]
+
+
+def test_recurrent_kernel_weights_follow_a_move():
+    """``.to()`` replaces the buffers: the kernels' weight list is rebuilt from the new ones (it
+    held the old tensors before)."""
+    q = quanta.quantize(_Tagger().eval(), "dynamic_int8", progress=False, speed_check=False)
+    x = torch.randn(3, 5, 8)
+    y = q(x)
+    q._apply(lambda t: t.clone())  # (what a device move does to the buffers, on any machine)
+    lstm = q.rnn
+    assert lstm._weights[0] is lstm.weight_ih_l0 and q.cell._weights[0] is q.cell.weight_ih
+    assert torch.equal(q(x), y)
