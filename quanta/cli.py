@@ -63,7 +63,8 @@ def _quantize(args: argparse.Namespace) -> int:
     print(quantize_file(QuantizeJob(
         output=args.output, spec=args.spec, hf=args.hf, config=_config_choice(args), calib=args.calib,
         images=_image_options(args), calib_batch_size=args.calib_batch_size, calib_method=args.calib_method, calib_batches=args.calib_batches,
-        speed_check=not args.no_speed_check, input_shape=args.input_shape, progress=not args.quiet)))
+        speed_check=not args.no_speed_check, input_shape=args.input_shape, progress=not args.quiet,
+        float_dtype=args.float_dtype)))
     return 0
 
 
@@ -235,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--input-shape", metavar="N,C,H,W",
                        help="random input of this shape for the speed check (default: the first calibration batch; "
                             "without either, no speed check)")
+    quant.add_argument("--float-dtype", choices=("float32", "bfloat16"), default=None,
+                       help="dtype of the float work between integer layers (LayerNorm, attention, GELU, residuals, "
+                            "layers kept float) and of the model's inputs and outputs; bfloat16 pays on CPUs with "
+                            "native bfloat16 (AVX-512 BF16 / AMX)")
     quant.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
     conf = command("config", _config_dump, "show the QuantConfig a preset means")

@@ -10,6 +10,7 @@ from typing import Any
 
 from ..io import save
 from ..transforms import QuantConfig, conversion_report, kept_float, preset, quantize
+from ..transforms.float_dtype import FLOAT_DTYPES
 from .errors import CommandError
 from .images import ImageOptions
 from .sources import example_input, load_calibration, load_hf, load_spec
@@ -118,6 +119,8 @@ class QuantizeJob:
     speed_check: bool = True
     input_shape: str | None = None
     progress: bool = True
+    #: "bfloat16": the float work between integer layers in bfloat16 (`quanta.transforms.float_dtype`)
+    float_dtype: str | None = None
 
     def __post_init__(self) -> None:
         if (self.spec is None) == (self.hf is None):
@@ -128,6 +131,8 @@ class QuantizeJob:
             raise CommandError(f"--calib-batch-size must be positive, got {self.calib_batch_size}")
         if self.calib_batches is not None and self.calib_batches <= 0:
             raise CommandError(f"--calib-batches must be positive, got {self.calib_batches}")
+        if self.float_dtype not in (None, *FLOAT_DTYPES):
+            raise CommandError(f"--float-dtype must be one of {', '.join(FLOAT_DTYPES)}, got {self.float_dtype!r}")
 
 
 def quantize_file(job: QuantizeJob) -> str:
@@ -144,7 +149,8 @@ def quantize_file(job: QuantizeJob) -> str:
         calib = load_calibration(job.calib, job.calib_batch_size, job.images, model, job.calib_batches)
     example = example_input(job.input_shape, calib, "quanta quantize") if job.input_shape else None
     qmodel = quantize_model(model, config, calib, method=job.calib_method, num_batches=job.calib_batches,
-                            speed_check=job.speed_check, progress=job.progress, example=example)
+                            speed_check=job.speed_check, progress=job.progress, example=example,
+                            float_dtype=None if job.float_dtype is None else FLOAT_DTYPES[job.float_dtype])
     path = save(qmodel, job.output)
     integer, quantized = integer_layers(qmodel)
     kept = kept_float(qmodel)

@@ -139,3 +139,18 @@ def test_a_transformers_encoder():
         ref = model(input_ids=ids, attention_mask=mask).last_hidden_state
         out = q(input_ids=ids, attention_mask=mask).last_hidden_state
     assert out.dtype == BF16 and _cosine(ref, out) >= 0.99
+
+
+def test_the_cli_writes_a_bfloat16_model(tmp_path, capsys):
+    from quanta.cli import main
+
+    spec = tmp_path / "mlp_model.py"
+    spec.write_text("import torch\nfrom torch import nn\n\n\ndef build():\n    torch.manual_seed(0)\n"
+                    "    return nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.LayerNorm(32), nn.Linear(32, 4)).eval()\n")
+    out = tmp_path / "m.safetensors"
+    assert main(["quantize", f"{spec}:build", "--float-dtype", "bfloat16", "--no-speed-check", "-q", "-o", str(out)]) == 0
+    assert quanta.inspect(out, show=False).to_dict()["manifest"]["float_dtype"] == "bfloat16"
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # argparse refuses it, naming the choices
+        main(["quantize", f"{spec}:build", "--float-dtype", "float16", "-o", str(out)])
+    assert "invalid choice: 'float16'" in capsys.readouterr().err
