@@ -160,6 +160,7 @@ class Int8MultiheadAttention(IntegerModule):
         for child in (self.in_proj, self.out_proj):
             child.impl = self.impl
             child.pack()
+        super().pack()
 
     def _project(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, same_k: bool,
                  same_v: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -115,3 +115,44 @@ def test_a_copy_counts_into_its_own_kernel_counts(how):
     assert torch.equal(twin(x), y)
     assert dict(m.kernel_counts) == before and twin.binding.counts is twin.kernel_counts
     assert sum(twin.kernel_counts.values()) == sum(before.values()) + 1
+
+
+@pytest.fixture
+def settles_int_mm_native(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make ``impl="auto"`` choose ``int_mm_native`` wherever its guard accepts (on CPUs without
+    VNNI the guards prefer the exact float GEMM, and nothing would be settled there)."""
+    from quanta.kernels.linear import int8_linear
+    from quanta.kernels.linear_native import NATIVE_LINEAR_IMPLS
+
+    native_mm = next(i for i in int8_linear.impls if i.name == "int_mm_native")
+    if not native_mm.is_available():
+        pytest.skip("the native library is not loaded")
+    assert native_mm.name in NATIVE_LINEAR_IMPLS
+    choose = int8_linear.choose
+    monkeypatch.setattr(int8_linear, "choose",
+                        lambda *args: "int_mm_native" if native_mm.guard(*args) is None else choose(*args))
+
+
+@pytest.mark.parametrize("preset", ["dynamic_int8", "static_int8"])
+def test_settled_native_linear_is_forgotten_by_every_change(settles_int_mm_native, preset):
+    import quanta
+    from quanta.integer.linear import Int8Linear
+
+    torch.manual_seed(0)
+    data = [torch.randn(16, 40) for _ in range(2)]
+    a, b = (quanta.quantize(torch.nn.Sequential(torch.nn.Linear(40, 24)).eval(), preset, calib_data=data,
+                            progress=False, speed_check=False)[0] for _ in range(2))
+    assert isinstance(a, Int8Linear)
+    x = torch.randn(3, 5, 40)
+    first = a(x)
+    assert [impl for impl, _ in a.binding.calls.values()] == ["int_mm_native"] and len(a.binding.compiled) == 1
+    for _ in range(2):
+        assert torch.equal(a(x), first)  # the settled call: the guarded call's bits
+    assert a.kernel_counts == {"int_mm_native": 3}
+    a.set_post_op("relu")
+    assert not a.binding.calls
+    assert torch.equal(a(x), torch.relu(first)) and torch.equal(a(x), torch.relu(first))  # guarded, then settled
+    a.set_post_op("none")
+    assert torch.equal(a(x), first)
+    a.load_state_dict(b.state_dict())
+    assert not a.binding.calls and torch.equal(a(x), b(x)) and torch.equal(a(x), b(x))
