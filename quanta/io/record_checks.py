@@ -1,7 +1,8 @@
 """What `load` checks about a file's module records before building anything from them.
 
-Two stages: `check_records` validates every record's fields (types, known kinds and classes,
-kernel names, the float attributes a record may restore) without importing or constructing;
+Two stages: `check_records` validates every record's paths and, through its registered kind's
+``check`` (`quanta.io.record_kinds`), its fields (types, known classes, kernel names, the float
+attributes a record may restore) without importing or constructing;
 `ShapeBudget` then checks, while `rebuild` walks the records, that each module a record is
 about to build implies the parameter shapes the file's tensor table holds — on the meta
 device, before any real allocation — so that the memory a load uses is bounded by the
@@ -12,8 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
@@ -26,7 +27,6 @@ if TYPE_CHECKING:  # (annotations only: io must not import transforms at run tim
     from ..transforms.config import QuantConfig
     from ..transforms.convert import Lowering
 
-KINDS = ("integer", "quant", "quantizer", "module")
 #: float-module attributes quanta's transforms change and a rebuild must restore: class, name, type
 RESTORED_ATTRS: dict[type, dict[str, type]] = {nn.TransformerEncoder: {"use_nested_tensor": bool}}
 #: the float bytes a stored byte may stand for while a model is rebuilt (int4 codes: 2 per byte,
@@ -57,18 +57,24 @@ def impl_names() -> frozenset[str]:
     return frozenset(names)
 
 
-def _need(cond: bool, where: str, what: str) -> None:
+def need(cond: bool, where: str, what: str) -> None:
+    """A ``ValueError`` naming the module and what is wrong with its record, unless ``cond``."""
     if not cond:
         raise ValueError(f"module {where!r}: {what}")
 
 
-def _optional_dict(v: Any) -> bool:
+def optional_dict(v: Any) -> bool:
     return v is None or isinstance(v, dict)
 
 
-def check_records(records: Any, integer: dict[str, type], quant: dict[str, type]) -> None:
+class _Checks(Protocol):
+    def check(self, rec: dict[str, Any], where: str) -> None: ...
+
+
+def check_records(records: Any, kinds: Mapping[str, _Checks]) -> None:
     """Refuse malformed records before anything is imported or built (``ValueError`` naming the
-    module and the field)."""
+    module and the field): the paths here, the fields by each record's kind (``kinds``: name →
+    its registered `RecordKind`)."""
     if not isinstance(records, list) or not records:
         raise ValueError("manifest 'modules' must be a non-empty list")
     seen: set[str] = set()
@@ -77,46 +83,16 @@ def check_records(records: Any, integer: dict[str, type], quant: dict[str, type]
             raise ValueError(f"module record {i} is malformed (no 'path' string)")
         path = rec["path"]
         where = path or "(root)"
-        _need(path not in seen, where, "recorded twice")
-        _need((i == 0) == (path == ""), where, "the first record must be the root ('') and only the first")
-        _need(path == "" or all(path.split(".")), where, "'path' has an empty part")
+        need(path not in seen, where, "recorded twice")
+        need((i == 0) == (path == ""), where, "the first record must be the root ('') and only the first")
+        need(path == "" or all(path.split(".")), where, "'path' has an empty part")
         seen.add(path)
         kind = rec.get("kind")
-        if kind not in KINDS:
-            raise ValueError(f"module {where!r} has an unknown kind {str(kind)[:40]!r} (this quanta knows {KINDS}); "
-                             "was the file written by a newer quanta?")
-        _need(isinstance(rec.get("training", False), bool), where, "'training' must be true or false")
-        if kind == "integer":
-            if not isinstance(rec.get("cls"), str) or rec["cls"] not in integer:
-                raise ValueError(f"module {where!r} is an unknown integer module kind {str(rec.get('cls'))[:40]!r}; "
-                                 f"this quanta knows {sorted(integer)}")
-            _need(isinstance(rec.get("config"), dict), where, "'config' must be an object")
-            impl = rec.get("impl", "auto")
-            _need(isinstance(impl, str) and impl in impl_names(), where,
-                  f"'impl' {str(impl)[:40]!r} is not a kernel implementation ({sorted(impl_names())})")
-        elif kind == "quant":
-            if not isinstance(rec.get("cls"), str) or rec["cls"] not in quant:
-                raise ValueError(f"module {where!r} is an unknown simulated module kind {str(rec.get('cls'))[:40]!r}; "
-                                 "register it with quanta.nn.register_quant_module before loading")
-            _need(isinstance(rec.get("float_cls"), str), where, "'float_cls' must be a string")
-            _need(_optional_dict(rec.get("kwargs")), where, "'kwargs' must be an object or null")
-            _need(isinstance(rec.get("layer_config"), dict), where, "'layer_config' must be an object")
-        elif kind == "quantizer":
-            _need(isinstance(rec.get("desc"), dict), where, "'desc' must be an object")
-            for key in ("disabled", "quant"):
-                _need(isinstance(rec.get(key), bool), where, f"{key!r} must be true or false")
-            _need(isinstance(rec.get("name"), (str, type(None))), where, "'name' must be a string or null")
-        else:
-            _need(isinstance(rec.get("cls"), str), where, "'cls' must be a string")
-            _need(_optional_dict(rec.get("kwargs")), where, "'kwargs' must be an object or null")
-            attrs = rec.get("attrs", {})
-            _need(isinstance(attrs, dict), where, "'attrs' must be an object")
-            allowed = {n: t for names in RESTORED_ATTRS.values() for n, t in names.items()}
-            for name, value in attrs.items():
-                _need(name in allowed and isinstance(value, allowed[name]), where,
-                      f"attrs may only restore {sorted(allowed)} (of their types), got {name!r}={str(value)[:40]}")
-        if kind in ("quant", "module"):
-            _need(isinstance(rec.get("kwargs_missing", ""), str), where, "'kwargs_missing' must be a string")
+        if not isinstance(kind, str) or kind not in kinds:
+            raise ValueError(f"module {where!r} has an unknown kind {str(kind)[:40]!r} (this quanta knows "
+                             f"{tuple(kinds)}); was the file written by a newer quanta?")
+        need(isinstance(rec.get("training", False), bool), where, "'training' must be true or false")
+        kinds[kind].check(rec, where)
 
 
 def checked_manifest(manifest: dict[str, Any], source: str) -> tuple[QuantConfig | None, list[Lowering]]:

@@ -16,7 +16,7 @@ from quanta.nn import QuantDescriptor, TensorQuantizer
 
 PACKAGE = Path(quanta.__file__).parent
 #: the class itself, and the two places that save / restore the raw flags (the saved file, calibration)
-FLAG_OWNERS = {"nn/tensor_quantizer.py", "io/records.py", "transforms/calibrate.py"}
+FLAG_OWNERS = {"nn/tensor_quantizer.py", "io/record_kinds.py", "transforms/calibrate.py"}
 
 
 @pytest.mark.parametrize("disabled", [False, True], ids=["enabled", "disabled"])
