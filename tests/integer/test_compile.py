@@ -201,13 +201,13 @@ def test_compiled_graph_calls_the_settled_native_linear_with_eager_bits(preset, 
     x = torch.randn(rows, 256)
     with torch.inference_mode():
         expected = q(x)
-        assert all(m._compiled for m in q.modules() if isinstance(m, IntegerModule))
+        assert all(m.binding.compiled for m in q.modules() if isinstance(m, IntegerModule))
         counts = {n: dict(m.kernel_counts) for n, m in q.named_modules() if isinstance(m, IntegerModule)}
         got, ops = _one_graph_run(q, x)
     assert ops.count("quanta_native::linear_packed") == 2
     # the kernel each layer settled on (linear_packed's `kernel`: 0 int_mm, 1 gemv, 2 the dense VNNI loop)
     vnni = native.module().gemv_has_vnni()
-    kernels = {args[-2] for m in q.modules() if isinstance(m, IntegerModule) for args in m._compiled.values()}
+    kernels = {args[-2] for m in q.modules() if isinstance(m, IntegerModule) for args in m.binding.compiled.values()}
     assert kernels == ({1} if rows == 1 and vnni else {2} if vnni else {0})
     assert torch.equal(got, expected)
     assert {n: dict(m.kernel_counts) for n, m in q.named_modules() if isinstance(m, IntegerModule)} == counts
