@@ -4,8 +4,9 @@ implementation, and fast implementations chosen by explicit guards.
 An op is called with an ``impl`` argument: ``"auto"`` picks the first fast implementation
 whose guards accept the inputs (else the reference), ``"reference"`` forces the reference,
 and a named implementation is used if its guards accept the inputs or raises saying why not.
-Falling back to the reference because a guard refused is logged once per reason; integer
-modules count which implementation ran (see `quanta.integer.base.IntegerModule`).
+Falling back to the reference because a guard refused is logged once per reason. Integer
+modules call ops through their `quanta.kernels.binding.Binding`, which asks `KernelOp.choose`
+once per input key, holds the settled calls and counts which implementation ran.
 """
 
 from __future__ import annotations
