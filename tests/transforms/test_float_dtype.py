@@ -154,3 +154,15 @@ def test_the_cli_writes_a_bfloat16_model(tmp_path, capsys):
     with pytest.raises(SystemExit):  # argparse refuses it, naming the choices
         main(["quantize", f"{spec}:build", "--float-dtype", "float16", "-o", str(out)])
     assert "invalid choice: 'float16'" in capsys.readouterr().err
+
+
+def test_a_file_naming_an_unknown_float_dtype_is_refused(bf16_models, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "io"))
+    from file_edits import edit_manifest
+
+    path = quanta.save(bf16_models["dynamic_int8"], tmp_path / "m.safetensors")
+    edit_manifest(path, lambda m: m.__setitem__("float_dtype", "float8"))
+    with pytest.raises(quanta.io.safe_file.QuantaFileError, match="unknown float_dtype 'float8'"):
+        quanta.load(path)
