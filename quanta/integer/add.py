@@ -34,7 +34,7 @@ from ..core import Format, Granularity, QuantSpec, Rounding
 from ..kernels.codes import add_codes, dense, quantize_codes
 from ..nn.modules.functional import QuantAdd
 from .base import IntegerModule
-from .conv_specs import check_output_mode
+from .conv_specs import check_output_mode, emit_grid
 
 
 def _operand_problem(spec: QuantSpec) -> str | None:
@@ -70,8 +70,7 @@ class Int8Add(IntegerModule):
         for name in ("input", "other", "emit"):
             self.register_buffer(f"{name}_scale", torch.tensor(1.0))
             self.register_buffer(f"{name}_zero_point", torch.tensor(0, dtype=torch.int32))
-        self._set_output_mode(output, post_op)
-        self.pack()
+        self._set_output_mode(output, post_op)  # (the grids' numbers are built once, when first needed)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -99,28 +98,38 @@ class Int8Add(IntegerModule):
             s, z = getattr(sim, f"{name}_quantizer").qparams()
             getattr(mod, f"{name}_scale").copy_(s.reshape(()))
             getattr(mod, f"{name}_zero_point").copy_(z.reshape(()))
-        mod.pack()
         return mod
 
     def config(self) -> dict[str, Any]:
         return {"input_spec": self.input_spec.to_dict(), "other_spec": self.other_spec.to_dict(),
                 "output": self.output_kind, "post_op": self.post_op}
 
-    def pack(self) -> None:
-        """Python numbers of the grids: kernel codes are uint8 (signed codes + 128)."""
-        self._impl_cache: dict[tuple[Any, ...], str] = {}  # (choose_impl's settled choices)
-        self._grids = []
-        for name, spec in zip(self.operand_names, (self.input_spec, self.other_spec)):
-            offset = 128 if spec.signed else 0
-            scale = getattr(self, f"{name}_scale")
-            self._grids.append((float(scale), float(1.0 / scale.float()),
-                                int(getattr(self, f"{name}_zero_point")) + offset,
-                                spec.qmin + offset, spec.qmax + offset))
-        self._emit = (float(self.emit_scale), float(1.0 / self.emit_scale.float()), int(self.emit_zero_point))
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:  # .to(device): the grids follow
+        out = super()._apply(fn, recurse)
+        self.pack()
+        return out
+
+    def build_packed(self) -> None:
+        self._grids = [self._grid(0), self._grid(1)]
+        self._emit = self._emit_grid()
+
+    def _grid(self, index: int) -> tuple[float, float, int, int, int]:
+        """Operand ``index``'s grid as Python numbers ``(scale, 1/scale in float32, zero point, qmin,
+        qmax)``, in kernel codes: uint8 (signed codes + 128)."""
+        name, spec = self.operand_names[index], (self.input_spec, self.other_spec)[index]
+        offset = 128 if spec.signed else 0
+        scale = getattr(self, f"{name}_scale")
+        return (float(scale), float(1.0 / scale.float()), int(getattr(self, f"{name}_zero_point")) + offset,
+                spec.qmin + offset, spec.qmax + offset)
+
+    def _emit_grid(self) -> tuple[float, float, int]:
+        return float(self.emit_scale), float(1.0 / self.emit_scale.float()), int(self.emit_zero_point)
 
     # ------------------------------------------------------------------ the uint8 hand-off
     def operand_code_qparams(self, index: int) -> tuple[float, int]:
         """``(scale, zero_point)`` of the uint8 codes operand ``index`` (0: ``a``, 1: ``b``) takes."""
+        if self._stale:
+            self.ensure_packed()
         scale, _, zp, _, _ = self._grids[index]
         return scale, zp
 
@@ -128,23 +137,19 @@ class Int8Add(IntegerModule):
                    zero_point: int | torch.Tensor | None = None, post_op: str = "none") -> Int8Add:
         """``"float"``: the sum (after ``post_op``); ``"uint8"``: its codes on the grid
         ``(scale, zero_point)`` (the consumers' input grid), ``post_op`` fused."""
-        if kind == "uint8":
-            if scale is None or zero_point is None:
-                raise ValueError("Int8Add.set_output('uint8') needs the consumers' scale and zero_point")
-            if not 0 <= int(zero_point) <= 255 or not float(scale) > 0:
-                raise ValueError(f"Int8Add.set_output: uint8 grid needs scale > 0 and 0 <= zero_point <= 255, "
-                                 f"got {scale}, {zero_point}")
-            self.emit_scale.fill_(float(scale))
-            self.emit_zero_point.fill_(int(zero_point))
-        elif scale is not None or zero_point is not None:
-            raise ValueError("Int8Add.set_output('float') takes no scale / zero_point")
+        grid = emit_grid(self, kind, scale, zero_point)
+        if grid is not None:
+            self.emit_scale.fill_(grid[0])
+            self.emit_zero_point.fill_(grid[1])
         self._set_output_mode(kind, post_op)
-        self.pack()
+        if not self._stale:  # (a module never built gets it when built)
+            self._emit = self._emit_grid()
         return self
 
     def _set_output_mode(self, kind: str, post_op: str) -> None:
         check_output_mode(self, kind, post_op)
         self.output_kind, self.post_op = kind, post_op
+        self.forget_settled()
 
     # ------------------------------------------------------------------ forward
     def _codes(self, t: Any, index: int) -> torch.Tensor:
@@ -157,10 +162,13 @@ class Int8Add(IntegerModule):
             raise TypeError(f"Int8Add expects float tensors or uint8 codes, got {t.dtype} for {name!r}")
         _, inv, zp, lo, hi = self._grids[index]
         args = (t, inv, zp, lo, hi, False, False)
-        impl, checked = self.choose_impl(quantize_codes, ("operand", t.dtype, t.device, t.dim(), dense(t)), *args)
+        impl, checked = self.binding.choose(quantize_codes, (t.dtype, t.device, dense(t)), *args,
+                                            preferred="reference" if self.impl == "reference" else "auto")
         return quantize_codes(*args, impl=impl, checked=checked)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if self._stale:
+            self.ensure_packed()
         ca, cb = self._codes(a, 0), self._codes(b, 1)
         if ca.device != self.input_scale.device or cb.device != self.input_scale.device:
             raise ValueError(f"Int8Add holds its grids on {self.input_scale.device} but got inputs on "
@@ -168,16 +176,15 @@ class Int8Add(IntegerModule):
         (sa, _, za, _, _), (sb, _, zb, _, _) = self._grids
         _, inv, zo = self._emit
         args = (ca, sa, za, cb, sb, zb, self.post_op, inv if self.output_kind == "uint8" else None, zo, 0, 255)
-        # (what the guards read: device, layouts; post_op and output kind reset the cache in pack())
-        key = (ca.device, ca.shape, ca.stride(), cb.shape, cb.stride())
-        impl, checked = self.choose_impl(add_codes, key, *args)
-        return add_codes(*args, impl=self.record(impl), checked=checked)
+        # (what the guards read that can change between calls: device, shapes, memory orders)
+        return self.binding.run(add_codes, (ca.device, ca.shape, ca.stride(), cb.shape, cb.stride()), *args,
+                                preferred=self.impl)
 
-    def extra_repr(self) -> str:
-        (sa, _, za, _, _), (sb, _, zb, _, _) = self._grids
+    def extra_repr(self) -> str:  # (from the canonical buffers: a repr builds nothing)
+        (sa, _, za, _, _), (sb, _, zb, _, _) = self._grid(0), self._grid(1)
         parts = [f"input={self.input_spec} scale={sa:.4g} zp={za}", f"other={self.other_spec} scale={sb:.4g} zp={zb}"]
         if self.output_kind == "uint8":
-            parts.append(f"output=uint8 scale={self._emit[0]:.4g} zp={self._emit[2]}")
+            parts.append(f"output=uint8 scale={float(self.emit_scale):.4g} zp={int(self.emit_zero_point)}")
         if self.post_op != "none":
             parts.append(f"post_op={self.post_op}")
         return ", ".join(parts)

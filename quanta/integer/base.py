@@ -148,24 +148,6 @@ class IntegerModule(nn.Module):
         except TypeError as e:
             raise ValueError(f"{cls.__name__}.from_config: {e}") from e
 
-    def choose_impl(self, op: Any, key: tuple[Any, ...], *args: Any) -> tuple[str, bool]:
-        """``(implementation, chosen_by_guards)`` for a call of ``op`` with ``args``. With
-        ``impl="auto"`` the guards' choice is remembered per ``key``, which must hold everything
-        about ``args`` that can change between calls and that the guards read (dtype, rank,
-        emptiness...); the subclass's ``pack()`` forgets it (``_impl_cache``).
-
-        Deprecated: the integer convolutions' own cache until they move to ``self.binding``
-        (`Binding.choose`, forgotten by `IntegerModule.pack`); then this method goes."""
-        if self.impl != "auto":
-            return self.impl, False
-        cache = self.__dict__.setdefault("_impl_cache", {})
-        impl = cache.get(key)
-        if impl is None:
-            impl = op.choose(*args)
-            if not torch.compiler.is_compiling():
-                cache[key] = impl
-        return impl, True
-
     def record(self, impl: str) -> str:
         """Count one call of ``impl`` (`Binding.record`: not while torch.compile traces)."""
         return self.binding.record(impl)

@@ -29,8 +29,9 @@ Canonical state (``state_dict``): ``weight`` (int8 ``[O, C/groups, *k]``), ``wei
 (float32 ``[O]``), ``bias`` (float32 ``[O]``, if any), ``input_scale`` / ``input_zero_point``
 (the spec's own codes), ``output_scale`` / ``output_zero_point`` (the simulated output
 quantizer's, used in float-output mode when ``output_spec`` is given), ``emit_scale`` /
-``emit_zero_point`` (the uint8 grid of ``set_output("uint8", ...)``). ``pack()`` builds the
-oneDNN prepacked weight and Python-number copies of the qparams.
+``emit_zero_point`` (the uint8 grid of ``set_output("uint8", ...)``). ``build_packed()`` builds
+the oneDNN prepacked weight and Python-number copies of the qparams, once (`IntegerModule.pack`);
+``binding`` holds the settled kernels per input signature.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from .conv_specs import (
     check_output_mode,
     conv_lowering_problem,
     copy_conv_weights,
+    emit_grid,
     input_spec_problem,
     output_spec_problem,
     padding_of,
@@ -108,9 +110,7 @@ class _Int8ConvNd(IntegerModule):
         self.register_buffer("emit_zero_point", torch.tensor(0, dtype=torch.int32))
         self.output_kind = "float"
         self.post_op = "none"
-        self._packed: torch.Tensor | None = None
-        self._set_output_mode(output, post_op)
-        self.pack()
+        self._set_output_mode(output, post_op)  # (the runtime form is built once, when first needed)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -160,9 +160,7 @@ class _Int8ConvNd(IntegerModule):
                 os_, ozp = oq.qparams()
                 mod.output_scale.copy_(os_.reshape(()))
                 mod.output_zero_point.copy_(ozp.reshape(()))
-        mod.to(sim.weight.device)
-        mod.pack()
-        return mod
+        return mod.to(sim.weight.device)
 
     def config(self) -> dict[str, Any]:
         """The constructor's arguments (specs as dicts): enough to rebuild an empty module that
@@ -177,7 +175,15 @@ class _Int8ConvNd(IntegerModule):
         }
 
     # ------------------------------------------------------------------ runtime state
-    def pack(self) -> None:
+    _RUNTIME = ("_packed", "_packed_for")
+    _SETTLED_LIMIT = 8  # settled input signatures per module (memory stays bounded)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:  # .to(device): the runtime form follows
+        out = super()._apply(fn, recurse)
+        self.pack()
+        return out
+
+    def build_packed(self) -> None:
         """Python-number qparams and the oneDNN prepacked weight, from the canonical buffers."""
         offset = 128 if self.input_spec.signed else 0  # kernel codes are uint8: signed codes + 128
         self._x_scale = float(self.input_scale)
@@ -186,17 +192,8 @@ class _Int8ConvNd(IntegerModule):
         self._x_lo, self._x_hi = self.input_spec.qmin + offset, self.input_spec.qmax + offset
         self._x_codes = (self._x_inv, self._x_zp, self._x_lo, self._x_hi, False)  # quantize_codes' grid
         self._emit = (float(self.emit_scale), int(self.emit_zero_point))
-        self._packed = None
-        self._impl_cache = {}
+        self._packed: torch.Tensor | None = None
         self._packed_for: dict[tuple[int, ...], torch.Tensor] = {}  # per input spatial size (oneDNN's hint)
-        #: settled (implementation, kernel call, input quantize_codes implementation or None) per input
-        #: signature (dtype, device, shape, strides, impl),
-        #: made by the first eager call with that signature; forgotten by pack() / set_output()
-        self._calls: dict[tuple[Any, ...], Any] = {}
-        #: what a compiled graph of this module calls per uint8 input shape, kept with the settled
-        #: eager calls: ``("native", ConvPlan.arguments())`` (the ``conv_packed`` op) or
-        #: ``("onednn", ())`` (oneDNN's op, traced with the module's arguments, no dispatch)
-        self._compiled: dict[tuple[int, ...], tuple[str, tuple]] = {}
         #: the largest |weight code|: oneDNN sums weights within ±64 (7-bit) exactly even without VNNI
         self.weight_code_max = weight_code_max(self.weight)
         if self.weight.device.type == "cpu" and "onednn" in int8_conv.available_impls() and self.impl != "reference" \
@@ -221,11 +218,11 @@ class _Int8ConvNd(IntegerModule):
                 self.dilation, self.groups, spatial)
         return packed
 
-    _RUNTIME = ("_packed", "_packed_for", "_calls", "_impl_cache", "_compiled")
-
     def input_code_qparams(self) -> tuple[float, int]:
         """``(scale, zero_point)`` of the uint8 codes this module takes as input: what a previous
         module's ``set_output("uint8", scale, zero_point)`` should emit."""
+        if self._stale:
+            self.ensure_packed()
         return self._x_scale, self._x_zp
 
     def set_output(self, kind: str = "float", scale: float | torch.Tensor | None = None,
@@ -236,20 +233,10 @@ class _Int8ConvNd(IntegerModule):
 
         In uint8 mode the module's own output quantizer is not applied: ``y`` is rounded once,
         onto the given grid (normally the next module's `input_code_qparams`)."""
-        if kind == "uint8":
-            if scale is None or zero_point is None:
-                raise ValueError(f"{type(self).__name__}.set_output('uint8') needs scale and zero_point")
-            s, z = float(scale), int(zero_point)
-            if not (s > 0 and s < float("inf")):
-                raise ValueError(f"{type(self).__name__}.set_output: scale must be positive and finite, got {s}")
-            if not 0 <= z <= 255 or float(zero_point) != z:
-                raise ValueError(f"{type(self).__name__}.set_output: uint8 zero_point must be an int in "
-                                 f"[0, 255], got {zero_point}")
-            self.emit_scale.fill_(s)
-            self.emit_zero_point.fill_(z)
-        elif kind == "float":
-            if scale is not None or zero_point is not None:
-                raise ValueError(f"{type(self).__name__}.set_output('float') takes no scale / zero_point")
+        grid = emit_grid(self, kind, scale, zero_point)
+        if grid is not None:
+            self.emit_scale.fill_(grid[0])
+            self.emit_zero_point.fill_(grid[1])
         self._set_output_mode(kind, post_op)
         self._emit = (float(self.emit_scale), int(self.emit_zero_point))
         return self
@@ -257,41 +244,37 @@ class _Int8ConvNd(IntegerModule):
     def _set_output_mode(self, kind: str, post_op: str) -> None:
         check_output_mode(self, kind, post_op)
         self.output_kind, self.post_op = kind, post_op
-        self._calls, self._compiled = {}, {}
+        self.forget_settled()  # (settled calls carry the output grid and post-op; the packed weight does not)
 
     # ------------------------------------------------------------------ forward
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 kernel codes of a float input, `quanta.kernels.codes.quantize_codes` (same numbers
         as `quanta.core.quantize`; 4-D inputs give channels-last codes, what the kernels read)."""
-        impl, args = self._input_codes(x)
-        return quantize_codes(*args, impl=impl, checked=impl != "reference")
+        if self._stale:
+            self.ensure_packed()
+        impl, checked, args = self._input_codes(x)
+        return quantize_codes(*args, impl=impl, checked=checked)
 
-    def _input_codes(self, x: torch.Tensor) -> tuple[str, tuple[Any, ...]]:
-        """``(implementation, arguments)`` of `quantize_codes` for the float input ``x``: the guards'
-        choice, settled per input signature (the reference where the module's ``impl`` is)."""
-        args = (x, self._x_inv, self._x_zp, self._x_lo, self._x_hi, False, x.dim() == 4)
-        if self.impl == "reference":
-            return "reference", args
-        key = ("quantize_codes", x.dtype, x.device, x.dim(), dense(x))
-        impl = self._impl_cache.get(key)
-        if impl is None:
-            impl = quantize_codes.choose(*args)
-            if not torch.compiler.is_compiling():
-                self._impl_cache[key] = impl
-        return impl, args
+    def _input_codes(self, x: torch.Tensor) -> tuple[str, bool, tuple[Any, ...]]:
+        """`quantize_codes`' ``(implementation, checked, arguments)`` for the float input ``x``: the
+        guards' choice per input signature (the reference where the module's ``impl`` is)."""
+        args = (x, *self._x_codes, x.dim() == 4)
+        preferred = "reference" if self.impl == "reference" else "auto"  # (a conv kernel's name is not its)
+        impl, checked = self.binding.choose(quantize_codes, (x.dtype, x.device, x.dim(), dense(x)), *args,
+                                            preferred=preferred)
+        return impl, checked, args
+
+    def _signature(self, x: torch.Tensor) -> tuple[Any, ...]:
+        return (x.dtype, x.device, x.shape, x.stride(), self.impl)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the common eager call, once a first call settled its kernel: one dict lookup, the kernel
-        if not torch.compiler.is_compiling() and self._calls and isinstance(x, torch.Tensor):
-            settled = self._calls.get((x.dtype, x.device, x.shape, x.stride(), self.impl))
+        # the common eager call, once a first call settled its kernels: one dict lookup, the kernels
+        calls = self.binding.calls
+        if calls and not torch.compiler.is_compiling() and isinstance(x, torch.Tensor):
+            settled = calls.get(self._signature(x))
             if settled is not None:
                 self.kernel_counts[settled[0]] += 1
-                codes_impl = settled[2]  # (the input's quantize_codes, for a float input)
-                y = settled[1](x if codes_impl is None else quantize_codes(x, *self._x_codes, x.dim() == 4,
-                                                                           impl=codes_impl, checked=True))
-                if self.output_kind == "float" and self.output_spec is not None:
-                    y = fake_quantize(y, self.output_scale, self.output_zero_point, self.output_spec)
-                return y
+                return self._output(settled[1](x))
         return self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -303,6 +286,8 @@ class _Int8ConvNd(IntegerModule):
                 ["N", "C", "D", "H", "W"]
             raise ValueError(f"{name} expects [{', '.join(layout)}] with C={self.in_channels}, got shape "
                              f"{tuple(x.shape)}")
+        if self._stale:
+            self.ensure_packed()
         codes_impl = None
         if x.dtype == torch.uint8:
             codes, zp = x, self._x_zp
@@ -312,8 +297,8 @@ class _Int8ConvNd(IntegerModule):
                                 "not int8")
             codes, zp = x, self._x_zp - 128
         elif x.dtype in (torch.float32, torch.float16, torch.bfloat16):
-            codes_impl, codes_args = self._input_codes(x)
-            codes, zp = quantize_codes(*codes_args, impl=codes_impl, checked=codes_impl != "reference"), self._x_zp
+            codes_impl, codes_checked, codes_args = self._input_codes(x)
+            codes, zp = quantize_codes(*codes_args, impl=codes_impl, checked=codes_checked), self._x_zp
         else:
             raise TypeError(f"{name} expects a float tensor or uint8 activation codes"
                             f"{' (or int8)' if self.input_spec.signed else ''}, got {x.dtype}")
@@ -323,35 +308,41 @@ class _Int8ConvNd(IntegerModule):
         args = (codes, self._x_scale, zp, self.weight, self.weight_scale, self.bias, self.stride, self.padding,
                 self.dilation, self.groups, self.post_op, out_scale, out_zp,
                 self._packed_weight(tuple(codes.shape[2:])))
+        binding, sig = self.binding, self._signature(x)
         if torch.compiler.is_compiling() and codes.dtype == torch.uint8:
-            settled = self._compiled.get(tuple(codes.shape))
+            settled = binding.compiled.get(sig)
             if settled is not None:  # eager calls settled the kernel: the graph calls it directly
                 kind, arguments = settled  # (not through int8_conv, whose dispatch costs ~0.1 ms a call)
                 y = compiled_run(codes, arguments) if kind == "native" else onednn_call(codes.dim(), *args[1:])(codes)
-                if self.output_kind == "float" and self.output_spec is not None:
-                    y = fake_quantize(y, self.output_scale, self.output_zero_point, self.output_spec)
-                return y
+                return self._output(y)
         key = (codes.dtype, codes.device, codes.shape, args[-1] is None, self.post_op, out_scale is None)
-        impl, checked = self.choose_impl(int8_conv, key, *args)
-        y = int8_conv(*args, impl=self.record(impl), checked=checked)
-        if checked and codes.dtype == torch.uint8 and not torch.compiler.is_compiling() and len(self._calls) < 8:
-            call = None  # settle the kernel for this input signature (the shape steers the choice)
-            if impl == "native":
-                plan = make_plan(args[3], args[4], args[5], args[1], args[2], *args[6:13])
-                call = plan_call(plan, codes.dim())
-                # compiled graphs of this module call the same plan through the op
-                self._compiled[tuple(codes.shape)] = ("native", plan.arguments())  # type: ignore[attr-defined]
-            elif impl == "onednn" and codes.dim() in (4, 5) and (codes.dim() == 4 or self.post_op == "none") and \
-                    args[-1] is not None:
-                call = onednn_call(codes.dim(), *args[1:])
-                self._compiled[tuple(codes.shape)] = ("onednn", ())
-            if call is not None:
-                self._calls[(x.dtype, x.device, x.shape, x.stride(), self.impl)] = (impl, call, codes_impl)
+        impl, checked = binding.choose(int8_conv, key, *args, preferred=self.impl)
+        y = int8_conv(*args, impl=binding.record(impl), checked=checked)
+        if checked and codes.dtype == torch.uint8 and not torch.compiler.is_compiling():
+            self._settle(sig, impl, args, codes_impl if x.is_floating_point() else None)
+        return self._output(y)
+
+    def _settle(self, sig: tuple[Any, ...], impl: str, args: tuple[Any, ...], codes_impl: str | None) -> None:
+        """Settle the kernel for this input signature (the shape steers the choice): later eager
+        calls are one lookup and the kernels; compiled graphs of this module call the same plan."""
+        if impl == "native":
+            plan = make_plan(args[3], args[4], args[5], args[1], args[2], *args[6:13])
+            call, compiled = plan_call(plan, args[0].dim()), ("native", plan.arguments())  # type: ignore[attr-defined]
+        elif impl == "onednn" and args[0].dim() in (4, 5) and (args[0].dim() == 4 or self.post_op == "none") and \
+                args[-1] is not None:
+            call, compiled = onednn_call(args[0].dim(), *args[1:]), ("onednn", ())
+        else:
+            return
+        if codes_impl is not None:  # a float input: its quantization, then the kernel
+            call = _after_quantizing(call, codes_impl, (*self._x_codes, args[0].dim() == 4))
+        self.binding.settle(sig, impl, call, compiled)
+
+    def _output(self, y: torch.Tensor) -> torch.Tensor:
         if self.output_kind == "float" and self.output_spec is not None:
             y = fake_quantize(y, self.output_scale, self.output_zero_point, self.output_spec)
         return y
 
-    def extra_repr(self) -> str:
+    def extra_repr(self) -> str:  # (from the canonical buffers: a repr builds nothing)
         parts = [f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}",
                  f"stride={self.stride}"]
         if any(self.padding):
@@ -362,15 +353,22 @@ class _Int8ConvNd(IntegerModule):
             parts.append(f"groups={self.groups}")
         if self.bias is None:
             parts.append("bias=False")
-        parts.append(f"input={self.input_spec} scale={self._x_scale:.4g} zp={int(self.input_zero_point)}")
+        parts.append(f"input={self.input_spec} scale={float(self.input_scale):.4g} zp={int(self.input_zero_point)}")
         parts.append(f"weight={self.weight_spec}")
         if self.output_kind == "uint8":
-            parts.append(f"output=uint8 scale={self._emit[0]:.4g} zp={self._emit[1]}")
+            parts.append(f"output=uint8 scale={float(self.emit_scale):.4g} zp={int(self.emit_zero_point)}")
         elif self.output_spec is not None:
             parts.append(f"output=float fake-quantized {self.output_spec} scale={float(self.output_scale):.4g}")
         if self.post_op != "none":
             parts.append(f"post_op={self.post_op}")
         return ", ".join(parts)
+
+
+def _after_quantizing(call: Any, codes_impl: str, grid: tuple[Any, ...]) -> Any:
+    """A settled kernel ``call`` on uint8 codes as a call on the float input (`quantize_codes` first)."""
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return call(quantize_codes(x, *grid, impl=codes_impl, checked=True))
+    return run
 
 
 class Int8Conv1d(_Int8ConvNd):

@@ -48,6 +48,25 @@ def output_spec_problem(spec: QuantSpec) -> str | None:
     return None
 
 
+def emit_grid(owner: nn.Module, kind: str, scale: float | torch.Tensor | None,
+              zero_point: int | torch.Tensor | None) -> tuple[float, int] | None:
+    """The validated uint8 output grid ``(scale, zero_point)`` of ``set_output(kind, scale,
+    zero_point)`` on a uint8-emitting module (conv, addition); None for ``"float"``."""
+    name = type(owner).__name__
+    if kind != "uint8":
+        if scale is not None or zero_point is not None:
+            raise ValueError(f"{name}.set_output({kind!r}) takes no scale / zero_point")
+        return None
+    if scale is None or zero_point is None:
+        raise ValueError(f"{name}.set_output('uint8') needs the consumers' scale and zero_point")
+    s, z = float(scale), int(zero_point)
+    if not (s > 0 and s < float("inf")):
+        raise ValueError(f"{name}.set_output: scale must be positive and finite, got {s}")
+    if not 0 <= z <= 255 or float(zero_point) != z:
+        raise ValueError(f"{name}.set_output: uint8 zero_point must be an int in [0, 255], got {zero_point}")
+    return s, z
+
+
 def check_output_mode(owner: nn.Module, kind: str, post_op: str) -> None:
     """What a uint8-emitting integer module (conv, addition) may be set to output."""
     one_of(type(owner).__name__, "output kind", kind, OUTPUT_KINDS)
@@ -70,7 +89,7 @@ def padding_of(sim: nn.Module, n: int) -> tuple[int, ...] | str:
     return tuple(int(p) for p in pad)
 
 
-__all__ = ["DEFAULT_INPUT_SPEC", "DEFAULT_WEIGHT_SPEC", "OUTPUT_KINDS", "check_output_mode", "input_spec_problem",
+__all__ = ["DEFAULT_INPUT_SPEC", "DEFAULT_WEIGHT_SPEC", "OUTPUT_KINDS", "check_output_mode", "emit_grid", "input_spec_problem",
            "output_spec_problem", "padding_of", "weight_spec_problem"]
 
 

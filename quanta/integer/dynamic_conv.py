@@ -130,9 +130,7 @@ class _DynamicInt8ConvNd(IntegerModule):
         codes = (codes.to(torch.int16) + offset).to(torch.uint8) if offset else codes.to(torch.uint8)
         args = (codes, float(scale), int(zp) + offset, self.weight, self.weight_scale, self.bias, self.stride,
                 self.padding, self.dilation, self.groups, "none", None, 0, None)
-        key = (codes.device, codes.shape)
-        impl, checked = self.choose_impl(int8_conv, key, *args)
-        y = int8_conv(*args, impl=self.record(impl), checked=checked)
+        y = self.binding.run(int8_conv, (codes.device, codes.shape), *args, preferred=self.impl)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def extra_repr(self) -> str:

@@ -60,6 +60,8 @@ class _PaddedMixin(_Int8ConvNd):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() != self.dims + 2:
             return super().forward(x)  # (its clear error)
+        if self._stale:
+            self.ensure_packed()
         if x.dtype == torch.uint8:
             codes, fill = x, self._x_zp
         elif x.dtype == torch.int8 and self.input_spec.signed:

@@ -18,6 +18,7 @@ from collections import Counter
 import torch
 from torch import nn
 
+from ..kernels.binding import Binding
 from ..kernels.codes import max_pool2d_codes, pool_widened
 from .validate import flag, geometry
 
@@ -65,15 +66,22 @@ class CodesMaxPool2d(_CodesPool, nn.MaxPool2d):
             return super().forward(x)
         args = (x, *(_pair(v) for v in (self.kernel_size, self.stride or self.kernel_size, self.padding,
                                          self.dilation)), self.ceil_mode)
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():  # (a graph mutates no module: the op's own choice, traced)
             return max_pool2d_codes(*args)
-        cache = self.__dict__.setdefault("_impl_cache", {})  # the guards' choice per input signature
-        key = (x.dtype, x.device, x.shape, x.stride())
-        impl = cache.get(key)
-        if impl is None:
-            impl = cache[key] = max_pool2d_codes.choose(*args)
-        self.__dict__.setdefault("kernel_counts", Counter())[impl] += 1
-        return max_pool2d_codes(*args, impl=impl, checked=True)
+        return self.binding.run(max_pool2d_codes, (x.dtype, x.device, x.shape, x.stride()), *args)
+
+    @property
+    def binding(self) -> Binding:
+        """The guards' choice per input signature and the calls per implementation (made on first
+        use: copies of a ``nn.MaxPool2d`` made by `codes_pool` skip the constructor)."""
+        binding = self.__dict__.get("_binding")
+        if binding is None:
+            binding = self.__dict__["_binding"] = Binding()
+        return binding
+
+    @property
+    def kernel_counts(self) -> Counter[str]:
+        return self.binding.counts
 
 
 class CodesMaxPool3d(_CodesPool, nn.MaxPool3d):

@@ -127,7 +127,7 @@ def test_compiled_graph_calls_the_settled_native_conv_with_eager_bits(cnn_int8, 
     torch._dynamo.reset()
     with torch.inference_mode():
         expected = model(x)  # eager: settles each conv's kernel for this input shape
-        settled = [kind for m in model.modules() if isinstance(m, Int8Conv2d) for kind, _ in m._compiled.values()]
+        settled = [kind for m in model.modules() if isinstance(m, Int8Conv2d) for kind, _ in m.binding.compiled.values()]
         assert sorted(settled) == ["native", "native", "onednn"]  # (the 1-channel input conv stays on oneDNN)
         got, ops = _one_graph_run(model, x)
     assert ops.count("quanta_native::conv_packed") == 2

@@ -268,17 +268,17 @@ def test_settled_calls_give_the_first_calls_numbers(lowered):
     conv.kernel_counts.clear()
     with torch.no_grad():
         first = conv(x)
-        assert len(conv._calls) == 1
+        assert len(conv.binding.calls) == 1
         assert torch.equal(conv(x), first) and fast_calls(conv) == 2
         codes = conv.quantize_input(x)
-        assert torch.equal(conv(codes), first) and len(conv._calls) == 2  # uint8 codes: own signature
+        assert torch.equal(conv(codes), first) and len(conv.binding.calls) == 2  # uint8 codes: own signature
         other = torch.randn(3, 16, 6, 6)  # another spatial size: its own packed weight and call
         twin = copy.deepcopy(conv)
-        assert twin._calls == {}  # a copy settles its own calls (on its own tensors)
-        assert torch.equal(conv(other), twin(other)) and len(conv._calls) == 3
+        assert twin.binding.calls == {}  # a copy settles its own calls (on its own tensors)
+        assert torch.equal(conv(other), twin(other)) and len(conv.binding.calls) == 3
         assert torch.equal(twin(x), first)
         conv.set_output("uint8", 0.05, 3, post_op="relu")
-        assert conv._calls == {}
+        assert conv.binding.calls == {}
         out = conv(x)
         assert out.dtype == torch.uint8 and torch.equal(conv(x), out)
         conv.impl = "reference"  # a preferred implementation is part of the signature
@@ -287,7 +287,7 @@ def test_settled_calls_give_the_first_calls_numbers(lowered):
         assert (ref.int() - out.int()).abs().max() <= 1
         conv.impl = "auto"
         conv.pack()
-        assert conv._calls == {}
+        assert conv.binding.calls == {}
 
 
 def test_uint8_codes_through_a_max_pool_past_255_positions(tmp_path):
