@@ -42,8 +42,26 @@ def torch_ao(wl: W.Workload, model: nn.Module, calib: list[torch.Tensor]) -> lis
     def build_dyn() -> Method:
         torch.backends.quantized.engine = "x86"
         q = tq.quantize_dynamic(copy.deepcopy(model), {nn.Linear, nn.LSTM}, dtype=torch.qint8)
+        if any(isinstance(m, nn.TransformerEncoderLayer) for m in q.modules()):
+            # The layer's fused fast path reads ``linear1.weight.device``; a dynamic quantized Linear's
+            # ``weight`` is a method, so it fails. Users switch the fast path off around the call.
+            return Method("torch.ao quantize_dynamic int8", PEER, fn=_without_mha_fastpath(q),
+                          size_bytes=state_dict_bytes(q),
+                          notes=["torch.ao: nn.TransformerEncoderLayer's fast path switched off around each call "
+                                 "(it fails on dynamic quantized Linears)"])
         return Method("torch.ao quantize_dynamic int8", PEER, fn=q, size_bytes=state_dict_bytes(q))
     return [guarded("torch.ao quantize_dynamic int8", PEER, build_dyn)]
+
+
+def _without_mha_fastpath(model: nn.Module):
+    def run(x: torch.Tensor) -> torch.Tensor:
+        was = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            return model(x)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(was)
+    return run
 
 
 def _torch_ao_fx(model: nn.Module, calib: list[torch.Tensor]) -> Method:

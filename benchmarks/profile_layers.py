@@ -2,6 +2,7 @@
 
     python benchmarks/profile_layers.py --workload bert --quick
     python benchmarks/profile_layers.py --workload tf_mobile --batch 8 --rounds 20
+    python benchmarks/profile_layers.py --workload tf_mobile --weight-bits 7 --threads 1
 
 - torch fp32 and quanta (the workload's first preset in run.py, built as run.py builds it): every
   module that does work is timed with forward hooks — leaf modules, quanta's integer modules and
@@ -14,7 +15,10 @@
 Everything is grouped into the same buckets (linear/matmul, conv, attention, norm, activation,
 other) and printed as one Markdown table with the largest items of each bucket, then the sums and
 the end-to-end time of each model measured without instrumentation (hooks cost a few µs per
-module, so the sums run a little above it). Timings on a shared machine are indicative.
+module, so the sums run a little above it). An active ``TorchFunctionMode`` switches PyTorch's
+fused ``nn.TransformerEncoderLayer`` / ``MultiheadAttention`` fast path off, so the instrumented
+fp32 column of such a model shows the unfused path; its end-to-end row is the real one. Timings on
+a shared machine are indicative (``--threads 1`` is steadier when other processes run).
 """
 
 from __future__ import annotations
@@ -219,18 +223,22 @@ def profile_openvino(wl: W.Workload, model: nn.Module, x: torch.Tensor, threads:
     return prof
 
 
-def quanta_model(wl: W.Workload, model: nn.Module, x: torch.Tensor) -> tuple[str, nn.Module]:
-    """The workload's first quanta preset, built as ``run.py`` builds its row."""
+def quanta_model(wl: W.Workload, model: nn.Module, x: torch.Tensor,
+                 weight_bits: int | None = None) -> tuple[str, nn.Module]:
+    """The workload's first quanta preset, built as ``run.py`` builds its row (``weight_bits``:
+    that preset option, e.g. 7, whose codes oneDNN sums exactly on CPUs without VNNI)."""
     from run import QUANTA_PRESETS
 
     import quanta
 
     preset, kwargs = QUANTA_PRESETS[wl.kind][0]
+    config = quanta.preset(preset, weight_bits=weight_bits) if weight_bits else preset
     src = W.quanta_ready(model) if wl.kind == "cnn" else copy.deepcopy(model)
-    q = quanta.quantize(src, preset, calib_data=wl.calib_data(), example=x, **kwargs).eval()
+    q = quanta.quantize(src, config, calib_data=wl.calib_data(), example=x, progress=False, **kwargs).eval()
     results = [r.result for r in quanta.conversion_report(q)]
     kept = len(results) - sum(r not in ("float", "simulated") for r in results)
-    return f"quanta {preset} ({len(results) - kept} integer, {kept} float/simulated)", q
+    bits = f" weight_bits={weight_bits}" if weight_bits else ""
+    return f"quanta {preset}{bits} ({len(results) - kept} integer, {kept} float/simulated)", q
 
 
 def table(title: str, profiles: list[Profile]) -> str:
@@ -254,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="the --quick (shrunk) size of the workload")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=10, help="profiled calls per model (default 10)")
+    ap.add_argument("--weight-bits", type=int, help="the quanta preset's weight_bits option (e.g. 7)")
     ap.add_argument("--no-openvino", action="store_true", help="leave the OpenVINO column out")
     ap.add_argument("--out", help="also write the Markdown table to this file")
     args = ap.parse_args(argv)
@@ -266,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     model, x = wl.model(), wl.input(batch)
 
     profiles = [profile_torch("torch fp32", model, x, args.rounds)]
-    label, q = quanta_model(wl, model, x)
+    label, q = quanta_model(wl, model, x, args.weight_bits)
     profiles.append(profile_torch(label, q, x, args.rounds))
     note = ""
     if not args.no_openvino:

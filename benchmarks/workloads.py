@@ -7,7 +7,8 @@ accuracy column (SQNR vs fp32) reflects the numerics, not a task.
 
 The CNN residual adds go through an ``Add`` module; ``qready_cnn`` swaps each one for a
 ``FloatFunctional`` so that torch.ao's eager static quantization can quantize them, and
-``quanta_ready`` for ``quanta.nn.Add`` so that quanta can.
+``quanta_ready`` for ``quanta.nn.Add`` so that quanta can. The models built the way users write
+them (TF-ported convs, a sentence encoder, a speech encoder) live in ``workloads_real.py``.
 """
 
 from __future__ import annotations
