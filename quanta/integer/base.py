@@ -64,6 +64,7 @@ class IntegerModule(nn.Module):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("_stale", True)  # (a module pickled before packing was deferred)
         self.binding = Binding(self.kernel_counts, self._SETTLED_LIMIT)
         if self._RUNTIME:
             self.pack()

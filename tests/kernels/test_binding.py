@@ -156,3 +156,21 @@ def test_settled_native_linear_is_forgotten_by_every_change(settles_int_mm_nativ
     assert torch.equal(a(x), first)
     a.load_state_dict(b.state_dict())
     assert not a.binding.calls and torch.equal(a(x), b(x)) and torch.equal(a(x), b(x))
+
+
+def test_a_module_pickled_without_the_packing_state_still_runs():
+    """A pickle from before deferred packing (no ``_stale``, old runtime attributes) loads, packs
+    when first called and gives the same numbers."""
+    from quanta.integer.linear import Int8Linear
+
+    torch.manual_seed(0)
+    m = Int8Linear(40, 24)
+    m.weight.random_(-127, 128)
+    x = torch.randn(3, 40)
+    y = m(x)
+    state = m.__getstate__()
+    del state["_stale"]
+    state["_calls"] = {}
+    old = Int8Linear.__new__(Int8Linear)
+    old.__setstate__(state)
+    assert torch.equal(old(x), y)
