@@ -153,7 +153,10 @@ def quanta_rows(model: nn.Module, presets: list[tuple[str, dict]], calib: list[t
         label = f"quanta {preset}" + "".join(f" {k}={v}" for k, v in kwargs.items())
 
         def build(preset=preset, kwargs=kwargs, label=label) -> Method:
-            q = quantize(copy.deepcopy(model), preset, calib_data=list(calib), example=example, **kwargs)
+            bits = {k: v for k, v in kwargs.items() if k == "weight_bits"}  # a preset option, not quantize()'s
+            config = quanta.preset(preset, **bits) if bits else preset
+            q = quantize(copy.deepcopy(model), config, calib_data=list(calib), example=example,
+                         **{k: v for k, v in kwargs.items() if k not in bits})
             q.eval()
             kept = quanta.kept_float(q)
             notes = [f"kept float: {k.describe()}" for k in kept[:NOTED_KEPT_FLOAT]]

@@ -48,6 +48,22 @@ QUANTA_PRESETS = {
 }
 
 
+def quanta_presets(kind: str) -> list[tuple[str, dict]]:
+    """The quanta rows of a workload kind. On CPUs without VNNI, oneDNN's int8 convolution sums
+    full-range (8-bit) weight codes inexactly, so quanta runs those convs on its exact reference
+    kernel; 7-bit codes (``weight_bits=7``) it sums exactly: CNNs there get that row too."""
+    presets = list(QUANTA_PRESETS[kind])
+    if kind == "cnn":
+        try:
+            from quanta.kernels.u8s8_saturation import cpu_vnni_features
+            vnni = bool(cpu_vnni_features())
+        except Exception:
+            vnni = True
+        if not vnni:
+            presets.append(("static_int8", {"weight_bits": 7}))
+    return presets
+
+
 def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
     ref, out = ref.detach().float(), out.detach().float().reshape(ref.shape)
     noise = (ref - out).pow(2).sum().item()
@@ -74,7 +90,7 @@ def build_methods(wl: W.Workload, model: torch.nn.Module, threads: int, workdir:
     calib = wl.calib_data()
     steps = [
         ("fp32", lambda: [torch_fp32(model)] + ([torch_fp32_channels_last(model)] if wl.kind == "cnn" else [])),
-        ("quanta", lambda: quanta_rows(W.quanta_ready(model) if wl.kind == "cnn" else model, QUANTA_PRESETS[wl.kind],
+        ("quanta", lambda: quanta_rows(W.quanta_ready(model) if wl.kind == "cnn" else model, quanta_presets(wl.kind),
                                        calib, wl.input(min(wl.batches)))),
         ("torch.ao", lambda: peers.torch_ao(wl, model, calib)),
         ("torchao", lambda: peers.torchao_rows(wl, model)),

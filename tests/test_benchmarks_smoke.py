@@ -198,7 +198,10 @@ def test_real_model_workloads_with_a_methods_filter(tmp_path):
         assert f"### {title}" in text
     fp32 = _row(text, "torch fp32 eager")
     assert float(fp32[1]) > 0 and fp32[5] == "exact"
-    for method in ("quanta static_int8", "quanta dynamic_int8"):
+    from quanta.kernels.u8s8_saturation import cpu_vnni_features
+
+    seven_bit = [] if cpu_vnni_features() else ["quanta static_int8 weight_bits=7"]  # oneDNN-exact codes
+    for method in ["quanta static_int8", "quanta dynamic_int8", *seven_bit]:
         row = _row(text, method)
         assert re.match(r"[\d.]+$", row[1]) and (row[5] == "exact" or float(row[5]) > 25), row
     for peer in ("torch.ao", "torchao", "pt2e", "onnxruntime", "OpenVINO"):  # filtered out: not built at all
