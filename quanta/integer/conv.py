@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from ..core import QuantSpec, fake_quantize
-from ..kernels.codes import dense, quantize_codes
+from ..kernels.codes import dense, quantize_codes, quantize_codes_call
 from ..kernels.conv import int8_conv, onednn_call, onednn_weight_refusal, prepack
 from ..kernels.conv_native import compiled_run, make_plan, plan_call
 from ..kernels.u8s8_saturation import weight_code_max
@@ -319,10 +319,10 @@ class _Int8ConvNd(IntegerModule):
         impl, checked = binding.choose(int8_conv, key, *args, preferred=self.impl)
         y = int8_conv(*args, impl=binding.record(impl), checked=checked)
         if checked and codes.dtype == torch.uint8 and not torch.compiler.is_compiling():
-            self._settle(sig, impl, args, codes_impl if x.is_floating_point() else None)
+            self._settle(sig, impl, args, quantize_codes_call(codes_impl, *codes_args) if codes_impl else None)
         return self._output(y)
 
-    def _settle(self, sig: tuple[Any, ...], impl: str, args: tuple[Any, ...], codes_impl: str | None) -> None:
+    def _settle(self, sig: tuple[Any, ...], impl: str, args: tuple[Any, ...], quantize: Any) -> None:
         """Settle the kernel for this input signature (the shape steers the choice): later eager
         calls are one lookup and the kernels; compiled graphs of this module call the same plan."""
         if impl == "native":
@@ -333,8 +333,8 @@ class _Int8ConvNd(IntegerModule):
             call, compiled = onednn_call(args[0].dim(), *args[1:]), ("onednn", ())
         else:
             return
-        if codes_impl is not None:  # a float input: its quantization, then the kernel
-            call = _after_quantizing(call, codes_impl, (*self._x_codes, args[0].dim() == 4))
+        if quantize is not None:  # a float input: its settled quantization, then the kernel
+            call = _after_quantizing(call, quantize)
         self.binding.settle(sig, impl, call, compiled)
 
     def _output(self, y: torch.Tensor) -> torch.Tensor:
@@ -364,11 +364,9 @@ class _Int8ConvNd(IntegerModule):
         return ", ".join(parts)
 
 
-def _after_quantizing(call: Any, codes_impl: str, grid: tuple[Any, ...]) -> Any:
-    """A settled kernel ``call`` on uint8 codes as a call on the float input (`quantize_codes` first)."""
-    def run(x: torch.Tensor) -> torch.Tensor:
-        return call(quantize_codes(x, *grid, impl=codes_impl, checked=True))
-    return run
+def _after_quantizing(call: Any, quantize: Any) -> Any:
+    """A settled kernel ``call`` on uint8 codes as a call on the float input (its settled quantization first)."""
+    return lambda x: call(quantize(x))
 
 
 class Int8Conv1d(_Int8ConvNd):

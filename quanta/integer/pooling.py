@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..kernels.binding import Binding
-from ..kernels.codes import max_pool2d_codes, pool_widened
+from ..kernels.codes import max_pool2d_codes, max_pool2d_codes_call, pool_widened
 from .validate import flag, geometry
 
 
@@ -68,20 +68,32 @@ class CodesMaxPool2d(_CodesPool, nn.MaxPool2d):
                                          self.dilation)), self.ceil_mode)
         if torch.compiler.is_compiling():  # (a graph mutates no module: the op's own choice, traced)
             return max_pool2d_codes(*args)
-        return self.binding.run(max_pool2d_codes, (x.dtype, x.device, x.shape, x.stride()), *args)
+        binding, sig = self.binding, (x.dtype, x.device, x.shape, x.stride())
+        settled = binding.calls.get(sig)
+        if settled is None:  # the guards choose once per input signature, then the settled kernel runs
+            impl = max_pool2d_codes.choose(*args)
+            settled = (impl, max_pool2d_codes_call(impl, *args[1:]))
+            binding.settle(sig, *settled)
+        binding.counts[settled[0]] += 1
+        return settled[1](x)
 
     @property
     def binding(self) -> Binding:
-        """The guards' choice per input signature and the calls per implementation (made on first
+        """The settled kernel per input signature and the calls per implementation (made on first
         use: copies of a ``nn.MaxPool2d`` made by `codes_pool` skip the constructor)."""
         binding = self.__dict__.get("_binding")
         if binding is None:
-            binding = self.__dict__["_binding"] = Binding()
+            binding = self.__dict__["_binding"] = Binding(limit=8)
         return binding
 
     @property
     def kernel_counts(self) -> Counter[str]:
         return self.binding.counts
+
+    def __getstate__(self) -> dict:
+        state = dict(super().__getstate__())
+        state.pop("_binding", None)  # (settled calls: a copy settles its own)
+        return state
 
 
 class CodesMaxPool3d(_CodesPool, nn.MaxPool3d):

@@ -215,4 +215,48 @@ max_pool2d_codes = KernelOp(
 )
 
 
-__all__ = ["add_codes", "dense", "max_pool2d_codes", "pool_widened", "quantize_codes"]
+# ---------------------------------------------------------------------------- settled eager calls
+# What a module's binding holds per input signature (`quanta.kernels.binding`): the op with every
+# argument but the activations settled, for the implementation the guards chose for a first input
+# of that signature (dtype, device, shape, strides). An eager call is then the kernel alone.
+def quantize_codes_call(impl: str, x: torch.Tensor, inv: float, zero_point: int, qmin: int, qmax: int,
+                        signed: bool, channels_last: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`quantize_codes` settled for inputs of ``x``'s signature."""
+    if impl == "reference":
+        return lambda t: _quantize_codes_ref(t, inv, zero_point, qmin, qmax, signed, channels_last)
+    _settled_impl(quantize_codes, impl)
+    lib = native.module()
+    if channels_last and not x.is_contiguous(memory_format=torch.channels_last):
+        to_channels_last = lib.quantize_to_channels_last
+        return lambda t: to_channels_last(t, inv, zero_point, qmin, qmax)
+    static = lib.quantize_static
+    return lambda t: static(t, inv, zero_point, qmin, qmax, signed)
+
+
+def add_codes_call(impl: str, sa: float, za: int, sb: float, zb: int, post_op: str, out_inv: float | None,
+                   out_zp: int, qmin: int, qmax: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """`add_codes` settled for operands of one signature."""
+    if impl == "reference":
+        return lambda a, b: _add_codes_ref(a, sa, za, b, sb, zb, post_op, out_inv, out_zp, qmin, qmax)
+    _settled_impl(add_codes, impl)
+    add, code, inv = native.module().add_codes, _POST[post_op], 0.0 if out_inv is None else out_inv
+    return lambda a, b: add(a, sa, za, b, sb, zb, code, inv, out_zp, qmin, qmax)
+
+
+def max_pool2d_codes_call(impl: str, kernel: list[int], stride: list[int], padding: list[int],
+                          dilation: list[int], ceil_mode: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`max_pool2d_codes` settled for inputs of one signature."""
+    if impl == "reference":
+        return lambda x: _max_pool2d_codes_ref(x, kernel, stride, padding, dilation, ceil_mode)
+    _settled_impl(max_pool2d_codes, impl)
+    pool = native.module().max_pool2d_codes
+    return lambda x: pool(x, kernel, stride, padding, dilation)
+
+
+def _settled_impl(op: KernelOp, impl: str) -> None:
+    if impl != "native":
+        raise ValueError(f"quanta::{op.name}: unknown implementation {impl!r}; choose 'reference' or 'native'")
+
+
+__all__ = ["add_codes", "add_codes_call", "dense", "max_pool2d_codes", "max_pool2d_codes_call", "pool_widened",
+           "quantize_codes", "quantize_codes_call"]

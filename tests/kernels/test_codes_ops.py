@@ -257,3 +257,34 @@ def test_the_fakes_state_the_real_outputs():
     for op, args in cases:
         result = torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
         assert set(result.values()) == {"SUCCESS"}, (op, result)
+
+
+@needs_native
+def test_settled_add_and_pool_calls_keep_the_first_calls_numbers_and_are_forgotten_when_stale():
+    """A module's second call of a signature is its settled kernel (one lookup): same bits as the
+    first call and as the reference; set_output forgets it; copies settle their own."""
+    import copy
+    import pickle
+
+    g = torch.Generator().manual_seed(5)
+    a = torch.randint(0, 256, (2, 8, 5, 5), dtype=torch.uint8, generator=g).contiguous(memory_format=CL)
+    x = torch.randn(2, 8, 5, 5, generator=g).contiguous(memory_format=CL) * 3
+    add, ref = Int8Add(), Int8Add()
+    ref.impl = "reference"
+    for m in (add, ref):
+        m.set_output("uint8", 0.05, 3, post_op="relu")
+    first = add(a, x)  # codes and a float operand
+    assert len(add.binding.calls) == 1 and torch.equal(add(a, x), first) and torch.equal(ref(a, x), first)
+    assert add.kernel_counts == {"native": 2}
+    add.set_output("float")
+    ref.set_output("float")
+    assert add.binding.calls == {}
+    assert torch.equal(add(a, x), ref(a, x)) and add(a, x).dtype == torch.float32
+    twin = copy.deepcopy(add)
+    assert twin.binding.calls == {} and torch.equal(twin(a, x), add(a, x))
+
+    pool = CodesMaxPool2d(3, stride=2, padding=1)
+    y = pool(a)
+    assert torch.equal(pool(a), y) and pool.kernel_counts == {"native": 2}
+    for copied in (copy.deepcopy(pool), pickle.loads(pickle.dumps(pool))):
+        assert copied.kernel_counts == {} and torch.equal(copied(a), y)
