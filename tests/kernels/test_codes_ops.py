@@ -4,6 +4,8 @@ reference (odd shapes, memory orders, ties at .5, values beyond the clamp), the 
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -288,3 +290,38 @@ def test_settled_add_and_pool_calls_keep_the_first_calls_numbers_and_are_forgott
     assert torch.equal(pool(a), y) and pool.kernel_counts == {"native": 2}
     for copied in (copy.deepcopy(pool), pickle.loads(pickle.dumps(pool))):
         assert copied.kernel_counts == {} and torch.equal(copied(a), y)
+
+
+@needs_native
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler")
+def test_a_graph_compiled_before_any_eager_call_runs_the_native_codes_ops():
+    """The native implementations are available to a graph traced first (no eager call settled
+    anything): one graph, the native operators in it, eager's bits."""
+    import torch._dynamo
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.add, self.pool = Int8Add(), CodesMaxPool2d(3, stride=2, padding=1)
+            self.add.set_output("uint8", 0.05, 3, post_op="relu")
+
+        def forward(self, x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+            return self.pool(self.add(x, codes))
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 8, 9, 9, generator=g).contiguous(memory_format=CL)
+    codes = torch.randint(0, 256, (2, 8, 9, 9), dtype=torch.uint8, generator=g).contiguous(memory_format=CL)
+    torch._dynamo.reset()
+    block = Block()
+    with torch.inference_mode():
+        compiled = torch.compile(block)
+        got = compiled(x, codes)
+        compiled(x, codes)  # (the first call built the modules' runtime form: the graph is traced again once)
+        with torch.profiler.profile() as prof:
+            compiled(x, codes)
+        assert torch._dynamo.explain(block)(x, codes).graph_break_count == 0  # (built by the first call)
+        expected = block(x, codes)
+    ops = [e.name for e in prof.events()]
+    for op in ("quantize_static", "add_codes", "max_pool2d_codes"):
+        assert ops.count(f"quanta_native::{op}") == 1, (op, sorted(set(ops)))
+    assert torch.equal(got, expected)
