@@ -44,13 +44,13 @@ def dense(x: torch.Tensor) -> bool:
     return fmt is not None and x.is_contiguous(memory_format=fmt)
 
 
-class _NativeImpl(Impl):
-    """A native implementation available while the native library is loaded, asked at every call,
-    traced ones included (`native.ready` is a dictionary lookup that torch.compile turns into a
-    guard): a graph compiled before any eager call still names the native operators."""
-
-    def is_available(self) -> bool:
-        return native.ready()
+def _native_impl(fn: Callable[..., Any], guard: Callable[..., str | None]) -> Impl:
+    """The native implementation of a codes op: available while the native library is loaded,
+    asked at every call, traced ones included (`native.ready` is a dictionary lookup that
+    torch.compile turns into a guard), so a graph compiled before any eager call still names the
+    native operators."""
+    return Impl("native", fn, guard, available=native.ready, traceable=False, graph_safe=True,
+                available_while_tracing=True)
 
 
 def _lib() -> Any:
@@ -105,7 +105,7 @@ quantize_codes = KernelOp(
     "quantize_codes",
     "(Tensor x, float inv, int zero_point, int qmin, int qmax, bool signed, bool channels_last, str impl) -> Tensor",
     reference=_quantize_codes_ref,
-    impls=[_NativeImpl("native", _quantize_codes_native, _guard_quantize_codes, traceable=False, graph_safe=True)],
+    impls=[_native_impl(_quantize_codes_native, _guard_quantize_codes)],
     fake=_quantize_codes_ref,  # (plain torch: run on fake tensors it states shape, dtype and strides)
     traceable=True,
 )
@@ -159,7 +159,7 @@ add_codes = KernelOp(
     "(Tensor a, float sa, int za, Tensor b, float sb, int zb, str post_op, float? out_inv, int out_zp, int qmin, "
     "int qmax, str impl) -> Tensor",
     reference=_add_codes_ref,
-    impls=[_NativeImpl("native", _add_codes_native, _guard_add_codes, traceable=False, graph_safe=True)],
+    impls=[_native_impl(_add_codes_native, _guard_add_codes)],
     fake=_add_codes_ref,
     traceable=True,
 )
@@ -215,8 +215,7 @@ max_pool2d_codes = KernelOp(
     "max_pool2d_codes",
     "(Tensor x, int[] kernel, int[] stride, int[] padding, int[] dilation, bool ceil_mode, str impl) -> Tensor",
     reference=_max_pool2d_codes_ref,
-    impls=[_NativeImpl("native", _max_pool2d_codes_native, _guard_max_pool2d_codes, traceable=False,
-                       graph_safe=True)],
+    impls=[_native_impl(_max_pool2d_codes_native, _guard_max_pool2d_codes)],
     fake=_max_pool2d_codes_ref,
     traceable=True,
 )

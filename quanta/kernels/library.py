@@ -57,6 +57,10 @@ class Impl:
     #: ``available()`` is False it says why (`quanta doctor`, a forced call); where True, ``guard``
     #: refuses the inputs it names
     limits: Callable[[], str | None] | None = None
+    #: ``available()`` is a cheap lookup that torch.compile may trace (it becomes a guard, e.g.
+    #: `native.ready`): asked while tracing too, so a graph compiled before any eager call can name
+    #: this (graph_safe) implementation
+    available_while_tracing: bool = False
     _available: bool | None = field(default=None, repr=False)
 
     def is_available(self) -> bool:
@@ -64,8 +68,8 @@ class Impl:
         change; and under torch.compile a call into ``torch.backends`` would break the graph at
         every integer module)."""
         if not self.traceable:
-            if torch.compiler.is_compiling():  # (graph_safe: what an eager call found, see there)
-                return self.graph_safe and bool(self._available)
+            if torch.compiler.is_compiling() and not self.available_while_tracing:
+                return self.graph_safe and bool(self._available)  # (what an eager call found)
             self._available = bool(self.available())
             return self._available
         if self._available is None:
