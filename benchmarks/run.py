@@ -49,11 +49,12 @@ QUANTA_PRESETS = {
 
 
 def quanta_presets(kind: str) -> list[tuple[str, dict]]:
-    """The quanta rows of a workload kind. On CPUs without VNNI, oneDNN's int8 convolution sums
-    full-range (8-bit) weight codes inexactly, so quanta runs those convs on its exact reference
-    kernel; 7-bit codes (``weight_bits=7``) it sums exactly: CNNs there get that row too."""
+    """The quanta rows of a workload kind. On CPUs without VNNI, oneDNN's u8×s8 sums of full-range
+    (8-bit) weight codes saturate, so quanta runs those convs on its exact reference kernel and its
+    int8 Linears as exact float32 GEMMs on the codes; 7-bit codes (``weight_bits=7``) oneDNN sums
+    exactly: CNNs, transformers and the speech encoder there get a ``static_int8 weight_bits=7`` row."""
     presets = list(QUANTA_PRESETS[kind])
-    if kind == "cnn":
+    if kind in ("cnn", "transformer", "speech"):
         try:
             from quanta.kernels.u8s8_saturation import cpu_vnni_features
             vnni = bool(cpu_vnni_features())
