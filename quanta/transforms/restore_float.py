@@ -54,7 +54,7 @@ def _runs_mha_forward(module: nn.Module) -> bool:
 
 def _restore_dead_out_projs(model: nn.Module) -> None:
     """A simulated ``out_proj`` under a float ``nn.MultiheadAttention`` (never called) → its float class."""
-    for name, mod in list(model.named_modules()):
+    for mod in list(model.modules()):
         out = getattr(mod, "out_proj", None) if _runs_mha_forward(mod) else None
         if isinstance(out, QuantModule) and all(_only_quantizers(c) for c in out.children()):
             mod.out_proj = out.to_float()
@@ -74,7 +74,7 @@ def _dropped_or_blocker(module: nn.Module) -> tuple[list[str], str | None]:
     dropped = [f"{kind} quantizer" for kind, q in module.quantizers() if q.active]  # type: ignore[attr-defined]
     own = {id(q) for _, q in module.quantizers()}  # type: ignore[attr-defined]
     for child_name, child in module.named_children():
-        if id(child) in own_ops and any(isinstance(q, TensorQuantizer) and q.active for q in child.modules()):
+        if id(child) in own_ops and id(child) not in own and any(isinstance(q, TensorQuantizer) and q.active for q in child.modules()):
             dropped.append(child_name)
     for name, inner in module.named_modules():
         if not name or inner is module:
