@@ -109,19 +109,7 @@ def fuse_activations(model: nn.Module) -> list[tuple[str, str, str]]:
         if node.op != "call_module" or not _is_producer(mods.get(str(node.target))) or calls[str(node.target)] != 1:
             continue
         producer = mods[str(node.target)]
-        act, cur, relu6_nodes, pool_nodes = "none", node, [], []
-        while len(cur.users) == 1:
-            nxt = next(iter(cur.users))
-            kind = _classify(nxt, mods, calls)
-            if kind is None:
-                break
-            if kind in ("relu", "relu6"):
-                act = "relu6" if kind == "relu6" or act == "relu6" else "relu"
-                if kind == "relu6" or (nxt.op == "call_module" and calls[str(nxt.target)] == 1):
-                    relu6_nodes.append(nxt)  # (a ReLU module called once: dropped on a uint8 path)
-            elif kind == "pool":
-                pool_nodes.append(nxt)
-            cur = nxt
+        act, cur, relu6_nodes, pool_nodes = _transparent_path(node, mods, calls)
         grids = {_consumer_grid(u, cur, mods) for u in cur.users} if cur.users else {None}
         if len(grids) == 1 and None not in grids:
             scale, zp = next(iter(grids))  # type: ignore[misc]
@@ -138,6 +126,66 @@ def fuse_activations(model: nn.Module) -> list[tuple[str, str, str]]:
             done.append((str(node.target), act, "float"))
     done += _fuse_linear_activations(model, graph, mods, calls)
     return done
+
+
+def _transparent_path(node: fx.Node, mods: dict[str, nn.Module], calls: dict[str, int],
+                      ) -> tuple[str, fx.Node, list[fx.Node], list[fx.Node]]:
+    """From a producer's ``node``, the ops after it that act on codes as on values, each the only
+    user of the one before: ``(activation, last node, activation nodes to fuse, pool nodes)``."""
+    act, cur, relu6_nodes, pool_nodes = "none", node, [], []
+    while len(cur.users) == 1:
+        nxt = next(iter(cur.users))
+        kind = _classify(nxt, mods, calls)
+        if kind is None:
+            break
+        if kind in ("relu", "relu6"):
+            act = "relu6" if kind == "relu6" or act == "relu6" else "relu"
+            if kind == "relu6" or (nxt.op == "call_module" and calls[str(nxt.target)] == 1):
+                relu6_nodes.append(nxt)  # (a ReLU module called once: dropped on a uint8 path)
+        elif kind == "pool":
+            pool_nodes.append(nxt)
+        cur = nxt
+    return act, cur, relu6_nodes, pool_nodes
+
+
+def uint8_chains(model: nn.Module) -> list[list[str]]:
+    """The groups of integer modules of a fused ``model`` that hand each other uint8 codes: each
+    group is every producer set to emit codes (``output_kind == "uint8"``) together with the modules
+    taking them, closed under that link (a connected component), names in model order. A member
+    cannot go back to float alone: its neighbours compute on its codes. ``[]`` when the model cannot
+    be traced (then `fuse_activations` linked nothing either)."""
+    try:
+        graph = _LeafTracer().trace(model)
+    except Exception:  # (as in fuse_activations)
+        return []
+    mods = dict(model.named_modules())
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    parent: dict[str, str] = {}
+
+    def root(name: str) -> str:
+        parent.setdefault(name, name)
+        while parent[name] != name:
+            parent[name] = parent[parent[name]]
+            name = parent[name]
+        return name
+
+    for node in graph.nodes:
+        mod = mods.get(str(node.target)) if node.op == "call_module" else None
+        if not _is_producer(mod) or getattr(mod, "output_kind", "float") != "uint8":
+            continue
+        _, cur, _, _ = _transparent_path(node, mods, calls)
+        for user in cur.users:
+            if user.op == "call_module" and _is_producer(mods.get(str(user.target))):
+                parent[root(str(user.target))] = root(str(node.target))
+        root(str(node.target))
+    order = {name: i for i, name in enumerate(mods)}
+    groups: dict[str, list[str]] = {}
+    for name in sorted(parent, key=order.__getitem__):
+        groups.setdefault(root(name), []).append(name)
+    return list(groups.values())
 
 
 def _linear_activation(m: nn.Module | None) -> str | None:

@@ -3,7 +3,10 @@
 A decision (integer or float for one layer) depends on the layer (class, constructor arguments,
 fused activation), the input it gets (shapes, dtypes), the kernel that ran, and the machine (CPU
 model and flags, thread count, torch and quanta versions). Measured once, it is reused by every
-later conversion on this machine, so repeated runs decide the same even under load. The file
+later conversion on this machine, so repeated runs decide the same even under load. A uint8
+chain's decision (`speed_check`, taken for its members together) is one entry, keyed by
+``{"uint8_chain": [each member's parts]}``, which no single layer's parts can equal; it holds each
+member's fastest timings. The file
 holds the measurements too (they stay out of the model and of `quanta.save`'s file).
 
 Location: ``$QUANTA_SPEED_CACHE`` (a file path) if set, else ``speed_decisions.json`` in quanta's

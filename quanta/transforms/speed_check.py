@@ -18,10 +18,16 @@ user of the preset expects: int8 compute layers are there to be fast and stay in
 more than 10% slower; weight-only and half-precision layers are there to be small and stay
 unless more than twice as slow). Each decision is cached per machine (`speed_cache`), keyed by
 the layer, its input, the kernel that ran, the CPU, thread count and versions, so later runs
-reuse it. Convolutions inside a uint8 chain (emitting codes to, or taking codes from, another
-integer conv) are not timed alone: the chain's point is that no layer of it pays a
-quantize/dequantize pair, which a per-layer timing cannot credit, and swapping one member
-would break its neighbours' interface.
+reuse it.
+
+A uint8 chain (integer convs and additions handing each other codes, `fuse.uint8_chains`) is
+judged as a whole: its point is that no member pays a quantize/dequantize pair, which a timing
+of one layer alone cannot credit, and one member cannot go float alone (its neighbours compute on
+its codes). Each member is timed in its chain context (the codes it really gets in, its output
+kind as set) against its float twin on the dequantized input; the chain goes float, every member
+together, when the sum of its integer times is clearly slower than the sum of the float ones
+(the fastest rounds' sums and the median rounds' sums, the same tolerance), and each member is
+reported with its own timings and the chain's.
 """
 
 from __future__ import annotations
@@ -31,17 +37,21 @@ import logging
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..integer.add import Int8Add
 from ..integer.base import IntegerModule
+from ..nn.modules.functional import Add
 from ..nn.modules.fused import FusedActivation
 from .capture import first_calls
-from .decisions import REPORT_ATTR
+from .fuse import uint8_chains
 from .speed_cache import DecisionCache, decision_key
+from .speed_choice import DEFAULT_TOLERANCE, SPEED_CHOICE_ATTR, KeptFloat, SpeedChoice, kept_float
+
+__all__ = ["DEFAULT_TOLERANCE", "TOLERANCE", "KeptFloat", "SpeedChoice", "keep_faster", "kept_float"]
 
 _log = logging.getLogger(__name__)
 
@@ -53,46 +63,12 @@ TOLERANCE: dict[str, float] = {
     "Int8WeightOnlyLinear": 2.0, "Int4WeightOnlyLinear": 2.0, "HalfLinear": 2.0,
     "Int8Embedding": 2.0, "Int4Embedding": 2.0,
 }
-DEFAULT_TOLERANCE = 1.10
 #: at least this many interleaved rounds (unless `keep_faster` is told fewer), about this much
 #: measured time of each side, at most this many rounds
 MIN_ROUNDS, BUDGET_S, MAX_ROUNDS = 15, 0.05, 400
 #: ``measure(kind, fn) -> seconds`` for one call of ``fn``; ``kind`` is "integer" or "float"
 #: (tests inject their own)
 Measure = Callable[[str, Callable[[], Any]], float]
-#: attribute of a float twin the speed check put back: its `SpeedChoice` (read by `kept_float`)
-SPEED_CHOICE_ATTR = "_quanta_speed_choice"
-
-
-@dataclass(frozen=True)
-class SpeedChoice:
-    name: str
-    integer: str  # the integer class
-    input_shape: tuple[int, ...]
-    integer_ms: float  # fastest round (or the cached measurement)
-    float_ms: float
-    picked: str  # "integer" or "float"
-    kernel: str = ""  # the implementation(s) the integer module ran
-    ratio: float = 0.0  # the decisive integer / float time ratio (the smaller of the two estimates)
-    tolerance: float = DEFAULT_TOLERANCE
-    cached: bool = False  # reused from this machine's cache, not measured now
-
-    def timings(self) -> str:
-        """``"(0.123 ms vs float 0.045 ms)"``: the one way timings are written (`quanta.save` strips
-        exactly this from a report's detail, so a saved file stays a function of the model)."""
-        return f"({self.integer_ms:.3f} ms vs float {self.float_ms:.3f} ms)"
-
-    def describe(self) -> str:
-        """For the log: the decision with its timings."""
-        return f"{self.report_detail()}{' (cached)' if self.cached else ''}"
-
-    def report_detail(self) -> str:
-        """The reason, with both timings and the input (the conversion report's detail)."""
-        kernel = f" ({self.kernel})" if self.kernel else ""
-        if self.picked == "float":
-            return (f"{self.integer}{kernel} on input {list(self.input_shape)} {self.timings()}: more than "
-                    f"{self.tolerance:.2f}x float's time on this machine; float kept")
-        return f"speed-checked {self.timings()}: at most {self.tolerance:.2f}x float's time"
 
 
 def _perf_counter(kind: str, fn: Callable[[], Any]) -> float:
@@ -151,7 +127,8 @@ def keep_faster(model: nn.Module, twins: dict[str, nn.Module], example: Any, *,
     """Time each integer module of ``model`` named in ``twins`` (name → float twin) against its
     twin on the input it gets from ``example`` (one batch); swap in the twin where the integer
     module is clearly slower (see the module docstring). Modules not called by ``example`` stay
-    integer. ``repeats``: the least number of interleaved rounds. ``cache``: where decisions are
+    integer; a uint8 chain is decided as a whole (module docstring), its additions included (their
+    float twin: `quanta.nn.Add`). ``repeats``: the least number of interleaved rounds. ``cache``: where decisions are
     reused and stored; by default this machine's (`speed_cache`) when ``measure`` is the real
     clock, none with an injected ``measure``; ``None``: measure everything, store nothing."""
     if repeats < 1:
@@ -160,11 +137,19 @@ def keep_faster(model: nn.Module, twins: dict[str, nn.Module], example: Any, *,
         cache = DecisionCache() if measure is None else None
     on_cuda = any(b.is_cuda for b in model.buffers()) or any(p.is_cuda for p in model.parameters())
     measure = measure or (_cuda_perf_counter if on_cuda else _perf_counter)
-    modules = {n: m for n, m in model.named_modules() if n in twins and isinstance(m, IntegerModule)}
+    chains = uint8_chains(model)
+    chained = {n for chain in chains for n in chain}
+    modules = {n: m for n, m in model.named_modules()
+               if (n in twins or n in chained) and isinstance(m, IntegerModule)}
     counts = {m: m.kernel_counts.copy() for m in model.modules() if isinstance(m, IntegerModule)}
     try:
         inputs = first_calls(model, example, modules, forward_fn)
-        return _choose(model, modules, twins, inputs, repeats, measure, cache)
+        alone = {n: m for n, m in modules.items() if n not in chained}
+        choices = _choose(model, alone, twins, inputs, repeats, measure, cache)
+        for chain in chains:
+            choices += _choose_chain(model, chain, modules, twins, inputs, repeats, measure, cache)
+        order = {n: i for i, n in enumerate(modules)}
+        return sorted(choices, key=lambda c: order[c.name])
     finally:  # the example and timing runs are not calls of the model
         for m, c in counts.items():
             m.kernel_counts.clear()
@@ -219,6 +204,20 @@ def _decide(mod: IntegerModule, name: str, shape: tuple[int, ...], kernel: str, 
                        ratio, tolerance)
 
 
+def _settle(mod: IntegerModule, twin: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+            float_args: tuple[Any, ...]) -> tuple[Callable[[], Any], Callable[[], Any], str]:
+    """The integer and float calls to time (warmed up) and the kernel(s) the integer call runs."""
+    int_call, float_call = functools.partial(mod, *args, **kwargs), functools.partial(twin, *float_args, **kwargs)
+    int_call(), float_call()  # warm-up (first-call allocations, lazy packing, settling)
+    before = mod.kernel_counts.copy()
+    int_call()  # a settled call: the kernel it names is the one later calls run
+    return int_call, float_call, "+".join(sorted(k for k, n in (mod.kernel_counts - before).items() if n > 0))
+
+
+def _shape(args: tuple[Any, ...]) -> tuple[int, ...]:
+    return tuple(args[0].shape) if args and isinstance(args[0], torch.Tensor) else ()
+
+
 def _choose(model: nn.Module, modules: dict[str, IntegerModule], twins: dict[str, nn.Module],
             inputs: dict[str, tuple[tuple[Any, ...], dict[str, Any]]], repeats: int,
             measure: Measure, cache: DecisionCache | None) -> list[SpeedChoice]:
@@ -228,16 +227,12 @@ def _choose(model: nn.Module, modules: dict[str, IntegerModule], twins: dict[str
             continue
         args, kwargs = inputs[name]
         if _in_uint8_chain(mod, args):
-            continue  # its neighbours compute on its uint8 codes: it stays with them
+            continue  # codes set by hand (no traced chain): its neighbours compute on them, it stays
         twin = _with_post_op(twins[name].eval(), mod)
         tolerance = TOLERANCE.get(type(mod).__name__, DEFAULT_TOLERANCE)
-        shape = tuple(args[0].shape) if args and isinstance(args[0], torch.Tensor) else ()
+        shape = _shape(args)
         with torch.no_grad():
-            int_call, float_call = functools.partial(mod, *args, **kwargs), functools.partial(twin, *args, **kwargs)
-            int_call(), float_call()  # warm-up (first-call allocations, lazy packing, settling)
-            before = mod.kernel_counts.copy()
-            int_call()  # a settled call: the kernel it names is the one later calls run
-            kernel = "+".join(sorted(k for k, n in (mod.kernel_counts - before).items() if n > 0))
+            int_call, float_call, kernel = _settle(mod, twin, args, kwargs, args)
             key = decision_key(_layer_parts(mod, twin, args, kwargs, kernel)) if cache is not None else ""
             hit = cache.get(key) if cache is not None else None
             if hit is not None:
@@ -254,54 +249,82 @@ def _choose(model: nn.Module, modules: dict[str, IntegerModule], twins: dict[str
         _log.info("quanta speed check: %s: %s", name, choice.describe())
         choices.append(choice)
         if choice.picked == "float":
-            restored = _restore_activations(model, name)
-            placed = twins[name].eval() if restored else twin
-            # (a plain attribute: it follows the module through renames and copies, never into a file)
-            placed.__dict__[SPEED_CHOICE_ATTR] = choice
-            parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, leaf, placed)
+            _put_float(model, name, twins[name].eval(), twin, choice)
     return choices
 
 
-@dataclass(frozen=True)
-class KeptFloat:
-    """A layer quanta was asked to quantize and keeps float, and why: the speed check measured its
-    integer kernel slower (``integer_ms`` / ``float_ms`` on ``input_shape``, fastest rounds), or it
-    could not be lowered (its shape does not fit the config, calibration never reached it, a
-    subclass ``forward`` quanta cannot follow: no timings). A model loaded from a file has the
-    reasons without the timings (files hold no timings)."""
-
-    name: str
-    type: str  # the float module's class
-    reason: str  # the conversion report's detail
-    integer: str = ""  # the integer class the speed check timed ("" when none was)
-    integer_ms: float | None = None
-    float_ms: float | None = None
-    input_shape: tuple[int, ...] | None = None
-
-    def describe(self) -> str:
-        """``"head (Linear): integer kernel slower: Int8Linear on input [64, 10] (0.031 ms vs float 0.012 ms):
-        ..."``: the one line every consumer (CLI, demo, benchmark notes) prints."""
-        return f"{self.name} ({self.type}): {self.reason}"
+def _put_float(model: nn.Module, name: str, twin: nn.Module, with_post_op: nn.Module, choice: SpeedChoice) -> None:
+    """``name`` becomes its float twin: alone where the user's activation module(s) its kernel had
+    taken over come back, else followed by the activation it had fused (``with_post_op``)."""
+    placed = twin if _restore_activations(model, name) else with_post_op
+    # (a plain attribute: it follows the module through renames and copies, never into a file)
+    placed.__dict__[SPEED_CHOICE_ATTR] = choice
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, placed)
 
 
-def kept_float(model: nn.Module) -> list[KeptFloat]:
-    """The layers of a converted ``model`` that stay float, in conversion order, with the speed
-    check's timings where it decided (see `KeptFloat`); ``[]`` for a model not converted by quanta."""
+def _dequantized(mod: IntegerModule, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``args`` as the float model would pass them: uint8 codes dequantized on the grid ``mod`` takes
+    them on (a conv's input grid, an addition's operand grid), in the default memory order."""
     out = []
-    for row in getattr(model, REPORT_ATTR, []):
-        if row.result != "float":
-            continue
-        try:
-            mod: nn.Module | None = model.get_submodule(row.name) if row.name else model
-        except AttributeError:
-            mod = None
-        choice = getattr(mod, SPEED_CHOICE_ATTR, None) if mod is not None else None
-        layer = mod[0] if isinstance(mod, nn.Sequential) and choice is not None else mod  # (twin, its activation)
-        kind = type(layer).__name__ if layer is not None else row.simulated
-        if isinstance(choice, SpeedChoice):
-            out.append(KeptFloat(row.name, kind, row.detail, choice.integer, choice.integer_ms, choice.float_ms,
-                                 choice.input_shape))
+    for i, a in enumerate(args):
+        if isinstance(a, torch.Tensor) and a.dtype == torch.uint8:
+            scale, zp = mod.operand_code_qparams(i) if isinstance(mod, Int8Add) else mod.input_code_qparams()
+            a = ((a.float() - float(zp)) * float(scale)).contiguous()
+        out.append(a)
+    return tuple(out)
+
+
+def _add_then(add: nn.Module, activation: nn.Module, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return activation(add(a, b))
+
+
+def _choose_chain(model: nn.Module, chain: list[str], modules: dict[str, IntegerModule],
+                  twins: dict[str, nn.Module], inputs: dict[str, tuple[tuple[Any, ...], dict[str, Any]]],
+                  repeats: int, measure: Measure, cache: DecisionCache | None) -> list[SpeedChoice]:
+    """Decide a uint8 chain as a whole (module docstring); every member float when it is clearly slower."""
+    base = {n: twins[n].eval() if n in twins else Add() if isinstance(modules.get(n), Int8Add) else None
+            for n in chain}
+    missing = [n for n in chain if n not in inputs or base[n] is None]
+    if missing:
+        _log.info("quanta speed check: uint8 chain %s stays integer: %s not called by the example or "
+                  "without a float twin", chain, missing)
+        return []
+    members = []
+    with torch.no_grad():
+        for name in chain:
+            mod, (args, kwargs) = modules[name], inputs[name]
+            twin = _with_post_op(base[name], mod) if not isinstance(mod, Int8Add) else base[name]
+            if isinstance(mod, Int8Add) and mod.post_op != "none":  # (timed with its activation, which
+                twin = functools.partial(_add_then, base[name], _POST_OP_MODULES[mod.post_op]())  # stays)
+            int_call, float_call, kernel = _settle(mod, twin, args, kwargs, _dequantized(mod, args))
+            members.append((name, mod, twin, args, kernel, int_call, float_call,
+                            _layer_parts(mod, base[name], args, kwargs, kernel)))
+        tolerance = max(TOLERANCE.get(type(m[1]).__name__, DEFAULT_TOLERANCE) for m in members)
+        key = decision_key({"uint8_chain": [m[-1] for m in members]}) if cache is not None else ""
+        hit = cache.get(key) if cache is not None else None
+        timed = hit.get("members") if hit is not None else None
+        if isinstance(timed, list) and len(timed) == len(members):
+            picked, ratio, cached = hit["picked"], float(hit.get("ratio", 0.0)), True
+            fastest = [(float(i), float(f)) for i, f in timed]
         else:
-            out.append(KeptFloat(row.name, kind, row.detail))
-    return out
+            rounds = [_time_pair(m[5], m[6], repeats, measure) for m in members]
+            fastest = [(min(ti) * 1e3, min(tf) * 1e3) for ti, tf in rounds]
+            medians = [(statistics.median(ti), statistics.median(tf)) for ti, tf in rounds]
+            ratio = min(sum(i for i, _ in fastest) / max(sum(f for _, f in fastest), 1e-9),
+                        sum(i for i, _ in medians) / max(sum(f for _, f in medians), 1e-12))
+            picked, cached = ("float" if ratio > tolerance else "integer"), False
+            if cache is not None:
+                cache.put(key, {"picked": picked, "ratio": round(ratio, 4), "layers": [m[1].__class__.__name__
+                                for m in members], "members": [[round(i, 5), round(f, 5)] for i, f in fastest],
+                                "tolerance": tolerance, "measured": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    total_i, total_f = sum(i for i, _ in fastest), sum(f for _, f in fastest)
+    choices = [SpeedChoice(name, type(mod).__name__, _shape(args), ms_i, ms_f, picked, kernel, ratio, tolerance,
+                           cached, len(members), total_i, total_f)
+               for (name, mod, _, args, kernel, *_), (ms_i, ms_f) in zip(members, fastest)]
+    for choice, (name, _, twin, *_) in zip(choices, members):
+        _log.info("quanta speed check: %s: %s", name, choice.describe())
+        if picked == "float":  # every member: no codes flow any more, each twin takes floats (an
+            # addition's fused activation is a module put back or an op still in the forward)
+            _put_float(model, name, base[name], twin if isinstance(twin, nn.Module) else base[name], choice)
+    return choices
