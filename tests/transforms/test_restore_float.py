@@ -205,3 +205,18 @@ def test_models_without_wrappers_are_unchanged_and_bad_input_is_refused():
     assert restore_float(plain) is plain and type(plain[0]) is nn.Linear
     with pytest.raises(TypeError, match="nn.Module"):
         restore_float("model")  # type: ignore[arg-type]
+
+
+def test_inside_a_transformer_encoder_with_a_padding_mask(all_slower, fused_calls):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(D, 4, FF, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    x = torch.randn(2, 6, D)
+    mask = torch.tensor([[False] * 6, [False] * 4 + [True] * 2])
+    q = quanta.quantize(model, "dynamic_int8", example=(x,), progress=False)
+    assert all(type(m) is nn.TransformerEncoderLayer for m in q.layers)
+    with torch.no_grad():
+        expected = model(x, src_key_padding_mask=mask)
+        fused_calls.clear()
+        assert torch.equal(q(x, src_key_padding_mask=mask), expected)
+    assert len(fused_calls) == 2
