@@ -27,6 +27,7 @@ to its float class too (the file then records the user's class).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 
 from torch import nn
@@ -36,6 +37,8 @@ from ..nn.modules.functional import QuantOp
 from ..nn.modules.fused import FusedActivation
 from ..nn.tensor_quantizer import TensorQuantizer
 from .decisions import REPORT_ATTR
+
+_log = logging.getLogger(__name__)
 
 #: the conversion report's detail for a container given back in float (followed by what was dropped)
 KEPT_FLOAT_DETAIL = "kept float: nothing inside runs integer on this machine"
@@ -74,7 +77,8 @@ def _dropped_or_blocker(module: nn.Module) -> tuple[list[str], str | None]:
     dropped = [f"{kind} quantizer" for kind, q in module.quantizers() if q.active]  # type: ignore[attr-defined]
     own = {id(q) for _, q in module.quantizers()}  # type: ignore[attr-defined]
     for child_name, child in module.named_children():
-        if id(child) in own_ops and id(child) not in own and any(isinstance(q, TensorQuantizer) and q.active for q in child.modules()):
+        active = any(isinstance(q, TensorQuantizer) and q.active for q in child.modules())
+        if id(child) in own_ops and id(child) not in own and active:
             dropped.append(child_name)
     for name, inner in module.named_modules():
         if not name or inner is module:
@@ -100,11 +104,12 @@ def restore_float(model: nn.Module) -> nn.Module:
         raise TypeError(f"restore_float expects an nn.Module, got {type(model).__name__}")
     _restore_dead_out_projs(model)
     restored: dict[str, tuple[str, str]] = {}  # name -> (the quantized class, the report's detail)
-    # deepest first: an inner container given back in float no longer keeps its outer one
+    # deepest first, the root last: an inner container given back in float no longer keeps its outer one
     candidates = [(n, m) for n, m in model.named_modules() if _wraps_layers(m)]
-    for name, mod in sorted(candidates, key=lambda item: -len(item[0].split("."))):
+    for name, mod in sorted(candidates, key=lambda item: -(item[0].count(".") + 1 if item[0] else 0)):
         dropped, blocker = _dropped_or_blocker(mod)
         if blocker is not None:
+            _log.debug("quanta restore_float: %s stays %s: %s", name or "(root)", type(mod).__name__, blocker)
             continue
         twin = mod.to_float()  # type: ignore[attr-defined]  # (shares weights, submodules and hooks)
         if name:
