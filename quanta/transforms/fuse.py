@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..integer.base import IntegerModule
-from ..integer.pooling import codes_pool
+from ..integer.pooling import CODES_POOL, codes_pool
 from ..nn.modules.base import QuantModule
 from ..nn.modules.functional import QuantOp
 from ..nn.modules.fused import FusedActivation
@@ -41,8 +41,8 @@ _POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 
 class _LeafTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, (IntegerModule, QuantModule, QuantOp, TensorQuantizer)):
-            return True
+        if isinstance(m, (IntegerModule, QuantModule, QuantOp, TensorQuantizer, *_POOL_MODULES)):
+            return True  # (a codes max-pool `fuse_activations` put in is a pool, not code to trace)
         return super().is_leaf_module(m, qualname)
 
 
@@ -186,6 +186,37 @@ def uint8_chains(model: nn.Module) -> list[list[str]]:
     for name in sorted(parent, key=order.__getitem__):
         groups.setdefault(root(name), []).append(name)
     return list(groups.values())
+
+
+def restore_float_pools(model: nn.Module) -> list[str]:
+    """Each codes max-pool (`codes_pool`) that no integer producer hands codes through any more (its
+    chain went back to float: the speed check) becomes the user's ``nn.MaxPoolNd`` again, same
+    settings and hooks; returns their names. Nothing changes in a model that cannot be traced."""
+    try:
+        graph = _LeafTracer().trace(model)
+    except Exception:  # (as in fuse_activations)
+        return []
+    mods = dict(model.named_modules())
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    on_codes = set()
+    for node in graph.nodes:
+        mod = mods.get(str(node.target)) if node.op == "call_module" else None
+        if _is_producer(mod) and getattr(mod, "output_kind", "float") == "uint8":
+            on_codes |= {str(p.target) for p in _transparent_path(node, mods, calls)[3]}
+    plain = {codes: pool for pool, codes in CODES_POOL.items()}
+    restored = []
+    for name, mod in mods.items():
+        cls = plain.get(type(mod))
+        if cls is not None and name not in on_codes:
+            pool = cls.__new__(cls)
+            pool.__dict__.update(mod.__dict__)
+            pool.__dict__.pop("_binding", None)  # (a codes pool's settled calls)
+            _replace(model, name, pool)
+            restored.append(name)
+    return restored
 
 
 def _linear_activation(m: nn.Module | None) -> str | None:

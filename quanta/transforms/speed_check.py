@@ -47,7 +47,7 @@ from ..integer.base import IntegerModule
 from ..nn.modules.functional import Add
 from ..nn.modules.fused import FusedActivation
 from .capture import first_calls
-from .fuse import uint8_chains
+from .fuse import restore_float_pools, uint8_chains
 from .speed_cache import DecisionCache, decision_key
 from .speed_choice import DEFAULT_TOLERANCE, SPEED_CHOICE_ATTR, KeptFloat, SpeedChoice, kept_float
 
@@ -148,6 +148,8 @@ def keep_faster(model: nn.Module, twins: dict[str, nn.Module], example: Any, *,
         choices = _choose(model, alone, twins, inputs, repeats, measure, cache)
         for chain in chains:
             choices += _choose_chain(model, chain, modules, twins, inputs, repeats, measure, cache)
+        if any(c.picked == "float" and c.chain_layers for c in choices):
+            restore_float_pools(model)  # (the pools a reverted chain had on codes: the user's again)
         order = {n: i for i, n in enumerate(modules)}
         return sorted(choices, key=lambda c: order[c.name])
     finally:  # the example and timing runs are not calls of the model

@@ -204,3 +204,27 @@ def test_a_chain_decision_is_cached_under_its_own_key_and_reused(tiny, tmp_path)
     assert [(c.name, c.picked, c.integer_ms, c.chain_layers) for c in again] == \
         [(c.name, c.picked, c.integer_ms, c.chain_layers) for c in first]
     assert not any(isinstance(model.get_submodule(n), IntegerModule) for n in CHAIN[1:])
+
+
+def test_a_reverted_chain_gives_back_the_users_max_pool_and_saves_and_loads(tmp_path, monkeypatch):
+    def net() -> nn.Module:
+        torch.manual_seed(1)
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1),
+                             nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)).eval()
+
+    model = net()
+    calib = [torch.randn(2, 3, 12, 12) for _ in range(2)]
+    sim = quanta.calibrate(quanta.prepare(model, quanta.preset("static_int8")), calib, progress=False)
+    target, twins = _fused(sim)
+    assert type(target[2]).__name__ == "CodesMaxPool2d" and uint8_chains(target) == [["0", "3"]]
+    keep_faster(target, twins, calib[0], measure=_fake(2e-3, 1e-3), repeats=1)
+    assert [type(m) for m in target[:5]] == [nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.Conv2d, nn.ReLU]
+    monkeypatch.setenv("QUANTA_SPEED_CACHE", str(tmp_path / "decisions.json"))
+    monkeypatch.setattr(speed_check, "_perf_counter", _fake(2e-3, 1e-3))
+    q = quanta.quantize(model, "static_int8", calib, progress=False)
+    assert type(q[2]) is nn.MaxPool2d and not any(isinstance(m, IntegerModule) for m in q.modules())
+    loaded = quanta.load(quanta.save(q, tmp_path / "m.safetensors"), model=net())
+    x = torch.randn(3, 3, 12, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), q(x), atol=0, rtol=0)
+        torch.testing.assert_close(q(x), model(x), atol=1e-5, rtol=1e-5)
