@@ -11,6 +11,8 @@ to emit uint8 codes on that grid with the activation fused in its kernel; the co
 those codes as they are. An integer addition is a producer too (a residual block's sum, ReLU
 fused, handed to the next block's convs and addition). Anything else keeps float
 interfaces (always correct). A model that cannot be traced keeps float interfaces everywhere.
+`uint8_chains` names the groups of integer modules so linked (the speed check decides each group
+as a whole), and `restore_float_pools` gives back the user's max-pools on a group gone float.
 
 An integer Linear whose float output only an ``nn.ReLU`` / ``nn.GELU`` module reads applies that
 activation in its kernel's epilogue (`quanta.integer.Int8Linear.post_op`): one pass over the
