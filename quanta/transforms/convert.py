@@ -34,6 +34,7 @@ from ..nn.tensor_quantizer import TensorQuantizer
 from .conv_subclass import analyse_conv_subclass, plain_view
 from .fuse import fuse_activations
 from .prepare import DECISIONS_ATTR, UNSUPPORTED
+from .restore_float import restore_float
 from .simplify import collapse_wrappers
 from .speed_check import SpeedChoice, keep_faster
 from .tied import retie, tied_groups
@@ -172,7 +173,8 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False, fuse
         if isinstance(m, IntegerModule):
             m.ensure_packed()
     setattr(target, REPORT_ATTR, report)
-    return target
+    # float containers (TransformerEncoderLayer) back where nothing inside stays integer: torch's fused path
+    return restore_float(target)
 
 
 def handles(cls: type, sim: nn.Module) -> bool:

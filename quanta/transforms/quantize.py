@@ -20,7 +20,6 @@ from .convert import convert
 from .float_dtype import check_float_dtype, run_float_work_in
 from .prepare import check_float_model, prepare
 from .presets import COVERS, PRESETS, preset, quantizes_any
-from .restore_float import restore_float
 
 
 def quantize(model: nn.Module, config: QuantConfig | str = "dynamic_int8", calib_data: Iterable[Any] | None = None,
@@ -101,7 +100,6 @@ def quantize(model: nn.Module, config: QuantConfig | str = "dynamic_int8", calib
                                forward_fn=forward_fn, progress=progress), config.algorithm_options)
     converted = convert(sim, backend=backend, inplace=True, example=first if example is None else example,
                         forward_fn=forward_fn, speed_check=speed_check)
-    converted = restore_float(converted)  # float containers back where nothing inside stays integer
     return converted if float_dtype is None else run_float_work_in(converted, float_dtype)
 
 

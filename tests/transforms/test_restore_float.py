@@ -120,11 +120,10 @@ def test_shares_the_weights_and_keeps_user_hooks(all_slower):
     sim = quanta.prepare(model, quanta.preset("dynamic_int8"))
     wrapper = sim.layers[0]
     assert isinstance(wrapper, QuantTransformerEncoderLayer)
-    converted = quanta.convert(sim, inplace=True, example=X)
-    assert type(converted.layers[0]) is QuantTransformerEncoderLayer  # convert alone leaves it
-    params = {n: p for n, p in converted.layers[0].named_parameters()}
-    restored = restore_float(converted)
-    assert restored is converted and type(restored.layers[0]) is nn.TransformerEncoderLayer
+    params = {n: p for n, p in wrapper.named_parameters()}
+    restored = quanta.convert(sim, inplace=True, example=X)  # (convert ends with restore_float)
+    assert type(restored.layers[0]) is nn.TransformerEncoderLayer
+    assert restore_float(restored) is restored  # (nothing left to restore)
     for n, p in restored.layers[0].named_parameters():
         assert p is params[n], n
     seen.clear()  # (the speed check's example run called the wrapper)
