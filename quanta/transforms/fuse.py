@@ -156,6 +156,8 @@ def uint8_chains(model: nn.Module) -> list[list[str]]:
     taking them, closed under that link (a connected component), names in model order. A member
     cannot go back to float alone: its neighbours compute on its codes. ``[]`` when the model cannot
     be traced (then `fuse_activations` linked nothing either)."""
+    if not any(_is_producer(m) and getattr(m, "output_kind", "float") == "uint8" for m in model.modules()):
+        return []  # (no codes anywhere: no trace needed)
     try:
         graph = _LeafTracer().trace(model)
     except Exception:  # (as in fuse_activations)

@@ -285,7 +285,7 @@ def _choose_chain(model: nn.Module, chain: list[str], modules: dict[str, Integer
                   twins: dict[str, nn.Module], inputs: dict[str, tuple[tuple[Any, ...], dict[str, Any]]],
                   repeats: int, measure: Measure, cache: DecisionCache | None) -> list[SpeedChoice]:
     """Decide a uint8 chain as a whole (module docstring); every member float when it is clearly slower."""
-    base = {n: twins[n].eval() if n in twins else Add() if isinstance(modules.get(n), Int8Add) else None
+    base = {n: twins[n].eval() if n in twins else Add().eval() if isinstance(modules.get(n), Int8Add) else None
             for n in chain}
     missing = [n for n in chain if n not in inputs or base[n] is None]
     if missing:
