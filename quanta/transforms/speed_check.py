@@ -37,7 +37,7 @@ import logging
 import statistics
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -277,6 +277,19 @@ def _dequantized(mod: IntegerModule, args: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(out)
 
 
+class _Member(NamedTuple):
+    """A chain member, ready to time."""
+
+    name: str
+    mod: IntegerModule
+    twin: Callable[..., Any]  # its float twin (with the activation it fused)
+    shape: tuple[int, ...]
+    kernel: str
+    int_call: Callable[[], Any]
+    float_call: Callable[[], Any]
+    parts: dict[str, Any]  # what its timing depends on (`_layer_parts`)
+
+
 def _add_then(add: nn.Module, activation: nn.Module, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return activation(add(a, b))
 
@@ -300,33 +313,34 @@ def _choose_chain(model: nn.Module, chain: list[str], modules: dict[str, Integer
             if isinstance(mod, Int8Add) and mod.post_op != "none":  # (timed with its activation, which
                 twin = functools.partial(_add_then, base[name], _POST_OP_MODULES[mod.post_op]())  # stays)
             int_call, float_call, kernel = _settle(mod, twin, args, kwargs, _dequantized(mod, args))
-            members.append((name, mod, twin, args, kernel, int_call, float_call,
-                            _layer_parts(mod, base[name], args, kwargs, kernel)))
-        tolerance = max(TOLERANCE.get(type(m[1]).__name__, DEFAULT_TOLERANCE) for m in members)
-        key = decision_key({"uint8_chain": [m[-1] for m in members]}) if cache is not None else ""
+            members.append(_Member(name, mod, twin, _shape(args), kernel, int_call, float_call,
+                                   _layer_parts(mod, base[name], args, kwargs, kernel)))
+        tolerance = max(TOLERANCE.get(type(m.mod).__name__, DEFAULT_TOLERANCE) for m in members)
+        key = decision_key({"uint8_chain": [m.parts for m in members]}) if cache is not None else ""
         hit = cache.get(key) if cache is not None else None
         timed = hit.get("members") if hit is not None else None
         if isinstance(timed, list) and len(timed) == len(members):
             picked, ratio, cached = hit["picked"], float(hit.get("ratio", 0.0)), True
             fastest = [(float(i), float(f)) for i, f in timed]
         else:
-            rounds = [_time_pair(m[5], m[6], repeats, measure) for m in members]
+            rounds = [_time_pair(m.int_call, m.float_call, repeats, measure) for m in members]
             fastest = [(min(ti) * 1e3, min(tf) * 1e3) for ti, tf in rounds]
             medians = [(statistics.median(ti), statistics.median(tf)) for ti, tf in rounds]
             ratio = min(sum(i for i, _ in fastest) / max(sum(f for _, f in fastest), 1e-9),
                         sum(i for i, _ in medians) / max(sum(f for _, f in medians), 1e-12))
             picked, cached = ("float" if ratio > tolerance else "integer"), False
             if cache is not None:
-                cache.put(key, {"picked": picked, "ratio": round(ratio, 4), "layers": [m[1].__class__.__name__
-                                for m in members], "members": [[round(i, 5), round(f, 5)] for i, f in fastest],
+                cache.put(key, {"picked": picked, "ratio": round(ratio, 4),
+                                "layers": [type(m.mod).__name__ for m in members],
+                                "members": [[round(i, 5), round(f, 5)] for i, f in fastest],
                                 "tolerance": tolerance, "measured": time.strftime("%Y-%m-%dT%H:%M:%S")})
     total_i, total_f = sum(i for i, _ in fastest), sum(f for _, f in fastest)
-    choices = [SpeedChoice(name, type(mod).__name__, _shape(args), ms_i, ms_f, picked, kernel, ratio, tolerance,
+    choices = [SpeedChoice(m.name, type(m.mod).__name__, m.shape, ms_i, ms_f, picked, m.kernel, ratio, tolerance,
                            cached, len(members), total_i, total_f)
-               for (name, mod, _, args, kernel, *_), (ms_i, ms_f) in zip(members, fastest)]
-    for choice, (name, _, twin, *_) in zip(choices, members):
-        _log.info("quanta speed check: %s: %s", name, choice.describe())
+               for m, (ms_i, ms_f) in zip(members, fastest)]
+    for choice, m in zip(choices, members):
+        _log.info("quanta speed check: %s: %s", m.name, choice.describe())
         if picked == "float":  # every member: no codes flow any more, each twin takes floats (an
             # addition's fused activation is a module put back or an op still in the forward)
-            _put_float(model, name, base[name], twin if isinstance(twin, nn.Module) else base[name], choice)
+            _put_float(model, m.name, base[m.name], m.twin if isinstance(m.twin, nn.Module) else base[m.name], choice)
     return choices
