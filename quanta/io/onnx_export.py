@@ -39,6 +39,7 @@ from ..nn.modules.base import QuantModule, runs_float_forward
 from ..nn.modules.functional import QuantOp
 from ..nn.modules.rnn_cells import _QuantRecurrent
 from ..nn.tensor_quantizer import TensorQuantizer
+from ..transforms.decisions import REPORT_ATTR
 from . import onnx_ops
 from . import onnx_qdq as Q
 from .onnx_forms import from_integer
@@ -98,6 +99,9 @@ def export_model(model: nn.Module) -> tuple[nn.Module, list[tuple[str, str, str]
     """A deep copy of ``model`` with quanta's modules replaced by export modules, the list of
     ``(path, quanta class, form)`` it replaced, and the ``(opset, what, path)`` requirements."""
     if not any(isinstance(m, (QuantModule, QuantOp, IntegerModule)) for m in model.modules()):
+        if getattr(model, REPORT_ATTR, None):  # converted, and every layer kept float
+            raise ValueError(f"every layer of this converted {type(model).__name__} was kept float (quanta.kept_float "
+                             "says why): there is nothing quantized to export; export it with torch.onnx.export")
         raise ValueError(f"{type(model).__name__} has no quantized modules: run quanta.prepare + quanta.calibrate "
                          "(a simulated model) or quanta.quantize / quanta.convert (an integer model) first")
     layers: list[tuple[str, str, str]] = []

@@ -219,3 +219,9 @@ def test_inside_a_transformer_encoder_with_a_padding_mask(all_slower, fused_call
         fused_calls.clear()
         assert torch.equal(q(x, src_key_padding_mask=mask), expected)
     assert len(fused_calls) == 2
+
+
+def test_onnx_export_of_a_model_kept_all_float_says_so(all_slower, tmp_path):
+    q = quanta.quantize(build(), "dynamic_int8", example=X, progress=False)
+    with pytest.raises(ValueError, match=r"every layer of this converted SpeechEncoder was kept float \(quanta.kept_float"):
+        quanta.export_onnx(q, X, tmp_path / "m.onnx")
