@@ -111,11 +111,11 @@ def restore_float(model: nn.Module) -> nn.Module:
         if blocker is not None:
             _log.debug("quanta restore_float: %s stays %s: %s", name or "(root)", type(mod).__name__, blocker)
             continue
-        twin = mod.to_float()  # type: ignore[attr-defined]  # (shares weights, submodules and hooks)
+        float_layer = mod.to_float()  # type: ignore[attr-defined]  # (shares weights, submodules and hooks)
         if name:
-            _set(model, name, twin)
+            _set(model, name, float_layer)
         else:
-            model = twin
+            model = float_layer
         restored[name] = (type(mod).__name__, KEPT_FLOAT_DETAIL + (
             f" (its simulated {', '.join(dropped)} dropped: the float layer computes the float model's "
             "output exactly)" if dropped else ""))
