@@ -34,6 +34,7 @@ from ..nn.modules.base import QuantModule
 from ..nn.modules.functional import QuantOp
 from ..nn.modules.fused import FusedActivation
 from ..nn.tensor_quantizer import TensorQuantizer
+from .conv_subclass import traced_calls
 
 LOG = logging.getLogger("quanta.transforms")
 
@@ -97,15 +98,10 @@ def fuse_activations(model: nn.Module) -> list[tuple[str, str, str]]:
     """Apply the fusions; returns ``(producer, activation, output)`` triples, output being
     ``"uint8"`` or ``"float"``."""
     try:
-        graph = _LeafTracer().trace(model)
+        graph, mods, calls = traced_calls(model, _LeafTracer())
     except Exception as e:  # data-dependent control flow, unsupported constructs
         LOG.info("quanta: activation fusion skipped, the model cannot be traced by torch.fx: %s", e)
         return []
-    mods = dict(model.named_modules())
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
     done = []
     for node in graph.nodes:
         if node.op != "call_module" or not _is_producer(mods.get(str(node.target))) or calls[str(node.target)] != 1:
@@ -159,14 +155,9 @@ def uint8_chains(model: nn.Module) -> list[list[str]]:
     if not any(_is_producer(m) and getattr(m, "output_kind", "float") == "uint8" for m in model.modules()):
         return []  # (no codes anywhere: no trace needed)
     try:
-        graph = _LeafTracer().trace(model)
+        graph, mods, calls = traced_calls(model, _LeafTracer())
     except Exception:  # (as in fuse_activations)
         return []
-    mods = dict(model.named_modules())
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
     parent: dict[str, str] = {}
 
     def root(name: str) -> str:
@@ -197,14 +188,9 @@ def restore_float_pools(model: nn.Module) -> list[str]:
     chain went back to float: the speed check) becomes the user's ``nn.MaxPoolNd`` again, same
     settings and hooks; returns their names. Nothing changes in a model that cannot be traced."""
     try:
-        graph = _LeafTracer().trace(model)
+        graph, mods, calls = traced_calls(model, _LeafTracer())
     except Exception:  # (as in fuse_activations)
         return []
-    mods = dict(model.named_modules())
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
     on_codes = set()
     for node in graph.nodes:
         mod = mods.get(str(node.target)) if node.op == "call_module" else None

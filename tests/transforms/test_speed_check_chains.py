@@ -12,6 +12,7 @@ import json
 
 import pytest
 import torch
+from test_simplify import TinyMobile  # MobileNetV2-like: Conv-BN-ReLU6 blocks, a residual quanta.nn.Add
 from torch import nn
 
 import quanta
@@ -26,35 +27,6 @@ from quanta.transforms.speed_cache import DecisionCache
 from quanta.transforms.speed_check import keep_faster, kept_float
 
 speed_check = importlib.import_module("quanta.transforms.speed_check")
-
-
-def _cna(cin: int, cout: int, k: int, groups: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout),
-                         nn.ReLU6())
-
-
-class InvertedResidual(nn.Module):
-    """MobileNetV2's block, its residual a `quanta.nn.Add`."""
-
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.conv = nn.Sequential(_cna(c, 2 * c, 1), _cna(2 * c, 2 * c, 3, groups=2 * c),
-                                  nn.Conv2d(2 * c, c, 1, bias=False), nn.BatchNorm2d(c))
-        self.add = quanta.nn.Add()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.add(x, self.conv(x))
-
-
-class TinyMobile(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Sequential(_cna(4, 16, 3), InvertedResidual(16), InvertedResidual(16))
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.head = nn.Linear(16, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.flatten(self.pool(self.features(x)), 1))
 
 
 CHAIN = ["features.0.0", "features.1.conv.0.0", "features.1.conv.1.0", "features.1.conv.2", "features.1.add",
