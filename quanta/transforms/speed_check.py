@@ -42,8 +42,11 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from ..core import Granularity
 from ..integer.add import Int8Add
 from ..integer.base import IntegerModule
+from ..integer.conv import _Int8ConvNd
+from ..kernels.u8s8_saturation import cpu_vnni_features
 from ..nn.modules.functional import Add
 from ..nn.modules.fused import FusedActivation
 from .capture import first_calls
@@ -203,7 +206,25 @@ def _decide(mod: IntegerModule, name: str, shape: tuple[int, ...], kernel: str, 
     ratio = min(min(ti) / max(min(tf), 1e-12), statistics.median(a / max(b, 1e-12) for a, b in zip(ti, tf)))
     picked = "float" if ratio > tolerance else "integer"
     return SpeedChoice(name, type(mod).__name__, shape, min(ti) * 1e3, min(tf) * 1e3, picked, kernel,
-                       ratio, tolerance)
+                       ratio, tolerance, hint=seven_bit_hint(mod, kernel) if picked == "float" else "")
+
+
+#: appended to the report of an int8 layer kept float that 7-bit weights would make fast here
+SEVEN_BIT_HINT = ("; 7-bit weights (weight_bits=7) would run it on oneDNN, exact on this CPU without VNNI")
+
+
+def seven_bit_hint(mod: IntegerModule, kernel: str) -> str:
+    """`SEVEN_BIT_HINT` for a layer with 8-bit weight codes that ran the exact but slow paths
+    (``reference`` / ``float_sums``) on a CPU without VNNI, where oneDNN sums 7-bit codes exactly and
+    the layer's activations suit oneDNN (static per tensor: the integer convs, a static Int8Linear);
+    else ``""``."""
+    if not {"reference", "float_sums"} & set(kernel.split("+")) or getattr(mod, "weight_code_max", 0) <= 64:
+        return ""
+    spec = getattr(mod, "act_spec", None)
+    static_linear = spec is not None and not spec.dynamic and spec.granularity is Granularity.PER_TENSOR
+    if not (isinstance(mod, _Int8ConvNd) or static_linear) or cpu_vnni_features():
+        return ""
+    return SEVEN_BIT_HINT
 
 
 def _settle(mod: IntegerModule, twin: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -240,7 +261,8 @@ def _choose(model: nn.Module, modules: dict[str, IntegerModule], twins: dict[str
             if hit is not None:
                 choice = SpeedChoice(name, type(mod).__name__, shape, float(hit.get("integer_ms", 0.0)),
                                      float(hit.get("float_ms", 0.0)), hit["picked"], kernel,
-                                     float(hit.get("ratio", 0.0)), tolerance, cached=True)
+                                     float(hit.get("ratio", 0.0)), tolerance, cached=True,
+                                     hint=seven_bit_hint(mod, kernel) if hit["picked"] == "float" else "")
             else:
                 choice = _decide(mod, name, shape, kernel, tolerance, int_call, float_call, repeats, measure)
                 if cache is not None:
@@ -336,7 +358,8 @@ def _choose_chain(model: nn.Module, chain: list[str], modules: dict[str, Integer
                                 "tolerance": tolerance, "measured": time.strftime("%Y-%m-%dT%H:%M:%S")})
     total_i, total_f = sum(i for i, _ in fastest), sum(f for _, f in fastest)
     choices = [SpeedChoice(m.name, type(m.mod).__name__, m.shape, ms_i, ms_f, picked, m.kernel, ratio, tolerance,
-                           cached, len(members), total_i, total_f)
+                           cached, len(members), total_i, total_f,
+                           hint=seven_bit_hint(m.mod, m.kernel) if picked == "float" else "")
                for m, (ms_i, ms_f) in zip(members, fastest)]
     for choice, m in zip(choices, members):
         _log.info("quanta speed check: %s: %s", m.name, choice.describe())

@@ -34,6 +34,8 @@ class SpeedChoice:
     chain_layers: int = 0
     chain_integer_ms: float = 0.0
     chain_float_ms: float = 0.0
+    #: what would make this layer fast here, when it went float (e.g. 7-bit weights on a CPU without VNNI)
+    hint: str = ""
 
     def timings(self) -> str:
         """``"(0.123 ms vs float 0.045 ms)"``: the one way timings are written (`quanta.save` strips
@@ -51,7 +53,7 @@ class SpeedChoice:
                 f"{_timings(self.chain_integer_ms, self.chain_float_ms)}" if self.chain_layers else ""
         if self.picked == "float":
             return (f"{self.integer}{kernel} on input {list(self.input_shape)} {self.timings()}{chain}: more than "
-                    f"{self.tolerance:.2f}x float's time on this machine; float kept")
+                    f"{self.tolerance:.2f}x float's time on this machine; float kept{self.hint}")
         return f"speed-checked {self.timings()}{chain}: at most {self.tolerance:.2f}x float's time"
 
 
