@@ -48,16 +48,23 @@ class TinyMobile(nn.Module):
 
 @pytest.fixture(scope="module")
 def tiny():
+    model, sim, _ = calibrated_tiny(size=16, batches=4)
+    return model, sim
+
+
+def calibrated_tiny(size: int, batches: int) -> tuple[nn.Module, nn.Module, list[torch.Tensor]]:
+    """``TinyMobile`` with non-trivial BN statistics (float twins must hold the folded BN), and its
+    static_int8 simulation calibrated on ``batches`` random [4, 4, size, size] batches."""
     torch.manual_seed(0)
     model = TinyMobile().eval()
-    with torch.no_grad():  # non-trivial BN statistics
+    with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.1, 0.1)
                 m.running_var.uniform_(0.75, 1.25)
-    calib = [torch.randn(4, 4, 16, 16) for _ in range(4)]
+    calib = [torch.randn(4, 4, size, size) for _ in range(batches)]
     sim = quanta.calibrate(quanta.prepare(model, quanta.preset("static_int8")), calib, progress=False)
-    return model, sim
+    return model, sim, calib
 
 
 def _calls(model: nn.Module, x: torch.Tensor) -> int:

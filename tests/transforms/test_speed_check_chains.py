@@ -12,7 +12,9 @@ import json
 
 import pytest
 import torch
-from test_simplify import TinyMobile  # MobileNetV2-like: Conv-BN-ReLU6 blocks, a residual quanta.nn.Add
+from test_simplify import (  # MobileNetV2-like: Conv-BN-ReLU6 blocks, a residual quanta.nn.Add
+    calibrated_tiny,
+)
 from torch import nn
 
 import quanta
@@ -35,16 +37,7 @@ CHAIN = ["features.0.0", "features.1.conv.0.0", "features.1.conv.1.0", "features
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    model = TinyMobile().eval()
-    with torch.no_grad():  # non-trivial BN statistics: the float twins must hold the folded BN
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.75, 1.25)
-    calib = [torch.randn(4, 4, 12, 12) for _ in range(3)]
-    sim = quanta.calibrate(quanta.prepare(model, quanta.preset("static_int8")), calib, progress=False)
-    return model, sim, calib
+    return calibrated_tiny(size=12, batches=3)
 
 
 def _fused(sim: nn.Module) -> tuple[nn.Module, dict[str, nn.Module]]:
