@@ -39,13 +39,17 @@ class Decision:
 class QuantConfig:
     """How `quanta.prepare` treats a model.
 
-    Precedence for a module named ``n``: ``exclude`` patterns, then ``rules`` (first match
-    wins), then ``module_types`` (closest class in the module's MRO), then ``default``. A
-    pattern (exact name or glob like ``encoder.layer.*.attention.*``) that matches a module
-    also applies to everything inside it unless something more specific matches (so
-    ``rules={"features.3": cfg, "*": None}`` quantizes only ``features.3``). A rule or
-    type mapped to ``None`` leaves those modules in float; a type mapped to ``None`` also
-    everything inside them.
+    Precedence for a module named ``n``: ``exclude`` patterns and ``rules``, then
+    ``module_types`` (closest class in the module's MRO), then ``default``. A pattern (exact
+    name or glob like ``encoder.layer.*.attention.*``) covers the shallowest module (or
+    container) of ``n``'s path that it matches and everything inside it; of the patterns
+    covering ``n``, the one whose covered module lies deepest wins (so
+    ``rules={"features.3": cfg, "*": None}`` quantizes only ``features.3``, and
+    ``exclude=["layers.*.self_attn"]`` keeps all of ``layers.0.self_attn`` float next to a
+    rule on ``"layers.*"``, although that glob's ``*`` also matches
+    ``layers.0.self_attn.out_proj``); at equal depth an exclusion beats a rule, and the first
+    rule beats later ones. A rule or type mapped to ``None`` leaves those modules in float; a
+    type mapped to ``None`` also everything inside them.
     """
 
     default: LayerQuantConfig = field(default_factory=LayerQuantConfig)
@@ -124,14 +128,18 @@ class QuantConfig:
         return tuple(self.exclude) + tuple(self.rules)
 
     def decide(self, name: str, module: nn.Module) -> Decision:
-        scopes = _scopes(name)
-        for scope in scopes:  # most specific (the module itself) first
-            for pat in self.exclude:
-                if _matches(pat, scope):
-                    return Decision(None, f"exclude:{pat!r}")
-            for pat, cfg in self.rules.items():
-                if _matches(pat, scope):
-                    return Decision(cfg, f"rule:{pat!r}")
+        scopes = _scopes(name)[::-1]  # the outermost container first, the module itself last
+        best: tuple[int, Decision] | None = None
+        for pat in self.exclude:
+            depth = _covered_depth(pat, scopes)
+            if depth and (best is None or depth > best[0]):
+                best = (depth, Decision(None, f"exclude:{pat!r}"))
+        for pat, cfg in self.rules.items():
+            depth = _covered_depth(pat, scopes)
+            if depth and (best is None or depth > best[0]):
+                best = (depth, Decision(cfg, f"rule:{pat!r}"))
+        if best is not None:
+            return best[1]
         for base in type(module).__mro__:
             if base.__name__ in self.module_types:
                 return Decision(self.module_types[base.__name__], f"type:{base.__name__}")
@@ -172,6 +180,12 @@ def _scopes(name: str) -> list[str]:
     """``a.b.c`` → ``["a.b.c", "a.b", "a"]``."""
     parts = name.split(".")
     return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+
+
+def _covered_depth(pattern: str, outermost_first: list[str]) -> int:
+    """How deep (1 = a top-level module) the shallowest scope that ``pattern`` matches lies: the
+    module it covers with everything inside; 0 where it matches none."""
+    return next((i for i, scope in enumerate(outermost_first, 1) if _matches(pattern, scope)), 0)
 
 
 def _matches(pattern: str, name: str) -> bool:
