@@ -169,9 +169,13 @@ add_codes = KernelOp(
 def pool_widened(x: torch.Tensor, pool: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """``pool`` of 8-bit codes run on them widened (int32; float32 for 3-D inputs, whose 1d
     pooling has no integer kernel) and narrowed back: exact, and free of torch's 8-bit max-pool
-    limits (channels-last uint8 fails once H · W exceeds 255; contiguous is a scalar loop)."""
+    limits (channels-last uint8 fails once H · W exceeds 255; contiguous is a scalar loop).
+    A window wholly in the padding (dilated pooling) pools to the lowest value of the wide type
+    (-inf, int32 min); it is clamped to the lowest code of x's dtype (-128 int8, 0 uint8), what
+    quantizing the float max-pool's -inf gives, where a plain narrowing would wrap it to 0."""
     wide = x.float() if x.dim() == 3 else x.to(torch.int32)
-    return pool(wide).to(x.dtype)
+    lowest, highest = torch.iinfo(x.dtype).min, torch.iinfo(x.dtype).max
+    return pool(wide).clamp_(lowest, highest).to(x.dtype)
 
 
 def _max_pool2d_codes_ref(x, kernel, stride, padding, dilation, ceil_mode):
@@ -179,13 +183,6 @@ def _max_pool2d_codes_ref(x, kernel, stride, padding, dilation, ceil_mode):
         raise TypeError(f"quanta::max_pool2d_codes: needs 8-bit codes, got {x.dtype}")
     return pool_widened(x, lambda w: F.max_pool2d(w, list(kernel), list(stride), list(padding), list(dilation),
                                                   ceil_mode))
-
-
-def _window_can_be_empty(size: int, k: int, s: int, p: int, d: int) -> bool:
-    """Whether some output position's window holds no tap inside the input (then torch pools the
-    padding; the native kernel needs one tap)."""
-    out = (size + 2 * p - d * (k - 1) - 1) // s + 1
-    return any(not any(0 <= o * s - p + i * d < size for i in range(k)) for o in range(out))
 
 
 def _guard_max_pool2d_codes(x, kernel, stride, padding, dilation, ceil_mode) -> str | None:
@@ -199,11 +196,9 @@ def _guard_max_pool2d_codes(x, kernel, stride, padding, dilation, ceil_mode) -> 
             not all(0 <= p <= k // 2 for p, k in zip(padding, kernel)):
         return f"kernel {kernel}, stride {stride}, padding {padding}, dilation {dilation} (2 values each, padding " \
                "at most half the kernel)"
-    for size, k, s, p, d in zip(x.shape[2:], kernel, stride, padding, dilation):
+    for size, k, p, d in zip(x.shape[2:], kernel, padding, dilation):
         if size + 2 * p - d * (k - 1) - 1 < 0:
             return "an empty output"
-        if d > 1 and _window_can_be_empty(size, k, s, p, d):
-            return "a dilated window that falls wholly in the padding"
     return None
 
 

@@ -208,7 +208,8 @@ torch::Tensor add_codes(const torch::Tensor& a, double sa, int64_t za, const tor
 }
 
 // 2d max pooling of channels-last uint8 codes [N, C, H, W] (memory order N, H, W, C), windows
-// without ceil mode; padding never wins (it is outside the window's valid taps).
+// without ceil mode; padding never wins (it is outside the window's valid taps). A window with no
+// tap inside the image (dilated pooling) gives the lowest code, 0, as float max pooling gives -inf.
 torch::Tensor max_pool2d_codes(const torch::Tensor& x, c10::IntArrayRef kernel, c10::IntArrayRef stride,
                                c10::IntArrayRef padding, c10::IntArrayRef dilation) {
   TORCH_CHECK(x.scalar_type() == torch::kUInt8 && x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast),
@@ -229,7 +230,7 @@ torch::Tensor max_pool2d_codes(const torch::Tensor& x, c10::IntArrayRef kernel, 
       const int64_t n = r / OH, oh = r % OH;
       for (int64_t ow = 0; ow < OW; ++ow) {
         uint8_t* __restrict__ o = dst + ((n * OH + oh) * OW + ow) * C;
-        int64_t T = 0;  // the window's taps inside the image (every window has one)
+        int64_t T = 0;  // the window's taps inside the image
         for (int64_t i = 0; i < kh; ++i) {
           const int64_t h = oh * sh - ph + i * dh;
           if (h < 0 || h >= H) continue;
@@ -237,6 +238,10 @@ torch::Tensor max_pool2d_codes(const torch::Tensor& x, c10::IntArrayRef kernel, 
             const int64_t w = ow * sw - pw + j * dw;
             if (w >= 0 && w < W) taps[T++] = src + ((n * H + h) * W + w) * C;
           }
+        }
+        if (T == 0) {  // wholly in the padding
+          std::memset(o, 0, C);
+          continue;
         }
 #if QUANTA_VNNI
         for (int64_t c = 0; c < C; c += 64) {  // 64 channels in a register across the taps
