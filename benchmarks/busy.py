@@ -17,7 +17,8 @@ from collections.abc import Iterator
 #: the report header's line for a run with --busy
 NOTE = ("BUSY rows: each batch is timed idle, then again while one competing CPU-bound process runs (a pure-Python "
         "spin, one core's worth, started and stopped by the benchmark); `× idle` = busy median / idle median "
-        "(> 1 is slower)")
+        "(> 1 is slower); a quanta row ending in `, fit_threads` runs the row's model with its thread count fitted to the "
+        "cores free at each call (`quanta.fit_threads`), in the idle table too")
 
 #: spins until the parent given as argv[1] is gone (checked every ~50k iterations)
 SPIN = """

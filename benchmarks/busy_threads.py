@@ -39,8 +39,9 @@ MODES = ("2 threads", "1 thread", "fit_threads")
 
 def build(name: str, quick: bool):
     """The workload's float model and quanta's ``static_int8 weight_bits=7`` copy of it."""
-    import quanta
     import workloads as W
+
+    import quanta
 
     wl = W.workloads(quick=quick)[name]
     model = wl.model()
@@ -52,9 +53,10 @@ def build(name: str, quick: bool):
 
 def child(args: argparse.Namespace) -> None:
     import busy
-    import quanta
     import torch
     import workloads as W
+
+    import quanta
 
     torch.set_num_threads(2)
     out = {}
@@ -67,7 +69,7 @@ def child(args: argparse.Namespace) -> None:
         fitted = quanta.fit_threads(q)
         fit = quanta.thread_fit(fitted)
 
-        def run(mode: str, q=q, x=x) -> None:
+        def run(mode: str, q=q, x=x, fitted=fitted) -> None:
             if mode == "fit_threads":
                 fitted(x)  # (the hooks set and restore the count)
             else:
@@ -114,8 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         child(args)
         return 0
-    import quanta
     import torch
+
+    import quanta
 
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory(prefix="quanta_busy_threads_") as cache:

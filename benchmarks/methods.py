@@ -9,6 +9,7 @@ into a float torch tensor for the SQNR column. A method that could not be built 
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import time
 import traceback
@@ -172,6 +173,30 @@ def quanta_rows(model: nn.Module, presets: list[tuple[str, dict]], calib: list[t
             rows.append(guarded(label + " + compile", QUANTA, lambda e=eager: Method(
                 e.name + " + compile", QUANTA, fn=compile_model(e.fn), size_bytes=e.size_bytes)))
     return rows
+
+
+def _run_fitted(fit: Any, fn: Callable[[Any], Any], x: Any) -> Any:
+    with fit:
+        return fn(x)
+
+
+def fitted_thread_rows(rows: list[Method]) -> list[Method]:
+    """For each eager quanta row, one running the same model inside a reused
+    `quanta.ThreadFit` (``quanta.fit_threads``' mechanism: each call on the cores free at the
+    time, the caller's thread count restored after), named ``<row>, fit_threads``. Compiled rows
+    get none: inductor's C++ kernels fix their OpenMP team size when they compile."""
+    try:
+        from quanta import ThreadFit
+    except Exception as e:
+        return [Method("quanta, fit_threads", QUANTA, error=f"not available: {short_error(e)}")]
+    fitted = []
+    for row in rows:
+        if row.group != QUANTA or row.name.endswith(" + compile") or row.fn is None:
+            continue
+        run = functools.partial(_run_fitted, ThreadFit(), row.fn)  # one ThreadFit per row: its window spans calls
+        fitted.append(Method(row.name + ", fit_threads", QUANTA, fn=run, size_bytes=row.size_bytes,
+                             prep=row.prep, post=row.post))
+    return fitted
 
 
 def quanta_size(qmodel: nn.Module) -> int:

@@ -87,12 +87,19 @@ def parse_methods(text: str) -> tuple[str, ...]:
 
 
 def build_methods(wl: W.Workload, model: torch.nn.Module, threads: int, workdir: str,
-                  log=print, families: tuple[str, ...] = FAMILIES) -> list[Method]:
+                  log=print, families: tuple[str, ...] = FAMILIES, fit_threads: bool = False) -> list[Method]:
+    """The rows of one workload; ``fit_threads`` (``--busy``) adds, after each eager quanta row,
+    the same model run with its thread count fitted to the free cores (`methods.fitted_thread_rows`)."""
     calib = wl.calib_data()
+
+    def quanta_step() -> list[Method]:
+        rows = quanta_rows(W.quanta_ready(model) if wl.kind == "cnn" else model, quanta_presets(wl.kind),
+                           calib, wl.input(min(wl.batches)))
+        return rows + (methods.fitted_thread_rows(rows) if fit_threads else [])
+
     steps = [
         ("fp32", lambda: [torch_fp32(model)] + ([torch_fp32_channels_last(model)] if wl.kind == "cnn" else [])),
-        ("quanta", lambda: quanta_rows(W.quanta_ready(model) if wl.kind == "cnn" else model, quanta_presets(wl.kind),
-                                       calib, wl.input(min(wl.batches)))),
+        ("quanta", quanta_step),
         ("torch.ao", lambda: peers.torch_ao(wl, model, calib)),
         ("torchao", lambda: peers.torchao_rows(wl, model)),
         ("pt2e", lambda: peers.pt2e_x86(wl, model, calib)),
@@ -166,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", type=parse_methods, default=FAMILIES, metavar="F1,F2,...",
                     help=f"only these row families (comma-separated; default all): {','.join(FAMILIES)}")
     ap.add_argument("--busy", action="store_true", help="time each batch twice: idle, then with one competing "
-                    "CPU-bound process (a pure-Python spin started and stopped here); adds the busy tables")
+                    "CPU-bound process (a pure-Python spin started and stopped here); adds the busy tables and, "
+                    "per eager quanta row, a ', fit_threads' row (its thread count fitted to the free cores)")
     args = ap.parse_args(argv)
     if args.out is None:
         args.out = os.path.join(HERE, "results", ("quick" if args.quick else "RESULTS") + ("_busy" if args.busy else "")
@@ -200,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             wl = wls[name]
             print(f"[{time.perf_counter() - t_start:6.1f} s] {name}: building", flush=True)
             model = wl.model()
-            built = build_methods(wl, model, args.threads, workdir, families=args.methods)
+            built = build_methods(wl, model, args.threads, workdir, families=args.methods, fit_threads=args.busy)
             for b in wl.batches:
                 print(f"[{time.perf_counter() - t_start:6.1f} s] {name} batch {b}: timing", flush=True)
                 rows = bench_batch(wl, model, built, b, budget)
