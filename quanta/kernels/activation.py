@@ -14,6 +14,7 @@ import torch
 from ..core import QuantSpec, quantize, quantize_tensor
 from ..core.qparams import check_finite
 from . import native
+from .codes import quantize_codes
 from .library import Impl, KernelOp
 
 _TINY = torch.finfo(torch.float32).tiny
@@ -93,18 +94,19 @@ def _quantize_activation_fused(x, scale, zero_point, bits, signed, symmetric, na
 def _quantize_activation_native(x, scale, zero_point, bits, signed, symmetric, narrow_range, per_token,
                                 rounding):
     """`_quantize_activation_fused` in one pass per row (``quanta.kernels.native``); rows with
-    NaN / inf (or a range overflowing float32) go to the fused path, which raises or copes."""
+    NaN / inf (or a range overflowing float32) go to the fused path, which raises or copes.
+    Static qparams: `quanta.kernels.codes.quantize_codes` (native; this guard checked its
+    arguments: row-major float32 on the CPU, 2..8-bit codes), the one static quantize."""
     spec = _act_spec(bits, signed, symmetric, narrow_range, per_token, rounding)
-    lib = native.module()
     if scale is None:
-        out = lib.quantize_rows(x, spec.qmin, spec.qmax, symmetric, signed)
+        out = native.module().quantize_rows(x, spec.qmin, spec.qmax, symmetric, signed)
         if out:
             return out[0], out[1], out[2]
         return _quantize_activation_fused(x, scale, zero_point, bits, signed, symmetric, narrow_range, per_token,
                                           rounding)
     zp = torch.zeros((), dtype=torch.int32) if zero_point is None else zero_point
-    codes = lib.quantize_static(x, float(torch.reciprocal(_f32(scale)).reshape(())), int(zp.reshape(())),
-                                spec.qmin, spec.qmax, signed)
+    codes = quantize_codes(x, float(torch.reciprocal(_f32(scale)).reshape(())), int(zp.reshape(())),
+                           spec.qmin, spec.qmax, signed, False, impl="native", checked=True)
     return codes, scale.clone(), zp.clone()
 
 
