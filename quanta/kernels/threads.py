@@ -193,7 +193,10 @@ class ThreadFit:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        before = self._local.saved.pop()
+        saved = self._local.__dict__.get("saved")
+        if not saved:  # (an entry that raised has restored already)
+            return
+        before = saved.pop()
         if torch.get_num_threads() != before:
             torch.set_num_threads(before)
 
@@ -250,6 +253,6 @@ def fit_threads(model: nn.Module, enabled: bool = True, *, max_threads: int | No
     _remove_hooks(model)
     if fit is not None:
         model.__dict__[FIT_ATTR] = fit
-        model.register_forward_pre_hook(_enter)
+        model.register_forward_pre_hook(_enter, prepend=True)  # first: a pre-hook raising after it is restored
         model.register_forward_hook(_exit, always_call=True)
     return model

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import random
+import warnings
 from collections.abc import Iterator
 
 import pytest
@@ -177,6 +178,16 @@ def test_fit_threads_runs_forward_on_the_fitted_count_and_restores_it(two_thread
     with pytest.raises(ValueError, match="negative input"):
         model(-torch.ones_like(x, dtype=torch.float32))
     assert probe.seen == [1, 1] and torch.get_num_threads() == 2
+
+    def refuse(module, args):
+        raise RuntimeError("a user's pre-hook refuses")
+
+    handle = model.register_forward_pre_hook(refuse, prepend=True)  # runs before quanta's: nothing to restore
+    with pytest.raises(RuntimeError, match="refuses"), warnings.catch_warnings():
+        warnings.simplefilter("error")  # our restoring hook must not fail (torch would only warn)
+        model(x)
+    assert torch.get_num_threads() == 2
+    handle.remove()
     quanta.fit_threads(model, False)  # off again: forward leaves the count alone
     model(x)
     assert probe.seen[-1] == 2 and quanta.thread_fit(model) is None
