@@ -81,6 +81,7 @@ def child(args: argparse.Namespace) -> None:
 
         samples = {(m, c): [] for m in MODES for c in ("idle", "busy")}
         chosen = {c: [] for c in ("idle", "busy")}
+        others = {c: [] for c in ("idle", "busy")}
         order = random.Random(0)
         with torch.inference_mode():
             for m in MODES:
@@ -97,8 +98,10 @@ def child(args: argparse.Namespace) -> None:
                                 samples[(m, cond)].append(time.perf_counter() - t0)
                                 if m == "fit_threads":
                                     chosen[cond].append(fit.last_threads)
+                                    others[cond].append(fit.last_others)
         out[name] = {f"{m}|{c}": statistics.median(v) * 1e3 for (m, c), v in samples.items()}
         out[name]["fit threads chosen"] = {c: {str(k): v.count(k) for k in sorted(set(v))} for c, v in chosen.items()}
+        out[name]["others"] = {c: round(statistics.median(v), 2) if None not in v else None for c, v in others.items()}
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -150,8 +153,9 @@ def main(argv: list[str] | None = None) -> int:
                 idle, busy_ms = r[f"{m}|idle"], r[f"{m}|busy"]
                 print(f"| {name} | {env_name} {ENVS[env_name] or ''} | {m} | {idle:.2f} | {busy_ms:.2f} | "
                       f"{busy_ms / idle:.2f}× |")
-            print(f"| {name} | {env_name} | fit_threads chose | {r['fit threads chosen']['idle']} | "
-                  f"{r['fit threads chosen']['busy']} | |")
+            chose, seen = r["fit threads chosen"], r["others"]
+            print(f"| {name} | {env_name} | fit_threads chose (threads: calls) | {chose['idle']} | {chose['busy']} | |")
+            print(f"| {name} | {env_name} | cores other processes used (median) | {seen['idle']} | {seen['busy']} | |")
     return 0
 
 

@@ -130,8 +130,10 @@ class ThreadFit:
         self._last: CpuSample | None = None
         self._others: float | None = None  # cores the other processes used in the last full window
         self._local = threading.local()  # the callers' counts to restore, per Python thread
-        #: the count the last `threads()` call chose (for reports and benchmarks)
+        #: the count the last `threads()` call chose, and the cores it saw the other processes
+        #: occupy (``None``: /proc/stat unreadable) (for reports and benchmarks)
         self.last_threads: int | None = None
+        self.last_others: float | None = None
 
     def __getstate__(self) -> dict[str, Any]:  # a copy starts a fresh window, with no caller to restore
         state = dict(self.__dict__)
@@ -169,7 +171,7 @@ class ThreadFit:
         cap = self.max_threads or cap or torch.get_num_threads()
         allowed = self.allowed_cpus()
         limit = max(1, min(cap, allowed))
-        others = self.others()
+        others = self.last_others = self.others()
         if others is None:
             n = limit
         else:

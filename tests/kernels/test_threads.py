@@ -80,8 +80,8 @@ def test_window_subtracts_own_cpu_time_and_follows_the_competitor():
     m.advance(0.2, others=0.0, own=2.0)  # our own two busy threads do not count as others
     assert fit.threads(2) == 2
     m.advance(0.2, others=1.0, own=1.0)  # a competitor takes a whole core
-    assert fit.threads(2) == 1
-    assert fit.others() == pytest.approx(1.0)
+    assert fit.threads(2) == 1 and fit.last_threads == 1
+    assert fit.last_others == pytest.approx(1.0) and fit.others() == pytest.approx(1.0)
     m.advance(0.2, others=0.5, own=1.0)  # half a core taken: the core is not free enough
     assert fit.threads(2) == 1
     m.advance(0.2, others=0.1, own=1.0)  # the competitor left
