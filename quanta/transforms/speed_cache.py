@@ -9,6 +9,14 @@ chain's decision (`speed_check`, taken for its members together) is one entry, k
 member's fastest timings. The file
 holds the measurements too (they stay out of the model and of `quanta.save`'s file).
 
+Each entry records the load it was measured under (`machine_load`: the 1-minute load average per
+core this process may run on). Timings taken on a busy machine (more than `BUSY_LOAD` runnable
+tasks per core) are not reused on an idle one (below `IDLE_LOAD`): the decision is measured again
+there and replaces the busy one; an entry without a recorded load counts as busy. A decision
+measured idle is reused under any load (it is what the model gets when it runs alone), and one
+measured busy is reused while the machine stays busy (repeated runs decide the same); the
+report says when a decision was measured on a busy machine (`SpeedChoice.busy`).
+
 Location: ``$QUANTA_SPEED_CACHE`` (a file path) if set, else ``speed_decisions.json`` in quanta's
 cache folder (``$QUANTA_CACHE_DIR``, else ``$XDG_CACHE_HOME/quanta`` or ``~/.cache/quanta``, as
 for the native build). Delete the file to measure again. A cache that cannot be read or
@@ -24,6 +32,7 @@ import logging
 import os
 import platform
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +44,42 @@ ENV = "QUANTA_SPEED_CACHE"
 FILE_NAME = "speed_decisions.json"
 FORMAT_VERSION = 1
 
+#: runnable tasks per core above which timings are taken on a busy machine
+BUSY_LOAD = 1.0
+#: ... and below which the machine is idle (a busy decision is measured again)
+IDLE_LOAD = 0.75
+#: where the load comes from (load per core, or None where the OS cannot say)
+LoadSource = Callable[[], "float | None"]
+
 _log = logging.getLogger(__name__)
+
+
+def machine_load() -> float | None:
+    """The 1-minute load average over the cores this process may run on (``os.getloadavg`` /
+    ``os.sched_getaffinity``); None where the OS has no load average."""
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return load / max(cores, 1)
+
+
+def is_busy(load: float | None) -> bool:
+    """Whether timings taken under ``load`` (per core) were taken on a busy machine."""
+    return load is not None and load > BUSY_LOAD
+
+
+def reusable(entry: dict[str, Any], load_now: float | None) -> bool:
+    """Whether a cached decision may be used under ``load_now``: not one measured busy (or under an
+    unknown load) when the machine is idle now (module docstring)."""
+    if load_now is None or load_now >= IDLE_LOAD:
+        return True
+    measured = entry.get("load")
+    return isinstance(measured, (int, float)) and not is_busy(float(measured))
 
 
 def cache_path() -> Path:
@@ -95,8 +139,10 @@ class DecisionCache:
                 self._warn(f"cannot read {self.path} ({e}); measuring again")
         return self._entries
 
-    def get(self, key: str) -> dict[str, Any] | None:
-        return self._load().get(key)
+    def get(self, key: str, load_now: float | None = None) -> dict[str, Any] | None:
+        """The decision stored under ``key``, if any and `reusable` under ``load_now``."""
+        entry = self._load().get(key)
+        return entry if entry is not None and reusable(entry, load_now) else None
 
     def put(self, key: str, entry: dict[str, Any]) -> None:
         entries = self._load()

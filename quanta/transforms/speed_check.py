@@ -18,7 +18,8 @@ user of the preset expects: int8 compute layers are there to be fast and stay in
 more than 10% slower; weight-only and half-precision layers are there to be small and stay
 unless more than twice as slow). Each decision is cached per machine (`speed_cache`), keyed by
 the layer, its input, the kernel that ran, the CPU, thread count and versions, so later runs
-reuse it.
+reuse it, with the load it was measured under: a decision measured on a busy machine is measured
+again on an idle one, and the report says "measured on a busy machine" where one is used.
 
 A uint8 chain (integer convs and additions handing each other codes, `fuse.uint8_chains`) is
 judged as a whole: its point is that no member pays a quantize/dequantize pair, which a timing
@@ -32,6 +33,7 @@ reported with its own timings and the chain's.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import statistics
@@ -51,7 +53,7 @@ from ..nn.modules.functional import Add
 from ..nn.modules.fused import FusedActivation
 from .capture import first_calls
 from .fuse import restore_float_pools, uint8_chains
-from .speed_cache import DecisionCache, decision_key
+from .speed_cache import DecisionCache, LoadSource, decision_key, machine_load
 from .speed_choice import DEFAULT_TOLERANCE, SPEED_CHOICE_ATTR, KeptFloat, SpeedChoice, kept_float
 
 __all__ = ["DEFAULT_TOLERANCE", "TOLERANCE", "KeptFloat", "SpeedChoice", "keep_faster", "kept_float"]
@@ -121,23 +123,29 @@ def _in_uint8_chain(mod: nn.Module, args: tuple[Any, ...]) -> bool:
 
 
 _MACHINE_CACHE: Any = object()  # keep_faster's default: this machine's cache when timing for real
+_MACHINE_LOAD: Any = object()  # keep_faster's default: this machine's load when timing for real
 
 
 def keep_faster(model: nn.Module, twins: dict[str, nn.Module], example: Any, *,
                 forward_fn: Callable[[nn.Module, Any], Any] | None = None, repeats: int = MIN_ROUNDS,
                 measure: Measure | None = None, cache: DecisionCache | None | Any = _MACHINE_CACHE,
-                ) -> list[SpeedChoice]:
+                load: LoadSource | None | Any = _MACHINE_LOAD) -> list[SpeedChoice]:
     """Time each integer module of ``model`` named in ``twins`` (name → float twin) against its
     twin on the input it gets from ``example`` (one batch); swap in the twin where the integer
     module is clearly slower (see the module docstring). Modules not called by ``example`` stay
     integer; a uint8 chain is decided as a whole (module docstring), its additions included (their
     float twin: `quanta.nn.Add`). ``repeats``: the least number of interleaved rounds. ``cache``: where decisions are
     reused and stored; by default this machine's (`speed_cache`) when ``measure`` is the real
-    clock, none with an injected ``measure``; ``None``: measure everything, store nothing."""
+    clock, none with an injected ``measure``; ``None``: measure everything, store nothing. ``load``: the
+    load per core the timings are taken under (`speed_cache.machine_load`, by default when
+    ``measure`` is the real clock; ``None``: unknown), recorded with each decision and reported."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     if cache is _MACHINE_CACHE:
         cache = DecisionCache() if measure is None else None
+    if load is _MACHINE_LOAD:
+        load = machine_load if measure is None else None
+    load_now = load() if load is not None else None
     on_cuda = any(b.is_cuda for b in model.buffers()) or any(p.is_cuda for p in model.parameters())
     measure = measure or (_cuda_perf_counter if on_cuda else _perf_counter)
     chains = uint8_chains(model)
@@ -148,9 +156,9 @@ def keep_faster(model: nn.Module, twins: dict[str, nn.Module], example: Any, *,
     try:
         inputs = first_calls(model, example, modules, forward_fn)
         alone = {n: m for n, m in modules.items() if n not in chained}
-        choices = _choose(model, alone, twins, inputs, repeats, measure, cache)
+        choices = _choose(model, alone, twins, inputs, repeats, measure, cache, load_now)
         for chain in chains:
-            choices += _choose_chain(model, chain, modules, twins, inputs, repeats, measure, cache)
+            choices += _choose_chain(model, chain, modules, twins, inputs, repeats, measure, cache, load_now)
         if any(c.picked == "float" and c.chain_layers for c in choices):
             restore_float_pools(model)  # (the pools a reverted chain had on codes: the user's again)
         order = {n: i for i, n in enumerate(modules)}
@@ -243,7 +251,7 @@ def _shape(args: tuple[Any, ...]) -> tuple[int, ...]:
 
 def _choose(model: nn.Module, modules: dict[str, IntegerModule], twins: dict[str, nn.Module],
             inputs: dict[str, tuple[tuple[Any, ...], dict[str, Any]]], repeats: int,
-            measure: Measure, cache: DecisionCache | None) -> list[SpeedChoice]:
+            measure: Measure, cache: DecisionCache | None, load_now: float | None) -> list[SpeedChoice]:
     choices = []
     for name, mod in modules.items():
         if name not in inputs:
@@ -257,24 +265,37 @@ def _choose(model: nn.Module, modules: dict[str, IntegerModule], twins: dict[str
         with torch.no_grad():
             int_call, float_call, kernel = _settle(mod, twin, args, kwargs, args)
             key = decision_key(_layer_parts(mod, twin, args, kwargs, kernel)) if cache is not None else ""
-            hit = cache.get(key) if cache is not None else None
+            hit = cache.get(key, load_now) if cache is not None else None
             if hit is not None:
                 choice = SpeedChoice(name, type(mod).__name__, shape, float(hit.get("integer_ms", 0.0)),
                                      float(hit.get("float_ms", 0.0)), hit["picked"], kernel,
                                      float(hit.get("ratio", 0.0)), tolerance, cached=True,
-                                     hint=seven_bit_hint(mod, kernel) if hit["picked"] == "float" else "")
+                                     hint=seven_bit_hint(mod, kernel) if hit["picked"] == "float" else "",
+                                     load=_recorded_load(hit))
             else:
                 choice = _decide(mod, name, shape, kernel, tolerance, int_call, float_call, repeats, measure)
+                choice = dataclasses.replace(choice, load=load_now)
                 if cache is not None:
                     cache.put(key, {"picked": choice.picked, "ratio": round(choice.ratio, 4),
                                     "integer_ms": round(choice.integer_ms, 5), "float_ms": round(choice.float_ms, 5),
                                     "layer": choice.integer, "input": list(shape), "kernel": kernel,
-                                    "tolerance": tolerance, "measured": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                                    "tolerance": tolerance, "load": _rounded(load_now),
+                                    "measured": time.strftime("%Y-%m-%dT%H:%M:%S")})
         _log.info("quanta speed check: %s: %s", name, choice.describe())
         choices.append(choice)
         if choice.picked == "float":
             _put_float(model, name, twins[name].eval(), twin, choice)
     return choices
+
+
+def _rounded(load: float | None) -> float | None:
+    return None if load is None else round(load, 3)
+
+
+def _recorded_load(entry: dict[str, Any]) -> float | None:
+    """The load per core a cached decision was measured under (None: not recorded)."""
+    load = entry.get("load")
+    return float(load) if isinstance(load, (int, float)) else None
 
 
 def _put_float(model: nn.Module, name: str, twin: nn.Module, with_post_op: nn.Module, choice: SpeedChoice) -> None:
@@ -318,7 +339,8 @@ def _add_then(add: nn.Module, activation: nn.Module, a: torch.Tensor, b: torch.T
 
 def _choose_chain(model: nn.Module, chain: list[str], modules: dict[str, IntegerModule],
                   twins: dict[str, nn.Module], inputs: dict[str, tuple[tuple[Any, ...], dict[str, Any]]],
-                  repeats: int, measure: Measure, cache: DecisionCache | None) -> list[SpeedChoice]:
+                  repeats: int, measure: Measure, cache: DecisionCache | None,
+                  load_now: float | None) -> list[SpeedChoice]:
     """Decide a uint8 chain as a whole (module docstring); every member float when it is clearly slower."""
     base = {n: twins[n].eval() if n in twins else Add().eval() if isinstance(modules.get(n), Int8Add) else None
             for n in chain}
@@ -339,10 +361,10 @@ def _choose_chain(model: nn.Module, chain: list[str], modules: dict[str, Integer
                                    _layer_parts(mod, base[name], args, kwargs, kernel)))
         tolerance = max(TOLERANCE.get(type(m.mod).__name__, DEFAULT_TOLERANCE) for m in members)
         key = decision_key({"uint8_chain": [m.parts for m in members]}) if cache is not None else ""
-        hit = cache.get(key) if cache is not None else None
+        hit = cache.get(key, load_now) if cache is not None else None
         timed = hit.get("members") if hit is not None else None
         if isinstance(timed, list) and len(timed) == len(members):
-            picked, ratio, cached = hit["picked"], float(hit.get("ratio", 0.0)), True
+            picked, ratio, cached, load = hit["picked"], float(hit.get("ratio", 0.0)), True, _recorded_load(hit)
             fastest = [(float(i), float(f)) for i, f in timed]
         else:
             rounds = [_time_pair(m.int_call, m.float_call, repeats, measure) for m in members]
@@ -350,16 +372,17 @@ def _choose_chain(model: nn.Module, chain: list[str], modules: dict[str, Integer
             medians = [(statistics.median(ti), statistics.median(tf)) for ti, tf in rounds]
             ratio = min(sum(i for i, _ in fastest) / max(sum(f for _, f in fastest), 1e-9),
                         sum(i for i, _ in medians) / max(sum(f for _, f in medians), 1e-12))
-            picked, cached = ("float" if ratio > tolerance else "integer"), False
+            picked, cached, load = ("float" if ratio > tolerance else "integer"), False, load_now
             if cache is not None:
                 cache.put(key, {"picked": picked, "ratio": round(ratio, 4),
                                 "layers": [type(m.mod).__name__ for m in members],
                                 "members": [[round(i, 5), round(f, 5)] for i, f in fastest],
-                                "tolerance": tolerance, "measured": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                                "tolerance": tolerance, "load": _rounded(load_now),
+                                "measured": time.strftime("%Y-%m-%dT%H:%M:%S")})
     total_i, total_f = sum(i for i, _ in fastest), sum(f for _, f in fastest)
     choices = [SpeedChoice(m.name, type(m.mod).__name__, m.shape, ms_i, ms_f, picked, m.kernel, ratio, tolerance,
                            cached, len(members), total_i, total_f,
-                           hint=seven_bit_hint(m.mod, m.kernel) if picked == "float" else "")
+                           hint=seven_bit_hint(m.mod, m.kernel) if picked == "float" else "", load=load)
                for m, (ms_i, ms_f) in zip(members, fastest)]
     for choice, m in zip(choices, members):
         _log.info("quanta speed check: %s: %s", m.name, choice.describe())

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .decisions import REPORT_ATTR
+from .speed_cache import BUSY_LOAD
 
 #: an int8 compute layer becomes float only when it takes more than this times its float twin's time
 DEFAULT_TOLERANCE = 1.10
@@ -36,6 +37,13 @@ class SpeedChoice:
     chain_float_ms: float = 0.0
     #: what would make this layer fast here, when it went float (e.g. 7-bit weights on a CPU without VNNI)
     hint: str = ""
+    #: the load per core the timings were taken under (`speed_cache.machine_load`; None: unknown)
+    load: float | None = None
+
+    @property
+    def busy(self) -> bool:
+        """Whether the timings were taken on a busy machine (`speed_cache.BUSY_LOAD`)."""
+        return self.load is not None and self.load > BUSY_LOAD
 
     def timings(self) -> str:
         """``"(0.123 ms vs float 0.045 ms)"``: the one way timings are written (`quanta.save` strips
@@ -43,18 +51,20 @@ class SpeedChoice:
         return _timings(self.integer_ms, self.float_ms)
 
     def describe(self) -> str:
-        """For the log: the decision with its timings."""
-        return f"{self.report_detail()}{' (cached)' if self.cached else ''}"
+        """For the log: the decision with its timings (and the load they were taken under)."""
+        load = f" (load {self.load:.2f} per core)" if self.busy else ""
+        return f"{self.report_detail()}{load}{' (cached)' if self.cached else ''}"
 
     def report_detail(self) -> str:
         """The reason, with both timings and the input (the conversion report's detail)."""
         kernel = f" ({self.kernel})" if self.kernel else ""
         chain = f"; its uint8 chain of {self.chain_layers} integer layers " \
                 f"{_timings(self.chain_integer_ms, self.chain_float_ms)}" if self.chain_layers else ""
+        busy = "; measured on a busy machine" if self.busy else ""
         if self.picked == "float":
             return (f"{self.integer}{kernel} on input {list(self.input_shape)} {self.timings()}{chain}: more than "
-                    f"{self.tolerance:.2f}x float's time on this machine; float kept{self.hint}")
-        return f"speed-checked {self.timings()}{chain}: at most {self.tolerance:.2f}x float's time"
+                    f"{self.tolerance:.2f}x float's time on this machine{busy}; float kept{self.hint}")
+        return f"speed-checked {self.timings()}{chain}: at most {self.tolerance:.2f}x float's time{busy}"
 
 
 def _timings(integer_ms: float, float_ms: float) -> str:

@@ -1,0 +1,94 @@
+"""The speed check's cached decisions carry the load they were measured under: a decision timed on
+a busy machine is measured again on an idle one (and replaced), reused while the machine stays
+busy, and the report and `kept_float` say "measured on a busy machine". Loads are injected."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import quanta
+from quanta.integer import lowering_classes
+from quanta.transforms import speed_check
+from quanta.transforms.convert import _walk
+from quanta.transforms.speed_cache import BUSY_LOAD, IDLE_LOAD, DecisionCache, machine_load, reusable
+from quanta.transforms.speed_check import keep_faster
+
+BUSY, IDLE = BUSY_LOAD + 0.8, IDLE_LOAD / 3
+
+
+@pytest.fixture(scope="module")
+def sim() -> nn.Module:
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32)).eval()
+    return quanta.prepare(mlp, quanta.preset("dynamic_int8"))
+
+
+def _lowered(sim: nn.Module) -> tuple[nn.Module, dict[str, nn.Module]]:
+    target, report, twins = copy.deepcopy(sim), [], {}
+    _walk(target, "", lowering_classes(), report, twins)
+    return target, twins
+
+
+def _timer(integer_s: float, float_s: float, log: list[str] | None = None):
+    def measure(kind, fn):
+        if log is not None:
+            log.append(kind)
+        return integer_s if kind == "integer" else float_s
+    return measure
+
+
+def _run(sim, cache_file, load, integer_s, float_s, log=None):
+    model, twins = _lowered(sim)
+    return keep_faster(model, twins, torch.randn(4, 64), measure=_timer(integer_s, float_s, log),
+                       cache=DecisionCache(cache_file), load=lambda: load, repeats=2)
+
+
+def test_a_busy_decision_is_measured_again_on_an_idle_machine_and_replaced(sim, tmp_path):
+    cache_file = tmp_path / "decisions.json"
+    busy = _run(sim, cache_file, BUSY, 2e-3, 1e-3)  # contention made integer look slow
+    assert [c.picked for c in busy] == ["float", "float"] and all(c.busy and not c.cached for c in busy)
+    assert all("measured on a busy machine; float kept" in c.report_detail() for c in busy)
+    assert {e["load"] for e in json.loads(cache_file.read_text())["decisions"].values()} == {round(BUSY, 3)}
+
+    timed: list[str] = []
+    idle = _run(sim, cache_file, IDLE, 1e-3, 2e-3, timed)
+    assert timed and [c.picked for c in idle] == ["integer", "integer"]
+    assert not any(c.cached or c.busy for c in idle) and "busy" not in idle[0].report_detail()
+    stored = json.loads(cache_file.read_text())["decisions"].values()
+    assert {e["load"] for e in stored} == {round(IDLE, 3)} and {e["picked"] for e in stored} == {"integer"}
+
+
+@pytest.mark.parametrize("first, then", [(BUSY, BUSY_LOAD + 0.2), (IDLE, BUSY), (BUSY, (IDLE_LOAD + BUSY_LOAD) / 2)],
+                         ids=["busy-then-busy", "idle-then-busy", "busy-then-moderate"])
+def test_a_decision_is_reused_unless_busy_then_idle(sim, tmp_path, first, then):
+    cache_file = tmp_path / "decisions.json"
+    _run(sim, cache_file, first, 2e-3, 1e-3)
+    timed: list[str] = []
+    again = _run(sim, cache_file, then, 1e-3, 2e-3, timed)
+    assert timed == [] and all(c.cached and c.picked == "float" for c in again)
+    assert all(c.busy == (first > BUSY_LOAD) for c in again)  # the load it was measured under
+
+
+def test_an_entry_without_a_recorded_load_counts_as_busy():
+    assert not reusable({"picked": "float"}, IDLE) and reusable({"picked": "float"}, BUSY)
+    assert reusable({"picked": "float", "load": IDLE}, IDLE) and not reusable({"picked": "float", "load": BUSY}, IDLE)
+    assert reusable({"picked": "float"}, None)  # the load now unknown: as before
+    load = machine_load()
+    assert load is None or load >= 0.0
+
+
+def test_convert_reports_decisions_measured_on_a_busy_machine(sim, tmp_path, monkeypatch):
+    monkeypatch.setenv("QUANTA_SPEED_CACHE", str(tmp_path / "cache.json"))
+    monkeypatch.setattr(speed_check, "machine_load", lambda: BUSY)
+    q = quanta.convert(sim, example=torch.randn(8, 64))  # (dynamic int8: nothing to calibrate)
+    report = quanta.conversion_report(q)
+    assert len(report) == 2 and all("measured on a busy machine" in r.detail for r in report)
+    assert all("measured on a busy machine" in k.reason for k in quanta.kept_float(q))
+    monkeypatch.setattr(speed_check, "machine_load", lambda: IDLE)
+    again = quanta.convert(sim, example=torch.randn(8, 64))  # measured again: idle now
+    assert not any("busy" in r.detail for r in quanta.conversion_report(again))
