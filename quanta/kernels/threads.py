@@ -8,7 +8,8 @@ one CPU-bound process, 2 threads run ResNet-18 slower than 1 thread would. `Thre
 estimates how many cores are free for this process and runs a block (or a model's forward) on
 that many threads, restoring the caller's count in ``finally``.
 
-The estimate, per call, costs one read of ``/proc/stat`` (tens of microseconds, no sleep):
+The estimate costs one read of ``/proc/stat`` per ``min_window_s`` (tens of microseconds, no
+sleep; calls in between read only the clock):
 
 * over the window since the previous sample (at least ``min_window_s``): the machine's busy CPU
   time (``/proc/stat``, all cores) minus this process's own (``time.process_time``, all its
@@ -153,15 +154,17 @@ class ThreadFit:
     def others(self) -> float | None:
         """Cores the other processes occupy (the last full window; the instantaneous runnable
         count before one), or ``None`` where ``/proc/stat`` cannot be read."""
+        last = self._last
+        if last is not None and self.clock() - last.wall_s < self.min_window_s:  # no read: keep the estimate
+            return self._others if self._others is not None else float(max(0, last.running - 1))
         now = self._sample()
         if now is None:
             return None
-        last = self._last
         if last is None:
             self._last = now
             return float(max(0, now.running - 1))
         wall = now.wall_s - last.wall_s
-        if wall >= self.min_window_s and wall > 0:
+        if wall > 0:
             self._others = max(0.0, (now.busy_s - last.busy_s) - (now.own_s - last.own_s)) / wall
             self._last = now
         return self._others if self._others is not None else float(max(0, last.running - 1))
