@@ -9,12 +9,12 @@ chain's decision (`speed_check`, taken for its members together) is one entry, k
 member's fastest timings. The file
 holds the measurements too (they stay out of the model and of `quanta.save`'s file).
 
-Each entry records the load it was measured under (`machine_load`: the 1-minute load average per
-core this process may run on). Timings taken on a busy machine (more than `BUSY_LOAD` runnable
-tasks per core) are not reused on an idle one (below `IDLE_LOAD`): the decision is measured again
-there and replaces the busy one; an entry without a recorded load counts as busy. A decision
-measured idle is reused under any load (it is what the model gets when it runs alone), and one
-measured busy is reused while the machine stays busy (repeated runs decide the same); the
+Each entry records the load it was measured under (`MachineLoad`: the share of this process's
+cores that other processes occupied while it was timed). Timings taken on a busy machine (a load
+above `BUSY_LOAD`) are not reused on an idle one (below `IDLE_LOAD`): the decision is measured
+again there and replaces the busy one; an entry without a recorded load counts as busy. A
+decision measured idle is reused under any load (it is what the model gets when it runs alone),
+and one measured busy is reused while the machine stays busy (repeated runs decide the same); the
 report says when a decision was measured on a busy machine (`SpeedChoice.busy`).
 
 Location: ``$QUANTA_SPEED_CACHE`` (a file path) if set, else ``speed_decisions.json`` in quanta's
@@ -39,33 +39,53 @@ from typing import Any
 import torch
 
 from ..kernels.build import cache_root
+from ..kernels.threads import ThreadFit
 
 ENV = "QUANTA_SPEED_CACHE"
 FILE_NAME = "speed_decisions.json"
 FORMAT_VERSION = 1
 
-#: runnable tasks per core above which timings are taken on a busy machine
-BUSY_LOAD = 1.0
+#: the share of this process's cores other processes occupy above which timings are taken on a
+#: busy machine (one CPU-bound process beside quanta on 2 cores: 0.5; on 16 cores: 0.06)
+BUSY_LOAD = 0.25
 #: ... and below which the machine is idle (a busy decision is measured again)
-IDLE_LOAD = 0.75
-#: where the load comes from (load per core, or None where the OS cannot say)
+IDLE_LOAD = 0.1
+#: where the load comes from (`MachineLoad`'s share, or None where the OS cannot say)
 LoadSource = Callable[[], "float | None"]
 
 _log = logging.getLogger(__name__)
 
 
-def machine_load() -> float | None:
-    """The 1-minute load average over the cores this process may run on (``os.getloadavg`` /
-    ``os.sched_getaffinity``); None where the OS has no load average."""
-    try:
-        load = os.getloadavg()[0]
-    except (OSError, AttributeError):
-        return None
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    return load / max(cores, 1)
+class MachineLoad:
+    """The load timings are taken under: the share of the cores this process may run on that other
+    processes occupy, over the window since the previous call (`quanta.kernels.threads.ThreadFit.others`:
+    the machine's busy CPU time from ``/proc/stat`` minus this process's own; before a window of
+    ``fit.min_window_s``, the tasks runnable at the last reading). Other processes are counted on
+    the CPUs this process may not use first (``online - allowed``). ``None`` where ``/proc/stat``
+    cannot be read. ``fit``, ``online``: the readers (tests feed fakes)."""
+
+    def __init__(self, fit: ThreadFit | None = None, online: Callable[[], int | None] = os.cpu_count) -> None:
+        self.fit = fit if fit is not None else ThreadFit()
+        self.online = online
+
+    def __call__(self) -> float | None:
+        others = self.fit.others()
+        if others is None:
+            return None
+        allowed = max(1, self.fit.allowed_cpus())
+        elsewhere = max(0, (self.online() or allowed) - allowed)
+        return min(max(0.0, others - elsewhere), float(allowed)) / allowed
+
+
+def stored_load(load: float | None) -> float | None:
+    """``load`` as a cache entry holds it."""
+    return None if load is None else round(load, 3)
+
+
+def recorded_load(entry: dict[str, Any]) -> float | None:
+    """The load a cached decision was measured under (None: not recorded)."""
+    load = entry.get("load")
+    return float(load) if isinstance(load, (int, float)) and not isinstance(load, bool) else None
 
 
 def is_busy(load: float | None) -> bool:
@@ -78,8 +98,8 @@ def reusable(entry: dict[str, Any], load_now: float | None) -> bool:
     unknown load) when the machine is idle now (module docstring)."""
     if load_now is None or load_now >= IDLE_LOAD:
         return True
-    measured = entry.get("load")
-    return isinstance(measured, (int, float)) and not is_busy(float(measured))
+    measured = recorded_load(entry)
+    return measured is not None and not is_busy(measured)
 
 
 def cache_path() -> Path:

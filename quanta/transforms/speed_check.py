@@ -53,7 +53,7 @@ from ..nn.modules.functional import Add
 from ..nn.modules.fused import FusedActivation
 from .capture import first_calls
 from .fuse import restore_float_pools, uint8_chains
-from .speed_cache import DecisionCache, LoadSource, decision_key, machine_load
+from .speed_cache import DecisionCache, LoadSource, MachineLoad, decision_key, recorded_load, stored_load
 from .speed_choice import DEFAULT_TOLERANCE, SPEED_CHOICE_ATTR, KeptFloat, SpeedChoice, kept_float
 
 __all__ = ["DEFAULT_TOLERANCE", "TOLERANCE", "KeptFloat", "SpeedChoice", "keep_faster", "kept_float"]
@@ -124,6 +124,7 @@ def _in_uint8_chain(mod: nn.Module, args: tuple[Any, ...]) -> bool:
 
 _MACHINE_CACHE: Any = object()  # keep_faster's default: this machine's cache when timing for real
 _MACHINE_LOAD: Any = object()  # keep_faster's default: this machine's load when timing for real
+_Loads = tuple["float | None", "LoadSource | None"]  # the load when the example ran, and its source
 
 
 def keep_faster(model: nn.Module, twins: dict[str, nn.Module], example: Any, *,
@@ -136,16 +137,19 @@ def keep_faster(model: nn.Module, twins: dict[str, nn.Module], example: Any, *,
     integer; a uint8 chain is decided as a whole (module docstring), its additions included (their
     float twin: `quanta.nn.Add`). ``repeats``: the least number of interleaved rounds. ``cache``: where decisions are
     reused and stored; by default this machine's (`speed_cache`) when ``measure`` is the real
-    clock, none with an injected ``measure``; ``None``: measure everything, store nothing. ``load``: the
-    load per core the timings are taken under (`speed_cache.machine_load`, by default when
-    ``measure`` is the real clock; ``None``: unknown), recorded with each decision and reported."""
+    clock, none with an injected ``measure``; ``None``: measure everything, store nothing. ``load``:
+    called for the load the timings are taken under (`speed_cache.MachineLoad`, by default when
+    ``measure`` is the real clock; ``None``: unknown): before the example run (a window starts),
+    after it (the load now: whether a cached decision is reused) and after each decision's
+    timings (the load it was measured under: cached with it and reported)."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     if cache is _MACHINE_CACHE:
         cache = DecisionCache() if measure is None else None
     if load is _MACHINE_LOAD:
-        load = machine_load if measure is None else None
-    load_now = load() if load is not None else None
+        load = MachineLoad() if measure is None else None
+    if load is not None:
+        load()  # (a window starts)
     on_cuda = any(b.is_cuda for b in model.buffers()) or any(p.is_cuda for p in model.parameters())
     measure = measure or (_cuda_perf_counter if on_cuda else _perf_counter)
     chains = uint8_chains(model)
@@ -155,10 +159,11 @@ def keep_faster(model: nn.Module, twins: dict[str, nn.Module], example: Any, *,
     counts = {m: m.kernel_counts.copy() for m in model.modules() if isinstance(m, IntegerModule)}
     try:
         inputs = first_calls(model, example, modules, forward_fn)
+        loads = (load() if load is not None else None, load)
         alone = {n: m for n, m in modules.items() if n not in chained}
-        choices = _choose(model, alone, twins, inputs, repeats, measure, cache, load_now)
+        choices = _choose(model, alone, twins, inputs, repeats, measure, cache, loads)
         for chain in chains:
-            choices += _choose_chain(model, chain, modules, twins, inputs, repeats, measure, cache, load_now)
+            choices += _choose_chain(model, chain, modules, twins, inputs, repeats, measure, cache, loads)
         if any(c.picked == "float" and c.chain_layers for c in choices):
             restore_float_pools(model)  # (the pools a reverted chain had on codes: the user's again)
         order = {n: i for i, n in enumerate(modules)}
@@ -251,8 +256,9 @@ def _shape(args: tuple[Any, ...]) -> tuple[int, ...]:
 
 def _choose(model: nn.Module, modules: dict[str, IntegerModule], twins: dict[str, nn.Module],
             inputs: dict[str, tuple[tuple[Any, ...], dict[str, Any]]], repeats: int,
-            measure: Measure, cache: DecisionCache | None, load_now: float | None) -> list[SpeedChoice]:
+            measure: Measure, cache: DecisionCache | None, loads: _Loads) -> list[SpeedChoice]:
     choices = []
+    load_now = loads[0]
     for name, mod in modules.items():
         if name not in inputs:
             continue
@@ -271,15 +277,15 @@ def _choose(model: nn.Module, modules: dict[str, IntegerModule], twins: dict[str
                                      float(hit.get("float_ms", 0.0)), hit["picked"], kernel,
                                      float(hit.get("ratio", 0.0)), tolerance, cached=True,
                                      hint=seven_bit_hint(mod, kernel) if hit["picked"] == "float" else "",
-                                     load=_recorded_load(hit))
+                                     load=recorded_load(hit))
             else:
                 choice = _decide(mod, name, shape, kernel, tolerance, int_call, float_call, repeats, measure)
-                choice = dataclasses.replace(choice, load=load_now)
+                choice = dataclasses.replace(choice, load=_measured_under(loads))
                 if cache is not None:
                     cache.put(key, {"picked": choice.picked, "ratio": round(choice.ratio, 4),
                                     "integer_ms": round(choice.integer_ms, 5), "float_ms": round(choice.float_ms, 5),
                                     "layer": choice.integer, "input": list(shape), "kernel": kernel,
-                                    "tolerance": tolerance, "load": _rounded(load_now),
+                                    "tolerance": tolerance, "load": stored_load(choice.load),
                                     "measured": time.strftime("%Y-%m-%dT%H:%M:%S")})
         _log.info("quanta speed check: %s: %s", name, choice.describe())
         choices.append(choice)
@@ -288,14 +294,9 @@ def _choose(model: nn.Module, modules: dict[str, IntegerModule], twins: dict[str
     return choices
 
 
-def _rounded(load: float | None) -> float | None:
-    return None if load is None else round(load, 3)
-
-
-def _recorded_load(entry: dict[str, Any]) -> float | None:
-    """The load per core a cached decision was measured under (None: not recorded)."""
-    load = entry.get("load")
-    return float(load) if isinstance(load, (int, float)) else None
+def _measured_under(loads: _Loads) -> float | None:
+    """The load over the timings just taken (the source's window since its last call)."""
+    return loads[1]() if loads[1] is not None else loads[0]
 
 
 def _put_float(model: nn.Module, name: str, twin: nn.Module, with_post_op: nn.Module, choice: SpeedChoice) -> None:
@@ -339,8 +340,7 @@ def _add_then(add: nn.Module, activation: nn.Module, a: torch.Tensor, b: torch.T
 
 def _choose_chain(model: nn.Module, chain: list[str], modules: dict[str, IntegerModule],
                   twins: dict[str, nn.Module], inputs: dict[str, tuple[tuple[Any, ...], dict[str, Any]]],
-                  repeats: int, measure: Measure, cache: DecisionCache | None,
-                  load_now: float | None) -> list[SpeedChoice]:
+                  repeats: int, measure: Measure, cache: DecisionCache | None, loads: _Loads) -> list[SpeedChoice]:
     """Decide a uint8 chain as a whole (module docstring); every member float when it is clearly slower."""
     base = {n: twins[n].eval() if n in twins else Add().eval() if isinstance(modules.get(n), Int8Add) else None
             for n in chain}
@@ -361,10 +361,10 @@ def _choose_chain(model: nn.Module, chain: list[str], modules: dict[str, Integer
                                    _layer_parts(mod, base[name], args, kwargs, kernel)))
         tolerance = max(TOLERANCE.get(type(m.mod).__name__, DEFAULT_TOLERANCE) for m in members)
         key = decision_key({"uint8_chain": [m.parts for m in members]}) if cache is not None else ""
-        hit = cache.get(key, load_now) if cache is not None else None
+        hit = cache.get(key, loads[0]) if cache is not None else None
         timed = hit.get("members") if hit is not None else None
         if isinstance(timed, list) and len(timed) == len(members):
-            picked, ratio, cached, load = hit["picked"], float(hit.get("ratio", 0.0)), True, _recorded_load(hit)
+            picked, ratio, cached, load = hit["picked"], float(hit.get("ratio", 0.0)), True, recorded_load(hit)
             fastest = [(float(i), float(f)) for i, f in timed]
         else:
             rounds = [_time_pair(m.int_call, m.float_call, repeats, measure) for m in members]
@@ -372,12 +372,12 @@ def _choose_chain(model: nn.Module, chain: list[str], modules: dict[str, Integer
             medians = [(statistics.median(ti), statistics.median(tf)) for ti, tf in rounds]
             ratio = min(sum(i for i, _ in fastest) / max(sum(f for _, f in fastest), 1e-9),
                         sum(i for i, _ in medians) / max(sum(f for _, f in medians), 1e-12))
-            picked, cached, load = ("float" if ratio > tolerance else "integer"), False, load_now
+            picked, cached, load = ("float" if ratio > tolerance else "integer"), False, _measured_under(loads)
             if cache is not None:
                 cache.put(key, {"picked": picked, "ratio": round(ratio, 4),
                                 "layers": [type(m.mod).__name__ for m in members],
                                 "members": [[round(i, 5), round(f, 5)] for i, f in fastest],
-                                "tolerance": tolerance, "load": _rounded(load_now),
+                                "tolerance": tolerance, "load": stored_load(load),
                                 "measured": time.strftime("%Y-%m-%dT%H:%M:%S")})
     total_i, total_f = sum(i for i, _ in fastest), sum(f for _, f in fastest)
     choices = [SpeedChoice(m.name, type(m.mod).__name__, m.shape, ms_i, ms_f, picked, m.kernel, ratio, tolerance,

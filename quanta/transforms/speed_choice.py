@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .decisions import REPORT_ATTR
-from .speed_cache import BUSY_LOAD
+from .speed_cache import is_busy
 
 #: an int8 compute layer becomes float only when it takes more than this times its float twin's time
 DEFAULT_TOLERANCE = 1.10
@@ -37,13 +37,14 @@ class SpeedChoice:
     chain_float_ms: float = 0.0
     #: what would make this layer fast here, when it went float (e.g. 7-bit weights on a CPU without VNNI)
     hint: str = ""
-    #: the load per core the timings were taken under (`speed_cache.machine_load`; None: unknown)
+    #: the load the timings were taken under (`speed_cache.MachineLoad`: the share of this process's
+    #: cores other processes occupied; None: unknown)
     load: float | None = None
 
     @property
     def busy(self) -> bool:
         """Whether the timings were taken on a busy machine (`speed_cache.BUSY_LOAD`)."""
-        return self.load is not None and self.load > BUSY_LOAD
+        return is_busy(self.load)
 
     def timings(self) -> str:
         """``"(0.123 ms vs float 0.045 ms)"``: the one way timings are written (`quanta.save` strips
@@ -52,7 +53,7 @@ class SpeedChoice:
 
     def describe(self) -> str:
         """For the log: the decision with its timings (and the load they were taken under)."""
-        load = f" (load {self.load:.2f} per core)" if self.busy else ""
+        load = f" (other processes on {self.load:.0%} of its cores)" if self.busy else ""
         return f"{self.report_detail()}{load}{' (cached)' if self.cached else ''}"
 
     def report_detail(self) -> str:
