@@ -58,23 +58,25 @@ _log = logging.getLogger(__name__)
 
 class MachineLoad:
     """The load timings are taken under: the share of the cores this process may run on that other
-    processes occupy, over the window since the previous call (`quanta.kernels.threads.ThreadFit.others`:
-    the machine's busy CPU time from ``/proc/stat`` minus this process's own; before a window of
-    ``fit.min_window_s``, the tasks runnable at the last reading). Other processes are counted on
-    the CPUs this process may not use first (``online - allowed``). ``None`` where ``/proc/stat``
-    cannot be read. ``fit``, ``online``: the readers (tests feed fakes)."""
+    processes occupy (0: idle; 0.5: one CPU-bound process beside quanta on 2 cores), over the
+    window since the previous call, as `quanta.kernels.threads.ThreadFit` (`fit_threads`) measures
+    it (``ThreadFit.last_others`` after ``threads()``: ``/proc/stat``'s busy time minus this
+    process's own); ``None`` where ``/proc/stat`` cannot be read. ``fit``: any object with that
+    ``threads()`` / ``last_others`` pair (tests pass a fake)."""
 
-    def __init__(self, fit: ThreadFit | None = None, online: Callable[[], int | None] = os.cpu_count) -> None:
+    def __init__(self, fit: Any = None) -> None:
         self.fit = fit if fit is not None else ThreadFit()
-        self.online = online
 
     def __call__(self) -> float | None:
-        others = self.fit.others()
+        self.fit.threads()
+        others = self.fit.last_others
         if others is None:
             return None
-        allowed = max(1, self.fit.allowed_cpus())
-        elsewhere = max(0, (self.online() or allowed) - allowed)
-        return min(max(0.0, others - elsewhere), float(allowed)) / allowed
+        try:
+            allowed = max(1, len(os.sched_getaffinity(0)))
+        except (AttributeError, OSError):
+            allowed = max(1, os.cpu_count() or 1)
+        return min(max(0.0, float(others)), float(allowed)) / allowed
 
 
 def stored_load(load: float | None) -> float | None:
