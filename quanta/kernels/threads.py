@@ -3,27 +3,27 @@ on a busy machine.
 
 PyTorch's intra-op pool (OpenMP) splits each kernel statically over ``torch.get_num_threads()``
 threads. When another process keeps one of those cores busy, the thread sharing it finishes
-late and every other thread waits for it at the end of each kernel: on a 2-core machine beside
-one CPU-bound process, 2 threads run ResNet-18 slower than 1 thread would. `ThreadFit`
+late and every other thread waits for it at the end of each kernel (spinning, by default, on
+the CPU the competitor needs); one thread fewer has no such wait. `ThreadFit`
 estimates how many cores are free for this process and runs a block (or a model's forward) on
 that many threads, restoring the caller's count in ``finally``.
 
 The estimate costs one read of ``/proc/stat`` per ``min_window_s`` (tens of microseconds, no
 sleep; calls in between read only the clock):
 
-* over the window since the previous sample (at least ``min_window_s``): the machine's busy CPU
-  time (``/proc/stat``, all cores) minus this process's own (``time.process_time``, all its
-  threads, spinning ones included) is what the *other* processes used; divided by the wall time
-  it is how many cores they occupy;
-* before such a window exists (the first call of a fresh `ThreadFit`): ``procs_running - 1``
-  from the same read, the other runnable tasks at this instant.
+* over the window since the previous sample (at least ``min_window_s``): the busy CPU time of
+  the CPUs this process may run on (``os.sched_getaffinity``; their ``cpuN`` lines of
+  ``/proc/stat``) minus this process's own (``time.process_time``, all its threads, spinning ones
+  included) is what the *other* processes used there; divided by the wall time it is how many of
+  those cores they occupy;
+* before such a window exists (the first call of a fresh `ThreadFit`, or after the affinity
+  changed): ``procs_running - 1`` from the same read, the other runnable tasks at this instant.
 
-``free = min(allowed, online - others)``, ``allowed`` = ``os.sched_getaffinity``, ``online`` =
-the CPUs ``/proc/stat`` lists; the fitted count is ``floor(free + slack)`` (a core at least
-``1 - slack`` free counts), clamped to ``[1, min(cap, allowed)]`` with ``cap`` the caller's
-``torch.get_num_threads()`` (or ``max_threads``): an idle machine runs all the caller's threads,
-a fitted count never exceeds them. Where ``/proc/stat`` cannot be read, the count is the cap
-(nothing changes).
+``free`` = the cores measured (the allowed ones; all when their lines are missing) ``- others``,
+at most the allowed count; the fitted count is ``floor(free + SLACK)`` (a core at least
+``1 - SLACK`` free counts), clamped to ``[1, min(cap, allowed)]`` with ``cap`` = ``max_threads``,
+else the caller's ``torch.get_num_threads()``: an idle machine runs all the caller's threads.
+Where ``/proc/stat`` cannot be read, the count is the cap (nothing changes).
 
 Nothing here is global: the estimator's last sample lives in the `ThreadFit` object (or on the
 model that `fit_threads` hooks), and the only process-wide setting touched is the thread count,
@@ -60,37 +60,51 @@ def read_proc_stat() -> str:
 
 @dataclass(frozen=True)
 class CpuSample:
-    """One reading: machine-wide busy CPU seconds, this process's CPU seconds, the wall clock,
-    the tasks runnable now (``procs_running``), and the CPUs online."""
+    """One reading: the busy CPU seconds of ``cores`` CPUs (this process's allowed ones where
+    ``/proc/stat`` lists each, else all), this process's CPU seconds, the wall clock, and the
+    tasks runnable now (``procs_running``)."""
 
     busy_s: float
     own_s: float
     wall_s: float
     running: int
-    online: int
+    cores: int
 
 
-def parse_proc_stat(text: str, own_s: float, wall_s: float, ticks_per_s: float) -> CpuSample:
-    """A `CpuSample` from ``/proc/stat`` text; ``ValueError`` when it has no ``cpu`` line."""
-    busy, running, online = None, 1, 0
+def _busy_ticks(line: str) -> int:
+    cols = line.split()[1:]
+    return sum(int(cols[i]) for i in _BUSY_COLUMNS if i < len(cols))
+
+
+def parse_proc_stat(text: str, own_s: float, wall_s: float, ticks_per_s: float,
+                    cpus: frozenset[int] | None = None) -> CpuSample:
+    """A `CpuSample` from ``/proc/stat`` text: the busy time of the CPUs in ``cpus`` (their
+    ``cpuN`` lines), or of all CPUs (the ``cpu`` line) when ``cpus`` is ``None`` or one of them is
+    not listed; ``ValueError`` when the text has no ``cpu`` line."""
+    total, mine, seen, online, running = None, 0, 0, 0, 1
     for line in text.splitlines():
         if line.startswith("cpu "):
-            cols = line.split()[1:]
-            busy = sum(int(cols[i]) for i in _BUSY_COLUMNS if i < len(cols)) / ticks_per_s
+            total = _busy_ticks(line)
         elif line.startswith("cpu"):
             online += 1
+            index = line.split(None, 1)[0][3:]
+            if cpus is not None and index.isdigit() and int(index) in cpus:
+                mine += _busy_ticks(line)
+                seen += 1
         elif line.startswith("procs_running "):
             running = int(line.split()[1])
-    if busy is None:
+    if total is None:
         raise ValueError("/proc/stat has no 'cpu' line")
-    return CpuSample(busy, own_s, wall_s, running, online)
+    if cpus is not None and seen == len(cpus):
+        return CpuSample(mine / ticks_per_s, own_s, wall_s, running, seen)
+    return CpuSample(total / ticks_per_s, own_s, wall_s, running, max(online, 1))
 
 
-def _allowed_cpus() -> int:
+def _allowed_cpus() -> frozenset[int] | None:
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        return frozenset(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+        return None
 
 
 def check_max_threads(max_threads: Any) -> int | None:
@@ -118,7 +132,8 @@ class ThreadFit:
 
     def __init__(self, max_threads: int | None = None, *, min_window_s: float = 0.05,
                  read_stat: Callable[[], str] = read_proc_stat, process_time: Callable[[], float] = time.process_time,
-                 clock: Callable[[], float] = time.monotonic, allowed_cpus: Callable[[], int] = _allowed_cpus) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 allowed_cpus: Callable[[], frozenset[int] | None] = _allowed_cpus) -> None:
         self.max_threads = check_max_threads(max_threads)
         if isinstance(min_window_s, bool) or not isinstance(min_window_s, (int, float)) or not min_window_s >= 0:
             raise ValueError(f"min_window_s must be a number >= 0, got {min_window_s!r}")
@@ -129,6 +144,7 @@ class ThreadFit:
         except (AttributeError, ValueError, OSError):
             self.ticks_per_s = 100.0
         self._last: CpuSample | None = None
+        self._cpus: frozenset[int] | None = None  # the allowed CPUs, as last read
         self._others: float | None = None  # cores the other processes used in the last full window
         self._local = threading.local()  # the callers' counts to restore, per Python thread
         #: the count the last `threads()` call chose, and the cores it saw the other processes
@@ -147,7 +163,8 @@ class ThreadFit:
 
     def _sample(self) -> CpuSample | None:
         try:
-            return parse_proc_stat(self.read_stat(), self.process_time(), self.clock(), self.ticks_per_s)
+            return parse_proc_stat(self.read_stat(), self.process_time(), self.clock(), self.ticks_per_s,
+                                   self._cpus)
         except (OSError, ValueError, IndexError):
             return None
 
@@ -172,14 +189,17 @@ class ThreadFit:
     def threads(self, cap: int | None = None) -> int:
         """The thread count for the next block: in ``[1, min(cap, allowed CPUs)]``."""
         cap = self.max_threads or cap or torch.get_num_threads()
-        allowed = self.allowed_cpus()
+        cpus = self.allowed_cpus()
+        if cpus != self._cpus:  # other CPUs: the busy times are not comparable, start a new window
+            self._cpus, self._last, self._others = cpus, None, None
+        allowed = len(self._cpus) if self._cpus else max(1, os.cpu_count() or 1)
         limit = max(1, min(cap, allowed))
         others = self.last_others = self.others()
         if others is None:
             n = limit
         else:
-            online = self._last.online if self._last is not None and self._last.online else allowed
-            free = min(float(allowed), online - others)
+            cores = self._last.cores if self._last is not None else allowed
+            free = min(float(allowed), cores - others)
             n = max(1, min(limit, math.floor(free + SLACK)))
         self.last_threads = n
         return n

@@ -18,32 +18,40 @@ from quanta.kernels.threads import ThreadFit, parse_proc_stat
 
 class FakeMachine:
     """A fake /proc/stat, process clock and wall clock: ``advance`` moves time on, with the
-    other processes and this one using the given cores."""
+    other processes (on the CPUs ``on``, default all) and this one using the given cores."""
 
-    def __init__(self, cpus: int = 2, running: int = 1, ticks: float = 100.0) -> None:
+    def __init__(self, cpus: int = 2, running: int = 1, ticks: float = 100.0,
+                 allowed: frozenset[int] | None = None) -> None:
         self.cpus, self.running, self.ticks = cpus, running, ticks
-        self.busy_ticks, self.idle_ticks, self.own_s, self.wall_s = 1000, 5000, 0.0, 100.0
+        self.allowed = frozenset(range(cpus)) if allowed is None else allowed
+        self.busy = [250] * cpus  # ticks per CPU
+        self.own_s, self.wall_s = 0.0, 100.0
         self.readable = True
 
-    def advance(self, seconds: float, others: float, own: float) -> None:
+    def advance(self, seconds: float, others: float, own: float, on: list[int] | None = None) -> None:
         self.wall_s += seconds
         self.own_s += own * seconds
-        used = round((others + own) * seconds * self.ticks)
-        self.busy_ticks += used
-        self.idle_ticks += round(self.cpus * seconds * self.ticks) - used
+        on = list(range(self.cpus)) if on is None else on
+        for cpu in on:
+            self.busy[cpu] += round(others * seconds * self.ticks / len(on))
+        for cpu in sorted(self.allowed):
+            self.busy[cpu] += round(own * seconds * self.ticks / len(self.allowed))
 
     def stat(self) -> str:
         if not self.readable:
             raise OSError("no /proc here")
-        user, system = self.busy_ticks - self.busy_ticks // 4, self.busy_ticks // 4
-        lines = [f"cpu  {user} 0 {system} {self.idle_ticks} 0 0 0 0 0 0"]
-        lines += [f"cpu{i} 1 0 1 1 0 0 0 0 0 0" for i in range(self.cpus)]
+
+        def line(name: str, busy: int, cpus: int) -> str:  # 3/4 user, 1/4 system, idle = the rest
+            idle = round(cpus * self.wall_s * self.ticks) - busy
+            return f"{name} {busy - busy // 4} 0 {busy // 4} {idle} 0 0 0 0 0 0"
+
+        lines = [line("cpu ", sum(self.busy), self.cpus)] + [line(f"cpu{i}", b, 1) for i, b in enumerate(self.busy)]
         lines += ["intr 12345 1 2 3", "ctxt 999", f"procs_running {self.running}", "procs_blocked 0"]
         return "\n".join(lines) + "\n"
 
     def fit(self, **kwargs) -> ThreadFit:
         fit = ThreadFit(read_stat=self.stat, process_time=lambda: self.own_s, clock=lambda: self.wall_s,
-                        allowed_cpus=lambda: self.cpus, **kwargs)
+                        allowed_cpus=lambda: self.allowed, **kwargs)
         fit.ticks_per_s = self.ticks
         return fit
 
@@ -59,10 +67,13 @@ def two_threads() -> Iterator[None]:
 
 
 def test_parse_proc_stat_counts_busy_columns_cpus_and_running():
-    text = "cpu  100 20 30 1000 50 5 5 10 7 0\ncpu0 1 1\ncpu1 1 1\ncpu2 1 1\nintr 1 2\nprocs_running 3\n"
+    text = ("cpu  100 20 30 1000 50 5 5 10 7 0\ncpu0 1 0 0 9\ncpu1 2 0 0 9\ncpu2 4 0 0 9 0 0 0 0 3\n"
+            "intr 1 2\nprocs_running 3\n")
     s = parse_proc_stat(text, own_s=1.5, wall_s=9.0, ticks_per_s=100.0)
     assert s.busy_s == pytest.approx((100 + 20 + 30 + 5 + 5 + 10) / 100)  # not idle, iowait or guest
-    assert (s.online, s.running, s.own_s, s.wall_s) == (3, 3, 1.5, 9.0)
+    assert (s.cores, s.running, s.own_s, s.wall_s) == (3, 3, 1.5, 9.0)
+    mine = parse_proc_stat(text, 0.0, 0.0, 100.0, frozenset({1, 2}))
+    assert (mine.busy_s, mine.cores) == (pytest.approx(0.06), 2)  # the allowed CPUs' lines only
     with pytest.raises(ValueError, match="no 'cpu' line"):
         parse_proc_stat("intr 1\n", 0.0, 0.0, 100.0)
 
@@ -88,6 +99,19 @@ def test_window_subtracts_own_cpu_time_and_follows_the_competitor():
     assert fit.threads(2) == 2
 
 
+def test_only_the_allowed_cpus_count():
+    m = FakeMachine(cpus=4, running=1, allowed=frozenset({2, 3}))
+    fit = m.fit()
+    assert fit.threads(4) == 2  # at most the two allowed CPUs
+    m.advance(0.2, others=2.0, own=2.0, on=[0, 1])  # the others keep to CPUs this process may not use
+    assert fit.threads(4) == 2
+    m.advance(0.2, others=1.0, own=1.0, on=[3])  # one of ours is taken
+    assert fit.threads(4) == 1 and fit.last_others == pytest.approx(1.0)
+    text = "".join(ln for ln in m.stat().splitlines(True) if not ln.startswith("cpu3 "))
+    # an allowed CPU missing from /proc/stat: the machine-wide line, over the CPUs listed
+    assert parse_proc_stat(text, 0.0, 0.0, 100.0, frozenset({2, 3})).cores == 3
+
+
 def test_window_shorter_than_min_window_keeps_the_last_estimate():
     m = FakeMachine(running=1)
     fit = m.fit(min_window_s=0.05)
@@ -104,7 +128,7 @@ def test_unreadable_or_garbled_proc_stat_changes_nothing():
     m = FakeMachine(running=2)
     m.readable = False
     assert m.fit().threads(2) == 2
-    garbled = ThreadFit(read_stat=lambda: "no cpu lines here\n", allowed_cpus=lambda: 2)
+    garbled = ThreadFit(read_stat=lambda: "no cpu lines here\n", allowed_cpus=lambda: frozenset({0, 1}))
     assert garbled.threads(2) == 2
     assert garbled.others() is None
 
@@ -112,12 +136,13 @@ def test_unreadable_or_garbled_proc_stat_changes_nothing():
 def test_fitted_count_stays_within_one_and_the_allowed_cores():
     rng = random.Random(0)
     for _ in range(300):
-        m = FakeMachine(cpus=rng.randint(1, 8), running=rng.randint(0, 12))
+        cpus = rng.randint(1, 8)
+        m = FakeMachine(cpus, running=rng.randint(0, 12), allowed=frozenset(rng.sample(range(cpus), rng.randint(1, cpus))))
         cap = rng.randint(1, 16)
         fit = m.fit(max_threads=rng.choice([None, rng.randint(1, 16)]))
         for _ in range(4):
             n = fit.threads(cap)
-            assert 1 <= n <= min(fit.max_threads or cap, m.cpus)
+            assert 1 <= n <= min(fit.max_threads or cap, len(m.allowed))
             m.advance(rng.uniform(0.0, 0.3), others=rng.uniform(0, m.cpus), own=rng.uniform(0, 1))
     assert FakeMachine(cpus=8, running=1).fit().threads(3) == 3  # idle: all the caller's threads
     assert FakeMachine(cpus=8, running=1).fit(max_threads=5).threads(8) == 5
@@ -161,7 +186,7 @@ def converted(trained_transformer, token_data) -> nn.Module:
 
 def _fake(model: nn.Module, machine: FakeMachine) -> None:
     fit = quanta.thread_fit(model)
-    fit.read_stat, fit.allowed_cpus = machine.stat, (lambda: machine.cpus)
+    fit.read_stat, fit.allowed_cpus = machine.stat, (lambda: machine.allowed)
     fit.process_time, fit.clock = (lambda: machine.own_s), (lambda: machine.wall_s)
 
 
