@@ -32,6 +32,7 @@ import logging
 import os
 import platform
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -61,13 +62,22 @@ class MachineLoad:
     processes occupy (0: idle; 0.5: one CPU-bound process beside quanta on 2 cores), over the
     window since the previous call, as `quanta.kernels.threads.ThreadFit` (`fit_threads`) measures
     it (``ThreadFit.last_others`` after ``threads()``: ``/proc/stat``'s busy time minus this
-    process's own); ``None`` where ``/proc/stat`` cannot be read. ``fit``: any object with that
-    ``threads()`` / ``last_others`` pair (tests pass a fake)."""
+    process's own); ``None`` where ``/proc/stat`` cannot be read. The first call starts the
+    window; the second waits for the fit's ``min_window_s`` to pass since (a measured window, not
+    the instantaneous runnable count, which this process's spinning threads can inflate).
+    ``fit``: any object with that ``threads()`` / ``last_others`` pair (tests pass a fake)."""
 
     def __init__(self, fit: Any = None) -> None:
         self.fit = fit if fit is not None else ThreadFit()
+        self._primed = False
+        self._first_at: float | None = None  # the first call's time, until the second call
 
     def __call__(self) -> float | None:
+        if self._first_at is not None:  # the second call: after a full window
+            time.sleep(max(0.0, self._first_at + float(getattr(self.fit, "min_window_s", 0.0)) - time.monotonic()))
+            self._first_at = None
+        elif not self._primed:
+            self._primed, self._first_at = True, time.monotonic()
         self.fit.threads()
         others = self.fit.last_others
         if others is None:

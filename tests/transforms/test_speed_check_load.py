@@ -13,7 +13,7 @@ from torch import nn
 
 import quanta
 from quanta.integer import lowering_classes
-from quanta.transforms import speed_check
+from quanta.transforms import speed_cache, speed_check
 from quanta.transforms.convert import _walk
 from quanta.transforms.speed_cache import BUSY_LOAD, IDLE_LOAD, DecisionCache, MachineLoad, reusable
 from quanta.transforms.speed_check import keep_faster
@@ -83,6 +83,8 @@ def test_an_entry_without_a_recorded_load_counts_as_busy():
 class _Fit:
     """`ThreadFit`'s reading side: ``threads()`` measures, ``last_others`` holds the cores taken."""
 
+    min_window_s = 10.0
+
     def __init__(self, readings):
         self.readings, self.last_others = iter(readings), None
 
@@ -93,8 +95,12 @@ class _Fit:
 
 def test_machine_load_is_the_share_of_our_cores_other_processes_occupy(monkeypatch):
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    slept: list[float] = []
+    monkeypatch.setattr(speed_cache.time, "sleep", slept.append)
     load = MachineLoad(_Fit([1.0, 0.0, 5.0, None]))
     assert [load(), load(), load(), load()] == [0.5, 0.0, 1.0, None]  # (None: /proc/stat unreadable)
+    assert len(slept) == 1 and 9.0 < slept[0] <= 10.0  # the second reading waited for a full window
+    monkeypatch.undo()
     real = MachineLoad()()  # this machine, through quanta.kernels.threads
     assert real is None or 0.0 <= real <= 1.0
 
