@@ -37,7 +37,7 @@ import report
 import timing
 import torch
 import workloads as W
-from methods import Method, quanta_rows, torch_fp32, torch_fp32_channels_last
+from methods import Method, fitted_thread_rows, quanta_rows, torch_fp32, torch_fp32_channels_last
 
 QUANTA_PRESETS = {
     "cnn": [("static_int8", {})],
@@ -88,14 +88,14 @@ def parse_methods(text: str) -> tuple[str, ...]:
 
 def build_methods(wl: W.Workload, model: torch.nn.Module, threads: int, workdir: str,
                   log=print, families: tuple[str, ...] = FAMILIES, fit_threads: bool = False) -> list[Method]:
-    """The rows of one workload; ``fit_threads`` (``--busy``) adds, after each eager quanta row,
+    """The rows of one workload; ``fit_threads`` (``--busy``) adds, for each eager quanta row,
     the same model run with its thread count fitted to the free cores (`methods.fitted_thread_rows`)."""
     calib = wl.calib_data()
 
     def quanta_step() -> list[Method]:
         rows = quanta_rows(W.quanta_ready(model) if wl.kind == "cnn" else model, quanta_presets(wl.kind),
                            calib, wl.input(min(wl.batches)))
-        return rows + (methods.fitted_thread_rows(rows) if fit_threads else [])
+        return rows + (fitted_thread_rows(rows) if fit_threads else [])
 
     steps = [
         ("fp32", lambda: [torch_fp32(model)] + ([torch_fp32_channels_last(model)] if wl.kind == "cnn" else [])),

@@ -37,3 +37,21 @@ def test_fitted_rows_follow_each_eager_quanta_row_only():
         assert 1 <= y[0].item() <= 2 and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_busy_runs_build_a_fitted_row_per_eager_quanta_row(tmp_path):
+    run = pytest.importorskip("run", reason="benchmarks/ not present")
+    workloads = pytest.importorskip("workloads")
+    wl = workloads.Workload("tiny", "linear", lambda: nn.Sequential(nn.Linear(64, 64), nn.ReLU()),
+                            lambda b: (b, 64), [1], calib_count=2)
+    model = wl.model()
+    rows = run.build_methods(wl, model, 1, str(tmp_path), log=lambda *a: None, families=("quanta",),
+                             fit_threads=True)
+    eager = [m.name for m in rows if m.fn is not None and not m.name.endswith((" + compile", ", fit_threads"))]
+    assert eager and [m.name for m in rows if m.name.endswith(", fit_threads")] == [n + ", fit_threads" for n in eager]
+    fitted = next(m for m in rows if m.name.endswith(", fit_threads"))
+    x = wl.input(1)
+    with torch.inference_mode():
+        assert torch.equal(fitted.fn(x), next(m for m in rows if m.name == eager[0]).fn(x))
+    assert not [m for m in run.build_methods(wl, model, 1, str(tmp_path), log=lambda *a: None,
+                                             families=("quanta",)) if m.name.endswith(", fit_threads")]
