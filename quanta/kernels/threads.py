@@ -267,7 +267,8 @@ def fit_threads(model: nn.Module, enabled: bool = True, *, max_threads: int | No
     restores the caller's count, also when the forward raises. The estimator's state lives on
     the model; ``enabled=False`` removes the hooks. A runtime setting: `quanta.save` does not
     store it (call this again after `quanta.load`); a deep copy keeps it. Under
-    ``torch.compile`` the hooks do nothing (wrap the compiled call in `fitted_threads`).
+    ``torch.compile`` the hooks do nothing: wrap the compiled call in `fitted_threads` (quanta's
+    kernels inside follow it; inductor's generated loops keep the count they were compiled for).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fit_threads expects an nn.Module, got {type(model).__name__}")
