@@ -18,8 +18,10 @@ dilation, with
 Exact: the integer sums are the reference's, and the epilogue is the reference's own float32
 arithmetic (``float32(acc) · float32(x_scale · w_scale) + bias``, post-op, requantization), so
 outputs equal the reference bit for bit (oneDNN's rescale rounds differently, by a few ulps).
-Needs the native library built with
-AVX-512 VNNI; 3d convolutions and other groupings run on oneDNN.
+Needs the native library built with AVX-512 VNNI (`conv_isa` ``"avx512_vnni"``: both loops, any
+int8 weight) or AVX2 (``"avx2"``: the depthwise loop only, on 256-bit vectors, with ``vpmaddubsw``
++ ``vpmaddwd`` in place of ``vpdpbusd``: exact only for weights within ±64, e.g. ``weight_bits=7``,
+so the guard refuses wider ones); 3d convolutions and other groupings run on oneDNN.
 """
 
 from __future__ import annotations
@@ -31,14 +33,34 @@ import torch
 from . import native
 from .conv_shapes import conv_output_shape
 from .post_ops import CLAMP_POST_OPS, codes_for
+from .u8s8_saturation import SEVEN_BIT_MAX, weight_code_max
 
 _POST = codes_for(CLAMP_POST_OPS)  # csrc/post_op.h
 #: largest |x - zp| · |w| of one product (as in conv.py): sums of up to 2^31 / this many fit int32
 _MAX_PRODUCT = 255 * 128
 
 
+def conv_isa() -> str:
+    """The direct convolution's loops in the loaded library: ``"avx512_vnni"`` (dense and depthwise,
+    any int8 weight), ``"avx2"`` (depthwise, weights within ±64) or ``"none"`` (also: no library)."""
+    return str(native.module().conv_isa()) if native.ready() else "none"
+
+
+#: the kinds of convolution each ISA's build has a loop for
+ISA_KINDS = {"avx512_vnni": ("dense", "depthwise"), "avx2": ("depthwise",), "none": ()}
+
+
 def native_available() -> bool:
-    return native.ready() and bool(native.module().gemv_has_vnni())
+    return conv_isa() != "none"
+
+
+def native_limits() -> str | None:
+    """What this build's loops leave out, in words (`quanta doctor`), or None (VNNI: nothing)."""
+    isa = conv_isa()
+    if isa != "avx2":
+        return None
+    return (f"AVX2 build: depthwise convs only, weights within ±{SEVEN_BIT_MAX} (7-bit, weight_bits=7); "
+            "without VNNI wider weights saturate vpmaddubsw")
 
 
 def _kind(x_channels: int, weight: torch.Tensor, groups: int) -> str | None:
@@ -69,6 +91,17 @@ def guard_native(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: tor
         return f"a reduction of {weight[0].numel()} products may overflow the int32 accumulator"
     if post_op not in _POST:
         return f"post_op {post_op!r} is not supported"
+    isa = conv_isa()
+    kind = _kind(x.shape[1], weight, groups)
+    if kind not in ISA_KINDS[isa]:
+        return f"this CPU's build ({isa}) has no {kind} loop (AVX-512 VNNI has both)"
+    if isa != "avx512_vnni":
+        peak = weight_code_max(weight)
+        if peak < 0:
+            return "weight codes never measured outside torch.compile (without VNNI their bound decides exactness)"
+        if peak > SEVEN_BIT_MAX:
+            return (f"weights wider than ±{SEVEN_BIT_MAX} (8-bit, up to ±{peak}) saturate vpmaddubsw pair sums "
+                    f"without VNNI; 7-bit weights (weight_bits=7) run exactly")
     return None
 
 
@@ -198,6 +231,6 @@ def run_native(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: torch
                        post_op, out_scale, out_zero_point)(x)
 
 
-__all__ = ["DEPTHWISE_RUN_KERNELS", "PREFER_ONEDNN_DEPTHWISE_OUTPUTS", "PREFER_ONEDNN_OUTPUTS",
-           "PREFER_ONEDNN_REDUCTION", "compiled_run", "guard_native", "make_plan", "native_available", "native_call",
-           "pack_weight", "plan_call", "prefer_onednn", "run_native"]
+__all__ = ["DEPTHWISE_RUN_KERNELS", "ISA_KINDS", "PREFER_ONEDNN_DEPTHWISE_OUTPUTS", "PREFER_ONEDNN_OUTPUTS",
+           "PREFER_ONEDNN_REDUCTION", "compiled_run", "conv_isa", "guard_native", "make_plan", "native_available",
+           "native_call", "native_limits", "pack_weight", "plan_call", "prefer_onednn", "run_native"]

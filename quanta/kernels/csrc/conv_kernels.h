@@ -122,8 +122,12 @@ void dense_conv(const uint8_t* x, const Geometry& g, const int8_t* wpack, const 
 // y [M, N] (r.out) of int8 codes x (row-major [M, K], K % 4 == 0) and the weight packed as a dense
 // 1x1 convolution's [N/16][1][K/4][16][4]
 void dense_gemm(const int8_t* x, int64_t M, int64_t K, const int8_t* wpack, const RowEpilogue& r);
+#endif  // QUANTA_VNNI
+
+#if QUANTA_VNNI || QUANTA_AVX2
+// (AVX2 without VNNI: exact only for weights within +-64, which ConvPlan checks)
 void depthwise_conv(const uint8_t* x, const Geometry& g, const int8_t* wpack, const uint8_t* pad,
                     const Epilogue& e, char* out, int64_t esize);
-#endif  // QUANTA_VNNI
+#endif
 
 }  // namespace quanta_native
