@@ -10,8 +10,10 @@ AVX2 builds have the depthwise loop only, so dense layers report oneDNN alone th
 
     python benchmarks/conv_layers_avx2.py --threads 2 --batch 1 --batch 16
 
-Prints one row per layer and batch (ms per call, native / oneDNN speed ratio) and the totals
-per workload and kind; ``conv_native.prefer_onednn``'s AVX2 table is read from these rows.
+Prints one row per layer and batch (ms per call: the best and the median of the rounds; the speed
+ratio oneDNN / native of the best, the least disturbed call on a shared machine, where a 2-thread
+kernel whose second thread is preempted waits a scheduler slice) and the totals per workload and
+kind; ``conv_native.prefer_onednn``'s AVX2 table is read from these rows.
 """
 
 from __future__ import annotations
@@ -97,12 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", action="append", type=int, help="batch sizes (default: 1 and 16)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--kind", choices=("depthwise", "dense", "all"), default="all")
-    ap.add_argument("--min-seconds", type=float, default=0.3, help="measured time per kernel and layer")
+    ap.add_argument("--min-seconds", type=float, default=0.5, help="measured time per kernel and layer")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     native.ensure(build=True)
     print(f"native conv ISA: {conv_native.conv_isa()}; threads {a.threads}; 7-bit weights, relu6, uint8 out")
-    print("| workload | layer (Cin->Cout k s p d g HxW) | batch | native ms | oneDNN ms | native speed |")
+    print("| workload | layer (Cin->Cout k s p d g HxW) | batch | native ms best / median | oneDNN ms best / median "
+          "| native speed (best) |")
     print("|---|---|---|---|---|---|")
     totals: dict[tuple[str, str, int], list[float]] = defaultdict(lambda: [0.0, 0.0])
     for name in a.workload or ["mobilenet_v2", "tf_mobile", "resnet18"]:
@@ -111,23 +114,25 @@ def main(argv: list[str] | None = None) -> int:
             if kind is None or (a.kind != "all" and kind != a.kind):
                 continue
             for batch in a.batch or [1, 16]:
-                samples, errors = timing.interleaved(runners(layer, batch), min_seconds=a.min_seconds, min_rounds=5,
+                samples, errors = timing.interleaved(runners(layer, batch), min_seconds=a.min_seconds, min_rounds=15,
                                                      budget_s=20.0)
                 if errors:
                     print(f"| {name} | {layer} | {batch} | errors: {errors} |")
                     continue
-                ms = {k: timing.median_ms(v) for k, v in samples.items()}
+                ms = {k: 1000.0 * min(v) for k, v in samples.items()}
+                med = {k: timing.median_ms(v) for k, v in samples.items()}
                 cin, cout, k, s, p, d, g, h, w = layer
                 desc = f"{cin}->{cout} {k[0]}x{k[1]} s{s[0]} p{p[0]},{p[1]} d{d[0]} g{g} {h}x{w}"
                 nat = ms.get("native")
+                cells = [f"{ms[m]:.3f} / {med[m]:.3f}" if m in ms else "-" for m in ("native", "onednn")]
                 ratio = f"{ms['onednn'] / nat:.2f}x" if nat else "-"
-                print(f"| {name} | {desc} | {batch} | {nat:.3f} | {ms['onednn']:.3f} | {ratio} |" if nat else
-                      f"| {name} | {desc} | {batch} | - | {ms['onednn']:.3f} | - |", flush=True)
+                print(f"| {name} | {desc} | {batch} | {cells[0]} | {cells[1]} | {ratio} |", flush=True)
                 if nat:
                     t = totals[(name, kind, batch)]
                     t[0] += nat
                     t[1] += ms["onednn"]
-    print("\n| workload | kind | batch | native ms (sum) | oneDNN ms (sum) | native speed |\n|---|---|---|---|---|---|")
+    print("\n| workload | kind | batch | native ms (sum of best) | oneDNN ms (sum of best) | native speed |\n"
+          "|---|---|---|---|---|---|")
     for (name, kind, batch), (nat, dnn) in totals.items():
         print(f"| {name} | {kind} | {batch} | {nat:.2f} | {dnn:.2f} | {dnn / nat:.2f}x |")
     return 0

@@ -18,10 +18,11 @@ dilation, with
 Exact: the integer sums are the reference's, and the epilogue is the reference's own float32
 arithmetic (``float32(acc) · float32(x_scale · w_scale) + bias``, post-op, requantization), so
 outputs equal the reference bit for bit (oneDNN's rescale rounds differently, by a few ulps).
-Needs the native library built with AVX-512 VNNI (`conv_isa` ``"avx512_vnni"``: both loops, any
-int8 weight) or AVX2 (``"avx2"``: the depthwise loop only, on 256-bit vectors, with ``vpmaddubsw``
-+ ``vpmaddwd`` in place of ``vpdpbusd``: exact only for weights within ±64, e.g. ``weight_bits=7``,
-so the guard refuses wider ones); 3d convolutions and other groupings run on oneDNN.
+Needs the native library built with AVX-512 VNNI (`conv_isa` ``"avx512_vnni"``: any int8 weight)
+or AVX2 (``"avx2"``: 256-bit vectors, with ``vpmaddubsw`` + ``vpmaddwd`` in place of ``vpdpbusd``:
+exact only for weights within ±64, e.g. ``weight_bits=7``, so the guard refuses wider ones; dense
+tiles of 4 pixels × 16 channels, depthwise groups as two 256-bit halves); 3d convolutions and
+other groupings run on oneDNN.
 """
 
 from __future__ import annotations
@@ -41,13 +42,13 @@ _MAX_PRODUCT = 255 * 128
 
 
 def conv_isa() -> str:
-    """The direct convolution's loops in the loaded library: ``"avx512_vnni"`` (dense and depthwise,
-    any int8 weight), ``"avx2"`` (depthwise, weights within ±64) or ``"none"`` (also: no library)."""
+    """The direct convolution's loops in the loaded library: ``"avx512_vnni"`` (any int8 weight),
+    ``"avx2"`` (weights within ±64) or ``"none"`` (also: no library)."""
     return str(native.module().conv_isa()) if native.ready() else "none"
 
 
 #: the kinds of convolution each ISA's build has a loop for
-ISA_KINDS = {"avx512_vnni": ("dense", "depthwise"), "avx2": ("depthwise",), "none": ()}
+ISA_KINDS = {"avx512_vnni": ("dense", "depthwise"), "avx2": ("dense", "depthwise"), "none": ()}
 
 
 def native_available() -> bool:
@@ -59,8 +60,8 @@ def native_limits() -> str | None:
     isa = conv_isa()
     if isa != "avx2":
         return None
-    return (f"AVX2 build: depthwise convs only, weights within ±{SEVEN_BIT_MAX} (7-bit, weight_bits=7); "
-            "without VNNI wider weights saturate vpmaddubsw")
+    return (f"AVX2 build: weights within ±{SEVEN_BIT_MAX} only (7-bit, weight_bits=7); without VNNI wider "
+            "weights saturate vpmaddubsw")
 
 
 def _kind(x_channels: int, weight: torch.Tensor, groups: int) -> str | None:

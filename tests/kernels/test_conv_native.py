@@ -5,9 +5,9 @@ Covered: dense (groups=1) and depthwise convolutions, 1d and 2d, every remainder
 × 64-channel tiles, strides, dilations, paddings wider than the kernel's reach, uint8 and int8
 codes, non-contiguous inputs, float and uint8 outputs with each post-op, the extreme codes.
 
-The loops of the library loaded here are tested (`conv_native.conv_isa`): AVX-512 VNNI (dense and
-depthwise, full-range weights) or AVX2 (depthwise only; ``vpmaddubsw`` is exact for weights within
-±64, so the cases draw 7-bit weights there, up to ±64 itself, and the guard must refuse wider ones).
+The loops of the library loaded here are tested (`conv_native.conv_isa`): AVX-512 VNNI (full-range
+weights) or AVX2 (``vpmaddubsw`` is exact for weights within ±64, so the cases draw 7-bit weights
+there, up to ±64 itself, and the guard must refuse wider ones).
 """
 
 from __future__ import annotations
@@ -192,7 +192,6 @@ def test_guard_and_preference():
     _check(big_7x7)  # a named call runs native wherever its guard accepts
 
 
-@pytest.mark.skipif(not VNNI, reason="a dense plan (AVX2: test_avx2_plan_refuses_dense_and_wide_weights)")
 def test_plan_rejects_bad_inputs_with_named_errors():
     native.ensure()
     args = _args(1, 16, 16, 5, 3, 1, 1, 1, 1)
@@ -239,8 +238,9 @@ def test_native_thread_splits_give_the_reference(threads):
 
 
 @pytest.mark.skipif(VNNI, reason="VNNI sums full-range weights exactly: nothing to refuse")
-def test_avx2_guard_refuses_eight_bit_weights_and_dense_convs():
-    args = _args(1, 24, 24, 6, 3, 1, 1, 1, 24)
+@pytest.mark.parametrize("groups", [24, 1], ids=["depthwise", "dense"])
+def test_avx2_guard_refuses_eight_bit_weights(groups):
+    args = _args(1, 24, 24, 6, 3, 1, 1, 1, groups)
     assert conv_native.guard_native(*args, "relu", 0.05, 3, None) is None  # 7-bit: runs natively
     for wide in (65, -65, 127, -128):
         w = args[3].clone()
@@ -251,13 +251,10 @@ def test_avx2_guard_refuses_eight_bit_weights_and_dense_convs():
         assert int8_conv.choose(*wide_args, "relu", 0.05, 3, None) != "native"
         with pytest.raises(Exception, match="wider than"):
             int8_conv(*wide_args, "relu", 0.05, 3, None, impl="native")
-    dense = _args(1, 16, 8, 5, 1, 1, 0, 1, 1)
-    assert "no dense loop" in conv_native.guard_native(*dense, "none", None, 0, None)
-    assert int8_conv.choose(*dense, "none", None, 0, None) != "native"
 
 
 @pytest.mark.skipif(VNNI, reason="the checks of a build without VNNI")
-def test_avx2_plan_refuses_dense_and_wide_weights():
+def test_avx2_plan_refuses_wide_weights():
     native.ensure()
     x, xs, zp, w, ws, b, stride, pad, dil, groups = _args(1, 16, 16, 5, 3, 1, 1, 1, 16)
     plan = conv_native.make_plan(w, ws, b, xs, zp, stride, pad, dil, groups, "relu6", 0.02, 0)
@@ -270,7 +267,8 @@ def test_avx2_plan_refuses_dense_and_wide_weights():
     with pytest.raises(RuntimeError, match=r"wider than \+-64"):
         conv_native.make_plan(w, ws, b, xs, zp, stride, pad, dil, groups, "relu6", 0.02, 0)
     dense = _args(1, 16, 16, 5, 3, 1, 1, 1, 1)
-    with pytest.raises(RuntimeError, match="has no dense loop"):
+    dense[3][3, 2, 1, 0] = -65
+    with pytest.raises(RuntimeError, match=r"wider than \+-64"):
         conv_native.make_plan(*dense[3:6], dense[1], dense[2], *dense[6:], "none", None, 0)
 
 

@@ -1,4 +1,5 @@
-// Direct int8 convolutions of channels-last uint8 codes with AVX-512 VNNI, for the shapes where
+// Direct int8 convolutions of channels-last uint8 codes with AVX-512 VNNI (or AVX2, for weights
+// within +-64: conv_isa), for the shapes where
 // oneDNN's per-call cost (about 30 us, measured on a 16-channel 1x1 conv) is most of the work:
 // MobileNet-style pointwise and depthwise layers at batch 1. A 2d convolution (a 1d one is a 2d one
 // of unit height, done by the caller), with
@@ -23,11 +24,11 @@
 
 namespace quanta_native {
 
-// Which loops this build holds: "avx512_vnni" (dense and depthwise, any int8 weight), "avx2"
-// (depthwise; vpmaddubsw, exact for weights within +-64 only: ConvPlan checks) or "none".
+// Which loops this build holds (dense and depthwise): "avx512_vnni" (any int8 weight), "avx2"
+// (vpmaddubsw + vpmaddwd: exact for weights within +-64 only, which ConvPlan checks) or "none".
 const char* conv_isa() { return QUANTA_VNNI ? "avx512_vnni" : QUANTA_AVX2 ? "avx2" : "none"; }
 bool conv_has_depthwise() { return QUANTA_VNNI || QUANTA_AVX2; }
-bool conv_has_dense() { return QUANTA_VNNI; }
+bool conv_has_dense() { return QUANTA_VNNI || QUANTA_AVX2; }
 // the largest |weight code| whose vpmaddubsw pair sums (2 * 255 * |w|) fit int16 (AVX2 without VNNI)
 constexpr int kPairExactMax = 64;
 
@@ -71,10 +72,8 @@ torch::Tensor conv_packed(const torch::Tensor& x, const torch::Tensor& wpack, co
   if (g.pixels() > 0) {
     if (depthwise)
       depthwise_conv(x.data_ptr<uint8_t>(), g, wpack.data_ptr<int8_t>(), pad.data_ptr<uint8_t>(), e, dst, esize);
-#if QUANTA_VNNI
     else
       dense_conv(x.data_ptr<uint8_t>(), g, wpack.data_ptr<int8_t>(), pad.data_ptr<uint8_t>(), e, dst, esize);
-#endif
   }
 #endif
   return out;
@@ -201,7 +200,7 @@ torch::Tensor quantize_to_channels_last(const torch::Tensor& x, double inv, int6
 }
 
 void bind_conv(pybind11::module& m) {
-  m.def("conv_isa", &conv_isa, "the direct int8 convolution's loops: avx512_vnni, avx2 (depthwise) or none");
+  m.def("conv_isa", &conv_isa, "the direct int8 convolution's loops: avx512_vnni, avx2 (weights within +-64) or none");
   m.def("quantize_to_channels_last", &quantize_to_channels_last,
         "static per-tensor uint8 quantization of NCHW float32 into channels-last codes");
   pybind11::class_<ConvPlan>(m, "ConvPlan", "a direct int8 convolution with everything but its input settled")

@@ -1,7 +1,6 @@
 // The direct int8 convolution's depthwise loop (groups = C = O).
 #include "conv_kernels.h"
 
-#include <cstring>
 #include <type_traits>
 
 namespace quanta_native {
@@ -26,26 +25,9 @@ namespace {
 // second reads the upper lanes of the packed weights: channels 32 .. 63, see `position`); the dot
 // product is vpmaddubsw + vpmaddwd, exact only for weights within +-64 (conv.cpp checks); and with
 // no byte masks, a vector past the last channel is read and written through a bounce buffer.
+// (AVX2's M: how many bytes of the vector lie before the last channel, at most the vector's)
 template <int BYTES>
 struct Vec;
-
-#if QUANTA_AVX2 && !QUANTA_VNNI
-// AVX2's "mask": how many bytes of the vector lie before the last channel (at most the vector's)
-template <class I>
-inline I bounce_load(int64_t n, const void* p) {
-  alignas(32) uint8_t b[sizeof(I)] = {};
-  std::memcpy(b, p, static_cast<size_t>(n));
-  I v;
-  std::memcpy(&v, b, sizeof(I));
-  return v;
-}
-template <class I>
-inline void bounce_store(char* p, int64_t n, I v) {
-  alignas(32) uint8_t b[sizeof(I)];
-  std::memcpy(b, &v, sizeof(I));
-  std::memcpy(p, b, static_cast<size_t>(n));
-}
-#endif
 
 #if QUANTA_VNNI
 template <>
@@ -106,19 +88,10 @@ struct Vec<32> {
   static I lanes4(__m128i v) { return _mm256_broadcastsi128_si256(v); }
   static I shuffle(I a, I control) { return _mm256_shuffle_epi8(a, control); }
   static I pack(I a, I b, I c, I d) { return _mm256_packus_epi16(_mm256_packus_epi32(a, b), _mm256_packus_epi32(c, d)); }
-  // values16 / codes16 on 8 lanes (explicit round half to even, then an exact conversion)
   static F values(I acc, int64_t o, const Epilogue& e) {
-    const I a = _mm256_sub_epi32(acc, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(e.corr + o)));
-    F y = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(a), _mm256_loadu_ps(e.mult + o)), _mm256_loadu_ps(e.bias + o));
-    if (e.post != kPostNone) y = _mm256_max_ps(y, _mm256_setzero_ps());  // relu or relu6 (conv_packed checks)
-    if (e.post == kPostRelu6) y = _mm256_min_ps(y, _mm256_set1_ps(6.f));
-    return y;
+    return values8_corrected(_mm256_sub_epi32(acc, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(e.corr + o))), o, e);
   }
-  static I codes(F y, const Epilogue& e) {
-    const F q = _mm256_min_ps(_mm256_mul_ps(y, _mm256_set1_ps(e.inv)), _mm256_set1_ps(255.f - e.z));
-    return _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_round_ps(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)),
-                            _mm256_set1_epi32(static_cast<int32_t>(e.z)));
-  }
+  static I codes(F y, const Epilogue& e) { return codes8(y, e); }
   static void store_values(float* y, F v) { _mm256_store_ps(y, v); }
 };
 
