@@ -119,19 +119,34 @@ PREFER_ONEDNN_REDUCTION = 64
 PREFER_ONEDNN_DEPTHWISE_OUTPUTS = 512 * 1024
 #: depthwise kernels with the native loop's interior runs (conv_depthwise.cpp, ``run_loop``)
 DEPTHWISE_RUN_KERNELS = ((3, 3), (5, 5))
+#: the AVX2 build (no VNNI; 7-bit weights), measured side by side on a shared 2-core AMD EPYC with
+#: benchmarks/conv_layers_avx2.py (every MobileNetV2 / TF-MobileNet / ResNet-18 layer, batch 1 and
+#: 16, 2 threads, best of interleaved rounds): the depthwise loop beat oneDNN on every 3x3 layer
+#: (batch 1: 1.8-5.5x; batch 16: 1.2-4.3x). The dense loop (4 pixels x 16 channels, vpmaddubsw)
+#: saves oneDNN's per-call cost: faster up to ~160 K outputs (batch 1 from 28x28 down: 1.2-3.4x)
+#: and on long sums (ResNet-18's 3x3 convs of 128-512 channels, batch 16: 1.0-1.4x), slower on
+#: large outputs of shorter sums (batch 16 1x1 convs, and batch 1 at 56x56 / 112x112: 0.2-0.9x).
+AVX2_DENSE_NATIVE_OUTPUTS = 160 * 1024
+AVX2_DENSE_NATIVE_REDUCTION = 1024
 
 
 def prefer_onednn(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: torch.Tensor, w_scale: torch.Tensor,
                   bias: torch.Tensor | None, stride: Sequence[int], padding: Sequence[int],
                   dilation: Sequence[int], groups: int, post_op: str, out_scale: float | None,
                   out_zero_point: int, packed: torch.Tensor | None) -> str | None:
-    """Why oneDNN is faster for these inputs (see `PREFER_ONEDNN_OUTPUTS`), or None."""
+    """Why oneDNN is faster for these inputs (see `PREFER_ONEDNN_OUTPUTS`; AVX2 builds:
+    `AVX2_DENSE_NATIVE_OUTPUTS`), or None."""
 
     reduction = weight[0].numel()
     outputs = 1
     for s in conv_output_shape(x.shape, weight.shape, stride, padding, dilation):
         outputs *= s
     kernel = tuple(weight.shape[2:])
+    if groups == 1 and outputs > AVX2_DENSE_NATIVE_OUTPUTS and reduction < AVX2_DENSE_NATIVE_REDUCTION \
+            and conv_isa() == "avx2":
+        return (f"a dense conv of {outputs} outputs of {reduction}-product sums on the AVX2 build (no VNNI): "
+                f"oneDNN's kernel is faster above {AVX2_DENSE_NATIVE_OUTPUTS} outputs of sums shorter than "
+                f"{AVX2_DENSE_NATIVE_REDUCTION}")
     if groups > 1 and kernel not in DEPTHWISE_RUN_KERNELS and outputs > PREFER_ONEDNN_DEPTHWISE_OUTPUTS:
         return (f"a depthwise conv of {outputs} outputs with a {'x'.join(map(str, kernel))} kernel (no native "
                 f"interior-run loop): oneDNN's kernel is faster there")
@@ -232,6 +247,6 @@ def run_native(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: torch
                        post_op, out_scale, out_zero_point)(x)
 
 
-__all__ = ["DEPTHWISE_RUN_KERNELS", "ISA_KINDS", "PREFER_ONEDNN_DEPTHWISE_OUTPUTS", "PREFER_ONEDNN_OUTPUTS",
+__all__ = ["AVX2_DENSE_NATIVE_OUTPUTS", "AVX2_DENSE_NATIVE_REDUCTION", "DEPTHWISE_RUN_KERNELS", "ISA_KINDS", "PREFER_ONEDNN_DEPTHWISE_OUTPUTS", "PREFER_ONEDNN_OUTPUTS",
            "PREFER_ONEDNN_REDUCTION", "compiled_run", "conv_isa", "guard_native", "make_plan", "native_available",
            "native_call", "native_limits", "pack_weight", "plan_call", "prefer_onednn", "run_native"]

@@ -192,6 +192,27 @@ def test_guard_and_preference():
     _check(big_7x7)  # a named call runs native wherever its guard accepts
 
 
+@pytest.mark.skipif(VNNI, reason="the AVX2 build's choices (VNNI: test_guard_and_preference)")
+def test_avx2_guard_and_preference():
+    """auto on the AVX2 build (conv_native.AVX2_DENSE_NATIVE_OUTPUTS, measured): native for depthwise
+    3x3 / 5x5 convs and dense convs of up to ~160 K outputs or long sums, oneDNN for other dense ones."""
+    limit = conv_native.AVX2_DENSE_NATIVE_OUTPUTS
+    for small in (_args(1, 144, 32, 28, 1, 1, 0, 1, 1), _args(1, 576, 160, 7, 1, 1, 0, 1, 1),
+                  _args(16, 64, 64, 7, 3, 1, 1, 1, 1)):  # 25 K, 7.8 K and 50 K outputs
+        assert conv_native.prefer_onednn(*small, "relu6", 0.05, 3, None) is None
+        assert int8_conv.choose(*small, "relu6", 0.05, 3, None) == "native"
+    big = _args(1, 16, 96, 112, 1, 1, 0, 1, 1)  # 1.2 M outputs of 16-product sums
+    why = conv_native.prefer_onednn(*big, "relu6", 0.05, 3, None)
+    assert why is not None and f"faster above {limit} outputs" in why
+    assert int8_conv.choose(*big, "relu6", 0.05, 3, None) == "onednn"
+    long_sums = _args(4, 128, 128, 28, 3, 1, 1, 1, 1)  # 400 K outputs of 1152-product sums
+    assert int8_conv.choose(*long_sums, "relu6", 0.05, 3, None) == "native"
+    for kernel in (3, 5):  # depthwise: native at any size
+        big_depthwise = _args(2, 32, 32, 112, kernel, 1, kernel // 2, 1, 32)
+        assert int8_conv.choose(*big_depthwise, "relu6", 0.05, 3, None) == "native"
+    _check(_args(1, 16, 24, 40, 1, 1, 0, 1, 1))  # a named call runs native wherever its guard accepts
+
+
 def test_plan_rejects_bad_inputs_with_named_errors():
     native.ensure()
     args = _args(1, 16, 16, 5, 3, 1, 1, 1, 1)
@@ -286,16 +307,16 @@ class _TFDepthwiseConv(torch.nn.Conv2d):
 
 
 def test_seven_bit_depthwise_model_runs_native_and_equals_the_reference():
-    """A MobileNet-style depthwise stack quantized with 7-bit weights (plain and TF-ported convs,
-    asymmetric padding folded in): its depthwise convs run the native loop (VNNI or AVX2) and the
-    model's output equals the reference backend's bit for bit."""
+    """A MobileNet-style stack quantized with 7-bit weights (plain and TF-ported depthwise convs,
+    asymmetric padding folded in, a pointwise conv onto 24 channels): every conv runs the native
+    loops (VNNI or AVX2) and the model's output equals the reference backend's bit for bit."""
     import quanta
     from quanta.integer.conv import _Int8ConvNd
 
     torch.manual_seed(0)
     dw = (lambda c, k, s=1: torch.nn.Conv2d(c, c, k, s, padding=k // 2, groups=c))
-    model = torch.nn.Sequential(dw(40, 3), torch.nn.ReLU6(), _TFDepthwiseConv(40, 3, stride=2), torch.nn.ReLU6(),
-                                dw(40, 5, 2), torch.nn.ReLU(), _TFDepthwiseConv(40, 5)).eval()
+    model = torch.nn.Sequential(dw(40, 3), torch.nn.ReLU6(), torch.nn.Conv2d(40, 24, 1), _TFDepthwiseConv(24, 3, 2),
+                                torch.nn.ReLU6(), dw(24, 5, 2), torch.nn.ReLU(), _TFDepthwiseConv(24, 5)).eval()
     images = [torch.rand(8, 40, 16, 16) for _ in range(2)]
     sim = quanta.calibrate(quanta.prepare(model, quanta.preset("static_int8", weight_bits=7)), images, progress=False)
     fast, ref = quanta.convert(sim, speed_check=False), quanta.convert(sim, backend="reference", speed_check=False)
@@ -303,7 +324,7 @@ def test_seven_bit_depthwise_model_runs_native_and_equals_the_reference():
     with torch.no_grad():
         assert torch.equal(fast(x), ref(x))
     convs = [m for m in fast.modules() if isinstance(m, _Int8ConvNd)]
-    assert len(convs) == 4 and all(set(m.kernel_counts) == {"native"} for m in convs), \
+    assert len(convs) == 5 and all(set(m.kernel_counts) == {"native"} for m in convs), \
         [m.kernel_counts for m in convs]
 
 
