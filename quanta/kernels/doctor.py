@@ -69,7 +69,7 @@ class DoctorReport:
                                                                      "no (this CPU lacks it: int_mm_native runs)"))
         if self.native_conv_isa is not None:
             lines.append(f"  int8 conv native loops: {self.native_conv_isa}" + (
-                " (depthwise only; weights within ±64, e.g. weight_bits=7)" if self.native_conv_isa == "avx2" else ""))
+                " (dense and depthwise; weights within ±64, e.g. weight_bits=7)" if self.native_conv_isa == "avx2" else ""))
         lines.append("kernel ops (implementations in the order impl='auto' tries them; a missing one falls back "
                      "to the next):")
         width = max((len(op.name) for op in self.ops), default=0)
