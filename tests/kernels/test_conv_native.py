@@ -75,6 +75,7 @@ DENSE = {
     "3x3-stride2": (3, 8, 24, 13, 3, 2, 1, 1, 1),
     "5x5-dilated": (1, 4, 17, 12, 5, 1, 4, 2, 1),
     "2x2-wide-pad": (1, 8, 48, 5, 2, 1, 3, 1, 1),  # pads past the kernel's reach: all-pad rows
+    "7x7-stride2-pad3": (2, 4, 20, 15, 7, 2, 3, 1, 1),  # a ResNet-style stem (4 channels); 20 = 16 + 4
 }
 DEPTHWISE = {
     "3x3-c16": (1, 16, 16, 9, 3, 1, 1, 1, 16),  # 128-bit vectors; 9 taps = 4 + 4 + 1 (the last tap alone)
