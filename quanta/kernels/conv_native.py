@@ -142,14 +142,15 @@ def prefer_onednn(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: to
     for s in conv_output_shape(x.shape, weight.shape, stride, padding, dilation):
         outputs *= s
     kernel = tuple(weight.shape[2:])
-    if groups == 1 and outputs > AVX2_DENSE_NATIVE_OUTPUTS and reduction < AVX2_DENSE_NATIVE_REDUCTION \
-            and conv_isa() == "avx2":
-        return (f"a dense conv of {outputs} outputs of {reduction}-product sums on the AVX2 build (no VNNI): "
-                f"oneDNN's kernel is faster above {AVX2_DENSE_NATIVE_OUTPUTS} outputs of sums shorter than "
-                f"{AVX2_DENSE_NATIVE_REDUCTION}")
     if groups > 1 and kernel not in DEPTHWISE_RUN_KERNELS and outputs > PREFER_ONEDNN_DEPTHWISE_OUTPUTS:
         return (f"a depthwise conv of {outputs} outputs with a {'x'.join(map(str, kernel))} kernel (no native "
                 f"interior-run loop): oneDNN's kernel is faster there")
+    if conv_isa() == "avx2":  # (its own table: depthwise 3x3 / 5x5 native at every size)
+        if groups == 1 and outputs > AVX2_DENSE_NATIVE_OUTPUTS and reduction < AVX2_DENSE_NATIVE_REDUCTION:
+            return (f"a dense conv of {outputs} outputs of {reduction}-product sums on the AVX2 build (no VNNI): "
+                    f"oneDNN's kernel is faster above {AVX2_DENSE_NATIVE_OUTPUTS} outputs of sums shorter than "
+                    f"{AVX2_DENSE_NATIVE_REDUCTION}")
+        return None
     if outputs > PREFER_ONEDNN_OUTPUTS and reduction < PREFER_ONEDNN_REDUCTION:
         return f"{outputs} outputs of {reduction}-product sums: oneDNN's kernel is faster there"
     return None

@@ -208,8 +208,9 @@ def test_avx2_guard_and_preference():
     assert int8_conv.choose(*big, "relu6", 0.05, 3, None) == "onednn"
     long_sums = _args(4, 128, 128, 28, 3, 1, 1, 1, 1)  # 400 K outputs of 1152-product sums
     assert int8_conv.choose(*long_sums, "relu6", 0.05, 3, None) == "native"
-    for kernel in (3, 5):  # depthwise: native at any size
-        big_depthwise = _args(2, 32, 32, 112, kernel, 1, kernel // 2, 1, 32)
+    for kernel in (3, 5):  # depthwise: native at any size (batch 16 at 112x112: 6.4 M outputs of 9 products)
+        big_depthwise = _args(16, 32, 32, 112, kernel, 1, kernel // 2, 1, 32)
+        assert conv_native.prefer_onednn(*big_depthwise, "relu6", 0.05, 3, None) is None
         assert int8_conv.choose(*big_depthwise, "relu6", 0.05, 3, None) == "native"
     _check(_args(1, 16, 24, 40, 1, 1, 0, 1, 1))  # a named call runs native wherever its guard accepts
 
