@@ -324,7 +324,7 @@ int8_conv = KernelOp(
     "int8_conv", SCHEMA, reference,
     impls=[Impl("native", validating(conv_native.run_native), conv_native.guard_native,
                 available=conv_native.native_available, unchecked=conv_native.run_native, traceable=False,
-                prefer=conv_native.prefer_onednn),
+                prefer=conv_native.prefer_onednn, limits=conv_native.native_limits),
            Impl("onednn", validating(_onednn_run), _onednn_guard, available=_onednn_available, unchecked=_onednn_run,
                 limits=_onednn_limits)],
     fake=_fake,

@@ -18,8 +18,11 @@ dilation, with
 Exact: the integer sums are the reference's, and the epilogue is the reference's own float32
 arithmetic (``float32(acc) · float32(x_scale · w_scale) + bias``, post-op, requantization), so
 outputs equal the reference bit for bit (oneDNN's rescale rounds differently, by a few ulps).
-Needs the native library built with
-AVX-512 VNNI; 3d convolutions and other groupings run on oneDNN.
+Needs the native library built with AVX-512 VNNI (`conv_isa` ``"avx512_vnni"``: any int8 weight)
+or AVX2 (``"avx2"``: 256-bit vectors, with ``vpmaddubsw`` + ``vpmaddwd`` in place of ``vpdpbusd``:
+exact only for weights within ±64, e.g. ``weight_bits=7``, so the guard refuses wider ones; dense
+tiles of 4 pixels × 16 channels, depthwise groups as two 256-bit halves); 3d convolutions and
+other groupings run on oneDNN.
 """
 
 from __future__ import annotations
@@ -31,14 +34,34 @@ import torch
 from . import native
 from .conv_shapes import conv_output_shape
 from .post_ops import CLAMP_POST_OPS, codes_for
+from .u8s8_saturation import SEVEN_BIT_MAX, weight_code_max
 
 _POST = codes_for(CLAMP_POST_OPS)  # csrc/post_op.h
 #: largest |x - zp| · |w| of one product (as in conv.py): sums of up to 2^31 / this many fit int32
 _MAX_PRODUCT = 255 * 128
 
 
+def conv_isa() -> str:
+    """The direct convolution's loops in the loaded library: ``"avx512_vnni"`` (any int8 weight),
+    ``"avx2"`` (weights within ±64) or ``"none"`` (also: no library)."""
+    return str(native.module().conv_isa()) if native.ready() else "none"
+
+
+#: the kinds of convolution each ISA's build has a loop for
+ISA_KINDS = {"avx512_vnni": ("dense", "depthwise"), "avx2": ("dense", "depthwise"), "none": ()}
+
+
 def native_available() -> bool:
-    return native.ready() and bool(native.module().gemv_has_vnni())
+    return conv_isa() != "none"
+
+
+def native_limits() -> str | None:
+    """What this build's loops leave out, in words (`quanta doctor`), or None (VNNI: nothing)."""
+    isa = conv_isa()
+    if isa != "avx2":
+        return None
+    return (f"AVX2 build: weights within ±{SEVEN_BIT_MAX} only (7-bit, weight_bits=7); without VNNI wider "
+            "weights saturate vpmaddubsw")
 
 
 def _kind(x_channels: int, weight: torch.Tensor, groups: int) -> str | None:
@@ -69,6 +92,17 @@ def guard_native(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: tor
         return f"a reduction of {weight[0].numel()} products may overflow the int32 accumulator"
     if post_op not in _POST:
         return f"post_op {post_op!r} is not supported"
+    isa = conv_isa()
+    kind = _kind(x.shape[1], weight, groups)
+    if kind not in ISA_KINDS[isa]:
+        return f"this CPU's build ({isa}) has no {kind} loop (AVX-512 VNNI has both)"
+    if isa != "avx512_vnni":
+        peak = weight_code_max(weight)
+        if peak < 0:
+            return "weight codes never measured outside torch.compile (without VNNI their bound decides exactness)"
+        if peak > SEVEN_BIT_MAX:
+            return (f"weights wider than ±{SEVEN_BIT_MAX} (8-bit, up to ±{peak}) saturate vpmaddubsw pair sums "
+                    f"without VNNI; 7-bit weights (weight_bits=7) run exactly")
     return None
 
 
@@ -85,13 +119,23 @@ PREFER_ONEDNN_REDUCTION = 64
 PREFER_ONEDNN_DEPTHWISE_OUTPUTS = 512 * 1024
 #: depthwise kernels with the native loop's interior runs (conv_depthwise.cpp, ``run_loop``)
 DEPTHWISE_RUN_KERNELS = ((3, 3), (5, 5))
+#: the AVX2 build (no VNNI; 7-bit weights), measured side by side on a shared 2-core AMD EPYC with
+#: benchmarks/conv_layers_avx2.py (every MobileNetV2 / TF-MobileNet / ResNet-18 layer, batch 1 and
+#: 16, 2 threads, best of interleaved rounds): the depthwise loop beat oneDNN on every 3x3 layer
+#: (batch 1: 1.8-5.5x; batch 16: 1.2-4.3x). The dense loop (4 pixels x 16 channels, vpmaddubsw)
+#: saves oneDNN's per-call cost: faster up to ~160 K outputs (batch 1 from 28x28 down: 1.2-3.4x)
+#: and on long sums (ResNet-18's 3x3 convs of 128-512 channels, batch 16: 1.0-1.4x), slower on
+#: large outputs of shorter sums (batch 16 1x1 convs, and batch 1 at 56x56 / 112x112: 0.2-0.9x).
+AVX2_DENSE_NATIVE_OUTPUTS = 160 * 1024
+AVX2_DENSE_NATIVE_REDUCTION = 1024
 
 
 def prefer_onednn(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: torch.Tensor, w_scale: torch.Tensor,
                   bias: torch.Tensor | None, stride: Sequence[int], padding: Sequence[int],
                   dilation: Sequence[int], groups: int, post_op: str, out_scale: float | None,
                   out_zero_point: int, packed: torch.Tensor | None) -> str | None:
-    """Why oneDNN is faster for these inputs (see `PREFER_ONEDNN_OUTPUTS`), or None."""
+    """Why oneDNN is faster for these inputs (see `PREFER_ONEDNN_OUTPUTS`; AVX2 builds:
+    `AVX2_DENSE_NATIVE_OUTPUTS`), or None."""
 
     reduction = weight[0].numel()
     outputs = 1
@@ -101,6 +145,12 @@ def prefer_onednn(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: to
     if groups > 1 and kernel not in DEPTHWISE_RUN_KERNELS and outputs > PREFER_ONEDNN_DEPTHWISE_OUTPUTS:
         return (f"a depthwise conv of {outputs} outputs with a {'x'.join(map(str, kernel))} kernel (no native "
                 f"interior-run loop): oneDNN's kernel is faster there")
+    if conv_isa() == "avx2":  # (its own table: depthwise 3x3 / 5x5 native at every size)
+        if groups == 1 and outputs > AVX2_DENSE_NATIVE_OUTPUTS and reduction < AVX2_DENSE_NATIVE_REDUCTION:
+            return (f"a dense conv of {outputs} outputs of {reduction}-product sums on the AVX2 build (no VNNI): "
+                    f"oneDNN's kernel is faster above {AVX2_DENSE_NATIVE_OUTPUTS} outputs of sums shorter than "
+                    f"{AVX2_DENSE_NATIVE_REDUCTION}")
+        return None
     if outputs > PREFER_ONEDNN_OUTPUTS and reduction < PREFER_ONEDNN_REDUCTION:
         return f"{outputs} outputs of {reduction}-product sums: oneDNN's kernel is faster there"
     return None
@@ -198,6 +248,6 @@ def run_native(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: torch
                        post_op, out_scale, out_zero_point)(x)
 
 
-__all__ = ["DEPTHWISE_RUN_KERNELS", "PREFER_ONEDNN_DEPTHWISE_OUTPUTS", "PREFER_ONEDNN_OUTPUTS",
-           "PREFER_ONEDNN_REDUCTION", "compiled_run", "guard_native", "make_plan", "native_available", "native_call",
-           "pack_weight", "plan_call", "prefer_onednn", "run_native"]
+__all__ = ["AVX2_DENSE_NATIVE_OUTPUTS", "AVX2_DENSE_NATIVE_REDUCTION", "DEPTHWISE_RUN_KERNELS", "ISA_KINDS", "PREFER_ONEDNN_DEPTHWISE_OUTPUTS", "PREFER_ONEDNN_OUTPUTS",
+           "PREFER_ONEDNN_REDUCTION", "compiled_run", "conv_isa", "guard_native", "make_plan", "native_available",
+           "native_call", "native_limits", "pack_weight", "plan_call", "prefer_onednn", "run_native"]

@@ -46,6 +46,7 @@ class DoctorReport:
     compile_flags: list[str]
     native_vnni: bool | None  # int8 GEMV/GEMM compiled with AVX-512 VNNI (None: no library)
     ops: list[OpState] = field(default_factory=list)
+    native_conv_isa: str | None = None  # the direct int8 conv's loops (conv_native.conv_isa; None: no library)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,6 +67,9 @@ class DoctorReport:
         if self.native_vnni is not None:
             lines.append("  int8 GEMV / GEMM with AVX-512 VNNI: " + ("yes" if self.native_vnni else
                                                                      "no (this CPU lacks it: int_mm_native runs)"))
+        if self.native_conv_isa is not None:
+            lines.append(f"  int8 conv native loops: {self.native_conv_isa}" + (
+                " (dense and depthwise; weights within ±64, e.g. weight_bits=7)" if self.native_conv_isa == "avx2" else ""))
         lines.append("kernel ops (implementations in the order impl='auto' tries them; a missing one falls back "
                      "to the next):")
         width = max((len(op.name) for op in self.ops), default=0)
@@ -134,7 +138,8 @@ def diagnose(build: bool = False) -> DoctorReport:
     return DoctorReport(versions=versions, python_prefix=sys.prefix, cpu=f"{cfg.cpu_model()} ({platform.machine()})",
                         cpu_features=[f for f in relevant if f in have],
                         cpu_features_missing=[f for f in relevant if f not in have], native=native.info(),
-                        compile_flags=cfg.compile_flags(), native_vnni=vnni, ops=[_op_state(op, vnni) for op in kernel_ops()])
+                        compile_flags=cfg.compile_flags(), native_vnni=vnni, ops=[_op_state(op, vnni) for op in kernel_ops()],
+                        native_conv_isa=str(native.module().conv_isa()) if native.ready() else None)
 
 
 __all__ = ["DoctorReport", "ImplState", "OpState", "diagnose", "kernel_ops"]

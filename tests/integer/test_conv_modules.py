@@ -15,6 +15,7 @@ from torch import nn
 import quanta
 from quanta.core import QuantSpec, quantize
 from quanta.integer.conv import Int8Conv1d, Int8Conv2d, Int8Conv3d
+from quanta.kernels import conv_native
 from quanta.kernels.conv import ONEDNN_SATURATION, int8_conv
 from quanta.nn import LayerQuantConfig, QuantDescriptor
 from quanta.nn.modules.weighted import QuantConv2d
@@ -23,7 +24,8 @@ REL = 1e-5
 # (full-range weights; without VNNI oneDNN runs only 7-bit ones: tests/kernels/test_u8s8_seven_bit.py)
 HAS_ONEDNN = "onednn" in int8_conv.available_impls() and ONEDNN_SATURATION.exact()
 #: the fast implementations this machine has (native where its guards accept, else oneDNN)
-FAST = tuple(i for i in int8_conv.available_impls() if i != "reference" and (i != "onednn" or HAS_ONEDNN)) or ("reference",)
+FAST = tuple(i for i in int8_conv.available_impls() if i != "reference" and (i != "onednn" or HAS_ONEDNN)
+             and (i != "native" or conv_native.conv_isa() == "avx512_vnni")) or ("reference",)  # (AVX2: 7-bit only)
 
 
 def fast_calls(m) -> int:

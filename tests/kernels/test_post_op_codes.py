@@ -102,7 +102,7 @@ def test_native_linear_epilogue_refuses_relu6():
         native.module().apply_post_op_(torch.zeros(3), POST_OP_CODES["relu6"])
 
 
-@pytest.mark.skipif("native" not in int8_conv.available_impls(), reason="native int8 conv (AVX-512 VNNI) not here")
+@pytest.mark.skipif(not conv_native.conv_isa() == "avx512_vnni", reason="native int8 conv (AVX-512 VNNI) not here")
 @pytest.mark.parametrize("groups", [1, 16], ids=["dense", "depthwise"])
 @pytest.mark.parametrize("post", CLAMP_POST_OPS)
 @pytest.mark.parametrize("out", [(None, 0), (0.05, 3)], ids=["float", "uint8"])

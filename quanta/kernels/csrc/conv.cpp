@@ -1,4 +1,5 @@
-// Direct int8 convolutions of channels-last uint8 codes with AVX-512 VNNI, for the shapes where
+// Direct int8 convolutions of channels-last uint8 codes with AVX-512 VNNI (or AVX2, for weights
+// within +-64: conv_isa), for the shapes where
 // oneDNN's per-call cost (about 30 us, measured on a 16-channel 1x1 conv) is most of the work:
 // MobileNet-style pointwise and depthwise layers at batch 1. A 2d convolution (a 1d one is a 2d one
 // of unit height, done by the caller), with
@@ -19,7 +20,17 @@
 #include "common.h"
 #include "conv_kernels.h"
 
+#include <cstdlib>
+
 namespace quanta_native {
+
+// Which loops this build holds (dense and depthwise): "avx512_vnni" (any int8 weight), "avx2"
+// (vpmaddubsw + vpmaddwd: exact for weights within +-64 only, which ConvPlan checks) or "none".
+const char* conv_isa() { return QUANTA_VNNI ? "avx512_vnni" : QUANTA_AVX2 ? "avx2" : "none"; }
+bool conv_has_depthwise() { return QUANTA_VNNI || QUANTA_AVX2; }
+bool conv_has_dense() { return QUANTA_VNNI || QUANTA_AVX2; }
+// the largest |weight code| whose vpmaddubsw pair sums (2 * 255 * |w|) fit int16 (AVX2 without VNNI)
+constexpr int kPairExactMax = 64;
 
 // The convolution of channels-last uint8 codes x [N, C, H, W] with everything else given: the
 // packed weight, the per-position constants (corr int32, mult / bias float32, in the loops'
@@ -51,7 +62,9 @@ torch::Tensor conv_packed(const torch::Tensor& x, const torch::Tensor& wpack, co
   TORCH_CHECK(g.OH > 0 && g.OW > 0, "ConvPlan.run: input ", x.sizes(), " is smaller than the kernel");
   auto out = torch::empty({g.N, O, g.OH, g.OW},
                           x.options().dtype(codes ? torch::kUInt8 : torch::kFloat32).memory_format(at::MemoryFormat::ChannelsLast));
-#if QUANTA_VNNI
+  TORCH_CHECK(depthwise ? conv_has_depthwise() : conv_has_dense(), "conv_packed: this build has no ",
+              depthwise ? "depthwise" : "dense", " loop (", conv_isa(), ")");
+#if QUANTA_VNNI || QUANTA_AVX2
   const Epilogue e{corr.data_ptr<int32_t>(), mult.data_ptr<float>(), bias.data_ptr<float>(),
                    static_cast<int>(params[11]), codes, static_cast<float>(inv), static_cast<float>(z)};
   char* dst = static_cast<char*>(out.data_ptr());
@@ -62,8 +75,6 @@ torch::Tensor conv_packed(const torch::Tensor& x, const torch::Tensor& wpack, co
     else
       dense_conv(x.data_ptr<uint8_t>(), g, wpack.data_ptr<int8_t>(), pad.data_ptr<uint8_t>(), e, dst, esize);
   }
-#else
-  TORCH_CHECK(false, "conv_packed: this build has no AVX-512 VNNI");
 #endif
   return out;
 }
@@ -83,7 +94,8 @@ class ConvPlan {
            std::vector<int64_t> dilation, bool depthwise, int64_t post, c10::optional<double> out_scale,
            int64_t out_zp)
       : wpack_(std::move(wpack)) {
-    TORCH_CHECK(QUANTA_VNNI, "ConvPlan: this build has no AVX-512 VNNI");
+    TORCH_CHECK(depthwise ? conv_has_depthwise() : conv_has_dense(), "ConvPlan: this build (", conv_isa(),
+                ") has no ", depthwise ? "depthwise" : "dense", " loop");
     TORCH_CHECK(kernel.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
                 "ConvPlan: kernel, stride, padding and dilation need 2 values each");
     const int64_t T = kernel[0] * kernel[1], O16 = (O + 15) / 16 * 16, O64 = (O + 63) / 64 * 64;
@@ -98,6 +110,13 @@ class ConvPlan {
                                                  : std::vector<int64_t>{O16 / 16, T, C / 4, 16, 4};
     TORCH_CHECK(wpack_.scalar_type() == torch::kInt8 && wpack_.is_contiguous() && wpack_.sizes().vec() == shape,
                 "ConvPlan: wpack must be contiguous int8 ", c10::IntArrayRef(shape), ", got ", wpack_.sizes());
+    if (!QUANTA_VNNI) {
+      const int8_t* wp = wpack_.data_ptr<int8_t>();
+      int peak = 0;
+      for (int64_t i = 0; i < wpack_.numel(); ++i) peak = std::max(peak, std::abs(static_cast<int>(wp[i])));
+      TORCH_CHECK(peak <= kPairExactMax, "ConvPlan: weight codes up to +-", peak, " are wider than +-", kPairExactMax,
+                  ": without VNNI (", conv_isa(), ") vpmaddubsw pair sums would saturate; 7-bit weights run exactly");
+    }
     const float* b = check_epilogue("ConvPlan", 1, O, torch::zeros({1}, torch::kInt32), w_sum,
                                     torch::ones({1}, torch::kFloat32), w_scale, bias);
     corr_ = torch::zeros({O64}, torch::kInt32);
@@ -181,6 +200,7 @@ torch::Tensor quantize_to_channels_last(const torch::Tensor& x, double inv, int6
 }
 
 void bind_conv(pybind11::module& m) {
+  m.def("conv_isa", &conv_isa, "the direct int8 convolution's loops: avx512_vnni, avx2 (weights within +-64) or none");
   m.def("quantize_to_channels_last", &quantize_to_channels_last,
         "static per-tensor uint8 quantization of NCHW float32 into channels-last codes");
   pybind11::class_<ConvPlan>(m, "ConvPlan", "a direct int8 convolution with everything but its input settled")

@@ -2,18 +2,27 @@
 // channels, weights packed [O/16][taps][C/4][16][4]. It runs the direct int8 convolution
 // (groups = 1, C % 4 == 0; uint8 codes, per-channel epilogue) and, as a 1x1 convolution of one
 // pixel per row, the int8 linear (int8 codes read as uint8 + 128, per-row epilogue: dense_gemm).
+// Without VNNI (AVX2) the convolution's tiles are 4 pixels x 16 channels in 256-bit vectors (8 of
+// AVX2's 16 registers hold the sums), vpmaddubsw + vpmaddwd in place of vpdpbusd: exact only for
+// weights within +-64 (ConvPlan checks); the segments, tasks and weight layout are the same.
 #include "conv_kernels.h"
 
 #include <cstring>
 
 namespace quanta_native {
-#if QUANTA_VNNI
+#if QUANTA_VNNI || QUANTA_AVX2
 namespace {
 
+#if QUANTA_VNNI
 constexpr int kMR = 6;         // output pixels per register tile
 constexpr int kNB = 4;         // 16-channel blocks per register tile (64 output channels)
+#else
+constexpr int kMR = 4;
+constexpr int kNB = 1;
+#endif
 constexpr int64_t kChunk = 8;  // register tiles per parallel task, at most
 
+#if QUANTA_VNNI
 // Where a tile's sums go. Store::kFlip: XORed into every 4 input bytes (0x80808080 reads int8
 // codes as uint8 + 128); init<NB>(acc, o0): the sums' starting values for channels o0 ..;
 // store<NB>(acc, p, o0): the NB blocks of 16 sums of pixel p from channel o0.
@@ -124,6 +133,92 @@ DenseTile<Store> dense_tile_for(int mr, int nb) {
     default: return dense_tile_for<6, Store>(nb);
   }
 }
+#else  // AVX2
+
+struct ConvStore {  // the per-channel Epilogue, uint8 codes or float32 out; sums in 8-lane halves
+  static constexpr uint32_t kFlip = 0;
+  const Epilogue& e;
+  char* out;
+  int64_t O, esize;
+  template <int NB>  // -corr (zp * sum w): the sums come out corrected (int32 wraps exactly)
+  void init(__m256i* acc, int64_t o0) const {
+    for (int j = 0; j < 2 * NB; ++j)
+      acc[j] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(e.corr + o0 + 8 * j)));
+  }
+  template <int NB>
+  void store(const __m256i* acc, int64_t p, int64_t o0) const {
+    for (int j = 0; j < NB; ++j) store16(acc + 2 * j, o0 + 16 * j, out + p * O * esize);
+  }
+  // channels o .. o + 15 (up to O) of a pixel's output row; tails through a bounce buffer
+  void store16(const __m256i* acc, int64_t o, char* row) const {
+    if (o >= O) return;
+    const int64_t n = std::min<int64_t>(16, O - o);
+    const __m256 lo = values8_corrected(acc[0], o, e), hi = values8_corrected(acc[1], o + 8, e);
+    if (!e.codes) {
+      float* y = reinterpret_cast<float*>(row) + o;
+      if (n > 8) {
+        _mm256_storeu_ps(y, lo);
+        bounce_store(y + 8, (n - 8) * 4, hi);
+      } else {
+        bounce_store(y, n * 4, lo);
+      }
+      return;
+    }
+    // in-lane packs: [lo 0-3, hi 0-3 | lo 4-7, hi 4-7] -> 64-bit permute -> [lo 0-7 | hi 0-7] -> bytes
+    const __m256i w = _mm256_permute4x64_epi64(_mm256_packus_epi32(codes8(lo, e), codes8(hi, e)), 0xD8);
+    const __m256i b = _mm256_packus_epi16(w, w);
+    const __m128i c = _mm_unpacklo_epi64(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+    if (n == 16)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(row + o), c);
+    else
+      bounce_store(row + o, n, c);
+  }
+};
+
+// dense_tile (above) on AVX2: MR pixels x NB blocks of 16 channels, each block's 64 packed bytes
+// (16 channels x 4 inputs) in two 256-bit halves of 8 channels
+template <int MR, int NB, class Store>
+void dense_tile(const uint8_t* const* ptr, const int64_t* taps, int64_t nt, int64_t C4, const int8_t* w,
+                int64_t wstride, int64_t o0, const int64_t* pix, const Store& st) {
+  __m256i acc[MR][2 * NB], start[2 * NB];
+  st.template init<NB>(start, o0);
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < 2 * NB; ++j) acc[m][j] = start[j];
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t i = 0; i < nt; ++i) {
+    const uint8_t* p[MR];
+    for (int m = 0; m < MR; ++m) p[m] = ptr[i * kMR + m];
+    const int8_t* wt = w + taps[i] * C4 * 64;
+    for (int64_t c = 0; c < C4; ++c) {
+      __m256i wv[2 * NB];
+      for (int j = 0; j < 2 * NB; ++j)
+        wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wt + j / 2 * wstride + c * 64 + j % 2 * 32));
+      for (int m = 0; m < MR; ++m) {
+        int32_t v;
+        std::memcpy(&v, p[m] + c * 4, 4);
+        const __m256i xv = _mm256_set1_epi32(v);
+        for (int j = 0; j < 2 * NB; ++j)  // vpdpbusd's 4-product sums: exact for weights within +-64
+          acc[m][j] = _mm256_add_epi32(acc[m][j], _mm256_madd_epi16(_mm256_maddubs_epi16(xv, wv[j]), ones));
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m) st.template store<NB>(acc[m], pix[m], o0);
+}
+
+template <class Store>
+using DenseTile = void (*)(const uint8_t* const*, const int64_t*, int64_t, int64_t, const int8_t*, int64_t, int64_t,
+                           const int64_t*, const Store&);
+
+template <class Store>
+DenseTile<Store> dense_tile_for(int mr, int) {
+  switch (mr) {
+    case 1: return dense_tile<1, 1, Store>;
+    case 2: return dense_tile<2, 1, Store>;
+    case 3: return dense_tile<3, 1, Store>;
+    default: return dense_tile<4, 1, Store>;
+  }
+}
+#endif  // QUANTA_VNNI
 
 // Output positions along one dimension that see the same taps inside the image, [k0, k1): the
 // run of output rows (or columns) [a, b).
@@ -264,10 +359,12 @@ void dense_conv(const uint8_t* x, const Geometry& g, const int8_t* wpack, const 
   dense_loop(x, g, wpack, pad, pad[0] == 0, ConvStore{e, out, g.O, esize});
 }
 
+#if QUANTA_VNNI
 void dense_gemm(const int8_t* x, int64_t M, int64_t K, const int8_t* wpack, const RowEpilogue& r) {
   // a 1x1 convolution with unit stride of M pixels of K channels: every tap inside the image
   const Geometry g{1, K, 1, M, r.N, 1, M, 1, 1, 1, 1, 0, 0, 1, 1};
   dense_loop(reinterpret_cast<const uint8_t*>(x), g, wpack, nullptr, false, RowStore{r});
 }
-#endif  // QUANTA_VNNI
+#endif
+#endif  // QUANTA_VNNI || QUANTA_AVX2
 }  // namespace quanta_native

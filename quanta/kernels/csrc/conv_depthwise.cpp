@@ -4,7 +4,7 @@
 #include <type_traits>
 
 namespace quanta_native {
-#if QUANTA_VNNI
+#if QUANTA_VNNI || QUANTA_AVX2
 namespace {
 
 // One step adds 4 taps of a block of channels: the taps' inputs A, B, C, D (one vector each) are
@@ -20,9 +20,16 @@ namespace {
 // group's packed weights and constants: on a CPU that splits 512-bit operations in two 256-bit
 // halves, a narrower vector costs in proportion to its channels, where padding a 512-bit one would
 // not (MobileNetV2's 144 channels: 64 + 64 + 16).
+//
+// Without VNNI (AVX2): no 512-bit vectors, so a 64-channel group runs as two 256-bit halves (the
+// second reads the upper lanes of the packed weights: channels 32 .. 63, see `position`); the dot
+// product is vpmaddubsw + vpmaddwd, exact only for weights within +-64 (conv.cpp checks); and with
+// no byte masks, a vector past the last channel is read and written through a bounce buffer.
+// (AVX2's M: how many bytes of the vector lie before the last channel, at most the vector's)
 template <int BYTES>
 struct Vec;
 
+#if QUANTA_VNNI
 template <>
 struct Vec<64> {
   using I = __m512i;
@@ -45,38 +52,46 @@ struct Vec<64> {
   static I codes(F y, const Epilogue& e) { return codes16(y, e); }
   static void store_values(float* y, F v) { _mm512_store_ps(y, v); }
 };
+#endif
 
 template <>
 struct Vec<32> {
   using I = __m256i;
   using F = __m256;
-  using M = __mmask32;
-  static M mask(int64_t n) { return n >= 32 ? ~M(0) : M((1u << n) - 1); }
   static I zero() { return _mm256_setzero_si256(); }
   static I load(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+#if QUANTA_VNNI
+  using M = __mmask32;
+  static M mask(int64_t n) { return n >= 32 ? ~M(0) : M((1u << n) - 1); }
   static I loadz(M m, const void* p) { return _mm256_maskz_loadu_epi8(m, p); }
+  static I dp(I acc, I a, I b) { return _mm256_dpbusd_epi32(acc, a, b); }
+  static void store(char* p, M m, I v) { _mm256_mask_storeu_epi8(p, m, v); }
+#else
+  using M = int64_t;
+  static M mask(int64_t n) { return std::min<int64_t>(n, 32); }
+  static I loadz(M m, const void* p) { return m >= 32 ? load(p) : bounce_load<I>(m, p); }
+  // vpdpbusd's sums of 4 products, exact for weights within +-64 (no int16 pair sum saturates)
+  static I dp(I acc, I a, I b) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1)));
+  }
+  static void store(char* p, M m, I v) {
+    if (m >= 32)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v);
+    else
+      bounce_store(p, m, v);
+  }
+#endif
   static I lo8(I a, I b) { return _mm256_unpacklo_epi8(a, b); }
   static I hi8(I a, I b) { return _mm256_unpackhi_epi8(a, b); }
   static I lo16(I a, I b) { return _mm256_unpacklo_epi16(a, b); }
   static I hi16(I a, I b) { return _mm256_unpackhi_epi16(a, b); }
   static I lanes4(__m128i v) { return _mm256_broadcastsi128_si256(v); }
   static I shuffle(I a, I control) { return _mm256_shuffle_epi8(a, control); }
-  static I dp(I acc, I a, I b) { return _mm256_dpbusd_epi32(acc, a, b); }
   static I pack(I a, I b, I c, I d) { return _mm256_packus_epi16(_mm256_packus_epi32(a, b), _mm256_packus_epi32(c, d)); }
-  static void store(char* p, M m, I v) { _mm256_mask_storeu_epi8(p, m, v); }
-  // values16 / codes16 on 8 lanes (explicit round half to even, then an exact conversion)
   static F values(I acc, int64_t o, const Epilogue& e) {
-    const I a = _mm256_sub_epi32(acc, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(e.corr + o)));
-    F y = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(a), _mm256_loadu_ps(e.mult + o)), _mm256_loadu_ps(e.bias + o));
-    if (e.post != kPostNone) y = _mm256_max_ps(y, _mm256_setzero_ps());  // relu or relu6 (conv_packed checks)
-    if (e.post == kPostRelu6) y = _mm256_min_ps(y, _mm256_set1_ps(6.f));
-    return y;
+    return values8_corrected(_mm256_sub_epi32(acc, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(e.corr + o))), o, e);
   }
-  static I codes(F y, const Epilogue& e) {
-    const F q = _mm256_min_ps(_mm256_mul_ps(y, _mm256_set1_ps(e.inv)), _mm256_set1_ps(255.f - e.z));
-    return _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_round_ps(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)),
-                            _mm256_set1_epi32(static_cast<int32_t>(e.z)));
-  }
+  static I codes(F y, const Epilogue& e) { return codes8(y, e); }
   static void store_values(float* y, F v) { _mm256_store_ps(y, v); }
 };
 
@@ -84,20 +99,33 @@ template <>
 struct Vec<16> {
   using I = __m128i;
   using F = __m256;  // (the epilogue's: Vec<32>'s)
-  using M = __mmask16;
-  static M mask(int64_t n) { return lanes(n); }
   static I zero() { return _mm_setzero_si128(); }
   static I load(const void* p) { return _mm_loadu_si128(static_cast<const __m128i*>(p)); }
+#if QUANTA_VNNI
+  using M = __mmask16;
+  static M mask(int64_t n) { return lanes(n); }
   static I loadz(M m, const void* p) { return _mm_maskz_loadu_epi8(m, p); }
+  static I dp(I acc, I a, I b) { return _mm_dpbusd_epi32(acc, a, b); }
+  static void store(char* p, M m, I v) { _mm_mask_storeu_epi8(p, m, v); }
+#else
+  using M = int64_t;
+  static M mask(int64_t n) { return std::min<int64_t>(n, 16); }
+  static I loadz(M m, const void* p) { return m >= 16 ? load(p) : bounce_load<I>(m, p); }
+  static I dp(I acc, I a, I b) { return _mm_add_epi32(acc, _mm_madd_epi16(_mm_maddubs_epi16(a, b), _mm_set1_epi16(1))); }
+  static void store(char* p, M m, I v) {
+    if (m >= 16)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p), v);
+    else
+      bounce_store(p, m, v);
+  }
+#endif
   static I lo8(I a, I b) { return _mm_unpacklo_epi8(a, b); }
   static I hi8(I a, I b) { return _mm_unpackhi_epi8(a, b); }
   static I lo16(I a, I b) { return _mm_unpacklo_epi16(a, b); }
   static I hi16(I a, I b) { return _mm_unpackhi_epi16(a, b); }
   static I lanes4(__m128i v) { return v; }
   static I shuffle(I a, I control) { return _mm_shuffle_epi8(a, control); }
-  static I dp(I acc, I a, I b) { return _mm_dpbusd_epi32(acc, a, b); }
   static I pack(I a, I b, I c, I d) { return _mm_packus_epi16(_mm_packus_epi32(a, b), _mm_packus_epi32(c, d)); }
-  static void store(char* p, M m, I v) { _mm_mask_storeu_epi8(p, m, v); }
   // the 256-bit epilogue on the zero-extended sums (the constants' extra lanes are the group's other
   // positions, in bounds; the lanes kept are unaffected): a 128-bit operation costs a 256-bit one here
   static F values(I acc, int64_t o, const Epilogue& e) { return Vec<32>::values(_mm256_zextsi128_si256(acc), o, e); }
@@ -112,6 +140,12 @@ inline __m128i spread_control(int k) {
   return _mm_setr_epi8(b, z, z, z, b + 1, z, z, z, b + 2, z, z, z, b + 3, z, z, z);
 }
 
+// The position of the constants of a vector whose first channel is c0, c0 % 64 being 0 or 32 (the
+// second 256-bit half of a group on AVX2): vector k's int32 lane 4 l + i holds channel 16 l + 4 k + i,
+// at position 16 k + 4 l + i, so the half from channel 32 (l = 2, 3) starts at position 8. Its
+// weights are the upper 32 bytes of each 64-byte vector: w + c0 % 64.
+inline int64_t position(int64_t c0) { return c0 / 64 * 64 + c0 % 64 / 4; }
+
 // The epilogue of one pixel's sums acc[0..3] of the BYTES channels from c0 (see the step's order),
 // stored into `out`, the pixel's output row of C values.
 template <int BYTES>
@@ -121,15 +155,15 @@ inline void store_pixel(const typename Vec<BYTES>::I* acc, int64_t c0, int64_t C
   if (e.codes) {
     typename V::I c[4];
 #pragma GCC unroll 4
-    for (int k = 0; k < 4; ++k) c[k] = V::codes(V::values(acc[k], c0 + 16 * k, e), e);
+    for (int k = 0; k < 4; ++k) c[k] = V::codes(V::values(acc[k], position(c0) + 16 * k, e), e);
     V::store(out + c0, mask, V::pack(c[0], c[1], c[2], c[3]));
     return;
   }
   alignas(64) float y[64];
 #pragma GCC unroll 4
-  for (int k = 0; k < 4; ++k) V::store_values(y + 16 * k, V::values(acc[k], c0 + 16 * k, e));
+  for (int k = 0; k < 4; ++k) V::store_values(y + 16 * k, V::values(acc[k], position(c0) + 16 * k, e));
   float* o = reinterpret_cast<float*>(out) + c0;
-  for (int64_t p = 0; p < 64; ++p)  // position p = 16 k + 4 l + i: channel 16 l + 4 k + i
+  for (int64_t p = 0; p < 64; ++p)  // y[p], p = 16 k + 4 l + i: channel c0 + 16 l + 4 k + i
     if (p % 16 < BYTES / 4 && c0 + dw_channel(p) < C) o[dw_channel(p)] = y[p];
 }
 
@@ -143,6 +177,7 @@ void depthwise_tile(const uint8_t* const* ptr, int64_t T, int64_t c0, int64_t C,
   using V = Vec<BYTES>;
   using I = typename V::I;
   const auto mask = V::mask(C - c0);
+  w += c0 % 64;  // (the second half of a group: see position)
   const int64_t T4 = (T + 3) / 4, steps = T % 4 == 1 ? T4 - 1 : T4;  // 4-tap steps, then maybe one tap
   I acc[PX][4];
 #pragma GCC unroll 4
@@ -190,6 +225,7 @@ void depthwise_run(const uint8_t* const* rows, int64_t ix, int64_t count, int64_
   using I = typename V::I;
   constexpr int T = KH * KW, T4 = (T + 3) / 4, steps = T % 4 == 1 ? T4 - 1 : T4;
   const auto mask = V::mask(C - c0);
+  w += c0 % 64;  // (the second half of a group: see position)
   I wv[T4][4], control[4];
 #pragma GCC unroll 16
   for (int q = 0; q < T4; ++q)
@@ -268,18 +304,38 @@ RunLoop<BYTES> run_loop(int64_t KH, int64_t KW) {
   return nullptr;
 }
 
+// fn(std::integral_constant<int, BYTES>(), c0) for each vector of the channels of groups [gb, ge):
+// 64-channel groups on 512-bit vectors (VNNI) or two 256-bit halves (AVX2); the last group's
+// remainder on the narrowest vector that holds it
+template <class Fn>
+void for_each_vector(int64_t gb, int64_t ge, int64_t C, Fn&& fn) {
+  constexpr int64_t widest = QUANTA_VNNI ? 64 : 32;
+  for (int64_t c0 = gb * 64; c0 < std::min(ge * 64, C); c0 += widest) {
+    const int64_t left = C - c0;
+#if QUANTA_VNNI
+    if (left > 32) {
+      fn(std::integral_constant<int, 64>(), c0);
+      continue;
+    }
+#endif
+    if (left > 16)
+      fn(std::integral_constant<int, 32>(), c0);
+    else
+      fn(std::integral_constant<int, 16>(), c0);
+  }
+}
+
 }  // namespace
 
 void depthwise_conv(const uint8_t* x, const Geometry& g, const int8_t* wpack, const uint8_t* pad,
                     const Epilogue& e, char* out, int64_t esize) {
   const int64_t T = g.taps(), T4 = (T + 3) / 4, groups = (g.C + 63) / 64, rows = g.N * g.OH;
-  const int64_t rest = g.C - (groups - 1) * 64;  // channels of the last group: its vector width
-  const int tail = rest > 32 ? 64 : rest > 16 ? 32 : 16;
-  // pixels per tile: 2 on 512-bit vectors (registers), 4 where every vector is narrower
-  const int64_t kPX = groups == 1 && tail < 64 ? 4 : 2;
+  // pixels per tile: 2 on 512-bit vectors (registers), 4 where every vector is narrower (VNNI's 32
+  // registers; AVX2 has 16)
+  const int64_t kPX = QUANTA_VNNI && g.C <= 32 ? 4 : 2;
   // the columns [lo, hi) of output pixels whose taps all lie inside the image's columns: interior
   // runs (with compile-time taps); the others by tiles, with each pixel's tap pointers
-  const bool runs = run_loop<64>(g.KH, g.KW) != nullptr;
+  const bool runs = run_loop<32>(g.KH, g.KW) != nullptr;
   const int64_t reach = g.W - 1 + g.PW - (g.KW - 1) * g.DW;
   const int64_t lo = runs ? std::min(g.OW, (g.PW + g.SW - 1) / g.SW) : g.OW;
   const int64_t hi = runs && reach >= 0 ? std::max(lo, std::min(g.OW, reach / g.SW + 1)) : lo;
@@ -302,16 +358,9 @@ void depthwise_conv(const uint8_t* x, const Geometry& g, const int8_t* wpack, co
             dst[i] = out + ((row * g.OW) + ox + i) * g.O * esize;
             g.taps_of(x, pad, off.data(), n, oy, ox + i, ptr.data() + i * T4 * 4, 1);
           }
-          for (int64_t gi = gb; gi < ge; ++gi) {
-            const int width = gi < groups - 1 ? 64 : tail;
-            const int8_t* w = wpack + gi * T4 * 256;
-            if (width == 64)
-              tile_of<64>(px, ptr.data(), T, gi * 64, g.C, w, e, dst);
-            else if (width == 32)
-              tile_of<32>(px, ptr.data(), T, gi * 64, g.C, w, e, dst);
-            else
-              tile_of<16>(px, ptr.data(), T, gi * 64, g.C, w, e, dst);
-          }
+          for_each_vector(gb, ge, g.C, [&](auto bytes, int64_t c0) {
+            tile_of<decltype(bytes)::value>(px, ptr.data(), T, c0, g.C, wpack + c0 / 64 * T4 * 256, e, dst);
+          });
         }
       };
       tiles(0, lo);
@@ -322,20 +371,14 @@ void depthwise_conv(const uint8_t* x, const Geometry& g, const int8_t* wpack, co
         }
         const int64_t ix = lo * g.SW - g.PW, step = g.O * esize;
         char* first = out + (row * g.OW + lo) * step;
-        for (int64_t gi = gb; gi < ge; ++gi) {
-          const int width = gi < groups - 1 ? 64 : tail;
-          const int8_t* w = wpack + gi * T4 * 256;
-          if (width == 64)
-            run_loop<64>(g.KH, g.KW)(in_rows.data(), ix, hi - lo, g.SW, g.DW, g.C, gi * 64, w, e, first, step);
-          else if (width == 32)
-            run_loop<32>(g.KH, g.KW)(in_rows.data(), ix, hi - lo, g.SW, g.DW, g.C, gi * 64, w, e, first, step);
-          else
-            run_loop<16>(g.KH, g.KW)(in_rows.data(), ix, hi - lo, g.SW, g.DW, g.C, gi * 64, w, e, first, step);
-        }
+        for_each_vector(gb, ge, g.C, [&](auto bytes, int64_t c0) {
+          run_loop<decltype(bytes)::value>(g.KH, g.KW)(in_rows.data(), ix, hi - lo, g.SW, g.DW, g.C, c0,
+                                                       wpack + c0 / 64 * T4 * 256, e, first, step);
+        });
       }
       tiles(hi, g.OW);
     }
   });
 }
-#endif  // QUANTA_VNNI
+#endif  // QUANTA_VNNI || QUANTA_AVX2
 }  // namespace quanta_native

@@ -5,6 +5,8 @@
 #include "activation.h"
 #include "simd.h"
 
+#include <cstring>
+
 namespace quanta_native {
 
 struct Epilogue {
@@ -63,6 +65,40 @@ struct Geometry {
 // channel of position p (0..63) of the interleaved order: p = 16 k + 4 l + i -> 16 l + 4 k + i
 inline int64_t dw_channel(int64_t p) { return (p % 16) / 4 * 16 + p / 16 * 4 + p % 4; }
 
+#if QUANTA_AVX2 || QUANTA_VNNI
+// AVX2 has no byte masks: a vector past the last channel is read (zero-filled) and written through
+// a bounce buffer, n bytes of it
+template <class I>
+inline I bounce_load(int64_t n, const void* p) {
+  alignas(32) uint8_t b[sizeof(I)] = {};
+  std::memcpy(b, p, static_cast<size_t>(n));
+  I v;
+  std::memcpy(&v, b, sizeof(I));
+  return v;
+}
+template <class I>
+inline void bounce_store(void* p, int64_t n, I v) {
+  alignas(32) uint8_t b[sizeof(I)];
+  std::memcpy(b, &v, sizeof(I));
+  std::memcpy(p, b, static_cast<size_t>(n));
+}
+
+// The epilogue on 8 lanes (values16 / codes16 below, in 256-bit vectors): y of the 8 constants'
+// positions from o, from their corrected sums a (acc - corr), post-op applied
+inline __m256 values8_corrected(__m256i a, int64_t o, const Epilogue& e) {
+  __m256 y = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(a), _mm256_loadu_ps(e.mult + o)), _mm256_loadu_ps(e.bias + o));
+  if (e.post != kPostNone) y = _mm256_max_ps(y, _mm256_setzero_ps());  // relu or relu6 (conv_packed checks)
+  if (e.post == kPostRelu6) y = _mm256_min_ps(y, _mm256_set1_ps(6.f));
+  return y;
+}
+// codes16's arithmetic (explicit round half to even, then an exact conversion)
+inline __m256i codes8(__m256 y, const Epilogue& e) {
+  const __m256 q = _mm256_min_ps(_mm256_mul_ps(y, _mm256_set1_ps(e.inv)), _mm256_set1_ps(255.f - e.z));
+  return _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_round_ps(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)),
+                          _mm256_set1_epi32(static_cast<int32_t>(e.z)));
+}
+#endif
+
 #if QUANTA_VNNI
 inline __mmask16 lanes(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
 inline __mmask64 bytes(int64_t n) { return n >= 64 ? ~__mmask64(0) : ((__mmask64(1) << n) - 1); }
@@ -115,15 +151,19 @@ inline void store_blocks(const __m512i* acc, int64_t o, int64_t O, const Epilogu
   _mm512_mask_storeu_epi8(out + o, bytes(std::min<int64_t>(NB * 16, O - o)), _mm512_permutexvar_epi32(order, packed));
 }
 
+// y [M, N] (r.out) of int8 codes x (row-major [M, K], K % 4 == 0) and the weight packed as a dense
+// 1x1 convolution's [N/16][1][K/4][16][4]
+void dense_gemm(const int8_t* x, int64_t M, int64_t K, const int8_t* wpack, const RowEpilogue& r);
+#endif  // QUANTA_VNNI
+
+#if QUANTA_VNNI || QUANTA_AVX2
+// (AVX2 without VNNI: exact only for weights within +-64, which ConvPlan checks)
 // out: channels-last output (pixel rows of g.O values of esize bytes); x: channels-last uint8
 // codes; pad: a pixel of zero-point codes (at least C rounded up to 64, plus 64 bytes).
 void dense_conv(const uint8_t* x, const Geometry& g, const int8_t* wpack, const uint8_t* pad, const Epilogue& e,
                 char* out, int64_t esize);
-// y [M, N] (r.out) of int8 codes x (row-major [M, K], K % 4 == 0) and the weight packed as a dense
-// 1x1 convolution's [N/16][1][K/4][16][4]
-void dense_gemm(const int8_t* x, int64_t M, int64_t K, const int8_t* wpack, const RowEpilogue& r);
 void depthwise_conv(const uint8_t* x, const Geometry& g, const int8_t* wpack, const uint8_t* pad,
                     const Epilogue& e, char* out, int64_t esize);
-#endif  // QUANTA_VNNI
+#endif
 
 }  // namespace quanta_native

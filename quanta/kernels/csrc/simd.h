@@ -16,3 +16,12 @@
 #else
 #define QUANTA_VNNI 0
 #endif
+// AVX2 (vpmaddubsw + vpmaddwd): the direct int8 convolution's loops where VNNI is missing. A
+// vpmaddubsw pair sum of uint8 x int8 saturates to int16 unless every weight |code| <= 64
+// (2 * 255 * 64 = 32640): those loops take only such weights (conv.cpp checks).
+#if defined(__AVX2__)
+#include <immintrin.h>
+#define QUANTA_AVX2 1
+#else
+#define QUANTA_AVX2 0
+#endif

@@ -1,0 +1,142 @@
+"""Every conv layer shape of the CNN workloads, quanta's native direct conv vs oneDNN, side by side.
+
+For each distinct 2d convolution a workload's float forward runs (``F.conv2d`` recorded with its
+real input shape, so TF "same" padding applied by ``F.pad`` before the conv is seen as the conv
+sees it), both kernels run the same uint8 codes with the same 7-bit weight codes (within ±64, the
+only weights exact on both kernels without VNNI) and a fused ReLU6 into uint8 codes, each from its
+settled form (``ConvPlan.run`` / oneDNN's prepacked call), in interleaved shuffled rounds
+(`timing.interleaved`). The native loops of the loaded library are used (`conv_native.conv_isa`:
+AVX2 builds have the depthwise loop only, so dense layers report oneDNN alone there).
+
+    python benchmarks/conv_layers_avx2.py --threads 2 --batch 1 --batch 16
+
+Prints one row per layer and batch (ms per call: the best and the median of the rounds; the speed
+ratio oneDNN / native of the best, the least disturbed call on a shared machine, where a 2-thread
+kernel whose second thread is preempted waits a scheduler slice) and the totals per workload and
+kind; ``conv_native.prefer_onednn``'s AVX2 table is read from these rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import defaultdict
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+import timing
+import torch
+import torch.nn.functional as F
+import workloads as W
+
+from quanta.kernels import conv_native, native
+from quanta.kernels.conv import onednn_call, prepack
+
+#: (in channels, out channels, kernel, stride, padding, dilation, groups, H, W) of one layer
+Layer = tuple[int, int, tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int], int, int, int]
+
+
+def conv_layers(name: str) -> list[Layer]:
+    """The distinct 2d convolutions of workload ``name``'s float forward at batch 1 (in order)."""
+    wl = W.workloads()[name]
+    model, x = wl.model(), wl.input(1)
+    seen: dict[Layer, None] = {}
+    real = F.conv2d
+
+    def record(inp, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+        pair = (lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v))
+        if not isinstance(padding, str):
+            seen[(inp.shape[1], weight.shape[0], tuple(weight.shape[2:]), pair(stride), pair(padding), pair(dilation),
+                  groups, inp.shape[2], inp.shape[3])] = None
+        return real(inp, weight, bias, stride, padding, dilation, groups)
+
+    F.conv2d = record
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        F.conv2d = real
+    return list(seen)
+
+
+def kind_of(layer: Layer) -> str | None:
+    cin, cout, _, _, _, _, groups, _, _ = layer
+    if groups == 1 and cin % 4 == 0:
+        return "dense"
+    return "depthwise" if groups == cin == cout else None
+
+
+def runners(layer: Layer, batch: int) -> dict[str, object]:
+    """``{"native": fn, "onednn": fn}`` (native only where this build has the layer's loop)."""
+    cin, cout, k, stride, pad, dil, groups, h, w = layer
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (batch, cin, h, w), dtype=torch.uint8, generator=gen)
+    x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randint(-64, 65, (cout, cin // groups, *k), dtype=torch.int8, generator=gen)
+    w_scale, bias = torch.rand(cout, generator=gen) * 0.01 + 1e-3, torch.randn(cout, generator=gen)
+    x_scale, x_zp, out_scale, out_zp = 0.02, 7, 0.03, 0
+    args = (x_scale, x_zp, weight, w_scale, bias, list(stride), list(pad), list(dil), groups, "relu6", out_scale,
+            out_zp)
+    fns: dict[str, object] = {}
+    if kind_of(layer) in conv_native.ISA_KINDS[conv_native.conv_isa()]:
+        run = conv_native.native_call(4, *args)
+        fns["native"] = lambda: run(x)
+    packed = prepack(weight, w_scale, x_scale, x_zp, stride, pad, dil, groups, spatial=(h, w))
+    call = onednn_call(4, *args, packed)
+    fns["onednn"] = lambda: call(x)
+    if "native" in fns:  # the same codes from both (oneDNN's rescale may round a code differently)
+        diff = (fns["native"]().int() - fns["onednn"]().int()).abs().max().item()
+        assert diff <= 1, f"native and oneDNN differ by {diff} codes on {layer}"
+    return fns
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workload", action="append", help="mobilenet_v2, tf_mobile, resnet18 (default: all three)")
+    ap.add_argument("--batch", action="append", type=int, help="batch sizes (default: 1 and 16)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--kind", choices=("depthwise", "dense", "all"), default="all")
+    ap.add_argument("--min-seconds", type=float, default=0.5, help="measured time per kernel and layer")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    native.ensure(build=True)
+    print(f"native conv ISA: {conv_native.conv_isa()}; threads {a.threads}; 7-bit weights, relu6, uint8 out")
+    print("| workload | layer (Cin->Cout k s p d g HxW) | batch | native ms best / median | oneDNN ms best / median "
+          "| native speed (best) |")
+    print("|---|---|---|---|---|---|")
+    totals: dict[tuple[str, str, int], list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for name in a.workload or ["mobilenet_v2", "tf_mobile", "resnet18"]:
+        for layer in conv_layers(name):
+            kind = kind_of(layer)
+            if kind is None or (a.kind != "all" and kind != a.kind):
+                continue
+            for batch in a.batch or [1, 16]:
+                samples, errors = timing.interleaved(runners(layer, batch), min_seconds=a.min_seconds, min_rounds=15,
+                                                     budget_s=20.0)
+                if errors:
+                    print(f"| {name} | {layer} | {batch} | errors: {errors} |")
+                    continue
+                ms = {k: 1000.0 * min(v) for k, v in samples.items()}
+                med = {k: timing.median_ms(v) for k, v in samples.items()}
+                cin, cout, k, s, p, d, g, h, w = layer
+                desc = f"{cin}->{cout} {k[0]}x{k[1]} s{s[0]} p{p[0]},{p[1]} d{d[0]} g{g} {h}x{w}"
+                nat = ms.get("native")
+                cells = [f"{ms[m]:.3f} / {med[m]:.3f}" if m in ms else "-" for m in ("native", "onednn")]
+                ratio = f"{ms['onednn'] / nat:.2f}x" if nat else "-"
+                print(f"| {name} | {desc} | {batch} | {cells[0]} | {cells[1]} | {ratio} |", flush=True)
+                if nat:
+                    t = totals[(name, kind, batch)]
+                    t[0] += nat
+                    t[1] += ms["onednn"]
+    print("\n| workload | kind | batch | native ms (sum of best) | oneDNN ms (sum of best) | native speed |\n"
+          "|---|---|---|---|---|---|")
+    for (name, kind, batch), (nat, dnn) in totals.items():
+        print(f"| {name} | {kind} | {batch} | {nat:.2f} | {dnn:.2f} | {dnn / nat:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
