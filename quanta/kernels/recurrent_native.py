@@ -6,8 +6,10 @@ is quantized once for the whole sequence (``quantize_rows`` over one row holding
 its int32 sums with ``W_ih`` come from one ``torch._int_mm`` (`quanta.kernels.linear`), and the
 rescale ``float32(acc) * (s_x * s_ih) + b_ih`` is the reference's own tensor expression. Then per
 step, in C++ with no ATen call: the hidden state is quantized per tensor, multiplied by ``W_hh``
-with exact int32 sums (AVX-512 VNNI ``gemv``), rescaled, and the gate equations evaluated with
-SLEEF's expf / tanhf (torch's vector routines, within 1 ulp). Same codes, same integer sums, same
+with exact int32 sums (the native ``gemv``: AVX-512 VNNI, or AVX2's ``vpmaddwd``), rescaled, and the
+gate equations evaluated with SLEEF's expf / tanhf (torch's vector routines, within 1 ulp; 16 lanes
+with AVX-512, 8 with AVX2). Without VNNI the input projection's sums come from exact float32 GEMMs
+on the codes (``float_sums``: torch's CPU ``_int_mm`` is ~5x slower than float32 there). Same codes, same integer sums, same
 float32 operations as the reference except that ATen's sigmoid / tanh may round an ulp
 differently: the outputs agree to float rounding, plus a rare one-code flip of a requantized h
 (the kernel tests bound both). Measured on the benchmark LSTM (2 layers, 512, 64 steps, 2 cores):
@@ -22,14 +24,15 @@ from typing import Any
 import torch
 
 from . import native
-from .linear import GEMV_MAX_ROWS, INT32_EXACT_MAX_K, _dense, _int8_operand
+from .gemv_rows import GEMV_MAX_ROWS, gemv_isa
+from .linear import INT32_EXACT_MAX_K, _dense, _int8_linear_float_sums, _int8_operand
 from .recurrent_math import _PER, _check, act_spec, exact_matmul, qlinear
 
 _ONE = torch.ones(1)  # (rescale_rows' x_scale: the scales are applied as one per-channel product)
 
 
 def native_available() -> bool:
-    return native.ready() and bool(native.module().gemv_has_vnni()) and bool(native.module().rnn_layer_available())
+    return gemv_isa() != "none" and bool(native.module().rnn_layer_available())
 
 
 def _input_projection(x: torch.Tensor, codes: torch.Tensor, s_x: torch.Tensor, z_x: torch.Tensor,
@@ -40,6 +43,11 @@ def _input_projection(x: torch.Tensor, codes: torch.Tensor, s_x: torch.Tensor, z
         acc = exact_matmul(q2, z_x, w_ih)
         return (acc.float() * (s_x * s_ih) + b_ih).reshape(*x.shape[:-1], w_ih.shape[0])
     w = w_ih.contiguous()
+    if gemv_isa() != "avx512_vnni" and torch.get_float32_matmul_precision() == "highest":
+        # the same int32 sums by float32 GEMMs on the codes, and `_rescale`'s float32(acc) * 1 * (s_x * s_ih)
+        # + b_ih: the reference's arithmetic (times 1 is exact)
+        y = _int8_linear_float_sums(q2, _ONE, z_x.reshape(-1), w, (s_x * s_ih).float(), b_ih.float(), None, None)
+        return y.reshape(*x.shape[:-1], w_ih.shape[0])
     x8, zp = _int8_operand(q2, z_x.reshape(-1))
     acc = torch._int_mm(_dense(x8), w.t())
     # the zero-point correction and float32(acc) * (s_x * s_ih) + b_ih in one pass: rescale_rows with

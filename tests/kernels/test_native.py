@@ -245,3 +245,27 @@ def test_int8_linear_settles_its_native_call_with_the_same_bits(preset):
         forced.set_impl("gemm_native")
         few, before = torch.randn(2, 40), forced.kernel_counts["gemm_native"]
         assert torch.equal(forced(few), guarded(few)) and forced.kernel_counts["gemm_native"] == before + 1
+
+
+@needs_native
+def test_a_few_rows_settle_the_native_gemv_on_any_gemv_loop():
+    """Where the build has the native gemv's loop (AVX-512 VNNI, or AVX2 without VNNI), a dynamic
+    int8 Linear called with a few rows settles quantization + gemv + rescale in one native call:
+    the guarded path's bits, and the reference kernels' bits."""
+    from quanta.kernels.gemv_rows import gemv_isa
+    if gemv_isa() == "none":
+        pytest.skip("no native gemv loop in this build")
+    import copy
+
+    import quanta
+    torch.manual_seed(2)
+    q = quanta.quantize(torch.nn.Sequential(torch.nn.Linear(40, 24)).eval(), "dynamic_int8", speed_check=False)
+    lin = q[0]
+    guarded, ref = copy.deepcopy(lin), copy.deepcopy(lin)
+    ref.set_impl("reference")
+    few = torch.randn(2, 40)
+    first = lin(few)
+    for _ in range(2):
+        assert torch.equal(lin(few), first)
+    assert lin.kernel_counts == {"gemv_native": 3} and len(lin.binding.calls) == 1
+    assert torch.equal(guarded(few), first) and torch.equal(ref(few), first)

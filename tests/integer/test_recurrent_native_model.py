@@ -1,0 +1,88 @@
+"""Tier 3: user-style LSTM / GRU models quantized with ``quanta.quantize(..., "dynamic_int8")`` run
+the native kernels wherever the build has the native gemv loop (AVX-512 VNNI or, without VNNI,
+AVX2's exact ``vpmaddwd``): the recurrent layer's C++ time loop and the head's gemv, which is
+recorded in ``kernel_counts``; and they compute what the same model forced onto the reference
+kernels computes: the head's gemv bit for bit, the time loop to float rounding (its gates use
+SLEEF's expf / tanhf, within an ulp of ATen's: the bound of tests/kernels/test_recurrent_kernels.py).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import quanta
+from quanta.integer.linear import Int8Linear
+from quanta.kernels.gemv_rows import gemv_isa
+from quanta.kernels.recurrent import dynamic_int8_rnn
+
+needs_native_loop = pytest.mark.skipif("native" not in dynamic_int8_rnn.available_impls(),
+                                       reason=f"no native recurrent loop here (gemv loop: {gemv_isa()})")
+
+
+class Tagger(nn.Module):
+    """Linear embedding, a recurrent layer (batch first), a classifier on the last step."""
+
+    def __init__(self, rnn: nn.RNNBase):
+        super().__init__()
+        dirs = 2 if rnn.bidirectional else 1
+        self.embed = nn.Linear(12, rnn.input_size)
+        self.rnn = rnn
+        self.head = nn.Linear(rnn.hidden_size * dirs, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, _ = self.rnn(torch.relu(self.embed(x)))
+        return self.head(y[:, -1])
+
+
+MODELS = {
+    "lstm": lambda: nn.LSTM(24, 40, num_layers=2, batch_first=True),
+    "gru-bi": lambda: nn.GRU(24, 33, batch_first=True, bidirectional=True),
+}
+
+
+def _integer(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The quantized model's recurrent module and its head."""
+    return model.rnn, model.head
+
+
+def _reference(q: nn.Module) -> nn.Module:
+    ref = copy.deepcopy(q)
+    for m in ref.modules():
+        if hasattr(m, "kernel_counts") and hasattr(m, "impl"):
+            m.impl = "reference"
+            m.pack()
+    return ref
+
+
+@needs_native_loop
+@pytest.mark.parametrize("name", list(MODELS))
+def test_dynamic_int8_rnn_model_runs_the_native_kernels_like_the_reference(name):
+    torch.manual_seed(0)
+    model = Tagger(MODELS[name]()).eval()
+    q = quanta.quantize(model, "dynamic_int8", progress=False)
+    rnn, head = _integer(q)
+    assert type(rnn).__name__.startswith("DynamicInt8") and isinstance(head, Int8Linear)
+    ref = _reference(q)
+    x = torch.randn(3, 17, 12)
+    with torch.no_grad():
+        y, y_ref = q(x), ref(x)
+        # the recurrent layer alone, on the same input: the loop against the reference's
+        h = torch.relu(q.embed(x))
+        out, out_ref = rnn(h)[0], ref.rnn(h)[0]
+        # the head alone, on the same input: the gemv's exact sums, the same epilogue
+        last = out[:, -1]
+        assert torch.equal(head(last), ref.head(last))
+    assert set(rnn.kernel_counts) == {"native"}, rnn.kernel_counts
+    assert set(ref.rnn.kernel_counts) == {"reference"}
+    assert head.kernel_counts["gemv_native"] >= 2 and set(head.kernel_counts) == {"gemv_native"}, head.kernel_counts
+    d = (out - out_ref).abs() / (1 + out_ref.abs())
+    assert float(d.max()) <= 1e-5 or (float(d.max()) <= 0.2 and float(d.mean()) <= 1e-2), (float(d.max()), float(d.mean()))
+    # the model: within the quantization error of a one-code flip, far below it in the typical case
+    assert float((y - y_ref).abs().max()) <= 2e-2 * (1 + float(y_ref.abs().max()))
+    with torch.no_grad():
+        cos = torch.nn.functional.cosine_similarity(y.flatten(), model(x).flatten(), dim=0)
+    assert float(cos) > 0.98  # and it is still the float model's function (a broken kernel is far off)
