@@ -29,10 +29,11 @@ from workloads import LinearStack, LSTMModel
 
 import quanta
 from quanta.kernels import linear as L
+from quanta.kernels import native
 from quanta.kernels.gemv_rows import gemv_isa
 
 SHAPES = [(4096, 4096), (2048, 512), (3072, 768), (768, 768)]  # (N, K)
-ROWS = [1, 2, 4, 8, 12, 16, 24, 32]
+ROWS = [1, 2, 4, 8, 16, 32]
 
 
 def _alternative() -> str:
@@ -40,7 +41,12 @@ def _alternative() -> str:
     return "float_sums" if "float_sums" in impls else "int_mm_native"
 
 
-def kernels(seconds: float) -> None:
+def _stat(kind: str):
+    """median (the benchmark's), or min: the least disturbed call on a shared machine"""
+    return median_ms if kind == "median" else (lambda s: 1000.0 * min(s))
+
+
+def kernels(seconds: float, stat=median_ms) -> None:
     alt = _alternative()
     print(f"gemv loop: {gemv_isa()}; alternative: {alt}; threads {torch.get_num_threads()}")
     print(f"{'N x K':>11} {'M':>3} {'gemv ms':>8} {alt + ' ms':>14} {'fp32 ms':>8}  gemv/alt  gemv/fp32")
@@ -58,12 +64,12 @@ def kernels(seconds: float) -> None:
                    "alt": lambda a=args: L.int8_linear(*a, impl=alt),
                    "fp32": lambda xf=xf, wf=wf, b=b: F.linear(xf, wf, b)}
             samples, errors = interleaved(fns, min_seconds=seconds, budget_s=20 * seconds)
-            ms = {name: median_ms(s) for name, s in samples.items()}
+            ms = {name: stat(s) for name, s in samples.items()}
             print(f"{n:>5} x {k:<5} {m:>3} {ms['gemv']:8.3f} {ms['alt']:14.3f} {ms['fp32']:8.3f}  "
                   f"{ms['gemv'] / ms['alt']:8.2f}  {ms['gemv'] / ms['fp32']:9.2f}", flush=True)
 
 
-def models(seconds: float) -> None:
+def models(seconds: float, stat=median_ms) -> None:
     cases = {"lstm (2 x 512, seq 64, batch 1)": (LSTMModel(), torch.randn(1, 64, 512)),
              "linear_stack (4 x 4096, 1 token)": (LinearStack(), torch.randn(1, 4096))}
     for name, (model, x) in cases.items():
@@ -76,7 +82,7 @@ def models(seconds: float) -> None:
             ran = sorted({k for m in q.modules() for k in getattr(m, "kernel_counts", {})})
             samples, _ = interleaved({"fp32": lambda m=model, x=x: m(x), "quanta": lambda q=q, x=x: q(x)}, min_seconds=seconds,
                                      budget_s=30 * seconds)
-        fp, qa = median_ms(samples["fp32"]), median_ms(samples["quanta"])
+        fp, qa = stat(samples["fp32"]), stat(samples["quanta"])
         print(f"{name}: fp32 {fp:.2f} ms, quanta dynamic_int8 {qa:.2f} ms ({fp / qa:.2f}x); kernels {ran}; "
               f"kept float by the speed check: {[k.describe() for k in kept] or 'none'}", flush=True)
 
@@ -86,12 +92,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--part", choices=["kernels", "models", "both"], default="both")
     ap.add_argument("--seconds", type=float, default=0.5, help="measured time per method and case (min)")
+    ap.add_argument("--stat", choices=["median", "min"], default="median")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    native.ensure()  # (the first use in this environment builds it)
     if a.part in ("kernels", "both"):
-        kernels(a.seconds)
+        kernels(a.seconds, _stat(a.stat))
     if a.part in ("models", "both"):
-        models(a.seconds)
+        models(a.seconds, _stat(a.stat))
 
 
 if __name__ == "__main__":

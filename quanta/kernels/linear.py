@@ -249,7 +249,7 @@ def _guard_gemv_native(x, x_scale, x_zp, weight, w_scale, bias, w_sum, packed):
     if reason is not None:
         return reason
     M, N, K = x.shape[0], weight.shape[0], x.shape[1]
-    limit = gemv_max_rows(N, K)
+    limit = gemv_max_rows(N, K, onednn_packed=isinstance(packed, torch.Tensor) and packed.is_mkldnn)
     if limit == 0:
         return "the native library was built without AVX-512 VNNI or AVX2 (its gemv would be a plain loop)"
     if M > limit:
