@@ -86,3 +86,22 @@ def test_dynamic_int8_rnn_model_runs_the_native_kernels_like_the_reference(name)
     with torch.no_grad():
         cos = torch.nn.functional.cosine_similarity(y.flatten(), model(x).flatten(), dim=0)
     assert float(cos) > 0.98  # and it is still the float model's function (a broken kernel is far off)
+
+
+@needs_native_loop
+@pytest.mark.parametrize("rows", [1, 64, 600], ids=lambda r: f"rows{r}")
+@pytest.mark.parametrize("act", [(8, True, True, False), (8, False, False, False)], ids=["s8sym", "u8asym"])
+def test_input_projection_equals_the_reference_bitwise(rows, act):
+    """The native loop's input projection (the whole sequence at once: the gemv up to
+    `INPUT_GEMV_MAX_ROWS` rows without VNNI, float_sums beyond; torch._int_mm with VNNI) gives the
+    reference's `qlinear` output bit for bit: same codes, exact sums, the same float32 rescale."""
+    from quanta.kernels import recurrent_native as RN
+    from quanta.kernels.recurrent_math import act_spec, qlinear
+    assert 64 <= RN.INPUT_GEMV_MAX_ROWS < 600  # (both paths below)
+    gen = torch.Generator().manual_seed(rows)
+    spec = act_spec(*act)
+    w = torch.randint(-128, 128, (4 * 33, 24), dtype=torch.int8, generator=gen)
+    s, b = torch.rand(4 * 33, generator=gen) * 0.01 + 1e-3, torch.randn(4 * 33, generator=gen)
+    x = torch.randn(rows, 1, 24, generator=gen) * 2
+    y = RN._input_projection(x, *RN._quantize_sequence(x, spec), w, s, b)
+    assert torch.equal(y, qlinear(x, w, s, b, spec)[0])
