@@ -67,7 +67,7 @@ class DoctorReport:
         lines.append(f"  just-in-time build folder of this environment: {n.cache_dir}")
         if self.native_vnni is not None:
             lines.append("  int8 GEMM and convs with AVX-512 VNNI: " + ("yes" if self.native_vnni else
-                                                                        "no (this CPU lacks it: int_mm_native runs)"))
+                                                                        "no (this CPU lacks it)"))
         if self.native_gemv_isa is not None:
             lines.append("  int8 GEMV (a few rows, the recurrent time loop): " + {
                 "avx512_vnni": "AVX-512 VNNI", "avx2": "AVX2 (exact vpmaddwd on int16-widened codes)"}.get(
