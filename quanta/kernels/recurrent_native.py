@@ -10,11 +10,12 @@ with exact int32 sums (the native ``gemv``: AVX-512 VNNI, or AVX2's ``vpmaddwd``
 gate equations evaluated with SLEEF's expf / tanhf (torch's vector routines, within 1 ulp; 16 lanes
 with AVX-512, 8 with AVX2). Without VNNI the input projection's sums come from the AVX2 gemv too
 (exact float32 GEMMs on the codes, ``float_sums``, beyond `INPUT_GEMV_MAX_ROWS` rows; torch's CPU
-``_int_mm`` is ~5x slower than float32 there). Same codes, same integer sums, same float32 operations as the reference except that ATen's sigmoid / tanh may round an ulp
-differently: the outputs agree to float rounding, plus a rare one-code flip of a requantized h
-(the kernel tests bound both). Measured on the benchmark LSTM (2 layers, 512, 64 steps, 2 cores;
-AVX-512 VNNI; ~20 µs a step with AVX2 on an AMD EPYC): ~11 µs a step against ~25 µs for torch's ``quantized_lstm`` (fbgemm), which runs ~10 ATen
-operations a step.
+``_int_mm`` is ~5x slower than float32 there). Same codes, same integer sums, same float32
+operations as the reference except that ATen's sigmoid / tanh may round an ulp differently: the
+outputs agree to float rounding, plus a rare one-code flip of a requantized h (the kernel tests
+bound both). Measured on the benchmark LSTM (2 layers, 512, 64 steps, 2 cores, AVX-512 VNNI):
+~11 µs a step against ~25 µs for torch's ``quantized_lstm`` (fbgemm), which runs ~10 ATen
+operations a step; with AVX2 on an AMD EPYC (no VNNI): ~20 µs a step (1.26 ms a layer, 2 threads).
 """
 
 from __future__ import annotations
