@@ -123,9 +123,9 @@ template <int MR>
 inline void block_avx2(__m256i wv, const int16_t* xw, int64_t Kp, int64_t k, __m256i (&a)[MR][2]) {
   const __m256i we = _mm256_srai_epi16(_mm256_slli_epi16(wv, 8), 8), wo = _mm256_srai_epi16(wv, 8);
   for (int m = 0; m < MR; ++m) {
-    const int16_t* xr = xw + m * Kp + k;
-    a[m][0] = _mm256_add_epi32(a[m][0], _mm256_madd_epi16(we, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr))));
-    a[m][1] = _mm256_add_epi32(a[m][1], _mm256_madd_epi16(wo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 16))));
+    const __m256i* xr = reinterpret_cast<const __m256i*>(xw + m * Kp + k);
+    a[m][0] = _mm256_add_epi32(a[m][0], _mm256_madd_epi16(we, _mm256_loadu_si256(xr)));
+    a[m][1] = _mm256_add_epi32(a[m][1], _mm256_madd_epi16(wo, _mm256_loadu_si256(xr + 1)));
   }
 }
 

@@ -3,10 +3,10 @@
 // (quanta.core's arithmetic, as in quantize_rows), multiplied by the int8 W_hh with exact int32
 // sums (gemv_u8s8), rescaled as `float32(acc) * (s_h * s_hh[n]) + b_hh[n]`, and the gate
 // equations of `_step` are evaluated in the same order with float32 operations, 16 lanes at a time
-// (AVX-512; 8 with AVX2) and with no ATen call in the loop. sigmoid is 1 / (1 + exp(0 - x)) and tanh is tanh, with
-// torch's own SLEEF routines (u10: within 1 ulp); ATen's sigmoid / tanh can round an ulp
-// differently, so the outputs agree with the Python reference to float rounding (and a rare
-// one-code flip of a requantized h). The input projection (one GEMM per layer) is the caller's.
+// (AVX-512; 8 with AVX2) and with no ATen call in the loop. sigmoid is 1 / (1 + exp(0 - x)) and
+// tanh is tanh, with torch's own SLEEF routines (u10: within 1 ulp); ATen's sigmoid / tanh can
+// round an ulp differently, so the outputs agree with the Python reference to float rounding (and a
+// rare one-code flip of a requantized h). The input projection (one GEMM per layer) is the caller's.
 #include "common.h"
 
 #include <omp.h>
@@ -54,7 +54,9 @@ struct Lanes {
   using V = __m512;
   using Mask = __mmask16;
   static constexpr int64_t n = 16;
-  static Mask mask(int64_t left) { return left >= 16 ? static_cast<Mask>(0xFFFF) : static_cast<Mask>((1u << left) - 1); }
+  static Mask mask(int64_t left) {
+    return left >= 16 ? static_cast<Mask>(0xFFFF) : static_cast<Mask>((1u << left) - 1);
+  }
   static V load(Mask m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
   static void store(float* p, Mask m, V v) { _mm512_mask_storeu_ps(p, m, v); }
   static V set1(float v) { return _mm512_set1_ps(v); }
@@ -75,7 +77,8 @@ struct Lanes {
   using Mask = __m256i;
   static constexpr int64_t n = 8;
   static Mask mask(int64_t left) {
-    return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(left < 8 ? left : 8)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(left < 8 ? left : 8)), lane);
   }
   static V load(Mask m, const float* p) { return _mm256_maskload_ps(p, m); }
   static void store(float* p, Mask m, V v) { _mm256_maskstore_ps(p, m, v); }
