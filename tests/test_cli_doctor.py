@@ -44,8 +44,10 @@ def test_doctor_says_which_implementations_fall_back():
     if not native.ready():
         assert native_impl.why_not == "native library not loaded"
     if report.native_vnni is False:  # the VNNI kernels are named as falling back, with the reason
-        assert not linear["gemv_native"].available and "AVX-512 VNNI" in linear["gemv_native"].why_not
-    elif report.native_vnni:
+        assert not linear["gemm_native"].available and "AVX-512 VNNI" in linear["gemm_native"].why_not
+    if report.native_gemv_isa == "none":  # the gemv needs VNNI or AVX2
+        assert not linear["gemv_native"].available and "AVX2" in linear["gemv_native"].why_not
+    elif report.native_gemv_isa:
         assert linear["gemv_native"].available
 
 

@@ -18,6 +18,7 @@ import torch
 
 from . import build_config as cfg
 from . import native
+from .gemv_rows import gemv_isa
 from .library import KernelOp
 
 
@@ -44,7 +45,8 @@ class DoctorReport:
     cpu_features_missing: list[str]
     native: native.NativeInfo
     compile_flags: list[str]
-    native_vnni: bool | None  # int8 GEMV/GEMM compiled with AVX-512 VNNI (None: no library)
+    native_vnni: bool | None  # int8 GEMM / convs compiled with AVX-512 VNNI (None: no library)
+    native_gemv_isa: str | None = None  # the int8 GEMV's loop: "avx512_vnni", "avx2" or "none" (None: no library)
     ops: list[OpState] = field(default_factory=list)
     native_conv_isa: str | None = None  # the direct int8 conv's loops (conv_native.conv_isa; None: no library)
 
@@ -65,8 +67,12 @@ class DoctorReport:
         lines.append(f"  build key: {n.key}; flags: {' '.join(self.compile_flags)}")
         lines.append(f"  just-in-time build folder of this environment: {n.cache_dir}")
         if self.native_vnni is not None:
-            lines.append("  int8 GEMV / GEMM with AVX-512 VNNI: " + ("yes" if self.native_vnni else
-                                                                     "no (this CPU lacks it: int_mm_native runs)"))
+            lines.append("  int8 GEMM and convs with AVX-512 VNNI: " + ("yes" if self.native_vnni else
+                                                                        "no (this CPU lacks it)"))
+        if self.native_gemv_isa is not None:
+            lines.append("  int8 GEMV (a few rows, the recurrent time loop): " + {
+                "avx512_vnni": "AVX-512 VNNI", "avx2": "AVX2 (exact vpmaddwd on int16-widened codes)"}.get(
+                    self.native_gemv_isa, "no (a plain loop: not offered)"))
         if self.native_conv_isa is not None:
             lines.append(f"  int8 conv native loops: {self.native_conv_isa}" + (
                 " (dense and depthwise; weights within ±64, e.g. weight_bits=7)" if self.native_conv_isa == "avx2" else ""))
@@ -97,7 +103,9 @@ def kernel_ops() -> list[KernelOp]:
 
 #: native implementations whose guards refuse every input where the library lacks AVX-512 VNNI
 #: (available() says only that the library is loaded)
-_NEED_VNNI = {"gemv_native", "gemm_native"}
+_NEED_VNNI = {"gemm_native"}
+#: ... and those that need the native gemv's fast loop (AVX-512 VNNI or AVX2: `gemv_rows.gemv_isa`)
+_NEED_GEMV = {"gemv_native"}
 
 
 def _why_not(impl: Any, vnni: bool | None) -> str:
@@ -108,6 +116,8 @@ def _why_not(impl: Any, vnni: bool | None) -> str:
         return f"{'/'.join(impl.devices)} only" + ("" if torch.cuda.is_available() else ", no GPU here")
     if "native" in impl.name and not native.ready():
         return "native library not loaded"
+    if impl.name in _NEED_GEMV:
+        return "needs AVX-512 VNNI or AVX2, which this build lacks"
     if "native" in impl.name and not vnni:
         return "needs AVX-512 VNNI, which this CPU lacks"
     return "not supported by this torch or CPU"
@@ -116,7 +126,8 @@ def _why_not(impl: Any, vnni: bool | None) -> str:
 def _op_state(op: KernelOp, vnni: bool | None) -> OpState:
     impls = []
     for impl in op.impls:
-        available = "cpu" in impl.devices and impl.is_available() and not (impl.name in _NEED_VNNI and not vnni)
+        available = ("cpu" in impl.devices and impl.is_available() and not (impl.name in _NEED_VNNI and not vnni)
+                     and not (impl.name in _NEED_GEMV and gemv_isa() == "none"))
         limits = (impl.limits() or "") if available and impl.limits is not None else ""
         impls.append(ImplState(impl.name, available, "" if available else _why_not(impl, vnni), limits))
     return OpState(op.name, impls + [ImplState("reference", True)])
@@ -130,15 +141,16 @@ def diagnose(build: bool = False) -> DoctorReport:
     have = set(cfg.cpu_features())
     arm = platform.machine().startswith(("aarch64", "arm"))
     relevant = [f for f in cfg.CPU_FEATURES if (f in ("asimd", "asimddp", "sve")) == arm]
-    vnni = None
+    vnni, isa = None, None
     if native.ready():
-        vnni = bool(native.module().gemv_has_vnni())
+        vnni, isa = bool(native.module().gemv_has_vnni()), gemv_isa()
     versions = {"quanta": __version__, "torch": torch.__version__,
                 "Python": platform.python_version()}
     return DoctorReport(versions=versions, python_prefix=sys.prefix, cpu=f"{cfg.cpu_model()} ({platform.machine()})",
                         cpu_features=[f for f in relevant if f in have],
                         cpu_features_missing=[f for f in relevant if f not in have], native=native.info(),
-                        compile_flags=cfg.compile_flags(), native_vnni=vnni, ops=[_op_state(op, vnni) for op in kernel_ops()],
+                        compile_flags=cfg.compile_flags(), native_vnni=vnni, native_gemv_isa=isa,
+                        ops=[_op_state(op, vnni) for op in kernel_ops()],
                         native_conv_isa=str(native.module().conv_isa()) if native.ready() else None)
 
 

@@ -34,6 +34,7 @@ import torch
 from . import linear_onednn, native
 from .activation import _f32
 from .conv_native import pack_weight
+from .gemv_rows import GEMV_MAX_ROWS, gemv_isa, gemv_max_rows
 from .library import Impl, KernelOp
 from .linear_onednn import ONEDNN_SATURATION, int8_linear_onednn, onednn_available, onednn_limits, onednn_prepack
 from .u8s8_saturation import cpu_vnni_features
@@ -177,7 +178,7 @@ def streaming_copy(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _gemv_native(x, x_zp, x_scale, w, w_sum, w_scale, bias):
-    """``int8_gemv`` (``quanta.kernels.native``, AVX-512 VNNI): the same int32 sums as
+    """``int8_gemv`` (``quanta.kernels.native``, AVX-512 VNNI or AVX2): the same int32 sums as
     ``torch._int_mm`` and the same epilogue as ``rescale_rows``; ``w`` row-major [N, K]."""
     zp = x_zp.reshape(-1)
     return native.module().int8_gemv(_dense(x), zp if zp.dtype == torch.int32 else zp.to(torch.int32), w, w_sum,
@@ -243,20 +244,16 @@ def _int8_linear_gemm_native(x, x_scale, x_zp, weight, w_scale, bias, w_sum, pac
     return _gemm_native(x, x_zp, x_scale, packed, *rest)
 
 
-#: rows up to which ``gemv_native`` beats ``torch._int_mm`` (measured on AVX-512 VNNI, 2 threads,
-#: BERT and 4096 x 4096 weights: M = 1 0.22 vs 0.23 ms, M = 2..8 0.22-0.77 vs 1.5-3.5 ms at 4096²;
-#: 1.3-2.8x faster at BERT shapes for M <= 8, level at M = 16); up to 16 for weights of >= 2^22
-GEMV_MAX_ROWS, GEMV_MAX_ROWS_LARGE = 8, 16
-
-
 def _guard_gemv_native(x, x_scale, x_zp, weight, w_scale, bias, w_sum, packed):
-    reason = _guard_vnni_common(x, x_scale, x_zp, weight, w_scale, bias)
+    reason = _guard_int8_common(x, x_scale, x_zp, weight, w_scale, bias)
     if reason is not None:
         return reason
     M, N, K = x.shape[0], weight.shape[0], x.shape[1]
-    limit = GEMV_MAX_ROWS_LARGE if N * K >= SWAP_MIN_WEIGHT else GEMV_MAX_ROWS
+    limit = gemv_max_rows(N, K, onednn_packed=isinstance(packed, torch.Tensor) and packed.is_mkldnn)
+    if limit == 0:
+        return "the native library was built without AVX-512 VNNI or AVX2 (its gemv would be a plain loop)"
     if M > limit:
-        return f"M={M} rows (gemv pays off up to {limit} rows for N*K={N * K})"
+        return f"M={M} rows (gemv pays off up to {limit} rows for N*K={N * K} on {gemv_isa()})"
     return None
 
 

@@ -6,13 +6,16 @@ is quantized once for the whole sequence (``quantize_rows`` over one row holding
 its int32 sums with ``W_ih`` come from one ``torch._int_mm`` (`quanta.kernels.linear`), and the
 rescale ``float32(acc) * (s_x * s_ih) + b_ih`` is the reference's own tensor expression. Then per
 step, in C++ with no ATen call: the hidden state is quantized per tensor, multiplied by ``W_hh``
-with exact int32 sums (AVX-512 VNNI ``gemv``), rescaled, and the gate equations evaluated with
-SLEEF's expf / tanhf (torch's vector routines, within 1 ulp). Same codes, same integer sums, same
-float32 operations as the reference except that ATen's sigmoid / tanh may round an ulp
-differently: the outputs agree to float rounding, plus a rare one-code flip of a requantized h
-(the kernel tests bound both). Measured on the benchmark LSTM (2 layers, 512, 64 steps, 2 cores):
+with exact int32 sums (the native ``gemv``: AVX-512 VNNI, or AVX2's ``vpmaddwd``), rescaled, and the
+gate equations evaluated with SLEEF's expf / tanhf (torch's vector routines, within 1 ulp; 16 lanes
+with AVX-512, 8 with AVX2). Without VNNI the input projection's sums come from the AVX2 gemv too
+(exact float32 GEMMs on the codes, ``float_sums``, beyond `INPUT_GEMV_MAX_ROWS` rows; torch's CPU
+``_int_mm`` is ~5x slower than float32 there). Same codes, same integer sums, same float32
+operations as the reference except that ATen's sigmoid / tanh may round an ulp differently: the
+outputs agree to float rounding, plus a rare one-code flip of a requantized h (the kernel tests
+bound both). Measured on the benchmark LSTM (2 layers, 512, 64 steps, 2 cores, AVX-512 VNNI):
 ~11 µs a step against ~25 µs for torch's ``quantized_lstm`` (fbgemm), which runs ~10 ATen
-operations a step.
+operations a step; with AVX2 on an AMD EPYC (no VNNI): ~20 µs a step (1.26 ms a layer, 2 threads).
 """
 
 from __future__ import annotations
@@ -22,14 +25,20 @@ from typing import Any
 import torch
 
 from . import native
-from .linear import GEMV_MAX_ROWS, INT32_EXACT_MAX_K, _dense, _int8_operand
+from .gemv_rows import GEMV_MAX_ROWS, gemv_isa
+from .linear import INT32_EXACT_MAX_K, _dense, _int8_linear_float_sums, _int8_operand
 from .recurrent_math import _PER, _check, act_spec, exact_matmul, qlinear
 
 _ONE = torch.ones(1)  # (rescale_rows' x_scale: the scales are applied as one per-channel product)
+#: without VNNI, the input projection (T * B rows at once) runs the AVX2 gemv up to this many rows, else
+#: float_sums: measured (benchmark LSTM layer, [64, 512] x [2048, 512], min of 30): gemv 1.47 / 1.20 ms,
+#: float_sums 6.84 / 2.17 ms (1 / 2 threads); the gemv still beat float_sums at 512 rows (3072 x 768:
+#: 32.0 vs 99.7 ms, 768²: 11.6 vs 13.1 ms, 2 threads, benchmarks/gemv_avx2.py)
+INPUT_GEMV_MAX_ROWS = 512
 
 
 def native_available() -> bool:
-    return native.ready() and bool(native.module().gemv_has_vnni()) and bool(native.module().rnn_layer_available())
+    return gemv_isa() != "none" and bool(native.module().rnn_layer_available())
 
 
 def _input_projection(x: torch.Tensor, codes: torch.Tensor, s_x: torch.Tensor, z_x: torch.Tensor,
@@ -40,6 +49,18 @@ def _input_projection(x: torch.Tensor, codes: torch.Tensor, s_x: torch.Tensor, z
         acc = exact_matmul(q2, z_x, w_ih)
         return (acc.float() * (s_x * s_ih) + b_ih).reshape(*x.shape[:-1], w_ih.shape[0])
     w = w_ih.contiguous()
+    if gemv_isa() == "avx2" and q2.shape[0] <= INPUT_GEMV_MAX_ROWS:
+        # the native gemv's exact sums and rescale_rows' epilogue with an x_scale of 1: float32(acc) * 1 *
+        # (s_x * s_ih) + b_ih, the reference's arithmetic (times 1 is exact)
+        y = native.module().int8_gemv(_dense(q2), z_x.reshape(-1).to(torch.int32).contiguous(), w,
+                                      native.module().int8_row_sums(w), _ONE, (s_x * s_ih).float().contiguous(),
+                                      b_ih.float().contiguous())
+        return y.reshape(*x.shape[:-1], w_ih.shape[0])
+    if gemv_isa() != "avx512_vnni" and torch.get_float32_matmul_precision() == "highest":
+        # the same int32 sums by float32 GEMMs on the codes, and `_rescale`'s float32(acc) * 1 * (s_x * s_ih)
+        # + b_ih: the reference's arithmetic (times 1 is exact)
+        y = _int8_linear_float_sums(q2, _ONE, z_x.reshape(-1), w, (s_x * s_ih).float(), b_ih.float(), None, None)
+        return y.reshape(*x.shape[:-1], w_ih.shape[0])
     x8, zp = _int8_operand(q2, z_x.reshape(-1))
     acc = torch._int_mm(_dense(x8), w.t())
     # the zero-point correction and float32(acc) * (s_x * s_ih) + b_ih in one pass: rescale_rows with

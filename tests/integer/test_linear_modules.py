@@ -16,6 +16,7 @@ from quanta import QuantDescriptor as QD
 from quanta.integer.linear import Int8Linear
 from quanta.integer.weight_only import HalfLinear, Int4WeightOnlyLinear, Int8WeightOnlyLinear
 from quanta.kernels import native
+from quanta.kernels.gemv_rows import gemv_isa
 from quanta.kernels.linear import int8_linear
 
 K, H, N = 64, 96, 48
@@ -36,10 +37,13 @@ CONFIGS = {
     "bf16": (LC(input=QD(format="bf16", num_bits=16), weight=QD(format="bf16", num_bits=16)), HalfLinear),
     "fp16": (LC(input=QD(format="fp16", num_bits=16), weight=QD(format="fp16", num_bits=16)), HalfLinear),
 }
-#: for the 6-row inputs below: the native VNNI gemv (<= 8 rows), else torch._int_mm (+ the native rescale)
-_INT8_FAST = ("gemv_native" if native.module().gemv_has_vnni() else "int_mm_native") if native.ready() else "int_mm"
+#: for the 6-row inputs below: the native gemv (<= 8 rows; AVX-512 VNNI or AVX2), else exact float32
+#: GEMMs on the codes (no VNNI), else torch._int_mm (+ the native rescale)
+_INT8_FAST = "int_mm_native" if native.ready() else "int_mm"
 if "float_sums" in int8_linear.available_impls():  # no VNNI: exact float32 GEMMs on the codes
     _INT8_FAST = "float_sums"
+if gemv_isa() != "none":
+    _INT8_FAST = "gemv_native"
 FAST = {Int8Linear: _INT8_FAST, Int8WeightOnlyLinear: "int8pack_mm", Int4WeightOnlyLinear: "int4pack_mm",
         HalfLinear: "float32_upcast"}
 

@@ -14,18 +14,19 @@ from quanta.kernels import fp8 as F8
 from quanta.kernels import linear as L
 from quanta.kernels import native
 from quanta.kernels import weight_only as WO
+from quanta.kernels.gemv_rows import gemv_isa, gemv_max_rows
 
 #: what the guards choose for an int8 x int8 linear of >= 2 columns (conftest loads the native
 #: kernels where they can be built)
 INT_MM = "int_mm_native" if native.ready() else "int_mm"
 
 SHAPES = [(1, 7, 33), (7, 33, 1), (33, 64, 7), (64, 2, 64), (1, 768, 48), (5, 130, 16)]
-GEMV = native.ready() and bool(native.module().gemv_has_vnni())
+GEMV = gemv_isa() != "none"  # the native gemv's loop: AVX-512 VNNI or AVX2 (exact vpmaddwd)
 
 
 def _choice(M: int, K: int, N: int) -> str:
     """What the guards pick for an int8 x int8 linear of these sizes on this machine."""
-    if GEMV and M <= (L.GEMV_MAX_ROWS_LARGE if N * K >= L.SWAP_MIN_WEIGHT else L.GEMV_MAX_ROWS):
+    if GEMV and M <= gemv_max_rows(N, K):
         return "gemv_native"
     if "float_sums" in L.int8_linear.available_impls() and K <= L.INT32_EXACT_MAX_K:
         return "float_sums"
@@ -70,7 +71,7 @@ def test_int8_linear_int_mm_equals_reference_bitwise(shape, xdtype, per_token, n
     fast = L.int8_linear(*args, impl="int_mm")
     assert L.int8_linear.choose(*args) == _choice(M, K, N)
     torch.testing.assert_close(fast, ref, atol=0, rtol=0)  # same int32 sums, same rescale ops
-    if _choice(M, K, N) == "gemv_native":  # the VNNI streaming kernel for a few rows: same sums, same epilogue
+    if _choice(M, K, N) == "gemv_native":  # the streaming kernel for a few rows: same sums, same epilogue
         torch.testing.assert_close(L.int8_linear(*args, impl="gemv_native"), ref, atol=0, rtol=0)
     if native.ready() and K >= 2:  # one fused pass for the zero point and the rescale: same numbers
         torch.testing.assert_close(L.int8_linear(*args, impl="int_mm_native"), ref, atol=0, rtol=0)
@@ -80,13 +81,13 @@ def test_int8_linear_int_mm_equals_reference_bitwise(shape, xdtype, per_token, n
     assert torch.equal(acc.long(), acc_ref)
 
 
-@pytest.mark.skipif(not GEMV, reason="needs the native kernels built with AVX-512 VNNI")
+@pytest.mark.skipif(not GEMV, reason="needs the native kernels built with AVX-512 VNNI or AVX2")
 @pytest.mark.parametrize("M", [1, 3, 4, 5, 8, 16])
 @pytest.mark.parametrize("K", [1, 63, 64, 65, 130, 200, 256])
 @pytest.mark.parametrize("N", [1, 5, 16, 37])
 def test_gemv_native_equals_reference_bitwise_at_every_tail(M, K, N):
     """Passes of 4 activation rows over one weight row at a time, 128-byte steps of K, then one
-    64-byte chunk, then a masked tail: every remainder, int8 and uint8 codes, per-token and per-tensor zero points, extreme values (the
+    64-byte chunk, then a masked tail (VNNI; AVX2: 32-byte steps, then a zero-padded tail): every remainder, int8 and uint8 codes, per-token and per-tensor zero points, extreme values (the
     implementation is called directly: its guard also weighs speed, which refuses M = 16 here)."""
     gemv = L._int8_linear_gemv_native
     g = torch.Generator().manual_seed(zlib.crc32(repr((M, K, N)).encode()) % 2**31)

@@ -20,6 +20,7 @@ from quanta.core import QuantSpec, quantize, quantize_tensor
 from quanta.kernels import activation as A
 from quanta.kernels import linear as L
 from quanta.kernels import native
+from quanta.kernels.gemv_rows import gemv_max_rows
 
 BUILDABLE = (platform.system() == "Linux" and shutil.which(os.environ.get("CXX", "c++")) is not None
              and os.environ.get(native.ENV_SWITCH, "1") not in ("0", "off", "false", "no"))
@@ -27,6 +28,9 @@ BUILDABLE = (platform.system() == "Linux" and shutil.which(os.environ.get("CXX",
 _MM = "gemm_native" if native.ready() and native.module().gemv_has_vnni() else "int_mm_native"
 if "float_sums" in L.int8_linear.available_impls():  # no VNNI: exact float32 GEMMs on the codes run instead
     _MM = "float_sums"
+#: what the 9-row inputs below run: the native gemv where it takes 9 rows (AVX2 without VNNI: up to
+#: 32, `quanta.kernels.gemv_rows`), else `_MM`
+_NINE = "gemv_native" if gemv_max_rows(96, 64) >= 9 else _MM
 needs_native = pytest.mark.skipif(not native.ready(), reason=f"native kernels not loaded: {native.status()}")
 
 
@@ -169,7 +173,7 @@ def test_native_rescale_rejects_bad_arguments():
 @needs_native
 def test_dynamic_model_runs_the_native_kernels_and_matches_without_them(tmp_path):
     """Structure: a dynamic int8 model of 9-row inputs records ``gemm_native`` (``int_mm_native``
-    on a build without VNNI) and holds the weight packed for it; a process with
+    on a build without VNNI; the AVX2 gemv where it takes 9 rows) and holds the weight packed for it; a process with
     ``QUANTA_NATIVE=0`` runs the PyTorch kernels and produces the same bits, and, where a GELU
     is fused into a Linear (the native epilogue's GELU, not torch's), the same numbers within
     the activation's documented bound."""
@@ -185,8 +189,8 @@ def test_dynamic_model_runs_the_native_kernels_and_matches_without_them(tmp_path
         q = quanta.quantize(model, "dynamic_int8", speed_check=False)
         assert q[0].post_op == act and isinstance(q[1], torch.nn.Identity)
         ys[act] = q(x)
-        assert {k for m in q.modules() for k in getattr(m, "kernel_counts", {})} == {_MM}
-        assert (q[0]._packed is not None) == (_MM == "gemm_native")
+        assert {k for m in q.modules() for k in getattr(m, "kernel_counts", {})} == {_NINE}
+        assert (q[0]._packed is not None) == (_NINE == "gemm_native")
         paths[act] = tmp_path / f"{act}.quanta"
         quanta.save(q, paths[act])
     code = ("import torch, quanta; from quanta.kernels import native; "
@@ -197,7 +201,8 @@ def test_dynamic_model_runs_the_native_kernels_and_matches_without_them(tmp_path
     env = dict(os.environ, QUANTA_NATIVE="0")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    torch_kernel = "'float_sums'" if _MM == "float_sums" else "'int_mm'"  # (no VNNI: float_sums in both runs)
+    # (no VNNI: float_sums without the native library)
+    torch_kernel = "'float_sums'" if "float_sums" in L.int8_linear.available_impls() else "'int_mm'"
     assert "disabled by QUANTA_NATIVE=0" in out.stdout and torch_kernel in out.stdout
     assert torch.equal(torch.load(tmp_path / "relu.pt"), ys["relu"])
     # the GELU's difference (<= 1.5e-6 relative, tests/kernels/test_native_activation.py) can move a
@@ -245,3 +250,27 @@ def test_int8_linear_settles_its_native_call_with_the_same_bits(preset):
         forced.set_impl("gemm_native")
         few, before = torch.randn(2, 40), forced.kernel_counts["gemm_native"]
         assert torch.equal(forced(few), guarded(few)) and forced.kernel_counts["gemm_native"] == before + 1
+
+
+@needs_native
+def test_a_few_rows_settle_the_native_gemv_on_any_gemv_loop():
+    """Where the build has the native gemv's loop (AVX-512 VNNI, or AVX2 without VNNI), a dynamic
+    int8 Linear called with a few rows settles quantization + gemv + rescale in one native call:
+    the guarded path's bits, and the reference kernels' bits."""
+    from quanta.kernels.gemv_rows import gemv_isa
+    if gemv_isa() == "none":
+        pytest.skip("no native gemv loop in this build")
+    import copy
+
+    import quanta
+    torch.manual_seed(2)
+    q = quanta.quantize(torch.nn.Sequential(torch.nn.Linear(40, 24)).eval(), "dynamic_int8", speed_check=False)
+    lin = q[0]
+    guarded, ref = copy.deepcopy(lin), copy.deepcopy(lin)
+    ref.set_impl("reference")
+    few = torch.randn(2, 40)
+    first = lin(few)
+    for _ in range(2):
+        assert torch.equal(lin(few), first)
+    assert lin.kernel_counts == {"gemv_native": 3} and len(lin.binding.calls) == 1
+    assert torch.equal(guarded(few), first) and torch.equal(ref(few), first)

@@ -26,6 +26,7 @@ from quanta.integer.conv import Int8Conv2d
 from quanta.integer.linear import Int8Linear
 from quanta.kernels import conv as C
 from quanta.kernels import linear as L
+from quanta.kernels.gemv_rows import gemv_max_rows
 from quanta.kernels.linear_onednn import onednn_auto_pack
 from quanta.kernels.u8s8_saturation import (
     FULL_RANGE_MAX,
@@ -119,9 +120,12 @@ def test_onednn_linear_adversarial_seven_bit_sums_exact(bound, k):
     w = torch.full((4, k), bound, dtype=torch.int8)
     w[1], w[2, 1::2] = -bound, -bound
     assert _linear_sums_equal(x, 0, w)
-    if SEVEN_BIT_ONLY:  # no VNNI: oneDNN is the first choice for 7-bit weights
+    if SEVEN_BIT_ONLY:  # no VNNI: oneDNN is the first choice for 7-bit weights (after the AVX2 gemv's few rows)
         args = (x, torch.tensor(0.1), torch.tensor(0, dtype=torch.int32), w, torch.ones(4), None, None)
-        assert L.int8_linear.choose(*args, L.onednn_prepack(w)) == "onednn"
+        few = gemv_max_rows(4, k, onednn_packed=True) >= 5
+        assert L.int8_linear.choose(*args, L.onednn_prepack(w)) == ("gemv_native" if few else "onednn")
+        wide = (x.repeat(4, 1), *args[1:])  # 20 rows: past the gemv's rows against oneDNN
+        assert L.int8_linear.choose(*wide, L.onednn_prepack(w)) == "onednn"
 
 
 @needs_linear

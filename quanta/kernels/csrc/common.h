@@ -163,8 +163,12 @@ inline const float* check_epilogue(const char* what, int64_t M, int64_t N, const
   return bias->data_ptr<float>();
 }
 
-// Whether gemv_u8s8 was compiled with AVX-512 VNNI (else it is a plain loop).
+// Whether gemv_u8s8 was compiled with AVX-512 VNNI (the int8 GEMM and convs need it).
 bool gemv_has_vnni();
+
+// Which fast loop gemv_u8s8 was compiled with: "avx512_vnni", "avx2" (exact vpmaddwd on int16-widened
+// operands) or "none" (a plain loop).
+std::string gemv_isa();
 
 // The graph operators (registered in fused.cpp as quanta_native::conv_packed / linear_packed):
 // a settled conv plan's convolution (conv.cpp) and a settled int8 Linear (linear_op.cpp).

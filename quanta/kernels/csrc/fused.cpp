@@ -288,6 +288,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("huge_page_copy", &huge_page_copy, "contiguous copy in memory advised for transparent huge pages");
   m.def("int8_row_sums", &int8_row_sums, "sum over each row of an int8 matrix, int32");
   m.def("gemv_has_vnni", &gemv_has_vnni, "whether int8_gemv was compiled with AVX-512 VNNI");
+  m.def("gemv_isa", &gemv_isa, "the fast loop int8_gemv was compiled with: avx512_vnni, avx2 or none");
   m.def("rnn_layer_available", &rnn_layer_available, "whether rnn_layer can run on this build");
   m.def("rnn_layer", &rnn_layer, "one layer and direction of a dynamic int8 LSTM / GRU / RNN");
   m.def("max_pool2d_codes", &max_pool2d_codes, "2d max pooling of channels-last uint8 codes");

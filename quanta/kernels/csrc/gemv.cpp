@@ -1,6 +1,8 @@
 // int8 x int8 products for a few activation rows (decoding, recurrent steps): exact int32 sums
 // with AVX-512 VNNI (vpdpbusd: four uint8 x int8 products added into each int32 lane, no
-// intermediate saturation). PyTorch's CPU `_int_mm` is tuned for GEMMs and, at one to a few
+// intermediate saturation), or on AVX2 with both operands widened to int16 and vpmaddwd (pairs of
+// int16 products summed into int32: |255 * 128| * 2 fits, exact for full 8-bit weights; vpmaddubsw
+// would saturate its int16 pair sums). PyTorch's CPU `_int_mm` is tuned for GEMMs and, at one to a few
 // rows, reads the weight more slowly than this streaming loop (measured in kernels/linear.py).
 #include "common.h"
 
@@ -8,11 +10,25 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <string>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 
 namespace quanta_native {
 
 bool gemv_has_vnni() { return QUANTA_VNNI; }
+
+std::string gemv_isa() {
+#if QUANTA_VNNI
+  return "avx512_vnni";
+#elif defined(__AVX2__)
+  return "avx2";
+#else
+  return "none";
+#endif
+}
 
 namespace {
 
@@ -72,6 +88,75 @@ void sums_vnni(const uint8_t* x, int64_t K, const int8_t* w, int64_t N, int32_t*
 }
 #endif
 
+#if !QUANTA_VNNI && defined(__AVX2__)
+// AVX2 (no VNNI). Per 32 columns a weight row is one 32-byte load split into its even and odd bytes,
+// each sign-extended in its int16 lane (shifts: no shuffle); the activation rows are widened once per
+// call into the matching layout (`widen_rows`), so one vpmaddwd per half adds 16 exact products into
+// 8 int32 lanes.
+constexpr int64_t kCols = 32;
+
+inline int64_t padded(int64_t K) { return (K + kCols - 1) / kCols * kCols; }
+
+// xw [MR, padded(K)] int16: per block of 32 columns the 16 even columns, then the 16 odd ones, of
+// (x ^ flip) read as uint8 (the low and the high byte of each 16-bit lane). Past K the values are
+// whatever the padding gives: they meet the zero-padded weight tail, adding nothing.
+void widen_rows(const uint8_t* x, int64_t MR, int64_t K, uint8_t flip, int16_t* xw) {
+  const int64_t Kp = padded(K);
+  const __m256i flipv = _mm256_set1_epi8(static_cast<char>(flip)), low = _mm256_set1_epi16(0xFF);
+  for (int64_t m = 0; m < MR; ++m)
+    for (int64_t k = 0; k < Kp; k += kCols) {
+      __m256i v;
+      if (k + kCols <= K) {
+        v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + m * K + k));
+      } else {
+        alignas(32) uint8_t tail[kCols] = {};
+        std::memcpy(tail, x + m * K + k, K - k);
+        v = _mm256_load_si256(reinterpret_cast<const __m256i*>(tail));
+      }
+      v = _mm256_xor_si256(v, flipv);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xw + m * Kp + k), _mm256_and_si256(v, low));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xw + m * Kp + k + 16), _mm256_srli_epi16(v, 8));
+    }
+}
+
+template <int MR>
+inline void block_avx2(__m256i wv, const int16_t* xw, int64_t Kp, int64_t k, __m256i (&a)[MR][2]) {
+  const __m256i we = _mm256_srai_epi16(_mm256_slli_epi16(wv, 8), 8), wo = _mm256_srai_epi16(wv, 8);
+  for (int m = 0; m < MR; ++m) {
+    const __m256i* xr = reinterpret_cast<const __m256i*>(xw + m * Kp + k);
+    a[m][0] = _mm256_add_epi32(a[m][0], _mm256_madd_epi16(we, _mm256_loadu_si256(xr)));
+    a[m][1] = _mm256_add_epi32(a[m][1], _mm256_madd_epi16(wo, _mm256_loadu_si256(xr + 1)));
+  }
+}
+
+inline int32_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// Sums of weight rows [n0, n1) against MR (<= 4) widened activation rows, one weight row at a time
+// (one sequential stream, each 32-byte chunk read once for all MR rows), as sums_vnni.
+template <int MR>
+void sums_avx2(const int16_t* xw, int64_t K, const int8_t* w, int64_t N, int32_t* acc, int64_t n0, int64_t n1) {
+  const int64_t K32 = K / kCols * kCols, Kp = padded(K);
+  for (int64_t n = n0; n < n1; ++n) {
+    __m256i a[MR][2];
+    for (int m = 0; m < MR; ++m) a[m][0] = a[m][1] = _mm256_setzero_si256();
+    const int8_t* wr = w + n * K;
+    for (int64_t k = 0; k < K32; k += kCols)
+      block_avx2<MR>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + k)), xw, Kp, k, a);
+    if (K32 < K) {  // the tail: a zero-padded copy (never a read past the row)
+      alignas(32) int8_t tail[kCols] = {};
+      std::memcpy(tail, wr + K32, K - K32);
+      block_avx2<MR>(_mm256_load_si256(reinterpret_cast<const __m256i*>(tail)), xw, Kp, K32, a);
+    }
+    for (int m = 0; m < MR; ++m) acc[m * N + n] = hsum_epi32(_mm256_add_epi32(a[m][0], a[m][1]));
+  }
+}
+#endif
+
 void sums_rows(const uint8_t* x, int64_t MR, int64_t K, const int8_t* w, int64_t N, int32_t* acc, uint8_t flip,
                int64_t n0, int64_t n1) {
 #if QUANTA_VNNI
@@ -80,6 +165,16 @@ void sums_rows(const uint8_t* x, int64_t MR, int64_t K, const int8_t* w, int64_t
     case 2: return sums_vnni<2>(x, K, w, N, acc, flip, n0, n1);
     case 3: return sums_vnni<3>(x, K, w, N, acc, flip, n0, n1);
     default: return sums_vnni<4>(x, K, w, N, acc, flip, n0, n1);
+  }
+#elif defined(__AVX2__)
+  thread_local std::vector<int16_t> xw;  // (a few KiB per thread, reused)
+  xw.resize(static_cast<size_t>(MR * padded(K)));
+  widen_rows(x, MR, K, flip, xw.data());
+  switch (MR) {
+    case 1: return sums_avx2<1>(xw.data(), K, w, N, acc, n0, n1);
+    case 2: return sums_avx2<2>(xw.data(), K, w, N, acc, n0, n1);
+    case 3: return sums_avx2<3>(xw.data(), K, w, N, acc, n0, n1);
+    default: return sums_avx2<4>(xw.data(), K, w, N, acc, n0, n1);
   }
 #else
   sums_plain(x, MR, K, w, N, acc, flip, n0, n1);

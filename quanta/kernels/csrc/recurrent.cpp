@@ -3,10 +3,10 @@
 // (quanta.core's arithmetic, as in quantize_rows), multiplied by the int8 W_hh with exact int32
 // sums (gemv_u8s8), rescaled as `float32(acc) * (s_h * s_hh[n]) + b_hh[n]`, and the gate
 // equations of `_step` are evaluated in the same order with float32 operations, 16 lanes at a time
-// and with no ATen call in the loop. sigmoid is 1 / (1 + exp(0 - x)) and tanh is tanh, with
-// torch's own SLEEF routines (u10: within 1 ulp); ATen's sigmoid / tanh can round an ulp
-// differently, so the outputs agree with the Python reference to float rounding (and a rare
-// one-code flip of a requantized h). The input projection (one GEMM per layer) is the caller's.
+// (AVX-512; 8 with AVX2) and with no ATen call in the loop. sigmoid is 1 / (1 + exp(0 - x)) and
+// tanh is tanh, with torch's own SLEEF routines (u10: within 1 ulp); ATen's sigmoid / tanh can
+// round an ulp differently, so the outputs agree with the Python reference to float rounding (and a
+// rare one-code flip of a requantized h). The input projection (one GEMM per layer) is the caller's.
 #include "common.h"
 
 #include <omp.h>
@@ -16,12 +16,17 @@
 
 using namespace quanta_native;
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 // SLEEF's vector functions, exported by libtorch_cpu (weak: a torch without them leaves these null
 // and rnn_layer unavailable instead of the whole library failing to load)
+#if defined(__AVX512F__)
 extern "C" __m512 Sleef_expf16_u10(__m512) __attribute__((weak));
 extern "C" __m512 Sleef_tanhf16_u10(__m512) __attribute__((weak));
+#else
+extern "C" __m256 Sleef_expf8_u10(__m256) __attribute__((weak));
+extern "C" __m256 Sleef_tanhf8_u10(__m256) __attribute__((weak));
+#endif
 #define QUANTA_GATES 1
 #else
 #define QUANTA_GATES 0
@@ -42,42 +47,91 @@ Mode parse_mode(const std::string& mode) {
 int64_t gate_count(Mode m) { return m == Mode::LSTM ? 4 : (m == Mode::GRU ? 3 : 1); }
 
 #if QUANTA_GATES
-// sigmoid and tanh of 16 floats (SLEEF u10 inside)
-inline __m512 sigmoid16(__m512 x) {
-  const __m512 one = _mm512_set1_ps(1.f);
-  __m512 a = _mm512_sub_ps(_mm512_setzero_ps(), x);
-  a = Sleef_expf16_u10(a);
-  a = _mm512_add_ps(a, one);
-  return _mm512_div_ps(one, a);
-}
-inline __m512 tanh16(__m512 x) { return Sleef_tanhf16_u10(x); }
+// The vector operations of the gate math: 16 lanes with AVX-512, 8 with AVX2 (masked loads read
+// zeros in the lanes past the end, masked stores leave them alone).
+#if defined(__AVX512F__)
+struct Lanes {
+  using V = __m512;
+  using Mask = __mmask16;
+  static constexpr int64_t n = 16;
+  static Mask mask(int64_t left) {
+    return left >= 16 ? static_cast<Mask>(0xFFFF) : static_cast<Mask>((1u << left) - 1);
+  }
+  static V load(Mask m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
+  static void store(float* p, Mask m, V v) { _mm512_mask_storeu_ps(p, m, v); }
+  static V set1(float v) { return _mm512_set1_ps(v); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V div(V a, V b) { return _mm512_div_ps(a, b); }
+  static V exp(V x) { return Sleef_expf16_u10(x); }
+  static V tanh(V x) { return Sleef_tanhf16_u10(x); }
+  static V relu(V x) {  // as ATen's clamp_min(x, 0): NaN stays NaN
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ), x, _mm512_setzero_ps());
+  }
+  static bool available() { return Sleef_expf16_u10 != nullptr && Sleef_tanhf16_u10 != nullptr; }
+};
+#else
+struct Lanes {
+  using V = __m256;
+  using Mask = __m256i;
+  static constexpr int64_t n = 8;
+  static Mask mask(int64_t left) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(left < 8 ? left : 8)), lane);
+  }
+  static V load(Mask m, const float* p) { return _mm256_maskload_ps(p, m); }
+  static void store(float* p, Mask m, V v) { _mm256_maskstore_ps(p, m, v); }
+  static V set1(float v) { return _mm256_set1_ps(v); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V div(V a, V b) { return _mm256_div_ps(a, b); }
+  static V exp(V x) { return Sleef_expf8_u10(x); }
+  static V tanh(V x) { return Sleef_tanhf8_u10(x); }
+  static V relu(V x) {  // as ATen's clamp_min(x, 0): NaN stays NaN
+    return _mm256_blendv_ps(x, _mm256_setzero_ps(), _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ));
+  }
+  static bool available() { return Sleef_expf8_u10 != nullptr && Sleef_tanhf8_u10 != nullptr; }
+};
+#endif
+using V = Lanes::V;
 
-// One row of gate math for hidden units [j0, j1), 16 lanes at a time (the last chunk masked). gh: the
+// sigmoid and tanh of a vector of floats (SLEEF u10 inside)
+inline V sigmoid_v(V x) {
+  const V one = Lanes::set1(1.f);
+  V a = Lanes::sub(Lanes::set1(0.f), x);
+  a = Lanes::exp(a);
+  a = Lanes::add(a, one);
+  return Lanes::div(one, a);
+}
+inline V tanh_v(V x) { return Lanes::tanh(x); }
+
+// One row of gate math for hidden units [j0, j1), a vector at a time (the last chunk masked). gh: the
 // hidden projection [G*H], gi: the input projection [G*H], h / c: the state [H], updated in place.
 void gates_row(Mode mode, const float* gh, const float* gi, float* h, float* c, int64_t H, int64_t j0, int64_t j1) {
-  for (int64_t j = j0; j < j1; j += 16) {
-    const __mmask16 m = j1 - j >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (j1 - j)) - 1);
-    auto ld = [&](const float* p, int64_t gate) { return _mm512_maskz_loadu_ps(m, p + gate * H + j); };
-    auto pre = [&](int64_t gate) { return _mm512_add_ps(ld(gh, gate), ld(gi, gate)); };  // gh + gi
-    __m512 hv;
+  for (int64_t j = j0; j < j1; j += Lanes::n) {
+    const Lanes::Mask m = Lanes::mask(j1 - j);
+    auto ld = [&](const float* p, int64_t gate) { return Lanes::load(m, p + gate * H + j); };
+    auto pre = [&](int64_t gate) { return Lanes::add(ld(gh, gate), ld(gi, gate)); };  // gh + gi
+    V hv;
     if (mode == Mode::LSTM) {  // i, f, g, o = (gh + gi).chunk(4); c = σ(f)·c + σ(i)·tanh(g); h = σ(o)·tanh(c)
-      const __m512 t1 = _mm512_mul_ps(sigmoid16(pre(1)), _mm512_maskz_loadu_ps(m, c + j));
-      const __m512 t2 = _mm512_mul_ps(sigmoid16(pre(0)), tanh16(pre(2)));
-      const __m512 cv = _mm512_add_ps(t1, t2);
-      _mm512_mask_storeu_ps(c + j, m, cv);
-      hv = _mm512_mul_ps(sigmoid16(pre(3)), tanh16(cv));
+      const V t1 = Lanes::mul(sigmoid_v(pre(1)), Lanes::load(m, c + j));
+      const V t2 = Lanes::mul(sigmoid_v(pre(0)), tanh_v(pre(2)));
+      const V cv = Lanes::add(t1, t2);
+      Lanes::store(c + j, m, cv);
+      hv = Lanes::mul(sigmoid_v(pre(3)), tanh_v(cv));
     } else if (mode == Mode::GRU) {  // r = σ(i_r + h_r); z = σ(i_z + h_z); n = tanh(i_n + r·h_n); h = (h - n)·z + n
-      const __m512 r = sigmoid16(_mm512_add_ps(ld(gi, 0), ld(gh, 0)));
-      const __m512 z = sigmoid16(_mm512_add_ps(ld(gi, 1), ld(gh, 1)));
-      const __m512 n = tanh16(_mm512_add_ps(ld(gi, 2), _mm512_mul_ps(r, ld(gh, 2))));
-      hv = _mm512_add_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, h + j), n), z), n);
+      const V r = sigmoid_v(Lanes::add(ld(gi, 0), ld(gh, 0)));
+      const V z = sigmoid_v(Lanes::add(ld(gi, 1), ld(gh, 1)));
+      const V n = tanh_v(Lanes::add(ld(gi, 2), Lanes::mul(r, ld(gh, 2))));
+      hv = Lanes::add(Lanes::mul(Lanes::sub(Lanes::load(m, h + j), n), z), n);
     } else if (mode == Mode::RNN_TANH) {
-      hv = tanh16(pre(0));
-    } else {  // relu, as ATen's clamp_min(x, 0): NaN stays NaN
-      const __m512 x = pre(0);
-      hv = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ), x, _mm512_setzero_ps());
+      hv = tanh_v(pre(0));
+    } else {
+      hv = Lanes::relu(pre(0));
     }
-    _mm512_mask_storeu_ps(h + j, m, hv);
+    Lanes::store(h + j, m, hv);
   }
 }
 #endif
@@ -169,7 +223,7 @@ void run_loop(const Loop& L, int64_t tid, int64_t threads, Range* partial, int* 
 
 bool rnn_layer_available() {
 #if QUANTA_GATES
-  return Sleef_expf16_u10 != nullptr && Sleef_tanhf16_u10 != nullptr;
+  return Lanes::available();
 #else
   return false;
 #endif
@@ -183,7 +237,7 @@ std::vector<torch::Tensor> rnn_layer(const std::string& mode_name, const torch::
                                      const torch::Tensor& w_hh, const torch::Tensor& s_hh,
                                      const torch::Tensor& b_hh, int64_t qmin, int64_t qmax, bool symmetric,
                                      bool is_signed, bool reverse) {
-  TORCH_CHECK(rnn_layer_available(), "rnn_layer: not available (needs AVX-512 and torch's SLEEF functions)");
+  TORCH_CHECK(rnn_layer_available(), "rnn_layer: not available (needs AVX2 or AVX-512 and torch's SLEEF functions)");
   const Mode mode = parse_mode(mode_name);
   const int64_t G = gate_count(mode);
   TORCH_CHECK(state.size() == (mode == Mode::LSTM ? 2u : 1u), "rnn_layer: wrong number of state tensors");
