@@ -7,9 +7,10 @@
 For each OpenMP environment variant (set before torch is imported: a subprocess each), a quanta
 ``static_int8 weight_bits=7`` model is timed idle and beside `busy.competitor()` (one pure-Python
 spin) at 2 threads, at 1 thread, and with `quanta.fit_threads` (the count fitted to the free
-cores per call). Rounds interleave everything: per round, each mode's idle block, then the
-competitor starts and each mode's busy block, in a shuffled order. Medians over all calls; the
-machine may be shared, so read the numbers as indicative and rerun.
+cores per call). Rounds interleave everything: each round runs one subprocess per environment
+in turn, and in it each mode's idle block, then (the competitor started) each mode's busy block,
+in a shuffled order. Medians over all calls; the machine may be shared, so read the numbers as
+indicative and rerun (the table says how many cores other processes used meanwhile).
 """
 
 from __future__ import annotations
@@ -99,10 +100,19 @@ def child(args: argparse.Namespace) -> None:
                                 if m == "fit_threads":
                                     chosen[cond].append(fit.last_threads)
                                     others[cond].append(fit.last_others)
-        out[name] = {f"{m}|{c}": statistics.median(v) * 1e3 for (m, c), v in samples.items()}
-        out[name]["fit threads chosen"] = {c: {str(k): v.count(k) for k in sorted(set(v))} for c, v in chosen.items()}
-        out[name]["others"] = {c: round(statistics.median(v), 2) if None not in v else None for c, v in others.items()}
+        out[name] = {f"{m}|{c}": [t * 1e3 for t in v] for (m, c), v in samples.items()}
+        out[name].update({f"chosen|{c}": v for c, v in chosen.items()}, **{f"others|{c}": v for c, v in others.items()})
     print("RESULT " + json.dumps(out), flush=True)
+
+
+def merged(parts: list[dict]) -> dict:
+    """The children's raw samples of one env, concatenated per workload and key."""
+    out: dict = {}
+    for part in parts:
+        for name, r in part.items():
+            for key, values in r.items():
+                out.setdefault(name, {}).setdefault(key, []).extend(values)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,30 +140,34 @@ def main(argv: list[str] | None = None) -> int:
             _, _, q = build(name, args.quick)
             quanta.save(q, os.path.join(cache, f"{name}.safetensors"))
             print(f"built {name} in {time.perf_counter() - t0:.1f} s", flush=True)
-        results = {}
-        for env_name in args.env or list(ENVS):
-            env = dict(os.environ, TQDM_DISABLE="1", **ENVS[env_name])
-            cmd = [sys.executable, os.path.abspath(__file__), "--child", "--cache", cache,
-                   "--rounds", str(args.rounds), "--calls", str(args.calls)] + (["--quick"] if args.quick else [])
-            for w in args.workload:
-                cmd += ["--workload", w]
-            t0 = time.perf_counter()
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode or not lines:
-                print(f"{env_name}: failed (rc {proc.returncode}): {proc.stderr[-2000:]}", flush=True)
-                continue
-            results[env_name] = json.loads(lines[-1][7:])
-            print(f"{env_name}: {time.perf_counter() - t0:.0f} s", flush=True)
+        envs = args.env or list(ENVS)
+        parts: dict[str, list[dict]] = {e: [] for e in envs}
+        for r in range(args.rounds):  # one child per env per round, alternating: drift hits every env
+            for env_name in envs:
+                env = dict(os.environ, TQDM_DISABLE="1", **ENVS[env_name])
+                cmd = [sys.executable, os.path.abspath(__file__), "--child", "--cache", cache, "--rounds", "1",
+                       "--calls", str(args.calls)] + (["--quick"] if args.quick else [])
+                for w in args.workload:
+                    cmd += ["--workload", w]
+                t0 = time.perf_counter()
+                proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+                if proc.returncode or not lines:
+                    print(f"{env_name}: failed (rc {proc.returncode}): {proc.stderr[-2000:]}", flush=True)
+                    continue
+                parts[env_name].append(json.loads(lines[-1][7:]))
+                print(f"round {r + 1}, {env_name}: {time.perf_counter() - t0:.0f} s", flush=True)
     print("\n| workload | OpenMP env | mode | idle ms | busy ms | × idle |")
     print("| --- | --- | --- | ---: | ---: | ---: |")
-    for env_name, res in results.items():
-        for name, r in res.items():
+    for env_name, env_parts in parts.items():
+        for name, r in merged(env_parts).items():
             for m in MODES:
-                idle, busy_ms = r[f"{m}|idle"], r[f"{m}|busy"]
+                idle, busy_ms = statistics.median(r[f"{m}|idle"]), statistics.median(r[f"{m}|busy"])
                 print(f"| {name} | {env_name} {ENVS[env_name] or ''} | {m} | {idle:.2f} | {busy_ms:.2f} | "
                       f"{busy_ms / idle:.2f}× |")
-            chose, seen = r["fit threads chosen"], r["others"]
+            chose = {c: {k: r[f"chosen|{c}"].count(k) for k in sorted(set(r[f"chosen|{c}"]))} for c in ("idle", "busy")}
+            seen = {c: round(statistics.median(r[f"others|{c}"]), 2) if None not in r[f"others|{c}"] else None
+                    for c in ("idle", "busy")}
             print(f"| {name} | {env_name} | fit_threads chose (threads: calls) | {chose['idle']} | {chose['busy']} | |")
             print(f"| {name} | {env_name} | cores other processes used (median) | {seen['idle']} | {seen['busy']} | |")
     return 0
