@@ -223,7 +223,8 @@ def _decide(mod: IntegerModule, name: str, shape: tuple[int, ...], kernel: str, 
 
 
 #: appended to the report of an int8 layer kept float that 7-bit weights would make fast here
-SEVEN_BIT_HINT = ("; 7-bit weights (weight_bits=7) would run it on oneDNN, exact on this CPU without VNNI")
+SEVEN_BIT_HINT = ("; 7-bit weights (weight_bits=7) would run it on the fast int8 kernels (quanta's AVX2 convs, "
+                  "oneDNN), exact on this CPU without VNNI")
 
 
 def seven_bit_hint(mod: IntegerModule, kernel: str) -> str:
