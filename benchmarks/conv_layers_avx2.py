@@ -6,7 +6,7 @@ sees it), both kernels run the same uint8 codes with the same 7-bit weight codes
 only weights exact on both kernels without VNNI) and a fused ReLU6 into uint8 codes, each from its
 settled form (``ConvPlan.run`` / oneDNN's prepacked call), in interleaved shuffled rounds
 (`timing.interleaved`). The native loops of the loaded library are used (`conv_native.conv_isa`:
-AVX2 builds have the depthwise loop only, so dense layers report oneDNN alone there).
+AVX2 builds have both the dense and the depthwise loops, for weights within ±64).
 
     python benchmarks/conv_layers_avx2.py --threads 2 --batch 1 --batch 16
 

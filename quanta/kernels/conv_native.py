@@ -124,10 +124,11 @@ DEPTHWISE_RUN_KERNELS = ((3, 3), (5, 5))
 #: 16, 2 threads, best of interleaved rounds): the depthwise loop beat oneDNN on every 3x3 layer
 #: (batch 1: 1.8-5.5x; batch 16: 1.2-4.3x). The dense loop (4 pixels x 16 channels, vpmaddubsw)
 #: saves oneDNN's per-call cost: faster up to ~160 K outputs (batch 1 from 28x28 down: 1.2-3.4x)
-#: and on long sums (ResNet-18's 3x3 convs of 128-512 channels, batch 16: 1.0-1.4x), slower on
-#: large outputs of shorter sums (batch 16 1x1 convs, and batch 1 at 56x56 / 112x112: 0.2-0.9x).
+#: and on long sums (ResNet-18's 3x3 convs of 64-512 channels; rerun idle at 17:27 UTC: batch 1
+#: 1.16-1.32x, batch 16 1.03-1.18x, 1x1 sums of 576 / 960 at batch 16 1.0x), slower on large outputs
+#: of shorter sums (batch 16 1x1 convs of <= 384 channels, and batch 1 at 56x56 / 112x112: 0.5-0.9x).
 AVX2_DENSE_NATIVE_OUTPUTS = 160 * 1024
-AVX2_DENSE_NATIVE_REDUCTION = 1024
+AVX2_DENSE_NATIVE_REDUCTION = 576
 
 
 def prefer_onednn(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: torch.Tensor, w_scale: torch.Tensor,
