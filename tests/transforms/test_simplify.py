@@ -14,6 +14,7 @@ from torch import nn
 import quanta
 from quanta.integer.base import IntegerModule
 from quanta.integer.conv import Int8Conv2d
+from quanta.transforms.capture import hooked
 from quanta.transforms.simplify import collapse_wrappers
 
 convert_mod = importlib.import_module("quanta.transforms.convert")  # (the package exports the function)
@@ -69,13 +70,8 @@ def calibrated_tiny(size: int, batches: int) -> tuple[nn.Module, nn.Module, list
 
 def _calls(model: nn.Module, x: torch.Tensor) -> int:
     n = [0]
-    hooks = [m.register_forward_pre_hook(lambda *_: n.__setitem__(0, n[0] + 1)) for m in model.modules()]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    with hooked(dict(model.named_modules()), lambda *_: n.__setitem__(0, n[0] + 1), before=True), torch.no_grad():
+        model(x)
     return n[0]
 
 

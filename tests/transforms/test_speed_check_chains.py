@@ -23,6 +23,7 @@ from quanta.integer.add import Int8Add
 from quanta.integer.base import IntegerModule
 from quanta.io.save_load import _without_timings
 from quanta.nn.modules.fused import FusedActivation
+from quanta.transforms.capture import hooked
 from quanta.transforms.convert import _walk
 from quanta.transforms.fuse import fuse_activations, uint8_chains
 from quanta.transforms.speed_cache import DecisionCache
@@ -64,15 +65,14 @@ def _fake(integer_s: float, float_s: float, add_integer_s: float | None = None):
 def _uint8_inputs(model: nn.Module, x: torch.Tensor) -> set[str]:
     """Names of the modules called with uint8 codes."""
     seen: set[str] = set()
-    hooks = [m.register_forward_pre_hook(functools.partial(lambda n, _, args: seen.add(n) if any(
-        isinstance(a, torch.Tensor) and a.dtype == torch.uint8 for a in args) else None, n))
-        for n, m in model.named_modules() if isinstance(m, IntegerModule)]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
+
+    def record(name, _mod, args, _kwargs, _out):
+        if any(isinstance(a, torch.Tensor) and a.dtype == torch.uint8 for a in args):
+            seen.add(name)
+
+    integer = {n: m for n, m in model.named_modules() if isinstance(m, IntegerModule)}
+    with hooked(integer, record, before=True), torch.no_grad():
+        model(x)
     return seen
 
 
