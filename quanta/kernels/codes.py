@@ -181,8 +181,13 @@ def pool_widened(x: torch.Tensor, pool: Callable[[torch.Tensor], torch.Tensor]) 
 def _max_pool2d_codes_ref(x, kernel, stride, padding, dilation, ceil_mode):
     if x.dtype not in (torch.uint8, torch.int8):
         raise TypeError(f"quanta::max_pool2d_codes: needs 8-bit codes, got {x.dtype}")
-    return pool_widened(x, lambda w: F.max_pool2d(w, list(kernel), list(stride), list(padding), list(dilation),
-                                                  ceil_mode))
+    out = pool_widened(x, lambda w: F.max_pool2d(w, list(kernel), list(stride), list(padding), list(dilation),
+                                                 ceil_mode))
+    # channels-last codes pool into channels-last codes, as the native kernel writes them, also where
+    # the layout is ambiguous (a 1x1 image is contiguous both ways and torch would pick NCHW)
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
 
 
 def _guard_max_pool2d_codes(x, kernel, stride, padding, dilation, ceil_mode) -> str | None:

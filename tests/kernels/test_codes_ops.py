@@ -178,6 +178,17 @@ def test_add_codes_reference_refuses_bad_arguments():
 
 # ---------------------------------------------------------------------------- max_pool2d_codes
 @needs_native
+def test_max_pool2d_codes_of_a_one_pixel_channels_last_image_stay_channels_last():
+    """A 1x1 channels-last image is contiguous both ways: the reference pooled it into NCHW codes
+    where the native kernel writes channels-last ones (found by the hypothesis test below)."""
+    x = torch.tensor([172, 47], dtype=torch.uint8).reshape(1, 2, 1, 1).contiguous(memory_format=CL)
+    args = (x, [2, 1], [1, 1], [1, 0], [1, 1], False)
+    ref = max_pool2d_codes(*args, impl="reference")
+    assert ref.is_contiguous(memory_format=CL) and ref.shape == (1, 2, 2, 1)
+    _same(max_pool2d_codes(*args, impl="native"), ref)
+
+
+@needs_native
 @settings(max_examples=80, deadline=None)
 @given(n=st.integers(1, 2), c=st.integers(1, 70), h=st.integers(1, 12), w=st.integers(1, 12),
        k=st.tuples(st.integers(1, 4), st.integers(1, 4)), s=st.tuples(st.integers(1, 3), st.integers(1, 3)),
