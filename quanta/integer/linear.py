@@ -20,6 +20,7 @@ when it was enabled, so numbers match the simulation. ``forward`` takes float ``
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -35,7 +36,7 @@ from ..kernels.linear_native import (
     compiled_linear_args,
     native_linear_call,
 )
-from ..kernels.linear_onednn import onednn_auto_pack
+from ..kernels.linear_onednn import onednn_auto_pack, onednn_linear_call
 from ..kernels.u8s8_saturation import weight_code_max
 from .linear_common import (
     _active,
@@ -237,6 +238,13 @@ class Int8Linear(_LinearBase):
             settled = (mm_impl, self._w8, self.weight_scale, self.bias, self._w_sum, *self._q_args, s_in, z_in)
             binding.settle(sig, mm_impl, native_linear_call(*settled, post_op=self.post_op, packed=args[7]),
                            compiled_linear_args(*settled, post_op=self.post_op, packed=args[7]))
+        elif q_impl == "native" and mm_impl == "onednn" and static and checked and mm_checked and not compiling:
+            # settled on oneDNN (7-bit weights without VNNI): later eager calls skip the guards and the
+            # per-call argument preparation; the same two library calls, the same post-op
+            post = None if self.post_op == "none" else functools.partial(apply_post_op, post_op=self.post_op)
+            cs = self._codes_spec
+            binding.settle(sig, mm_impl, onednn_linear_call(args[7], self.weight_scale, self.bias, s_in, z_in,
+                                                            cs.qmin, cs.qmax, cs.signed, post))
         return self._finish(y, x)
 
     def extra_repr(self) -> str:
