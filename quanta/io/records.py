@@ -20,6 +20,7 @@ from torch import nn
 
 from ..core import QuantSpec
 from ..nn.descriptor import QuantDescriptor
+from . import record_rewrites  # noqa: F401  (registers the "rewritten" record kind)
 from .architecture import ArchitectureError
 from .record_checks import ShapeBudget, check_records
 from .record_kinds import RECORD_KINDS, Describing, Rebuilding, kind_for

@@ -15,6 +15,7 @@ from ..nn.modules.fused import FusedActivation
 from ..nn.tensor_quantizer import TensorQuantizer
 from .decisions import DECISIONS_ATTR, UNSUPPORTED
 from .float_dtype import FLOAT_DTYPES, float_dtype_of
+from .residual_adds import FLOAT_ADDS
 from .speed_check import kept_float
 
 _DTYPE_NAMES = {v: k for k, v in FLOAT_DTYPES.items()}
@@ -106,7 +107,7 @@ def coverage(model: nn.Module) -> CoverageReport:
             entries.append(CoverageEntry(name, tname, "quantized", _describe(mod)))
         elif name in kept:
             entries.append(CoverageEntry(name, tname, "float", kept[name]))
-        elif decisions.get(name, "").startswith(UNSUPPORTED):
+        elif decisions.get(name, "").startswith((UNSUPPORTED, FLOAT_ADDS)):  # (FLOAT_ADDS: a block, not a leaf)
             entries.append(CoverageEntry(name, tname, "float", decisions[name]))
         elif name in decisions and decisions[name].startswith(("exclude", "rule", "type")):
             entries.append(CoverageEntry(name, tname, "excluded", decisions[name]))

@@ -23,6 +23,7 @@ from .config import QuantConfig, _matches
 from .coverage import coverage
 from .decisions import DECISIONS_ATTR, UNSUPPORTED
 from .fold_bn import fold_batchnorm
+from .residual_adds import rewrite_residual_adds, runs_as_integer_add
 from .tied import quantize_tied_tables
 
 #: attribute of a prepared model's root: the applied config (the per-module decisions: `decisions.py`)
@@ -91,7 +92,8 @@ def prepare(model: nn.Module, config: QuantConfig | None = None, inplace: bool =
                                        ctx, config.algorithm_options)
     elif config.fold_bn:
         fold_batchnorm(target)
-    decisions: dict[str, str] = {}
+    # `x + y` / `out += identity` of a CNN's residual blocks: quanta.nn.Add children, swapped below
+    decisions: dict[str, str] = rewrite_residual_adds(target, runs_as_integer_add(config))
     root_cls = lookup(target)
     if root_cls is not None:  # the model itself is a quantizable layer
         decision = config.decide("", target)

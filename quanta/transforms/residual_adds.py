@@ -1,0 +1,276 @@
+"""Residual additions written as ``x + y`` / ``out += identity`` / ``torch.add(a, b)`` become
+`quanta.nn.Add` modules, so that they run as integer additions (`quanta.integer.Int8Add`).
+
+Users write residual blocks the way torchvision does (``out += identity``) or TF ports do
+(``return x + self.conv(x)``); quanta adds in int8 only through an ``Add`` module. `prepare`
+calls `rewrite_residual_adds` before it swaps modules: for each module of the user's own class
+(not torch's, not quanta's, not one `prepare` swaps) it traces the module's own ``forward``
+with ``torch.fx`` (its children are leaves) and rewrites an addition when it can prove that
+
+- both operands are tensors and one of them is computed by a convolution (`value_kinds`; a
+  transformer's residual stream, where 8-bit per-tensor grids lose the outliers, stays float),
+- ``+=`` (which fx sees as ``+``) could not write into a tensor used anywhere else: in a
+  forward that uses ``+=``, the left operand must be a fresh layer output read only there,
+- the forward is the same in train and eval mode (the trace fixes ``self.training``),
+- the config runs the new ``Add`` on grids `Int8Add` takes (static per-tensor 8-bit: the
+  ``static_int8`` preset; ``module_types={"Add": None}`` or an exclusion keeps them float).
+
+The module keeps its class (``type(block)`` is the user's ``BasicBlock``): its instance gets a
+``forward`` generated from the rewritten graph, which calls the same children by name, and a
+child ``residual_add`` (``residual_add_<k>`` for the k-th addition of the forward) in place of
+the ``+``. With the quantizers off it computes exactly what the float model computes (``a + b``
+is what ``Add`` runs). A forward fx cannot trace (data-dependent control flow) stays as it is,
+and `quanta.coverage` says why. The rewrite is recorded on the module (`MARK`: the trace's
+fingerprint and the rewritten additions) so that `quanta.load` redoes it on the rebuilt float
+model, and refuses a file whose module's forward has changed since (`redo_residual_adds`).
+
+Limitation: passes that trace the whole model (`quanta.transforms.fuse`) read the root module's
+class ``forward`` (torch.fx traces the root through its class), so an addition rewritten in the
+root's own forward runs as an integer addition with float output, not on a uint8 chain.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import inspect
+import textwrap
+import types
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from torch import fx, nn
+
+from ..nn.modules.functional import Add
+from .conv_subclass import runs_layer_op
+from .value_kinds import (
+    ADD_FUNCTIONS,
+    CONV,
+    TENSOR,
+    call_sites,
+    defined_by_torch_or_quanta,
+    node_kinds,
+)
+
+#: instance attribute of a rewritten module: ``{"fingerprint": str, "adds": [[index, name], ...]}``
+MARK = "_quanta_residual_adds"
+#: prefix of a `prepare` decision for a module whose additions stay float (read by `coverage`)
+FLOAT_ADDS = "float additions: "
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_FRESH = (*_CONVS, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
+
+
+class _OwnForwardTracer(fx.Tracer):
+    """Traces one module's own ``forward``: every child module is one call."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return True
+
+
+def trace_own_forward(mod: nn.Module) -> fx.Graph | str:
+    """The graph of ``type(mod).forward`` (children as calls), traced in train and in eval mode
+    (they must agree: the trace fixes ``self.training``); else why not (one line)."""
+    modes = {m: m.training for m in mod.modules()}
+    codes, graph = [], None
+    try:
+        for training in (True, False):
+            mod.train(training)
+            try:
+                graph = _OwnForwardTracer().trace(mod)
+            except Exception as e:
+                first = str(e).splitlines()[0][:100] if str(e) else ""
+                return f"torch.fx cannot trace its forward ({type(e).__name__}: {first})"
+            codes.append(graph.python_code("self").src)
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    if codes[0] != codes[1]:
+        return "its forward depends on self.training (a traced forward would fix one mode)"
+    return graph
+
+
+def fingerprint(graph: fx.Graph) -> str:
+    return hashlib.sha256(graph.python_code("self").src.encode()).hexdigest()[:16]
+
+
+def candidates(graph: fx.Graph) -> list[fx.Node]:
+    """The additions of two traced values, in graph order (their indices name them)."""
+    return [n for n in graph.nodes if n.op == "call_function" and n.target in ADD_FUNCTIONS and len(n.args) == 2
+            and not n.kwargs and all(isinstance(a, fx.Node) for a in n.args)]
+
+
+def _uses_augmented_add(cls: type) -> bool:
+    """Whether ``cls.forward``'s source has ``... += ...`` (True when the source cannot be read)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
+    except (OSError, TypeError, SyntaxError):
+        return True
+    return any(isinstance(n, ast.AugAssign) and isinstance(n.op, ast.Add) for n in ast.walk(tree))
+
+
+def _fresh(node: Any, mods: dict[str, nn.Module]) -> bool:
+    """Whether ``node`` is a new tensor read only by its one user (through Identity / dropout /
+    in-place activations, which hand their input on): ``+=`` on it changes nothing else."""
+    while isinstance(node, fx.Node) and len(node.users) == 1:
+        if node.op == "call_function" and node.target in ADD_FUNCTIONS:
+            return True
+        if node.op != "call_module":
+            return False
+        m = mods[str(node.target)]
+        if isinstance(m, (nn.Identity, nn.Dropout)) or getattr(m, "inplace", False):
+            node = node.args[0] if node.args else None
+            continue
+        return isinstance(m, _FRESH) and (defined_by_torch_or_quanta(type(m)) or runs_layer_op(m))
+    return False
+
+
+def plan(mod: nn.Module, graph: fx.Graph, inputs: list[int], trace: Callable[[nn.Module], Any]
+         ) -> tuple[list[int], list[str]]:
+    """Which candidate additions of ``mod``'s traced forward can be rewritten (indices), and why
+    the others cannot."""
+    mods = dict(mod.named_modules())
+    kinds = node_kinds(graph, mods, inputs, trace)
+    augmented = _uses_augmented_add(type(mod))
+    ok, why = [], []
+    for i, node in enumerate(candidates(graph)):
+        a, b = node.args
+        ka, kb = kinds.get(a, 0), kinds.get(b, 0)
+        what = f"{a.name} + {b.name}"  # type: ignore[union-attr]
+        if min(ka, kb) < TENSOR:
+            why.append(f"{what}: an operand is not provably a tensor")
+        elif max(ka, kb) < CONV:
+            why.append(f"{what}: no operand comes from a convolution")
+        elif augmented and not _fresh(a, mods):
+            why.append(f"{what}: with `+=` in the forward, the left operand may be a tensor used elsewhere")
+        else:
+            ok.append(i)
+    return ok, why
+
+
+def _add_name(mod: nn.Module, index: int) -> str:
+    name = "residual_add" if index == 0 else f"residual_add_{index}"
+    while name in mod._modules or name in mod.__dict__ or hasattr(type(mod), name):
+        name = "_" + name
+    return name
+
+
+def apply(mod: nn.Module, graph: fx.Graph, sites: list[int]) -> list[list[Any]]:
+    """Rewrite candidate additions ``sites`` of ``mod``'s traced ``graph`` into ``Add`` children
+    and give ``mod`` the rewritten forward; returns the ``[index, name]`` pairs (recorded in `MARK`)."""
+    fp, nodes, done = fingerprint(graph), candidates(graph), []
+    for index in sites:
+        node, name = nodes[index], _add_name(mod, index)
+        add = Add()
+        add.train(mod.training)
+        mod.add_module(name, add)
+        with graph.inserting_before(node):
+            new = graph.call_module(name, tuple(node.args))
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        done.append([index, name])
+    graph.lint()
+    generated = fx.GraphModule(mod, graph)
+    mod.forward = types.MethodType(type(generated).forward, mod)
+    setattr(mod, MARK, {"fingerprint": fp, "adds": done})
+    return done
+
+
+def _is_users_block(mod: nn.Module) -> bool:
+    from ..integer.base import IntegerModule
+    from ..nn.modules.base import QuantModule
+    from ..nn.modules.op_base import QuantOp
+    from ..nn.registry import lookup
+
+    return (not defined_by_torch_or_quanta(type(mod)) and lookup(mod) is None and MARK not in mod.__dict__
+            and not isinstance(mod, (QuantModule, QuantOp, IntegerModule)))
+
+
+def rewrite_residual_adds(model: nn.Module, wanted: Callable[[str], bool] = lambda name: True) -> dict[str, str]:
+    """Rewrite the provable residual additions of ``model`` (in place) whose new module's name
+    ``wanted`` accepts; returns, per module whose additions stay float, why (one line)."""
+    traces: dict[int, Any] = {}
+
+    def trace(m: nn.Module) -> Any:
+        if id(m) not in traces:
+            traces[id(m)] = trace_own_forward(m)
+        return traces[id(m)]
+
+    parents = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    inputs: dict[int, list[int]] = {}
+    reasons: dict[str, str] = {}
+    for name, mod in list(model.named_modules()):
+        users_block = _is_users_block(mod)
+        if not users_block and not any(True for _ in mod.children()):
+            continue
+        graph = trace(mod)
+        holds_conv = any(isinstance(m, _CONVS) for m in mod.modules())
+        if isinstance(graph, str):
+            if users_block and holds_conv:
+                reasons[name] = FLOAT_ADDS + graph
+            continue
+        ins = inputs.get(id(mod), []) if parents[id(mod)] == 1 else []
+        mods = dict(mod.named_modules())
+        for child, args in call_sites(graph, mods, node_kinds(graph, mods, ins, trace)):
+            seen = inputs.get(id(child))
+            inputs[id(child)] = args if seen is None else [min(a, b) for a, b in zip(seen, args)]
+        if not users_block or not candidates(graph):
+            continue
+        ok, why = plan(mod, graph, ins, trace)
+        prefix = f"{name}." if name else ""
+        chosen = [i for i in ok if wanted(prefix + _add_name(mod, i))]
+        if chosen:
+            apply(mod, trace_own_forward(mod), chosen)  # (a fresh graph: `trace` may still hand out the old one)
+        if why and holds_conv:
+            reasons[name] = FLOAT_ADDS + "; ".join(why)
+    return reasons
+
+
+def runs_as_integer_add(config: Any) -> Callable[[str], bool]:
+    """For `rewrite_residual_adds`: whether ``config`` (a `QuantConfig`) would quantize an ``Add``
+    named so on grids `quanta.integer.Int8Add` takes (static per-tensor 8-bit)."""
+    from ..integer.add import _operand_problem
+    from ..nn.modules.functional import QuantAdd
+
+    def wanted(name: str) -> bool:
+        decision = config.decide(name, Add())
+        if decision.config is None:
+            return False
+        try:
+            sim = QuantAdd.from_float(Add(), decision.config)
+        except (TypeError, ValueError):
+            return False
+        quantizers = (sim.input_quantizer, sim.other_quantizer)
+        return all(q is not None and q.is_enabled and _operand_problem(q.spec) is None for q in quantizers)
+
+    return wanted
+
+
+def redo_residual_adds(mod: nn.Module, recorded: Any, where: str) -> None:
+    """Redo the rewrite `MARK` recorded on the float module ``mod`` at ``where`` (loading a file):
+    the same trace, the same additions, the same names; ValueError when its forward changed."""
+    if not (isinstance(recorded, dict) and isinstance(recorded.get("fingerprint"), str)
+            and isinstance(recorded.get("adds"), list)
+            and all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], int) and not isinstance(p[0], bool)
+                    and isinstance(p[1], str) for p in recorded["adds"])):
+        raise ValueError(f"module {where!r}: malformed residual-add record")
+    graph = trace_own_forward(mod)
+    if isinstance(graph, str):
+        raise ValueError(f"module {where!r} ({type(mod).__name__}): the file rewrote additions of its forward, "
+                         f"but now {graph}")
+    if fingerprint(graph) != recorded["fingerprint"]:
+        raise ValueError(f"module {where!r} ({type(mod).__name__}): its forward is not the one the file's "
+                         "residual additions were rewritten from (the code changed since saving); re-quantize "
+                         "the model")
+    sites = [p[0] for p in recorded["adds"]]
+    if any(i < 0 or i >= len(candidates(graph)) for i in sites) or len(set(sites)) != len(sites):
+        raise ValueError(f"module {where!r}: the file's residual additions {sites} are not additions of its forward")
+    done = apply(mod, graph, sites)
+    if done != recorded["adds"]:
+        raise ValueError(f"module {where!r}: its residual additions would be named {done}, the file says "
+                         f"{recorded['adds']}")
+
+
+__all__ = ["FLOAT_ADDS", "MARK", "redo_residual_adds", "rewrite_residual_adds", "runs_as_integer_add",
+           "trace_own_forward"]
