@@ -21,16 +21,18 @@ query only.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..core import Format, Granularity, Rounding
 from ..nn.descriptor import QuantDescriptor
 from ..nn.modules.attention import QuantMultiheadAttention, mha_forward
 from ..nn.modules.functional import QuantMatMul
 from ..nn.modules.weighted import QuantLinear
+from ..nn.tensor_quantizer import TensorQuantizer
 from .base import IntegerModule
 from .linear import Int8Linear
 
@@ -47,6 +49,53 @@ def _in_proj_view(sim: QuantMultiheadAttention) -> QuantLinear:
     view.input_quantizer, view.weight_quantizer, view.output_quantizer = (
         sim.input_quantizer, sim.weight_quantizer, None)
     return view
+
+
+class FrozenFakeQuant:
+    """A calibrated static per-tensor integer `TensorQuantizer`'s fake quantization of float32
+    tensors as five in-place tensor ops: ``round(x · (1/s)) + z``, clamped, ``- z``, ``· s`` —
+    the operations `quanta.core.fake_quantize` performs for that spec (the same float32 values,
+    bit for bit), without its per-call validation, layout and autograd machinery (~50 µs a call,
+    four calls per attention). Anything else (another mode, dtype, an input needing gradients,
+    a quantizer not of that kind) is handed to the quantizer itself."""
+
+    def __init__(self, quantizer: TensorQuantizer) -> None:
+        self.quantizer = quantizer
+        spec = quantizer.spec
+        self.eligible = (spec.format is Format.INT and spec.granularity is Granularity.PER_TENSOR and spec.bits > 1
+                         and not spec.dynamic and spec.rounding is Rounding.HALF_EVEN and quantizer.desc.fake_quant
+                         and not quantizer.track_tensor)
+        self.qmin, self.qmax = (spec.qmin, spec.qmax) if spec.format is Format.INT else (0, 0)
+        self._key: Any = None
+
+    def _params(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(1/s, z, s)`` as float32 0-d tensors, computed as `fake_quantize` computes them."""
+        q = self.quantizer
+        s, zp = q.qparams()
+        if self._key is None or self._key[0] is not s or self._key[1] is not zp:
+            sf = s.float().reshape(())
+            self._key = (s, zp, 1.0 / sf, torch.round(zp.float()).reshape(()), sf)
+        return self._key[2], self._key[3], self._key[4]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.quantizer
+        if q._disabled:
+            return x
+        if not self.eligible or q._if_calib or not q._if_quant or q.amax is None or isinstance(q.amax, nn.Parameter) \
+                or x.dtype != torch.float32 or (x.requires_grad and torch.is_grad_enabled()) \
+                or torch.compiler.is_compiling():
+            return q(x)
+        inv, z, s = self._params()
+        return torch.mul(x, inv).round_().add_(z).clamp_(self.qmin, self.qmax).sub_(z).mul_(s)
+
+
+def _frozen_matmul(op: QuantMatMul) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``op(a, b)`` (``matmul(quant(a), quant(b))``) with `FrozenFakeQuant` quantizers."""
+    qa, qb = (None if q is None else FrozenFakeQuant(q) for q in (op.input_quantizer, op.other_quantizer))
+
+    def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(a if qa is None else qa(a), b if qb is None else qb(b))
+    return matmul
 
 
 def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -82,7 +131,10 @@ def packed_projection(in_proj: nn.Module, query: torch.Tensor, key: torch.Tensor
 class Int8MultiheadAttention(IntegerModule):
     """Self-attention with integer in/out projections (see the module docstring)."""
 
+    output_quantizer = None  # (mha_forward reads it; a class attribute, not Module.__getattr__'s slow miss)
+
     simulated_type = QuantMultiheadAttention
+    _RUNTIME = ("_matmuls",)  # (closures over this module's quantizers: a copy builds its own)
 
     def __init__(self, embed_dim: int, num_heads: int, bias: bool = True, batch_first: bool = False, *,
                  matmul_descs: Sequence[dict[str, Any] | QuantDescriptor | None] = (None,) * 4,
@@ -160,6 +212,7 @@ class Int8MultiheadAttention(IntegerModule):
         for child in (self.in_proj, self.out_proj):
             child.impl = self.impl
             child.pack()
+        self._matmuls = (_frozen_matmul(self.qk_matmul), _frozen_matmul(self.av_matmul))
         super().pack()
 
     def _project(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, same_k: bool,
@@ -175,8 +228,11 @@ class Int8MultiheadAttention(IntegerModule):
             got = tuple(query.shape) if isinstance(query, torch.Tensor) else type(query).__name__
             raise ValueError(f"{type(self).__name__} expects [L, E] or a batched [*, *, E] input with E="
                              f"{self.embed_dim}, got {got}")
+        matmuls = self.__dict__.get("_matmuls")
+        if matmuls is None:
+            self._matmuls = matmuls = (_frozen_matmul(self.qk_matmul), _frozen_matmul(self.av_matmul))
         return mha_forward(self, self._project, query, key, value, key_padding_mask, need_weights, attn_mask,
-                           average_attn_weights, is_causal)
+                           average_attn_weights, is_causal, matmuls)
 
     def extra_repr(self) -> str:
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}"

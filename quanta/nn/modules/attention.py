@@ -85,16 +85,20 @@ class QuantMultiheadAttention(QuantModule, nn.MultiheadAttention):
 
 Projection = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool, bool],
                       tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+MatMul = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def mha_forward(mod: Any, project: Projection, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_padding_mask: torch.Tensor | None, need_weights: bool, attn_mask: torch.Tensor | None,
-                average_attn_weights: bool, is_causal: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+                average_attn_weights: bool, is_causal: bool,
+                matmuls: tuple[MatMul, MatMul] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`nn.MultiheadAttention`'s forward with the in-projection done by ``project(query, key,
     value, key_is_query, value_is_key)`` (simulated or integer) and the attention matmuls by
-    ``mod.qk_matmul`` / ``mod.av_matmul``; ``mod.out_proj`` then ``mod.output_quantizer`` (if
-    any). Shared by `QuantMultiheadAttention` and the integer `Int8MultiheadAttention`."""
+    ``mod.qk_matmul`` / ``mod.av_matmul`` (or ``matmuls``, two callables computing what they
+    compute); ``mod.out_proj`` then ``mod.output_quantizer`` (if any). Shared by
+    `QuantMultiheadAttention` and the integer `Int8MultiheadAttention`."""
     self = mod
+    qk_matmul, av_matmul = (self.qk_matmul, self.av_matmul) if matmuls is None else matmuls
     same_k, same_v = key is query, value is key
     batched = query.dim() == 3
     if not batched:
@@ -130,7 +134,7 @@ def mha_forward(mod: Any, project: Projection, query: torch.Tensor, key: torch.T
         key_padding_mask = None if key_padding_mask is None else F.pad(key_padding_mask, (0, 1))
     src_len = k.shape[1]
 
-    scores = self.qk_matmul(q, k.transpose(1, 2)) * (1.0 / math.sqrt(hd))
+    scores = qk_matmul(q, k.transpose(1, 2)) * (1.0 / math.sqrt(hd))
     if attn_mask is not None:
         scores = scores + (attn_mask.unsqueeze(0) if attn_mask.dim() == 2 else attn_mask)
     if key_padding_mask is not None:
@@ -139,7 +143,7 @@ def mha_forward(mod: Any, project: Projection, query: torch.Tensor, key: torch.T
     probs = torch.softmax(scores, dim=-1)
     if self.training and self.dropout > 0:
         probs = F.dropout(probs, p=self.dropout)
-    out = self.av_matmul(probs, v)
+    out = av_matmul(probs, v)
     out = out.transpose(0, 1).reshape(tgt_len * bsz, embed)
     out = self.out_proj(out).view(tgt_len, bsz, embed)
     if getattr(self, "output_quantizer", None) is not None:
