@@ -11,7 +11,9 @@ with ``torch.fx`` (its children are leaves) and rewrites an addition when it can
   transformer's residual stream, where 8-bit per-tensor grids lose the outliers, stays float),
 - ``+=`` (which fx sees as ``+``) could not write into a tensor used anywhere else: in a
   forward that uses ``+=``, the left operand must be a fresh layer output read only there,
-- the forward is the same in train and eval mode (the trace fixes ``self.training``),
+- the trace cannot have fixed a Python decision: the forward is the same in train and eval
+  mode (``self.training``), takes no optional or variadic arguments, and never asks
+  ``x is None`` / ``isinstance(x, ...)`` of an input; every input is provably a tensor,
 - the config runs the new ``Add`` on grids `Int8Add` takes (static per-tensor 8-bit: the
   ``static_int8`` preset; ``module_types={"Add": None}`` or an exclusion keeps them float).
 
@@ -36,6 +38,7 @@ import hashlib
 import inspect
 import textwrap
 import types
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -78,7 +81,9 @@ def trace_own_forward(mod: nn.Module) -> fx.Graph | str:
         for training in (True, False):
             mod.train(training)
             try:
-                graph = _OwnForwardTracer().trace(mod)
+                with warnings.catch_warnings():  # (what a forward warns about, it warns when it runs)
+                    warnings.simplefilter("ignore")
+                    graph = _OwnForwardTracer().trace(mod)
             except Exception as e:
                 first = str(e).splitlines()[0][:100] if str(e) else ""
                 return f"torch.fx cannot trace its forward ({type(e).__name__}: {first})"
@@ -110,6 +115,38 @@ def _uses_augmented_add(cls: type) -> bool:
     return any(isinstance(n, ast.AugAssign) and isinstance(n.op, ast.Add) for n in ast.walk(tree))
 
 
+_INSPECTING = {"isinstance", "type", "hasattr", "getattr", "callable", "id"}
+
+
+def _python_checks(cls: type) -> str | None:
+    """Why a trace of ``cls.forward`` could fix a Python-level decision about its inputs (optional
+    or variadic arguments, ``x is None``, ``isinstance(x, ...)``), or None. (fx would trace
+    ``mask is not None`` as True and ``isinstance(x, torch.Tensor)`` as False, for every call.)"""
+    try:
+        params = list(inspect.signature(cls.forward).parameters.values())[1:]
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
+    except (OSError, TypeError, ValueError, SyntaxError):
+        return "its forward's source cannot be read"
+    for p in params:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.default is not p.empty:
+            return f"its forward takes an optional argument {p.name!r} (a trace would fix one case)"
+    names = {p.name for p in params}
+
+    def on_input(node: ast.AST) -> bool:
+        while isinstance(node, (ast.Attribute, ast.Subscript)):
+            node = node.value
+        return isinstance(node, ast.Name) and node.id in names
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _INSPECTING \
+                and node.args and on_input(node.args[0]):
+            return f"its forward calls {node.func.id}() on an input (a trace would fix the answer)"
+        if isinstance(node, ast.Compare) and any(isinstance(op, (ast.Is, ast.IsNot)) for op in node.ops) \
+                and any(on_input(v) for v in (node.left, *node.comparators)):
+            return "its forward tests an input with `is` (a trace would fix the answer)"
+    return None
+
+
 def _fresh(node: Any, mods: dict[str, nn.Module]) -> bool:
     """Whether ``node`` is a new tensor read only by its one user (through Identity / dropout /
     in-place activations, which hand their input on): ``+=`` on it changes nothing else."""
@@ -132,6 +169,12 @@ def plan(mod: nn.Module, graph: fx.Graph, inputs: list[int], trace: Callable[[nn
     the others cannot."""
     mods = dict(mod.named_modules())
     kinds = node_kinds(graph, mods, inputs, trace)
+    problem = _python_checks(type(mod))
+    unproven = [n.name for n in graph.nodes if n.op == "placeholder" and kinds.get(n, 0) < TENSOR]
+    if problem is None and unproven:
+        problem = f"its input {unproven[0]!r} is not provably a tensor"
+    if problem is not None:
+        return [], [problem]
     augmented = _uses_augmented_add(type(mod))
     ok, why = [], []
     for i, node in enumerate(candidates(graph)):
@@ -190,6 +233,8 @@ def _is_users_block(mod: nn.Module) -> bool:
 def rewrite_residual_adds(model: nn.Module, wanted: Callable[[str], bool] = lambda name: True) -> dict[str, str]:
     """Rewrite the provable residual additions of ``model`` (in place) whose new module's name
     ``wanted`` accepts; returns, per module whose additions stay float, why (one line)."""
+    if not any(isinstance(m, _CONVS) for m in model.modules()):
+        return {}  # (an addition is rewritten only where a convolution computes an operand)
     traces: dict[int, Any] = {}
 
     def trace(m: nn.Module) -> Any:

@@ -14,7 +14,7 @@ import quanta
 from quanta.integer.add import Int8Add
 from quanta.nn import Add, QuantAdd
 from quanta.transforms.fuse import uint8_chains
-from quanta.transforms.residual_adds import MARK, redo_residual_adds
+from quanta.transforms.residual_adds import MARK, redo_residual_adds, rewrite_residual_adds
 
 
 def _conv_bn(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1) -> list[nn.Module]:
@@ -107,6 +107,18 @@ class PlusConstant(nn.Module):
         return self.conv(x) + 0.5
 
 
+class OptionalSkip(nn.Module):
+    """``skip is not None`` would be traced as always true: left alone."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 1)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        y = self.conv(x)
+        return y + skip if skip is not None else y
+
+
 class Nested(nn.Module):
     """A block holding blocks, with its own addition around them."""
 
@@ -129,12 +141,13 @@ class Net(nn.Module):
         # (fx cannot trace ShapeBranch: then the whole-model passes cannot either, and no uint8
         # codes flow anywhere; `odd` models test what stays float)
         self.branch, self.constant = (ShapeBranch(16), PlusConstant(16)) if odd else (nn.Identity(), nn.Identity())
+        self.optional = OptionalSkip(16) if odd else nn.Identity()
         self.head = nn.Linear(16, 5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.layer2(self.layer1(self.stem(x)))
         x = self.nested(self.shared(self.shared(x)))  # one block, called twice
-        x = self.constant(self.branch(x))
+        x = self.optional(self.constant(self.branch(x)))
         return self.head(x.mean((2, 3)))
 
 
@@ -149,7 +162,7 @@ def _randomize_bn(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-TRUSTED = [Net, BasicBlock, Bottleneck, MBConv, Nested, ShapeBranch, PlusConstant]
+TRUSTED = [Net, BasicBlock, Bottleneck, MBConv, Nested, ShapeBranch, PlusConstant, OptionalSkip]
 CONFIG = quanta.preset("static_int8", weight_bits=7)
 REWRITTEN = ["layer1.0.residual_add", "layer1.1.residual_add", "layer2.residual_add", "shared.residual_add",
              "nested.residual_add", "nested.inner.0.residual_add", "nested.inner.1.residual_add"]
@@ -228,6 +241,8 @@ def test_what_stays_float_and_why():
     assert not any(isinstance(m, (Add, QuantAdd)) for m in sim.constant.modules())
     rows = {e.name: e for e in quanta.coverage(sim).entries}
     assert rows["branch"].status == "float" and "torch.fx cannot trace" in rows["branch"].detail
+    assert not any(isinstance(m, (Add, QuantAdd)) for m in sim.optional.modules())
+    assert "optional argument 'skip'" in rows["optional"].detail
     assert "branch" in str(quanta.coverage(sim))
 
 
@@ -279,3 +294,21 @@ def test_onnx_export_matches(built, tmp_path):
     assert report.within(steps=1, identical=0.0), report  # (the float head: float rounding apart)
     adds = [r for r in report.layers if "residual_add" in r.name]
     assert len(adds) >= 5 and all(r.frac_identical == 1.0 for r in adds), report
+
+
+class TrainingBranch(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return x + y if self.training else y
+
+
+def test_a_forward_that_depends_on_the_mode_is_left_alone():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), TrainingBranch(4)).eval()
+    reasons = rewrite_residual_adds(model)
+    assert "self.training" in reasons["1"] and "forward" not in model[1].__dict__
+    plain = nn.Sequential(nn.Conv2d(3, 4, 1), MBConv(4)).eval()
+    assert rewrite_residual_adds(plain) == {} and isinstance(plain[1].residual_add, Add)
