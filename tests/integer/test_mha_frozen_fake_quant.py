@@ -113,6 +113,21 @@ def test_int_attention_equals_its_quantizers_path(batch_first):
         assert torch.equal(_bits(out), _bits(ref))
 
 
+def test_one_disabled_operand_quantizer_takes_the_per_operand_path_with_the_same_bits():
+    q, x = _encoder(False, False)
+    attn = q.layers[0].self_attn
+    assert attn._frozen.fused(x)
+    attn.av_matmul.other_quantizer.disable()  # v left in float
+    try:
+        assert not attn._frozen.fused(x)
+        with torch.no_grad():
+            out, _ = attn(x, x, x, need_weights=False)
+            ref, _ = mha_forward(attn, attn._project, x, x, x, None, False, None, True, False)
+        assert torch.equal(_bits(out), _bits(ref))
+    finally:
+        attn.av_matmul.other_quantizer.enable()
+
+
 def test_attention_runs_the_frozen_path_one_projection_each():
     q, x = _encoder(True, False)
     attn = q.layers[0].self_attn
@@ -124,6 +139,7 @@ def test_attention_runs_the_frozen_path_one_projection_each():
         attn(x, x, x, need_weights=False)
         before = (sum(attn.in_proj.kernel_counts.values()), sum(attn.out_proj.kernel_counts.values()))
         attn(x, x, x, need_weights=False)
+    assert attn._frozen.fused(x)  # q, k, v fake-quantized in one pass over the in-projection's output
     assert calls == []  # no quantizer module ran: the four operands went through FrozenFakeQuant
     assert (sum(attn.in_proj.kernel_counts.values()), sum(attn.out_proj.kernel_counts.values())) == \
         (before[0] + 1, before[1] + 1)  # one packed in-projection GEMM, one out-projection per call
