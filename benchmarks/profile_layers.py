@@ -233,7 +233,7 @@ def quanta_model(wl: W.Workload, model: nn.Module, x: torch.Tensor,
 
     preset, kwargs = QUANTA_PRESETS[wl.kind][0]
     config = quanta.preset(preset, weight_bits=weight_bits) if weight_bits else preset
-    src = W.quanta_ready(model) if wl.kind == "cnn" else copy.deepcopy(model)
+    src = copy.deepcopy(model)
     q = quanta.quantize(src, config, calib_data=wl.calib_data(), example=x, progress=False, **kwargs).eval()
     results = [r.result for r in quanta.conversion_report(q)]
     kept = len(results) - sum(r not in ("float", "simulated") for r in results)

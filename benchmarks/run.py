@@ -93,7 +93,7 @@ def build_methods(wl: W.Workload, model: torch.nn.Module, threads: int, workdir:
     calib = wl.calib_data()
 
     def quanta_step() -> list[Method]:
-        rows = quanta_rows(W.quanta_ready(model) if wl.kind == "cnn" else model, quanta_presets(wl.kind),
+        rows = quanta_rows(model, quanta_presets(wl.kind),
                            calib, wl.input(min(wl.batches)))
         return rows + (fitted_thread_rows(rows) if fit_threads else [])
 

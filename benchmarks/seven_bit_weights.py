@@ -19,7 +19,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import timing
-from workloads import ResNet18, quanta_ready, randomize_batchnorm
+from workloads import ResNet18, randomize_batchnorm
 
 import quanta
 from quanta import demo
@@ -36,7 +36,7 @@ def models() -> dict[str, tuple[nn.Module, torch.Tensor, list[torch.Tensor]]]:
     torch.manual_seed(0)
     x_train = demo.digits(seed=0)[0]
     cnn = randomize_batchnorm(demo.DigitsCNN())  # (untrained: the timing does not depend on the values)
-    resnet = randomize_batchnorm(quanta_ready(ResNet18(num_classes=10, width=32))).eval()
+    resnet = randomize_batchnorm(ResNet18(num_classes=10, width=32)).eval()
     rx = torch.randn(64, 3, 32, 32)
     fx = torch.randn(1024, 768)  # 8 sequences x 128 tokens
     return {

@@ -6,9 +6,10 @@ linear stack) so that the timings stand for the real thing; the weights are rand
 accuracy column (SQNR vs fp32) reflects the numerics, not a task.
 
 The CNN residual adds go through an ``Add`` module; ``qready_cnn`` swaps each one for a
-``FloatFunctional`` so that torch.ao's eager static quantization can quantize them, and
-``quanta_ready`` for ``quanta.nn.Add`` so that quanta can. The models built the way users write
-them (TF-ported convs, a sentence encoder, a speech encoder) live in ``workloads_real.py``.
+``FloatFunctional`` so that torch.ao's eager static quantization can quantize them. quanta takes
+the models as they are (its ``prepare`` turns provable residual additions into integer
+additions). The models built the way users write them (TF-ported convs, a sentence encoder, a
+speech encoder) live in ``workloads_real.py``.
 """
 
 from __future__ import annotations
@@ -203,22 +204,6 @@ def qready_cnn(model: nn.Module) -> nn.Module:
         for cname, child in list(mod.named_children()):
             if isinstance(child, Add):
                 setattr(mod, cname, QAdd())
-    return model
-
-
-def quanta_ready(model: nn.Module) -> nn.Module:
-    """A deep copy whose ``Add`` modules are ``quanta.nn.Add`` (quanta's residual-add marker,
-    as torch.ao gets its ``FloatFunctional``): quanta then adds in int8 and keeps the
-    activations uint8 across residual connections. Unchanged without quanta."""
-    try:
-        from quanta.nn import Add as QuantaAdd
-    except ImportError:
-        return model
-    model = copy.deepcopy(model)
-    for mod in list(model.modules()):
-        for cname, child in list(mod.named_children()):
-            if isinstance(child, Add):
-                setattr(mod, cname, QuantaAdd())
     return model
 
 

@@ -199,25 +199,58 @@ def _add_name(mod: nn.Module, index: int) -> str:
     return name
 
 
-def apply(mod: nn.Module, graph: fx.Graph, sites: list[int]) -> list[list[Any]]:
-    """Rewrite candidate additions ``sites`` of ``mod``'s traced ``graph`` into ``Add`` children
-    and give ``mod`` the rewritten forward; returns the ``[index, name]`` pairs (recorded in `MARK`)."""
-    fp, nodes, done = fingerprint(graph), candidates(graph), []
-    for index in sites:
-        node, name = nodes[index], _add_name(mod, index)
-        add = Add()
-        add.train(mod.training)
-        mod.add_module(name, add)
+def _rewritten_code(mod: nn.Module, graph: fx.Graph, adds: list[list[Any]]) -> Callable[..., Any]:
+    """``graph`` (``mod``'s traced forward) with candidate addition ``index`` calling child ``name``
+    for each ``[index, name]`` of ``adds``, as a function of ``(module, *inputs)``."""
+    nodes = candidates(graph)
+    for index, name in adds:
+        node = nodes[index]
         with graph.inserting_before(node):
             new = graph.call_module(name, tuple(node.args))
         node.replace_all_uses_with(new)
         graph.erase_node(node)
-        done.append([index, name])
     graph.lint()
-    generated = fx.GraphModule(mod, graph)
-    mod.forward = types.MethodType(type(generated).forward, mod)
-    setattr(mod, MARK, {"fingerprint": fp, "adds": done})
-    return done
+    return type(fx.GraphModule(mod, graph)).forward
+
+
+class RewrittenForward:
+    """A rewritten module's ``forward`` (an instance attribute: the module keeps its class): the
+    generated code of its class's traced forward with the additions calling their ``Add``
+    children. Copies follow the module (deepcopy); pickling drops the generated code, which the
+    first call rebuilds from the module's class and its `MARK` record."""
+
+    def __init__(self, module: nn.Module, code: Callable[..., Any] | None = None) -> None:
+        self.module, self.code = module, code
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.code is None:
+            graph = trace_own_forward(self.module)
+            recorded = getattr(self.module, MARK)
+            if isinstance(graph, str) or fingerprint(graph) != recorded["fingerprint"]:
+                raise RuntimeError(f"{type(self.module).__name__}: its forward is not the one quanta rewrote "
+                                   "(the code changed since); re-quantize the model")
+            self.code = _rewritten_code(self.module, graph, recorded["adds"])
+        return self.code(self.module, *args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(types.MethodType(type(self.module).forward, self.module))
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"module": self.module, "code": None}
+
+
+def apply(mod: nn.Module, graph: fx.Graph, sites: list[int]) -> list[list[Any]]:
+    """Rewrite candidate additions ``sites`` of ``mod``'s traced ``graph`` into new ``Add``
+    children and give ``mod`` the rewritten forward; returns the ``[index, name]`` pairs (`MARK`)."""
+    fp, adds = fingerprint(graph), [[index, _add_name(mod, index)] for index in sites]
+    for _, name in adds:
+        add = Add()
+        add.train(mod.training)
+        mod.add_module(name, add)
+    mod.forward = RewrittenForward(mod, _rewritten_code(mod, graph, adds))
+    setattr(mod, MARK, {"fingerprint": fp, "adds": adds})
+    return adds
 
 
 def _is_users_block(mod: nn.Module) -> bool:

@@ -281,7 +281,7 @@ def test_a_file_whose_forward_changed_is_refused(built, tmp_path):
 def test_deepcopy_keeps_the_rewritten_forward(built):
     _, _, q, _, x = built
     twin = copy.deepcopy(q)
-    assert twin.layer2.forward.__self__ is twin.layer2
+    assert twin.layer2.forward.module is twin.layer2
     with torch.no_grad():
         assert torch.equal(twin(x), q(x))
 
@@ -312,3 +312,17 @@ def test_a_forward_that_depends_on_the_mode_is_left_alone():
     assert "self.training" in reasons["1"] and "forward" not in model[1].__dict__
     plain = nn.Sequential(nn.Conv2d(3, 4, 1), MBConv(4)).eval()
     assert rewrite_residual_adds(plain) == {} and isinstance(plain[1].residual_add, Add)
+
+
+def test_pickle_and_torch_save_keep_the_rewritten_forward(built):
+    import io
+    import pickle
+
+    _, _, q, _, x = built
+    buffer = io.BytesIO()
+    torch.save(q, buffer)
+    buffer.seek(0)
+    for twin in (pickle.loads(pickle.dumps(q)), torch.load(buffer, weights_only=False)):
+        with torch.no_grad():
+            assert torch.equal(twin(x), q(x))
+        assert twin.layer2.residual_add.kernel_counts.total() >= 1
