@@ -76,6 +76,7 @@ def trace_own_forward(mod: nn.Module) -> fx.Graph | str:
     """The graph of ``type(mod).forward`` (children as calls), traced in train and in eval mode
     (they must agree: the trace fixes ``self.training``); else why not (one line)."""
     modes = {m: m.training for m in mod.modules()}
+    attrs = {m: dict(m.__dict__) for m in mod.modules()}  # (a forward may store what it computes on self)
     codes, graph = [], None
     try:
         for training in (True, False):
@@ -90,6 +91,9 @@ def trace_own_forward(mod: nn.Module) -> fx.Graph | str:
             codes.append(graph.python_code("self").src)
     finally:
         for m, training in modes.items():
+            if m.__dict__ != attrs[m]:  # no proxy may stay behind on the model
+                m.__dict__.clear()
+                m.__dict__.update(attrs[m])
             m.training = training
     if codes[0] != codes[1]:
         return "its forward depends on self.training (a traced forward would fix one mode)"

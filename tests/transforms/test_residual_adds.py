@@ -326,3 +326,22 @@ def test_pickle_and_torch_save_keep_the_rewritten_forward(built):
         with torch.no_grad():
             assert torch.equal(twin(x), q(x))
         assert twin.layer2.residual_add.kernel_counts.total() >= 1
+
+
+class StoresOnSelf(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.last = self.conv(x)  # (tracing would leave an fx proxy here)
+        return x + self.last
+
+
+def test_tracing_leaves_no_trace_on_the_model():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), StoresOnSelf(4)).eval()
+    rewrite_residual_adds(model)
+    assert "last" not in model[1].__dict__
+    with torch.no_grad():
+        x = torch.randn(1, 3, 4, 4)
+        assert torch.equal(model(x), model[1].conv(model[0](x)) + model[0](x))
