@@ -268,14 +268,30 @@ class _Int8ConvNd(IntegerModule):
         return (x.dtype, x.device, x.shape, x.stride(), self.impl)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # (first: a graph reads, and guards on, no eager-only state)
+            return self._graph_forward(x)
         # the common eager call, once a first call settled its kernels: one dict lookup, the kernels
         calls = self.binding.calls
-        if calls and not torch.compiler.is_compiling() and isinstance(x, torch.Tensor):
+        if calls and isinstance(x, torch.Tensor):
             settled = calls.get(self._signature(x))
             if settled is not None:
                 self.kernel_counts[settled[0]] += 1
                 return self._output(settled[1](x))
         return self._forward(x)
+
+    def _graph_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """While torch.compile traces: the kernels eager calls settled for this input signature,
+        from what the binding holds for graphs alone (`_settle`): the graph calls them straight
+        (not through int8_conv, whose dispatch costs ~0.1 ms a call) and guards only on that entry
+        and the input, not on the ~60 module attributes the guarded path reads (~1 ms of guard
+        checks per call of a 52-conv model). Else the guarded path, traced."""
+        settled = self.binding.compiled.get(self._signature(x)) if isinstance(x, torch.Tensor) else None
+        if settled is None:
+            return self._forward(x)
+        kind, arguments, quantize = settled
+        codes = x if quantize is None else quantize_codes(x, *quantize[1:], impl=quantize[0], checked=True)
+        y = compiled_run(codes, arguments) if kind == "native" else onednn_call(codes.dim(), *arguments)(codes)
+        return self._output(y)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         name = type(self).__name__
@@ -309,32 +325,29 @@ class _Int8ConvNd(IntegerModule):
                 self.dilation, self.groups, self.post_op, out_scale, out_zp,
                 self._packed_weight(tuple(codes.shape[2:])))
         binding, sig = self.binding, self._signature(x)
-        if torch.compiler.is_compiling() and codes.dtype == torch.uint8:
-            settled = binding.compiled.get(sig)
-            if settled is not None:  # eager calls settled the kernel: the graph calls it directly
-                kind, arguments = settled  # (not through int8_conv, whose dispatch costs ~0.1 ms a call)
-                y = compiled_run(codes, arguments) if kind == "native" else onednn_call(codes.dim(), *args[1:])(codes)
-                return self._output(y)
         key = (codes.dtype, codes.device, codes.shape, args[-1] is None, self.post_op, out_scale is None)
         impl, checked = binding.choose(int8_conv, key, *args, preferred=self.impl)
         y = int8_conv(*args, impl=binding.record(impl), checked=checked)
         if checked and codes.dtype == torch.uint8 and not torch.compiler.is_compiling():
-            self._settle(sig, impl, args, quantize_codes_call(codes_impl, *codes_args) if codes_impl else None)
+            self._settle(sig, impl, args, (codes_impl, *codes_args) if codes_impl else None)
         return self._output(y)
 
-    def _settle(self, sig: tuple[Any, ...], impl: str, args: tuple[Any, ...], quantize: Any) -> None:
+    def _settle(self, sig: tuple[Any, ...], impl: str, args: tuple[Any, ...], codes: tuple[Any, ...] | None) -> None:
         """Settle the kernel for this input signature (the shape steers the choice): later eager
-        calls are one lookup and the kernels; compiled graphs of this module call the same plan."""
+        calls are one lookup and the kernels; compiled graphs of this module call the same kernels,
+        from the binding's ``(kind, kernel arguments, input quantization)`` (`_graph_forward`).
+        ``codes``: for a float input, ``(implementation, x, *quantize_codes arguments)``."""
+        quantize = None if codes is None else (codes[0], *codes[2:])  # (what graphs keep: not the input)
         if impl == "native":
             plan = make_plan(args[3], args[4], args[5], args[1], args[2], *args[6:13])
-            call, compiled = plan_call(plan, args[0].dim()), ("native", plan.arguments())  # type: ignore[attr-defined]
+            call, compiled = plan_call(plan, args[0].dim()), ("native", plan.arguments(), quantize)  # type: ignore[attr-defined]
         elif impl == "onednn" and args[0].dim() in (4, 5) and (args[0].dim() == 4 or self.post_op == "none") and \
                 args[-1] is not None:
-            call, compiled = onednn_call(args[0].dim(), *args[1:]), ("onednn", ())
+            call, compiled = onednn_call(args[0].dim(), *args[1:]), ("onednn", args[1:], quantize)
         else:
             return
         if quantize is not None:  # a float input: its settled quantization, then the kernel
-            call = _after_quantizing(call, quantize)
+            call = _after_quantizing(call, quantize_codes_call(*codes))
         self.binding.settle(sig, impl, call, compiled)
 
     def _output(self, y: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ import torch
 
 from ..core import Format, Granularity, QuantSpec, pack_bits, unpack_bits
 from ..kernels.activation import quantize_activation
+from ..kernels.graph_ops import SettledGraphCall, settled_call
 from ..kernels.linear import GEMV_MAX_ROWS, gemm_pack, int8_linear, onednn_prepack, streaming_copy, weight_sum
 from ..kernels.linear_native import (
     NATIVE_LINEAR_IMPLS,
@@ -220,6 +221,8 @@ class Int8Linear(_LinearBase):
         binding, sig = self.binding, self._signature(x2)
         if torch.compiler.is_compiling():
             arguments = binding.compiled.get(sig)
+            if isinstance(arguments, SettledGraphCall):  # (oneDNN, or codes linear_packed does not take)
+                return self._finish(settled_call(x2, arguments), x)  # the eager call itself, one graph node
             if arguments is not None:  # eager calls settled on the native kernels: the graph calls them too
                 return self._finish(torch.ops.quanta_native.linear_packed.default(x2, *arguments), x)
         static = not self.act_spec.dynamic
@@ -237,14 +240,16 @@ class Int8Linear(_LinearBase):
             # settled: later calls of this signature are one lookup and these kernels, eager or compiled
             settled = (mm_impl, self._w8, self.weight_scale, self.bias, self._w_sum, *self._q_args, s_in, z_in)
             binding.settle(sig, mm_impl, native_linear_call(*settled, post_op=self.post_op, packed=args[7]),
-                           compiled_linear_args(*settled, post_op=self.post_op, packed=args[7]))
+                           compiled_linear_args(*settled, post_op=self.post_op, packed=args[7]),
+                           fake=_fake_rows(self.out_features))
         elif q_impl == "native" and mm_impl == "onednn" and static and checked and mm_checked and not compiling:
             # settled on oneDNN (7-bit weights without VNNI): later eager calls skip the guards and the
             # per-call argument preparation; the same two library calls, the same post-op
             post = None if self.post_op == "none" else functools.partial(apply_post_op, post_op=self.post_op)
             cs = self._codes_spec
             binding.settle(sig, mm_impl, onednn_linear_call(args[7], self.weight_scale, self.bias, s_in, z_in,
-                                                            cs.qmin, cs.qmax, cs.signed, post))
+                                                            cs.qmin, cs.qmax, cs.signed, post),
+                           fake=_fake_rows(self.out_features))
         return self._finish(y, x)
 
     def extra_repr(self) -> str:
@@ -253,6 +258,12 @@ class Int8Linear(_LinearBase):
                 f"weight=int{self.weight_bits} per_channel, act={self.act_spec} ({act}), "
                 f"kernel=int8_linear[{self.impl}]{self._output_repr()}"
                 + ("" if self.post_op == "none" else f", post_op={self.post_op}"))
+
+
+def _fake_rows(n: int):
+    """A settled call's output for graphs (`Binding.settle`'s ``fake``): float32 ``[M, n]`` (holds
+    no module: the graph-call table must not keep the weights alive)."""
+    return lambda x2: x2.new_empty((x2.shape[0], n), dtype=torch.float32)
 
 
 __all__ = ["Int8Linear"]

@@ -12,6 +12,12 @@ compiled graph needs to run the same kernels; later eager calls are then one dic
 packed form goes stale (`quanta.integer.base.IntegerModule.pack`): nothing settled outlives the
 weights, device, implementation preference or fused activation it was settled for.
 
+Compiled graphs run what eager settled: a module hands `settle` either the arguments of a native
+graph operator (``compiled``: ``quanta_native::conv_packed`` / ``linear_packed``) or, where no
+such operator exists, a ``fake`` stating the call's output; then the call itself is filed for
+graphs (`quanta.kernels.graph_ops.register_settled_call`: the graph node runs this callable) and
+released with the binding.
+
 Example (an integer Linear's forward)::
 
     settled = self.binding.calls.get(sig)            # the fast path: one lookup, the kernel
@@ -33,6 +39,7 @@ from typing import Any
 
 import torch
 
+from .graph_ops import SettledGraphCall, register_settled_call, release_settled_calls
 from .library import KernelOp
 
 #: a settled eager call: (implementation name, callable taking the per-call inputs)
@@ -47,7 +54,7 @@ class Binding:
     (arguments of a graph operator, module-defined); ``counts``: calls per implementation (the
     module's ``kernel_counts``, shared)."""
 
-    __slots__ = ("calls", "choices", "compiled", "counts", "limit")
+    __slots__ = ("_graph_handles", "calls", "choices", "compiled", "counts", "limit")
 
     def __init__(self, counts: Counter[str] | None = None, limit: int | None = None) -> None:
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
@@ -58,6 +65,12 @@ class Binding:
         self.compiled: dict[Hashable, Any] = {}
         #: at most this many settled signatures (memory stays bounded under ever-new shapes)
         self.limit = limit
+        self._graph_handles: list[int] = []  # calls filed for graphs (graph_ops), released with this binding
+
+    def __del__(self) -> None:
+        handles = getattr(self, "_graph_handles", None)
+        if handles:
+            release_settled_calls(handles)
 
     def choose(self, op: KernelOp, key: Hashable, *args: Any, preferred: str = "auto") -> tuple[str, bool]:
         """``(implementation, chosen_by_guards)`` for ``op(*args)``: ``preferred`` itself unless it
@@ -84,12 +97,18 @@ class Binding:
         impl, checked = self.choose(op, key, *args, preferred=preferred)
         return op(*args, impl=self.record(impl), checked=checked)
 
-    def settle(self, signature: Hashable, impl: str, call: Callable[..., Any], compiled: Any = None) -> bool:
-        """Remember ``call`` (which ran ``impl``) for eager calls of ``signature`` and, unless None,
-        ``compiled`` for compiled graphs of it. Not while tracing; not past ``limit``. True if kept."""
+    def settle(self, signature: Hashable, impl: str, call: Callable[..., Any], compiled: Any = None,
+               fake: Callable[[torch.Tensor], torch.Tensor] | None = None) -> bool:
+        """Remember ``call`` (which ran ``impl``) for eager calls of ``signature`` and, for compiled
+        graphs of it, ``compiled`` (a graph operator's arguments) or, given instead a ``fake``
+        (``call``'s output as an empty tensor), ``call`` itself as a `SettledGraphCall`. Not while
+        tracing; not past ``limit``. True if kept."""
         if torch.compiler.is_compiling() or (self.limit is not None and len(self.calls) >= self.limit):
             return False
         self.calls[signature] = (impl, call)
+        if compiled is None and fake is not None:
+            compiled = register_settled_call(call, fake)
+            self._graph_handles.append(compiled.handle)
         if compiled is not None:
             self.compiled[signature] = compiled
         return True
@@ -99,4 +118,4 @@ class Binding:
                 f"compiled={len(self.compiled)})")
 
 
-__all__ = ["Binding", "Settled"]
+__all__ = ["Binding", "Settled", "SettledGraphCall"]

@@ -13,9 +13,26 @@ module costs one call from the graph straight to C++, with eager's numbers::
     quantize_to_channels_last(x, inv, zero_point, qmin, qmax)        NCHW floats -> channels-last codes
 
 torch.compile traces each through its fake kernel (output shape, dtype and strides only).
+
+A settled eager call that has no such operator (an integer Linear settled on oneDNN's
+``qlinear_pointwise``, or on the native gemv with unsigned codes) reaches compiled graphs whole,
+as ``quanta_graph::settled_call(x, handle)``: `register_settled_call` files the eager callable
+(and a fake stating its output) under a handle that is never reused; the operator runs that very
+callable, so the graph runs eager's kernels with eager's bits (where tracing it would re-express
+the layer as inductor code, e.g. oneDNN's int8 GEMM as float32 GEMMs on the codes). A handle
+lives as long as the `quanta.kernels.binding.Binding` that settled it (`release_settled_calls`);
+a graph compiled against it guards on the handle, so a new binding recompiles instead of
+calling a released one::
+
+    handle = register_settled_call(run, lambda x: x.new_empty((x.shape[0], n)))
+    y = settled_call(x, handle)          # eagerly: run(x); traced: one opaque graph node
 """
 
 from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -56,6 +73,57 @@ FAKES = {"conv_packed": _fake_conv_packed, "linear_packed": _fake_linear_packed,
          "quantize_to_channels_last": _fake_quantize_to_channels_last}
 
 
+class SettledGraphCall(NamedTuple):
+    """What a `quanta.kernels.binding.Binding` holds for graphs where an eager call is run whole:
+    the handle `settled_call` takes."""
+
+    handle: int
+
+
+#: handle -> (the settled eager call on one tensor, its fake: the output's shape, dtype, strides)
+_SETTLED: dict[int, tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]] = {}
+_HANDLES = itertools.count(1)
+
+
+def register_settled_call(call: Callable[[torch.Tensor], torch.Tensor],
+                          fake: Callable[[torch.Tensor], torch.Tensor]) -> SettledGraphCall:
+    """File ``call`` (and ``fake``, the same output as an empty tensor) for compiled graphs."""
+    if not callable(call) or not callable(fake):
+        raise TypeError("register_settled_call: call and fake must be callables")
+    handle = next(_HANDLES)
+    _SETTLED[handle] = (call, fake)
+    return SettledGraphCall(handle)
+
+
+def release_settled_calls(handles: list[int]) -> None:
+    """Forget these handles' calls (their binding is gone: the weights they hold are freed)."""
+    for h in handles:
+        _SETTLED.pop(h, None)
+
+
+def _settled(handle: int, who: str):
+    entry = _SETTLED.get(handle)
+    if entry is None:
+        raise RuntimeError(f"quanta_graph::{who}: settled call {handle} was released (its module repacked or "
+                           "was deleted); call torch._dynamo.reset() or recompile")
+    return entry
+
+
+@torch.library.custom_op("quanta_graph::settled_call", mutates_args=())
+def _settled_call_op(x: torch.Tensor, handle: int) -> torch.Tensor:
+    return _settled(handle, "settled_call")[0](x)
+
+
+@_settled_call_op.register_fake
+def _settled_call_fake(x: torch.Tensor, handle: int) -> torch.Tensor:
+    return _settled(handle, "settled_call")[1](x)
+
+
+def settled_call(x: torch.Tensor, graph_call: SettledGraphCall) -> torch.Tensor:
+    """Run the settled call filed under ``graph_call`` on ``x`` (as one graph node when traced)."""
+    return torch.ops.quanta_graph.settled_call.default(x, graph_call.handle)
+
+
 def register_fakes() -> None:
     """Register every operator's fake kernel (once per process: the native library, which defines
     the operators, loads once)."""
@@ -63,4 +131,5 @@ def register_fakes() -> None:
         torch.library.register_fake(f"quanta_native::{name}")(fake)
 
 
-__all__ = ["FAKES", "register_fakes"]
+__all__ = ["FAKES", "SettledGraphCall", "register_fakes", "register_settled_call", "release_settled_calls",
+           "settled_call"]
