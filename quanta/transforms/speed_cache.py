@@ -2,7 +2,9 @@
 
 A decision (integer or float for one layer) depends on the layer (class, constructor arguments,
 fused activation), the input it gets (shapes, dtypes), the kernel that ran, and the machine (CPU
-model and flags, thread count, torch and quanta versions). Measured once, it is reused by every
+model and flags, thread count, torch and quanta versions, and a fingerprint of the code that was
+timed: `code_fingerprint`, the sources of quanta's kernels and integer modules, so a decision
+measured before a kernel changed is measured again after it, also within one version). Measured once, it is reused by every
 later conversion on this machine, so repeated runs decide the same even under load. A uint8
 chain's decision (`speed_check`, taken for its members together) is one entry, keyed by
 ``{"uint8_chain": [each member's parts]}``, which no single layer's parts can equal; it holds each
@@ -135,11 +137,29 @@ def _cpu() -> dict[str, str]:
             "cpu_flags": hashlib.sha256(flags.encode()).hexdigest()[:16], "arch": platform.machine()}
 
 
+#: the packages whose code a speed decision times (Python and C++ sources under them)
+_TIMED_CODE = ("kernels", "integer")
+
+
+@functools.lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """16 hex digits naming the sources of quanta's kernels and integer modules (``*.py``,
+    ``*.cpp``, ``*.h``), read once per process: a decision is reused only by the code it timed."""
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for package in _TIMED_CODE:
+        for path in sorted((root / package).rglob("*")):
+            if path.suffix in (".py", ".cpp", ".h") and path.is_file():
+                h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 def machine() -> dict[str, Any]:
-    """What a timing depends on besides the layer: CPU, thread count, versions."""
+    """What a timing depends on besides the layer: CPU, thread count, versions, timed code."""
     from .._version import __version__
 
-    return {**_cpu(), "threads": torch.get_num_threads(), "torch": torch.__version__, "quanta": __version__}
+    return {**_cpu(), "threads": torch.get_num_threads(), "torch": torch.__version__, "quanta": __version__,
+            "code": code_fingerprint()}
 
 
 def decision_key(parts: dict[str, Any]) -> str:

@@ -126,3 +126,35 @@ def test_a_decision_records_the_load_over_its_own_timings(sim, tmp_path):
                           cache=DecisionCache(tmp_path / "d.json"), load=lambda: next(readings), repeats=2)
     assert [c.busy for c in choices] == [True, False]
     assert [c.load for c in choices] == [BUSY, IDLE]
+
+
+def test_a_decision_is_keyed_by_the_code_it_timed(monkeypatch, tmp_path):
+    """A kernel change within one quanta version measures again (the key names the timed code)."""
+    parts = {"class": "Int8Linear", "input": [[1, 8]]}
+    before = speed_cache.decision_key(parts)
+    fingerprint = speed_cache.code_fingerprint()
+    assert len(fingerprint) == 16 and fingerprint == speed_cache.code_fingerprint()
+    monkeypatch.setattr(speed_cache, "code_fingerprint", lambda: "0" * 16)
+    assert speed_cache.decision_key(parts) != before
+    assert speed_cache.machine()["code"] == "0" * 16
+
+
+def test_the_code_fingerprint_reads_the_kernel_and_integer_sources(monkeypatch, tmp_path):
+    root = tmp_path / "quanta"
+    for package in ("kernels", "integer", "transforms"):
+        (root / package).mkdir(parents=True)
+    (root / "kernels" / "a.cpp").write_text("int a;")
+    (root / "transforms" / "speed_cache.py").write_text("")
+    monkeypatch.setattr(speed_cache, "__file__", str(root / "transforms" / "speed_cache.py"))
+    speed_cache.code_fingerprint.cache_clear()
+    try:
+        first = speed_cache.code_fingerprint()
+        speed_cache.code_fingerprint.cache_clear()
+        (root / "kernels" / "a.cpp").write_text("int b;")
+        assert speed_cache.code_fingerprint() != first
+        speed_cache.code_fingerprint.cache_clear()
+        (root / "transforms" / "other.py").write_text("x = 1")  # not timed code: same fingerprint
+        (root / "kernels" / "a.cpp").write_text("int a;")
+        assert speed_cache.code_fingerprint() == first
+    finally:
+        speed_cache.code_fingerprint.cache_clear()
