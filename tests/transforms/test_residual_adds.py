@@ -269,8 +269,18 @@ def test_save_load_round_trip_rebuilds_the_rewrite(built, tmp_path):
                 assert torch.equal(loaded(x), m(x))
 
 
-def test_a_file_whose_forward_changed_is_refused(built, tmp_path):
-    _, _, q, _, _ = built
+def test_a_file_whose_forward_changed_is_refused(built, tmp_path, monkeypatch):
+    model, _, q, _, _ = built
+    quanta.save(q, tmp_path / "q.quanta")
+
+    def edited(self, x):  # the class's code changed since the file was saved
+        return self.relu(self.bn3(self.conv3(self.conv2(self.conv1(x)))) + x)
+
+    monkeypatch.setattr(Bottleneck, "forward", edited)
+    with pytest.raises(quanta.io.ArchitectureError, match="'layer2' .*not the one the file") as err:
+        quanta.load(tmp_path / "q.quanta", model=copy.deepcopy(model))
+    assert "\n" not in str(err.value)
+    monkeypatch.undo()
     record = getattr(q.layer2, MARK)
     with pytest.raises(ValueError, match="not the one the file"):
         redo_residual_adds(MBConv(16), {**record}, "layer2")
