@@ -113,6 +113,18 @@ class Binding:
             self.compiled[signature] = compiled
         return True
 
+    def graph_call(self, key: Hashable, make: Callable[[], tuple[Callable[[torch.Tensor], torch.Tensor],
+                                                                 Callable[[torch.Tensor], torch.Tensor]]]
+                   ) -> SettledGraphCall | None:
+        """The graph call filed under ``key`` in ``compiled``: an eager step a graph should run as
+        it is (e.g. a pad that inductor would re-express ~10x slower). Eagerly, the first request
+        files ``make()``'s ``(call, fake)``; while tracing, only what eager calls filed (else None)."""
+        filed = self.compiled.get(key)
+        if filed is None and not torch.compiler.is_compiling():
+            filed = self.compiled[key] = register_settled_call(*make())
+            self._graph_handles.append(filed.handle)
+        return filed
+
     def __repr__(self) -> str:
         return (f"Binding(choices={len(self.choices)}, calls={sorted(i for i, _ in self.calls.values())}, "
                 f"compiled={len(self.compiled)})")
