@@ -3,23 +3,27 @@
 
 Per layer, as the reference (`quanta.kernels.recurrent_math._sequence`) does it: the layer input
 is quantized once for the whole sequence (``quantize_rows`` over one row holding every element),
-its int32 sums with ``W_ih`` come from one ``torch._int_mm`` (`quanta.kernels.linear`), and the
-rescale ``float32(acc) * (s_x * s_ih) + b_ih`` is the reference's own tensor expression. Then per
-step, in C++ with no ATen call: the hidden state is quantized per tensor, multiplied by ``W_hh``
-with exact int32 sums (the native ``gemv``: AVX-512 VNNI, or AVX2's ``vpmaddwd``), rescaled, and the
-gate equations evaluated with SLEEF's expf / tanhf (torch's vector routines, within 1 ulp; 16 lanes
-with AVX-512, 8 with AVX2). Without VNNI the input projection's sums come from the AVX2 gemv too
-(exact float32 GEMMs on the codes, ``float_sums``, beyond `INPUT_GEMV_MAX_ROWS` rows; torch's CPU
-``_int_mm`` is ~5x slower than float32 there). Same codes, same integer sums, same float32
-operations as the reference except that ATen's sigmoid / tanh may round an ulp differently: the
-outputs agree to float rounding, plus a rare one-code flip of a requantized h (the kernel tests
-bound both). Measured on the benchmark LSTM (2 layers, 512, 64 steps, 2 cores, AVX-512 VNNI):
-~11 µs a step against ~25 µs for torch's ``quantized_lstm`` (fbgemm), which runs ~10 ATen
-operations a step; with AVX2 on an AMD EPYC (no VNNI): ~20 µs a step (1.26 ms a layer, 2 threads).
+its int32 sums with ``W_ih`` come from one GEMM-shaped call, and the rescale ``float32(acc) *
+(s_x * s_ih) + b_ih`` is the reference's own float32 expression. Then per step, in C++ with no
+ATen call and one barrier: the hidden state is quantized per tensor, multiplied by ``W_hh`` with
+exact int32 sums, rescaled, and the gate equations evaluated with SLEEF's expf / tanhf (torch's
+vector routines, within 1 ulp; 16 lanes with AVX-512, 8 with AVX2). Same codes, same integer sums,
+same float32 operations as the reference except that ATen's sigmoid / tanh may round an ulp
+differently: the outputs agree to float rounding, plus a rare one-code flip of a requantized h (the
+kernel tests bound both); the thread count changes no bit.
+
+Integer sums by build: AVX-512 VNNI ``vpdpbusd`` (the gemv; the input projection by
+``torch._int_mm``); AVX2 without VNNI, for weights in [-127, 127] (the default narrow-range
+weights): ``vpsignb`` + ``vpmaddubsw`` + ``vpmaddwd`` on int8 codes (``gemv_s8s8_rows``: int16 pair
+sums of at most 2 * 128 * 127, exact), each weight block read once per step / call for all rows,
+so any batch runs natively; with a -128 in a weight, the int16-widening ``vpmaddwd`` gemv (and
+``float_sums`` beyond `INPUT_GEMV_MAX_ROWS` input rows). The row sums and the narrow-range flag of
+each weight are computed once per weight version (`_weight_facts`), not per call.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -37,6 +41,36 @@ _ONE = torch.ones(1)  # (rescale_rows' x_scale: the scales are applied as one pe
 INPUT_GEMV_MAX_ROWS = 512
 
 
+#: on AVX-512 VNNI, the sequences up to which the native loop runs: each step multiplies ``batch`` rows by
+#: ``W_hh`` with the streaming gemv, which loses to fbgemm's GEMM beyond that (measured, LSTM 512: batch 8
+#: 3.1 vs 3.6 ms, batch 16 10.0 vs 6.1 ms). Without VNNI (AVX2) there is no exact fbgemm for 8-bit
+#: activations (the next implementation is the Python ``int_mm`` loop, ~60x slower than fp32 here) and
+#: the loop reads each weight block once per step for all rows: every batch runs natively.
+VNNI_MAX_BATCH = GEMV_MAX_ROWS
+
+#: per weight tensor (id, version): (the tensor, its int32 row sums, whether it lies in [-127, 127])
+_FACTS: dict[tuple[int, int], tuple[weakref.ref, torch.Tensor, bool]] = {}
+
+
+def _weight_facts(w: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The int32 row sums of the contiguous int8 weight ``w`` (the zero-point term) and whether all of
+    its values lie in [-127, 127] (the exact ``vpmaddubsw`` loop's condition), cached per version."""
+    key = (id(w), w._version)
+    hit = _FACTS.get(key)
+    if hit is not None and hit[0]() is w:
+        return hit[1], hit[2]
+    for k in [k for k, v in _FACTS.items() if v[0]() is None]:
+        del _FACTS[k]
+    facts = native.module().int8_row_sums(w), bool(w.numel() == 0 or int(w.min()) > -128)
+    _FACTS[key] = (weakref.ref(w), *facts)
+    return facts
+
+
+def native_max_batch() -> int | None:
+    """Sequences up to which the native loop runs on this build (None: any number)."""
+    return VNNI_MAX_BATCH if gemv_isa() == "avx512_vnni" else None
+
+
 def native_available() -> bool:
     return gemv_isa() != "none" and bool(native.module().rnn_layer_available())
 
@@ -49,6 +83,13 @@ def _input_projection(x: torch.Tensor, codes: torch.Tensor, s_x: torch.Tensor, z
         acc = exact_matmul(q2, z_x, w_ih)
         return (acc.float() * (s_x * s_ih) + b_ih).reshape(*x.shape[:-1], w_ih.shape[0])
     w = w_ih.contiguous()
+    w_sum, narrow = _weight_facts(w)
+    if gemv_isa() == "avx2" and (narrow or q2.shape[0] <= INPUT_GEMV_MAX_ROWS):
+        # exact int32 sums (gemv_s8s8_rows, or the widening gemv with a -128 weight) and rescale_rows'
+        # epilogue with an x_scale of 1: float32(acc) * 1 * (s_x * s_ih) + b_ih, the reference's arithmetic
+        y = native.module().rnn_input_projection(q2.contiguous(), int(z_x), w, w_sum, narrow,
+                                                 (s_x * s_ih).float().contiguous(), b_ih.float().contiguous())
+        return y.reshape(*x.shape[:-1], w_ih.shape[0])
     if gemv_isa() == "avx2" and q2.shape[0] <= INPUT_GEMV_MAX_ROWS:
         # the native gemv's exact sums and rescale_rows' epilogue with an x_scale of 1: float32(acc) * 1 *
         # (s_x * s_ih) + b_ih, the reference's arithmetic (times 1 is exact)
@@ -82,9 +123,11 @@ def _layer(mode: str, x: torch.Tensor, q: tuple[torch.Tensor, torch.Tensor, torc
            state: list[torch.Tensor], cell: list[torch.Tensor], spec: Any, reverse: bool) -> list[torch.Tensor]:
     w_ih, s_ih, b_ih, w_hh, s_hh, b_hh = cell
     gi = qlinear(x, w_ih, s_ih, b_ih, spec)[0] if q is None else _input_projection(x, *q, w_ih, s_ih, b_ih)
+    w_hh = w_hh.contiguous()
+    w_sum, narrow = _weight_facts(w_hh)
     return native.module().rnn_layer(
-        mode, gi.contiguous(), [s.float().contiguous() for s in state], w_hh.contiguous(), s_hh.float().contiguous(), b_hh.float().contiguous(), spec.qmin, spec.qmax,
-        spec.symmetric, spec.signed, reverse)
+        mode, gi.contiguous(), [s.float().contiguous() for s in state], w_hh, s_hh.float().contiguous(),
+        b_hh.float().contiguous(), w_sum, narrow, spec.qmin, spec.qmax, spec.symmetric, spec.signed, reverse)
 
 
 def rnn_native(mode, input, hx, weights, num_layers, bidirectional, batch_first, act_bits, act_signed,
@@ -117,12 +160,11 @@ def cell_native(mode, input, hx, weights, act_bits, act_signed, act_symmetric, a
 
 
 def guard_native(input: torch.Tensor, weights: Any, act_bits: int, batch: int) -> str | None:
-    """Shared by the sequence and cell ops: what the C++ loop needs beyond the op's own checks.
-    Up to `GEMV_MAX_ROWS` sequences: each step multiplies ``batch`` rows by ``W_hh`` with the
-    streaming gemv, which loses to fbgemm's GEMM beyond that (measured, LSTM 512: batch 8 3.1 vs
-    3.6 ms, batch 16 10.0 vs 6.1 ms; at hidden 32 the crossover is near batch 48)."""
-    if batch > GEMV_MAX_ROWS:
-        return f"batch {batch} > {GEMV_MAX_ROWS} (the native loop's gemv pays off for a few sequences)"
+    """Shared by the sequence and cell ops: what the C++ loop needs beyond the op's own checks
+    (`native_max_batch` sequences at most)."""
+    limit = native_max_batch()
+    if limit is not None and batch > limit:
+        return f"batch {batch} > {limit} (with VNNI the native loop's gemv pays off for a few sequences)"
     if input.dtype != torch.float32 or input.device.type != "cpu":
         return f"input {input.dtype} on {input.device} (native path: float32 on CPU)"
     if input.numel() == 0:

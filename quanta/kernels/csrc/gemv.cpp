@@ -197,6 +197,87 @@ void gemv_u8s8(const uint8_t* x, int64_t M, int64_t K, const int8_t* w, int64_t 
   });
 }
 
+
+// ---- int8 codes x int8 weights in [-127, 127] (the recurrent loop's step and input projection, AVX2)
+int64_t gemv_s8s8_ld(int64_t K) { return (K + 31) / 32 * 32; }
+
+#if !QUANTA_VNNI && defined(__AVX2__)
+bool gemv_s8s8_available() { return true; }
+
+namespace {
+// MR activation rows x NR weight rows: per 32 columns, w * sign(x) (exact: |w| <= 127) times |x|
+// (uint8 <= 128) by vpmaddubsw (pairs: |sum| <= 2 * 128 * 127 < 2^15, no saturation), then vpmaddwd
+// with ones into int32 lanes.
+template <int MR, int NR>
+void s8s8_tile(const int8_t* x, const uint8_t* xa, int64_t ld, int64_t K, const int8_t* w, int64_t N, int32_t* acc,
+               int64_t n) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int64_t K32 = K / 32 * 32;
+  __m256i a[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) a[m][r] = _mm256_setzero_si256();
+  auto step = [&](const __m256i (&wv)[NR], int64_t k) {
+    for (int m = 0; m < MR; ++m) {
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + m * ld + k));
+      const __m256i av = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xa + m * ld + k));
+      for (int r = 0; r < NR; ++r)
+        a[m][r] = _mm256_add_epi32(a[m][r], _mm256_madd_epi16(_mm256_maddubs_epi16(av, _mm256_sign_epi8(wv[r], xv)), ones));
+    }
+  };
+  for (int64_t k = 0; k < K32; k += 32) {
+    __m256i wv[NR];
+    for (int r = 0; r < NR; ++r) wv[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (n + r) * K + k));
+    step(wv, k);
+  }
+  if (K32 < K) {  // the tail: zero-padded copies of the weight rows (x is zero there too)
+    alignas(32) int8_t tail[NR][32] = {};
+    __m256i wv[NR];
+    for (int r = 0; r < NR; ++r) {
+      std::memcpy(tail[r], w + (n + r) * K + K32, K - K32);
+      wv[r] = _mm256_load_si256(reinterpret_cast<const __m256i*>(tail[r]));
+    }
+    step(wv, K32);
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) acc[m * N + n + r] = hsum_epi32(a[m][r]);
+}
+
+template <int MR>
+void s8s8_rows(const int8_t* x, const uint8_t* xa, int64_t ld, int64_t K, const int8_t* w, int64_t N, int32_t* acc,
+               int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + 2 <= n1; n += 2) s8s8_tile<MR, 2>(x, xa, ld, K, w, N, acc, n);
+  if (n < n1) s8s8_tile<MR, 1>(x, xa, ld, K, w, N, acc, n);
+}
+}  // namespace
+
+void gemv_s8s8_rows(const int8_t* x, const uint8_t* xa, int64_t ld, int64_t M, int64_t K, const int8_t* w, int64_t N,
+                    int32_t* acc, int64_t n0, int64_t n1) {
+  // blocks of 16 weight rows (16 KiB at K = 1024: L1) for every group of 4 activation rows, so that a
+  // weight is read from memory once per call whatever M is
+  for (int64_t b0 = n0; b0 < n1; b0 += 16) {
+    const int64_t b1 = std::min(n1, b0 + 16);
+    for (int64_t m = 0; m < M; m += 4) {
+      const int8_t* xm = x + m * ld;
+      const uint8_t* am = xa + m * ld;
+      int32_t* o = acc + m * N;
+      switch (std::min<int64_t>(4, M - m)) {
+        case 1: s8s8_rows<1>(xm, am, ld, K, w, N, o, b0, b1); break;
+        case 2: s8s8_rows<2>(xm, am, ld, K, w, N, o, b0, b1); break;
+        case 3: s8s8_rows<3>(xm, am, ld, K, w, N, o, b0, b1); break;
+        default: s8s8_rows<4>(xm, am, ld, K, w, N, o, b0, b1); break;
+      }
+    }
+  }
+}
+#else
+bool gemv_s8s8_available() { return false; }
+void gemv_s8s8_rows(const int8_t*, const uint8_t*, int64_t, int64_t, int64_t, const int8_t*, int64_t, int32_t*, int64_t,
+                    int64_t) {
+  TORCH_CHECK(false, "gemv_s8s8_rows: built without the AVX2 loop");
+}
+#endif
+
 }  // namespace quanta_native
 
 using namespace quanta_native;
