@@ -13,12 +13,10 @@ differently: the outputs agree to float rounding, plus a rare one-code flip of a
 kernel tests bound both); the thread count changes no bit.
 
 Integer sums by build: AVX-512 VNNI ``vpdpbusd`` (the gemv; the input projection by
-``torch._int_mm``); AVX2 without VNNI, for weights in [-127, 127] (the default narrow-range
-weights): ``vpsignb`` + ``vpmaddubsw`` + ``vpmaddwd`` on int8 codes (``gemv_s8s8_rows``: int16 pair
-sums of at most 2 * 128 * 127, exact), each weight block read once per step / call for all rows,
-so any batch runs natively; with a -128 in a weight, the int16-widening ``vpmaddwd`` gemv (and
-``float_sums`` beyond `INPUT_GEMV_MAX_ROWS` input rows). The row sums and the narrow-range flag of
-each weight are computed once per weight version (`_weight_facts`), not per call.
+``torch._int_mm``); AVX2 without VNNI: the int16-widening ``vpmaddwd`` gemv (exact for full 8-bit
+weights), which also takes the input projection up to `INPUT_GEMV_MAX_ROWS` rows (``float_sums``
+beyond). Without VNNI every batch runs natively (`native_max_batch`). The row sums of each weight
+(the zero-point term) are computed once per weight version (`_row_sums`), not per call.
 """
 
 from __future__ import annotations
@@ -48,22 +46,22 @@ INPUT_GEMV_MAX_ROWS = 512
 #: the loop reads each weight block once per step for all rows: every batch runs natively.
 VNNI_MAX_BATCH = GEMV_MAX_ROWS
 
-#: per weight tensor (id, version): (the tensor, its int32 row sums, whether it lies in [-127, 127])
-_FACTS: dict[tuple[int, int], tuple[weakref.ref, torch.Tensor, bool]] = {}
+#: per weight tensor (id, version): (the tensor, its int32 row sums)
+_ROW_SUMS: dict[tuple[int, int], tuple[weakref.ref, torch.Tensor]] = {}
 
 
-def _weight_facts(w: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """The int32 row sums of the contiguous int8 weight ``w`` (the zero-point term) and whether all of
-    its values lie in [-127, 127] (the exact ``vpmaddubsw`` loop's condition), cached per version."""
+def _row_sums(w: torch.Tensor) -> torch.Tensor:
+    """The int32 row sums of the contiguous int8 weight ``w`` (the zero-point term of the exact sums),
+    cached per tensor version (an in-place change of the weight is noticed)."""
     key = (id(w), w._version)
-    hit = _FACTS.get(key)
+    hit = _ROW_SUMS.get(key)
     if hit is not None and hit[0]() is w:
-        return hit[1], hit[2]
-    for k in [k for k, v in _FACTS.items() if v[0]() is None]:
-        del _FACTS[k]
-    facts = native.module().int8_row_sums(w), bool(w.numel() == 0 or int(w.min()) > -128)
-    _FACTS[key] = (weakref.ref(w), *facts)
-    return facts
+        return hit[1]
+    for k in [k for k, v in _ROW_SUMS.items() if v[0]() is None]:
+        del _ROW_SUMS[k]
+    sums = native.module().int8_row_sums(w)
+    _ROW_SUMS[key] = (weakref.ref(w), sums)
+    return sums
 
 
 def native_max_batch() -> int | None:
@@ -83,19 +81,11 @@ def _input_projection(x: torch.Tensor, codes: torch.Tensor, s_x: torch.Tensor, z
         acc = exact_matmul(q2, z_x, w_ih)
         return (acc.float() * (s_x * s_ih) + b_ih).reshape(*x.shape[:-1], w_ih.shape[0])
     w = w_ih.contiguous()
-    w_sum, narrow = _weight_facts(w)
-    if gemv_isa() == "avx2" and (narrow or q2.shape[0] <= INPUT_GEMV_MAX_ROWS):
-        # exact int32 sums (gemv_s8s8_rows, or the widening gemv with a -128 weight) and rescale_rows'
-        # epilogue with an x_scale of 1: float32(acc) * 1 * (s_x * s_ih) + b_ih, the reference's arithmetic
-        y = native.module().rnn_input_projection(q2.contiguous(), int(z_x), w, w_sum, narrow,
-                                                 (s_x * s_ih).float().contiguous(), b_ih.float().contiguous())
-        return y.reshape(*x.shape[:-1], w_ih.shape[0])
     if gemv_isa() == "avx2" and q2.shape[0] <= INPUT_GEMV_MAX_ROWS:
         # the native gemv's exact sums and rescale_rows' epilogue with an x_scale of 1: float32(acc) * 1 *
         # (s_x * s_ih) + b_ih, the reference's arithmetic (times 1 is exact)
-        y = native.module().int8_gemv(_dense(q2), z_x.reshape(-1).to(torch.int32).contiguous(), w,
-                                      native.module().int8_row_sums(w), _ONE, (s_x * s_ih).float().contiguous(),
-                                      b_ih.float().contiguous())
+        y = native.module().int8_gemv(_dense(q2), z_x.reshape(-1).to(torch.int32).contiguous(), w, _row_sums(w), _ONE,
+                                      (s_x * s_ih).float().contiguous(), b_ih.float().contiguous())
         return y.reshape(*x.shape[:-1], w_ih.shape[0])
     if gemv_isa() != "avx512_vnni" and torch.get_float32_matmul_precision() == "highest":
         # the same int32 sums by float32 GEMMs on the codes, and `_rescale`'s float32(acc) * 1 * (s_x * s_ih)
@@ -106,7 +96,7 @@ def _input_projection(x: torch.Tensor, codes: torch.Tensor, s_x: torch.Tensor, z
     acc = torch._int_mm(_dense(x8), w.t())
     # the zero-point correction and float32(acc) * (s_x * s_ih) + b_ih in one pass: rescale_rows with
     # an x_scale of 1 (exact) and (s_x * s_ih) as the per-channel scale is the reference's arithmetic
-    y = native.module().rescale_rows(acc, zp.contiguous(), native.module().int8_row_sums(w), _ONE,
+    y = native.module().rescale_rows(acc, zp.contiguous(), _row_sums(w), _ONE,
                                      (s_x * s_ih).float().contiguous(), b_ih.float().contiguous())
     return y.reshape(*x.shape[:-1], w_ih.shape[0])
 
@@ -124,10 +114,9 @@ def _layer(mode: str, x: torch.Tensor, q: tuple[torch.Tensor, torch.Tensor, torc
     w_ih, s_ih, b_ih, w_hh, s_hh, b_hh = cell
     gi = qlinear(x, w_ih, s_ih, b_ih, spec)[0] if q is None else _input_projection(x, *q, w_ih, s_ih, b_ih)
     w_hh = w_hh.contiguous()
-    w_sum, narrow = _weight_facts(w_hh)
     return native.module().rnn_layer(
         mode, gi.contiguous(), [s.float().contiguous() for s in state], w_hh, s_hh.float().contiguous(),
-        b_hh.float().contiguous(), w_sum, narrow, spec.qmin, spec.qmax, spec.symmetric, spec.signed, reverse)
+        b_hh.float().contiguous(), _row_sums(w_hh), spec.qmin, spec.qmax, spec.symmetric, spec.signed, reverse)
 
 
 def rnn_native(mode, input, hx, weights, num_layers, bidirectional, batch_first, act_bits, act_signed,

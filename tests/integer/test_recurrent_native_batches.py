@@ -1,16 +1,13 @@
-"""Tier 2/3: the native recurrent loop past the old 8-sequence limit, its two exact integer loops
-and its thread split.
+"""Tier 2/3: the native recurrent loop past the old 8-sequence limit, and its thread split.
 
 - Where the build has AVX2 without VNNI, LSTM / GRU models run the native loop at any batch
   (1, 3, 9, 17: the old limit was 8, above which the Python ``int_mm`` loop ran), and compute
   what the reference kernels compute (to float rounding: the gates' SLEEF expf / tanhf, as in
   tests/integer/test_recurrent_native_model.py).
 - The loop gives the same bits with 1 and 2 threads (one barrier a step, every thread quantizing
-  the whole previous h itself).
-- The ``vpmaddubsw`` loop for weights in [-127, 127] (``gemv_s8s8_rows``) and the int16-widening
-  ``vpmaddwd`` loop (any int8 weight) give the same bits: both sums are exact. The input projection
-  equals the reference's ``qlinear`` bit for bit either way; a weight changed in place to hold -128
-  is noticed (the cached facts follow the tensor's version).
+  the whole previous h itself), for every mode and activation grid, forwards and reversed.
+- The input projection equals the reference's ``qlinear`` bit for bit with either thread count,
+  also after its weight is changed in place (the cached row sums follow the tensor's version).
 """
 
 from __future__ import annotations
@@ -32,7 +29,7 @@ from quanta.kernels.recurrent_math import act_spec, qlinear
 needs_native_loop = pytest.mark.skipif("native" not in dynamic_int8_rnn.available_impls(),
                                        reason=f"no native recurrent loop here (gemv loop: {gemv_isa()})")
 needs_avx2_loop = pytest.mark.skipif(gemv_isa() != "avx2" or "native" not in dynamic_int8_rnn.available_impls(),
-                                     reason=f"the AVX2 (no VNNI) loops only (gemv loop: {gemv_isa()})")
+                                     reason=f"any batch natively: AVX2 without VNNI (gemv loop: {gemv_isa()})")
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 ACTS = {"s8sym": (8, True, True, False), "u8asym": (8, False, False, False), "s8asym": (8, True, False, False)}
@@ -95,12 +92,12 @@ def test_every_batch_runs_the_native_loop_like_the_reference(name):
     assert q.rnn.kernel_counts["native"] == 8
 
 
-def _layer_case(mode: str, batch: int, hidden: int, seed: int, narrow: bool = True):
+def _layer_case(mode: str, batch: int, hidden: int, seed: int):
     gen = torch.Generator().manual_seed(seed)
     n = GATES[mode] * hidden
-    w = torch.randint(-127 if narrow else -128, 128, (n, hidden), dtype=torch.int8, generator=gen)
-    w[0, : hidden // 2] = 127  # the extremes: +-127 against codes of -128 / 127 (or 0 / 255)
-    w[1, : hidden // 2] = -127
+    w = torch.randint(-128, 128, (n, hidden), dtype=torch.int8, generator=gen)
+    w[0, : hidden // 2] = -128  # the extremes: -128 / 127 against codes of -128 / 127 (or 0 / 255)
+    w[1, : hidden // 2] = 127
     s = torch.rand(n, generator=gen) * 0.01 + 1e-3
     b = torch.randn(n, generator=gen)
     gi = torch.randn(9, batch, n, generator=gen) * 2
@@ -108,44 +105,40 @@ def _layer_case(mode: str, batch: int, hidden: int, seed: int, narrow: bool = Tr
     return gi, state, w, s, b
 
 
-@needs_avx2_loop
+@needs_native_loop
 @pytest.mark.parametrize("act", list(ACTS))
 @pytest.mark.parametrize("mode", list(GATES))
-def test_both_integer_loops_and_both_thread_counts_give_the_same_bits(mode, act):
+def test_one_and_two_threads_give_the_same_bits(mode, act):
     spec = act_spec(*ACTS[act])
     for batch, hidden in ((1, 40), (3, 33), (9, 64), (17, 31)):
         gi, state, w, s, b = _layer_case(mode, batch, hidden, seed=batch * 100 + hidden)
         w_sum = native.module().int8_row_sums(w)
         runs = []
-        for narrow in (True, False):  # (False: the widening loop on the same weights)
-            for n in (1, 2):
-                with threads(n):
-                    runs.append(native.module().rnn_layer(mode, gi, state, w, s, b, w_sum, narrow, spec.qmin,
-                                                          spec.qmax, spec.symmetric, spec.signed, batch == 3))
-        for other in runs[1:]:
-            for x, y in zip(runs[0], other):
-                assert torch.equal(x, y), (mode, act, batch, hidden)
+        for n in (1, 2):
+            with threads(n):
+                runs.append(native.module().rnn_layer(mode, gi, state, w, s, b, w_sum, spec.qmin, spec.qmax,
+                                                      spec.symmetric, spec.signed, batch == 3))
+        for x, y in zip(*runs):
+            assert torch.equal(x, y), (mode, act, batch, hidden)
         assert all(torch.isfinite(t).all() for t in runs[0])
 
 
-@needs_avx2_loop
+@needs_native_loop
 @pytest.mark.parametrize("rows", [1, 64, 600], ids=lambda r: f"rows{r}")
 @pytest.mark.parametrize("act", list(ACTS))
-def test_input_projection_of_narrow_weights_equals_the_reference_bitwise(rows, act):
+def test_input_projection_equals_the_reference_bitwise_also_after_an_inplace_change(rows, act):
     spec = act_spec(*ACTS[act])
     gen = torch.Generator().manual_seed(rows)
-    w = torch.randint(-127, 128, (4 * 33, 70), dtype=torch.int8, generator=gen)
+    w = torch.randint(-128, 128, (4 * 33, 70), dtype=torch.int8, generator=gen)
     s, b = torch.rand(4 * 33, generator=gen) * 0.01 + 1e-3, torch.randn(4 * 33, generator=gen)
     x = torch.randn(rows, 1, 70, generator=gen) * 2
     q = RN._quantize_sequence(x, spec)
-    assert RN._weight_facts(w)[1]  # narrow: the vpmaddubsw loop
-    want = qlinear(x, w, s, b, spec)[0]
     for n in (1, 2):
         with threads(n):
-            assert torch.equal(RN._input_projection(x, *q, w, s, b), want)
-    # the same weight changed in place to hold -128: noticed, and the widening loop is still exact
-    w[3, 5] = -128
-    assert not RN._weight_facts(w)[1]
+            assert torch.equal(RN._input_projection(x, *q, w, s, b), qlinear(x, w, s, b, spec)[0])
+    # the same weight changed in place: its row sums (the zero-point term) are computed again
+    w[3] = 127
+    assert torch.equal(RN._row_sums(w), w.int().sum(1, dtype=torch.int32))
     assert torch.equal(RN._input_projection(x, *q, w, s, b), qlinear(x, w, s, b, spec)[0])
 
 

@@ -133,16 +133,6 @@ void gemv_u8s8(const uint8_t* x, int64_t M, int64_t K, const int8_t* w, int64_t 
 void gemv_u8s8_rows(const uint8_t* x, int64_t M, int64_t K, const int8_t* w, int64_t N, int32_t* acc, uint8_t flip,
                     int64_t n0, int64_t n1);
 
-// acc[m, n] = sum_k x[m, k] * w[n, k] for int8 codes x [M, K] (row stride ld >= K, zero from K to ld) with
-// |x| given as uint8 in xa (same layout), for the weight rows [n0, n1) of w [N, K] whose values all lie in
-// [-127, 127], on the calling thread (gemv.cpp). AVX2 without VNNI only (gemv_s8s8_available): vpsignb
-// and vpmaddubsw's int16 pair sums stay exact there (2 * 128 * 127 < 2^15), half the work of the
-// widening loop. ld: a multiple of 32 (gemv_s8s8_ld).
-bool gemv_s8s8_available();
-int64_t gemv_s8s8_ld(int64_t K);
-void gemv_s8s8_rows(const int8_t* x, const uint8_t* xa, int64_t ld, int64_t M, int64_t K, const int8_t* w, int64_t N,
-                    int32_t* acc, int64_t n0, int64_t n1);
-
 // y = float32(acc - zp[m] * ws[n]) * xs[m] * wsc[n] (+ b[n]) in place over a row-major int32 [M, N]
 // (fused.cpp's rescale_rows); zrow / srow: zp / xs hold M values, else one. Then the activation
 // post_op (activation.h's PostOp) over each row while it is in cache.

@@ -274,10 +274,8 @@ torch::Tensor huge_page_copy(const torch::Tensor& t);
 bool rnn_layer_available();
 std::vector<torch::Tensor> rnn_layer(const std::string& mode, const torch::Tensor& gi, std::vector<torch::Tensor> state,
                                      const torch::Tensor& w_hh, const torch::Tensor& s_hh,
-                                     const torch::Tensor& b_hh, const torch::Tensor& w_sum, bool narrow, int64_t qmin,
-                                     int64_t qmax, bool symmetric, bool is_signed, bool reverse);
-torch::Tensor rnn_input_projection(const torch::Tensor& q, int64_t z, const torch::Tensor& w, const torch::Tensor& w_sum,
-                                   bool narrow, const torch::Tensor& scale, const torch::Tensor& b);
+                                     const torch::Tensor& b_hh, const torch::Tensor& w_sum, int64_t qmin, int64_t qmax,
+                                     bool symmetric, bool is_signed, bool reverse);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_gemv", &int8_gemv, "int8 x int8 linear for a few rows (AVX-512 VNNI), rescaled like rescale_rows",
@@ -293,7 +291,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_isa", &gemv_isa, "the fast loop int8_gemv was compiled with: avx512_vnni, avx2 or none");
   m.def("rnn_layer_available", &rnn_layer_available, "whether rnn_layer can run on this build");
   m.def("rnn_layer", &rnn_layer, "one layer and direction of a dynamic int8 LSTM / GRU / RNN");
-  m.def("rnn_input_projection", &rnn_input_projection, "the input projection of a dynamic int8 recurrent layer");
   m.def("max_pool2d_codes", &max_pool2d_codes, "2d max pooling of channels-last uint8 codes");
   m.def("add_codes", &add_codes, "residual addition of uint8 codes");
   m.def("quantize_rows", &quantize_rows, "dynamic per-row quantization");

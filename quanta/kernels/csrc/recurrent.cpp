@@ -10,9 +10,14 @@
 #include "common.h"
 
 #include <omp.h>
+#include <sched.h>
 
+#include <atomic>
 #include <cstring>
 #include <string>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 using namespace quanta_native;
 
@@ -139,11 +144,39 @@ void gates_row(Mode mode, const float* gh, const float* gi, const float* h, floa
 #endif
 
 
+// The time loop's barrier (one a step): the threads spin a little, then yield their core instead of
+// sleeping in the kernel as OpenMP's barrier does after its spin count. On a machine whose cores other
+// processes share, a thread put to sleep at every step waits for a wake-up each time (measured on 2
+// shared cores: the layer many times slower with 2 threads than with 1); a yielding one runs again as
+// soon as its core is offered.
+struct StepBarrier {
+  std::atomic<int> arrived{0};
+  std::atomic<int> phase{0};
+  int threads = 1;
+  void wait() {
+    const int p = phase.load(std::memory_order_acquire);
+    if (arrived.fetch_add(1, std::memory_order_acq_rel) == threads - 1) {  // the last one opens it
+      arrived.store(0, std::memory_order_relaxed);
+      phase.store(p + 1, std::memory_order_release);
+      return;
+    }
+    for (int spins = 0; phase.load(std::memory_order_acquire) == p; ++spins) {
+      if (spins < 4096) {
+#if defined(__x86_64__) || defined(__i386__)
+        _mm_pause();
+#endif
+      } else {
+        sched_yield();
+      }
+    }
+  }
+};
+
 // Everything one layer's time loop reads and writes (raw pointers into the tensors of rnn_layer).
 struct Loop {
   Mode mode;
   int64_t B, H, N, T;
-  bool reverse, is_signed, symmetric, s8s8;  // s8s8: W_hh in [-127, 127], gemv_s8s8_rows' exact loop
+  bool reverse, is_signed, symmetric;
   float qmin, qmax;
   const float* gi;
   const int8_t* w;
@@ -156,6 +189,7 @@ struct Loop {
   float* gh;
   float* out;
   int64_t slice = 16;
+  StepBarrier* barrier = nullptr;
 };
 
 // Thread `tid` of `threads` owns hidden units [j0, j1). Per step, after one barrier (the previous h is
@@ -166,19 +200,14 @@ struct Loop {
 // never overwritten), of c and of the output. No allocation in the loop.
 void run_loop(const Loop& L, int64_t tid, int64_t threads, int* failed) {
   const int64_t j0 = std::min(L.H, tid * L.slice), j1 = std::min(L.H, j0 + L.slice), G = L.N / L.H;
-  const int64_t ld = L.s8s8 ? gemv_s8s8_ld(L.H) : L.H;
-  std::vector<uint8_t> codes(static_cast<size_t>(L.B * ld), 0), mags(L.s8s8 ? codes.size() : 0, 0);
-  // s8s8: codes as int8 (uint8 codes read as code - 128: their zero point moves by -128); else as uint8
-  // (int8 codes read as code + 128: their zero point moves by 128), the same exact sums either way
-  const uint8_t flip = (L.s8s8 != L.is_signed) ? 0x80 : 0;
-  const int32_t z_shift = L.s8s8 ? (L.is_signed ? 0 : -128) : (L.is_signed ? 128 : 0);
+  std::vector<uint8_t> codes(static_cast<size_t>(L.B * L.H));
+  // int8 codes are read as code + 128: their zero point moves by 128 (the same exact sums)
+  const uint8_t flip = L.is_signed ? 0x80 : 0;
   for (int64_t i = 0; i < L.T; ++i) {
     const int64_t t = L.reverse ? L.T - 1 - i : i;
     const float* h = L.h2 + (i % 2) * L.B * L.H;
     float* h_next = L.h2 + ((i + 1) % 2) * L.B * L.H;
-    if (threads > 1 && i > 0) {
-#pragma omp barrier
-    }
+    if (threads > 1 && i > 0) L.barrier->wait();
     Range all;
     for (int64_t r = 0; r < L.B; ++r) all.merge(value_range(h + r * L.H, L.H, L.symmetric));
     float s = 1.f, z = 0.f;
@@ -189,23 +218,15 @@ void run_loop(const Loop& L, int64_t tid, int64_t threads, int* failed) {
     if (j1 <= j0) continue;  // (a thread without units still keeps the barriers' count)
     const float inv = 1.f / s;
     for (int64_t r = 0; r < L.B; ++r) {
-      uint8_t* q = codes.data() + r * ld;
       if (L.is_signed)
-        quantize_span<int8_t>(h + r * L.H, reinterpret_cast<int8_t*>(q), L.H, inv, z, L.qmin, L.qmax);
+        quantize_span<int8_t>(h + r * L.H, reinterpret_cast<int8_t*>(codes.data()) + r * L.H, L.H, inv, z, L.qmin, L.qmax);
       else
-        quantize_span<uint8_t>(h + r * L.H, q, L.H, inv, z, L.qmin, L.qmax);
-      if (flip)
-        for (int64_t k = 0; k < L.H; ++k) q[k] ^= flip;
-      if (L.s8s8)
-        for (int64_t k = 0; k < L.H; ++k) mags[r * ld + k] = static_cast<uint8_t>(std::abs(static_cast<int8_t>(q[k])));
+        quantize_span<uint8_t>(h + r * L.H, codes.data() + r * L.H, L.H, inv, z, L.qmin, L.qmax);
     }
-    const int32_t zu = static_cast<int32_t>(z) + z_shift;
+    const int32_t zu = static_cast<int32_t>(z) + (L.is_signed ? 128 : 0);
     for (int64_t g = 0; g < G; ++g) {
       const int64_t n0 = g * L.H + j0, n1 = g * L.H + j1;
-      if (L.s8s8)
-        gemv_s8s8_rows(reinterpret_cast<const int8_t*>(codes.data()), mags.data(), ld, L.B, L.H, L.w, L.N, L.acc, n0, n1);
-      else
-        gemv_u8s8_rows(codes.data(), L.B, L.H, L.w, L.N, L.acc, 0, n0, n1);
+      gemv_u8s8_rows(codes.data(), L.B, L.H, L.w, L.N, L.acc, flip, n0, n1);
       for (int64_t r = 0; r < L.B; ++r) {  // gh = float32(acc) * (s_h * s_hh) + b_hh
         const int32_t* a = L.acc + r * L.N;
         float* o = L.gh + r * L.N;
@@ -238,14 +259,14 @@ bool rnn_layer_available() {
 }
 
 // One layer and direction. gi: float32 [T, B, G*H] (x W_ih^T + b_ih for the whole sequence); state:
-// [h0] or [h0, c0], each [B, H]; w_hh: contiguous int8 [G*H, H]; s_hh, b_hh: float32 [G*H]; w_sum:
-// int32 [G*H], the row sums of w_hh (int8_row_sums); narrow: every value of w_hh lies in [-127, 127] (its
-// steps then run gemv_s8s8_rows where the build has it; the caller caches both); the activation grid qmin..qmax (signed: int8 codes, else uint8).
+// [h0] or [h0, c0], each [B, H]; w_hh: contiguous int8 [G*H, H]; s_hh, b_hh: float32 [G*H]; w_sum: int32
+// [G*H], the row sums of w_hh (int8_row_sums, cached by the caller); the activation grid qmin..qmax
+// (signed: int8 codes, else uint8).
 // Returns [output [T, B, H], h_T] (LSTM: [output, h_T, c_T]).
 std::vector<torch::Tensor> rnn_layer(const std::string& mode_name, const torch::Tensor& gi, std::vector<torch::Tensor> state,
                                      const torch::Tensor& w_hh, const torch::Tensor& s_hh,
-                                     const torch::Tensor& b_hh, const torch::Tensor& w_sum, bool narrow, int64_t qmin,
-                                     int64_t qmax, bool symmetric, bool is_signed, bool reverse) {
+                                     const torch::Tensor& b_hh, const torch::Tensor& w_sum, int64_t qmin, int64_t qmax,
+                                     bool symmetric, bool is_signed, bool reverse) {
   TORCH_CHECK(rnn_layer_available(), "rnn_layer: not available (needs AVX2 or AVX-512 and torch's SLEEF functions)");
   const Mode mode = parse_mode(mode_name);
   const int64_t G = gate_count(mode);
@@ -271,71 +292,34 @@ std::vector<torch::Tensor> rnn_layer(const std::string& mode_name, const torch::
   torch::Tensor h2 = torch::empty({2, B, H}, gi.options());
   h2[0].copy_(state[0]);
   torch::Tensor c = mode == Mode::LSTM ? state[1].clone(at::MemoryFormat::Contiguous) : torch::Tensor();
-  const bool s8s8 = narrow && gemv_s8s8_available();
-  Loop L{mode, B, H, N, T, reverse, is_signed, symmetric, s8s8, static_cast<float>(qmin), static_cast<float>(qmax),
+  Loop L{mode, B, H, N, T, reverse, is_signed, symmetric, static_cast<float>(qmin), static_cast<float>(qmax),
          gi.data_ptr<float>(), w_hh.data_ptr<int8_t>(), w_sum.data_ptr<int32_t>(), s_hh.data_ptr<float>(),
          b_hh.data_ptr<float>(), h2.data_ptr<float>(), mode == Mode::LSTM ? c.data_ptr<float>() : nullptr,
          acc.data_ptr<int32_t>(), gh.data_ptr<float>(), out.data_ptr<float>()};
   // the hidden units are split between threads in slices of 16; one parallel region for all steps
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (H + 15) / 16));
   L.slice = ((H + threads - 1) / threads + 15) / 16 * 16;  // ceil(H / threads), rounded up to 16
+  StepBarrier barrier;
+  barrier.threads = static_cast<int>(threads);
+  L.barrier = &barrier;
   int failed = 0;
   if (threads == 1) {
     run_loop(L, 0, 1, &failed);
   } else {
 #pragma omp parallel num_threads(threads)
-    run_loop(L, omp_get_thread_num(), threads, &failed);
+    {
+      // (OpenMP may give fewer threads than asked, e.g. inside another parallel region: the units are
+      // then split between the threads it gave)
+      const int64_t got = omp_get_num_threads();
+      Loop mine = L;
+      mine.slice = ((H + got - 1) / got + 15) / 16 * 16;
+#pragma omp single
+      barrier.threads = static_cast<int>(got);  // (the end of `single` is a barrier: every thread sees it)
+      run_loop(mine, omp_get_thread_num(), got, &failed);
+    }
   }
   TORCH_CHECK(!failed, "dynamic int8 recurrent layer: the hidden state holds NaN or inf");
   torch::Tensor h = h2[T % 2].clone();
   if (mode == Mode::LSTM) return {out, h, c};
   return {out, h};
-}
-
-
-// The input projection of a layer for the whole sequence: y [M, N] = float32(sum_k (q[m, k] - z) w[n, k]) *
-// 1 * scale[n] + b[n] (rescale_rows' epilogue with an x_scale of 1: the reference's float32(acc) *
-// (s_x * s_ih) + b_ih). q: int8 / uint8 codes [M, K] on one grid (zero point z); w: contiguous int8 [N, K]
-// with row sums w_sum; narrow: every value of w lies in [-127, 127] (then gemv_s8s8_rows, where the build
-// has it, with the weight read once per block of 16 rows for all M rows; else int8_gemv's loop).
-torch::Tensor rnn_input_projection(const torch::Tensor& q, int64_t z, const torch::Tensor& w, const torch::Tensor& w_sum,
-                                   bool narrow, const torch::Tensor& scale, const torch::Tensor& b) {
-  TORCH_CHECK(q.device().is_cpu() && q.dim() == 2 && q.is_contiguous() &&
-              (q.scalar_type() == torch::kInt8 || q.scalar_type() == torch::kUInt8),
-              "rnn_input_projection: q must be contiguous int8 / uint8 [M, K]");
-  TORCH_CHECK(w.scalar_type() == torch::kInt8 && w.dim() == 2 && w.is_contiguous() && w.size(1) == q.size(1),
-              "rnn_input_projection: w must be contiguous int8 [N, K] with q's K");
-  const int64_t M = q.size(0), K = q.size(1), N = w.size(0);
-  auto one = torch::ones({1}, scale.options());
-  auto zp = torch::full({1}, z, w_sum.options());
-  check_epilogue("rnn_input_projection", M, N, zp, w_sum, one, scale, b);
-  const bool is_signed = q.scalar_type() == torch::kInt8;
-  auto acc = torch::empty({M, N}, q.options().dtype(torch::kInt32));
-  const uint8_t* qp = static_cast<const uint8_t*>(q.data_ptr());
-  int32_t zu = static_cast<int32_t>(z);
-  if (narrow && gemv_s8s8_available()) {
-    // int8 codes and their magnitudes, rows padded with zeros to ld (uint8 codes read as code - 128)
-    const int64_t ld = gemv_s8s8_ld(K);
-    std::vector<int8_t> x(static_cast<size_t>(M * ld), 0);
-    std::vector<uint8_t> xa(x.size(), 0);
-    const uint8_t flip = is_signed ? 0 : 0x80;
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t k = 0; k < K; ++k) {
-        const int8_t v = static_cast<int8_t>(qp[m * K + k] ^ flip);
-        x[m * ld + k] = v;
-        xa[m * ld + k] = static_cast<uint8_t>(std::abs(static_cast<int>(v)));
-      }
-    if (!is_signed) zu -= 128;
-    const int64_t blocks = (N + 15) / 16;
-    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-      gemv_s8s8_rows(x.data(), xa.data(), ld, M, K, w.data_ptr<int8_t>(), N, acc.data_ptr<int32_t>(), b0 * 16,
-                     std::min(N, b1 * 16));
-    });
-  } else {
-    gemv_u8s8(qp, M, K, w.data_ptr<int8_t>(), N, acc.data_ptr<int32_t>(), is_signed ? 0x80 : 0);
-    if (is_signed) zu += 128;  // int8 codes were read as code + 128
-  }
-  rescale_rows_raw(acc.data_ptr<int32_t>(), M, N, &zu, false, w_sum.data_ptr<int32_t>(), one.data_ptr<float>(), false,
-                   scale.data_ptr<float>(), b.data_ptr<float>());
-  return acc.view(torch::kFloat32);
 }
