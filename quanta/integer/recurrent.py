@@ -22,7 +22,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from ..core import Format, Granularity, QuantSpec, Rounding, quantize
 from ..kernels import recurrent as K
-from ..kernels.linear import GEMV_MAX_ROWS
+from ..kernels.recurrent_native import native_max_batch
 from ..nn.modules.rnn import QuantGRU, QuantGRUCell, QuantLSTM, QuantLSTMCell, QuantRNN, QuantRNNCell
 from .base import IntegerModule
 from .validate import flag, one_of, positive_int
@@ -153,8 +153,9 @@ class _Recurrent(IntegerModule):
 
     def _run(self, op: K.KernelOp, input: torch.Tensor, batch: int, *args: Any) -> list[torch.Tensor]:
         """``op(mode, input, *args)`` through the module's binding: the guards read the input's
-        dtype, device, emptiness and ``batch`` (up to the native loop's limit), the rest is fixed."""
-        key = (input.dtype, input.device, input.numel() == 0, min(batch, GEMV_MAX_ROWS + 1))
+        dtype, device, emptiness and ``batch`` (within the native loop's limit or not), the rest is fixed."""
+        limit = native_max_batch()
+        key = (input.dtype, input.device, input.numel() == 0, limit is None or batch <= limit)
         return self.binding.run(op, key, self.mode, input, *args, preferred=self.impl)
 
     def _check_state(self, hx: Any, want_shape: tuple[int, ...], x: torch.Tensor) -> list[torch.Tensor]:

@@ -29,9 +29,10 @@ Ops (``torch.ops.quanta.*``; the last argument is ``impl``)::
 
 Implementations (the numerics and the reference loops: `quanta.kernels.recurrent_math`):
 - ``reference``: the unrolled loop; integer matmuls in float64 (exact for these sizes).
-- ``native``: the time loop in C++ (`quanta.kernels.recurrent_native`; AVX-512 VNNI machines
-  with the native library loaded), any 2..8-bit grid: the reference's codes and integer sums,
-  gates with SLEEF's vector expf / tanhf (within an ulp of ATen's); agrees to float rounding.
+- ``native``: the time loop in C++ (`quanta.kernels.recurrent_native`; AVX-512 VNNI or AVX2
+  builds of the native library), any 2..8-bit grid, any batch without VNNI (up to 8 sequences
+  with it): the reference's codes and integer sums, gates with SLEEF's vector expf / tanhf
+  (within an ulp of ATen's); agrees to float rounding, the same bits with any thread count.
 - ``int_mm``: the same loop with ``torch._int_mm`` (int8 x int8 -> int32) for signed symmetric
   activations (zero point 0): bit-identical to the reference (same codes, same integer sums,
   same float ops).

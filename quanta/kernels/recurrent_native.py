@@ -3,23 +3,25 @@
 
 Per layer, as the reference (`quanta.kernels.recurrent_math._sequence`) does it: the layer input
 is quantized once for the whole sequence (``quantize_rows`` over one row holding every element),
-its int32 sums with ``W_ih`` come from one ``torch._int_mm`` (`quanta.kernels.linear`), and the
-rescale ``float32(acc) * (s_x * s_ih) + b_ih`` is the reference's own tensor expression. Then per
-step, in C++ with no ATen call: the hidden state is quantized per tensor, multiplied by ``W_hh``
-with exact int32 sums (the native ``gemv``: AVX-512 VNNI, or AVX2's ``vpmaddwd``), rescaled, and the
-gate equations evaluated with SLEEF's expf / tanhf (torch's vector routines, within 1 ulp; 16 lanes
-with AVX-512, 8 with AVX2). Without VNNI the input projection's sums come from the AVX2 gemv too
-(exact float32 GEMMs on the codes, ``float_sums``, beyond `INPUT_GEMV_MAX_ROWS` rows; torch's CPU
-``_int_mm`` is ~5x slower than float32 there). Same codes, same integer sums, same float32
-operations as the reference except that ATen's sigmoid / tanh may round an ulp differently: the
-outputs agree to float rounding, plus a rare one-code flip of a requantized h (the kernel tests
-bound both). Measured on the benchmark LSTM (2 layers, 512, 64 steps, 2 cores, AVX-512 VNNI):
-~11 µs a step against ~25 µs for torch's ``quantized_lstm`` (fbgemm), which runs ~10 ATen
-operations a step; with AVX2 on an AMD EPYC (no VNNI): ~20 µs a step (1.26 ms a layer, 2 threads).
+its int32 sums with ``W_ih`` come from one GEMM-shaped call, and the rescale ``float32(acc) *
+(s_x * s_ih) + b_ih`` is the reference's own float32 expression. Then per step, in C++ with no
+ATen call and one barrier: the hidden state is quantized per tensor, multiplied by ``W_hh`` with
+exact int32 sums, rescaled, and the gate equations evaluated with SLEEF's expf / tanhf (torch's
+vector routines, within 1 ulp; 16 lanes with AVX-512, 8 with AVX2). Same codes, same integer sums,
+same float32 operations as the reference except that ATen's sigmoid / tanh may round an ulp
+differently: the outputs agree to float rounding, plus a rare one-code flip of a requantized h (the
+kernel tests bound both); the thread count changes no bit.
+
+Integer sums by build: AVX-512 VNNI ``vpdpbusd`` (the gemv; the input projection by
+``torch._int_mm``); AVX2 without VNNI: the int16-widening ``vpmaddwd`` gemv (exact for full 8-bit
+weights), which also takes the input projection up to `INPUT_GEMV_MAX_ROWS` rows (``float_sums``
+beyond). Without VNNI every batch runs natively (`native_max_batch`). The row sums of each weight
+(the zero-point term) are computed once per weight version (`_row_sums`), not per call.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -37,6 +39,36 @@ _ONE = torch.ones(1)  # (rescale_rows' x_scale: the scales are applied as one pe
 INPUT_GEMV_MAX_ROWS = 512
 
 
+#: on AVX-512 VNNI, the sequences up to which the native loop runs: each step multiplies ``batch`` rows by
+#: ``W_hh`` with the streaming gemv, which loses to fbgemm's GEMM beyond that (measured, LSTM 512: batch 8
+#: 3.1 vs 3.6 ms, batch 16 10.0 vs 6.1 ms). Without VNNI (AVX2) there is no exact fbgemm for 8-bit
+#: activations (the next implementation is the Python ``int_mm`` loop, ~60x slower than fp32 here) and
+#: the loop reads each weight block once per step for all rows: every batch runs natively.
+VNNI_MAX_BATCH = GEMV_MAX_ROWS
+
+#: per weight tensor (id, version): (the tensor, its int32 row sums)
+_ROW_SUMS: dict[tuple[int, int], tuple[weakref.ref, torch.Tensor]] = {}
+
+
+def _row_sums(w: torch.Tensor) -> torch.Tensor:
+    """The int32 row sums of the contiguous int8 weight ``w`` (the zero-point term of the exact sums),
+    cached per tensor version (an in-place change of the weight is noticed)."""
+    key = (id(w), w._version)
+    hit = _ROW_SUMS.get(key)
+    if hit is not None and hit[0]() is w:
+        return hit[1]
+    for k in [k for k, v in _ROW_SUMS.items() if v[0]() is None]:
+        del _ROW_SUMS[k]
+    sums = native.module().int8_row_sums(w)
+    _ROW_SUMS[key] = (weakref.ref(w), sums)
+    return sums
+
+
+def native_max_batch() -> int | None:
+    """Sequences up to which the native loop runs on this build (None: any number)."""
+    return VNNI_MAX_BATCH if gemv_isa() == "avx512_vnni" else None
+
+
 def native_available() -> bool:
     return gemv_isa() != "none" and bool(native.module().rnn_layer_available())
 
@@ -52,9 +84,8 @@ def _input_projection(x: torch.Tensor, codes: torch.Tensor, s_x: torch.Tensor, z
     if gemv_isa() == "avx2" and q2.shape[0] <= INPUT_GEMV_MAX_ROWS:
         # the native gemv's exact sums and rescale_rows' epilogue with an x_scale of 1: float32(acc) * 1 *
         # (s_x * s_ih) + b_ih, the reference's arithmetic (times 1 is exact)
-        y = native.module().int8_gemv(_dense(q2), z_x.reshape(-1).to(torch.int32).contiguous(), w,
-                                      native.module().int8_row_sums(w), _ONE, (s_x * s_ih).float().contiguous(),
-                                      b_ih.float().contiguous())
+        y = native.module().int8_gemv(_dense(q2), z_x.reshape(-1).to(torch.int32).contiguous(), w, _row_sums(w), _ONE,
+                                      (s_x * s_ih).float().contiguous(), b_ih.float().contiguous())
         return y.reshape(*x.shape[:-1], w_ih.shape[0])
     if gemv_isa() != "avx512_vnni" and torch.get_float32_matmul_precision() == "highest":
         # the same int32 sums by float32 GEMMs on the codes, and `_rescale`'s float32(acc) * 1 * (s_x * s_ih)
@@ -65,7 +96,7 @@ def _input_projection(x: torch.Tensor, codes: torch.Tensor, s_x: torch.Tensor, z
     acc = torch._int_mm(_dense(x8), w.t())
     # the zero-point correction and float32(acc) * (s_x * s_ih) + b_ih in one pass: rescale_rows with
     # an x_scale of 1 (exact) and (s_x * s_ih) as the per-channel scale is the reference's arithmetic
-    y = native.module().rescale_rows(acc, zp.contiguous(), native.module().int8_row_sums(w), _ONE,
+    y = native.module().rescale_rows(acc, zp.contiguous(), _row_sums(w), _ONE,
                                      (s_x * s_ih).float().contiguous(), b_ih.float().contiguous())
     return y.reshape(*x.shape[:-1], w_ih.shape[0])
 
@@ -82,9 +113,10 @@ def _layer(mode: str, x: torch.Tensor, q: tuple[torch.Tensor, torch.Tensor, torc
            state: list[torch.Tensor], cell: list[torch.Tensor], spec: Any, reverse: bool) -> list[torch.Tensor]:
     w_ih, s_ih, b_ih, w_hh, s_hh, b_hh = cell
     gi = qlinear(x, w_ih, s_ih, b_ih, spec)[0] if q is None else _input_projection(x, *q, w_ih, s_ih, b_ih)
+    w_hh = w_hh.contiguous()
     return native.module().rnn_layer(
-        mode, gi.contiguous(), [s.float().contiguous() for s in state], w_hh.contiguous(), s_hh.float().contiguous(), b_hh.float().contiguous(), spec.qmin, spec.qmax,
-        spec.symmetric, spec.signed, reverse)
+        mode, gi.contiguous(), [s.float().contiguous() for s in state], w_hh, s_hh.float().contiguous(),
+        b_hh.float().contiguous(), _row_sums(w_hh), spec.qmin, spec.qmax, spec.symmetric, spec.signed, reverse)
 
 
 def rnn_native(mode, input, hx, weights, num_layers, bidirectional, batch_first, act_bits, act_signed,
@@ -117,12 +149,11 @@ def cell_native(mode, input, hx, weights, act_bits, act_signed, act_symmetric, a
 
 
 def guard_native(input: torch.Tensor, weights: Any, act_bits: int, batch: int) -> str | None:
-    """Shared by the sequence and cell ops: what the C++ loop needs beyond the op's own checks.
-    Up to `GEMV_MAX_ROWS` sequences: each step multiplies ``batch`` rows by ``W_hh`` with the
-    streaming gemv, which loses to fbgemm's GEMM beyond that (measured, LSTM 512: batch 8 3.1 vs
-    3.6 ms, batch 16 10.0 vs 6.1 ms; at hidden 32 the crossover is near batch 48)."""
-    if batch > GEMV_MAX_ROWS:
-        return f"batch {batch} > {GEMV_MAX_ROWS} (the native loop's gemv pays off for a few sequences)"
+    """Shared by the sequence and cell ops: what the C++ loop needs beyond the op's own checks
+    (`native_max_batch` sequences at most)."""
+    limit = native_max_batch()
+    if limit is not None and batch > limit:
+        return f"batch {batch} > {limit} (with VNNI the native loop's gemv pays off for a few sequences)"
     if input.dtype != torch.float32 or input.device.type != "cpu":
         return f"input {input.dtype} on {input.device} (native path: float32 on CPU)"
     if input.numel() == 0:

@@ -21,6 +21,7 @@ import torch
 
 from quanta.core import choose_qparams, compute_range, quantize
 from quanta.kernels import recurrent as R
+from quanta.kernels.gemv_rows import gemv_isa
 
 FBGEMM_ATOL = 1e-5
 ACTS = {"s8sym": (8, True, True, False), "u8asym": (8, False, False, False), "u7asym": (7, False, False, False)}
@@ -190,12 +191,16 @@ def test_guards_refuse_and_explain():
     assert R.dynamic_int8_rnn.choose(*args_asym_signed) in ("native", "reference")
     with pytest.raises(ValueError, match="signed symmetric"):
         R.dynamic_int8_rnn(*args_asym_signed, impl="int_mm")
-    if "native" in R.dynamic_int8_rnn.available_impls():  # many sequences: each step is a GEMM, fbgemm's job
-        many = ("LSTM", torch.randn(2, 9, 3), [torch.zeros(1, 9, 5)] * 2, w, 1, False, False, 8, False, False, False)
-        # (without VNNI fbgemm's 8-bit pair sums saturate: its guard refuses them, the reference runs)
+    many = ("LSTM", torch.randn(2, 9, 3), [torch.zeros(1, 9, 5)] * 2, w, 1, False, False, 8, False, False, False)
+    if "native" in R.dynamic_int8_rnn.available_impls() and gemv_isa() == "avx512_vnni":
+        # many sequences: each step is a GEMM, fbgemm's job
         assert R.dynamic_int8_rnn.choose(*many) == ("fbgemm" if R.FBGEMM_SATURATION.exact() else "reference")
         with pytest.raises(ValueError, match="batch 9 > 8"):
             R.dynamic_int8_rnn(*many, impl="native")
+    elif "native" in R.dynamic_int8_rnn.available_impls():
+        # without VNNI fbgemm's 8-bit pair sums saturate and the native loop reads each weight block once
+        # per step for all sequences: it takes any batch
+        assert R.dynamic_int8_rnn.choose(*many) == "native"
     with pytest.raises(ValueError, match="unknown recurrent mode"):
         R.dynamic_int8_rnn("LSTMX", *args[1:], impl="reference")
     with pytest.raises(ValueError, match="6 per layer"):

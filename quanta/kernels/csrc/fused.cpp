@@ -274,8 +274,8 @@ torch::Tensor huge_page_copy(const torch::Tensor& t);
 bool rnn_layer_available();
 std::vector<torch::Tensor> rnn_layer(const std::string& mode, const torch::Tensor& gi, std::vector<torch::Tensor> state,
                                      const torch::Tensor& w_hh, const torch::Tensor& s_hh,
-                                     const torch::Tensor& b_hh, int64_t qmin, int64_t qmax, bool symmetric,
-                                     bool is_signed, bool reverse);
+                                     const torch::Tensor& b_hh, const torch::Tensor& w_sum, int64_t qmin, int64_t qmax,
+                                     bool symmetric, bool is_signed, bool reverse);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_gemv", &int8_gemv, "int8 x int8 linear for a few rows (AVX-512 VNNI), rescaled like rescale_rows",

@@ -10,9 +10,14 @@
 #include "common.h"
 
 #include <omp.h>
+#include <sched.h>
 
+#include <atomic>
 #include <cstring>
 #include <string>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 using namespace quanta_native;
 
@@ -108,8 +113,10 @@ inline V sigmoid_v(V x) {
 inline V tanh_v(V x) { return Lanes::tanh(x); }
 
 // One row of gate math for hidden units [j0, j1), a vector at a time (the last chunk masked). gh: the
-// hidden projection [G*H], gi: the input projection [G*H], h / c: the state [H], updated in place.
-void gates_row(Mode mode, const float* gh, const float* gi, float* h, float* c, int64_t H, int64_t j0, int64_t j1) {
+// hidden projection [G*H], gi: the input projection [G*H], h: the state [H], h_next: where the new one goes,
+// c: the cell state [H], updated in place.
+void gates_row(Mode mode, const float* gh, const float* gi, const float* h, float* h_next, float* c, int64_t H,
+               int64_t j0, int64_t j1) {
   for (int64_t j = j0; j < j1; j += Lanes::n) {
     const Lanes::Mask m = Lanes::mask(j1 - j);
     auto ld = [&](const float* p, int64_t gate) { return Lanes::load(m, p + gate * H + j); };
@@ -131,11 +138,39 @@ void gates_row(Mode mode, const float* gh, const float* gi, float* h, float* c, 
     } else {
       hv = Lanes::relu(pre(0));
     }
-    Lanes::store(h + j, m, hv);
+    Lanes::store(h_next + j, m, hv);
   }
 }
 #endif
 
+
+// The time loop's barrier (one a step): the threads spin a little, then yield their core instead of
+// sleeping in the kernel as OpenMP's barrier does after its spin count. On a machine whose cores other
+// processes share, a thread put to sleep at every step waits for a wake-up each time (measured on 2
+// shared cores: the layer many times slower with 2 threads than with 1); a yielding one runs again as
+// soon as its core is offered.
+struct StepBarrier {
+  std::atomic<int> arrived{0};
+  std::atomic<int> phase{0};
+  int threads = 1;
+  void wait() {
+    const int p = phase.load(std::memory_order_acquire);
+    if (arrived.fetch_add(1, std::memory_order_acq_rel) == threads - 1) {  // the last one opens it
+      arrived.store(0, std::memory_order_relaxed);
+      phase.store(p + 1, std::memory_order_release);
+      return;
+    }
+    for (int spins = 0; phase.load(std::memory_order_acquire) == p; ++spins) {
+      if (spins < 4096) {
+#if defined(__x86_64__) || defined(__i386__)
+        _mm_pause();
+#endif
+      } else {
+        sched_yield();
+      }
+    }
+  }
+};
 
 // Everything one layer's time loop reads and writes (raw pointers into the tensors of rnn_layer).
 struct Loop {
@@ -148,56 +183,50 @@ struct Loop {
   const int32_t* w_sum;
   const float* s_w;
   const float* b;
-  float* h;
+  float* h2;  // two [B, H] buffers: step i reads h2[i % 2] and writes h2[(i + 1) % 2]
   float* c;
-  uint8_t* codes;
   int32_t* acc;
   float* gh;
   float* out;
   int64_t slice = 16;
+  StepBarrier* barrier = nullptr;
 };
 
-// Thread `tid` of `threads` owns hidden units [j0, j1): per step it (1) takes the range of its part of
-// h, (2) after a barrier merges every part in thread order (each thread gets the same scale and zero
-// point: min / max merge exactly) and quantizes its part, (3) after a second barrier multiplies all of
-// the codes by the W_hh rows of its units (rows g*H + j of every gate g), rescales them, runs the
-// gates and writes its part of h, c and the output. The next step's (1) reads only its own part, so
-// two barriers a step suffice.
-void run_loop(const Loop& L, int64_t tid, int64_t threads, Range* partial, int* failed) {
+// Thread `tid` of `threads` owns hidden units [j0, j1). Per step, after one barrier (the previous h is
+// complete), every thread takes the range of the whole previous h (min / max: the same values in every
+// thread, so the same scale, zero point and verdict) and quantizes all of it into its own codes, then
+// multiplies them by the W_hh rows of its units (rows g*H + j of every gate g), rescales them, runs the
+// gates and writes its part of the next h (the other buffer: a thread still reading the previous one is
+// never overwritten), of c and of the output. No allocation in the loop.
+void run_loop(const Loop& L, int64_t tid, int64_t threads, int* failed) {
   const int64_t j0 = std::min(L.H, tid * L.slice), j1 = std::min(L.H, j0 + L.slice), G = L.N / L.H;
+  std::vector<uint8_t> codes(static_cast<size_t>(L.B * L.H));
+  // int8 codes are read as code + 128: their zero point moves by 128 (the same exact sums)
   const uint8_t flip = L.is_signed ? 0x80 : 0;
   for (int64_t i = 0; i < L.T; ++i) {
     const int64_t t = L.reverse ? L.T - 1 - i : i;
-    Range mine;
-    for (int64_t r = 0; r < L.B && j1 > j0; ++r) mine.merge(value_range(L.h + r * L.H + j0, j1 - j0, L.symmetric));
-    partial[tid] = mine;
-    if (threads > 1) {
-#pragma omp barrier
-    }
+    const float* h = L.h2 + (i % 2) * L.B * L.H;
+    float* h_next = L.h2 + ((i + 1) % 2) * L.B * L.H;
+    if (threads > 1 && i > 0) L.barrier->wait();
     Range all;
-    for (int64_t k = 0; k < threads; ++k) all.merge(partial[k]);
+    for (int64_t r = 0; r < L.B; ++r) all.merge(value_range(h + r * L.H, L.H, L.symmetric));
     float s = 1.f, z = 0.f;
     if (!range_qparams(all, L.qmin, L.qmax, L.symmetric, &s, &z)) {  // the same verdict in every thread
       if (tid == 0) *failed = 1;
       return;
     }
+    if (j1 <= j0) continue;  // (a thread without units still keeps the barriers' count)
     const float inv = 1.f / s;
-    for (int64_t r = 0; r < L.B && j1 > j0; ++r) {
+    for (int64_t r = 0; r < L.B; ++r) {
       if (L.is_signed)
-        quantize_span<int8_t>(L.h + r * L.H + j0, reinterpret_cast<int8_t*>(L.codes) + r * L.H + j0, j1 - j0, inv, z,
-                              L.qmin, L.qmax);
+        quantize_span<int8_t>(h + r * L.H, reinterpret_cast<int8_t*>(codes.data()) + r * L.H, L.H, inv, z, L.qmin, L.qmax);
       else
-        quantize_span<uint8_t>(L.h + r * L.H + j0, L.codes + r * L.H + j0, j1 - j0, inv, z, L.qmin, L.qmax);
+        quantize_span<uint8_t>(h + r * L.H, codes.data() + r * L.H, L.H, inv, z, L.qmin, L.qmax);
     }
-    if (threads > 1) {
-#pragma omp barrier
-    }
-    if (j1 <= j0) continue;
-    // int8 codes are read as code + 128: their zero point moves by 128 (the same exact sums)
     const int32_t zu = static_cast<int32_t>(z) + (L.is_signed ? 128 : 0);
     for (int64_t g = 0; g < G; ++g) {
       const int64_t n0 = g * L.H + j0, n1 = g * L.H + j1;
-      gemv_u8s8_rows(L.codes, L.B, L.H, L.w, L.N, L.acc, flip, n0, n1);
+      gemv_u8s8_rows(codes.data(), L.B, L.H, L.w, L.N, L.acc, flip, n0, n1);
       for (int64_t r = 0; r < L.B; ++r) {  // gh = float32(acc) * (s_h * s_hh) + b_hh
         const int32_t* a = L.acc + r * L.N;
         float* o = L.gh + r * L.N;
@@ -211,10 +240,10 @@ void run_loop(const Loop& L, int64_t tid, int64_t threads, Range* partial, int* 
     }
     for (int64_t r = 0; r < L.B; ++r) {
 #if QUANTA_GATES
-      gates_row(L.mode, L.gh + r * L.N, L.gi + (t * L.B + r) * L.N, L.h + r * L.H, L.c ? L.c + r * L.H : nullptr,
-                L.H, j0, j1);
+      gates_row(L.mode, L.gh + r * L.N, L.gi + (t * L.B + r) * L.N, h + r * L.H, h_next + r * L.H,
+                L.c ? L.c + r * L.H : nullptr, L.H, j0, j1);
 #endif
-      std::memcpy(L.out + (t * L.B + r) * L.H + j0, L.h + r * L.H + j0, sizeof(float) * (j1 - j0));
+      std::memcpy(L.out + (t * L.B + r) * L.H + j0, h_next + r * L.H + j0, sizeof(float) * (j1 - j0));
     }
   }
 }
@@ -230,13 +259,14 @@ bool rnn_layer_available() {
 }
 
 // One layer and direction. gi: float32 [T, B, G*H] (x W_ih^T + b_ih for the whole sequence); state:
-// [h0] or [h0, c0], each [B, H]; w_hh: contiguous int8 [G*H, H];
-// s_hh, b_hh: float32 [G*H]; the activation grid qmin..qmax (signed: int8 codes, else uint8).
+// [h0] or [h0, c0], each [B, H]; w_hh: contiguous int8 [G*H, H]; s_hh, b_hh: float32 [G*H]; w_sum: int32
+// [G*H], the row sums of w_hh (int8_row_sums, cached by the caller); the activation grid qmin..qmax
+// (signed: int8 codes, else uint8).
 // Returns [output [T, B, H], h_T] (LSTM: [output, h_T, c_T]).
 std::vector<torch::Tensor> rnn_layer(const std::string& mode_name, const torch::Tensor& gi, std::vector<torch::Tensor> state,
                                      const torch::Tensor& w_hh, const torch::Tensor& s_hh,
-                                     const torch::Tensor& b_hh, int64_t qmin, int64_t qmax, bool symmetric,
-                                     bool is_signed, bool reverse) {
+                                     const torch::Tensor& b_hh, const torch::Tensor& w_sum, int64_t qmin, int64_t qmax,
+                                     bool symmetric, bool is_signed, bool reverse) {
   TORCH_CHECK(rnn_layer_available(), "rnn_layer: not available (needs AVX2 or AVX-512 and torch's SLEEF functions)");
   const Mode mode = parse_mode(mode_name);
   const int64_t G = gate_count(mode);
@@ -254,32 +284,42 @@ std::vector<torch::Tensor> rnn_layer(const std::string& mode_name, const torch::
     TORCH_CHECK(s.dim() == 2 && s.size(0) == B && s.size(1) == H, "rnn_layer: state tensors must be [B, H]");
   }
   auto out = torch::empty({T, B, H}, gi.options());
-  auto codes = torch::empty({B, H}, gi.options().dtype(torch::kUInt8));
   auto acc = torch::empty({B, N}, gi.options().dtype(torch::kInt32));
   auto gh = torch::empty({B, N}, gi.options());
-  // sum_k w_hh[n, k] (the zero-point term), by the same kernel: a row of ones times w_hh
-  auto w_sum = torch::empty({N}, gi.options().dtype(torch::kInt32));
-  const std::vector<uint8_t> ones(H, 1);
-  gemv_u8s8(ones.data(), 1, H, w_hh.data_ptr<int8_t>(), N, w_sum.data_ptr<int32_t>(), 0);
+  TORCH_CHECK(w_sum.scalar_type() == torch::kInt32 && w_sum.is_contiguous() && w_sum.numel() == N, "rnn_layer: w_sum");
   // own copies of the state: the loop updates them in place (the caller's tensors stay as they are)
-  torch::Tensor h = state[0].clone(at::MemoryFormat::Contiguous);
+  // two buffers for h (the loop alternates between them), the first one h0
+  torch::Tensor h2 = torch::empty({2, B, H}, gi.options());
+  h2[0].copy_(state[0]);
   torch::Tensor c = mode == Mode::LSTM ? state[1].clone(at::MemoryFormat::Contiguous) : torch::Tensor();
   Loop L{mode, B, H, N, T, reverse, is_signed, symmetric, static_cast<float>(qmin), static_cast<float>(qmax),
          gi.data_ptr<float>(), w_hh.data_ptr<int8_t>(), w_sum.data_ptr<int32_t>(), s_hh.data_ptr<float>(),
-         b_hh.data_ptr<float>(), h.data_ptr<float>(), mode == Mode::LSTM ? c.data_ptr<float>() : nullptr,
-         codes.data_ptr<uint8_t>(), acc.data_ptr<int32_t>(), gh.data_ptr<float>(), out.data_ptr<float>()};
+         b_hh.data_ptr<float>(), h2.data_ptr<float>(), mode == Mode::LSTM ? c.data_ptr<float>() : nullptr,
+         acc.data_ptr<int32_t>(), gh.data_ptr<float>(), out.data_ptr<float>()};
   // the hidden units are split between threads in slices of 16; one parallel region for all steps
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (H + 15) / 16));
   L.slice = ((H + threads - 1) / threads + 15) / 16 * 16;  // ceil(H / threads), rounded up to 16
-  std::vector<Range> partial(threads);
+  StepBarrier barrier;
+  barrier.threads = static_cast<int>(threads);
+  L.barrier = &barrier;
   int failed = 0;
   if (threads == 1) {
-    run_loop(L, 0, 1, partial.data(), &failed);
+    run_loop(L, 0, 1, &failed);
   } else {
 #pragma omp parallel num_threads(threads)
-    run_loop(L, omp_get_thread_num(), threads, partial.data(), &failed);
+    {
+      // (OpenMP may give fewer threads than asked, e.g. inside another parallel region: the units are
+      // then split between the threads it gave)
+      const int64_t got = omp_get_num_threads();
+      Loop mine = L;
+      mine.slice = ((H + got - 1) / got + 15) / 16 * 16;
+#pragma omp single
+      barrier.threads = static_cast<int>(got);  // (the end of `single` is a barrier: every thread sees it)
+      run_loop(mine, omp_get_thread_num(), got, &failed);
+    }
   }
   TORCH_CHECK(!failed, "dynamic int8 recurrent layer: the hidden state holds NaN or inf");
+  torch::Tensor h = h2[T % 2].clone();
   if (mode == Mode::LSTM) return {out, h, c};
   return {out, h};
 }
