@@ -270,25 +270,19 @@ class _Int8ConvNd(IntegerModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():  # (first: a graph reads, and guards on, no eager-only state)
             return self._graph_forward(x)
-        # the common eager call, once a first call settled its kernels: one dict lookup, the kernels
-        calls = self.binding.calls
-        if calls and isinstance(x, torch.Tensor):
-            settled = calls.get(self._signature(x))
-            if settled is not None:
-                self.kernel_counts[settled[0]] += 1
-                return self._output(settled[1](x))
+        calls = self.binding.calls  # the common eager call, once a first call settled its kernels: one lookup
+        settled = calls.get(self._signature(x)) if calls and isinstance(x, torch.Tensor) else None
+        if settled is not None:
+            self.kernel_counts[settled[0]] += 1
+            return self._output(settled[1](x))
         return self._forward(x)
 
     def _graph_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """While torch.compile traces: the kernels eager calls settled for this input signature,
-        from what the binding holds for graphs alone (`_settle`): the graph calls them straight
-        (not through int8_conv, whose dispatch costs ~0.1 ms a call) and guards only on that entry
-        and the input, not on the ~60 module attributes the guarded path reads (~1 ms of guard
-        checks per call of a 52-conv model). Else the guarded path, traced."""
+        """Traced: eager's settled kernels, from the binding's entry alone (`_settle`; guards: it, not ~60 attributes)."""
         settled = self.binding.compiled.get(self._signature(x)) if isinstance(x, torch.Tensor) else None
         if settled is None:
             return self._forward(x)
-        kind, arguments, quantize = settled
+        kind, arguments, quantize = settled  # (what `_settle` filed)
         codes = x if quantize is None else quantize_codes(x, *quantize[1:], impl=quantize[0], checked=True)
         y = compiled_run(codes, arguments) if kind == "native" else onednn_call(codes.dim(), *arguments)(codes)
         return self._output(y)
@@ -333,10 +327,9 @@ class _Int8ConvNd(IntegerModule):
         return self._output(y)
 
     def _settle(self, sig: tuple[Any, ...], impl: str, args: tuple[Any, ...], codes: tuple[Any, ...] | None) -> None:
-        """Settle the kernel for this input signature (the shape steers the choice): later eager
-        calls are one lookup and the kernels; compiled graphs of this module call the same kernels,
-        from the binding's ``(kind, kernel arguments, input quantization)`` (`_graph_forward`).
-        ``codes``: for a float input, ``(implementation, x, *quantize_codes arguments)``."""
+        """Settle the kernel for this input signature (the shape steers the choice): later eager calls
+        are one lookup and the kernels; graphs call them from ``(kind, kernel arguments, quantization)``
+        (`_graph_forward`). ``codes``: a float input's ``(implementation, x, *quantize_codes arguments)``."""
         quantize = None if codes is None else (codes[0], *codes[2:])  # (what graphs keep: not the input)
         if impl == "native":
             plan = make_plan(args[3], args[4], args[5], args[1], args[2], *args[6:13])
