@@ -21,8 +21,10 @@ outputs equal the reference bit for bit (oneDNN's rescale rounds differently, by
 Needs the native library built with AVX-512 VNNI (`conv_isa` ``"avx512_vnni"``: any int8 weight)
 or AVX2 (``"avx2"``: 256-bit vectors, with ``vpmaddubsw`` + ``vpmaddwd`` in place of ``vpdpbusd``:
 exact only for weights within ±64, e.g. ``weight_bits=7``, so the guard refuses wider ones; dense
-tiles of 4 pixels × 16 channels, depthwise groups as two 256-bit halves); 3d convolutions and
-other groupings run on oneDNN.
+tiles of 4 pixels × 16 channels, depthwise groups as two 256-bit halves; 1x1 convolutions without
+padding, any stride, run the *pointwise* loop, ``csrc/conv_pointwise.cpp``: a GEMM of 6-pixel ×
+16-channel register tiles over the same packed weights, with the same epilogue); 3d convolutions
+and other groupings run on oneDNN.
 """
 
 from __future__ import annotations
