@@ -144,3 +144,16 @@ def test_dense_loop_binding_needs_channels_last_codes():
     plan = conv_native.make_plan(w, ws, b, xs, zp, stride, pad, dil, groups, "relu6", 0.05, 3)
     with pytest.raises(RuntimeError, match="channels-last uint8"):
         plan.run_dense_loop(x.contiguous())
+
+
+@pytest.mark.parametrize("post_op", ["relu6", "relu", "none"])
+@pytest.mark.parametrize("out", [(1e-4, 0), (0.02, 255), (0.5, 128), (100.0, 3)],
+                         ids=["tiny-scale", "zp-255", "zp-128", "huge-scale"])
+def test_pointwise_codes_at_the_clamps(out, post_op):
+    """The codes' epilogue (relu6's min(y, 6) folded into the upper clamp min(6 / out_scale, 255 - zp),
+    the zero point added to saturated int16 packs, two pixels per byte pack) at the clamps: most
+    codes 0 / 255 (tiny scale), a zero point of 255 (every rounded value <= 0) or 128, all codes
+    near the zero point (huge scale); 13 pixels (pairs and a single), 40 channels (a full block, a
+    half one)."""
+    _check(_args(1, 32, 40, (1, 13), (1, 1), seed=3), post_op, out)
+    _check(_args(2, 64, 48, (5, 5), (2, 2), seed=4), post_op, out)
