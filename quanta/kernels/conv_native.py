@@ -134,11 +134,12 @@ AVX2_DENSE_NATIVE_REDUCTION = 576
 #: the AVX2 build's pointwise loop (1x1 convs without padding, csrc/conv_pointwise.cpp), measured the
 #: same way on every MobileNetV2 / TF-MobileNet 1x1 layer, batch 1, 8 and 16, interleaved with oneDNN
 #: and the dense loop (1 thread: the shared machine was loaded; sums per workload, batch 1: 1.55x
-#: oneDNN, batch 8: 1.01-1.13x, batch 16: 1.07-1.13x; 1.0-1.8x the dense loop): faster on every layer
-#: but the largest outputs of the shortest sums (16 -> 96 channels at 112x112, batch 8 / 16: 9.6 M /
-#: 19 M outputs of 16 products, 0.80-1.07x), which stay on oneDNN.
-AVX2_POINTWISE_ONEDNN_OUTPUTS = 4 * 1024 * 1024
-AVX2_POINTWISE_ONEDNN_REDUCTION = 32
+#: oneDNN, batch 8: 1.01-1.13x, batch 16: 1.07-1.13x; 1.0-1.8x the dense loop; alone, every layer
+#: but 16 -> 96 channels at 112x112, batch 8 / 16, was faster). In the whole model (the same
+#: quantized MobileNetV2s, old table vs native for every 1x1 conv, interleaved) batch 1 gained 4-9%
+#: but batch 16 lost 2-9%: the large outputs at 56x56 / 112x112 of batches 8 / 16 stay on oneDNN
+#: (above 1.5 M outputs; batch 1's largest 1x1 conv has 1.2 M).
+AVX2_POINTWISE_ONEDNN_OUTPUTS = 1536 * 1024
 
 
 def is_pointwise(weight: torch.Tensor, padding: Sequence[int], groups: int) -> bool:
@@ -163,10 +164,9 @@ def prefer_onednn(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: to
                 f"interior-run loop): oneDNN's kernel is faster there")
     if conv_isa() == "avx2":  # (its own table: depthwise 3x3 / 5x5 native at every size)
         if is_pointwise(weight, padding, groups):
-            if outputs > AVX2_POINTWISE_ONEDNN_OUTPUTS and reduction < AVX2_POINTWISE_ONEDNN_REDUCTION:
-                return (f"a 1x1 conv of {outputs} outputs of {reduction}-product sums on the AVX2 build (no VNNI): "
-                        f"oneDNN's kernel is as fast or faster above {AVX2_POINTWISE_ONEDNN_OUTPUTS} outputs of sums "
-                        f"shorter than {AVX2_POINTWISE_ONEDNN_REDUCTION}")
+            if outputs > AVX2_POINTWISE_ONEDNN_OUTPUTS:
+                return (f"a 1x1 conv of {outputs} outputs on the AVX2 build (no VNNI): oneDNN's kernel is as fast or "
+                        f"faster in the model above {AVX2_POINTWISE_ONEDNN_OUTPUTS} outputs")
             return None
         if groups == 1 and outputs > AVX2_DENSE_NATIVE_OUTPUTS and reduction < AVX2_DENSE_NATIVE_REDUCTION:
             return (f"a dense conv of {outputs} outputs of {reduction}-product sums on the AVX2 build (no VNNI): "
@@ -271,6 +271,6 @@ def run_native(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: torch
 
 
 __all__ = ["AVX2_DENSE_NATIVE_OUTPUTS", "AVX2_DENSE_NATIVE_REDUCTION", "AVX2_POINTWISE_ONEDNN_OUTPUTS",
-           "AVX2_POINTWISE_ONEDNN_REDUCTION", "DEPTHWISE_RUN_KERNELS", "ISA_KINDS", "PREFER_ONEDNN_DEPTHWISE_OUTPUTS", "PREFER_ONEDNN_OUTPUTS",
+           "DEPTHWISE_RUN_KERNELS", "ISA_KINDS", "PREFER_ONEDNN_DEPTHWISE_OUTPUTS", "PREFER_ONEDNN_OUTPUTS",
            "PREFER_ONEDNN_REDUCTION", "compiled_run", "conv_isa", "guard_native", "make_plan", "native_available",
            "is_pointwise", "native_call", "native_limits", "pack_weight", "plan_call", "prefer_onednn", "run_native"]

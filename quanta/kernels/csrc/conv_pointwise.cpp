@@ -5,8 +5,9 @@
 // against the 16 channels' packed weights (exact for weights within +-64, which ConvPlan checks).
 // The weights are the dense loop's packing, [O/16][1][C/4][16][4]: each 16-channel block is one
 // contiguous panel that the tiles stream. Tasks: a chunk of pixels (whose codes stay in L1 / L2)
-// x a range of 16-channel blocks, blocks outer (a panel stays in L1 while the chunk's tiles read
-// it); threads split the pixels, and the blocks too where there are few pixels. The epilogue is
+// x a range of 16-channel blocks, tiles outer where the weights fit L2 (whole output rows written
+// in order), else blocks outer (a panel stays in L1 while the chunk's tiles read it); threads split
+// the pixels, and the blocks too where there are few pixels. The epilogue is
 // conv_kernels.h's store16 (the dense loop's), so the outputs are the dense loop's bit for bit.
 // Compared with the general dense loop: no tap lists or segment walking per tile, 6-pixel tiles in
 // place of 4, and the pixels' addresses found once per chunk.
@@ -19,6 +20,7 @@ namespace {
 constexpr int kMR = 6;               // output pixels per register tile
 constexpr int64_t kMaxChunkTiles = 16;  // register tiles per task, at most
 constexpr int64_t kChunkBytes = 24 << 10;  // a chunk's input codes, at most (where C allows)
+constexpr int64_t kRowsFirstWeightBytes = 256 << 10;  // packed weights up to this: tiles outer
 
 // MR pixels (codes at px[m], output rows at rows[m]) x the 16 channels from o0 (w: their panel,
 // 64 bytes per 4 input channels); NV = 1: only the first 8 (a last block of at most 8 channels, as
@@ -88,6 +90,9 @@ bool pointwise_conv(const uint8_t* x, const Geometry& g, const int8_t* wpack, co
   const int64_t splits = std::min(OB, std::max<int64_t>(1, (4 * threads + chunks - 1) / chunks));
   const int64_t per = (OB + splits - 1) / splits;
   const bool unit = g.SH == 1 && g.SW == 1;
+  // weights that stay in L2 (all the blocks' panels): tiles outer, so that the output is written
+  // in whole rows, as a stream (the next layer reads it); larger ones: blocks outer
+  const bool rows_first = C4 * 64 * OB <= kRowsFirstWeightBytes;
   at::parallel_for(0, chunks * splits, 1, [&](int64_t t0, int64_t t1) {
     std::vector<const uint8_t*> px(chunk_tiles * kMR);
     std::vector<char*> rows(chunk_tiles * kMR);
@@ -108,15 +113,19 @@ bool pointwise_conv(const uint8_t* x, const Geometry& g, const int8_t* wpack, co
         }
       }
       for (int64_t p = p0; p < p1; ++p) rows[p - p0] = out + p * g.O * esize;
-      for (int64_t b = b0; b < b1; ++b) {
-        const int8_t* w = wpack + b * C4 * 64;
+      auto tile = [&](int64_t q, int64_t b) {
+        const int64_t mr = std::min<int64_t>(kMR, p1 - p0 - q);
         const bool half = g.O - b * 16 <= 8;
-        const PointwiseTile full = half ? pointwise_tile<kMR, 1> : pointwise_tile<kMR, 2>;
-        for (int64_t q = 0; q < p1 - p0; q += kMR) {
-          const int64_t mr = std::min<int64_t>(kMR, p1 - p0 - q);
-          (mr == kMR ? full : half ? pointwise_tile_for<1>(mr) : pointwise_tile_for<2>(mr))(
-              px.data() + q, rows.data() + q, C4, w, b * 16, g.O, e);
-        }
+        (mr == kMR ? (half ? pointwise_tile<kMR, 1> : pointwise_tile<kMR, 2>)
+                   : half ? pointwise_tile_for<1>(mr) : pointwise_tile_for<2>(mr))(
+            px.data() + q, rows.data() + q, C4, wpack + b * C4 * 64, b * 16, g.O, e);
+      };
+      if (rows_first) {  // each tile's output rows written whole, one after the other
+        for (int64_t q = 0; q < p1 - p0; q += kMR)
+          for (int64_t b = b0; b < b1; ++b) tile(q, b);
+      } else {  // a block's panel stays in L1 while the chunk's tiles read it
+        for (int64_t b = b0; b < b1; ++b)
+          for (int64_t q = 0; q < p1 - p0; q += kMR) tile(q, b);
       }
     }
   });
