@@ -9,6 +9,11 @@ settled form (``ConvPlan.run`` / oneDNN's prepacked call), in interleaved shuffl
 AVX2 builds have both the dense and the depthwise loops, for weights within ±64).
 
     python benchmarks/conv_layers_avx2.py --threads 2 --batch 1 --batch 16
+    python benchmarks/conv_layers_avx2.py --threads 2 --kind pointwise --batch 1 --batch 8 --batch 16
+
+A 1x1 convolution without padding (``--kind pointwise``, a subset of ``dense``) also times the
+general dense loop it ran before the pointwise loop (``ConvPlan.run_dense_loop``; csrc/conv_pointwise.cpp
+is the AVX2 build's pointwise loop), in the same interleaved rounds: column "dense loop".
 
 Prints one row per layer and batch (ms per call: the best and the median of the rounds; the speed
 ratio oneDNN / native of the best, the least disturbed call on a shared machine, where a 2-thread
@@ -69,8 +74,15 @@ def kind_of(layer: Layer) -> str | None:
     return "depthwise" if groups == cin == cout else None
 
 
+def is_pointwise(layer: Layer) -> bool:
+    """A 1x1 convolution without padding (the pointwise loop's shapes; any stride)."""
+    _, _, k, _, pad, _, groups, _, _ = layer
+    return groups == 1 and k == (1, 1) and pad == (0, 0)
+
+
 def runners(layer: Layer, batch: int) -> dict[str, object]:
-    """``{"native": fn, "onednn": fn}`` (native only where this build has the layer's loop)."""
+    """``{"native": fn, "onednn": fn}`` (native only where this build has the layer's loop; a
+    pointwise layer also ``"dense loop"``: the same plan on the general dense loop)."""
     cin, cout, k, stride, pad, dil, groups, h, w = layer
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (batch, cin, h, w), dtype=torch.uint8, generator=gen)
@@ -82,14 +94,19 @@ def runners(layer: Layer, batch: int) -> dict[str, object]:
             out_zp)
     fns: dict[str, object] = {}
     if kind_of(layer) in conv_native.ISA_KINDS[conv_native.conv_isa()]:
-        run = conv_native.native_call(4, *args)
-        fns["native"] = lambda: run(x)
+        plan = conv_native.make_plan(weight, w_scale, bias, x_scale, x_zp, list(stride), list(pad), list(dil),
+                                     groups, "relu6", out_scale, out_zp)
+        fns["native"] = lambda: plan.run(x)
+        if is_pointwise(layer):
+            fns["dense loop"] = lambda: plan.run_dense_loop(x)
     packed = prepack(weight, w_scale, x_scale, x_zp, stride, pad, dil, groups, spatial=(h, w))
     call = onednn_call(4, *args, packed)
     fns["onednn"] = lambda: call(x)
     if "native" in fns:  # the same codes from both (oneDNN's rescale may round a code differently)
         diff = (fns["native"]().int() - fns["onednn"]().int()).abs().max().item()
         assert diff <= 1, f"native and oneDNN differ by {diff} codes on {layer}"
+    if "dense loop" in fns:
+        assert torch.equal(fns["native"](), fns["dense loop"]()), f"pointwise and dense loops differ on {layer}"
     return fns
 
 
@@ -98,20 +115,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workload", action="append", help="mobilenet_v2, tf_mobile, resnet18 (default: all three)")
     ap.add_argument("--batch", action="append", type=int, help="batch sizes (default: 1 and 16)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--kind", choices=("depthwise", "dense", "all"), default="all")
+    ap.add_argument("--kind", choices=("depthwise", "dense", "pointwise", "all"), default="all",
+                    help="pointwise: the dense 1x1 convs without padding (with the dense loop's column)")
     ap.add_argument("--min-seconds", type=float, default=0.5, help="measured time per kernel and layer")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     native.ensure(build=True)
     print(f"native conv ISA: {conv_native.conv_isa()}; threads {a.threads}; 7-bit weights, relu6, uint8 out")
     print("| workload | layer (Cin->Cout k s p d g HxW) | batch | native ms best / median | oneDNN ms best / median "
-          "| native speed (best) |")
-    print("|---|---|---|---|---|---|")
-    totals: dict[tuple[str, str, int], list[float]] = defaultdict(lambda: [0.0, 0.0])
+          "| native speed (best) | dense loop ms best / median | native / dense loop speed (best) |")
+    print("|---|---|---|---|---|---|---|---|")
+    totals: dict[tuple[str, str, int], list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])
     for name in a.workload or ["mobilenet_v2", "tf_mobile", "resnet18"]:
         for layer in conv_layers(name):
             kind = kind_of(layer)
-            if kind is None or (a.kind != "all" and kind != a.kind):
+            if kind is None or (a.kind == "pointwise" and not is_pointwise(layer)):
+                continue
+            if a.kind not in ("all", "pointwise") and kind != a.kind:
                 continue
             for batch in a.batch or [1, 16]:
                 samples, errors = timing.interleaved(runners(layer, batch), min_seconds=a.min_seconds, min_rounds=15,
@@ -124,17 +144,20 @@ def main(argv: list[str] | None = None) -> int:
                 cin, cout, k, s, p, d, g, h, w = layer
                 desc = f"{cin}->{cout} {k[0]}x{k[1]} s{s[0]} p{p[0]},{p[1]} d{d[0]} g{g} {h}x{w}"
                 nat = ms.get("native")
-                cells = [f"{ms[m]:.3f} / {med[m]:.3f}" if m in ms else "-" for m in ("native", "onednn")]
+                cells = [f"{ms[m]:.3f} / {med[m]:.3f}" if m in ms else "-" for m in ("native", "onednn", "dense loop")]
                 ratio = f"{ms['onednn'] / nat:.2f}x" if nat else "-"
-                print(f"| {name} | {desc} | {batch} | {cells[0]} | {cells[1]} | {ratio} |", flush=True)
+                vs_dense = f"{ms['dense loop'] / nat:.2f}x" if nat and "dense loop" in ms else "-"
+                print(f"| {name} | {desc} | {batch} | {cells[0]} | {cells[1]} | {ratio} | {cells[2]} | {vs_dense} |",
+                      flush=True)
                 if nat:
-                    t = totals[(name, kind, batch)]
+                    t = totals[(name, "pointwise" if is_pointwise(layer) else kind, batch)]
                     t[0] += nat
                     t[1] += ms["onednn"]
-    print("\n| workload | kind | batch | native ms (sum of best) | oneDNN ms (sum of best) | native speed |\n"
-          "|---|---|---|---|---|---|")
-    for (name, kind, batch), (nat, dnn) in totals.items():
-        print(f"| {name} | {kind} | {batch} | {nat:.2f} | {dnn:.2f} | {dnn / nat:.2f}x |")
+                    t[2] += ms.get("dense loop", nat)
+    print("\n| workload | kind | batch | native ms (sum of best) | oneDNN ms (sum of best) | native speed "
+          "| dense loop ms (sum of best) |\n|---|---|---|---|---|---|---|")
+    for (name, kind, batch), (nat, dnn, dense) in totals.items():
+        print(f"| {name} | {kind} | {batch} | {nat:.2f} | {dnn:.2f} | {dnn / nat:.2f}x | {dense:.2f} |")
     return 0
 
 

@@ -21,8 +21,10 @@ outputs equal the reference bit for bit (oneDNN's rescale rounds differently, by
 Needs the native library built with AVX-512 VNNI (`conv_isa` ``"avx512_vnni"``: any int8 weight)
 or AVX2 (``"avx2"``: 256-bit vectors, with ``vpmaddubsw`` + ``vpmaddwd`` in place of ``vpdpbusd``:
 exact only for weights within ±64, e.g. ``weight_bits=7``, so the guard refuses wider ones; dense
-tiles of 4 pixels × 16 channels, depthwise groups as two 256-bit halves); 3d convolutions and
-other groupings run on oneDNN.
+tiles of 4 pixels × 16 channels, depthwise groups as two 256-bit halves; 1x1 convolutions without
+padding, any stride, run the *pointwise* loop, ``csrc/conv_pointwise.cpp``: a GEMM of 6-pixel ×
+16-channel register tiles over the same packed weights, with the same epilogue); 3d convolutions
+and other groupings run on oneDNN.
 """
 
 from __future__ import annotations
@@ -129,6 +131,20 @@ DEPTHWISE_RUN_KERNELS = ((3, 3), (5, 5))
 #: of shorter sums (batch 16 1x1 convs of <= 384 channels, and batch 1 at 56x56 / 112x112: 0.5-0.9x).
 AVX2_DENSE_NATIVE_OUTPUTS = 160 * 1024
 AVX2_DENSE_NATIVE_REDUCTION = 576
+#: the AVX2 build's pointwise loop (1x1 convs without padding, csrc/conv_pointwise.cpp), measured the
+#: same way on every MobileNetV2 / TF-MobileNet 1x1 layer, batch 1, 8 and 16, interleaved with oneDNN
+#: and the dense loop (1 thread: the shared machine was loaded; sums per workload, batch 1: 1.55x
+#: oneDNN, batch 8: 1.01-1.13x, batch 16: 1.07-1.13x; 1.0-1.8x the dense loop; alone, every layer
+#: but 16 -> 96 channels at 112x112, batch 8 / 16, was faster). In the whole model (the same
+#: quantized MobileNetV2s, old table vs native for every 1x1 conv, interleaved) batch 1 gained 4-9%
+#: but batch 16 lost 2-9%: the large outputs at 56x56 / 112x112 of batches 8 / 16 stay on oneDNN
+#: (above 1.5 M outputs; batch 1's largest 1x1 conv has 1.2 M).
+AVX2_POINTWISE_ONEDNN_OUTPUTS = 1536 * 1024
+
+
+def is_pointwise(weight: torch.Tensor, padding: Sequence[int], groups: int) -> bool:
+    """A dense 1x1 convolution without padding (any stride): the AVX2 build's pointwise loop."""
+    return groups == 1 and all(k == 1 for k in weight.shape[2:]) and all(int(p) == 0 for p in padding)
 
 
 def prefer_onednn(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: torch.Tensor, w_scale: torch.Tensor,
@@ -136,7 +152,7 @@ def prefer_onednn(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: to
                   dilation: Sequence[int], groups: int, post_op: str, out_scale: float | None,
                   out_zero_point: int, packed: torch.Tensor | None) -> str | None:
     """Why oneDNN is faster for these inputs (see `PREFER_ONEDNN_OUTPUTS`; AVX2 builds:
-    `AVX2_DENSE_NATIVE_OUTPUTS`), or None."""
+    `AVX2_DENSE_NATIVE_OUTPUTS`, 1x1 convs `AVX2_POINTWISE_ONEDNN_OUTPUTS`), or None."""
 
     reduction = weight[0].numel()
     outputs = 1
@@ -147,6 +163,11 @@ def prefer_onednn(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: to
         return (f"a depthwise conv of {outputs} outputs with a {'x'.join(map(str, kernel))} kernel (no native "
                 f"interior-run loop): oneDNN's kernel is faster there")
     if conv_isa() == "avx2":  # (its own table: depthwise 3x3 / 5x5 native at every size)
+        if is_pointwise(weight, padding, groups):
+            if outputs > AVX2_POINTWISE_ONEDNN_OUTPUTS:
+                return (f"a 1x1 conv of {outputs} outputs on the AVX2 build (no VNNI): oneDNN's kernel is as fast or "
+                        f"faster in the model above {AVX2_POINTWISE_ONEDNN_OUTPUTS} outputs")
+            return None
         if groups == 1 and outputs > AVX2_DENSE_NATIVE_OUTPUTS and reduction < AVX2_DENSE_NATIVE_REDUCTION:
             return (f"a dense conv of {outputs} outputs of {reduction}-product sums on the AVX2 build (no VNNI): "
                     f"oneDNN's kernel is faster above {AVX2_DENSE_NATIVE_OUTPUTS} outputs of sums shorter than "
@@ -249,6 +270,7 @@ def run_native(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: torch
                        post_op, out_scale, out_zero_point)(x)
 
 
-__all__ = ["AVX2_DENSE_NATIVE_OUTPUTS", "AVX2_DENSE_NATIVE_REDUCTION", "DEPTHWISE_RUN_KERNELS", "ISA_KINDS", "PREFER_ONEDNN_DEPTHWISE_OUTPUTS", "PREFER_ONEDNN_OUTPUTS",
+__all__ = ["AVX2_DENSE_NATIVE_OUTPUTS", "AVX2_DENSE_NATIVE_REDUCTION", "AVX2_POINTWISE_ONEDNN_OUTPUTS",
+           "DEPTHWISE_RUN_KERNELS", "ISA_KINDS", "PREFER_ONEDNN_DEPTHWISE_OUTPUTS", "PREFER_ONEDNN_OUTPUTS",
            "PREFER_ONEDNN_REDUCTION", "compiled_run", "conv_isa", "guard_native", "make_plan", "native_available",
-           "native_call", "native_limits", "pack_weight", "plan_call", "prefer_onednn", "run_native"]
+           "is_pointwise", "native_call", "native_limits", "pack_weight", "plan_call", "prefer_onednn", "run_native"]

@@ -196,16 +196,29 @@ def test_guard_and_preference():
 @pytest.mark.skipif(VNNI, reason="the AVX2 build's choices (VNNI: test_guard_and_preference)")
 def test_avx2_guard_and_preference():
     """auto on the AVX2 build (conv_native.AVX2_DENSE_NATIVE_OUTPUTS, measured): native for depthwise
-    3x3 / 5x5 convs and dense convs of up to ~160 K outputs or long sums, oneDNN for other dense ones."""
+    3x3 / 5x5 convs, 1x1 convs without padding (the pointwise loop) up to 1.5 M outputs, and other
+    dense convs of up to ~160 K outputs or long sums, oneDNN for the rest."""
     limit = conv_native.AVX2_DENSE_NATIVE_OUTPUTS
     for small in (_args(1, 144, 32, 28, 1, 1, 0, 1, 1), _args(1, 576, 160, 7, 1, 1, 0, 1, 1),
                   _args(16, 64, 64, 7, 3, 1, 1, 1, 1)):  # 25 K, 7.8 K and 50 K outputs
         assert conv_native.prefer_onednn(*small, "relu6", 0.05, 3, None) is None
         assert int8_conv.choose(*small, "relu6", 0.05, 3, None) == "native"
-    big = _args(1, 16, 96, 112, 1, 1, 0, 1, 1)  # 1.2 M outputs of 16-product sums
+    big = _args(1, 16, 32, 112, 3, 1, 1, 1, 1)  # 401 K outputs of 144-product sums (a 3x3 conv)
     why = conv_native.prefer_onednn(*big, "relu6", 0.05, 3, None)
     assert why is not None and f"faster above {limit} outputs" in why
     assert int8_conv.choose(*big, "relu6", 0.05, 3, None) == "onednn"
+    # 1x1 convs without padding run the pointwise loop: native up to 1.5 M outputs
+    # (conv_native.AVX2_POINTWISE_ONEDNN_OUTPUTS: batch 1's largest layers)
+    for pointwise in (_args(1, 16, 96, 112, 1, 1, 0, 1, 1), _args(2, 96, 24, 56, 1, 1, 0, 1, 1),
+                      _args(2, 32, 64, 56, 1, 2, 0, 1, 1)):  # 1.2 M, 150 K and 100 K outputs (stride 2)
+        assert conv_native.prefer_onednn(*pointwise, "relu6", 0.05, 3, None) is None
+        assert int8_conv.choose(*pointwise, "relu6", 0.05, 3, None) == "native"
+    huge = _args(2, 16, 96, 112, 1, 1, 0, 1, 1)  # 2.4 M outputs (batch 2 at 112x112)
+    why = conv_native.prefer_onednn(*huge, "relu6", 0.05, 3, None)
+    assert why is not None and "a 1x1 conv of 2408448 outputs" in why
+    assert int8_conv.choose(*huge, "relu6", 0.05, 3, None) == "onednn"
+    padded = _args(1, 16, 96, 112, 1, 1, 1, 1, 1)  # a padded 1x1 conv: the dense loop's table
+    assert conv_native.prefer_onednn(*padded, "relu6", 0.05, 3, None) is not None
     long_sums = _args(4, 128, 128, 28, 3, 1, 1, 1, 1)  # 400 K outputs of 1152-product sums
     assert int8_conv.choose(*long_sums, "relu6", 0.05, 3, None) == "native"
     for kernel in (3, 5):  # depthwise: native at any size (batch 16 at 112x112: 6.4 M outputs of 9 products)
@@ -251,9 +264,7 @@ def test_native_thread_splits_give_the_reference(threads):
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
-        for case in cases:
-            if case[-1] == 1 and not VNNI:
-                continue  # (no dense loop)
+        for case in cases:  # (both builds have both loops; AVX2's 1x1 convs run the pointwise loop)
             _check(_args(*case, gen=torch.Generator().manual_seed(7)), "relu6", (0.04, 3))
             _check(_args(*case, gen=torch.Generator().manual_seed(8)), "none", (None, 0))
     finally:

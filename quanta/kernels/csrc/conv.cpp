@@ -36,10 +36,12 @@ constexpr int kPairExactMax = 64;
 // packed weight, the per-position constants (corr int32, mult / bias float32, in the loops'
 // channel order), the pad pixel (uint8), params = [C, O, KH, KW, SH, SW, PH, PW, DH, DW,
 // depthwise, post, codes], inv / z of the uint8 output. ConvPlan.run (eager) and the
-// quanta_native::conv_packed op (compiled graphs) both call it.
-torch::Tensor conv_packed(const torch::Tensor& x, const torch::Tensor& wpack, const torch::Tensor& corr,
-                          const torch::Tensor& mult, const torch::Tensor& bias, const torch::Tensor& pad,
-                          c10::IntArrayRef params, double inv, double z) {
+// quanta_native::conv_packed op (compiled graphs) both call it. pointwise_loop false: a 1x1
+// convolution runs the general dense loop in place of pointwise_conv (ConvPlan.run_dense_loop,
+// for comparisons; the outputs are the same).
+static torch::Tensor conv_packed_with(const torch::Tensor& x, const torch::Tensor& wpack, const torch::Tensor& corr,
+                                      const torch::Tensor& mult, const torch::Tensor& bias, const torch::Tensor& pad,
+                                      c10::IntArrayRef params, double inv, double z, bool pointwise_loop) {
   TORCH_CHECK(params.size() == 13, "conv_packed: params must hold 13 values");
   const int64_t C = params[0], O = params[1];
   const bool depthwise = params[10] != 0, codes = params[12] != 0;
@@ -73,10 +75,17 @@ torch::Tensor conv_packed(const torch::Tensor& x, const torch::Tensor& wpack, co
     if (depthwise)
       depthwise_conv(x.data_ptr<uint8_t>(), g, wpack.data_ptr<int8_t>(), pad.data_ptr<uint8_t>(), e, dst, esize);
     else
-      dense_conv(x.data_ptr<uint8_t>(), g, wpack.data_ptr<int8_t>(), pad.data_ptr<uint8_t>(), e, dst, esize);
+      dense_conv(x.data_ptr<uint8_t>(), g, wpack.data_ptr<int8_t>(), pad.data_ptr<uint8_t>(), e, dst, esize,
+                 pointwise_loop);
   }
 #endif
   return out;
+}
+
+torch::Tensor conv_packed(const torch::Tensor& x, const torch::Tensor& wpack, const torch::Tensor& corr,
+                          const torch::Tensor& mult, const torch::Tensor& bias, const torch::Tensor& pad,
+                          c10::IntArrayRef params, double inv, double z) {
+  return conv_packed_with(x, wpack, corr, mult, bias, pad, params, inv, z, true);
 }
 
 namespace {
@@ -141,7 +150,11 @@ class ConvPlan {
 
   // x: uint8 [N, C, H, W] in channels-last memory order -> [N, O, OH, OW] channels-last.
   torch::Tensor run(const torch::Tensor& x) const {
-    return conv_packed(x, wpack_, corr_, mult_, bias_, pad_, params_, inv_, z_);
+    return conv_packed_with(x, wpack_, corr_, mult_, bias_, pad_, params_, inv_, z_, true);
+  }
+  // run, with a 1x1 convolution on the general dense loop (not pointwise_conv): for comparisons
+  torch::Tensor run_dense_loop(const torch::Tensor& x) const {
+    return conv_packed_with(x, wpack_, corr_, mult_, bias_, pad_, params_, inv_, z_, false);
   }
 
   // conv_packed's arguments but x: (wpack, corr, mult, bias, pad, params, inv, z)
@@ -209,6 +222,8 @@ void bind_conv(pybind11::module& m) {
                           std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>, bool, int64_t,
                           c10::optional<double>, int64_t>())
       .def("run", &ConvPlan::run, "the convolution of channels-last uint8 codes x")
+      .def("run_dense_loop", &ConvPlan::run_dense_loop,
+           "run, with a 1x1 convolution on the general dense loop in place of the pointwise one (comparisons)")
       .def("arguments", &ConvPlan::arguments, "quanta_native::conv_packed's arguments after x");
 }
 

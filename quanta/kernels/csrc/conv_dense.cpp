@@ -147,31 +147,7 @@ struct ConvStore {  // the per-channel Epilogue, uint8 codes or float32 out; sum
   }
   template <int NB>
   void store(const __m256i* acc, int64_t p, int64_t o0) const {
-    for (int j = 0; j < NB; ++j) store16(acc + 2 * j, o0 + 16 * j, out + p * O * esize);
-  }
-  // channels o .. o + 15 (up to O) of a pixel's output row; tails through a bounce buffer
-  void store16(const __m256i* acc, int64_t o, char* row) const {
-    if (o >= O) return;
-    const int64_t n = std::min<int64_t>(16, O - o);
-    const __m256 lo = values8_corrected(acc[0], o, e), hi = values8_corrected(acc[1], o + 8, e);
-    if (!e.codes) {
-      float* y = reinterpret_cast<float*>(row) + o;
-      if (n > 8) {
-        _mm256_storeu_ps(y, lo);
-        bounce_store(y + 8, (n - 8) * 4, hi);
-      } else {
-        bounce_store(y, n * 4, lo);
-      }
-      return;
-    }
-    // in-lane packs: [lo 0-3, hi 0-3 | lo 4-7, hi 4-7] -> 64-bit permute -> [lo 0-7 | hi 0-7] -> bytes
-    const __m256i w = _mm256_permute4x64_epi64(_mm256_packus_epi32(codes8(lo, e), codes8(hi, e)), 0xD8);
-    const __m256i b = _mm256_packus_epi16(w, w);
-    const __m128i c = _mm_unpacklo_epi64(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
-    if (n == 16)
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(row + o), c);
-    else
-      bounce_store(row + o, n, c);
+    for (int j = 0; j < NB; ++j) quanta_native::store16(acc + 2 * j, o0 + 16 * j, O, e, out + p * O * esize);
   }
 };
 
@@ -355,7 +331,8 @@ void dense_loop(const uint8_t* x, const Geometry& g, const int8_t* wpack, const 
 }  // namespace
 
 void dense_conv(const uint8_t* x, const Geometry& g, const int8_t* wpack, const uint8_t* pad, const Epilogue& e,
-                char* out, int64_t esize) {
+                char* out, int64_t esize, bool pointwise_loop) {
+  if (pointwise_loop && pointwise_conv(x, g, wpack, e, out, esize)) return;
   dense_loop(x, g, wpack, pad, pad[0] == 0, ConvStore{e, out, g.O, esize});
 }
 

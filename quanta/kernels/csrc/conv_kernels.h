@@ -5,6 +5,7 @@
 #include "activation.h"
 #include "simd.h"
 
+#include <algorithm>
 #include <cstring>
 
 namespace quanta_native {
@@ -97,6 +98,67 @@ inline __m256i codes8(__m256 y, const Epilogue& e) {
   return _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_round_ps(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)),
                           _mm256_set1_epi32(static_cast<int32_t>(e.z)));
 }
+// The codes' arithmetic of store16 / store16x2, up to the zero point: round_half_even(min(y * inv,
+// top)) with y = float32(a) * mult + bias (max 0 with relu / relu6), top = code_top(e). relu6's
+// min(y, 6) is folded into top: y -> y * inv (inv > 0) rounds monotonically, so min(y, 6) * inv
+// rounds to min(y * inv, 6 * inv); the codes are codes8's bit for bit, one min fewer.
+inline __m256 code_top(const Epilogue& e) {
+  const float top = 255.f - e.z;
+  return _mm256_set1_ps(e.post == kPostRelu6 ? std::min(6.f * e.inv, top) : top);
+}
+inline __m256i rounded8(__m256i a, int64_t o, const Epilogue& e, __m256 top) {
+  __m256 y = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(a), _mm256_loadu_ps(e.mult + o)), _mm256_loadu_ps(e.bias + o));
+  if (e.post != kPostNone) y = _mm256_max_ps(y, _mm256_setzero_ps());
+  const __m256 q = _mm256_min_ps(_mm256_mul_ps(y, _mm256_set1_ps(e.inv)), top);
+  return _mm256_cvtps_epi32(_mm256_round_ps(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+// channels o .. o + 15 of a pixel as int16 codes (saturating packs; the zero point added with
+// saturation: a sum below 0 stays below 0, a rounded value is at most 255 - z, so after the
+// unsigned byte packs every code is codes8's), in the in-lane pack order [o 0-3, o 8-11 | o 4-7, o 12-15]
+inline __m256i codes16_in_lanes(const __m256i* acc, int64_t o, const Epilogue& e, __m256 top) {
+  const __m256i r = _mm256_packs_epi32(rounded8(acc[0], o, e, top), rounded8(acc[1], o + 8, e, top));
+  return _mm256_adds_epi16(r, _mm256_set1_epi16(static_cast<int16_t>(e.z)));
+}
+// channels o .. o + 15 (up to O) of a pixel's output row from their corrected sums acc[0] (channels
+// o .. o + 7) and acc[1] (o + 8 ..): uint8 codes or float32 values; tails through a bounce buffer
+inline void store16(const __m256i* acc, int64_t o, int64_t O, const Epilogue& e, char* row) {
+  if (o >= O) return;
+  const int64_t n = std::min<int64_t>(16, O - o);
+  if (!e.codes) {
+    const __m256 lo = values8_corrected(acc[0], o, e), hi = values8_corrected(acc[1], o + 8, e);
+    float* y = reinterpret_cast<float*>(row) + o;
+    if (n > 8) {
+      _mm256_storeu_ps(y, lo);
+      bounce_store(y + 8, (n - 8) * 4, hi);
+    } else {
+      bounce_store(y, n * 4, lo);
+    }
+    return;
+  }
+  // [o 0-3, o 8-11 | o 4-7, o 12-15] -> 64-bit permute -> [o 0-7 | o 8-15] -> bytes
+  const __m256i w = _mm256_permute4x64_epi64(codes16_in_lanes(acc, o, e, code_top(e)), 0xD8);
+  const __m256i b = _mm256_packus_epi16(w, w);
+  const __m128i c = _mm_unpacklo_epi64(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+  if (n == 16)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(row + o), c);
+  else
+    bounce_store(row + o, n, c);
+}
+// store16 for two pixels (sums a and b, rows ra and rb): full blocks of codes share the byte pack
+// and one dword permute (half the packing work); other cases run store16 twice
+inline void store16x2(const __m256i* a, const __m256i* b, int64_t o, int64_t O, const Epilogue& e, char* ra, char* rb) {
+  if (!e.codes || O - o < 16) {
+    store16(a, o, O, e, ra);
+    store16(b, o, O, e, rb);
+    return;
+  }
+  const __m256 top = code_top(e);
+  // bytes: dwords [a 0-3, a 8-11, b 0-3, b 8-11 | a 4-7, a 12-15, b 4-7, b 12-15] -> [a 0-15 | b 0-15]
+  const __m256i bytes = _mm256_packus_epi16(codes16_in_lanes(a, o, e, top), codes16_in_lanes(b, o, e, top));
+  const __m256i c = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(ra + o), _mm256_castsi256_si128(c));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(rb + o), _mm256_extracti128_si256(c, 1));
+}
 #endif
 
 #if QUANTA_VNNI
@@ -160,10 +222,18 @@ void dense_gemm(const int8_t* x, int64_t M, int64_t K, const int8_t* wpack, cons
 // (AVX2 without VNNI: exact only for weights within +-64, which ConvPlan checks)
 // out: channels-last output (pixel rows of g.O values of esize bytes); x: channels-last uint8
 // codes; pad: a pixel of zero-point codes (at least C rounded up to 64, plus 64 bytes).
+// pointwise_loop: 1x1 convolutions without padding run pointwise_conv where this build has it
+// (false: the general loop, for comparisons).
 void dense_conv(const uint8_t* x, const Geometry& g, const int8_t* wpack, const uint8_t* pad, const Epilogue& e,
-                char* out, int64_t esize);
+                char* out, int64_t esize, bool pointwise_loop = true);
 void depthwise_conv(const uint8_t* x, const Geometry& g, const int8_t* wpack, const uint8_t* pad,
                     const Epilogue& e, char* out, int64_t esize);
 #endif
+
+// The AVX2 (non-VNNI) build's pointwise GEMM loop (conv_pointwise.cpp) for a 1x1 convolution without
+// padding, any stride, weights packed as the dense loop's [O/16][1][C/4][16][4]: runs it and returns
+// true, or returns false (other shapes, other builds) without touching out.
+bool pointwise_conv(const uint8_t* x, const Geometry& g, const int8_t* wpack, const Epilogue& e, char* out,
+                    int64_t esize);
 
 }  // namespace quanta_native

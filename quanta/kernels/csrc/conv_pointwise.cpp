@@ -1,0 +1,137 @@
+// The AVX2 build's pointwise loop (no VNNI): a 1x1 convolution without padding (any stride) of
+// channels-last uint8 codes is a GEMM [pixels, C] x [C, O] with the convolution's fused epilogue.
+// Register tiles of kMR output pixels x 16 output channels (12 of the 16 ymm registers hold int32
+// sums), 4 input channels per step: the tile's pixels' 4 codes broadcast, vpmaddubsw + vpmaddwd
+// against the 16 channels' packed weights (exact for weights within +-64, which ConvPlan checks).
+// The weights are the dense loop's packing, [O/16][1][C/4][16][4]: each 16-channel block is one
+// contiguous panel that the tiles stream. Tasks: a chunk of pixels (whose codes stay in L1 / L2)
+// x a range of 16-channel blocks, tiles outer where the weights fit L2 (whole output rows written
+// in order), else blocks outer (a panel stays in L1 while the chunk's tiles read it); threads split
+// the pixels, and the blocks too where there are few pixels. The epilogue is
+// conv_kernels.h's store16 (the dense loop's), so the outputs are the dense loop's bit for bit.
+// Compared with the general dense loop: no tap lists or segment walking per tile, 6-pixel tiles in
+// place of 4, and the pixels' addresses found once per chunk.
+#include "conv_kernels.h"
+
+namespace quanta_native {
+#if QUANTA_AVX2 && !QUANTA_VNNI
+namespace {
+
+constexpr int kMR = 6;               // output pixels per register tile
+constexpr int64_t kMaxChunkTiles = 16;  // register tiles per task, at most
+constexpr int64_t kChunkBytes = 24 << 10;  // a chunk's input codes, at most (where C allows)
+constexpr int64_t kRowsFirstWeightBytes = 256 << 10;  // packed weights up to this: tiles outer
+
+// MR pixels (codes at px[m], output rows at rows[m]) x the 16 channels from o0 (w: their panel,
+// 64 bytes per 4 input channels); NV = 1: only the first 8 (a last block of at most 8 channels, as
+// in O = 24 or 40: half the work of a full block)
+template <int MR, int NV>
+void pointwise_tile(const uint8_t* const* px, char* const* rows, int64_t C4, const int8_t* w, int64_t o0, int64_t O,
+                    const Epilogue& epilogue) {
+  const Epilogue e = epilogue;  // (a local copy: the output stores cannot alias its fields)
+  const __m256i start0 = _mm256_sub_epi32(_mm256_setzero_si256(),
+                                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(e.corr + o0)));
+  const __m256i start1 = NV == 1 ? _mm256_setzero_si256()
+                                 : _mm256_sub_epi32(_mm256_setzero_si256(),
+                                                    _mm256_loadu_si256(reinterpret_cast<const __m256i*>(e.corr + o0 + 8)));
+  __m256i acc[MR][2];
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m) acc[m][0] = start0, acc[m][1] = start1;
+  const uint8_t* p[MR];
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m) p[m] = px[m];
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t c = 0; c < C4; ++c) {
+    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c * 64));
+    const __m256i w1 = NV == 1 ? w0 : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c * 64 + 32));
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) {
+      int32_t v;
+      std::memcpy(&v, p[m] + c * 4, 4);
+      const __m256i xv = _mm256_set1_epi32(v);  // 4-product sums: exact for weights within +-64
+      acc[m][0] = _mm256_add_epi32(acc[m][0], _mm256_madd_epi16(_mm256_maddubs_epi16(xv, w0), ones));
+      if (NV == 2) acc[m][1] = _mm256_add_epi32(acc[m][1], _mm256_madd_epi16(_mm256_maddubs_epi16(xv, w1), ones));
+    }
+  }
+  // (NV = 1: channels o0 + 8 .. are past O)
+#pragma GCC unroll 4
+  for (int m = 0; m + 1 < MR; m += 2) store16x2(acc[m], acc[m + 1], o0, O, e, rows[m], rows[m + 1]);
+  if (MR % 2) store16(acc[MR - 1], o0, O, e, rows[MR - 1]);
+}
+
+using PointwiseTile = void (*)(const uint8_t* const*, char* const*, int64_t, const int8_t*, int64_t, int64_t,
+                               const Epilogue&);
+
+template <int NV>
+PointwiseTile pointwise_tile_for(int64_t mr) {
+  switch (mr) {
+    case 1: return pointwise_tile<1, NV>;
+    case 2: return pointwise_tile<2, NV>;
+    case 3: return pointwise_tile<3, NV>;
+    case 4: return pointwise_tile<4, NV>;
+    case 5: return pointwise_tile<5, NV>;
+    default: return pointwise_tile<6, NV>;
+  }
+}
+
+}  // namespace
+
+bool pointwise_conv(const uint8_t* x, const Geometry& g, const int8_t* wpack, const Epilogue& e, char* out,
+                    int64_t esize) {
+  if (g.KH != 1 || g.KW != 1 || g.PH != 0 || g.PW != 0 || g.C % 4 != 0) return false;
+  const int64_t P = g.pixels(), C4 = g.C / 4, OB = (g.O + 15) / 16, threads = at::get_num_threads();
+  const int64_t tiles = (P + kMR - 1) / kMR;
+  const int64_t fit = std::max<int64_t>(1, std::min(kMaxChunkTiles, kChunkBytes / (g.C * kMR)));
+  // equal chunks of at most `fit` tiles, at least 4 per thread where there are enough tiles
+  int64_t chunks = std::min(tiles, std::max((tiles + fit - 1) / fit, 4 * threads));
+  const int64_t chunk_tiles = (tiles + chunks - 1) / chunks;
+  chunks = (tiles + chunk_tiles - 1) / chunk_tiles;
+  // few pixel chunks (small images): the 16-channel blocks split too, so that every thread works
+  const int64_t splits = std::min(OB, std::max<int64_t>(1, (4 * threads + chunks - 1) / chunks));
+  const int64_t per = (OB + splits - 1) / splits;
+  const bool unit = g.SH == 1 && g.SW == 1;
+  // weights that stay in L2 (all the blocks' panels): tiles outer, so that the output is written
+  // in whole rows, as a stream (the next layer reads it); larger ones: blocks outer
+  const bool rows_first = C4 * 64 * OB <= kRowsFirstWeightBytes;
+  at::parallel_for(0, chunks * splits, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<const uint8_t*> px(chunk_tiles * kMR);
+    std::vector<char*> rows(chunk_tiles * kMR);
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t chunk = task / splits, split = task % splits;
+      const int64_t p0 = chunk * chunk_tiles * kMR, p1 = std::min(P, p0 + chunk_tiles * kMR);
+      const int64_t b0 = split * per, b1 = std::min(OB, b0 + per);
+      if (unit) {
+        for (int64_t p = p0; p < p1; ++p) px[p - p0] = x + p * g.C;
+      } else {  // output pixel (n, oy, ox) reads input pixel (n, oy * SH, ox * SW)
+        int64_t n = p0 / (g.OH * g.OW), oy = p0 / g.OW % g.OH, ox = p0 % g.OW;
+        for (int64_t p = p0; p < p1; ++p) {
+          px[p - p0] = x + ((n * g.H + oy * g.SH) * g.W + ox * g.SW) * g.C;
+          if (++ox == g.OW) {
+            ox = 0;
+            if (++oy == g.OH) oy = 0, ++n;
+          }
+        }
+      }
+      for (int64_t p = p0; p < p1; ++p) rows[p - p0] = out + p * g.O * esize;
+      auto tile = [&](int64_t q, int64_t b) {
+        const int64_t mr = std::min<int64_t>(kMR, p1 - p0 - q);
+        const bool half = g.O - b * 16 <= 8;
+        (mr == kMR ? (half ? pointwise_tile<kMR, 1> : pointwise_tile<kMR, 2>)
+                   : half ? pointwise_tile_for<1>(mr) : pointwise_tile_for<2>(mr))(
+            px.data() + q, rows.data() + q, C4, wpack + b * C4 * 64, b * 16, g.O, e);
+      };
+      if (rows_first) {  // each tile's output rows written whole, one after the other
+        for (int64_t q = 0; q < p1 - p0; q += kMR)
+          for (int64_t b = b0; b < b1; ++b) tile(q, b);
+      } else {  // a block's panel stays in L1 while the chunk's tiles read it
+        for (int64_t b = b0; b < b1; ++b)
+          for (int64_t q = 0; q < p1 - p0; q += kMR) tile(q, b);
+      }
+    }
+  });
+  return true;
+}
+#else
+bool pointwise_conv(const uint8_t*, const Geometry&, const int8_t*, const Epilogue&, char*, int64_t) { return false; }
+#endif  // QUANTA_AVX2 && !QUANTA_VNNI
+}  // namespace quanta_native
