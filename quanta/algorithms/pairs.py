@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..nn.modules.op_base import QuantOp
+from ..nn.tensor_quantizer import TensorQuantizer
 from ..transforms.conv_subclass import runs_layer_op, traced_calls
 
 _WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -47,10 +49,12 @@ def _act_kind(mod: nn.Module | None, node: torch.fx.Node) -> str | None:
 
 
 class _LeafTracer(torch.fx.Tracer):
-    """Conv/linear layers (quantized ones too) are leaves: one node each."""
+    """Conv/linear layers (quantized ones too) are leaves: one node each; so are quantizers and
+    quantized functional ops (a residual ``Add`` prepare made: tracing into it would run its
+    quantizers before calibration)."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, _WEIGHTED) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (*_WEIGHTED, TensorQuantizer, QuantOp)) or super().is_leaf_module(m, qualname)
 
 
 def find_pairs(model: nn.Module) -> tuple[list[LayerPair], list[str]]:

@@ -81,13 +81,13 @@ class FrozenFakeQuant:
     def fast(self, x: torch.Tensor) -> bool:
         """Whether ``x`` takes the frozen ops (else the quantizer runs, or, disabled, passes it)."""
         q = self.quantizer
-        return (self.eligible and not q._disabled and q._if_quant and not q._if_calib and q.amax is not None
+        return (self.eligible and q.mode == "quantize" and q.amax is not None
                 and not isinstance(q.amax, nn.Parameter) and x.dtype == torch.float32
                 and not (x.requires_grad and torch.is_grad_enabled()) and not torch.compiler.is_compiling())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fast(x):
-            return x if self.quantizer._disabled else self.quantizer(x)
+            return self.quantizer(x) if self.quantizer.is_enabled else x
         inv, z, s = self._params()
         return torch.mul(x, inv).round_().add_(z).clamp_(self.qmin, self.qmax).sub_(z).mul_(s)
 

@@ -62,7 +62,7 @@ def test_the_walkers_hold_no_kind_branch():
 
 
 def test_kinds_in_the_order_tried_with_the_catch_all_last():
-    assert list(record_kinds.RECORD_KINDS) == ["integer", "quant", "quantizer", "module"]
+    assert list(record_kinds.RECORD_KINDS) == ["integer", "quant", "quantizer", "rewritten", "module"]
     with pytest.raises(ValueError, match="'quant' is registered already"):
         register_record_kind(record_kinds.RECORD_KINDS["quant"])
 
