@@ -66,6 +66,12 @@ def _threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+@pytest.fixture
+def torch_threads():
+    """``with torch_threads(n):`` runs torch on ``n`` threads and restores the count after."""
+    return _threads
+
+
 def _train(model: torch.nn.Module, data: Split, **kwargs) -> torch.nn.Module:
     # Always one thread, whatever a test set meanwhile: the trained weights (and so every
     # accuracy threshold) do not depend on the thread count or on the test order.

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import pytest
@@ -33,16 +32,6 @@ needs_avx2_loop = pytest.mark.skipif(gemv_isa() != "avx2" or "native" not in dyn
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 ACTS = {"s8sym": (8, True, True, False), "u8asym": (8, False, False, False), "s8asym": (8, True, False, False)}
-
-
-@contextlib.contextmanager
-def threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 class Tagger(nn.Module):
@@ -67,7 +56,7 @@ MODELS = {
 
 @needs_avx2_loop
 @pytest.mark.parametrize("name", list(MODELS))
-def test_every_batch_runs_the_native_loop_like_the_reference(name):
+def test_every_batch_runs_the_native_loop_like_the_reference(name, torch_threads):
     torch.manual_seed(0)
     q = quanta.quantize(Tagger(MODELS[name]()).eval(), "dynamic_int8", progress=False)
     ref = copy.deepcopy(q)
@@ -78,7 +67,7 @@ def test_every_batch_runs_the_native_loop_like_the_reference(name):
         with torch.no_grad():
             runs = {}
             for n in (1, 2):
-                with threads(n):
+                with torch_threads(n):
                     runs[n] = q.rnn(h)
             out_ref = ref.rnn(h)
         for a, b in zip(runs[1], runs[2]):  # output and final states: the thread count changes no bit
@@ -108,14 +97,14 @@ def _layer_case(mode: str, batch: int, hidden: int, seed: int):
 @needs_native_loop
 @pytest.mark.parametrize("act", list(ACTS))
 @pytest.mark.parametrize("mode", list(GATES))
-def test_one_and_two_threads_give_the_same_bits(mode, act):
+def test_one_and_two_threads_give_the_same_bits(mode, act, torch_threads):
     spec = act_spec(*ACTS[act])
     for batch, hidden in ((1, 40), (3, 33), (9, 64), (17, 31)):
         gi, state, w, s, b = _layer_case(mode, batch, hidden, seed=batch * 100 + hidden)
         w_sum = native.module().int8_row_sums(w)
         runs = []
         for n in (1, 2):
-            with threads(n):
+            with torch_threads(n):
                 runs.append(native.module().rnn_layer(mode, gi, state, w, s, b, w_sum, spec.qmin, spec.qmax,
                                                       spec.symmetric, spec.signed, batch == 3))
         for x, y in zip(*runs):
@@ -126,7 +115,7 @@ def test_one_and_two_threads_give_the_same_bits(mode, act):
 @needs_native_loop
 @pytest.mark.parametrize("rows", [1, 64, 600], ids=lambda r: f"rows{r}")
 @pytest.mark.parametrize("act", list(ACTS))
-def test_input_projection_equals_the_reference_bitwise_also_after_an_inplace_change(rows, act):
+def test_input_projection_equals_the_reference_bitwise_also_after_an_inplace_change(rows, act, torch_threads):
     spec = act_spec(*ACTS[act])
     gen = torch.Generator().manual_seed(rows)
     w = torch.randint(-128, 128, (4 * 33, 70), dtype=torch.int8, generator=gen)
@@ -134,7 +123,7 @@ def test_input_projection_equals_the_reference_bitwise_also_after_an_inplace_cha
     x = torch.randn(rows, 1, 70, generator=gen) * 2
     q = RN._quantize_sequence(x, spec)
     for n in (1, 2):
-        with threads(n):
+        with torch_threads(n):
             assert torch.equal(RN._input_projection(x, *q, w, s, b), qlinear(x, w, s, b, spec)[0])
     # the same weight changed in place: its row sums (the zero-point term) are computed again
     w[3] = 127
