@@ -72,6 +72,21 @@ def torch_threads():
     return _threads
 
 
+@pytest.fixture
+def seven_bit_fast_and_reference():
+    """``fast, ref = seven_bit_fast_and_reference(model, images)``: ``model`` prepared with
+    ``static_int8(weight_bits=7)``, calibrated on ``images``, and converted twice without the
+    speed check: on this machine's fast kernels and on the reference backend."""
+    import quanta
+
+    def make(model: torch.nn.Module, images: list[torch.Tensor]) -> tuple[torch.nn.Module, torch.nn.Module]:
+        sim = quanta.calibrate(quanta.prepare(model, quanta.preset("static_int8", weight_bits=7)), images,
+                               progress=False)
+        return quanta.convert(sim, speed_check=False), quanta.convert(sim, backend="reference", speed_check=False)
+
+    return make
+
+
 def _train(model: torch.nn.Module, data: Split, **kwargs) -> torch.nn.Module:
     # Always one thread, whatever a test set meanwhile: the trained weights (and so every
     # accuracy threshold) do not depend on the thread count or on the test order.

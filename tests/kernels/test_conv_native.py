@@ -319,11 +319,10 @@ class _TFDepthwiseConv(torch.nn.Conv2d):
                                           0, self.dilation, self.groups)
 
 
-def test_seven_bit_depthwise_model_runs_native_and_equals_the_reference():
+def test_seven_bit_depthwise_model_runs_native_and_equals_the_reference(seven_bit_fast_and_reference):
     """A MobileNet-style stack quantized with 7-bit weights (plain and TF-ported depthwise convs,
     asymmetric padding folded in, a pointwise conv onto 24 channels): every conv runs the native
     loops (VNNI or AVX2) and the model's output equals the reference backend's bit for bit."""
-    import quanta
     from quanta.integer.conv import _Int8ConvNd
 
     torch.manual_seed(0)
@@ -331,8 +330,7 @@ def test_seven_bit_depthwise_model_runs_native_and_equals_the_reference():
     model = torch.nn.Sequential(dw(40, 3), torch.nn.ReLU6(), torch.nn.Conv2d(40, 24, 1), _TFDepthwiseConv(24, 3, 2),
                                 torch.nn.ReLU6(), dw(24, 5, 2), torch.nn.ReLU(), _TFDepthwiseConv(24, 5)).eval()
     images = [torch.rand(8, 40, 16, 16) for _ in range(2)]
-    sim = quanta.calibrate(quanta.prepare(model, quanta.preset("static_int8", weight_bits=7)), images, progress=False)
-    fast, ref = quanta.convert(sim, speed_check=False), quanta.convert(sim, backend="reference", speed_check=False)
+    fast, ref = seven_bit_fast_and_reference(model, images)
     x = torch.rand(3, 40, 16, 16)
     with torch.no_grad():
         assert torch.equal(fast(x), ref(x))

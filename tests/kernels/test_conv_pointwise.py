@@ -120,16 +120,14 @@ class _InvertedResidual(torch.nn.Module):
         return x + y if self.residual else y
 
 
-def test_mobilenet_blocks_run_pointwise_native_and_equal_the_reference():
-    import quanta
+def test_mobilenet_blocks_run_pointwise_native_and_equal_the_reference(seven_bit_fast_and_reference):
     from quanta.integer.conv import _Int8ConvNd
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, 2, 1), torch.nn.ReLU6(), _InvertedResidual(16, 24, 6, 2),
                                 _InvertedResidual(24, 24, 6, 1), torch.nn.Conv2d(24, 40, 1)).eval()
     images = [torch.rand(4, 3, 32, 32) for _ in range(2)]
-    sim = quanta.calibrate(quanta.prepare(model, quanta.preset("static_int8", weight_bits=7)), images, progress=False)
-    fast, ref = quanta.convert(sim, speed_check=False), quanta.convert(sim, backend="reference", speed_check=False)
+    fast, ref = seven_bit_fast_and_reference(model, images)
     x = torch.rand(5, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(fast(x), ref(x))
