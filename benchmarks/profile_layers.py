@@ -224,14 +224,15 @@ def profile_openvino(wl: W.Workload, model: nn.Module, x: torch.Tensor, threads:
 
 
 def quanta_model(wl: W.Workload, model: nn.Module, x: torch.Tensor,
-                 weight_bits: int | None = None) -> tuple[str, nn.Module]:
-    """The workload's first quanta preset, built as ``run.py`` builds its row (``weight_bits``:
-    that preset option, e.g. 7, whose codes oneDNN sums exactly on CPUs without VNNI)."""
+                 weight_bits: int | None = None, preset: str | None = None) -> tuple[str, nn.Module]:
+    """The workload's quanta preset (default its first one in ``run.py``), built as ``run.py``
+    builds its row (``weight_bits``: that preset option, e.g. 7, whose codes oneDNN sums exactly on
+    CPUs without VNNI)."""
     from run import QUANTA_PRESETS
 
     import quanta
 
-    preset, kwargs = QUANTA_PRESETS[wl.kind][0]
+    preset, kwargs = (preset, dict(QUANTA_PRESETS[wl.kind]).get(preset, {})) if preset else QUANTA_PRESETS[wl.kind][0]
     config = quanta.preset(preset, weight_bits=weight_bits) if weight_bits else preset
     src = copy.deepcopy(model)
     q = quanta.quantize(src, config, calib_data=wl.calib_data(), example=x, progress=False, **kwargs).eval()
@@ -263,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=10, help="profiled calls per model (default 10)")
     ap.add_argument("--weight-bits", type=int, help="the quanta preset's weight_bits option (e.g. 7)")
+    ap.add_argument("--preset", help="the quanta preset (default: the workload's first in run.py)")
     ap.add_argument("--no-openvino", action="store_true", help="leave the OpenVINO column out")
     ap.add_argument("--out", help="also write the Markdown table to this file")
     args = ap.parse_args(argv)
@@ -275,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     model, x = wl.model(), wl.input(batch)
 
     profiles = [profile_torch("torch fp32", model, x, args.rounds)]
-    label, q = quanta_model(wl, model, x, args.weight_bits)
+    label, q = quanta_model(wl, model, x, args.weight_bits, args.preset)
     profiles.append(profile_torch(label, q, x, args.rounds))
     note = ""
     if not args.no_openvino:
