@@ -44,11 +44,11 @@ from torch import nn
 
 from ..core import QuantSpec, fake_quantize
 from ..kernels.codes import dense, quantize_codes, quantize_codes_call
-from ..kernels.conv import int8_conv, onednn_call, onednn_weight_refusal, prepack
-from ..kernels.conv_native import compiled_run, make_plan, plan_call
+from ..kernels.conv import int8_conv, onednn_weight_refusal, prepack
 from ..kernels.u8s8_saturation import weight_code_max
 from ..nn.modules.weighted import QuantConv1d, QuantConv2d, QuantConv3d
 from .base import IntegerModule
+from .conv_graph import run_conv_graph_entry, settled_conv_call
 from .conv_specs import (
     DEFAULT_INPUT_SPEC,
     DEFAULT_WEIGHT_SPEC,
@@ -282,10 +282,7 @@ class _Int8ConvNd(IntegerModule):
         settled = self.binding.compiled.get(self._signature(x)) if isinstance(x, torch.Tensor) else None
         if settled is None:
             return self._forward(x)
-        kind, arguments, quantize = settled  # (what `_settle` filed)
-        codes = x if quantize is None else quantize_codes(x, *quantize[1:], impl=quantize[0], checked=True)
-        y = compiled_run(codes, arguments) if kind == "native" else onednn_call(codes.dim(), *arguments)(codes)
-        return self._output(y)
+        return self._output(run_conv_graph_entry(settled, x))  # (what `_settle` filed)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         name = type(self).__name__
@@ -328,17 +325,14 @@ class _Int8ConvNd(IntegerModule):
 
     def _settle(self, sig: tuple[Any, ...], impl: str, args: tuple[Any, ...], codes: tuple[Any, ...] | None) -> None:
         """Settle the kernel for this input signature (the shape steers the choice): later eager calls
-        are one lookup and the kernels; graphs call them from ``(kind, kernel arguments, quantization)``
-        (`_graph_forward`). ``codes``: a float input's ``(implementation, x, *quantize_codes arguments)``."""
+        are one lookup and the kernels; graphs call them from their graph entry (`conv_graph`: the
+        tensors, the constants held once; `_graph_forward`). ``codes``: a float input's
+        ``(implementation, x, *quantize_codes arguments)``."""
         quantize = None if codes is None else (codes[0], *codes[2:])  # (what graphs keep: not the input)
-        if impl == "native":
-            plan = make_plan(args[3], args[4], args[5], args[1], args[2], *args[6:13])
-            call, compiled = plan_call(plan, args[0].dim()), ("native", plan.arguments(), quantize)  # type: ignore[attr-defined]
-        elif impl == "onednn" and args[0].dim() in (4, 5) and (args[0].dim() == 4 or self.post_op == "none") and \
-                args[-1] is not None:
-            call, compiled = onednn_call(args[0].dim(), *args[1:]), ("onednn", args[1:], quantize)
-        else:
+        settled = settled_conv_call(impl, args, quantize, self.post_op)
+        if settled is None:
             return
+        call, compiled = settled
         if quantize is not None:  # a float input: its settled quantization, then the kernel
             call = _after_quantizing(call, quantize_codes_call(*codes))
         self.binding.settle(sig, impl, call, compiled)

@@ -124,6 +124,48 @@ def settled_call(x: torch.Tensor, graph_call: SettledGraphCall) -> torch.Tensor:
     return torch.ops.quanta_graph.settled_call.default(x, graph_call.handle)
 
 
+class GraphConstants:
+    """The non-tensor arguments of a settled kernel call (ints, floats, strings, lists of them),
+    held for compiled graphs: a graph reads them through `graph_constants`, which torch.compile
+    runs while tracing and bakes in, guarding the holder (its identity and its never-reused
+    ``token``) instead of each value: two guards per call site where a native conv's 13 ints, 2
+    floats and kind took 16, and guards are evaluated on every compiled call. A holder is never
+    changed: what it holds goes stale only with its binding, which a repack replaces (new holders,
+    new tokens: the graph recompiles)::
+
+        held = GraphConstants(("native", [64, 64, 3, 3, ...], 110.8, 0.0))
+        kind, params, inv, z = graph_constants(held, held.token)   # traced: constants, 2 guards
+    """
+
+    __slots__ = ("token", "values")
+
+    def __init__(self, values: tuple) -> None:
+        if not isinstance(values, tuple):
+            raise TypeError(f"GraphConstants: values must be a tuple, got {type(values).__name__}")
+        self.values = values
+        self.token = next(_TOKENS)
+
+    def __repr__(self) -> str:
+        return f"GraphConstants(#{self.token}, {self.values!r})"
+
+
+_TOKENS = itertools.count(1)
+
+
+@torch.compiler.assume_constant_result
+def _held_values(held: GraphConstants, token: int) -> tuple:
+    return held.values
+
+
+def graph_constants(held: GraphConstants, token: int) -> tuple:
+    """``held.values``; while torch.compile traces, constants guarded only through ``held`` and
+    ``token`` (pass ``held.token``: read in the traced code, it is guarded by value, so that a new
+    holder at a freed one's address still recompiles)."""
+    if token != held.token:
+        raise ValueError(f"graph_constants: token {token} is not this holder's ({held.token})")
+    return _held_values(held, token)
+
+
 def register_fakes() -> None:
     """Register every operator's fake kernel (once per process: the native library, which defines
     the operators, loads once)."""
@@ -131,5 +173,5 @@ def register_fakes() -> None:
         torch.library.register_fake(f"quanta_native::{name}")(fake)
 
 
-__all__ = ["FAKES", "SettledGraphCall", "register_fakes", "register_settled_call", "release_settled_calls",
-           "settled_call"]
+__all__ = ["FAKES", "GraphConstants", "SettledGraphCall", "graph_constants", "register_fakes", "register_settled_call",
+           "release_settled_calls", "settled_call"]
