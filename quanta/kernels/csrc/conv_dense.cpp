@@ -149,6 +149,10 @@ struct ConvStore {  // the per-channel Epilogue, uint8 codes or float32 out; sum
   void store(const __m256i* acc, int64_t p, int64_t o0) const {
     for (int j = 0; j < NB; ++j) quanta_native::store16(acc + 2 * j, o0 + 16 * j, O, e, out + p * O * esize);
   }
+  // pixels p and q's 16 channels from o0 (one block each): store16x2 shares the codes' packing
+  void store_pair(const __m256i* a, const __m256i* b, int64_t p, int64_t q, int64_t o0) const {
+    store16x2(a, b, o0, O, e, out + p * O * esize, out + q * O * esize);
+  }
 };
 
 // dense_tile (above) on AVX2: MR pixels x NB blocks of 16 channels, each block's 64 packed bytes
@@ -178,7 +182,10 @@ void dense_tile(const uint8_t* const* ptr, const int64_t* taps, int64_t nt, int6
       }
     }
   }
-  for (int m = 0; m < MR; ++m) st.template store<NB>(acc[m], pix[m], o0);
+  int m = 0;
+  if constexpr (NB == 1)  // pixels in pairs: half the codes' packing work
+    for (; m + 1 < MR; m += 2) st.store_pair(acc[m], acc[m + 1], pix[m], pix[m + 1], o0);
+  for (; m < MR; ++m) st.template store<NB>(acc[m], pix[m], o0);
 }
 
 template <class Store>

@@ -159,13 +159,47 @@ void add_span_u8(const uint8_t* __restrict__ a, const uint8_t* __restrict__ b, u
   }
   add_span<uint8_t, POST>(a + k, b + k, out + k, n - k, sa, za, sb, zb, inv, zo, lo, hi);
 }
+#elif QUANTA_AVX2
+// add_span for uint8 output on AVX2, 16 codes at a time as two 8-lane halves: the same float32
+// operations in the same order (the scalar loop is left unvectorized: 0.6 ns a code, ~8x slower)
+template <int POST>
+inline __m256i add8_u8(const uint8_t* a, const uint8_t* b, __m256 vsa, __m256 vza, __m256 vsb, __m256 vzb,
+                       __m256 vinv, __m256 vzo, __m256 vlo, __m256 vhi) {
+  const __m256 fa = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(a))));
+  const __m256 fb = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b))));
+  __m256 y = _mm256_mul_ps(_mm256_sub_ps(fa, vza), vsa);
+  y = _mm256_add_ps(y, _mm256_mul_ps(_mm256_sub_ps(fb, vzb), vsb));
+  if (POST == kPostRelu || POST == kPostRelu6) y = _mm256_max_ps(y, _mm256_setzero_ps());
+  if (POST == kPostRelu6) y = _mm256_min_ps(y, _mm256_set1_ps(6.f));
+  __m256 q = _mm256_round_ps(_mm256_mul_ps(y, vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  q = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(q, vzo), vlo), vhi);
+  return _mm256_cvttps_epi32(q);  // (0 .. 255: lo and hi are codes)
+}
+
+template <int POST>
+void add_span_u8(const uint8_t* __restrict__ a, const uint8_t* __restrict__ b, uint8_t* __restrict__ out, int64_t n,
+                 float sa, float za, float sb, float zb, float inv, float zo, float lo, float hi) {
+  const __m256 vsa = _mm256_set1_ps(sa), vza = _mm256_set1_ps(za), vsb = _mm256_set1_ps(sb), vzb = _mm256_set1_ps(zb);
+  const __m256 vinv = _mm256_set1_ps(inv), vzo = _mm256_set1_ps(zo), vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16) {
+    const __m256i i0 = add8_u8<POST>(a + k, b + k, vsa, vza, vsb, vzb, vinv, vzo, vlo, vhi);
+    const __m256i i1 = add8_u8<POST>(a + k + 8, b + k + 8, vsa, vza, vsb, vzb, vinv, vzo, vlo, vhi);
+    // [i0 0-3, i1 0-3 | i0 4-7, i1 4-7] -> [i0 0-7 | i1 0-7] (words) -> bytes
+    const __m256i w = _mm256_permute4x64_epi64(_mm256_packus_epi32(i0, i1), 0xD8);
+    const __m256i c = _mm256_packus_epi16(w, w);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k),
+                     _mm_unpacklo_epi64(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1)));
+  }
+  add_span<uint8_t, POST>(a + k, b + k, out + k, n - k, sa, za, sb, zb, inv, zo, lo, hi);
+}
 #endif
 
 template <typename T, int POST>
 void add_all(const uint8_t* a, const uint8_t* b, T* out, int64_t n, float sa, float za, float sb, float zb,
              float inv, float zo, float lo, float hi) {
   at::parallel_for(0, n, 16384, [=](int64_t begin, int64_t end) {
-#if QUANTA_VNNI
+#if QUANTA_VNNI || QUANTA_AVX2
     if constexpr (std::is_same_v<T, uint8_t>) {
       add_span_u8<POST>(a + begin, b + begin, out + begin, end - begin, sa, za, sb, zb, inv, zo, lo, hi);
       return;
@@ -251,11 +285,21 @@ torch::Tensor max_pool2d_codes(const torch::Tensor& x, c10::IntArrayRef kernel, 
           _mm512_mask_storeu_epi8(o + c, m, v);
         }
 #else
-        std::memcpy(o, taps[0], C);
+        int64_t c0 = 0;
+#if QUANTA_AVX2
+        for (; c0 + 32 <= C; c0 += 32) {  // 32 channels in a register across the taps
+          __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(taps[0] + c0));
+          for (int64_t t = 1; t < T; ++t)
+            v = _mm256_max_epu8(v, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(taps[t] + c0)));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + c0), v);
+        }
+        if (c0 == C) continue;
+#endif
+        std::memcpy(o + c0, taps[0] + c0, C - c0);
         for (int64_t t = 1; t < T; ++t) {
           const uint8_t* __restrict__ p = taps[t];
 #pragma omp simd
-          for (int64_t c = 0; c < C; ++c) o[c] = p[c] > o[c] ? p[c] : o[c];
+          for (int64_t c = c0; c < C; ++c) o[c] = p[c] > o[c] ? p[c] : o[c];
         }
 #endif
       }
