@@ -46,22 +46,33 @@ INPUT_GEMV_MAX_ROWS = 512
 #: the loop reads each weight block once per step for all rows: every batch runs natively.
 VNNI_MAX_BATCH = GEMV_MAX_ROWS
 
-#: per weight tensor (id, version): (the tensor, its int32 row sums)
-_ROW_SUMS: dict[tuple[int, int], tuple[weakref.ref, torch.Tensor]] = {}
+#: per (what, weight tensor id, version): (the tensor, what was derived from it)
+_DERIVED: dict[tuple[str, int, int], tuple[weakref.ref, torch.Tensor]] = {}
+
+
+def _derived(what: str, w: torch.Tensor) -> torch.Tensor:
+    """``native.module().<what>(w)`` for the contiguous int8 weight ``w``, cached per tensor version (an
+    in-place change of the weight is noticed)."""
+    key = (what, id(w), w._version)
+    hit = _DERIVED.get(key)
+    if hit is not None and hit[0]() is w:
+        return hit[1]
+    for k in [k for k, v in _DERIVED.items() if v[0]() is None]:
+        del _DERIVED[k]
+    out = getattr(native.module(), what)(w)
+    _DERIVED[key] = (weakref.ref(w), out)
+    return out
 
 
 def _row_sums(w: torch.Tensor) -> torch.Tensor:
-    """The int32 row sums of the contiguous int8 weight ``w`` (the zero-point term of the exact sums),
-    cached per tensor version (an in-place change of the weight is noticed)."""
-    key = (id(w), w._version)
-    hit = _ROW_SUMS.get(key)
-    if hit is not None and hit[0]() is w:
-        return hit[1]
-    for k in [k for k, v in _ROW_SUMS.items() if v[0]() is None]:
-        del _ROW_SUMS[k]
-    sums = native.module().int8_row_sums(w)
-    _ROW_SUMS[key] = (weakref.ref(w), sums)
-    return sums
+    """The int32 row sums of the contiguous int8 weight ``w`` (the zero-point term of the exact sums)."""
+    return _derived("int8_row_sums", w)
+
+
+def _packed_rows4(w: torch.Tensor) -> torch.Tensor | None:
+    """``w`` (``W_hh``, or ``W_ih`` for the input projection) re-laid out for the AVX2 gemv (4 rows per
+    pass, `int8_pack_rows4`), None on other builds (the VNNI loop reads the plain weight)."""
+    return _derived("int8_pack_rows4", w) if gemv_isa() == "avx2" else None
 
 
 def native_max_batch() -> int | None:
@@ -85,7 +96,8 @@ def _input_projection(x: torch.Tensor, codes: torch.Tensor, s_x: torch.Tensor, z
         # the native gemv's exact sums and rescale_rows' epilogue with an x_scale of 1: float32(acc) * 1 *
         # (s_x * s_ih) + b_ih, the reference's arithmetic (times 1 is exact)
         y = native.module().int8_gemv(_dense(q2), z_x.reshape(-1).to(torch.int32).contiguous(), w, _row_sums(w), _ONE,
-                                      (s_x * s_ih).float().contiguous(), b_ih.float().contiguous())
+                                      (s_x * s_ih).float().contiguous(), b_ih.float().contiguous(),
+                                      w_packed=_packed_rows4(w))
         return y.reshape(*x.shape[:-1], w_ih.shape[0])
     if gemv_isa() != "avx512_vnni" and torch.get_float32_matmul_precision() == "highest":
         # the same int32 sums by float32 GEMMs on the codes, and `_rescale`'s float32(acc) * 1 * (s_x * s_ih)
@@ -116,7 +128,8 @@ def _layer(mode: str, x: torch.Tensor, q: tuple[torch.Tensor, torch.Tensor, torc
     w_hh = w_hh.contiguous()
     return native.module().rnn_layer(
         mode, gi.contiguous(), [s.float().contiguous() for s in state], w_hh, s_hh.float().contiguous(),
-        b_hh.float().contiguous(), _row_sums(w_hh), spec.qmin, spec.qmax, spec.symmetric, spec.signed, reverse)
+        b_hh.float().contiguous(), _row_sums(w_hh), spec.qmin, spec.qmax, spec.symmetric, spec.signed, reverse,
+        _packed_rows4(w_hh))
 
 
 def rnn_native(mode, input, hx, weights, num_layers, bidirectional, batch_first, act_bits, act_signed,
