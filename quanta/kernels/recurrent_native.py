@@ -15,8 +15,10 @@ kernel tests bound both); the thread count changes no bit.
 Integer sums by build: AVX-512 VNNI ``vpdpbusd`` (the gemv; the input projection by
 ``torch._int_mm``); AVX2 without VNNI: the int16-widening ``vpmaddwd`` gemv (exact for full 8-bit
 weights), which also takes the input projection up to `INPUT_GEMV_MAX_ROWS` rows (``float_sums``
-beyond). Without VNNI every batch runs natively (`native_max_batch`). The row sums of each weight
-(the zero-point term) are computed once per weight version (`_row_sums`), not per call.
+beyond). On AVX2 both weights are read re-laid out 4 rows per pass (`int8_pack_rows4`: one stream
+gives 4 rows' sums and one transpose-add replaces 4 horizontal sums; the same int32 sums). Without VNNI
+every batch runs natively (`native_max_batch`). The row sums of each weight (the zero-point term) and
+its packed copy are computed once per weight version (`_derived`), not per call.
 """
 
 from __future__ import annotations

@@ -6,7 +6,9 @@
 - ``rnn_layer`` with the packed weight gives the bits of ``rnn_layer`` on the plain weight (whose sums
   the other recurrent tests hold to the reference): every mode and activation grid, hidden sizes that
   are not multiples of 4 / 16 / 32 (a 4-row group then straddles two gates or two threads), batches
-  1 / 3 / 9 (activation rows 3 at a time), forwards and reversed, 1 and 2 threads.
+  1 / 2 / 3 / 9 (activation rows 2 at a time, an odd batch ends on one), forwards and reversed, 1 and 2
+  threads.
+- ``int8_gemv`` with the packed weight (the input projection) gives the plain ``int8_gemv``'s bits.
 - The models run it: `recurrent_native` passes the cached packed weight on AVX2 builds, and an in-place
   change of W_hh is followed (the cache keys on the tensor's version).
 """
@@ -64,7 +66,7 @@ def _case(mode: str, batch: int, hidden: int, seed: int):
 def test_packed_loop_gives_the_plain_loops_bits(mode, act, torch_threads):
     spec = act_spec(*ACTS[act])
     lib = native.module()
-    for batch, hidden in ((1, 40), (3, 100), (9, 33), (1, 21), (2, 64)):
+    for batch, hidden in ((1, 40), (3, 100), (9, 33), (1, 21), (2, 64), (4, 18)):
         gi, state, w, s, b = _case(mode, batch, hidden, seed=batch * 1000 + hidden)
         w_sum, packed = lib.int8_row_sums(w), lib.int8_pack_rows4(w)
         args = (mode, gi, state, w, s, b, w_sum, spec.qmin, spec.qmax, spec.symmetric, spec.signed, hidden % 2 == 1)
@@ -77,11 +79,33 @@ def test_packed_loop_gives_the_plain_loops_bits(mode, act, torch_threads):
 
 
 @needs_native_loop
+@pytest.mark.parametrize("xdtype", [torch.uint8, torch.int8])
+@pytest.mark.parametrize("m,n,k", [(1, 8, 16), (2, 33, 70), (3, 130, 17), (5, 96, 512), (64, 2048, 512)])
+def test_packed_gemv_gives_the_plain_gemvs_bits(m, n, k, xdtype, torch_threads):
+    gen = torch.Generator().manual_seed(m * n + k)
+    lo, hi = (0, 256) if xdtype == torch.uint8 else (-128, 128)
+    x = torch.randint(lo, hi, (m, k), generator=gen).to(xdtype)
+    x[0] = hi - 1  # the extremes: every code at its top against weights of -128
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=gen)
+    w[0] = -128
+    lib = native.module()
+    args = (x, torch.randint(lo, hi, (m,), generator=gen).int(), w, lib.int8_row_sums(w), torch.rand(m) + 0.5,
+            torch.rand(n) * 0.01, torch.randn(n))
+    plain = lib.int8_gemv(*args)
+    for threads in (1, 2):
+        with torch_threads(threads):
+            assert torch.equal(lib.int8_gemv(*args, w_packed=lib.int8_pack_rows4(w)), plain), (m, n, k, threads)
+
+
+@needs_native_loop
 def test_packed_weight_is_checked():
     gi, state, w, s, b = _case("GRU", 1, 40, seed=1)
     lib = native.module()
     with pytest.raises(RuntimeError, match="w_packed must be int8_pack_rows4"):
         lib.rnn_layer("GRU", gi, state, w, s, b, lib.int8_row_sums(w), 0, 255, False, False, False, w.reshape(-1))
+    with pytest.raises(RuntimeError, match="w_packed must be int8_pack_rows4"):
+        lib.int8_gemv(torch.zeros(1, 40, dtype=torch.uint8), torch.zeros(1, dtype=torch.int32), w, lib.int8_row_sums(w),
+                      torch.ones(1), torch.ones(120), None, w_packed=w[:8])
 
 
 @needs_native_loop

@@ -295,14 +295,11 @@ void sums_packed4(const int16_t* x16, int64_t Kp, const int8_t* wp, int64_t N, i
 void gemv_packed4_rows(const int16_t* x16, int64_t M, int64_t K, const int8_t* wp, int64_t N, int32_t* acc, int64_t n0,
                        int64_t n1) {
   const int64_t Kp = pack4_cols(K);
-  for (int64_t m = 0; m < M;) {  // activation rows 3 at a time (12 accumulators: the registers hold them)
-    const int64_t mr = std::min<int64_t>(3, M - m);
-    const int16_t* xm = x16 + m * Kp;
-    int32_t* am = acc + m * N;
-    if (mr == 1) sums_packed4<1>(xm, Kp, wp, N, am, n0, n1);
-    else if (mr == 2) sums_packed4<2>(xm, Kp, wp, N, am, n0, n1);
-    else sums_packed4<3>(xm, Kp, wp, N, am, n0, n1);
-    m += mr;
+  // activation rows 2 at a time: 8 accumulators (3 at a time spill registers: measured 64 x 2048 x 512,
+  // 1 thread, 1.6 vs 1.1 ms)
+  for (int64_t m = 0; m < M; m += 2) {
+    if (m + 1 < M) sums_packed4<2>(x16 + m * Kp, Kp, wp, N, acc + m * N, n0, n1);
+    else sums_packed4<1>(x16 + m * Kp, Kp, wp, N, acc + m * N, n0, n1);
   }
 }
 
