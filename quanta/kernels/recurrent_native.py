@@ -15,7 +15,7 @@ kernel tests bound both); the thread count changes no bit.
 Integer sums by build: AVX-512 VNNI ``vpdpbusd`` (the gemv; the input projection by
 ``torch._int_mm``); AVX2 without VNNI: the int16-widening ``vpmaddwd`` gemv (exact for full 8-bit
 weights), which also takes the input projection up to `INPUT_GEMV_MAX_ROWS` rows (``float_sums``
-beyond). On AVX2 both weights are read re-laid out 4 rows per pass (`int8_pack_rows4`: one stream
+beyond). On AVX2 the time loop reads W_hh re-laid out 4 rows per pass (`int8_pack_rows4`: one stream
 gives 4 rows' sums and one transpose-add replaces 4 horizontal sums; the same int32 sums). Without VNNI
 every batch runs natively (`native_max_batch`). The row sums of each weight (the zero-point term) and
 its packed copy are computed once per weight version (`_derived`), not per call.
@@ -37,7 +37,9 @@ _ONE = torch.ones(1)  # (rescale_rows' x_scale: the scales are applied as one pe
 #: without VNNI, the input projection (T * B rows at once) runs the AVX2 gemv up to this many rows, else
 #: float_sums: measured (benchmark LSTM layer, [64, 512] x [2048, 512], min of 30): gemv 1.47 / 1.20 ms,
 #: float_sums 6.84 / 2.17 ms (1 / 2 threads); the gemv still beat float_sums at 512 rows (3072 x 768:
-#: 32.0 vs 99.7 ms, 768²: 11.6 vs 13.1 ms, 2 threads, benchmarks/gemv_avx2.py)
+#: 32.0 vs 99.7 ms, 768²: 11.6 vs 13.1 ms, 2 threads, benchmarks/gemv_avx2.py). W_ih stays in its plain
+#: layout: int8_gemv on int8_pack_rows4(W_ih) measured level here (64 x 2048 x 512, 1 thread, interleaved
+#: on the shared machine: median 1.38 / 1.86 vs 1.46 / 1.24 ms), not worth a second copy of the weight.
 INPUT_GEMV_MAX_ROWS = 512
 
 
@@ -72,8 +74,8 @@ def _row_sums(w: torch.Tensor) -> torch.Tensor:
 
 
 def _packed_rows4(w: torch.Tensor) -> torch.Tensor | None:
-    """``w`` (``W_hh``, or ``W_ih`` for the input projection) re-laid out for the AVX2 gemv (4 rows per
-    pass, `int8_pack_rows4`), None on other builds (the VNNI loop reads the plain weight)."""
+    """``W_hh`` re-laid out for the AVX2 loop's gemv (4 rows per pass, `int8_pack_rows4`), None on other
+    builds (the VNNI loop reads the plain weight)."""
     return _derived("int8_pack_rows4", w) if gemv_isa() == "avx2" else None
 
 
@@ -98,8 +100,7 @@ def _input_projection(x: torch.Tensor, codes: torch.Tensor, s_x: torch.Tensor, z
         # the native gemv's exact sums and rescale_rows' epilogue with an x_scale of 1: float32(acc) * 1 *
         # (s_x * s_ih) + b_ih, the reference's arithmetic (times 1 is exact)
         y = native.module().int8_gemv(_dense(q2), z_x.reshape(-1).to(torch.int32).contiguous(), w, _row_sums(w), _ONE,
-                                      (s_x * s_ih).float().contiguous(), b_ih.float().contiguous(),
-                                      w_packed=_packed_rows4(w))
+                                      (s_x * s_ih).float().contiguous(), b_ih.float().contiguous())
         return y.reshape(*x.shape[:-1], w_ih.shape[0])
     if gemv_isa() != "avx512_vnni" and torch.get_float32_matmul_precision() == "highest":
         # the same int32 sums by float32 GEMMs on the codes, and `_rescale`'s float32(acc) * 1 * (s_x * s_ih)

@@ -8,7 +8,7 @@
   are not multiples of 4 / 16 / 32 (a 4-row group then straddles two gates or two threads), batches
   1 / 2 / 3 / 9 (activation rows 2 at a time, an odd batch ends on one), forwards and reversed, 1 and 2
   threads.
-- ``int8_gemv`` with the packed weight (the input projection) gives the plain ``int8_gemv``'s bits.
+- ``int8_gemv`` with the packed weight (its ``w_packed`` option) gives the plain ``int8_gemv``'s bits.
 - The models run it: `recurrent_native` passes the cached packed weight on AVX2 builds, and an in-place
   change of W_hh is followed (the cache keys on the tensor's version).
 """
