@@ -15,8 +15,10 @@ kernel tests bound both); the thread count changes no bit.
 Integer sums by build: AVX-512 VNNI ``vpdpbusd`` (the gemv; the input projection by
 ``torch._int_mm``); AVX2 without VNNI: the int16-widening ``vpmaddwd`` gemv (exact for full 8-bit
 weights), which also takes the input projection up to `INPUT_GEMV_MAX_ROWS` rows (``float_sums``
-beyond). Without VNNI every batch runs natively (`native_max_batch`). The row sums of each weight
-(the zero-point term) are computed once per weight version (`_row_sums`), not per call.
+beyond). On AVX2 the time loop reads W_hh re-laid out 4 rows per pass (`int8_pack_rows4`: one stream
+gives 4 rows' sums and one transpose-add replaces 4 horizontal sums; the same int32 sums). Without VNNI
+every batch runs natively (`native_max_batch`). The row sums of each weight (the zero-point term) and
+its packed copy are computed once per weight version (`_derived`), not per call.
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ _ONE = torch.ones(1)  # (rescale_rows' x_scale: the scales are applied as one pe
 #: without VNNI, the input projection (T * B rows at once) runs the AVX2 gemv up to this many rows, else
 #: float_sums: measured (benchmark LSTM layer, [64, 512] x [2048, 512], min of 30): gemv 1.47 / 1.20 ms,
 #: float_sums 6.84 / 2.17 ms (1 / 2 threads); the gemv still beat float_sums at 512 rows (3072 x 768:
-#: 32.0 vs 99.7 ms, 768²: 11.6 vs 13.1 ms, 2 threads, benchmarks/gemv_avx2.py)
+#: 32.0 vs 99.7 ms, 768²: 11.6 vs 13.1 ms, 2 threads, benchmarks/gemv_avx2.py). W_ih stays in its plain
+#: layout: int8_gemv on int8_pack_rows4(W_ih) measured level here (64 x 2048 x 512, 1 thread, interleaved
+#: on the shared machine: median 1.38 / 1.86 vs 1.46 / 1.24 ms), not worth a second copy of the weight.
 INPUT_GEMV_MAX_ROWS = 512
 
 
@@ -46,22 +50,33 @@ INPUT_GEMV_MAX_ROWS = 512
 #: the loop reads each weight block once per step for all rows: every batch runs natively.
 VNNI_MAX_BATCH = GEMV_MAX_ROWS
 
-#: per weight tensor (id, version): (the tensor, its int32 row sums)
-_ROW_SUMS: dict[tuple[int, int], tuple[weakref.ref, torch.Tensor]] = {}
+#: per (what, weight tensor id, version): (the tensor, what was derived from it)
+_DERIVED: dict[tuple[str, int, int], tuple[weakref.ref, torch.Tensor]] = {}
+
+
+def _derived(what: str, w: torch.Tensor) -> torch.Tensor:
+    """``native.module().<what>(w)`` for the contiguous int8 weight ``w``, cached per tensor version (an
+    in-place change of the weight is noticed)."""
+    key = (what, id(w), w._version)
+    hit = _DERIVED.get(key)
+    if hit is not None and hit[0]() is w:
+        return hit[1]
+    for k in [k for k, v in _DERIVED.items() if v[0]() is None]:
+        del _DERIVED[k]
+    out = getattr(native.module(), what)(w)
+    _DERIVED[key] = (weakref.ref(w), out)
+    return out
 
 
 def _row_sums(w: torch.Tensor) -> torch.Tensor:
-    """The int32 row sums of the contiguous int8 weight ``w`` (the zero-point term of the exact sums),
-    cached per tensor version (an in-place change of the weight is noticed)."""
-    key = (id(w), w._version)
-    hit = _ROW_SUMS.get(key)
-    if hit is not None and hit[0]() is w:
-        return hit[1]
-    for k in [k for k, v in _ROW_SUMS.items() if v[0]() is None]:
-        del _ROW_SUMS[k]
-    sums = native.module().int8_row_sums(w)
-    _ROW_SUMS[key] = (weakref.ref(w), sums)
-    return sums
+    """The int32 row sums of the contiguous int8 weight ``w`` (the zero-point term of the exact sums)."""
+    return _derived("int8_row_sums", w)
+
+
+def _packed_rows4(w: torch.Tensor) -> torch.Tensor | None:
+    """``W_hh`` re-laid out for the AVX2 loop's gemv (4 rows per pass, `int8_pack_rows4`), None on other
+    builds (the VNNI loop reads the plain weight)."""
+    return _derived("int8_pack_rows4", w) if gemv_isa() == "avx2" else None
 
 
 def native_max_batch() -> int | None:
@@ -116,7 +131,8 @@ def _layer(mode: str, x: torch.Tensor, q: tuple[torch.Tensor, torch.Tensor, torc
     w_hh = w_hh.contiguous()
     return native.module().rnn_layer(
         mode, gi.contiguous(), [s.float().contiguous() for s in state], w_hh, s_hh.float().contiguous(),
-        b_hh.float().contiguous(), _row_sums(w_hh), spec.qmin, spec.qmax, spec.symmetric, spec.signed, reverse)
+        b_hh.float().contiguous(), _row_sums(w_hh), spec.qmin, spec.qmax, spec.symmetric, spec.signed, reverse,
+        _packed_rows4(w_hh))
 
 
 def rnn_native(mode, input, hx, weights, num_layers, bidirectional, batch_first, act_bits, act_signed,

@@ -311,20 +311,23 @@ torch::Tensor max_pool2d_codes(const torch::Tensor& x, c10::IntArrayRef kernel, 
 // gemv.cpp
 torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& x_zp, const torch::Tensor& w,
                         const torch::Tensor& w_sum, const torch::Tensor& x_scale, const torch::Tensor& w_scale,
-                        const c10::optional<torch::Tensor>& bias, int64_t post_op);
+                        const c10::optional<torch::Tensor>& bias, int64_t post_op,
+                        const c10::optional<torch::Tensor>& w_packed);
 torch::Tensor int8_row_sums(const torch::Tensor& w);
 torch::Tensor huge_page_copy(const torch::Tensor& t);
+torch::Tensor int8_pack_rows4(const torch::Tensor& w);
 // recurrent.cpp
 bool rnn_layer_available();
 std::vector<torch::Tensor> rnn_layer(const std::string& mode, const torch::Tensor& gi, std::vector<torch::Tensor> state,
                                      const torch::Tensor& w_hh, const torch::Tensor& s_hh,
                                      const torch::Tensor& b_hh, const torch::Tensor& w_sum, int64_t qmin, int64_t qmax,
-                                     bool symmetric, bool is_signed, bool reverse);
+                                     bool symmetric, bool is_signed, bool reverse,
+                                     const c10::optional<torch::Tensor>& w_packed);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_gemv", &int8_gemv, "int8 x int8 linear for a few rows (AVX-512 VNNI), rescaled like rescale_rows",
         py::arg("x"), py::arg("x_zp"), py::arg("w"), py::arg("w_sum"), py::arg("x_scale"), py::arg("w_scale"),
-        py::arg("bias"), py::arg("post_op") = 0);
+        py::arg("bias"), py::arg("post_op") = 0, py::arg("w_packed") = py::none());
   m.def("int8_gemm", &quanta_native::int8_gemm,
         "int8 x int8 linear on a dense-packed weight (AVX-512 VNNI), rescaled like rescale_rows", py::arg("x"),
         py::arg("x_zp"), py::arg("x_scale"), py::arg("wpack"), py::arg("w_sum"), py::arg("w_scale"), py::arg("bias"),
@@ -334,7 +337,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_has_vnni", &gemv_has_vnni, "whether int8_gemv was compiled with AVX-512 VNNI");
   m.def("gemv_isa", &gemv_isa, "the fast loop int8_gemv was compiled with: avx512_vnni, avx2 or none");
   m.def("rnn_layer_available", &rnn_layer_available, "whether rnn_layer can run on this build");
-  m.def("rnn_layer", &rnn_layer, "one layer and direction of a dynamic int8 LSTM / GRU / RNN");
+  m.def("rnn_layer", &rnn_layer, "one layer and direction of a dynamic int8 LSTM / GRU / RNN", py::arg("mode"),
+        py::arg("gi"), py::arg("state"), py::arg("w_hh"), py::arg("s_hh"), py::arg("b_hh"), py::arg("w_sum"),
+        py::arg("qmin"), py::arg("qmax"), py::arg("symmetric"), py::arg("is_signed"), py::arg("reverse"),
+        py::arg("w_packed") = py::none());
+  m.def("int8_pack_rows4", &int8_pack_rows4, "int8 [N, K] re-laid out for the recurrent loop's AVX2 gemv");
   m.def("max_pool2d_codes", &max_pool2d_codes, "2d max pooling of channels-last uint8 codes");
   m.def("add_codes", &add_codes, "residual addition of uint8 codes");
   m.def("quantize_rows", &quantize_rows, "dynamic per-row quantization");

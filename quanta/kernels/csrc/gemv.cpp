@@ -197,6 +197,112 @@ void gemv_u8s8(const uint8_t* x, int64_t M, int64_t K, const int8_t* w, int64_t 
   });
 }
 
+
+// ---- The recurrent loop's gemv on AVX2: weights re-laid out once (int8_pack_rows4), 4 rows per pass.
+// Layout: rows in groups of 4 (the last group padded with zero rows), K padded to a multiple of 16 with
+// zeros; per group and per 16 columns the 16 bytes of row 0, then rows 1, 2, 3 (64 bytes): one
+// sequential stream gives 4 rows' sums, each 16 weights sign-extended by one vpmovsxbw and multiplied
+// by the activation row widened once to int16 in its natural order (one vpmaddwd: 16 exact products
+// into 8 int32 lanes), and the 4 rows' horizontal sums are 3 vphaddd. Measured (AMD EPYC, one thread,
+// 2048 x 512 weights, min ns per 32 weights): 0.65 vs 0.92 for sums_avx2's row-by-row loop, 0.56 vs 0.88
+// when the weight is L2-resident.
+
+int64_t pack4_cols(int64_t K) { return (K + 15) / 16 * 16; }
+
+int64_t pack4_bytes(int64_t N, int64_t K) { return (N + 3) / 4 * 4 * pack4_cols(K); }
+
+void pack_rows4(const int8_t* w, int64_t N, int64_t K, int8_t* out) {
+  const int64_t Kp = pack4_cols(K);
+  std::memset(out, 0, static_cast<size_t>(pack4_bytes(N, K)));
+  for (int64_t n = 0; n < N; ++n) {
+    int8_t* g = out + (n / 4) * 4 * Kp + (n % 4) * 16;
+    for (int64_t k = 0; k < K; ++k) g[(k / 16) * 64 + (k % 16)] = w[n * K + k];
+  }
+}
+
+void widen_codes(const uint8_t* x, int64_t M, int64_t K, uint8_t flip, int16_t* x16) {
+  const int64_t Kp = pack4_cols(K);
+  for (int64_t m = 0; m < M; ++m) {
+    int64_t k0 = 0;
+#if defined(__AVX2__)
+    const __m128i flipv = _mm_set1_epi8(static_cast<char>(flip));
+    for (; k0 + 16 <= K; k0 += 16) {
+      const __m128i v = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + m * K + k0)), flipv);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(x16 + m * Kp + k0), _mm256_cvtepu8_epi16(v));
+    }
+#endif
+    for (int64_t k = k0; k < K; ++k) x16[m * Kp + k] = static_cast<uint8_t>(x[m * K + k] ^ flip);
+    for (int64_t k = K; k < Kp; ++k) x16[m * Kp + k] = 0;
+  }
+}
+
+namespace {
+
+// the sums of one 4-row group: rows 4g + r whose index lies in [n0, n1) are stored
+inline void store_group(const int32_t* s, int64_t g, int32_t* acc, int64_t n0, int64_t n1) {
+  for (int r = 0; r < 4; ++r) {
+    const int64_t n = 4 * g + r;
+    if (n >= n0 && n < n1) acc[n] = s[r];
+  }
+}
+
+#if defined(__AVX2__)
+template <int MR>
+void sums_packed4(const int16_t* x16, int64_t Kp, const int8_t* wp, int64_t N, int32_t* acc, int64_t n0, int64_t n1) {
+  for (int64_t g = n0 / 4; 4 * g < n1; ++g) {
+    __m256i a[MR][4];
+    for (int m = 0; m < MR; ++m)
+      for (int r = 0; r < 4; ++r) a[m][r] = _mm256_setzero_si256();
+    const int8_t* p = wp + g * 4 * Kp;
+    for (int64_t k = 0; k < Kp; k += 16, p += 64) {
+      __m256i xv[MR];
+      for (int m = 0; m < MR; ++m) xv[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x16 + m * Kp + k));
+      for (int r = 0; r < 4; ++r) {
+        const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * r)));
+        for (int m = 0; m < MR; ++m) a[m][r] = _mm256_add_epi32(a[m][r], _mm256_madd_epi16(wv, xv[m]));
+      }
+    }
+    for (int m = 0; m < MR; ++m) {
+      const __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(a[m][0], a[m][1]), _mm256_hadd_epi32(a[m][2], a[m][3]));
+      const __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+      if (4 * g >= n0 && 4 * g + 4 <= n1) {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(acc + m * N + 4 * g), s4);
+      } else {
+        alignas(16) int32_t t[4];
+        _mm_store_si128(reinterpret_cast<__m128i*>(t), s4);
+        store_group(t, g, acc + m * N, n0, n1);
+      }
+    }
+  }
+}
+#else
+template <int MR>
+void sums_packed4(const int16_t* x16, int64_t Kp, const int8_t* wp, int64_t N, int32_t* acc, int64_t n0, int64_t n1) {
+  for (int64_t g = n0 / 4; 4 * g < n1; ++g)
+    for (int m = 0; m < MR; ++m) {
+      int32_t t[4] = {0, 0, 0, 0};
+      const int8_t* p = wp + g * 4 * Kp;
+      for (int64_t k = 0; k < Kp; k += 16, p += 64)
+        for (int r = 0; r < 4; ++r)
+          for (int j = 0; j < 16; ++j) t[r] += static_cast<int32_t>(x16[m * Kp + k + j]) * p[16 * r + j];
+      store_group(t, g, acc + m * N, n0, n1);
+    }
+}
+#endif
+
+}  // namespace
+
+void gemv_packed4_rows(const int16_t* x16, int64_t M, int64_t K, const int8_t* wp, int64_t N, int32_t* acc, int64_t n0,
+                       int64_t n1) {
+  const int64_t Kp = pack4_cols(K);
+  // activation rows 2 at a time: 8 accumulators (3 at a time spill registers: measured 64 x 2048 x 512,
+  // 1 thread, 1.6 vs 1.1 ms)
+  for (int64_t m = 0; m < M; m += 2) {
+    if (m + 1 < M) sums_packed4<2>(x16 + m * Kp, Kp, wp, N, acc + m * N, n0, n1);
+    else sums_packed4<1>(x16 + m * Kp, Kp, wp, N, acc + m * N, n0, n1);
+  }
+}
+
 }  // namespace quanta_native
 
 using namespace quanta_native;
@@ -205,9 +311,12 @@ using namespace quanta_native;
 // (+ bias[n]), then the activation post_op: the same int32 sums as torch._int_mm and the same float32
 // epilogue as rescale_rows.
 // x: row-major int8 / uint8 codes [M, K]; w: row-major int8 [N, K]; w_sum: int32 [N] (sum_k w[n, k]).
+// w_packed: optionally int8_pack_rows4(w), the sums then by the packed kernel (blocks of 32 weight rows,
+// each held in L1 while every activation row, 3 at a time, passes over it): the same int32 sums.
 torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& x_zp, const torch::Tensor& w,
                         const torch::Tensor& w_sum, const torch::Tensor& x_scale, const torch::Tensor& w_scale,
-                        const c10::optional<torch::Tensor>& bias, int64_t post_op) {
+                        const c10::optional<torch::Tensor>& bias, int64_t post_op,
+                        const c10::optional<torch::Tensor>& w_packed) {
   check_post_op("int8_gemv", post_op);
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.stride(1) == 1 && x.stride(0) == x.size(1) &&
               (x.scalar_type() == torch::kInt8 || x.scalar_type() == torch::kUInt8),
@@ -218,8 +327,22 @@ torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& x_zp, const
   const float* b = check_epilogue("int8_gemv", M, N, x_zp, w_sum, x_scale, w_scale, bias);
   auto acc = torch::empty({M, N}, x.options().dtype(torch::kInt32));
   const bool is_signed = x.scalar_type() == torch::kInt8;
-  gemv_u8s8(static_cast<const uint8_t*>(x.data_ptr()), M, K, w.data_ptr<int8_t>(), N, acc.data_ptr<int32_t>(),
-            is_signed ? 0x80 : 0);
+  const uint8_t* xb = static_cast<const uint8_t*>(x.data_ptr());
+  if (w_packed.has_value() && w_packed->defined()) {
+    TORCH_CHECK(w_packed->scalar_type() == torch::kInt8 && w_packed->is_contiguous() &&
+                w_packed->numel() == pack4_bytes(N, K), "int8_gemv: w_packed must be int8_pack_rows4(w)");
+    std::vector<int16_t> x16(static_cast<size_t>(M * pack4_cols(K)));
+    widen_codes(xb, M, K, is_signed ? 0x80 : 0, x16.data());
+    const int8_t* wp = w_packed->data_ptr<int8_t>();
+    int32_t* a = acc.data_ptr<int32_t>();
+    constexpr int64_t kPackedBlock = 32;
+    at::parallel_for(0, (N + kPackedBlock - 1) / kPackedBlock, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b)
+        gemv_packed4_rows(x16.data(), M, K, wp, N, a, b * kPackedBlock, std::min(N, (b + 1) * kPackedBlock));
+    });
+  } else {
+    gemv_u8s8(xb, M, K, w.data_ptr<int8_t>(), N, acc.data_ptr<int32_t>(), is_signed ? 0x80 : 0);
+  }
   // int8 codes were read as code + 128: their zero points move by 128 too (the same exact sums)
   std::vector<int32_t> zp(x_zp.data_ptr<int32_t>(), x_zp.data_ptr<int32_t>() + x_zp.numel());
   if (is_signed)
@@ -256,4 +379,16 @@ torch::Tensor huge_page_copy(const torch::Tensor& t) {
 #endif
   std::memcpy(p, c.data_ptr(), bytes);
   return torch::from_blob(p, c.sizes(), [](void* q) { std::free(q); }, c.options());
+}
+
+
+// w (contiguous int8 [N, K]) re-laid out for the recurrent loop's AVX2 gemv (see pack_rows4): int8
+// [pack4_bytes(N, K)].
+torch::Tensor int8_pack_rows4(const torch::Tensor& w) {
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == torch::kInt8 && w.dim() == 2 && w.is_contiguous(),
+              "int8_pack_rows4: w must be contiguous int8 [N, K]");
+  const int64_t N = w.size(0), K = w.size(1);
+  auto out = torch::empty({pack4_bytes(N, K)}, w.options());
+  pack_rows4(w.data_ptr<int8_t>(), N, K, out.data_ptr<int8_t>());
+  return out;
 }

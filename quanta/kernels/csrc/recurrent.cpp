@@ -21,6 +21,14 @@
 
 using namespace quanta_native;
 
+namespace quanta_native {  // gemv.cpp: the gemv on W_hh re-laid out by int8_pack_rows4
+int64_t pack4_cols(int64_t K);
+int64_t pack4_bytes(int64_t N, int64_t K);
+void widen_codes(const uint8_t* x, int64_t M, int64_t K, uint8_t flip, int16_t* x16);
+void gemv_packed4_rows(const int16_t* x16, int64_t M, int64_t K, const int8_t* wp, int64_t N, int32_t* acc, int64_t n0,
+                       int64_t n1);
+}  // namespace quanta_native
+
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 // SLEEF's vector functions, exported by libtorch_cpu (weak: a torch without them leaves these null
@@ -180,6 +188,7 @@ struct Loop {
   float qmin, qmax;
   const float* gi;
   const int8_t* w;
+  const int8_t* w_packed;  // W_hh re-laid out by int8_pack_rows4 (null: the plain gemv on w)
   const int32_t* w_sum;
   const float* s_w;
   const float* b;
@@ -201,6 +210,7 @@ struct Loop {
 void run_loop(const Loop& L, int64_t tid, int64_t threads, int* failed) {
   const int64_t j0 = std::min(L.H, tid * L.slice), j1 = std::min(L.H, j0 + L.slice), G = L.N / L.H;
   std::vector<uint8_t> codes(static_cast<size_t>(L.B * L.H));
+  std::vector<int16_t> wide(L.w_packed ? static_cast<size_t>(L.B * pack4_cols(L.H)) : 0);
   // int8 codes are read as code + 128: their zero point moves by 128 (the same exact sums)
   const uint8_t flip = L.is_signed ? 0x80 : 0;
   for (int64_t i = 0; i < L.T; ++i) {
@@ -224,9 +234,13 @@ void run_loop(const Loop& L, int64_t tid, int64_t threads, int* failed) {
         quantize_span<uint8_t>(h + r * L.H, codes.data() + r * L.H, L.H, inv, z, L.qmin, L.qmax);
     }
     const int32_t zu = static_cast<int32_t>(z) + (L.is_signed ? 128 : 0);
+    if (L.w_packed) widen_codes(codes.data(), L.B, L.H, flip, wide.data());
     for (int64_t g = 0; g < G; ++g) {
       const int64_t n0 = g * L.H + j0, n1 = g * L.H + j1;
-      gemv_u8s8_rows(codes.data(), L.B, L.H, L.w, L.N, L.acc, flip, n0, n1);
+      if (L.w_packed)
+        gemv_packed4_rows(wide.data(), L.B, L.H, L.w_packed, L.N, L.acc, n0, n1);
+      else
+        gemv_u8s8_rows(codes.data(), L.B, L.H, L.w, L.N, L.acc, flip, n0, n1);
       for (int64_t r = 0; r < L.B; ++r) {  // gh = float32(acc) * (s_h * s_hh) + b_hh
         const int32_t* a = L.acc + r * L.N;
         float* o = L.gh + r * L.N;
@@ -261,12 +275,14 @@ bool rnn_layer_available() {
 // One layer and direction. gi: float32 [T, B, G*H] (x W_ih^T + b_ih for the whole sequence); state:
 // [h0] or [h0, c0], each [B, H]; w_hh: contiguous int8 [G*H, H]; s_hh, b_hh: float32 [G*H]; w_sum: int32
 // [G*H], the row sums of w_hh (int8_row_sums, cached by the caller); the activation grid qmin..qmax
-// (signed: int8 codes, else uint8).
+// (signed: int8 codes, else uint8); w_packed: optionally w_hh re-laid out by int8_pack_rows4 (the
+// AVX2 loop's faster gemv, the same sums), cached by the caller.
 // Returns [output [T, B, H], h_T] (LSTM: [output, h_T, c_T]).
 std::vector<torch::Tensor> rnn_layer(const std::string& mode_name, const torch::Tensor& gi, std::vector<torch::Tensor> state,
                                      const torch::Tensor& w_hh, const torch::Tensor& s_hh,
                                      const torch::Tensor& b_hh, const torch::Tensor& w_sum, int64_t qmin, int64_t qmax,
-                                     bool symmetric, bool is_signed, bool reverse) {
+                                     bool symmetric, bool is_signed, bool reverse,
+                                     const c10::optional<torch::Tensor>& w_packed) {
   TORCH_CHECK(rnn_layer_available(), "rnn_layer: not available (needs AVX2 or AVX-512 and torch's SLEEF functions)");
   const Mode mode = parse_mode(mode_name);
   const int64_t G = gate_count(mode);
@@ -287,13 +303,18 @@ std::vector<torch::Tensor> rnn_layer(const std::string& mode_name, const torch::
   auto acc = torch::empty({B, N}, gi.options().dtype(torch::kInt32));
   auto gh = torch::empty({B, N}, gi.options());
   TORCH_CHECK(w_sum.scalar_type() == torch::kInt32 && w_sum.is_contiguous() && w_sum.numel() == N, "rnn_layer: w_sum");
+  const bool packed = w_packed.has_value() && w_packed->defined();
+  TORCH_CHECK(!packed || (w_packed->scalar_type() == torch::kInt8 && w_packed->is_contiguous() &&
+                          w_packed->numel() == pack4_bytes(N, H)),
+              "rnn_layer: w_packed must be int8_pack_rows4(w_hh)");
   // own copies of the state: the loop updates them in place (the caller's tensors stay as they are)
   // two buffers for h (the loop alternates between them), the first one h0
   torch::Tensor h2 = torch::empty({2, B, H}, gi.options());
   h2[0].copy_(state[0]);
   torch::Tensor c = mode == Mode::LSTM ? state[1].clone(at::MemoryFormat::Contiguous) : torch::Tensor();
   Loop L{mode, B, H, N, T, reverse, is_signed, symmetric, static_cast<float>(qmin), static_cast<float>(qmax),
-         gi.data_ptr<float>(), w_hh.data_ptr<int8_t>(), w_sum.data_ptr<int32_t>(), s_hh.data_ptr<float>(),
+         gi.data_ptr<float>(), w_hh.data_ptr<int8_t>(), packed ? w_packed->data_ptr<int8_t>() : nullptr,
+         w_sum.data_ptr<int32_t>(), s_hh.data_ptr<float>(),
          b_hh.data_ptr<float>(), h2.data_ptr<float>(), mode == Mode::LSTM ? c.data_ptr<float>() : nullptr,
          acc.data_ptr<int32_t>(), gh.data_ptr<float>(), out.data_ptr<float>()};
   // the hidden units are split between threads in slices of 16; one parallel region for all steps
