@@ -29,6 +29,7 @@ from ..core import Format, Granularity, QuantSpec, pack_bits, unpack_bits
 from ..kernels.activation import quantize_activation
 from ..kernels.graph_ops import SettledGraphCall, settled_call
 from ..kernels.linear import GEMV_MAX_ROWS, gemm_pack, int8_linear, onednn_prepack, streaming_copy, weight_sum
+from ..kernels.linear_avx2 import avx2_auto_pack, avx2_linear_call
 from ..kernels.linear_native import (
     NATIVE_LINEAR_IMPLS,
     POST_OPS,
@@ -37,7 +38,6 @@ from ..kernels.linear_native import (
     compiled_linear_args,
     native_linear_call,
 )
-from ..kernels.linear_avx2 import avx2_auto_pack, avx2_linear_call
 from ..kernels.linear_onednn import onednn_auto_pack, onednn_linear_call
 from ..kernels.u8s8_saturation import weight_code_max
 from .linear_common import (
