@@ -22,7 +22,7 @@ namespace quanta_native {
 namespace {
 
 constexpr int kMR = 6;                     // rows per register tile
-constexpr int64_t kChunkBytes = 32 << 10;  // a chunk's codes, at most (where K allows)
+constexpr int64_t kChunkBytes = 128 << 10;  // a chunk's codes, at most (where K allows): they stay in L2
 
 struct LinearEpilogue {
   const int32_t* zp;  // uint8 codes' zero point, per row (zrow) or one
@@ -121,11 +121,14 @@ void linear_gemm(int64_t M, int64_t K, const int8_t* wpack, const LinearEpilogue
   const int64_t Kp = (K + 3) / 4 * 4, NB = (e.N + 15) / 16, threads = at::get_num_threads();
   const int64_t tiles = (M + kMR - 1) / kMR;
   const int64_t fit = std::max<int64_t>(1, kChunkBytes / (Kp * kMR));
-  int64_t chunks = std::min(tiles, std::max((tiles + fit - 1) / fit, 4 * threads));
+  // as few chunks as fit L2, a multiple of the thread count (at::parallel_for hands each thread one
+  // contiguous range of tasks: equal chunks, equal work), each chunk reading every weight panel once
+  int64_t chunks = std::max((tiles + fit - 1) / fit, threads);
+  chunks = std::min(tiles, (chunks + threads - 1) / threads * threads);
   const int64_t chunk_tiles = (tiles + chunks - 1) / chunks;
   chunks = (tiles + chunk_tiles - 1) / chunk_tiles;
-  // few row chunks: the 16-channel blocks split too, so that every thread works
-  const int64_t splits = std::min(NB, std::max<int64_t>(1, (4 * threads + chunks - 1) / chunks));
+  // fewer row chunks than threads: the 16-channel blocks split too, so that every thread works
+  const int64_t splits = std::min(NB, std::max<int64_t>(1, (threads + chunks - 1) / chunks));
   const int64_t per = (NB + splits - 1) / splits;
   at::parallel_for(0, chunks * splits, 1, [&](int64_t t0, int64_t t1) {
     std::vector<uint8_t> buf(static_cast<size_t>(chunk_tiles * kMR * Kp));
