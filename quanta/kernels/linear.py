@@ -250,8 +250,7 @@ def _guard_gemv_native(x, x_scale, x_zp, weight, w_scale, bias, w_sum, packed):
     if reason is not None:
         return reason
     M, N, K = x.shape[0], weight.shape[0], x.shape[1]
-    # (a weight prepacked for oneDNN or avx2_gemm, 7-bit: the next exact GEMM is that one)
-    fast_gemm = isinstance(packed, torch.Tensor) and (packed.is_mkldnn or is_avx2_pack(packed, N, K))
+    fast_gemm = isinstance(packed, torch.Tensor) and (packed.is_mkldnn or is_avx2_pack(packed, N, K))  # (7-bit)
     limit = gemv_max_rows(N, K, onednn_packed=fast_gemm)
     if limit == 0:
         return "the native library was built without AVX-512 VNNI or AVX2 (its gemv would be a plain loop)"
@@ -363,10 +362,6 @@ def _guard_onednn(x, x_scale, x_zp, weight, w_scale, bias, w_sum, packed):
     return linear_onednn.onednn_weight_refusal(weight)  # (without VNNI: exact only for weights within ±64)
 
 
-def _guard_avx2_gemm(x, x_scale, x_zp, weight, w_scale, bias, w_sum, packed):
-    return guard_avx2(x, x_scale, x_zp, weight, w_scale, bias, w_sum, packed, common=_guard_int8_common)
-
-
 def _int8_linear_fake(x, x_scale, x_zp, weight, w_scale, bias, w_sum, packed):
     return x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.float32)
 
@@ -381,7 +376,7 @@ int8_linear = KernelOp(
              available=lambda: native.ready(), traceable=False),
         Impl("gemm_native", _int8_linear_gemm_native, _guard_gemm_native,
              available=lambda: native.ready(), traceable=False),
-        Impl("avx2_gemm", int8_linear_avx2, _guard_avx2_gemm, available=avx2_gemm_available, traceable=False),
+        Impl("avx2_gemm", int8_linear_avx2, guard_avx2, available=avx2_gemm_available, traceable=False),
         Impl("onednn", int8_linear_onednn, _guard_onednn, available=onednn_available, limits=onednn_limits,
              prefer=linear_onednn.prefer_int_mm, traceable=False),  # (inductor needs its packed weight frozen)
         Impl("float_sums", _int8_linear_float_sums, _guard_float_sums, available=_float_sums_available),

@@ -79,9 +79,10 @@ def int8_linear_avx2(x, x_scale, x_zp, weight, w_scale, bias, w_sum, packed):
     return native.module().int8_linear_avx2(xd, zp, xs, packed, ws, wsc, b)
 
 
-def guard_avx2(x, x_scale, x_zp, weight, w_scale, bias, w_sum, packed, common: Callable[..., str | None]):
-    """Why ``avx2_gemm`` cannot run these arguments, or None (``common``: int8_linear's shared checks)."""
-    reason = common(x, x_scale, x_zp, weight, w_scale, bias)
+def guard_avx2(x, x_scale, x_zp, weight, w_scale, bias, w_sum, packed):
+    """Why ``avx2_gemm`` cannot run these arguments, or None."""
+    from .linear import _guard_int8_common  # (int8_linear's shared checks; that module imports this one)
+    reason = _guard_int8_common(x, x_scale, x_zp, weight, w_scale, bias)
     if reason is not None:
         return reason
     if x.device.type != "cpu":

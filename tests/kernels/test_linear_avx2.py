@@ -76,7 +76,7 @@ def test_wide_weights_are_refused_with_a_reason():
     assert avx2_auto_pack(w) is None
     x = torch.zeros(40, 32, dtype=torch.uint8)
     args = (x, torch.tensor(0.1), torch.tensor(0, dtype=torch.int32), w, torch.ones(16), None, None, avx2_pack(w))
-    assert "±64" in L._guard_avx2_gemm(*args)
+    assert "±64" in L.int8_linear._by_name["avx2_gemm"].guard(*args)
     assert L.int8_linear.choose(*args) != "avx2_gemm"
     with pytest.raises(Exception, match="64"):
         L.int8_linear(*args, impl="avx2_gemm")
