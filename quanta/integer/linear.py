@@ -29,6 +29,7 @@ from ..core import Format, Granularity, QuantSpec, pack_bits, unpack_bits
 from ..kernels.activation import quantize_activation
 from ..kernels.graph_ops import SettledGraphCall, settled_call
 from ..kernels.linear import GEMV_MAX_ROWS, gemm_pack, int8_linear, onednn_prepack, streaming_copy, weight_sum
+from ..kernels.linear_avx2 import avx2_auto_pack, avx2_linear_call
 from ..kernels.linear_native import (
     NATIVE_LINEAR_IMPLS,
     POST_OPS,
@@ -169,9 +170,12 @@ class Int8Linear(_LinearBase):
         if self.impl == "onednn":
             self._packed = onednn_prepack(self._w8)
         else:  # (gemm_pack: _packed_for)
+            # 7-bit weights on AVX2 without VNNI: the exact avx2_gemm (the reference's bits), else oneDNN
+            self._packed = avx2_auto_pack(self._w8) if self.impl in ("auto", "avx2_gemm") else None
             per_tensor = self.act_spec.granularity is Granularity.PER_TENSOR  # (oneDNN takes one activation scale)
-            self._packed = onednn_auto_pack(self._w8) if self.impl == "auto" and per_tensor else None
-        onednn = self._packed is not None
+            if self._packed is None and self.impl == "auto" and per_tensor:
+                self._packed = onednn_auto_pack(self._w8)
+        onednn = self._packed is not None and self._packed.is_mkldnn
         self._gemm_unpackable = False
         # uint8 asymmetric codes are computed shifted to signed (code - 128, zero point - 128):
         # the same grid and sums, but float -> int8 is ~5x cheaper than float -> uint8 on CPU and
@@ -242,6 +246,15 @@ class Int8Linear(_LinearBase):
             binding.settle(sig, mm_impl, native_linear_call(*settled, post_op=self.post_op, packed=args[7]),
                            compiled_linear_args(*settled, post_op=self.post_op, packed=args[7]),
                            fake=_fake_rows(self.out_features))
+        elif q_impl == "native" and mm_impl == "avx2_gemm" and checked and mm_checked and not compiling:
+            # settled on avx2_gemm (7-bit weights without VNNI): static activations quantized inside the
+            # GEMM (the same codes as quantize_static's), dynamic ones by the guarded kernel first chosen
+            post = None if self.post_op == "none" else functools.partial(apply_post_op, post_op=self.post_op)
+            cs, q_args = self._codes_spec, self._q_args
+            rows = None if static else functools.partial(_quantize_dynamic, q_args=q_args)
+            binding.settle(sig, mm_impl, avx2_linear_call(args[7], self._w_sum, self.weight_scale, self.bias, s_in,
+                                                          z_in, cs.qmin, cs.qmax, rows, post),
+                           fake=_fake_rows(self.out_features))
         elif q_impl == "native" and mm_impl == "onednn" and static and checked and mm_checked and not compiling:
             # settled on oneDNN (7-bit weights without VNNI): later eager calls skip the guards and the
             # per-call argument preparation; the same two library calls, the same post-op
@@ -258,6 +271,11 @@ class Int8Linear(_LinearBase):
                 f"weight=int{self.weight_bits} per_channel, act={self.act_spec} ({act}), "
                 f"kernel=int8_linear[{self.impl}]{self._output_repr()}"
                 + ("" if self.post_op == "none" else f", post_op={self.post_op}"))
+
+
+def _quantize_dynamic(x: torch.Tensor, q_args: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The native dynamic activation quantization a settled call's first call ran (per tensor / token)."""
+    return quantize_activation(x, None, None, *q_args, impl="native", checked=True)
 
 
 def _fake_rows(n: int):

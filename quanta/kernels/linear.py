@@ -36,6 +36,7 @@ from .activation import _f32
 from .conv_native import pack_weight
 from .gemv_rows import GEMV_MAX_ROWS, gemv_isa, gemv_max_rows
 from .library import Impl, KernelOp
+from .linear_avx2 import avx2_gemm_available, guard_avx2, int8_linear_avx2, is_avx2_pack
 from .linear_onednn import ONEDNN_SATURATION, int8_linear_onednn, onednn_available, onednn_limits, onednn_prepack
 from .u8s8_saturation import cpu_vnni_features
 
@@ -249,7 +250,8 @@ def _guard_gemv_native(x, x_scale, x_zp, weight, w_scale, bias, w_sum, packed):
     if reason is not None:
         return reason
     M, N, K = x.shape[0], weight.shape[0], x.shape[1]
-    limit = gemv_max_rows(N, K, onednn_packed=isinstance(packed, torch.Tensor) and packed.is_mkldnn)
+    fast_gemm = isinstance(packed, torch.Tensor) and (packed.is_mkldnn or is_avx2_pack(packed, N, K))  # (7-bit)
+    limit = gemv_max_rows(N, K, onednn_packed=fast_gemm)
     if limit == 0:
         return "the native library was built without AVX-512 VNNI or AVX2 (its gemv would be a plain loop)"
     if M > limit:
@@ -374,6 +376,7 @@ int8_linear = KernelOp(
              available=lambda: native.ready(), traceable=False),
         Impl("gemm_native", _int8_linear_gemm_native, _guard_gemm_native,
              available=lambda: native.ready(), traceable=False),
+        Impl("avx2_gemm", int8_linear_avx2, guard_avx2, available=avx2_gemm_available, traceable=False),
         Impl("onednn", int8_linear_onednn, _guard_onednn, available=onednn_available, limits=onednn_limits,
              prefer=linear_onednn.prefer_int_mm, traceable=False),  # (inductor needs its packed weight frozen)
         Impl("float_sums", _int8_linear_float_sums, _guard_float_sums, available=_float_sums_available),

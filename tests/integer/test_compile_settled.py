@@ -31,6 +31,7 @@ pytestmark = [
 
 #: the graph operators by which a compiled graph runs what eager settled, per implementation
 _GRAPH_OPS = {"onednn": ("quanta_graph::settled_call", "onednn::qconv_pointwise"),
+              "avx2_gemm": ("quanta_graph::settled_call",),
               "native": ("quanta_native::conv_packed",),
               "gemv_native": ("quanta_native::linear_packed", "quanta_graph::settled_call"),
               "gemm_native": ("quanta_native::linear_packed",), "int_mm_native": ("quanta_native::linear_packed",)}
@@ -96,6 +97,9 @@ def test_compiled_feed_forward_runs_the_linear_kernels_eager_settled(feed_forwar
     assert graph_calls == 2, (settled, ops)
     if "onednn" in settled:
         assert ops["quanta_graph::settled_call"] == settled["onednn"] and ops["onednn::qlinear_pointwise"] == 2
+        assert not ops["mkl::_mkl_linear"] and not ops["aten::mm"] and not ops["aten::addmm"]
+    if "avx2_gemm" in settled:  # (7-bit weights, AVX2 without VNNI: quanta's exact AVX2 GEMM, its eager call whole)
+        assert ops["quanta_graph::settled_call"] == settled["avx2_gemm"]
         assert not ops["mkl::_mkl_linear"] and not ops["aten::mm"] and not ops["aten::addmm"]
     assert after == counts  # a compiled call mutates no module state (that would recompile)
 

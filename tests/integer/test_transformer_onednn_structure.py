@@ -17,12 +17,18 @@ from quanta.integer.attention import Int8MultiheadAttention
 from quanta.integer.linear import Int8Linear
 from quanta.kernels import linear as L
 from quanta.kernels import native
+from quanta.kernels.linear_avx2 import avx2_gemm_available
 from quanta.kernels.linear_onednn import onednn_auto_pack
 
 pytestmark = pytest.mark.skipif(
     L.int8_linear.why_not_available("onednn") is not None or L.ONEDNN_SATURATION.exact()
     or onednn_auto_pack(torch.ones(2, 4, dtype=torch.int8)) is None or not native.ready(),
     reason="impl='auto' runs oneDNN for 7-bit weights only on CPUs without VNNI (with the native quantize)")
+
+
+#: the 7-bit GEMM impl="auto" runs: quanta's AVX2 GEMM (bit-exact, the activation quantization fused
+#: into its first pass) where this build has it, else oneDNN
+SEVEN_BIT_GEMM = "avx2_gemm" if avx2_gemm_available() else "onednn"
 
 
 def _config() -> quanta.QuantConfig:
@@ -43,6 +49,11 @@ def _count_quantize_passes(monkeypatch) -> Counter:
         def quantize_static(*args):
             counts["quantize_static"] += 1
             return real(*args)
+
+        @staticmethod
+        def quantized_linear_avx2(*args):  # (the quantize pass fused into the GEMM: one pass too)
+            counts["quantize_static"] += 1
+            return lib.quantized_linear_avx2(*args)
     monkeypatch.setattr(native, "module", lambda: Counting())
     return counts
 
@@ -71,13 +82,13 @@ def test_hf_bert_linears_run_onednn_once_per_call_then_settle(bert, monkeypatch)
     counts = _count_quantize_passes(monkeypatch)  # (before the first call: the settled calls hold the library)
     with torch.no_grad():
         first = q(ids).last_hidden_state
-        assert all(m.kernel_counts == Counter(onednn=1) for m in lins.values()), \
+        assert all(m.kernel_counts == Counter({SEVEN_BIT_GEMM: 1}) for m in lins.values()), \
             {n: dict(m.kernel_counts) for n, m in lins.items()}
-        assert all([impl for impl, _ in m.binding.calls.values()] == ["onednn"] for m in lins.values())
+        assert all([impl for impl, _ in m.binding.calls.values()] == [SEVEN_BIT_GEMM] for m in lins.values())
         assert counts["quantize_static"] == len(lins)
         again = q(ids).last_hidden_state
     assert counts["quantize_static"] == 2 * len(lins)  # one activation quantize pass per Linear and call
-    assert all(m.kernel_counts == Counter(onednn=2) for m in lins.values())  # one GEMM per Linear per call
+    assert all(m.kernel_counts == Counter({SEVEN_BIT_GEMM: 2}) for m in lins.values())  # one GEMM per Linear per call
     assert torch.equal(first, again)  # settled calls: the guarded calls' bits
     with torch.no_grad():
         ref = model(ids).last_hidden_state
@@ -103,6 +114,6 @@ def test_transformer_encoder_attention_projections_run_onednn_settled(batch_firs
     assert torch.equal(first, again)
     for a in attn:  # one packed in-projection GEMM and one out-projection per call, on oneDNN, settled
         for proj in (a.in_proj, a.out_proj):
-            assert proj.kernel_counts == Counter(onednn=2)
-            assert [impl for impl, _ in proj.binding.calls.values()] == ["onednn"]
+            assert proj.kernel_counts == Counter({SEVEN_BIT_GEMM: 2})
+            assert [impl for impl, _ in proj.binding.calls.values()] == [SEVEN_BIT_GEMM]
         assert a._frozen.fused(data[0])

@@ -230,7 +230,8 @@ def test_static_int8_seven_bit_models_run_onednn_and_match_simulation(which, tra
             bits = m.weight_spec.bits if isinstance(m, Int8Conv2d) else m.weight_bits
             assert bits == 7 and 0 < m.weight_code_max <= 63
     if SEVEN_BIT_ONLY:  # no VNNI: every int8 layer on a fast kernel, oneDNN or quanta's AVX2 conv loops
-        assert all(impls and impls <= {"onednn", "native"} for impls in ran.values()), ran  # (was: the reference)
+        fast = {"onednn", "native", "avx2_gemm"}  # (avx2_gemm: quanta's AVX2 GEMM for 7-bit Linears)
+        assert all(impls and impls <= fast for impls in ran.values()), ran  # (was: the reference)
     head = sim.head if which == "cnn" else sim[7]
     bound = float(head.input_quantizer.qparams()[0]) * float(head.weight.detach().abs().sum(1).max())
     assert (yi - ys).abs().max() <= bound

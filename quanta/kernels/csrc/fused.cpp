@@ -324,6 +324,17 @@ std::vector<torch::Tensor> rnn_layer(const std::string& mode, const torch::Tenso
                                      bool symmetric, bool is_signed, bool reverse,
                                      const c10::optional<torch::Tensor>& w_packed);
 
+// linear_avx2.cpp
+namespace quanta_native {
+bool linear_avx2_available();
+torch::Tensor int8_linear_avx2(const torch::Tensor& x, const torch::Tensor& x_zp, const torch::Tensor& x_scale,
+                               const torch::Tensor& wpack, const torch::Tensor& w_sum, const torch::Tensor& w_scale,
+                               const c10::optional<torch::Tensor>& bias);
+torch::Tensor quantized_linear_avx2(const torch::Tensor& x, double inv, int64_t zero_point, int64_t qmin, int64_t qmax,
+                                    const torch::Tensor& x_scale, const torch::Tensor& wpack, const torch::Tensor& w_sum,
+                                    const torch::Tensor& w_scale, const c10::optional<torch::Tensor>& bias);
+}  // namespace quanta_native
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_gemv", &int8_gemv, "int8 x int8 linear for a few rows (AVX-512 VNNI), rescaled like rescale_rows",
         py::arg("x"), py::arg("x_zp"), py::arg("w"), py::arg("w_sum"), py::arg("x_scale"), py::arg("w_scale"),
@@ -350,6 +361,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x_zp"), py::arg("w_sum"), py::arg("x_scale"), py::arg("w_scale"), py::arg("bias"),
         py::arg("post_op") = 0);
   m.def("apply_post_op_", &apply_post_op_, "activation post-op (post_op.h: 1 relu, 2 gelu, 3 gelu tanh) in place");
+  m.def("linear_avx2_available", &quanta_native::linear_avx2_available,
+        "whether int8_linear_avx2 runs here (an AVX2 build without VNNI)");
+  m.def("int8_linear_avx2", &quanta_native::int8_linear_avx2,
+        "int8 linear of codes on an avx2_pack weight (|w| <= 64), rescaled like rescale_rows");
+  m.def("quantized_linear_avx2", &quanta_native::quantized_linear_avx2,
+        "static per-tensor quantization fused into int8_linear_avx2");
   bind_conv(m);
 }
 
