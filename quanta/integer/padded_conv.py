@@ -26,6 +26,7 @@ from torch import nn
 
 from ..kernels.graph_ops import settled_call
 from .conv import Int8Conv1d, Int8Conv2d, Int8Conv3d, _Int8ConvNd
+from .padded_depthwise import settle_unpadded, unpadded_call
 
 
 class _PaddedMixin(_Int8ConvNd):
@@ -64,6 +65,10 @@ class _PaddedMixin(_Int8ConvNd):
         if self._stale:
             self.ensure_packed()
         if x.dtype == torch.uint8:
+            settled = unpadded_call(self, x)  # (a depthwise conv: the native kernel pads, padded_depthwise)
+            if settled is not None:
+                self.kernel_counts[settled[0]] += 1
+                return self._output(settled[1](x))
             codes, fill = x, self._x_zp
         elif x.dtype == torch.int8 and self.input_spec.signed:
             codes, fill = x, self._x_zp - 128
@@ -77,7 +82,10 @@ class _PaddedMixin(_Int8ConvNd):
         pad = self.binding.graph_call(("pad", extra, fill), lambda: _pad_call(extra, fill))
         if torch.compiler.is_compiling() and pad is not None:
             return super().forward(settled_call(codes, pad))
-        return super().forward(F.pad(codes, extra, value=fill))
+        padded = F.pad(codes, extra, value=fill)
+        y = super().forward(padded)
+        settle_unpadded(self, x, padded)
+        return y
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, extra_padding={self.extra_padding}"

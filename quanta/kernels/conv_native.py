@@ -206,7 +206,10 @@ def make_plan(weight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | 
               x_zero_point: int, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
               groups: int, post_op: str, out_scale: float | None, out_zero_point: int) -> object:
     """A native ``ConvPlan`` for uint8 codes on ``(x_scale, x_zero_point)`` (a 1d convolution
-    as a 2d one of unit height)."""
+    as a 2d one of unit height). A 2d depthwise conv's ``padding`` may hold 4 values, before H, W
+    then after H, W (TF "same" at stride 2: ``[0, 0, 1, 1]``): the loop reads the zero-point pad
+    pixel for taps outside the image, so no padded copy of the input is made
+    (`quanta.integer.padded_depthwise`); dense convs refuse unequal ones."""
     if weight.dim() == 3:
         weight, stride, padding, dilation = weight.unsqueeze(2), [1, *stride], [0, *padding], [1, *dilation]
     in_ch = weight.shape[1] * groups

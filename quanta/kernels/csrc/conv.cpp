@@ -35,14 +35,15 @@ constexpr int kPairExactMax = 64;
 // The convolution of channels-last uint8 codes x [N, C, H, W] with everything else given: the
 // packed weight, the per-position constants (corr int32, mult / bias float32, in the loops'
 // channel order), the pad pixel (uint8), params = [C, O, KH, KW, SH, SW, PH, PW, DH, DW,
-// depthwise, post, codes], inv / z of the uint8 output. ConvPlan.run (eager) and the
+// depthwise, post, codes] (+ [PH_after, PW_after]: a depthwise conv's asymmetric zero padding, as
+// TF "same" at stride 2 pads (0, 1); default PH, PW), inv / z of the uint8 output. ConvPlan.run (eager) and the
 // quanta_native::conv_packed op (compiled graphs) both call it. pointwise_loop false: a 1x1
 // convolution runs the general dense loop in place of pointwise_conv (ConvPlan.run_dense_loop,
 // for comparisons; the outputs are the same).
 static torch::Tensor conv_packed_with(const torch::Tensor& x, const torch::Tensor& wpack, const torch::Tensor& corr,
                                       const torch::Tensor& mult, const torch::Tensor& bias, const torch::Tensor& pad,
                                       c10::IntArrayRef params, double inv, double z, bool pointwise_loop) {
-  TORCH_CHECK(params.size() == 13, "conv_packed: params must hold 13 values");
+  TORCH_CHECK(params.size() == 13 || params.size() == 15, "conv_packed: params must hold 13 or 15 values");
   const int64_t C = params[0], O = params[1];
   const bool depthwise = params[10] != 0, codes = params[12] != 0;
   TORCH_CHECK(clamp_post_op_ok(params[11]), "conv_packed: post must be 0 (none), 1 (relu) or 4 (relu6), got ",
@@ -59,8 +60,12 @@ static torch::Tensor conv_packed_with(const torch::Tensor& x, const torch::Tenso
               "conv_packed: constants must be contiguous corr int32 / mult, bias float32 [", O64, "] and a pad pixel");
   Geometry g{x.size(0), C, x.size(2), x.size(3), O, 0, 0, params[2], params[3], params[4], params[5], params[6],
              params[7], params[8], params[9]};
-  g.OH = (g.H + 2 * g.PH - g.DH * (g.KH - 1) - 1) / g.SH + 1;
-  g.OW = (g.W + 2 * g.PW - g.DW * (g.KW - 1) - 1) / g.SW + 1;
+  // padding after the input (the depthwise loop reads the pad pixel / row past H, W; others: PH, PW)
+  const int64_t ph_after = params.size() == 15 ? params[13] : g.PH, pw_after = params.size() == 15 ? params[14] : g.PW;
+  TORCH_CHECK(ph_after >= 0 && pw_after >= 0 && (depthwise || (ph_after == g.PH && pw_after == g.PW)),
+              "conv_packed: asymmetric padding needs a depthwise conv and non-negative values");
+  g.OH = (g.H + g.PH + ph_after - g.DH * (g.KH - 1) - 1) / g.SH + 1;
+  g.OW = (g.W + g.PW + pw_after - g.DW * (g.KW - 1) - 1) / g.SW + 1;
   TORCH_CHECK(g.OH > 0 && g.OW > 0, "ConvPlan.run: input ", x.sizes(), " is smaller than the kernel");
   auto out = torch::empty({g.N, O, g.OH, g.OW},
                           x.options().dtype(codes ? torch::kUInt8 : torch::kFloat32).memory_format(at::MemoryFormat::ChannelsLast));
@@ -105,8 +110,13 @@ class ConvPlan {
       : wpack_(std::move(wpack)) {
     TORCH_CHECK(depthwise ? conv_has_depthwise() : conv_has_dense(), "ConvPlan: this build (", conv_isa(),
                 ") has no ", depthwise ? "depthwise" : "dense", " loop");
-    TORCH_CHECK(kernel.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
-                "ConvPlan: kernel, stride, padding and dilation need 2 values each");
+    TORCH_CHECK(kernel.size() == 2 && stride.size() == 2 && (padding.size() == 2 || padding.size() == 4) &&
+                    dilation.size() == 2,
+                "ConvPlan: kernel, stride, padding and dilation need 2 values each (padding: or 4, before H, W "
+                "then after H, W)");
+    TORCH_CHECK(padding.size() == 2 || (depthwise && padding[2] >= 0 && padding[3] >= 0) ||
+                    (padding[2] == padding[0] && padding[3] == padding[1]),
+                "ConvPlan: asymmetric padding needs a depthwise conv and non-negative values");
     const int64_t T = kernel[0] * kernel[1], O16 = (O + 15) / 16 * 16, O64 = (O + 63) / 64 * 64;
     TORCH_CHECK(T > 0 && stride[0] > 0 && stride[1] > 0 && padding[0] >= 0 && padding[1] >= 0 && dilation[0] > 0 &&
                     dilation[1] > 0,
@@ -144,6 +154,8 @@ class ConvPlan {
     pad_ = torch::full({(C + 63) / 64 * 64 + 64}, x_zp, torch::kUInt8);
     params_ = {C, O, kernel[0], kernel[1], stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
                depthwise ? 1 : 0, post, out_scale.has_value() ? 1 : 0};
+    if (padding.size() == 4 && (padding[2] != padding[0] || padding[3] != padding[1]))
+      params_.insert(params_.end(), {padding[2], padding[3]});
     inv_ = out_scale.has_value() ? 1.f / static_cast<float>(*out_scale) : 1.f;
     z_ = static_cast<float>(out_zp);
   }
