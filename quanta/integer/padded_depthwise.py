@@ -28,7 +28,10 @@ def _key(mod: Any, x: torch.Tensor) -> tuple[Any, ...]:
 
 
 def unpadded_call(mod: Any, x: torch.Tensor) -> tuple[str, Callable[[torch.Tensor], torch.Tensor]] | None:
-    """The settled ``(kind, call)`` of unpadded uint8 codes ``x``, or None."""
+    """The settled ``(kind, call)`` of unpadded uint8 codes ``x``, or None (always while torch.compile
+    traces: the call is a pybind function dynamo cannot trace, and graphs keep the ``F.pad`` path)."""
+    if torch.compiler.is_compiling():
+        return None
     calls = mod.binding.calls
     return calls.get(_key(mod, x)) if calls else None
 

@@ -280,3 +280,36 @@ def test_compiled_graph_follows_new_weights_instead_of_a_released_call():
 def test_register_settled_call_refuses_non_callables():
     with pytest.raises(TypeError, match="callables"):
         graph_ops.register_settled_call(None, lambda x: x)
+
+
+class _StrideTwoDepthwise(nn.Module):
+    """A TF port's stride-2 'same' depthwise conv inside a uint8 chain: eager pads its codes inside the
+    native kernel (padded_depthwise), graphs with aten's pad."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU6(),
+                                  _SamePadConv(16, 16, 3, stride=2, groups=16), nn.BatchNorm2d(16), nn.ReLU6(),
+                                  nn.Conv2d(16, 8, 1, bias=False), nn.BatchNorm2d(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)  # (no float op after the last conv: inductor's own reductions round otherwise)
+
+
+def test_compiled_stride_two_depthwise_after_eager_has_no_graph_break():
+    """Compiled after eager calls (which settle the in-kernel padding): no graph break (dynamo cannot
+    trace the native plan's pybind call; graphs keep aten's pad) and eager's bits."""
+    torch.manual_seed(0)
+    calib = [torch.randn(2, 3, 16, 16) for _ in range(2)]
+    q = quanta.quantize(_StrideTwoDepthwise().eval(), quanta.preset("static_int8", weight_bits=7), calib_data=calib,
+                        speed_check=False, progress=False)
+    x = torch.randn(1, 3, 16, 16)
+    with torch.inference_mode():
+        q(x)  # (the padded input's first call settles; the in-kernel padding is filed after it)
+    padded = [m for m in q.modules() if isinstance(m, Int8PaddedConv2d)]
+    assert len(padded) == 1 and padded[0].groups == 16
+    if not any(key[0] == "unpadded" for key in padded[0].binding.calls):
+        pytest.skip("the depthwise conv did not settle on the native kernel here")
+    expected, got, _ops, breaks, *_rest = _compiled_run(q, x)
+    assert breaks == 0
+    assert torch.equal(got, expected)
