@@ -12,6 +12,7 @@
 // Compared with the general dense loop: no tap lists or segment walking per tile, 6-pixel tiles in
 // place of 4, and the pixels' addresses found once per chunk.
 #include "conv_kernels.h"
+#include "tile_u8s8.h"
 
 namespace quanta_native {
 #if QUANTA_AVX2 && !QUANTA_VNNI
@@ -40,19 +41,7 @@ void pointwise_tile(const uint8_t* const* px, char* const* rows, int64_t C4, con
   const uint8_t* p[MR];
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m) p[m] = px[m];
-  const __m256i ones = _mm256_set1_epi16(1);
-  for (int64_t c = 0; c < C4; ++c) {
-    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c * 64));
-    const __m256i w1 = NV == 1 ? w0 : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c * 64 + 32));
-#pragma GCC unroll 8
-    for (int m = 0; m < MR; ++m) {
-      int32_t v;
-      std::memcpy(&v, p[m] + c * 4, 4);
-      const __m256i xv = _mm256_set1_epi32(v);  // 4-product sums: exact for weights within +-64
-      acc[m][0] = _mm256_add_epi32(acc[m][0], _mm256_madd_epi16(_mm256_maddubs_epi16(xv, w0), ones));
-      if (NV == 2) acc[m][1] = _mm256_add_epi32(acc[m][1], _mm256_madd_epi16(_mm256_maddubs_epi16(xv, w1), ones));
-    }
-  }
+  accumulate_tile_u8s8<MR, NV>(p, C4, w, acc);  // (tile_u8s8.h: exact for weights within +-64)
   // (NV = 1: channels o0 + 8 .. are past O)
 #pragma GCC unroll 4
   for (int m = 0; m + 1 < MR; m += 2) store16x2(acc[m], acc[m + 1], o0, O, e, rows[m], rows[m + 1]);

@@ -13,6 +13,7 @@
 // a block's panel stays in L1 while the chunk's tiles read it. Signed codes are read as code + 128
 // (zero point + 128): the same sums.
 #include "common.h"
+#include "tile_u8s8.h"
 
 #include <cstring>
 
@@ -67,19 +68,7 @@ void tile(const uint8_t* x, int64_t Kp, int64_t m0, const int8_t* w, int64_t o0,
   const uint8_t* p[MR];
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m) p[m] = x + m * Kp;
-  const __m256i ones = _mm256_set1_epi16(1);
-  for (int64_t c = 0; c < C4; ++c) {
-    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c * 64));
-    const __m256i w1 = NV == 1 ? w0 : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c * 64 + 32));
-#pragma GCC unroll 8
-    for (int m = 0; m < MR; ++m) {
-      int32_t v;
-      std::memcpy(&v, p[m] + c * 4, 4);
-      const __m256i xv = _mm256_set1_epi32(v);  // 4-product sums: exact for weights within +-64
-      acc[m][0] = _mm256_add_epi32(acc[m][0], _mm256_madd_epi16(_mm256_maddubs_epi16(xv, w0), ones));
-      if (NV == 2) acc[m][1] = _mm256_add_epi32(acc[m][1], _mm256_madd_epi16(_mm256_maddubs_epi16(xv, w1), ones));
-    }
-  }
+  accumulate_tile_u8s8<MR, NV>(p, C4, w, acc);  // (tile_u8s8.h: exact for weights within +-64)
   const int64_t n = std::min<int64_t>(16, e.N - o0);
   const float* b0 = e.bias ? e.bias + o0 : nullptr;
   const float* b1 = e.bias ? e.bias + o0 + 8 : nullptr;
