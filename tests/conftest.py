@@ -72,6 +72,30 @@ def torch_threads():
     return _threads
 
 
+RNN_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+
+
+def _rnn_layer_case(mode: str, batch: int, hidden: int, seed: int, steps: int = 9):
+    gen = torch.Generator().manual_seed(seed)
+    n = RNN_GATES[mode] * hidden
+    w = torch.randint(-128, 128, (n, hidden), dtype=torch.int8, generator=gen)
+    w[0, : hidden // 2] = -128  # the extremes: -128 / 127 against codes of -128 / 127 (or 0 / 255)
+    w[n - 1] = 127
+    s = torch.rand(n, generator=gen) * 0.01 + 1e-3
+    b = torch.randn(n, generator=gen)
+    gi = torch.randn(steps, batch, n, generator=gen) * 2
+    state = [torch.randn(batch, hidden, generator=gen) for _ in range(2 if mode == "LSTM" else 1)]
+    return gi, state, w, s, b
+
+
+@pytest.fixture
+def rnn_layer_case():
+    """``gi, state, w_hh, s_hh, b_hh = rnn_layer_case(mode, batch, hidden, seed, steps=9)``: one
+    recurrent layer's inputs for the native time loop (``mode`` LSTM / GRU / RNN_TANH / RNN_RELU;
+    int8 weights with rows at the extremes), the same for the same arguments."""
+    return _rnn_layer_case
+
+
 @pytest.fixture
 def seven_bit_fast_and_reference():
     """``fast, ref = seven_bit_fast_and_reference(model, images)``: ``model`` prepared with

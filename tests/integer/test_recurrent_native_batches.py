@@ -81,26 +81,13 @@ def test_every_batch_runs_the_native_loop_like_the_reference(name, torch_threads
     assert q.rnn.kernel_counts["native"] == 8
 
 
-def _layer_case(mode: str, batch: int, hidden: int, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    n = GATES[mode] * hidden
-    w = torch.randint(-128, 128, (n, hidden), dtype=torch.int8, generator=gen)
-    w[0, : hidden // 2] = -128  # the extremes: -128 / 127 against codes of -128 / 127 (or 0 / 255)
-    w[1, : hidden // 2] = 127
-    s = torch.rand(n, generator=gen) * 0.01 + 1e-3
-    b = torch.randn(n, generator=gen)
-    gi = torch.randn(9, batch, n, generator=gen) * 2
-    state = [torch.randn(batch, hidden, generator=gen) for _ in range(2 if mode == "LSTM" else 1)]
-    return gi, state, w, s, b
-
-
 @needs_native_loop
 @pytest.mark.parametrize("act", list(ACTS))
 @pytest.mark.parametrize("mode", list(GATES))
-def test_one_and_two_threads_give_the_same_bits(mode, act, torch_threads):
+def test_one_and_two_threads_give_the_same_bits(mode, act, torch_threads, rnn_layer_case):
     spec = act_spec(*ACTS[act])
     for batch, hidden in ((1, 40), (3, 33), (9, 64), (17, 31)):
-        gi, state, w, s, b = _layer_case(mode, batch, hidden, seed=batch * 100 + hidden)
+        gi, state, w, s, b = rnn_layer_case(mode, batch, hidden, seed=batch * 100 + hidden)
         w_sum = native.module().int8_row_sums(w)
         runs = []
         for n in (1, 2):

@@ -47,27 +47,14 @@ def test_pack_rows4_layout(shape):
     assert torch.equal(native.module().int8_pack_rows4(w), _packed_reference(w))
 
 
-def _case(mode: str, batch: int, hidden: int, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    n = GATES[mode] * hidden
-    w = torch.randint(-128, 128, (n, hidden), dtype=torch.int8, generator=gen)
-    w[0] = -128  # the extremes against codes of -128 / 127 (or 0 / 255)
-    w[n - 1] = 127
-    s = torch.rand(n, generator=gen) * 0.01 + 1e-3
-    b = torch.randn(n, generator=gen)
-    gi = torch.randn(7, batch, n, generator=gen) * 2
-    state = [torch.randn(batch, hidden, generator=gen) for _ in range(2 if mode == "LSTM" else 1)]
-    return gi, state, w, s, b
-
-
 @needs_native_loop
 @pytest.mark.parametrize("act", list(ACTS))
 @pytest.mark.parametrize("mode", list(GATES))
-def test_packed_loop_gives_the_plain_loops_bits(mode, act, torch_threads):
+def test_packed_loop_gives_the_plain_loops_bits(mode, act, torch_threads, rnn_layer_case):
     spec = act_spec(*ACTS[act])
     lib = native.module()
     for batch, hidden in ((1, 40), (3, 100), (9, 33), (1, 21), (2, 64), (4, 18)):
-        gi, state, w, s, b = _case(mode, batch, hidden, seed=batch * 1000 + hidden)
+        gi, state, w, s, b = rnn_layer_case(mode, batch, hidden, seed=batch * 1000 + hidden, steps=7)
         w_sum, packed = lib.int8_row_sums(w), lib.int8_pack_rows4(w)
         args = (mode, gi, state, w, s, b, w_sum, spec.qmin, spec.qmax, spec.symmetric, spec.signed, hidden % 2 == 1)
         plain = lib.rnn_layer(*args)
@@ -98,8 +85,8 @@ def test_packed_gemv_gives_the_plain_gemvs_bits(m, n, k, xdtype, torch_threads):
 
 
 @needs_native_loop
-def test_packed_weight_is_checked():
-    gi, state, w, s, b = _case("GRU", 1, 40, seed=1)
+def test_packed_weight_is_checked(rnn_layer_case):
+    gi, state, w, s, b = rnn_layer_case("GRU", 1, 40, seed=1)
     lib = native.module()
     with pytest.raises(RuntimeError, match="w_packed must be int8_pack_rows4"):
         lib.rnn_layer("GRU", gi, state, w, s, b, lib.int8_row_sums(w), 0, 255, False, False, False, w.reshape(-1))
