@@ -1,7 +1,9 @@
 """Per-quantizer choice of the calibration method (algorithm ``"best_calibration"``): for each
 static per-tensor activation quantizer, in model order, the range from max / percentile / MSE /
 entropy (one histogram collected per quantizer) that gives its module the smallest output error
-against the module's float output on the calibration data, with every earlier choice in place."""
+against the module's float output on the calibration data, with every earlier choice in place.
+A module of several inputs (a residual ``Add``: ``input`` and ``other``) is replayed on all of them,
+its operand quantizers chosen one after the other."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from ..calib import HISTOGRAM_METHODS
 from ..core.granularity import Granularity
 from ..nn.tensor_quantizer import TensorQuantizer
 from ..progress import Progress
-from ..transforms.capture import CaptureError, capture_layer
+from ..transforms.capture import CaptureError, capture_inputs
 from .capture import quantizers_off
 
 METHODS = HISTOGRAM_METHODS  # the range rules one histogram serves
@@ -31,9 +33,15 @@ def _owners(model: nn.Module, targets: list[tuple[str, TensorQuantizer]]) -> dic
 
 
 @torch.no_grad()
-def _module_error(module: nn.Module, x: torch.Tensor, target: torch.Tensor) -> float:
-    return sum(float((module(xb) - tb).float().pow(2).sum()) for xb, tb in zip(x.split(256), target.split(256))) \
-        / max(target.numel(), 1)
+def _module_output(module: nn.Module, xs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    """``module(*xs)`` in chunks of 256 along the batch."""
+    return [module(*chunk) for chunk in zip(*(x.split(256) for x in xs))]
+
+
+@torch.no_grad()
+def _module_error(module: nn.Module, xs: tuple[torch.Tensor, ...], target: list[torch.Tensor]) -> float:
+    return sum(float((y - t).float().pow(2).sum()) for y, t in zip(_module_output(module, xs), target)) \
+        / max(sum(t.numel() for t in target), 1)
 
 
 def best_calibration(model: nn.Module, data: Iterable[Any], methods: tuple[str, ...] = METHODS, *,
@@ -77,19 +85,19 @@ def best_calibration(model: nn.Module, data: Iterable[Any], methods: tuple[str, 
             for owner, quantizers in groups.items():
                 module = model.get_submodule(owner)
                 try:
-                    x = capture_layer(model, module, batches, forward, "input")
+                    xs = capture_inputs(model, module, batches, forward)
                 except CaptureError as e:
                     for name, _q in quantizers:  # keep the histogram's MSE range calibrate loaded
                         skipped.append({"quantizer": name, "reason": f"its module: {e}"})
                     bar.update()
                     continue
-                with quantizers_off(module):
-                    target = module(x)
+                with quantizers_off(module), torch.no_grad():
+                    target = _module_output(module, xs)
                 for name, q in quantizers:
                     errors = {}
                     for method in methods:
                         q.load_calib_amax(method)
-                        errors[method] = _module_error(module, x, target)
+                        errors[method] = _module_error(module, xs, target)
                     best = min(errors, key=errors.__getitem__)
                     q.load_calib_amax(best)
                     rows.append({"quantizer": name, "method": best,

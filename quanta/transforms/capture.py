@@ -5,8 +5,9 @@
 `evaluating` runs a block with the model in eval mode and restores every module's own train flag
 in ``finally``. The captures quanta's passes share are built on these two:
 
-- `capture_layer`: one layer's first positional input or its output over calibration batches,
-  concatenated (the layer-wise algorithms: AdaRound, best calibration);
+- `capture_layer`: one layer's input or its output over calibration batches, concatenated (the
+  layer-wise algorithms: AdaRound); `capture_inputs`: all its inputs (best calibration, which
+  also chooses the ranges of a residual addition's two operands);
 - `first_calls`: each module's first call arguments on one batch (the speed check replays them);
 - `quanta.analysis.capture_outputs`: every named module's outputs per call, for comparisons.
 """
@@ -29,7 +30,7 @@ OnCall = Callable[[str, nn.Module, tuple, dict, Any], None]
 
 
 class CaptureError(ValueError):
-    """A layer's calls cannot be captured (not called, called with several or keyword inputs)."""
+    """A layer's calls cannot be captured (not called, called with keyword or non-tensor inputs, ...)."""
 
 
 @contextlib.contextmanager
@@ -75,22 +76,24 @@ def evaluating(model: nn.Module) -> Iterator[None]:
             m.training = mode
 
 
-def capture_layer(model: nn.Module, layer: nn.Module, batches: Iterable[Any], forward_fn: ForwardFn | None,
-                  what: str) -> torch.Tensor:
-    """``layer``'s first positional input (``what="input"``) or its output (``"output"``) on every
-    call while ``forward_fn(model, batch)`` runs over ``batches`` (eval mode, no gradients),
-    concatenated along dim 0. A `CaptureError` says why a layer cannot be captured."""
-    if what not in ("input", "output"):
-        raise ValueError(f"capture_layer: what must be 'input' or 'output', got {what!r}")
+def _calls(model: nn.Module, layer: nn.Module, batches: Iterable[Any], forward_fn: ForwardFn | None,
+           what: str, span_batch: bool = False) -> list[tuple[torch.Tensor, ...]]:
+    """Per call of ``layer`` while ``forward_fn(model, batch)`` runs over ``batches`` (eval mode, no
+    gradients): its positional inputs (``what="inputs"``) or ``(output,)`` (``"output"``), copied.
+    Every call must take positional tensors only and return one tensor (with ``span_batch``, each
+    input as long in dim 0 as the output)."""
     forward = forward_fn or default_forward
-    seen: list[torch.Tensor] = []
+    seen: list[tuple[torch.Tensor, ...]] = []
     problem: list[str] = []
 
     def record(name: str, mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
-        if len(args) != 1 or kwargs or not isinstance(args[0], torch.Tensor) or not isinstance(out, torch.Tensor):
-            problem.append("it is called with other than one tensor input and one tensor output")
+        if not args or kwargs or not all(isinstance(a, torch.Tensor) for a in args) or not isinstance(out, torch.Tensor):
+            problem.append("it is called with keyword or non-tensor inputs or gives a non-tensor output")
             return
-        seen.append((args[0] if what == "input" else out).detach().clone())
+        if span_batch and any(t.dim() == 0 or out.dim() == 0 or t.shape[0] != out.shape[0] for t in args):
+            problem.append("its inputs do not all span the batch (dim 0) of its output")
+            return
+        seen.append(tuple(t.detach().clone() for t in (args if what == "inputs" else (out,))))
 
     with hooked({"layer": layer}, record), evaluating(model), torch.no_grad():
         for batch in batches:
@@ -99,9 +102,39 @@ def capture_layer(model: nn.Module, layer: nn.Module, batches: Iterable[Any], fo
         raise CaptureError(problem[0])
     if not seen:
         raise CaptureError("the calibration data never reaches it")
-    if len({t.shape[1:] for t in seen}) != 1:
-        raise CaptureError("its inputs change shape between calls")
-    return torch.cat(seen)
+    return seen
+
+
+def _concatenated(calls: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+    if len({len(c) for c in calls}) != 1:
+        raise CaptureError("it is called with different numbers of inputs")
+    for position in zip(*calls):
+        if len({t.shape[1:] for t in position}) != 1:
+            raise CaptureError("its inputs change shape between calls")
+    return tuple(torch.cat(position) for position in zip(*calls))
+
+
+def capture_layer(model: nn.Module, layer: nn.Module, batches: Iterable[Any], forward_fn: ForwardFn | None,
+                  what: str) -> torch.Tensor:
+    """``layer``'s positional input (``what="input"``; a layer of one input) or its output
+    (``"output"``) on every call while ``forward_fn(model, batch)`` runs over ``batches`` (eval
+    mode, no gradients), concatenated along dim 0. A `CaptureError` says why a layer cannot be
+    captured."""
+    if what not in ("input", "output"):
+        raise ValueError(f"capture_layer: what must be 'input' or 'output', got {what!r}")
+    calls = _calls(model, layer, batches, forward_fn, "inputs" if what == "input" else "output")
+    if what == "input" and any(len(c) != 1 for c in calls):
+        raise CaptureError("it is called with other than one tensor input")
+    return _concatenated(calls)[0]
+
+
+def capture_inputs(model: nn.Module, layer: nn.Module, batches: Iterable[Any],
+                   forward_fn: ForwardFn | None) -> tuple[torch.Tensor, ...]:
+    """All of ``layer``'s positional inputs (``a + b``: two) on every call, each concatenated along
+    dim 0, so that ``layer(*inputs)`` replays every call at once. Every input of a call must span
+    the batch, dim 0, of its output (an input broadcast over the batch cannot be concatenated);
+    a `CaptureError` says why a layer cannot be captured."""
+    return _concatenated(_calls(model, layer, batches, forward_fn, "inputs", span_batch=True))
 
 
 def first_calls(model: nn.Module, batch: Any, modules: Mapping[str, nn.Module], forward_fn: ForwardFn | None = None,

@@ -34,14 +34,14 @@ def test_chosen_methods_beat_the_worst_single_method(trained_mobilenet, digits16
     quanta.calibrate(sim, calib, progress=False)
     record = best_calibration(sim, calib, progress=False)
     chosen = _error(sim, x, reference)
-    # measured (logit MSE vs float): max 0.0189, percentile 0.0145, mse 0.0119, entropy 0.0840; chosen 0.0147
+    # measured (logit MSE vs float): max 0.0190, percentile 0.0157, mse 0.0125, entropy 0.0887; chosen 0.0149
     assert chosen < max(single.values()), (chosen, single)
     assert chosen < single["max"], (chosen, single)
-    assert len(record["quantizers"]) == 12
-    # the residual addition prepare made of the block's ``x + y`` takes two tensors: its operand
-    # quantizers keep their calibrated range, and the record says why
-    assert record["skipped"] and all(".residual_add." in row["quantizer"] for row in record["skipped"])
-    assert all("other than one tensor input" in row["reason"] for row in record["skipped"])
+    # the residual additions prepare made of the blocks' ``x + y`` take two tensors: both operand
+    # quantizers of each are chosen too, on the addition replayed with its two captured inputs
+    adds = [row for row in record["quantizers"] if ".residual_add." in row["quantizer"]]
+    assert {row["quantizer"].rpartition(".")[2] for row in adds} == {"input_quantizer", "other_quantizer"}
+    assert len(record["quantizers"]) - len(adds) == 12 and len(adds) >= 2 and not record["skipped"]
     for row in record["quantizers"]:
         assert row["method"] in METHODS and row["errors"][row["method"]] == min(row["errors"].values())
     assert len({row["method"] for row in record["quantizers"]}) > 1  # a per-layer choice, not one method

@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from quanta.transforms.capture import CaptureError, capture_layer, evaluating, first_calls, hooked
+import quanta
+from quanta.transforms.capture import CaptureError, capture_inputs, capture_layer, evaluating, first_calls, hooked
 
 
 class _SameConv(nn.Conv2d):
@@ -99,3 +100,34 @@ def test_first_calls_records_the_first_call_only_as_copies():
     assert torch.equal(relu_in, x0) and kwargs == {}  # the in-place ReLU did not change the copy
     assert (x0 < 0).any() and torch.equal(seen["lin"][0][0], torch.relu(x0))
     assert _hook_count(lin) + _hook_count(relu) == 0
+
+
+class _Residual(nn.Module):
+    """A residual block calling an ``Add`` module, and a bias added by a second one (a broadcast operand)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.add, self.shift = quanta.nn.Add(), quanta.nn.Add()
+        self.bias = nn.Parameter(torch.randn(4, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shift(self.add(x, torch.relu_(self.conv(x))), self.bias)
+
+
+def test_capture_inputs_replays_every_call_of_a_two_input_layer():
+    torch.manual_seed(0)
+    net = _Residual().eval()
+    batches = [torch.randn(3, 4, 5, 5), torch.randn(2, 4, 5, 5)]
+    a, b = capture_inputs(net, net.add, batches, None)
+    with torch.no_grad():
+        want_b = torch.cat([net.conv(x).relu() for x in batches])
+    assert torch.equal(a, torch.cat(batches)) and torch.equal(b, want_b)
+    assert torch.equal(net.add(a, b), torch.cat([net.add(x, net.conv(x).relu()) for x in batches]))
+    # a bias broadcast over the batch cannot be concatenated per call: refused with the reason
+    with pytest.raises(CaptureError, match="do not all span the batch"):
+        capture_inputs(net, net.shift, batches, None)
+    # the one-input capture refuses a two-input layer
+    with pytest.raises(CaptureError, match="other than one tensor input"):
+        capture_layer(net, net.add, batches, None, "input")
+    assert _hook_count(net) == 0
