@@ -26,7 +26,8 @@ from torch import nn
 
 from ..kernels.graph_ops import settled_call
 from .conv import Int8Conv1d, Int8Conv2d, Int8Conv3d, _Int8ConvNd
-from .padded_depthwise import settle_unpadded, unpadded_call
+from .conv_graph import run_conv_graph_entry
+from .padded_depthwise import settle_unpadded, unpadded_call, unpadded_graph_entry
 
 
 class _PaddedMixin(_Int8ConvNd):
@@ -65,6 +66,10 @@ class _PaddedMixin(_Int8ConvNd):
         if self._stale:
             self.ensure_packed()
         if x.dtype == torch.uint8:
+            if torch.compiler.is_compiling():  # (the same in a graph: the plan's conv_packed op with 4 pads)
+                entry = unpadded_graph_entry(self, x)
+                if entry is not None:
+                    return self._output(run_conv_graph_entry(entry, x))
             settled = unpadded_call(self, x)  # (a depthwise conv: the native kernel pads, padded_depthwise)
             if settled is not None:
                 self.kernel_counts[settled[0]] += 1

@@ -8,9 +8,11 @@ tap outside the image, so it runs the asymmetric padding itself (`ConvPlan` with
 values: before H, W, then after H, W): the same sums and epilogue, bit for bit the padded
 input's outputs.
 
-Eager calls only, and only after the padded input's first call settled on the native kernel
-(the guards' choice stands; graphs keep the ``F.pad`` path). Filed in the module's binding under
-``("unpadded", signature)``, so it goes where the binding's settled calls go.
+Only after the padded input's first (eager) call settled on the native kernel (the guards'
+choice stands). Filed in the module's binding under ``("unpadded", signature)``, so it goes where
+the binding's settled calls go: the eager call, and for compiled graphs the plan's
+``quanta_native::conv_packed`` arguments with the 4 padding values (`unpadded_graph_entry`; a
+graph traced before any eager call keeps the ``F.pad`` path).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 import torch
 
 from ..kernels.conv_native import make_plan, plan_call
+from ..kernels.graph_ops import GraphConstants
 
 
 def _key(mod: Any, x: torch.Tensor) -> tuple[Any, ...]:
@@ -34,6 +37,12 @@ def unpadded_call(mod: Any, x: torch.Tensor) -> tuple[str, Callable[[torch.Tenso
         return None
     calls = mod.binding.calls
     return calls.get(_key(mod, x)) if calls else None
+
+
+def unpadded_graph_entry(mod: Any, x: torch.Tensor) -> tuple[tuple, GraphConstants] | None:
+    """While torch.compile traces: the graph entry (`quanta.integer.conv_graph.run_conv_graph_entry`)
+    filed with the in-kernel padding for unpadded uint8 codes ``x``, or None."""
+    return mod.binding.compiled.get(_key(mod, x))
 
 
 def settle_unpadded(mod: Any, x: torch.Tensor, padded: torch.Tensor) -> None:
@@ -51,7 +60,9 @@ def settle_unpadded(mod: Any, x: torch.Tensor, padded: torch.Tensor) -> None:
     plan = make_plan(mod.weight, mod.weight_scale, mod.bias, mod._x_scale, mod._x_zp, mod.stride,
                      [ph + top, pw + left, ph + bottom, pw + right], mod.dilation, mod.groups, mod.post_op, out_scale,
                      out_zp)
-    mod.binding.settle(_key(mod, x), "native", plan_call(plan, 4))
+    arguments = plan.arguments()  # type: ignore[attr-defined]  (conv_packed's: 5 tensors, params, inv, z)
+    mod.binding.settle(_key(mod, x), "native", plan_call(plan, 4),
+                       compiled=(arguments[:5], GraphConstants(("native", None, *arguments[5:]))))
 
 
-__all__ = ["settle_unpadded", "unpadded_call"]
+__all__ = ["settle_unpadded", "unpadded_call", "unpadded_graph_entry"]

@@ -5,7 +5,7 @@ The operators themselves (``quanta_native::*``, ``csrc/fused.cpp``'s ``TORCH_LIB
 the same C++ functions as the eager calls; compiled graphs call them so that a settled integer
 module costs one call from the graph straight to C++, with eager's numbers::
 
-    conv_packed(x, wpack, corr, mult, bias, pad, params, inv, z)    a settled ConvPlan (conv.cpp)
+    conv_packed(x, wpack, corr, mult, bias, pad, params, inv, z)    a settled ConvPlan (conv.cpp; 2d)
     linear_packed(x, w, w_sum, w_scale, bias, ...)                   a settled int8 Linear (linear_op.cpp)
     add_codes(a, sa, za, b, sb, zb, post_op, out_inv, out_zp, lo, hi)  Int8Add on uint8 codes
     max_pool2d_codes(x, kernel, stride, padding, dilation)          max-pool of channels-last codes
@@ -38,9 +38,13 @@ import torch
 
 
 def _fake_conv_packed(x, wpack, corr, mult, bias, pad, params, inv, z):
-    from .conv_shapes import conv_output_shape, kernel_strides
+    from .conv_shapes import kernel_strides
+    # 13 values: symmetric padding (ph, pw); 15: ph, pw before and params[13:15] after (a TF "same" pad)
     out_ch, kh, kw, sh, sw, ph, pw, dh, dw = params[1:10]
-    shape = conv_output_shape(x.shape, [out_ch, x.shape[1], kh, kw], [sh, sw], [ph, pw], [dh, dw])
+    ph_after, pw_after = (params[13], params[14]) if len(params) == 15 else (ph, pw)
+    oh = (x.shape[2] + ph + ph_after - dh * (kh - 1) - 1) // sh + 1
+    ow = (x.shape[3] + pw + pw_after - dw * (kw - 1) - 1) // sw + 1
+    shape = [x.shape[0], out_ch, oh, ow]
     return x.new_empty_strided(shape, kernel_strides(shape), dtype=torch.uint8 if params[12] else torch.float32)
 
 

@@ -283,8 +283,8 @@ def test_register_settled_call_refuses_non_callables():
 
 
 class _StrideTwoDepthwise(nn.Module):
-    """A TF port's stride-2 'same' depthwise conv inside a uint8 chain: eager pads its codes inside the
-    native kernel (padded_depthwise), graphs with aten's pad."""
+    """A TF port's stride-2 'same' depthwise conv inside a uint8 chain: eager and graphs pad its codes
+    inside the native kernel (padded_depthwise)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -298,7 +298,8 @@ class _StrideTwoDepthwise(nn.Module):
 
 def test_compiled_stride_two_depthwise_after_eager_has_no_graph_break():
     """Compiled after eager calls (which settle the in-kernel padding): no graph break (dynamo cannot
-    trace the native plan's pybind call; graphs keep aten's pad) and eager's bits."""
+    trace the native plan's pybind call: the graph calls the conv_packed op with the plan's 4 padding
+    values instead, no aten pad) and eager's bits."""
     torch.manual_seed(0)
     calib = [torch.randn(2, 3, 16, 16) for _ in range(2)]
     q = quanta.quantize(_StrideTwoDepthwise().eval(), quanta.preset("static_int8", weight_bits=7), calib_data=calib,
@@ -310,6 +311,9 @@ def test_compiled_stride_two_depthwise_after_eager_has_no_graph_break():
     assert len(padded) == 1 and padded[0].groups == 16
     if not any(key[0] == "unpadded" for key in padded[0].binding.calls):
         pytest.skip("the depthwise conv did not settle on the native kernel here")
-    expected, got, _ops, breaks, *_rest = _compiled_run(q, x)
+    expected, got, ops, breaks, *_rest = _compiled_run(q, x)
     assert breaks == 0
     assert torch.equal(got, expected)
+    # the graph pads inside the kernel too: the depthwise conv's conv_packed op with 4 padding values,
+    # no copy of the codes by aten's pad
+    assert ops["quanta_native::conv_packed"] >= 2 and not ops["aten::constant_pad_nd"], ops
