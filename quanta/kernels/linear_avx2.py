@@ -108,7 +108,7 @@ def avx2_linear_call(packed: torch.Tensor, w_sum: torch.Tensor, w_scale: torch.T
     if post_op not in LINEAR_POST_OPS:
         raise ValueError(f"avx2_linear_call: post_op must be one of {LINEAR_POST_OPS}, got {post_op!r}")
     code = POST_OP_CODES["relu"] if post_op == "relu" else POST_OP_CODES["none"]
-    after = None if post_op in ("none", "relu") else torch.nn.functional.gelu
+    after = None if post_op in ("none", "relu") else torch.ops.aten.gelu_  # (in place: the kernel's own output)
     approximate = "tanh" if post_op == "gelu_tanh" else "none"
     lib = native.module()
     ws, wsc = w_sum.to(torch.int32).contiguous(), w_scale.reshape(-1).float().contiguous()

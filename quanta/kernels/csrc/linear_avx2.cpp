@@ -46,11 +46,17 @@ inline void store_tail(float* y, int64_t n, __m256 v) {
   std::memcpy(y, b, static_cast<size_t>(n) * 4);
 }
 
-// rescale_rows' arithmetic on 8 lanes: float32(a) * xs, then * wsc, then + bias
-inline __m256 rescale8(__m256i a, __m256 xs, const float* wsc, const float* bias) {
+// rescale_rows' arithmetic on 8 lanes: float32(a) * xs, then * wsc, then + bias; then ReLU where
+// relu (activation.h's, in registers: what apply_post_op gives)
+inline __m256 rescale8(__m256i a, __m256 xs, const float* wsc, const float* bias, bool relu) {
   __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(a), xs);
   v = _mm256_mul_ps(v, _mm256_loadu_ps(wsc));
-  return bias ? _mm256_add_ps(v, _mm256_loadu_ps(bias)) : v;
+  v = bias ? _mm256_add_ps(v, _mm256_loadu_ps(bias)) : v;
+#if defined(QUANTA_ACT8)
+  return relu ? act::apply8<kPostRelu>(v) : v;
+#else
+  return v;
+#endif
 }
 
 // MR rows (codes at x + m * Kp, global rows m0 + m) x the 16 channels from o0; NV = 1: only the
@@ -75,21 +81,26 @@ void tile(const uint8_t* x, int64_t Kp, int64_t m0, const int8_t* w, int64_t o0,
   const int64_t n = std::min<int64_t>(16, e.N - o0);
   const float* b0 = e.bias ? e.bias + o0 : nullptr;
   const float* b1 = e.bias ? e.bias + o0 + 8 : nullptr;
+#if defined(QUANTA_ACT8)
+  const bool relu = e.post == kPostRelu, rows_after = e.post != kPostNone && !relu;
+#else
+  const bool relu = false, rows_after = e.post != kPostNone;
+#endif
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m) {
     const __m256 xs = _mm256_set1_ps(e.xs[e.srow ? m0 + m : 0]);
     float* y = e.out + (m0 + m) * e.N + o0;
-    const __m256 lo = rescale8(acc[m][0], xs, e.wsc + o0, b0);
+    const __m256 lo = rescale8(acc[m][0], xs, e.wsc + o0, b0, relu);
     if (n >= 8) {
       _mm256_storeu_ps(y, lo);
       if (n == 16)
-        _mm256_storeu_ps(y + 8, rescale8(acc[m][1], xs, e.wsc + o0 + 8, b1));
+        _mm256_storeu_ps(y + 8, rescale8(acc[m][1], xs, e.wsc + o0 + 8, b1, relu));
       else if (n > 8)
-        store_tail(y + 8, n - 8, rescale8(acc[m][1], xs, e.wsc + o0 + 8, b1));
+        store_tail(y + 8, n - 8, rescale8(acc[m][1], xs, e.wsc + o0 + 8, b1, relu));
     } else {
       store_tail(y, n, lo);
     }
-    if (e.post != kPostNone) apply_post_op(e.post, y, n);
+    if (rows_after) apply_post_op(e.post, y, n);  // (GELU: the row's 16 values while in L1)
   }
 }
 
