@@ -249,11 +249,10 @@ class Int8Linear(_LinearBase):
         elif q_impl == "native" and mm_impl == "avx2_gemm" and checked and mm_checked and not compiling:
             # settled on avx2_gemm (7-bit weights without VNNI): static activations quantized inside the
             # GEMM (the same codes as quantize_static's), dynamic ones by the guarded kernel first chosen
-            post = None if self.post_op == "none" else functools.partial(apply_post_op, post_op=self.post_op)
             cs, q_args = self._codes_spec, self._q_args
             rows = None if static else functools.partial(_quantize_dynamic, q_args=q_args)
             binding.settle(sig, mm_impl, avx2_linear_call(args[7], self._w_sum, self.weight_scale, self.bias, s_in,
-                                                          z_in, cs.qmin, cs.qmax, rows, post),
+                                                          z_in, cs.qmin, cs.qmax, rows, self.post_op),
                            fake=_fake_rows(self.out_features))
         elif q_impl == "native" and mm_impl == "onednn" and static and checked and mm_checked and not compiling:
             # settled on oneDNN (7-bit weights without VNNI): later eager calls skip the guards and the

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from . import native
+from .post_ops import LINEAR_POST_OPS, POST_OP_CODES
 from .u8s8_saturation import weight_code_max
 
 #: the largest |weight code| whose u8 x s8 pair sums stay within int16 (2 · 255 · 64 = 32640)
@@ -95,13 +96,20 @@ def guard_avx2(x, x_scale, x_zp, weight, w_scale, bias, w_sum, packed):
 def avx2_linear_call(packed: torch.Tensor, w_sum: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                      scale: torch.Tensor | None, zero_point: torch.Tensor | None, qmin: int, qmax: int,
                      quantize_rows: Callable[[torch.Tensor], tuple] | None = None,
-                     post_op: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The activation quantization then ``avx2_gemm`` (then ``post_op`` on its float output) as one
+                     post_op: str = "none") -> Callable[[torch.Tensor], torch.Tensor]:
+    """The activation quantization then ``avx2_gemm`` then the activation ``post_op`` as one
     callable with every weight-side argument resolved once: ``run(x)`` for a row-major float32
     ``[M, K]``. Static per-tensor qparams (``scale`` / ``zero_point``): the quantization is fused
     into the GEMM's first pass (``quantized_linear_avx2``: quantize_static's codes, never written
-    as a tensor). Dynamic ones: ``quantize_rows(x)`` gives ``(codes, scale, zero_point)`` (the
+    as a tensor). ``"relu"`` runs inside the kernel, on each output tile while it is in L1 (the
+    same bits as ``torch.relu``); GELU is torch's, after it (the reference's bits: the native GELU
+    is within ~2e-7 of it, not equal). Dynamic ones: ``quantize_rows(x)`` gives ``(codes, scale, zero_point)`` (the
     module's guarded quantization, as its first call ran it), then the kernel on those codes."""
+    if post_op not in LINEAR_POST_OPS:
+        raise ValueError(f"avx2_linear_call: post_op must be one of {LINEAR_POST_OPS}, got {post_op!r}")
+    code = POST_OP_CODES["relu"] if post_op == "relu" else POST_OP_CODES["none"]
+    after = None if post_op in ("none", "relu") else torch.ops.aten.gelu_  # (in place: the kernel's own output)
+    approximate = "tanh" if post_op == "gelu_tanh" else "none"
     lib = native.module()
     ws, wsc = w_sum.to(torch.int32).contiguous(), w_scale.reshape(-1).float().contiguous()
     b = None if bias is None else bias.reshape(-1).float().contiguous()
@@ -112,8 +120,8 @@ def avx2_linear_call(packed: torch.Tensor, w_sum: torch.Tensor, w_scale: torch.T
         fused = lib.quantized_linear_avx2
 
         def run(x: torch.Tensor) -> torch.Tensor:
-            y = fused(x, inv, zp, qmin, qmax, s, packed, ws, wsc, b)
-            return y if post_op is None else post_op(y)
+            y = fused(x, inv, zp, qmin, qmax, s, packed, ws, wsc, b, code)
+            return y if after is None else after(y, approximate=approximate)
         return run
     if quantize_rows is None:
         raise ValueError("avx2_linear_call: dynamic activations need quantize_rows")
@@ -122,8 +130,8 @@ def avx2_linear_call(packed: torch.Tensor, w_sum: torch.Tensor, w_scale: torch.T
     def run_dynamic(x: torch.Tensor) -> torch.Tensor:
         codes, xs, xz = quantize_rows(x)
         y = kernel(codes, xz.reshape(-1).to(torch.int32).contiguous(), xs.reshape(-1).float().contiguous(),
-                   packed, ws, wsc, b)
-        return y if post_op is None else post_op(y)
+                   packed, ws, wsc, b, code)
+        return y if after is None else after(y, approximate=approximate)
     return run_dynamic
 
 

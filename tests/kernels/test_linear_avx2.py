@@ -90,3 +90,39 @@ def test_pack_layout_and_bad_pack_errors():
     with pytest.raises(RuntimeError, match="wpack must be"):
         native.module().int8_linear_avx2(torch.zeros(3, 12, dtype=torch.uint8), torch.zeros(1, dtype=torch.int32),
                                          torch.ones(1), p, w.sum(1, dtype=torch.int32), torch.ones(5), None)
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["u8", "s8"])
+@pytest.mark.parametrize("shape", [(1, 37, 23), (7, 130, 40), (1025, 37, 23), (13, 384, 8)])
+def test_relu_in_the_tiles_gives_the_reference_bits(shape, signed):
+    # post_op 1 (ReLU) applied by the kernel to each output tile: torch.relu of the reference's output
+    m, k, n = shape
+    g = torch.Generator().manual_seed(m * 7 + k + n)
+    x = torch.randn(m, k, generator=g) * 3
+    w = torch.randint(-64, 65, (n, k), generator=g, dtype=torch.int8)
+    w_scale, bias, scale = torch.rand(n, generator=g) * 0.01, torch.randn(n, generator=g), torch.tensor(0.029)
+    qmin, qmax, zp = (-128, 127, -3) if signed else (0, 255, 131)
+    inv, lib = float(torch.reciprocal(scale)), native.module()
+    codes = lib.quantize_static(x, inv, zp, qmin, qmax, signed)
+    z = torch.tensor(zp, dtype=torch.int32)
+    ref = torch.relu(L.int8_linear(codes, scale, z, w, w_scale, bias, None, None, impl="reference"))
+    ws, pack = w.sum(1, dtype=torch.int32), avx2_pack(w)
+    assert torch.equal(lib.quantized_linear_avx2(x, inv, zp, qmin, qmax, scale.reshape(1), pack, ws, w_scale, bias,
+                                                 post_op=1), ref)
+    assert torch.equal(lib.int8_linear_avx2(codes, z.reshape(1), scale.reshape(1), pack, ws, w_scale, bias, post_op=1), ref)
+
+
+def test_gelu_in_the_tiles_is_apply_post_op_on_the_output():
+    # the tiles run apply_post_op_'s own code on each value: the same bits as the whole-tensor pass
+    m, k, n = 45, 70, 37
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(m, k, generator=g) * 3
+    w = torch.randint(-64, 65, (n, k), generator=g, dtype=torch.int8)
+    args = (x, 25.0, 120, 0, 255, torch.tensor([0.04]), avx2_pack(w), w.sum(1, dtype=torch.int32),
+            torch.rand(n, generator=g) * 0.01, torch.randn(n, generator=g))
+    lib = native.module()
+    for code in (2, 3):
+        assert torch.equal(lib.quantized_linear_avx2(*args, post_op=code),
+                           lib.apply_post_op_(lib.quantized_linear_avx2(*args), code))
+    with pytest.raises(RuntimeError, match="post_op must be"):
+        lib.quantized_linear_avx2(*args, post_op=4)  # (relu6: not a linear post-op)

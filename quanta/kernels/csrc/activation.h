@@ -14,7 +14,7 @@
 
 #include <cmath>
 #include <cstdint>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -85,6 +85,57 @@ inline __m512 gelu_tanh16(__m512 x) {
 }
 #endif
 
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+// The same functions on 8 lanes for AVX2 builds (the same operations in the same order; 2^n as
+// two exact power-of-2 factors where AVX-512 has scalef).
+inline __m256 exp8(__m256 v) {
+  v = _mm256_max_ps(v, _mm256_set1_ps(-87.3f));
+  v = _mm256_min_ps(v, _mm256_set1_ps(88.7f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(v, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), v);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.f / 720.f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  // p * 2^n, n in [-126, 128]: 2^n1 * 2^n2 with n1 = floor(n / 2), both normal floats
+  const __m256i ni = _mm256_cvtps_epi32(n);
+  const __m256i n1 = _mm256_srai_epi32(ni, 1), n2 = _mm256_sub_epi32(ni, n1);
+  const __m256i bias = _mm256_set1_epi32(127);
+  const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23));
+  const __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, bias), 23));
+  return _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
+}
+
+inline __m256 gelu8(__m256 x) {
+  const __m256 z = _mm256_mul_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.f), x), _mm256_set1_ps(kSqrtHalf));
+  const __m256 t = _mm256_div_ps(_mm256_set1_ps(1.f), _mm256_fmadd_ps(z, _mm256_set1_ps(kP), _mm256_set1_ps(1.f)));
+  __m256 poly = _mm256_fmadd_ps(t, _mm256_set1_ps(kA5), _mm256_set1_ps(kA4));
+  poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(kA3));
+  poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(kA2));
+  poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(kA1));
+  poly = _mm256_mul_ps(poly, t);
+  const __m256 e = _mm256_mul_ps(poly, exp8(_mm256_mul_ps(_mm256_sub_ps(_mm256_setzero_ps(), z), z)));
+  const __m256 pos = _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GE_OQ);
+  const __m256 phi2 = _mm256_blendv_ps(e, _mm256_sub_ps(_mm256_set1_ps(2.f), e), pos);  // 2 Phi(x)
+  return _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), x), phi2);
+}
+
+inline __m256 gelu_tanh8(__m256 x) {
+  const __m256 x3 = _mm256_mul_ps(_mm256_mul_ps(x, x), x);
+  const __m256 u = _mm256_mul_ps(_mm256_set1_ps(kSqrt2OverPi), _mm256_fmadd_ps(x3, _mm256_set1_ps(kCubic), x));
+  const __m256 v = _mm256_mul_ps(u, _mm256_set1_ps(-2.f));
+  const __m256 y = _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.f), exp8(v)));
+  const __m256 far = _mm256_cmp_ps(v, _mm256_set1_ps(88.7f), _CMP_GT_OQ);
+  return _mm256_blendv_ps(y, _mm256_mul_ps(x, _mm256_setzero_ps()), far);
+}
+#define QUANTA_ACT8 1
+#endif
+
 template <int64_t OP>
 inline float apply1(float v) {
   if (OP == kPostRelu) return v > 0.f ? v : (v == v ? 0.f : v);  // NaN stays NaN, like torch.relu
@@ -108,6 +159,21 @@ inline __m512 apply16(__m512 v) {
 }
 #endif
 
+#if defined(QUANTA_ACT8)
+template <int64_t OP>
+inline __m256 apply8(__m256 v) {
+  __m256 r;
+  if (OP == kPostRelu) {
+    r = _mm256_blendv_ps(v, _mm256_setzero_ps(), _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_LT_OQ));
+  } else if (OP == kPostGelu) {
+    r = gelu8(v);
+  } else {
+    r = gelu_tanh8(v);
+  }
+  return _mm256_blendv_ps(r, v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));  // NaN in, NaN out
+}
+#endif
+
 // Every element through the same code (the last partial vector by masked loads and stores): a
 // value's result does not depend on where in a row it sits.
 template <int64_t OP>
@@ -118,6 +184,15 @@ inline void apply_span(float* y, int64_t n) {
   if (k < n) {
     const __mmask16 m = static_cast<__mmask16>((1u << (n - k)) - 1);
     _mm512_mask_storeu_ps(y + k, m, apply16<OP>(_mm512_maskz_loadu_ps(m, y + k)));
+  }
+#elif defined(QUANTA_ACT8)
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) _mm256_storeu_ps(y + k, apply8<OP>(_mm256_loadu_ps(y + k)));
+  if (k < n) {  // (the last partial vector through a buffer: the same code as the others)
+    alignas(32) float b[8] = {};
+    for (int64_t i = k; i < n; ++i) b[i - k] = y[i];
+    _mm256_store_ps(b, apply8<OP>(_mm256_load_ps(b)));
+    for (int64_t i = k; i < n; ++i) y[i] = b[i - k];
   }
 #else
   for (int64_t k = 0; k < n; ++k) y[k] = apply1<OP>(y[k]);

@@ -329,10 +329,11 @@ namespace quanta_native {
 bool linear_avx2_available();
 torch::Tensor int8_linear_avx2(const torch::Tensor& x, const torch::Tensor& x_zp, const torch::Tensor& x_scale,
                                const torch::Tensor& wpack, const torch::Tensor& w_sum, const torch::Tensor& w_scale,
-                               const c10::optional<torch::Tensor>& bias);
+                               const c10::optional<torch::Tensor>& bias, int64_t post_op);
 torch::Tensor quantized_linear_avx2(const torch::Tensor& x, double inv, int64_t zero_point, int64_t qmin, int64_t qmax,
                                     const torch::Tensor& x_scale, const torch::Tensor& wpack, const torch::Tensor& w_sum,
-                                    const torch::Tensor& w_scale, const c10::optional<torch::Tensor>& bias);
+                                    const torch::Tensor& w_scale, const c10::optional<torch::Tensor>& bias,
+                                    int64_t post_op);
 }  // namespace quanta_native
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -364,9 +365,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_avx2_available", &quanta_native::linear_avx2_available,
         "whether int8_linear_avx2 runs here (an AVX2 build without VNNI)");
   m.def("int8_linear_avx2", &quanta_native::int8_linear_avx2,
-        "int8 linear of codes on an avx2_pack weight (|w| <= 64), rescaled like rescale_rows");
+        "int8 linear of codes on an avx2_pack weight (|w| <= 64), rescaled like rescale_rows", py::arg("x"),
+        py::arg("x_zp"), py::arg("x_scale"), py::arg("wpack"), py::arg("w_sum"), py::arg("w_scale"),
+        py::arg("bias"), py::arg("post_op") = 0);
   m.def("quantized_linear_avx2", &quanta_native::quantized_linear_avx2,
-        "static per-tensor quantization fused into int8_linear_avx2");
+        "static per-tensor quantization fused into int8_linear_avx2", py::arg("x"), py::arg("inv"),
+        py::arg("zero_point"), py::arg("qmin"), py::arg("qmax"), py::arg("x_scale"), py::arg("wpack"),
+        py::arg("w_sum"), py::arg("w_scale"), py::arg("bias"), py::arg("post_op") = 0);
   bind_conv(m);
 }
 

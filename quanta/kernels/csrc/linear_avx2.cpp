@@ -11,7 +11,9 @@
 // whose uint8 codes the task writes first into its own buffer (the float input's quantization
 // fused into the GEMM's first pass: the codes never go to memory as a tensor) x a range of blocks;
 // a block's panel stays in L1 while the chunk's tiles read it. Signed codes are read as code + 128
-// (zero point + 128): the same sums.
+// (zero point + 128): the same sums. The activation post_op (activation.h: the code apply_post_op_
+// runs) goes over each tile's output rows while they are in L1, not as a second pass over [M, N].
+#include "activation.h"
 #include "common.h"
 #include "tile_u8s8.h"
 
@@ -35,6 +37,7 @@ struct LinearEpilogue {
   const float* bias;  // [N16 * 16] or null
   float* out;         // row-major [M, N]
   int64_t N;
+  int64_t post;  // post_op.h's code: none, relu, gelu, gelu tanh
 };
 
 inline void store_tail(float* y, int64_t n, __m256 v) {
@@ -43,11 +46,17 @@ inline void store_tail(float* y, int64_t n, __m256 v) {
   std::memcpy(y, b, static_cast<size_t>(n) * 4);
 }
 
-// rescale_rows' arithmetic on 8 lanes: float32(a) * xs, then * wsc, then + bias
-inline __m256 rescale8(__m256i a, __m256 xs, const float* wsc, const float* bias) {
+// rescale_rows' arithmetic on 8 lanes: float32(a) * xs, then * wsc, then + bias; then ReLU where
+// relu (activation.h's, in registers: what apply_post_op gives)
+inline __m256 rescale8(__m256i a, __m256 xs, const float* wsc, const float* bias, bool relu) {
   __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(a), xs);
   v = _mm256_mul_ps(v, _mm256_loadu_ps(wsc));
-  return bias ? _mm256_add_ps(v, _mm256_loadu_ps(bias)) : v;
+  v = bias ? _mm256_add_ps(v, _mm256_loadu_ps(bias)) : v;
+#if defined(QUANTA_ACT8)
+  return relu ? act::apply8<kPostRelu>(v) : v;
+#else
+  return v;
+#endif
 }
 
 // MR rows (codes at x + m * Kp, global rows m0 + m) x the 16 channels from o0; NV = 1: only the
@@ -72,20 +81,26 @@ void tile(const uint8_t* x, int64_t Kp, int64_t m0, const int8_t* w, int64_t o0,
   const int64_t n = std::min<int64_t>(16, e.N - o0);
   const float* b0 = e.bias ? e.bias + o0 : nullptr;
   const float* b1 = e.bias ? e.bias + o0 + 8 : nullptr;
+#if defined(QUANTA_ACT8)
+  const bool relu = e.post == kPostRelu, rows_after = e.post != kPostNone && !relu;
+#else
+  const bool relu = false, rows_after = e.post != kPostNone;
+#endif
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m) {
     const __m256 xs = _mm256_set1_ps(e.xs[e.srow ? m0 + m : 0]);
     float* y = e.out + (m0 + m) * e.N + o0;
-    const __m256 lo = rescale8(acc[m][0], xs, e.wsc + o0, b0);
+    const __m256 lo = rescale8(acc[m][0], xs, e.wsc + o0, b0, relu);
     if (n >= 8) {
       _mm256_storeu_ps(y, lo);
       if (n == 16)
-        _mm256_storeu_ps(y + 8, rescale8(acc[m][1], xs, e.wsc + o0 + 8, b1));
+        _mm256_storeu_ps(y + 8, rescale8(acc[m][1], xs, e.wsc + o0 + 8, b1, relu));
       else if (n > 8)
-        store_tail(y + 8, n - 8, rescale8(acc[m][1], xs, e.wsc + o0 + 8, b1));
+        store_tail(y + 8, n - 8, rescale8(acc[m][1], xs, e.wsc + o0 + 8, b1, relu));
     } else {
       store_tail(y, n, lo);
     }
+    if (rows_after) apply_post_op(e.post, y, n);  // (GELU: the row's 16 values while in L1)
   }
 }
 
@@ -165,10 +180,12 @@ void check_pack(const torch::Tensor& wpack, int64_t K, int64_t N, const char* wh
 bool linear_avx2_available() { return QUANTA_AVX2 && !QUANTA_VNNI; }
 
 // From int8 or uint8 codes x [M, K] (row-major) with zero points x_zp (int32, 1 or M) and scales
-// x_scale (float32, 1 or M): the float32 [M, N] above. int8 codes are read as code + 128.
+// x_scale (float32, 1 or M): the float32 [M, N] above (then post_op: activation.h's apply_post_op, in
+// tiles). int8 codes are read as code + 128.
 torch::Tensor int8_linear_avx2(const torch::Tensor& x, const torch::Tensor& x_zp, const torch::Tensor& x_scale,
                                const torch::Tensor& wpack, const torch::Tensor& w_sum, const torch::Tensor& w_scale,
-                               const c10::optional<torch::Tensor>& bias) {
+                               const c10::optional<torch::Tensor>& bias, int64_t post_op) {
+  check_post_op("int8_linear_avx2", post_op);
   TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == torch::kInt8 || x.scalar_type() == torch::kUInt8) &&
                   x.dim() == 2 && x.stride(1) == 1 && x.stride(0) == x.size(1),
               "int8_linear_avx2: x must be row-major int8 / uint8 codes [M, K], got ", x.scalar_type(), " ", x.sizes());
@@ -184,7 +201,7 @@ torch::Tensor int8_linear_avx2(const torch::Tensor& x, const torch::Tensor& x_zp
     for (auto& z : zp) z += 128;
   const PaddedEpilogue pe(N, w_sum, w_scale, b);
   const LinearEpilogue e{zp.data(), zp.size() > 1, x_scale.data_ptr<float>(), x_scale.numel() > 1, pe.ws.data(),
-                         pe.wsc.data(), b ? pe.bias.data() : nullptr, out.data_ptr<float>(), N};
+                         pe.wsc.data(), b ? pe.bias.data() : nullptr, out.data_ptr<float>(), N, post_op};
   const uint8_t* src = reinterpret_cast<const uint8_t*>(x.data_ptr());
   const int64_t Kp = (K + 3) / 4 * 4;
   const uint8_t mask = flip ? 0x80 : 0;
@@ -207,8 +224,10 @@ torch::Tensor int8_linear_avx2(const torch::Tensor& x, const torch::Tensor& x_zp
 // pass: the same codes, the same sums, the same float32 [M, N].
 torch::Tensor quantized_linear_avx2(const torch::Tensor& x, double inv, int64_t zero_point, int64_t qmin, int64_t qmax,
                                     const torch::Tensor& x_scale, const torch::Tensor& wpack, const torch::Tensor& w_sum,
-                                    const torch::Tensor& w_scale, const c10::optional<torch::Tensor>& bias) {
+                                    const torch::Tensor& w_scale, const c10::optional<torch::Tensor>& bias,
+                                    int64_t post_op) {
   check_float_input(x, "quantized_linear_avx2");
+  check_post_op("quantized_linear_avx2", post_op);
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.stride(0) == x.size(1),
               "quantized_linear_avx2: x must be row-major [M, K]");
   TORCH_CHECK((qmin >= -128 && qmax <= 127 && qmin < qmax) || (qmin >= 0 && qmax <= 255 && qmin < qmax),
@@ -225,7 +244,7 @@ torch::Tensor quantized_linear_avx2(const torch::Tensor& x, double inv, int64_t 
   const int32_t zp = static_cast<int32_t>(zero_point) + (flip ? 128 : 0);
   const PaddedEpilogue pe(N, w_sum, w_scale, b);
   const LinearEpilogue e{&zp, false, x_scale.data_ptr<float>(), false, pe.ws.data(), pe.wsc.data(),
-                         b ? pe.bias.data() : nullptr, out.data_ptr<float>(), N};
+                         b ? pe.bias.data() : nullptr, out.data_ptr<float>(), N, post_op};
   const float* src = x.data_ptr<float>();
   const int64_t Kp = (K + 3) / 4 * 4;
   const float finv = static_cast<float>(inv), z = static_cast<float>(zero_point);
