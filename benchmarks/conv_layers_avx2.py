@@ -11,6 +11,15 @@ AVX2 builds have both the dense and the depthwise loops, for weights within ±64
     python benchmarks/conv_layers_avx2.py --threads 2 --batch 1 --batch 16
     python benchmarks/conv_layers_avx2.py --threads 2 --kind pointwise --batch 1 --batch 8 --batch 16
 
+``--clock thread`` (with ``--threads 1``) times each call by the calling thread's CPU time
+(``time.thread_time``) instead of the wall clock: on a machine shared with other processes a
+preempted call's wall time counts the other processes' slices, its CPU time does not (ResNet-18's
+64-channel 3x3 conv at batch 16, 1 thread, on the 2-core machine under a load average of ~8: 21 ms
+of CPU time, 40 ms wall clock at best). More threads would leave the workers' time out, so the
+option refuses them.
+
+    python benchmarks/conv_layers_avx2.py --threads 1 --clock thread --workload resnet18 --kind dense --batch 16
+
 A 1x1 convolution without padding (``--kind pointwise``, a subset of ``dense``) also times the
 general dense loop it ran before the pointwise loop (``ConvPlan.run_dense_loop``; csrc/conv_pointwise.cpp
 is the AVX2 build's pointwise loop), in the same interleaved rounds: column "dense loop".
@@ -26,6 +35,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections import defaultdict
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -75,7 +85,16 @@ def kind_of(layer: Layer) -> str | None:
 
 
 def is_pointwise(layer: Layer) -> bool:
-    """A 1x1 convolution without padding (the pointwise loop's shapes; any stride)."""
+    """``--clock thread`` (with ``--threads 1``) times each call by the calling thread's CPU time
+(``time.thread_time``) instead of the wall clock: on a machine shared with other processes a
+preempted call's wall time counts the other processes' slices, its CPU time does not (ResNet-18's
+64-channel 3x3 conv at batch 16, 1 thread, on the 2-core machine under a load average of ~8: 21 ms
+of CPU time, 40 ms wall clock at best). More threads would leave the workers' time out, so the
+option refuses them.
+
+    python benchmarks/conv_layers_avx2.py --threads 1 --clock thread --workload resnet18 --kind dense --batch 16
+
+A 1x1 convolution without padding (the pointwise loop's shapes; any stride)."""
     _, _, k, _, pad, _, groups, _, _ = layer
     return groups == 1 and k == (1, 1) and pad == (0, 0)
 
@@ -110,6 +129,16 @@ def runners(layer: Layer, batch: int) -> dict[str, object]:
     return fns
 
 
+def _thread_timed(fn, out: list[float]):
+    """``fn`` that also appends each call's CPU time of the calling thread (seconds) to ``out``."""
+    def run():
+        t0 = time.thread_time()
+        y = fn()
+        out.append(time.thread_time() - t0)
+        return y
+    return run
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workload", action="append", help="mobilenet_v2, tf_mobile, resnet18 (default: all three)")
@@ -118,10 +147,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kind", choices=("depthwise", "dense", "pointwise", "all"), default="all",
                     help="pointwise: the dense 1x1 convs without padding (with the dense loop's column)")
     ap.add_argument("--min-seconds", type=float, default=0.5, help="measured time per kernel and layer")
+    ap.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                    help="thread: the calling thread's CPU time per call (needs --threads 1)")
     a = ap.parse_args(argv)
+    if a.clock == "thread" and a.threads != 1:
+        ap.error("--clock thread counts the calling thread only: use it with --threads 1")
     torch.set_num_threads(a.threads)
     native.ensure(build=True)
-    print(f"native conv ISA: {conv_native.conv_isa()}; threads {a.threads}; 7-bit weights, relu6, uint8 out")
+    print(f"native conv ISA: {conv_native.conv_isa()}; threads {a.threads}; 7-bit weights, relu6, uint8 out; "
+          f"{a.clock} clock")
     print("| workload | layer (Cin->Cout k s p d g HxW) | batch | native ms best / median | oneDNN ms best / median "
           "| native speed (best) | dense loop ms best / median | native / dense loop speed (best) |")
     print("|---|---|---|---|---|---|---|---|")
@@ -134,8 +168,13 @@ def main(argv: list[str] | None = None) -> int:
             if a.kind not in ("all", "pointwise") and kind != a.kind:
                 continue
             for batch in a.batch or [1, 16]:
-                samples, errors = timing.interleaved(runners(layer, batch), min_seconds=a.min_seconds, min_rounds=15,
-                                                     budget_s=20.0)
+                fns = runners(layer, batch)
+                cpu: dict[str, list[float]] = {k: [] for k in fns}
+                if a.clock == "thread":
+                    fns = {k: _thread_timed(f, cpu[k]) for k, f in fns.items()}
+                samples, errors = timing.interleaved(fns, min_seconds=a.min_seconds, min_rounds=15, budget_s=20.0)
+                if a.clock == "thread":  # (the wall samples include the wrapper: replaced by the CPU times)
+                    samples = {k: cpu[k][-len(v):] for k, v in samples.items()}
                 if errors:
                     print(f"| {name} | {layer} | {batch} | errors: {errors} |")
                     continue
