@@ -62,3 +62,16 @@ def test_doctor_build_flag_parses():
     from quanta.cli import build_parser
     args = build_parser().parse_args(["doctor", "--build", "--json"])
     assert args.command == "doctor" and args.build and args.json
+
+
+def test_doctor_states_the_thread_count_and_openmp_wait_policy(monkeypatch, capsys):
+    import torch
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert main(["doctor"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("threads: "))
+    assert line.startswith(f"threads: {torch.get_num_threads()} (torch.get_num_threads)")
+    assert "OMP_WAIT_POLICY unset" in line and "OMP_WAIT_POLICY=PASSIVE" in line
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    report = diagnose()
+    assert report.threads["omp_wait_policy"] == "PASSIVE" and str(report).count("OMP_WAIT_POLICY=PASSIVE") == 1

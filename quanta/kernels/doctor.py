@@ -8,6 +8,7 @@ and for each integer op which implementations are available and which fall back.
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 import platform
 import sys
@@ -49,6 +50,7 @@ class DoctorReport:
     native_gemv_isa: str | None = None  # the int8 GEMV's loop: "avx512_vnni", "avx2" or "none" (None: no library)
     ops: list[OpState] = field(default_factory=list)
     native_conv_isa: str | None = None  # the direct int8 conv's loops (conv_native.conv_isa; None: no library)
+    threads: dict[str, Any] = field(default_factory=dict)  # torch's thread count, the cores, OpenMP's wait policy
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,6 +78,8 @@ class DoctorReport:
         if self.native_conv_isa is not None:
             lines.append(f"  int8 conv native loops: {self.native_conv_isa}" + (
                 " (dense and depthwise; weights within ±64, e.g. weight_bits=7)" if self.native_conv_isa == "avx2" else ""))
+        if self.threads:
+            lines.append(threads_line(self.threads))
         lines.append("kernel ops (implementations in the order impl='auto' tries them; a missing one falls back "
                      "to the next):")
         width = max((len(op.name) for op in self.ops), default=0)
@@ -133,6 +137,27 @@ def _op_state(op: KernelOp, vnni: bool | None) -> OpState:
     return OpState(op.name, impls + [ImplState("reference", True)])
 
 
+def thread_facts() -> dict[str, Any]:
+    """torch's intra-op thread count, the cores this process may run on, and OpenMP's wait policy
+    (``OMP_WAIT_POLICY`` as set when the process started; None: unset)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return {"torch_threads": torch.get_num_threads(), "cores": cores,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+
+
+def threads_line(facts: dict[str, Any]) -> str:
+    policy = facts.get("omp_wait_policy")
+    line = f"threads: {facts.get('torch_threads')} (torch.get_num_threads) on {facts.get('cores')} core(s); "
+    if policy is None:
+        return line + ("OMP_WAIT_POLICY unset: a thread that finishes its share spins before it sleeps, which "
+                       "starves a lagging thread where other processes share the cores (start such runs with "
+                       "OMP_WAIT_POLICY=PASSIVE, or use quanta.fit_threads)")
+    return line + f"OMP_WAIT_POLICY={policy}"
+
+
 def diagnose(build: bool = False) -> DoctorReport:
     """The report; ``build=True`` builds the native library first where none matches."""
     native.ensure(build=build)
@@ -151,7 +176,8 @@ def diagnose(build: bool = False) -> DoctorReport:
                         cpu_features_missing=[f for f in relevant if f not in have], native=native.info(),
                         compile_flags=cfg.compile_flags(), native_vnni=vnni, native_gemv_isa=isa,
                         ops=[_op_state(op, vnni) for op in kernel_ops()],
-                        native_conv_isa=str(native.module().conv_isa()) if native.ready() else None)
+                        native_conv_isa=str(native.module().conv_isa()) if native.ready() else None,
+                        threads=thread_facts())
 
 
 __all__ = ["DoctorReport", "ImplState", "OpState", "diagnose", "kernel_ops"]
