@@ -10,6 +10,8 @@ dilation, with
 
 - ``groups == 1`` and a multiple of 4 input channels (*dense*: an output tile of 6 pixels × 64
   channels accumulates with ``vpdpbusd``, 4 input channels per instruction), or
+- ``groups == 1`` and other channel counts (*gathered*, the AVX2 build only: each output pixel's
+  taps gathered into one row of round_up(taps × C, 4) codes, then the pointwise GEMM), or
 - ``groups == C == O`` (*depthwise*: 4 taps' inputs of 64 channels interleaved in registers, so
   that ``vpdpbusd`` adds 4 taps of 16 channels per instruction; a last group of at most 32 / 16
   channels on 256- / 128-bit vectors; 3x3 and 5x5 kernels with compile-time taps and the weights
@@ -142,6 +144,10 @@ AVX2_DENSE_NATIVE_REDUCTION = 576
 #: but batch 16 lost 2-9%: the large outputs at 56x56 / 112x112 of batches 8 / 16 stay on oneDNN
 #: (above 1.5 M outputs; batch 1's largest 1x1 conv has 1.2 M).
 AVX2_POINTWISE_ONEDNN_OUTPUTS = 1536 * 1024
+# The AVX2 build's gathered loop (dense convs of C % 4 != 0 channels: MobileNets' 3-channel stem) runs
+# at every size: in a small quantized model (stem + 1x1), interleaved with the same stem settled on
+# oneDNN on a heavily loaded 2-core EPYC, it was level (batch 1: 1.03x oneDNN; batch 16: 0.97x, min of
+# 20 rounds), and unlike oneDNN's rescale its outputs equal the reference bit for bit.
 
 
 def is_pointwise(weight: torch.Tensor, padding: Sequence[int], groups: int) -> bool:
@@ -165,7 +171,7 @@ def prefer_onednn(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: to
         return (f"a depthwise conv of {outputs} outputs with a {'x'.join(map(str, kernel))} kernel (no native "
                 f"interior-run loop): oneDNN's kernel is faster there")
     if conv_isa() == "avx2":  # (its own table: depthwise 3x3 / 5x5 native at every size)
-        if groups == 1 and x.shape[1] % 4:  # the gathered loop: measured faster at every size (see above)
+        if groups == 1 and x.shape[1] % 4:  # the gathered loop, at every size (see above)
             return None
         if is_pointwise(weight, padding, groups):
             if outputs > AVX2_POINTWISE_ONEDNN_OUTPUTS:
