@@ -41,10 +41,13 @@ def conv_class(c_in: int, c_out: int, kernel: tuple[int, ...], groups: int, stri
     return "other"
 
 
-def profile_quanta(q: torch.nn.Module, x: torch.Tensor, rounds: int) -> dict[str, list[float]]:
-    """Median ms per call of each class's layers (summed) and per layer."""
+def profile_quanta(q: torch.nn.Module, x: torch.Tensor, rounds: int,
+                   layers: list[tuple[str, torch.nn.Module, str, float]] | None = None) -> dict[str, float]:
+    """Median ms per call of each class's layers (summed) and end to end; ``layers``: filled with
+    each conv's (name, module, class, median ms)."""
     times: dict[str, list[float]] = defaultdict(list)
     classes: dict[str, str] = {}
+    mods: dict[str, torch.nn.Module] = {}
     handles, t0 = [], {}
     for name, mod in q.named_modules():
         if "conv" not in type(mod).__name__.lower() or not hasattr(mod, "weight") and not hasattr(mod, "in_channels"):
@@ -55,6 +58,7 @@ def profile_quanta(q: torch.nn.Module, x: torch.Tensor, rounds: int) -> dict[str
         k = tuple(w.shape[2:]) if w is not None and hasattr(w, "shape") else tuple(getattr(mod, "kernel_size", ()))
         stride = mod.stride[0] if isinstance(mod.stride, (tuple, list)) else int(mod.stride)
         classes[name] = conv_class(mod.in_channels, mod.out_channels, k, mod.groups, stride)
+        mods[name] = mod
         handles.append(mod.register_forward_pre_hook(lambda _m, _a, n=name: t0.__setitem__(n, time.perf_counter())))
         handles.append(mod.register_forward_hook(
             lambda _m, _a, _o, n=name: times[n].append(1e3 * (time.perf_counter() - t0[n]))))
@@ -75,6 +79,8 @@ def profile_quanta(q: torch.nn.Module, x: torch.Tensor, rounds: int) -> dict[str
     out: dict[str, float] = defaultdict(float)
     for name, ts in times.items():
         out[classes[name]] += statistics.median(ts)
+        if layers is not None:
+            layers.append((name, mods[name], classes[name], statistics.median(ts)))
     out["end-to-end"] = statistics.median(samples)
     return out
 
@@ -135,6 +141,24 @@ def scaling(q: torch.nn.Module, small: torch.Tensor, large: torch.Tensor, rounds
     return 0
 
 
+def print_layers(layers: list[tuple[str, torch.nn.Module, str, float]]) -> None:
+    """Each conv: its shape, the kernel that ran it (`kernel_counts`: native loop or oneDNN) and its
+    median ms; the native kind as `conv_native` names it (pointwise 1x1, gathered C % 4 != 0, dense,
+    depthwise)."""
+    from quanta.kernels.conv_native import is_pointwise
+
+    print("| layer | class | conv | kernel | ms |\n|---|---|---|---|---|")
+    for name, mod, cls, ms in layers:
+        ran = "/".join(sorted(getattr(mod, "kernel_counts", {}) or {"?": 0}))
+        if ran == "native":
+            w = mod.weight
+            ran = ("native depthwise" if mod.groups > 1 else "native gathered" if mod.in_channels % 4
+                   else "native pointwise" if is_pointwise(w, mod.padding, mod.groups) else "native dense")
+        shape = (f"{mod.in_channels}->{mod.out_channels} k{'x'.join(map(str, mod.kernel_size))} "
+                 f"s{mod.stride[0]} g{mod.groups}")
+        print(f"| {name} | {cls} | {shape} | {ran} | {ms:.3f} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workload", required=True, choices=list(W.workloads()))
@@ -143,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--weight-bits", type=int, default=7)
     ap.add_argument("--no-openvino", action="store_true")
+    ap.add_argument("--per-layer", action="store_true", help="also each conv's shape, kernel and median ms")
     ap.add_argument("--scaling", type=int, metavar="B1",
                     help="instead: quanta's ms per image per class at batch B1 vs --batch, interleaved rounds "
                          "(a class whose per-image time grows with the batch pays memory traffic)")
@@ -154,7 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     _, q = quanta_model(wl, model, x, args.weight_bits)
     if args.scaling:
         return scaling(q, wl.input(args.scaling), x, args.rounds, args.workload)
-    qt = profile_quanta(q, x, args.rounds)
+    layers: list[tuple[str, torch.nn.Module, str, float]] = []
+    qt = profile_quanta(q, x, args.rounds, layers)
+    if args.per_layer:
+        print_layers(layers)
     ov = {} if args.no_openvino else profile_openvino(wl, model, x, args.threads, args.rounds)
     print(f"### {args.workload}, batch {args.batch}, {args.threads} threads: ms per call (median per layer, summed)")
     print("| class | quanta | OpenVINO | quanta / OpenVINO |\n|---|---|---|---|")

@@ -10,6 +10,8 @@ dilation, with
 
 - ``groups == 1`` and a multiple of 4 input channels (*dense*: an output tile of 6 pixels × 64
   channels accumulates with ``vpdpbusd``, 4 input channels per instruction), or
+- ``groups == 1`` and other channel counts (*gathered*, the AVX2 build only: each output pixel's
+  taps gathered into one row of round_up(taps × C, 4) codes, then the pointwise GEMM), or
 - ``groups == C == O`` (*depthwise*: 4 taps' inputs of 64 channels interleaved in registers, so
   that ``vpdpbusd`` adds 4 taps of 16 channels per instruction; a last group of at most 32 / 16
   channels on 256- / 128-bit vectors; 3x3 and 5x5 kernels with compile-time taps and the weights
@@ -50,7 +52,7 @@ def conv_isa() -> str:
 
 
 #: the kinds of convolution each ISA's build has a loop for
-ISA_KINDS = {"avx512_vnni": ("dense", "depthwise"), "avx2": ("dense", "depthwise"), "none": ()}
+ISA_KINDS = {"avx512_vnni": ("dense", "depthwise"), "avx2": ("dense", "depthwise", "gathered"), "none": ()}
 
 
 def native_available() -> bool:
@@ -67,12 +69,14 @@ def native_limits() -> str | None:
 
 
 def _kind(x_channels: int, weight: torch.Tensor, groups: int) -> str | None:
-    """``"dense"``, ``"depthwise"``, or None when the native kernel has no loop for the grouping."""
+    """``"dense"``, ``"depthwise"``, ``"gathered"`` (groups = 1 with C % 4 != 0, e.g. a 3-channel stem: the
+    AVX2 build gathers each output pixel's taps into one row, then runs the pointwise GEMM), or None
+    when the native kernel has no loop for the grouping."""
     if groups == 1 and x_channels % 4 == 0:
         return "dense"
     if groups == x_channels == weight.shape[0] and weight.shape[1] == 1:
         return "depthwise"
-    return None
+    return "gathered" if groups == 1 else None
 
 
 def guard_native(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: torch.Tensor, w_scale: torch.Tensor,
@@ -88,8 +92,7 @@ def guard_native(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: tor
     if x.numel() == 0:
         return "empty input"
     if weight.dim() != x.dim() or _kind(x.shape[1], weight, groups) is None:
-        return (f"needs groups=1 with a multiple of 4 input channels, or a depthwise conv; got groups={groups} "
-                f"with {x.shape[1]} input channels")
+        return (f"needs groups=1 or a depthwise conv; got groups={groups} with {x.shape[1]} input channels")
     if weight[0].numel() * _MAX_PRODUCT >= 2**31:
         return f"a reduction of {weight[0].numel()} products may overflow the int32 accumulator"
     if post_op not in _POST:
@@ -97,7 +100,8 @@ def guard_native(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: tor
     isa = conv_isa()
     kind = _kind(x.shape[1], weight, groups)
     if kind not in ISA_KINDS[isa]:
-        return f"this CPU's build ({isa}) has no {kind} loop (AVX-512 VNNI has both)"
+        return f"this CPU's build ({isa}) has no {kind} loop" + (
+            " (its dense loop needs a multiple of 4 input channels)" if kind == "gathered" else "")
     if isa != "avx512_vnni":
         peak = weight_code_max(weight)
         if peak < 0:
@@ -140,6 +144,10 @@ AVX2_DENSE_NATIVE_REDUCTION = 576
 #: but batch 16 lost 2-9%: the large outputs at 56x56 / 112x112 of batches 8 / 16 stay on oneDNN
 #: (above 1.5 M outputs; batch 1's largest 1x1 conv has 1.2 M).
 AVX2_POINTWISE_ONEDNN_OUTPUTS = 1536 * 1024
+# The AVX2 build's gathered loop (dense convs of C % 4 != 0 channels: MobileNets' 3-channel stem) runs
+# at every size: in a small quantized model (stem + 1x1), interleaved with the same stem settled on
+# oneDNN on a heavily loaded 2-core EPYC, it was level (batch 1: 1.03x oneDNN; batch 16: 0.97x, min of
+# 20 rounds), and unlike oneDNN's rescale its outputs equal the reference bit for bit.
 
 
 def is_pointwise(weight: torch.Tensor, padding: Sequence[int], groups: int) -> bool:
@@ -163,6 +171,8 @@ def prefer_onednn(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: to
         return (f"a depthwise conv of {outputs} outputs with a {'x'.join(map(str, kernel))} kernel (no native "
                 f"interior-run loop): oneDNN's kernel is faster there")
     if conv_isa() == "avx2":  # (its own table: depthwise 3x3 / 5x5 native at every size)
+        if groups == 1 and x.shape[1] % 4:  # the gathered loop, at every size (see above)
+            return None
         if is_pointwise(weight, padding, groups):
             if outputs > AVX2_POINTWISE_ONEDNN_OUTPUTS:
                 return (f"a 1x1 conv of {outputs} outputs on the AVX2 build (no VNNI): oneDNN's kernel is as fast or "
@@ -186,9 +196,16 @@ def pack_weight(weight: torch.Tensor, kind: str) -> torch.Tensor:
     - depthwise ``[C/64, taps/4, 4, 64]``: for 64 channels and 4 taps, vector ``k`` holds in int32
       lane ``4 l + i`` the 4 taps' weights of channel ``16 l + 4 k + i`` (the order in which the
       kernel interleaves the 4 taps' inputs; a last group of at most 32 or 16 channels runs on
-      256- or 128-bit vectors, which read the first lanes)."""
+      256- or 128-bit vectors, which read the first lanes);
+    - gathered (groups = 1, C % 4 != 0) ``[O/16, 1, K4/4, 16, 4]``: the reduction K = taps × C in
+      (ky, kx, c) order (a gathered row of a channels-last pixel's taps), zero weights up to K4."""
     out_ch, in_ch = weight.shape[0], weight.shape[1]
     taps = weight[0, 0].numel()
+    if kind == "gathered":  # [O, C, T] -> [O, T, C] = [O, K] -> [O16/16, 16, K4/4, 4] -> [O16/16, 1, K4/4, 16, 4]
+        o16, k, k4 = -(-out_ch // 16) * 16, taps * in_ch, -(-(taps * in_ch) // 4) * 4
+        w = torch.zeros(o16, k4, dtype=torch.int8)
+        w[:out_ch, :k] = weight.reshape(out_ch, in_ch, taps).transpose(1, 2).reshape(out_ch, k)
+        return w.view(o16 // 16, 16, k4 // 4, 4).permute(0, 2, 1, 3).unsqueeze(1).contiguous()
     if kind == "dense":  # [O16, C, T] -> [O16/16, 16, C/4, 4, T] -> [O16/16, T, C/4, 16, 4]
         o16 = -(-out_ch // 16) * 16
         w = torch.zeros(o16, in_ch, taps, dtype=torch.int8)
@@ -209,7 +226,8 @@ def make_plan(weight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | 
     as a 2d one of unit height). A 2d depthwise conv's ``padding`` may hold 4 values, before H, W
     then after H, W (TF "same" at stride 2: ``[0, 0, 1, 1]``): the loop reads the zero-point pad
     pixel for taps outside the image, so no padded copy of the input is made
-    (`quanta.integer.padded_depthwise`); dense convs refuse unequal ones."""
+    (`quanta.integer.padded_depthwise`); so may a gathered conv's (C % 4 != 0: its gather reads the
+    zero point outside the image); dense convs refuse unequal ones."""
     if weight.dim() == 3:
         weight, stride, padding, dilation = weight.unsqueeze(2), [1, *stride], [0, *padding], [1, *dilation]
     in_ch = weight.shape[1] * groups

@@ -4,6 +4,7 @@
 // MobileNet-style pointwise and depthwise layers at batch 1. A 2d convolution (a 1d one is a 2d one
 // of unit height, done by the caller), with
 //   dense:     groups = 1 and C % 4 == 0 (any kernel, stride, padding, dilation);
+//   gathered:  groups = 1 and C % 4 != 0 (the AVX2 build: each pixel's taps gathered, then a GEMM);
 //   depthwise: groups = C = O (one filter per channel).
 //
 // Arithmetic (bit for bit the reference of quanta/kernels/conv.py):
@@ -29,6 +30,8 @@ namespace quanta_native {
 const char* conv_isa() { return QUANTA_VNNI ? "avx512_vnni" : QUANTA_AVX2 ? "avx2" : "none"; }
 bool conv_has_depthwise() { return QUANTA_VNNI || QUANTA_AVX2; }
 bool conv_has_dense() { return QUANTA_VNNI || QUANTA_AVX2; }
+// dense convs of C % 4 != 0 input channels (gathered_conv, conv_pointwise.cpp): the AVX2 build only
+bool conv_has_gathered() { return QUANTA_AVX2 && !QUANTA_VNNI; }
 // the largest |weight code| whose vpmaddubsw pair sums (2 * 255 * |w|) fit int16 (AVX2 without VNNI)
 constexpr int kPairExactMax = 64;
 
@@ -45,7 +48,7 @@ static torch::Tensor conv_packed_with(const torch::Tensor& x, const torch::Tenso
                                       c10::IntArrayRef params, double inv, double z, bool pointwise_loop) {
   TORCH_CHECK(params.size() == 13 || params.size() == 15, "conv_packed: params must hold 13 or 15 values");
   const int64_t C = params[0], O = params[1];
-  const bool depthwise = params[10] != 0, codes = params[12] != 0;
+  const bool depthwise = params[10] != 0, codes = params[12] != 0, gathered = !depthwise && C % 4 != 0;
   TORCH_CHECK(clamp_post_op_ok(params[11]), "conv_packed: post must be 0 (none), 1 (relu) or 4 (relu6), got ",
               params[11]);
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kUInt8 && x.dim() == 4 && x.size(1) == C &&
@@ -62,15 +65,16 @@ static torch::Tensor conv_packed_with(const torch::Tensor& x, const torch::Tenso
              params[7], params[8], params[9]};
   // padding after the input (the depthwise loop reads the pad pixel / row past H, W; others: PH, PW)
   const int64_t ph_after = params.size() == 15 ? params[13] : g.PH, pw_after = params.size() == 15 ? params[14] : g.PW;
-  TORCH_CHECK(ph_after >= 0 && pw_after >= 0 && (depthwise || (ph_after == g.PH && pw_after == g.PW)),
-              "conv_packed: asymmetric padding needs a depthwise conv and non-negative values");
+  TORCH_CHECK(ph_after >= 0 && pw_after >= 0 && (depthwise || gathered || (ph_after == g.PH && pw_after == g.PW)),
+              "conv_packed: asymmetric padding needs a depthwise conv (or C % 4 != 0) and non-negative values");
   g.OH = (g.H + g.PH + ph_after - g.DH * (g.KH - 1) - 1) / g.SH + 1;
   g.OW = (g.W + g.PW + pw_after - g.DW * (g.KW - 1) - 1) / g.SW + 1;
   TORCH_CHECK(g.OH > 0 && g.OW > 0, "ConvPlan.run: input ", x.sizes(), " is smaller than the kernel");
   auto out = torch::empty({g.N, O, g.OH, g.OW},
                           x.options().dtype(codes ? torch::kUInt8 : torch::kFloat32).memory_format(at::MemoryFormat::ChannelsLast));
-  TORCH_CHECK(depthwise ? conv_has_depthwise() : conv_has_dense(), "conv_packed: this build has no ",
-              depthwise ? "depthwise" : "dense", " loop (", conv_isa(), ")");
+  TORCH_CHECK(depthwise ? conv_has_depthwise() : gathered ? conv_has_gathered() : conv_has_dense(),
+              "conv_packed: this build has no ", depthwise ? "depthwise" : gathered ? "gathered (C % 4 != 0)" : "dense",
+              " loop (", conv_isa(), ")");
 #if QUANTA_VNNI || QUANTA_AVX2
   const Epilogue e{corr.data_ptr<int32_t>(), mult.data_ptr<float>(), bias.data_ptr<float>(),
                    static_cast<int>(params[11]), codes, static_cast<float>(inv), static_cast<float>(z)};
@@ -79,6 +83,8 @@ static torch::Tensor conv_packed_with(const torch::Tensor& x, const torch::Tenso
   if (g.pixels() > 0) {
     if (depthwise)
       depthwise_conv(x.data_ptr<uint8_t>(), g, wpack.data_ptr<int8_t>(), pad.data_ptr<uint8_t>(), e, dst, esize);
+    else if (gathered)
+      gathered_conv(x.data_ptr<uint8_t>(), g, wpack.data_ptr<int8_t>(), pad.data_ptr<uint8_t>()[0], e, dst, esize);
     else
       dense_conv(x.data_ptr<uint8_t>(), g, wpack.data_ptr<int8_t>(), pad.data_ptr<uint8_t>(), e, dst, esize,
                  pointwise_loop);
@@ -98,7 +104,8 @@ namespace {
 // Everything of one convolution but its input (see the file comment), checked once.
 class ConvPlan {
  public:
-  // wpack: dense int8 [O / 16, T, C / 4, 16, 4] / depthwise int8 [C / 64, T / 4, 4, 64] (see
+  // wpack: dense int8 [O / 16, T, C / 4, 16, 4] (C % 4 != 0, gathered: [O / 16, 1, ceil(T * C / 4), 16, 4]) /
+  // depthwise int8 [C / 64, T / 4, 4, 64] (see
   // conv_native.pack_weight; channels and taps padded with zero weights); w_sum: int32 [O] (sum
   // of each output channel's weights); w_scale: float32 [O]; bias: float32 [O] or None; post:
   // post_op.h's kPostNone / kPostRelu / kPostRelu6; out_scale None: float32 output, else uint8 codes on (out_scale, out_zp).
@@ -108,15 +115,17 @@ class ConvPlan {
            std::vector<int64_t> dilation, bool depthwise, int64_t post, c10::optional<double> out_scale,
            int64_t out_zp)
       : wpack_(std::move(wpack)) {
-    TORCH_CHECK(depthwise ? conv_has_depthwise() : conv_has_dense(), "ConvPlan: this build (", conv_isa(),
-                ") has no ", depthwise ? "depthwise" : "dense", " loop");
+    const bool gathered = !depthwise && C % 4 != 0;  // few input channels: gathered_conv (AVX2 build)
+    TORCH_CHECK(depthwise ? conv_has_depthwise() : gathered ? conv_has_gathered() : conv_has_dense(),
+                "ConvPlan: this build (", conv_isa(), ") has no ",
+                depthwise ? "depthwise" : gathered ? "loop for dense convs of C % 4 != 0 channels" : "dense", " loop");
     TORCH_CHECK(kernel.size() == 2 && stride.size() == 2 && (padding.size() == 2 || padding.size() == 4) &&
                     dilation.size() == 2,
                 "ConvPlan: kernel, stride, padding and dilation need 2 values each (padding: or 4, before H, W "
                 "then after H, W)");
-    TORCH_CHECK(padding.size() == 2 || (depthwise && padding[2] >= 0 && padding[3] >= 0) ||
+    TORCH_CHECK(padding.size() == 2 || ((depthwise || gathered) && padding[2] >= 0 && padding[3] >= 0) ||
                     (padding[2] == padding[0] && padding[3] == padding[1]),
-                "ConvPlan: asymmetric padding needs a depthwise conv and non-negative values");
+                "ConvPlan: asymmetric padding needs a depthwise conv (or C % 4 != 0) and non-negative values");
     const int64_t T = kernel[0] * kernel[1], O16 = (O + 15) / 16 * 16, O64 = (O + 63) / 64 * 64;
     TORCH_CHECK(T > 0 && stride[0] > 0 && stride[1] > 0 && padding[0] >= 0 && padding[1] >= 0 && dilation[0] > 0 &&
                     dilation[1] > 0,
@@ -124,9 +133,9 @@ class ConvPlan {
     TORCH_CHECK(0 <= x_zp && x_zp <= 255 && clamp_post_op_ok(post) && 0 <= out_zp && out_zp <= 255,
                 "ConvPlan: zero points must be uint8 codes and post 0 (none), 1 (relu) or 4 (relu6)");
     TORCH_CHECK(!depthwise || C == O, "ConvPlan: a depthwise conv has as many outputs as inputs");
-    TORCH_CHECK(depthwise || C % 4 == 0, "ConvPlan: a dense conv needs a multiple of 4 input channels");
-    const std::vector<int64_t> shape = depthwise ? std::vector<int64_t>{O64 / 64, (T + 3) / 4, 4, 64}
-                                                 : std::vector<int64_t>{O16 / 16, T, C / 4, 16, 4};
+    const std::vector<int64_t> shape = depthwise  ? std::vector<int64_t>{O64 / 64, (T + 3) / 4, 4, 64}
+                                       : gathered ? std::vector<int64_t>{O16 / 16, 1, (T * C + 3) / 4, 16, 4}
+                                                  : std::vector<int64_t>{O16 / 16, T, C / 4, 16, 4};
     TORCH_CHECK(wpack_.scalar_type() == torch::kInt8 && wpack_.is_contiguous() && wpack_.sizes().vec() == shape,
                 "ConvPlan: wpack must be contiguous int8 ", c10::IntArrayRef(shape), ", got ", wpack_.sizes());
     if (!QUANTA_VNNI) {

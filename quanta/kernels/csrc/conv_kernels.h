@@ -235,5 +235,11 @@ void depthwise_conv(const uint8_t* x, const Geometry& g, const int8_t* wpack, co
 // true, or returns false (other shapes, other builds) without touching out.
 bool pointwise_conv(const uint8_t* x, const Geometry& g, const int8_t* wpack, const Epilogue& e, char* out,
                     int64_t esize);
+// The AVX2 (non-VNNI) build's loop for dense convolutions of C % 4 != 0 input channels (any kernel,
+// stride, dilation; padding PH, PW before and whatever OH, OW leave after): each output pixel's taps
+// gathered into a row of K4 = round_up(KH * KW * C, 4) codes ((ky, kx, c) order, zp outside the
+// image), then the pointwise GEMM with weights packed [O/16][1][K4/4][16][4]; false in other builds.
+bool gathered_conv(const uint8_t* x, const Geometry& g, const int8_t* wpack, uint8_t zp, const Epilogue& e, char* out,
+                   int64_t esize);
 
 }  // namespace quanta_native

@@ -11,6 +11,10 @@
 // conv_kernels.h's store16 (the dense loop's), so the outputs are the dense loop's bit for bit.
 // Compared with the general dense loop: no tap lists or segment walking per tile, 6-pixel tiles in
 // place of 4, and the pixels' addresses found once per chunk.
+// The same GEMM runs the dense convolutions of few input channels (C % 4 != 0, which the dense loop
+// cannot take: a network's 3-channel stem), over rows of each output pixel's gathered taps
+// (gathered_conv, GatheredRows below): K = 27 codes padded to 28 in place of 3x3 taps of 4-channel
+// groups of which 1 of 4 codes is real.
 #include "conv_kernels.h"
 #include "tile_u8s8.h"
 
@@ -63,44 +67,132 @@ PointwiseTile pointwise_tile_for(int64_t mr) {
   }
 }
 
-}  // namespace
+// The pixels' rows of the GEMM: the codes of output pixel p start at px[p - p0] (K bytes each).
+// Pointwise: the input pixel itself (no copy).
+struct PixelRows {
+  const uint8_t* x;
+  const Geometry& g;
+  static constexpr bool kGathers = false;
+  int64_t row_bytes() const { return g.C; }
+  void fill(int64_t p0, int64_t p1, const uint8_t** px, uint8_t*) const {
+    if (g.SH == 1 && g.SW == 1) {
+      for (int64_t p = p0; p < p1; ++p) px[p - p0] = x + p * g.C;
+      return;
+    }  // output pixel (n, oy, ox) reads input pixel (n, oy * SH, ox * SW)
+    int64_t n = p0 / (g.OH * g.OW), oy = p0 / g.OW % g.OH, ox = p0 % g.OW;
+    for (int64_t p = p0; p < p1; ++p) {
+      px[p - p0] = x + ((n * g.H + oy * g.SH) * g.W + ox * g.SW) * g.C;
+      if (++ox == g.OW) {
+        ox = 0;
+        if (++oy == g.OH) oy = 0, ++n;
+      }
+    }
+  }
+};
 
-bool pointwise_conv(const uint8_t* x, const Geometry& g, const int8_t* wpack, const Epilogue& e, char* out,
-                    int64_t esize) {
-  if (g.KH != 1 || g.KW != 1 || g.PH != 0 || g.PW != 0 || g.C % 4 != 0) return false;
-  const int64_t P = g.pixels(), C4 = g.C / 4, OB = (g.O + 15) / 16, threads = at::get_num_threads();
+// n bytes from src to dst, n small (a few input channels of a kernel row): fixed-size moves
+inline void copy_small(uint8_t* dst, const uint8_t* src, int64_t n) {
+  if (n >= 8 && n <= 16) {  // two overlapping 8-byte moves
+    std::memcpy(dst, src, 8);
+    std::memcpy(dst + n - 8, src + n - 8, 8);
+  } else if (n >= 4 && n < 8) {
+    std::memcpy(dst, src, 4);
+    std::memcpy(dst + n - 4, src + n - 4, 4);
+  } else {
+    std::memcpy(dst, src, static_cast<size_t>(n));
+  }
+}
+
+// Few input channels (C % 4 != 0: a network's stem, 3 channels x 3x3 taps = 27 codes per pixel): each
+// output pixel's taps gathered once into a row of K4 = round_up(KH * KW * C, 4) codes, in (ky, kx, c)
+// order, taps outside the image (before or after it: TF "same" pads asymmetrically) as zero-point
+// codes; the rows then run the pointwise GEMM, whose
+// weights are packed [O/16][1][K4/4][16][4] in the same order (conv_native.pack_weight "gathered").
+// (the row's tail past K is never zeroed: its weights are 0, so any code there adds 0)
+struct GatheredRows {
+  const uint8_t* x;
+  const Geometry& g;
+  uint8_t zp;
+  int64_t K4;
+  static constexpr bool kGathers = true;
+  static constexpr int64_t kSlack = 16;  // bytes past the last row that a 16-byte move may write
+  int64_t row_bytes() const { return K4; }
+  void fill(int64_t p0, int64_t p1, const uint8_t** px, uint8_t* buf) const {
+    const int64_t C = g.C, span = g.KW * C;
+    // a kernel row of at most 16 codes moves as one 16-byte load and store (the bytes past it are
+    // overwritten by the next kernel row, the next pixel's row, or fall in the tail / slack) where
+    // the load stays inside x
+    const int64_t last16 = g.N * g.H * g.W * C - 16;  // the last offset of x a 16-byte load may start at
+    const bool wide_moves = span <= 16;
+    int64_t n = p0 / (g.OH * g.OW), oy = p0 / g.OW % g.OH, ox = p0 % g.OW;
+    for (int64_t p = p0; p < p1; ++p) {
+      uint8_t* row = buf + (p - p0) * K4;
+      px[p - p0] = row;
+      const int64_t iy0 = oy * g.SH - g.PH, ix0 = ox * g.SW - g.PW;
+      const bool cols_inside = g.DW == 1 && ix0 >= 0 && ix0 + g.KW <= g.W;
+      for (int64_t ky = 0; ky < g.KH; ++ky) {
+        const int64_t iy = iy0 + ky * g.DH;
+        uint8_t* dst = row + ky * span;
+        if (iy < 0 || iy >= g.H) {
+          std::memset(dst, zp, static_cast<size_t>(span));
+          continue;
+        }
+        const uint8_t* line = x + (n * g.H + iy) * g.W * C;
+        if (cols_inside) {
+          const uint8_t* src = line + ix0 * C;
+          if (wide_moves && src - x <= last16)
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+          else
+            copy_small(dst, src, span);
+          continue;
+        }
+        for (int64_t kx = 0; kx < g.KW; ++kx) {
+          const int64_t ix = ix0 + kx * g.DW;
+          if (ix < 0 || ix >= g.W)
+            std::memset(dst + kx * C, zp, static_cast<size_t>(C));
+          else
+            std::memcpy(dst + kx * C, line + ix * C, static_cast<size_t>(C));
+        }
+      }
+      if (++ox == g.OW) {
+        ox = 0;
+        if (++oy == g.OH) oy = 0, ++n;
+      }
+    }
+  }
+};
+
+// The GEMM of the pixels' rows (Rows::fill) of C4 * 4 codes by the packed weights, epilogue stored in
+// channels-last output rows (see the file comment for the tasks)
+template <class Rows>
+void gemm_rows(const Rows& src, const Geometry& g, int64_t C4, const int8_t* wpack, const Epilogue& e, char* out,
+               int64_t esize) {
+  const int64_t P = g.pixels(), OB = (g.O + 15) / 16, threads = at::get_num_threads();
   const int64_t tiles = (P + kMR - 1) / kMR;
-  const int64_t fit = std::max<int64_t>(1, std::min(kMaxChunkTiles, kChunkBytes / (g.C * kMR)));
+  const int64_t fit = std::max<int64_t>(1, std::min(kMaxChunkTiles, kChunkBytes / (src.row_bytes() * kMR)));
   // equal chunks of at most `fit` tiles, at least 4 per thread where there are enough tiles
   int64_t chunks = std::min(tiles, std::max((tiles + fit - 1) / fit, 4 * threads));
+  // a multiple of the threads (parallel_for gives each thread a contiguous share of the tasks: 11
+  // chunks on 2 threads, as MobileNetV2's 320 -> 1280 conv at batch 16, left one thread 6 and the other 5)
+  chunks = std::min(tiles, (chunks + threads - 1) / threads * threads);
   const int64_t chunk_tiles = (tiles + chunks - 1) / chunks;
   chunks = (tiles + chunk_tiles - 1) / chunk_tiles;
   // few pixel chunks (small images): the 16-channel blocks split too, so that every thread works
   const int64_t splits = std::min(OB, std::max<int64_t>(1, (4 * threads + chunks - 1) / chunks));
   const int64_t per = (OB + splits - 1) / splits;
-  const bool unit = g.SH == 1 && g.SW == 1;
   // weights that stay in L2 (all the blocks' panels): tiles outer, so that the output is written
   // in whole rows, as a stream (the next layer reads it); larger ones: blocks outer
   const bool rows_first = C4 * 64 * OB <= kRowsFirstWeightBytes;
   at::parallel_for(0, chunks * splits, 1, [&](int64_t t0, int64_t t1) {
     std::vector<const uint8_t*> px(chunk_tiles * kMR);
     std::vector<char*> rows(chunk_tiles * kMR);
+    std::vector<uint8_t> gathered(Rows::kGathers ? chunk_tiles * kMR * src.row_bytes() + GatheredRows::kSlack : 0);
+    int64_t filled = -1;  // the chunk whose rows px holds
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t chunk = task / splits, split = task % splits;
       const int64_t p0 = chunk * chunk_tiles * kMR, p1 = std::min(P, p0 + chunk_tiles * kMR);
       const int64_t b0 = split * per, b1 = std::min(OB, b0 + per);
-      if (unit) {
-        for (int64_t p = p0; p < p1; ++p) px[p - p0] = x + p * g.C;
-      } else {  // output pixel (n, oy, ox) reads input pixel (n, oy * SH, ox * SW)
-        int64_t n = p0 / (g.OH * g.OW), oy = p0 / g.OW % g.OH, ox = p0 % g.OW;
-        for (int64_t p = p0; p < p1; ++p) {
-          px[p - p0] = x + ((n * g.H + oy * g.SH) * g.W + ox * g.SW) * g.C;
-          if (++ox == g.OW) {
-            ox = 0;
-            if (++oy == g.OH) oy = 0, ++n;
-          }
-        }
-      }
+      if (chunk != filled) src.fill(p0, p1, px.data(), gathered.data()), filled = chunk;
       for (int64_t p = p0; p < p1; ++p) rows[p - p0] = out + p * g.O * esize;
       auto tile = [&](int64_t q, int64_t b) {
         const int64_t mr = std::min<int64_t>(kMR, p1 - p0 - q);
@@ -118,9 +210,27 @@ bool pointwise_conv(const uint8_t* x, const Geometry& g, const int8_t* wpack, co
       }
     }
   });
+}
+
+}  // namespace
+
+bool pointwise_conv(const uint8_t* x, const Geometry& g, const int8_t* wpack, const Epilogue& e, char* out,
+                    int64_t esize) {
+  if (g.KH != 1 || g.KW != 1 || g.PH != 0 || g.PW != 0 || g.C % 4 != 0) return false;
+  gemm_rows(PixelRows{x, g}, g, g.C / 4, wpack, e, out, esize);
+  return true;
+}
+
+bool gathered_conv(const uint8_t* x, const Geometry& g, const int8_t* wpack, uint8_t zp, const Epilogue& e, char* out,
+                   int64_t esize) {
+  const int64_t K4 = (g.KH * g.KW * g.C + 3) / 4 * 4;
+  gemm_rows(GatheredRows{x, g, zp, K4}, g, K4 / 4, wpack, e, out, esize);
   return true;
 }
 #else
 bool pointwise_conv(const uint8_t*, const Geometry&, const int8_t*, const Epilogue&, char*, int64_t) { return false; }
+bool gathered_conv(const uint8_t*, const Geometry&, const int8_t*, uint8_t, const Epilogue&, char*, int64_t) {
+  return false;
+}
 #endif  // QUANTA_AVX2 && !QUANTA_VNNI
 }  // namespace quanta_native
