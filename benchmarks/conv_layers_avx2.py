@@ -85,16 +85,7 @@ def kind_of(layer: Layer) -> str | None:
 
 
 def is_pointwise(layer: Layer) -> bool:
-    """``--clock thread`` (with ``--threads 1``) times each call by the calling thread's CPU time
-(``time.thread_time``) instead of the wall clock: on a machine shared with other processes a
-preempted call's wall time counts the other processes' slices, its CPU time does not (ResNet-18's
-64-channel 3x3 conv at batch 16, 1 thread, on the 2-core machine under a load average of ~8: 21 ms
-of CPU time, 40 ms wall clock at best). More threads would leave the workers' time out, so the
-option refuses them.
-
-    python benchmarks/conv_layers_avx2.py --threads 1 --clock thread --workload resnet18 --kind dense --batch 16
-
-A 1x1 convolution without padding (the pointwise loop's shapes; any stride)."""
+    """A 1x1 convolution without padding (the pointwise loop's shapes; any stride)."""
     _, _, k, _, pad, _, groups, _, _ = layer
     return groups == 1 and k == (1, 1) and pad == (0, 0)
 
