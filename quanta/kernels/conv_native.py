@@ -135,15 +135,14 @@ DEPTHWISE_RUN_KERNELS = ((3, 3), (5, 5))
 #: of shorter sums (batch 16 1x1 convs of <= 384 channels, and batch 1 at 56x56 / 112x112: 0.5-0.9x).
 AVX2_DENSE_NATIVE_OUTPUTS = 160 * 1024
 AVX2_DENSE_NATIVE_REDUCTION = 576
-#: the AVX2 build's pointwise loop (1x1 convs without padding, csrc/conv_pointwise.cpp), measured the
-#: same way on every MobileNetV2 / TF-MobileNet 1x1 layer, batch 1, 8 and 16, interleaved with oneDNN
-#: and the dense loop (1 thread: the shared machine was loaded; sums per workload, batch 1: 1.55x
-#: oneDNN, batch 8: 1.01-1.13x, batch 16: 1.07-1.13x; 1.0-1.8x the dense loop; alone, every layer
-#: but 16 -> 96 channels at 112x112, batch 8 / 16, was faster). In the whole model (the same
-#: quantized MobileNetV2s, old table vs native for every 1x1 conv, interleaved) batch 1 gained 4-9%
-#: but batch 16 lost 2-9%: the large outputs at 56x56 / 112x112 of batches 8 / 16 stay on oneDNN
-#: (above 1.5 M outputs; batch 1's largest 1x1 conv has 1.2 M).
-AVX2_POINTWISE_ONEDNN_OUTPUTS = 1536 * 1024
+# The AVX2 build's pointwise loop (1x1 convs without padding, csrc/conv_pointwise.cpp) runs every 1x1
+# conv at every size. Measured the same way on every MobileNetV2 / TF-MobileNet 1x1 layer (batch 1, 8,
+# 16; alone: 1.0-1.8x the dense loop, 1.01-1.55x oneDNN), and in the whole model on the idle 2-core EPYC
+# (2 threads, the same quantized model settled twice in one process, interleaved, 2026-12-07, after the
+# epilogue's conversion became its rounding: NearestRounding in conv_kernels.h): every 1x1 conv native
+# vs those above 1.5 M outputs on oneDNN (the rule before), medians MobileNetV2 b8 0.97x, b16 0.94x,
+# TF-MobileNet b8 0.96x, ResNet-18 b16 0.98x (one layer). That rule came from runs under load; and
+# oneDNN's float32 rescale is not bit-identical to the reference (ties of ~1e-6 of the codes).
 # The AVX2 build's gathered loop (dense convs of C % 4 != 0 channels: MobileNets' 3-channel stem) runs
 # at every size: in a small quantized model (stem + 1x1), interleaved with the same stem settled on
 # oneDNN on a heavily loaded 2-core EPYC, it was level (batch 1: 1.03x oneDNN; batch 16: 0.97x, min of
@@ -160,7 +159,7 @@ def prefer_onednn(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: to
                   dilation: Sequence[int], groups: int, post_op: str, out_scale: float | None,
                   out_zero_point: int, packed: torch.Tensor | None) -> str | None:
     """Why oneDNN is faster for these inputs (see `PREFER_ONEDNN_OUTPUTS`; AVX2 builds:
-    `AVX2_DENSE_NATIVE_OUTPUTS`, 1x1 convs `AVX2_POINTWISE_ONEDNN_OUTPUTS`), or None."""
+    `AVX2_DENSE_NATIVE_OUTPUTS`; 1x1 convs and the gathered kind always native), or None."""
 
     reduction = weight[0].numel()
     outputs = 1
@@ -173,10 +172,7 @@ def prefer_onednn(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: to
     if conv_isa() == "avx2":  # (its own table: depthwise 3x3 / 5x5 native at every size)
         if groups == 1 and x.shape[1] % 4:  # the gathered loop, at every size (see above)
             return None
-        if is_pointwise(weight, padding, groups):
-            if outputs > AVX2_POINTWISE_ONEDNN_OUTPUTS:
-                return (f"a 1x1 conv of {outputs} outputs on the AVX2 build (no VNNI): oneDNN's kernel is as fast or "
-                        f"faster in the model above {AVX2_POINTWISE_ONEDNN_OUTPUTS} outputs")
+        if is_pointwise(weight, padding, groups):  # the pointwise loop, at every size (see above)
             return None
         if groups == 1 and outputs > AVX2_DENSE_NATIVE_OUTPUTS and reduction < AVX2_DENSE_NATIVE_REDUCTION:
             return (f"a dense conv of {outputs} outputs of {reduction}-product sums on the AVX2 build (no VNNI): "
@@ -291,7 +287,7 @@ def run_native(x: torch.Tensor, x_scale: float, x_zero_point: int, weight: torch
                        post_op, out_scale, out_zero_point)(x)
 
 
-__all__ = ["AVX2_DENSE_NATIVE_OUTPUTS", "AVX2_DENSE_NATIVE_REDUCTION", "AVX2_POINTWISE_ONEDNN_OUTPUTS",
+__all__ = ["AVX2_DENSE_NATIVE_OUTPUTS", "AVX2_DENSE_NATIVE_REDUCTION",
            "DEPTHWISE_RUN_KERNELS", "ISA_KINDS", "PREFER_ONEDNN_DEPTHWISE_OUTPUTS", "PREFER_ONEDNN_OUTPUTS",
            "PREFER_ONEDNN_REDUCTION", "compiled_run", "conv_isa", "guard_native", "make_plan", "native_available",
            "is_pointwise", "native_call", "native_limits", "pack_weight", "plan_call", "prefer_onednn", "run_native"]

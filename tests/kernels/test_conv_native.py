@@ -196,7 +196,7 @@ def test_guard_and_preference():
 @pytest.mark.skipif(VNNI, reason="the AVX2 build's choices (VNNI: test_guard_and_preference)")
 def test_avx2_guard_and_preference():
     """auto on the AVX2 build (conv_native.AVX2_DENSE_NATIVE_OUTPUTS, measured): native for depthwise
-    3x3 / 5x5 convs, 1x1 convs without padding (the pointwise loop) up to 1.5 M outputs, and other
+    3x3 / 5x5 convs, 1x1 convs without padding (the pointwise loop) at every size, and other
     dense convs of up to ~160 K outputs or long sums, oneDNN for the rest."""
     limit = conv_native.AVX2_DENSE_NATIVE_OUTPUTS
     for small in (_args(1, 144, 32, 28, 1, 1, 0, 1, 1), _args(1, 576, 160, 7, 1, 1, 0, 1, 1),
@@ -207,16 +207,11 @@ def test_avx2_guard_and_preference():
     why = conv_native.prefer_onednn(*big, "relu6", 0.05, 3, None)
     assert why is not None and f"faster above {limit} outputs" in why
     assert int8_conv.choose(*big, "relu6", 0.05, 3, None) == "onednn"
-    # 1x1 convs without padding run the pointwise loop: native up to 1.5 M outputs
-    # (conv_native.AVX2_POINTWISE_ONEDNN_OUTPUTS: batch 1's largest layers)
+    # 1x1 convs without padding run the pointwise loop at every size (batch 16 at 112x112: 19 M outputs)
     for pointwise in (_args(1, 16, 96, 112, 1, 1, 0, 1, 1), _args(2, 96, 24, 56, 1, 1, 0, 1, 1),
-                      _args(2, 32, 64, 56, 1, 2, 0, 1, 1)):  # 1.2 M, 150 K and 100 K outputs (stride 2)
+                      _args(2, 32, 64, 56, 1, 2, 0, 1, 1), _args(16, 16, 96, 112, 1, 1, 0, 1, 1)):
         assert conv_native.prefer_onednn(*pointwise, "relu6", 0.05, 3, None) is None
         assert int8_conv.choose(*pointwise, "relu6", 0.05, 3, None) == "native"
-    huge = _args(2, 16, 96, 112, 1, 1, 0, 1, 1)  # 2.4 M outputs (batch 2 at 112x112)
-    why = conv_native.prefer_onednn(*huge, "relu6", 0.05, 3, None)
-    assert why is not None and "a 1x1 conv of 2408448 outputs" in why
-    assert int8_conv.choose(*huge, "relu6", 0.05, 3, None) == "onednn"
     padded = _args(1, 16, 96, 112, 1, 1, 1, 1, 1)  # a padded 1x1 conv: the dense loop's table
     assert conv_native.prefer_onednn(*padded, "relu6", 0.05, 3, None) is not None
     long_sums = _args(4, 128, 128, 28, 3, 1, 1, 1, 1)  # 400 K outputs of 1152-product sums

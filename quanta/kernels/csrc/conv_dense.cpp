@@ -295,6 +295,7 @@ void dense_loop(const uint8_t* x, const Geometry& g, const int8_t* wpack, const 
   const int64_t splits = small ? std::min(groups, std::max<int64_t>(1, (4 * threads + chunks - 1) / chunks)) : groups;
   const int64_t per = (groups + splits - 1) / splits;
   at::parallel_for(0, splits * chunks, 1, [&](int64_t t0, int64_t t1) {
+    const NearestRounding rounding;  // (the epilogue's conversions round half to even)
     std::vector<const uint8_t*> ptr(T * kMR);
     int64_t pix[kMR];
     for (int64_t task = t0; task < t1; ++task) {

@@ -345,6 +345,7 @@ void depthwise_conv(const uint8_t* x, const Geometry& g, const int8_t* wpack, co
   const int64_t splits = rows >= 4 * at::get_num_threads() ? 1 : groups, per = (groups + splits - 1) / splits;
   const std::vector<int64_t> off = g.tap_offsets();
   at::parallel_for(0, rows * splits, 1, [&](int64_t t0, int64_t t1) {
+    const NearestRounding rounding;  // (the epilogue's conversions round half to even)
     std::vector<const uint8_t*> ptr(kPX * T4 * 4, pad);  // taps T .. 4 T4 - 1 stay on the pad pixel
     std::vector<const uint8_t*> in_rows(g.KH);
     for (int64_t task = t0; task < t1; ++task) {

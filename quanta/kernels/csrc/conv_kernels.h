@@ -92,32 +92,50 @@ inline __m256 values8_corrected(__m256i a, int64_t o, const Epilogue& e) {
   if (e.post == kPostRelu6) y = _mm256_min_ps(y, _mm256_set1_ps(6.f));
   return y;
 }
-// codes16's arithmetic (explicit round half to even, then an exact conversion)
+// The conversions below (cvtps_epi32) round as MXCSR says: the conv loops hold it at round half to
+// even, the default, for the duration of each parallel task (NearestRounding), which makes the
+// conversion itself the epilogue's rounding, one instruction in place of a round and a conversion.
+struct NearestRounding {
+  static constexpr unsigned kModeBits = 0x6000u;  // MXCSR's rounding control (00: to nearest even)
+  unsigned saved;
+  NearestRounding() : saved(_mm_getcsr()) {
+    if (saved & kModeBits) _mm_setcsr(saved & ~kModeBits);
+  }
+  ~NearestRounding() {
+    if (saved & kModeBits) _mm_setcsr(saved);
+  }
+  NearestRounding(const NearestRounding&) = delete;
+  NearestRounding& operator=(const NearestRounding&) = delete;
+};
+
+// codes16's arithmetic (round half to even: the conversion, under NearestRounding)
 inline __m256i codes8(__m256 y, const Epilogue& e) {
   const __m256 q = _mm256_min_ps(_mm256_mul_ps(y, _mm256_set1_ps(e.inv)), _mm256_set1_ps(255.f - e.z));
-  return _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_round_ps(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)),
-                          _mm256_set1_epi32(static_cast<int32_t>(e.z)));
+  return _mm256_add_epi32(_mm256_cvtps_epi32(q), _mm256_set1_epi32(static_cast<int32_t>(e.z)));
 }
 // The codes' arithmetic of store16 / store16x2, up to the zero point: round_half_even(min(y * inv,
-// top)) with y = float32(a) * mult + bias (max 0 with relu / relu6), top = code_top(e). relu6's
-// min(y, 6) is folded into top: y -> y * inv (inv > 0) rounds monotonically, so min(y, 6) * inv
-// rounds to min(y * inv, 6 * inv); the codes are codes8's bit for bit, one min fewer.
+// top)) with y = float32(a) * mult + bias, top = code_top(e) (the conversion rounds: NearestRounding).
+// relu / relu6 leave y alone: y -> y * inv (inv > 0) rounds monotonically and keeps signs, so
+// max(y, 0) gives code z exactly where y * inv rounds to at most 0, which the int16 max with z in
+// codes16_in_lanes applies to 16 channels at once; relu6's min(y, 6) is folded into top (min(y, 6)
+// * inv rounds to min(y * inv, 6 * inv)). The codes are codes8's of values8_corrected's y bit for bit.
 inline __m256 code_top(const Epilogue& e) {
   const float top = 255.f - e.z;
   return _mm256_set1_ps(e.post == kPostRelu6 ? std::min(6.f * e.inv, top) : top);
 }
 inline __m256i rounded8(__m256i a, int64_t o, const Epilogue& e, __m256 top) {
-  __m256 y = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(a), _mm256_loadu_ps(e.mult + o)), _mm256_loadu_ps(e.bias + o));
-  if (e.post != kPostNone) y = _mm256_max_ps(y, _mm256_setzero_ps());
-  const __m256 q = _mm256_min_ps(_mm256_mul_ps(y, _mm256_set1_ps(e.inv)), top);
-  return _mm256_cvtps_epi32(_mm256_round_ps(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  const __m256 y = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(a), _mm256_loadu_ps(e.mult + o)),
+                                 _mm256_loadu_ps(e.bias + o));
+  return _mm256_cvtps_epi32(_mm256_min_ps(_mm256_mul_ps(y, _mm256_set1_ps(e.inv)), top));
 }
 // channels o .. o + 15 of a pixel as int16 codes (saturating packs; the zero point added with
-// saturation: a sum below 0 stays below 0, a rounded value is at most 255 - z, so after the
-// unsigned byte packs every code is codes8's), in the in-lane pack order [o 0-3, o 8-11 | o 4-7, o 12-15]
+// saturation: a sum below 0 stays below 0 (huge negative y convert to INT_MIN), a rounded value is
+// at most 255 - z, so after the unsigned byte packs every code is codes8's), relu's floor z applied,
+// in the in-lane pack order [o 0-3, o 8-11 | o 4-7, o 12-15]
 inline __m256i codes16_in_lanes(const __m256i* acc, int64_t o, const Epilogue& e, __m256 top) {
   const __m256i r = _mm256_packs_epi32(rounded8(acc[0], o, e, top), rounded8(acc[1], o + 8, e, top));
-  return _mm256_adds_epi16(r, _mm256_set1_epi16(static_cast<int16_t>(e.z)));
+  const __m256i z = _mm256_set1_epi16(static_cast<int16_t>(e.z));
+  return e.post == kPostNone ? _mm256_adds_epi16(r, z) : _mm256_max_epi16(_mm256_adds_epi16(r, z), z);
 }
 // channels o .. o + 15 (up to O) of a pixel's output row from their corrected sums acc[0] (channels
 // o .. o + 7) and acc[1] (o + 8 ..): uint8 codes or float32 values; tails through a bounce buffer

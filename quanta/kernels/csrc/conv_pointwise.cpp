@@ -184,6 +184,7 @@ void gemm_rows(const Rows& src, const Geometry& g, int64_t C4, const int8_t* wpa
   // in whole rows, as a stream (the next layer reads it); larger ones: blocks outer
   const bool rows_first = C4 * 64 * OB <= kRowsFirstWeightBytes;
   at::parallel_for(0, chunks * splits, 1, [&](int64_t t0, int64_t t1) {
+    const NearestRounding rounding;  // (the epilogue's conversions round half to even)
     std::vector<const uint8_t*> px(chunk_tiles * kMR);
     std::vector<char*> rows(chunk_tiles * kMR);
     std::vector<uint8_t> gathered(Rows::kGathers ? chunk_tiles * kMR * src.row_bytes() + GatheredRows::kSlack : 0);
