@@ -92,21 +92,8 @@ inline __m256 values8_corrected(__m256i a, int64_t o, const Epilogue& e) {
   if (e.post == kPostRelu6) y = _mm256_min_ps(y, _mm256_set1_ps(6.f));
   return y;
 }
-// The conversions below (cvtps_epi32) round as MXCSR says: the conv loops hold it at round half to
-// even, the default, for the duration of each parallel task (NearestRounding), which makes the
-// conversion itself the epilogue's rounding, one instruction in place of a round and a conversion.
-struct NearestRounding {
-  static constexpr unsigned kModeBits = 0x6000u;  // MXCSR's rounding control (00: to nearest even)
-  unsigned saved;
-  NearestRounding() : saved(_mm_getcsr()) {
-    if (saved & kModeBits) _mm_setcsr(saved & ~kModeBits);
-  }
-  ~NearestRounding() {
-    if (saved & kModeBits) _mm_setcsr(saved);
-  }
-  NearestRounding(const NearestRounding&) = delete;
-  NearestRounding& operator=(const NearestRounding&) = delete;
-};
+// (the conversions below, cvtps_epi32, round as MXCSR says: the loops hold it at nearest even, simd.h's
+// NearestRounding, which makes the conversion the epilogue's rounding)
 
 // codes16's arithmetic (round half to even: the conversion, under NearestRounding)
 inline __m256i codes8(__m256 y, const Epilogue& e) {

@@ -161,32 +161,37 @@ void add_span_u8(const uint8_t* __restrict__ a, const uint8_t* __restrict__ b, u
 }
 #elif QUANTA_AVX2
 // add_span for uint8 output on AVX2, 16 codes at a time as two 8-lane halves: the same float32
-// operations in the same order (the scalar loop is left unvectorized: 0.6 ns a code, ~8x slower)
+// operations in the same order up to y (the scalar loop is left unvectorized: 0.6 ns a code, ~8x
+// slower). Then, as the conv epilogue (conv_kernels.h's rounded8): the conversion is the rounding
+// (NearestRounding, held by add_all's tasks), ReLU's max(y, 0) is the codes' floor zo (y -> y * inv
+// keeps signs and rounds monotonically) and ReLU6's min(y, 6) a top of min(6 inv, hi - zo) before
+// rounding; the zero point is added and the codes clamped by saturating packs, which is the clamp to
+// [lo, hi] where that is [0, 255] (Int8Add's; add_all runs the scalar loop otherwise): the same codes.
 template <int POST>
-inline __m256i add8_u8(const uint8_t* a, const uint8_t* b, __m256 vsa, __m256 vza, __m256 vsb, __m256 vzb,
-                       __m256 vinv, __m256 vzo, __m256 vlo, __m256 vhi) {
+inline __m256i add8_rounded(const uint8_t* a, const uint8_t* b, __m256 vsa, __m256 vza, __m256 vsb, __m256 vzb,
+                            __m256 vinv, __m256 top) {
   const __m256 fa = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(a))));
   const __m256 fb = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b))));
   __m256 y = _mm256_mul_ps(_mm256_sub_ps(fa, vza), vsa);
   y = _mm256_add_ps(y, _mm256_mul_ps(_mm256_sub_ps(fb, vzb), vsb));
-  if (POST == kPostRelu || POST == kPostRelu6) y = _mm256_max_ps(y, _mm256_setzero_ps());
-  if (POST == kPostRelu6) y = _mm256_min_ps(y, _mm256_set1_ps(6.f));
-  __m256 q = _mm256_round_ps(_mm256_mul_ps(y, vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  q = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(q, vzo), vlo), vhi);
-  return _mm256_cvttps_epi32(q);  // (0 .. 255: lo and hi are codes)
+  return _mm256_cvtps_epi32(_mm256_min_ps(_mm256_mul_ps(y, vinv), top));
 }
 
 template <int POST>
 void add_span_u8(const uint8_t* __restrict__ a, const uint8_t* __restrict__ b, uint8_t* __restrict__ out, int64_t n,
                  float sa, float za, float sb, float zb, float inv, float zo, float lo, float hi) {
   const __m256 vsa = _mm256_set1_ps(sa), vza = _mm256_set1_ps(za), vsb = _mm256_set1_ps(sb), vzb = _mm256_set1_ps(zb);
-  const __m256 vinv = _mm256_set1_ps(inv), vzo = _mm256_set1_ps(zo), vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
+  const __m256 vinv = _mm256_set1_ps(inv);
+  const __m256 top = _mm256_set1_ps(POST == kPostRelu6 ? std::min(6.f * inv, 255.f - zo) : 255.f - zo);
+  const __m256i z16 = _mm256_set1_epi16(static_cast<int16_t>(zo));
   int64_t k = 0;
   for (; k + 16 <= n; k += 16) {
-    const __m256i i0 = add8_u8<POST>(a + k, b + k, vsa, vza, vsb, vzb, vinv, vzo, vlo, vhi);
-    const __m256i i1 = add8_u8<POST>(a + k + 8, b + k + 8, vsa, vza, vsb, vzb, vinv, vzo, vlo, vhi);
-    // [i0 0-3, i1 0-3 | i0 4-7, i1 4-7] -> [i0 0-7 | i1 0-7] (words) -> bytes
-    const __m256i w = _mm256_permute4x64_epi64(_mm256_packus_epi32(i0, i1), 0xD8);
+    const __m256i i0 = add8_rounded<POST>(a + k, b + k, vsa, vza, vsb, vzb, vinv, top);
+    const __m256i i1 = add8_rounded<POST>(a + k + 8, b + k + 8, vsa, vza, vsb, vzb, vinv, top);
+    // [i0 0-3, i1 0-3 | i0 4-7, i1 4-7] + zo (int16, saturating), the floor, -> [i0 0-7 | i1 0-7] -> bytes
+    __m256i w = _mm256_adds_epi16(_mm256_packs_epi32(i0, i1), z16);
+    if (POST == kPostRelu || POST == kPostRelu6) w = _mm256_max_epi16(w, z16);
+    w = _mm256_permute4x64_epi64(w, 0xD8);
     const __m256i c = _mm256_packus_epi16(w, w);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k),
                      _mm_unpacklo_epi64(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1)));
@@ -200,9 +205,12 @@ void add_all(const uint8_t* a, const uint8_t* b, T* out, int64_t n, float sa, fl
              float inv, float zo, float lo, float hi) {
   at::parallel_for(0, n, 16384, [=](int64_t begin, int64_t end) {
 #if QUANTA_VNNI || QUANTA_AVX2
+    const NearestRounding rounding;  // (each worker's own MXCSR)
     if constexpr (std::is_same_v<T, uint8_t>) {
-      add_span_u8<POST>(a + begin, b + begin, out + begin, end - begin, sa, za, sb, zb, inv, zo, lo, hi);
-      return;
+      if (QUANTA_VNNI || (lo == 0.f && hi == 255.f)) {  // (AVX2: the packs' saturation is the clamp)
+        add_span_u8<POST>(a + begin, b + begin, out + begin, end - begin, sa, za, sb, zb, inv, zo, lo, hi);
+        return;
+      }
     }
 #endif
     add_span<T, POST>(a + begin, b + begin, out + begin, end - begin, sa, za, sb, zb, inv, zo, lo, hi);
@@ -229,6 +237,9 @@ torch::Tensor add_codes(const torch::Tensor& a, double sa, int64_t za, const tor
   const bool codes_out = out_inv > 0;
   auto out = at::empty_like(a, a.options().dtype(codes_out ? torch::kUInt8 : torch::kFloat32));
   TORCH_CHECK(out.strides() == a.strides(), "add_codes: could not keep the input's strides");
+#if QUANTA_VNNI || QUANTA_AVX2
+  const NearestRounding rounding;  // (the float32 arguments below are rounded to nearest, as in Python)
+#endif
   const float args[] = {static_cast<float>(sa), static_cast<float>(za), static_cast<float>(sb),
                         static_cast<float>(zb), static_cast<float>(out_inv), static_cast<float>(out_zp),
                         static_cast<float>(lo), static_cast<float>(hi)};

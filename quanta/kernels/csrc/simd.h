@@ -25,3 +25,22 @@
 #else
 #define QUANTA_AVX2 0
 #endif
+
+#if QUANTA_AVX2 || QUANTA_VNNI
+// The AVX2 epilogues convert with cvtps_epi32, which rounds as MXCSR says: the loops hold it at round
+// half to even, the default, for the duration of each parallel task (and give the caller's mode
+// back), which makes the conversion itself the rounding, one instruction in place of a round and a
+// conversion, and keeps their float32 multiplies and adds the reference's whatever mode a caller set.
+struct NearestRounding {
+  static constexpr unsigned kModeBits = 0x6000u;  // MXCSR's rounding control (00: to nearest even)
+  unsigned saved;
+  NearestRounding() : saved(_mm_getcsr()) {
+    if (saved & kModeBits) _mm_setcsr(saved & ~kModeBits);
+  }
+  ~NearestRounding() {
+    if (saved & kModeBits) _mm_setcsr(saved);
+  }
+  NearestRounding(const NearestRounding&) = delete;
+  NearestRounding& operator=(const NearestRounding&) = delete;
+};
+#endif

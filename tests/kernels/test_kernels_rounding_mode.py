@@ -1,4 +1,5 @@
-"""The native conv loops round like the reference whatever rounding mode the calling thread has set.
+"""The native conv loops and the residual add round like the reference whatever rounding mode the
+calling thread has set.
 
 Their epilogue's float32 multiply / add and the conversion to codes (which is the rounding half to
 even: no separate round instruction) follow MXCSR; each parallel task holds it at round to nearest
@@ -17,7 +18,8 @@ import platform
 import pytest
 import torch
 
-from quanta.kernels import conv_native
+from quanta.kernels import conv_native, native
+from quanta.kernels.codes import add_codes
 from quanta.kernels.conv import int8_conv
 from quanta.kernels.u8s8_saturation import SEVEN_BIT_MAX
 
@@ -74,3 +76,21 @@ def test_native_conv_ignores_the_callers_rounding_mode(case, post_op, out, threa
     finally:
         LIBM.fesetround(FE_TONEAREST)
         torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(not native.ready(), reason="needs the native kernels")
+@pytest.mark.parametrize("post_op", ["none", "relu", "relu6"])
+def test_native_add_codes_ignores_the_callers_rounding_mode(post_op):
+    gen = torch.Generator().manual_seed(2)
+    a, b = (torch.randint(0, 256, (4, 24, 9, 9), dtype=torch.uint8, generator=gen) for _ in range(2))
+    args = (a, 0.0371, 3, b, 0.125, 128, post_op, 1 / 0.05, 7, 0, 255)
+    ref = add_codes(*args, impl="reference")
+    try:
+        for mode in (FE_UPWARD, FE_DOWNWARD, FE_TOWARDZERO):
+            assert LIBM.fesetround(mode) == 0
+            got = add_codes(*args, impl="native")
+            assert LIBM.fegetround() == mode
+            LIBM.fesetround(FE_TONEAREST)
+            assert torch.equal(got, ref), f"mode {mode:#x}"
+    finally:
+        LIBM.fesetround(FE_TONEAREST)
