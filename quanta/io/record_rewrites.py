@@ -1,9 +1,11 @@
 """The record kind of a module whose ``forward`` quanta rewrote: residual additions made
-`quanta.nn.Add` children (`quanta.transforms.residual_adds`).
+`quanta.nn.Add` children, attention chains `quanta.nn.ScaledDotProductAttention` children
+(`quanta.transforms.residual_adds`).
 
 Such a module keeps its class, so it is recorded like any float module (class and constructor
-arguments) plus ``residual_adds``: the fingerprint of its traced ``forward`` and which additions
-became which children. Loading rebuilds the module, then redoes the same deterministic rewrite
+arguments) plus ``residual_adds``: the fingerprint of its traced ``forward``, which additions
+became which children and which attention chains which `ScaledDotProductAttention` children
+(``attention``; absent in files written before it). Loading rebuilds the module, then redoes the same deterministic rewrite
 on it (no code comes from the file: the forward is traced again from the module's own class);
 the children records that follow put the file's ``QuantAdd`` / ``Int8Add`` in place of the new
 ``Add`` modules. A module whose class's forward no longer traces to the recorded fingerprint is
@@ -32,16 +34,16 @@ from .record_kinds import (
 
 def _describe(mod: nn.Module, path: str, ctx: Describing) -> dict[str, Any]:
     recorded = getattr(mod, MARK)
-    adds = [[int(i), str(n)] for i, n in recorded["adds"]]
+    pairs = {key: [[int(i), str(n)] for i, n in recorded.get(key, [])] for key in ("adds", "attention")}
     return _describe_module(mod, path, ctx) | {"kind": "rewritten",
-                                                "residual_adds": {"fingerprint": recorded["fingerprint"], "adds": adds}}
+                                                "residual_adds": {"fingerprint": recorded["fingerprint"], **pairs}}
 
 
 def _check(rec: dict[str, Any], where: str) -> None:
     _check_module(rec, where)
     adds = rec.get("residual_adds")
-    need(isinstance(adds, dict) and set(adds) == {"fingerprint", "adds"}, where,
-         "'residual_adds' must be an object with 'fingerprint' and 'adds'")
+    need(isinstance(adds, dict) and {"fingerprint", "adds"} <= set(adds) <= {"fingerprint", "adds", "attention"},
+         where, "'residual_adds' must be an object with 'fingerprint', 'adds' and optionally 'attention'")
 
 
 def _rebuild(rec: dict[str, Any], current: nn.Module | None, ctx: Rebuilding) -> None:

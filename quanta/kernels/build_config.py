@@ -25,7 +25,7 @@ CSRC = Path(__file__).with_name("csrc")
 #: compiled together into one library (fused.cpp holds the Python bindings); build_info.cpp holds the key
 SOURCES = [CSRC / name for name in ("fused.cpp", "gemv.cpp", "recurrent.cpp", "conv.cpp", "conv_dense.cpp",
                                     "conv_pointwise.cpp", "conv_depthwise.cpp", "linear_op.cpp", "linear_avx2.cpp",
-                                    "build_info.cpp")]
+                                    "attention.cpp", "build_info.cpp")]
 HEADERS = [CSRC / name for name in ("common.h", "conv_kernels.h", "simd.h", "activation.h", "post_op.h", "tile_u8s8.h")]
 #: no -ffast-math, no FMA contraction: the kernels must round exactly like the PyTorch ops
 CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]

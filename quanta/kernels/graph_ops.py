@@ -11,6 +11,7 @@ module costs one call from the graph straight to C++, with eager's numbers::
     max_pool2d_codes(x, kernel, stride, padding, dilation)          max-pool of channels-last codes
     quantize_static(x, inv, zero_point, qmin, qmax, is_signed)       codes in x's memory order
     quantize_to_channels_last(x, inv, zero_point, qmin, qmax)        NCHW floats -> channels-last codes
+    attention(q, k, v, mask, scale)                                  float attention (kernels/attention_float.py)
 
 torch.compile traces each through its fake kernel (output shape, dtype and strides only).
 
@@ -72,9 +73,13 @@ def _fake_quantize_to_channels_last(x, inv, zero_point, qmin, qmax):
     return x.new_empty(x.shape, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
 
 
+def _fake_attention(q, k, v, mask, scale):
+    return q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
+
+
 FAKES = {"conv_packed": _fake_conv_packed, "linear_packed": _fake_linear_packed, "add_codes": _fake_add_codes,
          "max_pool2d_codes": _fake_max_pool2d_codes, "quantize_static": _fake_quantize_static,
-         "quantize_to_channels_last": _fake_quantize_to_channels_last}
+         "quantize_to_channels_last": _fake_quantize_to_channels_last, "attention": _fake_attention}
 
 
 class SettledGraphCall(NamedTuple):

@@ -9,9 +9,11 @@ import torch
 from torch import nn
 
 from ..integer.base import IntegerModule
+from ..kernels.attention_float import available as attention_available
 from ..nn.modules.base import QuantModule
 from ..nn.modules.functional import QuantOp
 from ..nn.modules.fused import FusedActivation
+from ..nn.modules.fused_attention import ScaledDotProductAttention
 from ..nn.tensor_quantizer import TensorQuantizer
 from .decisions import DECISIONS_ATTR, UNSUPPORTED
 from .float_dtype import FLOAT_DTYPES, float_dtype_of
@@ -105,6 +107,9 @@ def coverage(model: nn.Module) -> CoverageReport:
             entries.append(CoverageEntry(name, tname, "excluded", f"type:{tname} mapped to None: computes in float"))
         elif quantized:
             entries.append(CoverageEntry(name, tname, "quantized", _describe(mod)))
+        elif isinstance(mod, ScaledDotProductAttention):
+            entries.append(CoverageEntry(name, tname, "float", f"the forward's attention as one call ({mod.extra_repr()})"
+                                         f"; float kernel: {'native' if attention_available() else 'torch ops'}"))
         elif name in kept:
             entries.append(CoverageEntry(name, tname, "float", kept[name]))
         elif decisions.get(name, "").startswith((UNSUPPORTED, FLOAT_ADDS)):  # (FLOAT_ADDS: a block, not a leaf)

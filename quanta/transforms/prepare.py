@@ -16,9 +16,11 @@ from torch import nn
 
 from ..algorithms.pipeline import AlgorithmContext, at_stage, before_quantizers, needs_data, run_stage
 from ..integer.base import IntegerModule
+from ..nn.modules.fused_attention import ScaledDotProductAttention
 from ..nn.modules.op_base import QuantOp
 from ..nn.registry import known_type_names, lookup
 from ..nn.tensor_quantizer import TensorQuantizer
+from .attention_rewrite import runs_fused
 from .config import QuantConfig, _matches
 from .coverage import coverage
 from .decisions import DECISIONS_ATTR, UNSUPPORTED
@@ -93,7 +95,8 @@ def prepare(model: nn.Module, config: QuantConfig | None = None, inplace: bool =
     elif config.fold_bn:
         fold_batchnorm(target)
     # `x + y` / `out += identity` of a CNN's residual blocks: quanta.nn.Add children, swapped below
-    decisions: dict[str, str] = rewrite_residual_adds(target, runs_as_integer_add(config))
+    # and attention written as matmul-softmax-matmul in a block's forward: one fused float call
+    decisions: dict[str, str] = rewrite_residual_adds(target, runs_as_integer_add(config), runs_fused(config))
     root_cls = lookup(target)
     if root_cls is not None:  # the model itself is a quantizable layer
         decision = config.decide("", target)
@@ -169,6 +172,7 @@ def _check_type_names(model: nn.Module, config: QuantConfig) -> None:
     if not config.module_types:
         return
     known = known_type_names() | {c.__name__ for m in model.modules() for c in type(m).__mro__} | _op_type_names()
+    known.add(ScaledDotProductAttention.__name__)  # (made by prepare: attention_rewrite)
     for name in config.module_types:
         if name in known:
             continue

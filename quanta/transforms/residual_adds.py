@@ -26,6 +26,11 @@ and `quanta.coverage` says why. The rewrite is recorded on the module (`MARK`: t
 fingerprint and the rewritten additions) so that `quanta.load` redoes it on the rebuilt float
 model, and refuses a file whose module's forward has changed since (`redo_residual_adds`).
 
+The same pass, on the same trace and conditions, makes each attention chain of the forward
+(``matmul(q, kᵀ) → scale → + mask → softmax → matmul(·, v)``) one `ScaledDotProductAttention`
+child (`attention_rewrite`, recorded in `MARK` as ``"attention"``), in any model, with or
+without convolutions.
+
 Limitation: passes that trace the whole model (`quanta.transforms.fuse`) read the root module's
 class ``forward`` (torch.fx traces the root through its class), so an addition rewritten in the
 root's own forward runs as an integer addition with float output, not on a uint8 chain.
@@ -46,6 +51,7 @@ from typing import Any
 from torch import fx, nn
 
 from ..nn.modules.functional import Add
+from .attention_rewrite import Chain, attention_chains, child_name, make_child, rewrite
 from .conv_subclass import runs_layer_op
 from .value_kinds import (
     ADD_FUNCTIONS,
@@ -56,7 +62,8 @@ from .value_kinds import (
     node_kinds,
 )
 
-#: instance attribute of a rewritten module: ``{"fingerprint": str, "adds": [[index, name], ...]}``
+#: instance attribute of a rewritten module:
+#: ``{"fingerprint": str, "adds": [[index, name], ...], "attention": [[softmax index, name], ...]}``
 MARK = "_quanta_residual_adds"
 #: prefix of a `prepare` decision for a module whose additions stay float (read by `coverage`)
 FLOAT_ADDS = "float additions: "
@@ -167,16 +174,21 @@ def _fresh(node: Any, mods: dict[str, nn.Module]) -> bool:
     return False
 
 
+def block_problem(mod: nn.Module, graph: fx.Graph, kinds: dict[fx.Node, int]) -> str | None:
+    """Why no rewrite of ``mod``'s traced forward may replace its forward (a Python decision the
+    trace fixed, an input not provably a tensor), or None."""
+    problem = _python_checks(type(mod))
+    unproven = [n.name for n in graph.nodes if n.op == "placeholder" and kinds.get(n, 0) < TENSOR]
+    return problem if problem is not None or not unproven else f"its input {unproven[0]!r} is not provably a tensor"
+
+
 def plan(mod: nn.Module, graph: fx.Graph, inputs: list[int], trace: Callable[[nn.Module], Any]
          ) -> tuple[list[int], list[str]]:
     """Which candidate additions of ``mod``'s traced forward can be rewritten (indices), and why
     the others cannot."""
     mods = dict(mod.named_modules())
     kinds = node_kinds(graph, mods, inputs, trace)
-    problem = _python_checks(type(mod))
-    unproven = [n.name for n in graph.nodes if n.op == "placeholder" and kinds.get(n, 0) < TENSOR]
-    if problem is None and unproven:
-        problem = f"its input {unproven[0]!r} is not provably a tensor"
+    problem = block_problem(mod, graph, kinds)
     if problem is not None:
         return [], [problem]
     augmented = _uses_augmented_add(type(mod))
@@ -203,10 +215,13 @@ def _add_name(mod: nn.Module, index: int) -> str:
     return name
 
 
-def _rewritten_code(mod: nn.Module, graph: fx.Graph, adds: list[list[Any]]) -> Callable[..., Any]:
+def _rewritten_code(mod: nn.Module, graph: fx.Graph, adds: list[list[Any]], attention: list[list[Any]]
+                    ) -> Callable[..., Any]:
     """``graph`` (``mod``'s traced forward) with candidate addition ``index`` calling child ``name``
-    for each ``[index, name]`` of ``adds``, as a function of ``(module, *inputs)``."""
-    nodes = candidates(graph)
+    for each ``[index, name]`` of ``adds`` (and attention chain ``index`` of ``attention``), as a
+    function of ``(module, *inputs)``."""
+    nodes, chains = candidates(graph), attention_chains(graph, mod)
+    rewrite(graph, [(chains[index], name) for index, name in attention])  # type: ignore[misc]
     for index, name in adds:
         node = nodes[index]
         with graph.inserting_before(node):
@@ -233,7 +248,7 @@ class RewrittenForward:
             if isinstance(graph, str) or fingerprint(graph) != recorded["fingerprint"]:
                 raise RuntimeError(f"{type(self.module).__name__}: its forward is not the one quanta rewrote "
                                    "(the code changed since); re-quantize the model")
-            self.code = _rewritten_code(self.module, graph, recorded["adds"])
+            self.code = _rewritten_code(self.module, graph, recorded["adds"], recorded.get("attention", []))
         return self.code(self.module, *args, **kwargs)
 
     @property
@@ -244,17 +259,21 @@ class RewrittenForward:
         return {"module": self.module, "code": None}
 
 
-def apply(mod: nn.Module, graph: fx.Graph, sites: list[int]) -> list[list[Any]]:
+def apply(mod: nn.Module, graph: fx.Graph, sites: list[int], attention: list[int] = ()) -> dict[str, Any]:
     """Rewrite candidate additions ``sites`` of ``mod``'s traced ``graph`` into new ``Add``
-    children and give ``mod`` the rewritten forward; returns the ``[index, name]`` pairs (`MARK`)."""
+    children (and attention chains ``attention`` into `ScaledDotProductAttention` children) and
+    give ``mod`` the rewritten forward; returns the record (`MARK`)."""
     fp, adds = fingerprint(graph), [[index, _add_name(mod, index)] for index in sites]
-    for _, name in adds:
-        add = Add()
-        add.train(mod.training)
-        mod.add_module(name, add)
-    mod.forward = RewrittenForward(mod, _rewritten_code(mod, graph, adds))
-    setattr(mod, MARK, {"fingerprint": fp, "adds": adds})
-    return adds
+    chains = attention_chains(graph, mod)
+    fused = [[index, child_name(mod, index)] for index in attention]
+    children = [(name, Add()) for _, name in adds] + [(name, make_child(chains[i])) for i, name in fused]  # type: ignore[arg-type]
+    for name, child in children:
+        child.train(mod.training)
+        mod.add_module(name, child)
+    mod.forward = RewrittenForward(mod, _rewritten_code(mod, graph, adds, fused))
+    record = {"fingerprint": fp, "adds": adds, "attention": fused}
+    setattr(mod, MARK, record)
+    return record
 
 
 def _is_users_block(mod: nn.Module) -> bool:
@@ -267,10 +286,13 @@ def _is_users_block(mod: nn.Module) -> bool:
             and not isinstance(mod, (QuantModule, QuantOp, IntegerModule)))
 
 
-def rewrite_residual_adds(model: nn.Module, wanted: Callable[[str], bool] = lambda name: True) -> dict[str, str]:
+def rewrite_residual_adds(model: nn.Module, wanted: Callable[[str], bool] = lambda name: True,
+                          attention: Callable[[str], bool] | None = None) -> dict[str, str]:
     """Rewrite the provable residual additions of ``model`` (in place) whose new module's name
-    ``wanted`` accepts; returns, per module whose additions stay float, why (one line)."""
-    if not any(isinstance(m, _CONVS) for m in model.modules()):
+    ``wanted`` accepts (and the attention chains whose child's name ``attention`` accepts);
+    returns, per module whose additions stay float, why (one line)."""
+    has_conv = any(isinstance(m, _CONVS) for m in model.modules())
+    if not has_conv and attention is None:
         return {}  # (an addition is rewritten only where a convolution computes an operand)
     traces: dict[int, Any] = {}
 
@@ -297,13 +319,17 @@ def rewrite_residual_adds(model: nn.Module, wanted: Callable[[str], bool] = lamb
         for child, args in call_sites(graph, mods, node_kinds(graph, mods, ins, trace)):
             seen = inputs.get(id(child))
             inputs[id(child)] = args if seen is None else [min(a, b) for a, b in zip(seen, args)]
-        if not users_block or not candidates(graph):
+        if not users_block:
             continue
-        ok, why = plan(mod, graph, ins, trace)
+        ok, why = plan(mod, graph, ins, trace) if has_conv and candidates(graph) else ([], [])
         prefix = f"{name}." if name else ""
         chosen = [i for i in ok if wanted(prefix + _add_name(mod, i))]
-        if chosen:
-            apply(mod, trace_own_forward(mod), chosen)  # (a fresh graph: `trace` may still hand out the old one)
+        fused = []
+        if attention is not None and _python_checks(type(mod)) is None:  # (a mask need not be provably a tensor)
+            fused = [i for i, c in attention_chains(graph, mod).items()
+                     if isinstance(c, Chain) and attention(prefix + child_name(mod, i))]
+        if chosen or fused:
+            apply(mod, trace_own_forward(mod), chosen, fused)  # (a fresh graph: `trace` may still hand out the old one)
         if why and holds_conv:
             reasons[name] = FLOAT_ADDS + "; ".join(why)
     return reasons
@@ -333,9 +359,10 @@ def redo_residual_adds(mod: nn.Module, recorded: Any, where: str) -> None:
     """Redo the rewrite `MARK` recorded on the float module ``mod`` at ``where`` (loading a file):
     the same trace, the same additions, the same names; ValueError when its forward changed."""
     if not (isinstance(recorded, dict) and isinstance(recorded.get("fingerprint"), str)
-            and isinstance(recorded.get("adds"), list)
-            and all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], int) and not isinstance(p[0], bool)
-                    and isinstance(p[1], str) for p in recorded["adds"])):
+            and all(isinstance(recorded.get(key, []), list) and all(
+                isinstance(p, list) and len(p) == 2 and isinstance(p[0], int) and not isinstance(p[0], bool)
+                and isinstance(p[1], str) for p in recorded.get(key, [])) for key in ("adds", "attention"))
+            and isinstance(recorded.get("adds"), list)):
         raise ValueError(f"module {where!r}: malformed residual-add record")
     graph = trace_own_forward(mod)
     if isinstance(graph, str):
@@ -348,10 +375,14 @@ def redo_residual_adds(mod: nn.Module, recorded: Any, where: str) -> None:
     sites = [p[0] for p in recorded["adds"]]
     if any(i < 0 or i >= len(candidates(graph)) for i in sites) or len(set(sites)) != len(sites):
         raise ValueError(f"module {where!r}: the file's residual additions {sites} are not additions of its forward")
-    done = apply(mod, graph, sites)
-    if done != recorded["adds"]:
-        raise ValueError(f"module {where!r}: its residual additions would be named {done}, the file says "
-                         f"{recorded['adds']}")
+    chains = attention_chains(graph, mod)
+    fused = [p[0] for p in recorded.get("attention", [])]
+    if any(not isinstance(chains.get(i), Chain) for i in fused) or len(set(fused)) != len(fused):
+        raise ValueError(f"module {where!r}: the file's fused attention {fused} are not attention chains of its forward")
+    done = apply(mod, graph, sites, fused)
+    if done["adds"] != recorded["adds"] or done["attention"] != recorded.get("attention", []):
+        raise ValueError(f"module {where!r}: its rewritten children would be named {done['adds'] + done['attention']}, "
+                         f"the file says {recorded['adds'] + recorded.get('attention', [])}")
 
 
 __all__ = ["FLOAT_ADDS", "MARK", "redo_residual_adds", "rewrite_residual_adds", "runs_as_integer_add",

@@ -85,9 +85,11 @@ inline __m512 gelu_tanh16(__m512 x) {
 }
 #endif
 
-#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
-// The same functions on 8 lanes for AVX2 builds (the same operations in the same order; 2^n as
-// two exact power-of-2 factors where AVX-512 has scalef).
+#if defined(__AVX2__) && defined(__FMA__)
+// exp16 on 8 lanes (the same operations in the same order; 2^n as two exact power-of-2 factors
+// where AVX-512 has scalef): the AVX2 activations below and the float attention's softmax
+// (attention.cpp, on AVX-512 builds too).
+#define QUANTA_EXP8 1
 inline __m256 exp8(__m256 v) {
   v = _mm256_max_ps(v, _mm256_set1_ps(-87.3f));
   v = _mm256_min_ps(v, _mm256_set1_ps(88.7f));
@@ -110,7 +112,10 @@ inline __m256 exp8(__m256 v) {
   const __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, bias), 23));
   return _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
 }
+#endif
 
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+// The activations on 8 lanes for AVX2 builds.
 inline __m256 gelu8(__m256 x) {
   const __m256 z = _mm256_mul_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.f), x), _mm256_set1_ps(kSqrtHalf));
   const __m256 t = _mm256_div_ps(_mm256_set1_ps(1.f), _mm256_fmadd_ps(z, _mm256_set1_ps(kP), _mm256_set1_ps(1.f)));

@@ -347,6 +347,12 @@ torch::Tensor quantized_linear_avx2(const torch::Tensor& x, double inv, int64_t 
                                     int64_t post_op);
 }  // namespace quanta_native
 
+// attention.cpp
+namespace quanta_native {
+at::Tensor attention_f32(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                         const c10::optional<at::Tensor>& mask, double scale);
+}  // namespace quanta_native
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_gemv", &int8_gemv, "int8 x int8 linear for a few rows (AVX-512 VNNI), rescaled like rescale_rows",
         py::arg("x"), py::arg("x_zp"), py::arg("w"), py::arg("w_sum"), py::arg("x_scale"), py::arg("w_scale"),
@@ -400,6 +406,7 @@ TORCH_LIBRARY(quanta_native, m) {
   m.def("max_pool2d_codes(Tensor x, int[] kernel, int[] stride, int[] padding, int[] dilation) -> Tensor");
   m.def("quantize_static(Tensor x, float inv, int zero_point, int qmin, int qmax, bool is_signed) -> Tensor");
   m.def("quantize_to_channels_last(Tensor x, float inv, int zero_point, int qmin, int qmax) -> Tensor");
+  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(quanta_native, CPU, m) {
@@ -409,4 +416,5 @@ TORCH_LIBRARY_IMPL(quanta_native, CPU, m) {
   m.impl("max_pool2d_codes", &max_pool2d_codes);
   m.impl("quantize_static", &quantize_static);
   m.impl("quantize_to_channels_last", &quanta_native::quantize_to_channels_last);
+  m.impl("attention", &quanta_native::attention_f32);
 }

@@ -3,6 +3,7 @@
 from .attention import QuantMultiheadAttention, QuantTransformerEncoderLayer
 from .base import LayerQuantConfig, QuantModule
 from .functional import Add, QuantAdd, QuantBMM, QuantCat, QuantMatMul, QuantOp
+from .fused_attention import ScaledDotProductAttention
 from .pooling import (
     QuantAdaptiveAvgPool1d,
     QuantAdaptiveAvgPool2d,
@@ -29,5 +30,5 @@ __all__ = [
     "QuantConv1d", "QuantConv2d", "QuantConv3d", "QuantConvTranspose1d", "QuantConvTranspose2d",
     "QuantConvTranspose3d", "QuantEmbedding", "QuantGRU", "QuantGRUCell", "QuantLSTM", "QuantLSTMCell",
     "QuantLinear", "QuantMatMul", "QuantModule", "QuantMultiheadAttention", "QuantOp", "QuantRNN",
-    "QuantRNNCell", "QuantTransformerEncoderLayer",
+    "QuantRNNCell", "QuantTransformerEncoderLayer", "ScaledDotProductAttention",
 ]
