@@ -282,8 +282,8 @@ void dense_loop(const uint8_t* x, const Geometry& g, const int8_t* wpack, const 
   const int64_t tiles = last_seg.first_tile + (last_seg.count + kMR - 1) / kMR;
   const int64_t groups = (OB + kNB - 1) / kNB, threads = at::get_num_threads();
   // tile chunks of at most kChunk tiles, at least 4 per thread where there are enough tiles, and
-  // of equal sizes (at::parallel_for hands each thread a contiguous run of tasks: 5 chunks of
-  // 8, 8, 8, 8, 1 tiles would give one thread 24 tiles and the other 9)
+  // of equal sizes (5 chunks of 8, 8, 8, 8, 1 tiles would end with one thread's lone chunk of 8);
+  // the threads claim them one by one (parallel_claimed: a slowed thread takes fewer)
   int64_t chunks = std::min(tiles, std::max((tiles + kChunk - 1) / kChunk, 4 * threads));
   const int64_t chunk_tiles = (tiles + chunks - 1) / chunks;
   chunks = (tiles + chunk_tiles - 1) / chunk_tiles;
@@ -294,11 +294,11 @@ void dense_loop(const uint8_t* x, const Geometry& g, const int8_t* wpack, const 
   const bool small = wstride * OB <= (256 << 10);
   const int64_t splits = small ? std::min(groups, std::max<int64_t>(1, (4 * threads + chunks - 1) / chunks)) : groups;
   const int64_t per = (groups + splits - 1) / splits;
-  at::parallel_for(0, splits * chunks, 1, [&](int64_t t0, int64_t t1) {
+  parallel_claimed(splits * chunks, [&](const auto& claim) {
     const NearestRounding rounding;  // (the epilogue's conversions round half to even)
     std::vector<const uint8_t*> ptr(T * kMR);
     int64_t pix[kMR];
-    for (int64_t task = t0; task < t1; ++task) {
+    for (int64_t task; (task = claim()) >= 0;) {
       const int64_t chunk = small ? task / splits : task % chunks, split = small ? task % splits : task / chunks;
       const int64_t gb = split * per, ge = std::min(groups, gb + per);
       const int64_t tb = chunk * chunk_tiles, te = std::min(tiles, tb + chunk_tiles);

@@ -344,11 +344,11 @@ void depthwise_conv(const uint8_t* x, const Geometry& g, const int8_t* wpack, co
   // are found once per pixel for all the channels of a task)
   const int64_t splits = rows >= 4 * at::get_num_threads() ? 1 : groups, per = (groups + splits - 1) / splits;
   const std::vector<int64_t> off = g.tap_offsets();
-  at::parallel_for(0, rows * splits, 1, [&](int64_t t0, int64_t t1) {
+  parallel_claimed(rows * splits, [&](const auto& claim) {
     const NearestRounding rounding;  // (the epilogue's conversions round half to even)
     std::vector<const uint8_t*> ptr(kPX * T4 * 4, pad);  // taps T .. 4 T4 - 1 stay on the pad pixel
     std::vector<const uint8_t*> in_rows(g.KH);
-    for (int64_t task = t0; task < t1; ++task) {
+    for (int64_t task; (task = claim()) >= 0;) {
       const int64_t row = task / splits, n = row / g.OH, oy = row % g.OH;
       const int64_t gb = task % splits * per, ge = std::min(groups, gb + per);
       auto tiles = [&](int64_t from, int64_t to) {

@@ -172,8 +172,8 @@ void gemm_rows(const Rows& src, const Geometry& g, int64_t C4, const int8_t* wpa
   const int64_t fit = std::max<int64_t>(1, std::min(kMaxChunkTiles, kChunkBytes / (src.row_bytes() * kMR)));
   // equal chunks of at most `fit` tiles, at least 4 per thread where there are enough tiles
   int64_t chunks = std::min(tiles, std::max((tiles + fit - 1) / fit, 4 * threads));
-  // a multiple of the threads (parallel_for gives each thread a contiguous share of the tasks: 11
-  // chunks on 2 threads, as MobileNetV2's 320 -> 1280 conv at batch 16, left one thread 6 and the other 5)
+  // a multiple of the threads (11 chunks on 2 threads, as MobileNetV2's 320 -> 1280 conv at batch 16,
+  // end with one thread's last chunk alone); the threads claim them one by one (parallel_claimed)
   chunks = std::min(tiles, (chunks + threads - 1) / threads * threads);
   const int64_t chunk_tiles = (tiles + chunks - 1) / chunks;
   chunks = (tiles + chunk_tiles - 1) / chunk_tiles;
@@ -183,13 +183,13 @@ void gemm_rows(const Rows& src, const Geometry& g, int64_t C4, const int8_t* wpa
   // weights that stay in L2 (all the blocks' panels): tiles outer, so that the output is written
   // in whole rows, as a stream (the next layer reads it); larger ones: blocks outer
   const bool rows_first = C4 * 64 * OB <= kRowsFirstWeightBytes;
-  at::parallel_for(0, chunks * splits, 1, [&](int64_t t0, int64_t t1) {
+  parallel_claimed(chunks * splits, [&](const auto& claim) {
     const NearestRounding rounding;  // (the epilogue's conversions round half to even)
     std::vector<const uint8_t*> px(chunk_tiles * kMR);
     std::vector<char*> rows(chunk_tiles * kMR);
     std::vector<uint8_t> gathered(Rows::kGathers ? chunk_tiles * kMR * src.row_bytes() + GatheredRows::kSlack : 0);
     int64_t filled = -1;  // the chunk whose rows px holds
-    for (int64_t task = t0; task < t1; ++task) {
+    for (int64_t task; (task = claim()) >= 0;) {
       const int64_t chunk = task / splits, split = task % splits;
       const int64_t p0 = chunk * chunk_tiles * kMR, p1 = std::min(P, p0 + chunk_tiles * kMR);
       const int64_t b0 = split * per, b1 = std::min(OB, b0 + per);

@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <vector>
 
@@ -44,3 +45,37 @@ struct NearestRounding {
   NearestRounding& operator=(const NearestRounding&) = delete;
 };
 #endif
+
+// Tasks [0, n) on at::parallel_for's threads, each calling worker(claim) once; claim() gives the
+// next task, or -1. Each thread starts on its own contiguous share, front to back, as a static split
+// does (the same memory locality); a thread that runs out takes tasks from the back of another's
+// share, so that a thread slowed down by another process or a busy core does not hold up the end.
+// Which thread computes a task changes nothing in its result.
+struct alignas(64) ClaimRange {
+  std::atomic<uint64_t> span;  // front << 32 | back: tasks [front, back) not taken yet
+};
+
+template <class Worker>
+void parallel_claimed(int64_t n, const Worker& worker) {
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  std::vector<ClaimRange> shares(static_cast<size_t>(threads));
+  for (int64_t i = 0; i < threads; ++i)
+    shares[i].span.store(static_cast<uint64_t>(n * i / threads) << 32 | static_cast<uint64_t>(n * (i + 1) / threads));
+  at::parallel_for(0, threads, 1, [&](int64_t me, int64_t) {
+    const auto claim = [&]() -> int64_t {
+      for (int64_t k = 0; k < threads; ++k) {  // own share from the front, then the others' from the back
+        std::atomic<uint64_t>& span = shares[(me + k) % threads].span;
+        uint64_t v = span.load(std::memory_order_relaxed);
+        for (;;) {
+          const uint64_t front = v >> 32, back = v & 0xffffffffu;
+          if (front >= back) break;
+          const uint64_t next = k == 0 ? (front + 1) << 32 | back : front << 32 | (back - 1);
+          if (span.compare_exchange_weak(v, next, std::memory_order_relaxed))
+            return static_cast<int64_t>(k == 0 ? front : back - 1);
+        }
+      }
+      return -1;
+    };
+    worker(claim);
+  });
+}
